@@ -1,0 +1,295 @@
+"""The eager reference: BitNet b1.58 in plain torch.
+
+This module is the specification of every number bitfx computes, the CPU implementation of
+the ``bitfx::`` ops, and the oracle the tests compare the Triton kernels against. Paper:
+"The Era of 1-bit LLMs: All Large Language Models are in 1.58 Bits" (Ma et al., 2024).
+
+For ``x`` of shape ``[..., K]``, a norm weight ``g`` of shape ``[K]`` (optional), a linear
+weight ``W`` of shape ``[N, K]`` and an optional bias ``b``::
+
+    r   = x * rsqrt(mean(x^2, -1) + eps)                      fp32
+    y   = r * g          (or r * (1 + g), Gemma's offset)      rounded to the norm's dtype
+    s_x = 127 * reciprocal(max(max(|y|, -1), 1e-5))            per row, fp32
+    q   = clamp(round_half_even(y * s_x), -128, 127)           int8
+    s_w = reciprocal(max(mean(|W|), 1e-5))                     per tensor (or per row of W)
+    t   = clamp(round_half_even(W * s_w), -1, 1)               int8 in {-1, 0, 1}
+    acc = q @ t^T                                              exact int32
+    out = acc / s_x / s_w + b                                  cast to the output dtype
+
+``127 * reciprocal(a)`` is exactly what torch computes for the eager idiom ``127.0 / a``
+(``Tensor.__rtruediv__`` is ``reciprocal() * 127``), so already-BitNet code written that way
+gets the same scales bit for bit.
+
+Non-finite values (NaN, +-Inf) are defined, not left to chance: a row of activations (or a
+scale group of weights) that holds any non-finite value gets the scale NaN and all-zero
+codes, so every output it touches is NaN, as a dense linear layer would give.
+
+Training uses the straight-through estimator: the gradient passes through both quantizers
+as if they were the identity.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bitfx.kernels.layout import CODE_OFFSET, PLANES, check_packed_shape, packed_k
+
+__all__ = [
+    "rms_norm",
+    "norm_dtype_for",
+    "act_quant",
+    "norm_quant",
+    "weight_scale",
+    "ternarize",
+    "weight_quant",
+    "pack_ternary",
+    "unpack_ternary",
+    "ternary_matmul_int32",
+    "ternary_matmul",
+    "bitlinear",
+    "bitlinear_ste",
+]
+
+_SCALE_FLOOR = 1e-5
+_QMIN, _QMAX = -128, 127
+
+
+def norm_dtype_for(x_dtype: torch.dtype, weight_dtype: torch.dtype | None, cast_before_weight: bool) -> torch.dtype:
+    """The dtype a norm's output has when its model computes it eagerly.
+
+    Llama-style (``cast_before_weight``): ``weight * r.to(x.dtype)``, so the promoted dtype of
+    ``x`` and the weight. Gemma-style: everything in fp32, then ``.type_as(x)``: ``x.dtype``.
+    """
+    if cast_before_weight and weight_dtype is not None:
+        return torch.promote_types(x_dtype, weight_dtype)
+    return x_dtype
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    *,
+    offset: bool = False,
+    cast_before_weight: bool = True,
+    norm_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """RMSNorm over the last dimension, in the cast order of the common model families.
+
+    ``r = x * rsqrt(mean(x^2) + eps)`` in fp32. With ``cast_before_weight`` (Llama,
+    ``torch.nn.functional.rms_norm``) ``r`` is rounded to ``x.dtype`` before the weight
+    multiplies it; otherwise (Gemma) the weight is applied in fp32. ``offset`` multiplies by
+    ``1 + weight`` (Gemma) instead of ``weight``. The result is rounded to ``norm_dtype``
+    (default: :func:`norm_dtype_for`). Differentiable.
+    """
+    if norm_dtype is None:
+        norm_dtype = norm_dtype_for(x.dtype, None if weight is None else weight.dtype, cast_before_weight)
+    xf = x.float()
+    r = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)
+    if cast_before_weight:
+        r = r.to(x.dtype).float()
+    if weight is not None:
+        g = weight.float()
+        r = r * (1.0 + g if offset else g)
+    return r.to(norm_dtype)
+
+
+def act_quant(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token absmax quantization to int8.
+
+    ``y [..., K]`` (any float dtype, upcast to fp32) -> ``q`` int8 ``[..., K]`` and the scale
+    ``s_x`` fp32 ``[...]`` with ``y ~= q / s_x``. Rows holding NaN or Inf get scale NaN and
+    zero codes.
+    """
+    yf = y.float()
+    finite = torch.isfinite(yf).all(dim=-1)
+    amax = yf.abs().amax(dim=-1) if yf.shape[-1] > 0 else yf.new_zeros(yf.shape[:-1])
+    scale = amax.clamp(min=_SCALE_FLOOR).reciprocal() * 127.0
+    q = torch.round(yf * scale.unsqueeze(-1)).clamp(_QMIN, _QMAX)
+    q = torch.where(finite.unsqueeze(-1), q, 0.0).to(torch.int8)
+    scale = torch.where(finite, scale, float("nan"))
+    return q, scale
+
+
+def norm_quant(
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    *,
+    offset: bool = False,
+    cast_before_weight: bool = True,
+    norm_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm (see :func:`rms_norm`) followed by :func:`act_quant`: ``(q int8, s_x fp32)``."""
+    y = rms_norm(x, weight, eps, offset=offset, cast_before_weight=cast_before_weight, norm_dtype=norm_dtype)
+    return act_quant(y)
+
+
+def _check_weight(w: torch.Tensor) -> None:
+    if w.dim() != 2:
+        raise ValueError(f"linear weight must be 2-D [N, K], got shape {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise TypeError(f"linear weight must be a float tensor, got {w.dtype}")
+
+
+def weight_scale(w: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
+    """Absmean weight scale ``s_w = 1 / max(mean(|W|), 1e-5)``, fp32, shape ``[N]``.
+
+    Per tensor (all N entries equal) or per output channel (mean over each row). A scale
+    group holding NaN or Inf gets NaN.
+    """
+    _check_weight(w)
+    wf = w.float().abs()
+    if per_channel:
+        mean = wf.mean(dim=1)
+        finite = torch.isfinite(wf).all(dim=1)
+    else:
+        mean = wf.mean().expand(w.shape[0])
+        finite = torch.isfinite(wf).all().expand(w.shape[0])
+    scale = mean.clamp(min=_SCALE_FLOOR).reciprocal()
+    return torch.where(finite, scale, float("nan")).contiguous()
+
+
+def ternarize(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``t = clamp(round_half_even(W * s_w), -1, 1)`` as int8 ``[N, K]``, given ``s_w [N]``.
+
+    Rows whose scale is NaN get zero codes.
+    """
+    _check_weight(w)
+    s = scale.float().unsqueeze(1)
+    t = torch.round(w.float() * s).clamp(-1, 1)
+    return torch.where(torch.isnan(s) | torch.isnan(t), 0.0, t).to(torch.int8)
+
+
+def weight_quant(w: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmean ternary quantization and packing: ``(packed uint8 [N, Kq], s_w fp32 [N])``."""
+    scale = weight_scale(w, per_channel)
+    return pack_ternary(ternarize(w, scale)), scale
+
+
+def pack_ternary(t: torch.Tensor) -> torch.Tensor:
+    """Pack int8 ternary codes ``[N, K]`` into the layout of :mod:`bitfx.kernels.layout`."""
+    if t.dim() != 2:
+        raise ValueError(f"ternary codes must be 2-D [N, K], got shape {tuple(t.shape)}")
+    if t.dtype != torch.int8:
+        raise TypeError(f"ternary codes must be int8, got {t.dtype}")
+    N, K = t.shape
+    Kq = packed_k(K)
+    codes = torch.full((N, PLANES * Kq), CODE_OFFSET, dtype=torch.int32, device=t.device)
+    codes[:, :K] = t.to(torch.int32) + CODE_OFFSET
+    if ((codes < 0) | (codes > 2)).any():
+        raise ValueError("ternary codes must lie in {-1, 0, 1}")
+    planes = codes.view(N, PLANES, Kq)
+    packed = planes[:, 0] | planes[:, 1] << 2 | planes[:, 2] << 4 | planes[:, 3] << 6
+    return packed.to(torch.uint8)
+
+
+def unpack_ternary(packed: torch.Tensor, K: int) -> torch.Tensor:
+    """Inverse of :func:`pack_ternary`: int8 ``[N, K]`` in {-1, 0, 1}."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed ternary weight must be uint8, got {packed.dtype}")
+    check_packed_shape(packed.shape, K)
+    b = packed.to(torch.int32)
+    planes = [(b >> (2 * j)) & 3 for j in range(PLANES)]
+    codes = torch.cat(planes, dim=1)[:, :K]
+    return (codes - CODE_OFFSET).to(torch.int8)
+
+
+def _check_matmul_args(q, x_scale, packed, w_scale, bias):
+    if q.dtype != torch.int8:
+        raise TypeError(f"activation codes must be int8, got {q.dtype}")
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed ternary weight must be uint8, got {packed.dtype}")
+    K = q.shape[-1]
+    check_packed_shape(packed.shape, K)
+    N = packed.shape[0]
+    if x_scale.shape != q.shape[:-1]:
+        raise ValueError(f"activation scale has shape {tuple(x_scale.shape)}, expected {tuple(q.shape[:-1])}")
+    if w_scale.shape != (N,):
+        raise ValueError(f"weight scale has shape {tuple(w_scale.shape)}, expected ({N},)")
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({N},)")
+
+
+def ternary_matmul_int32(q: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """The exact integer product ``acc = q @ t^T``, int32 ``[..., N]``.
+
+    Computed in float64, which is exact here: each term is at most 128 in magnitude, so
+    every partial sum stays far below 2**53 for any K a tensor can have.
+    """
+    if q.dtype != torch.int8:
+        raise TypeError(f"activation codes must be int8, got {q.dtype}")
+    t = unpack_ternary(packed, q.shape[-1])
+    return (q.double() @ t.double().t()).to(torch.int32)
+
+
+def ternary_matmul(
+    q: torch.Tensor,
+    x_scale: torch.Tensor,
+    packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``out = acc / s_x / s_w + b`` in fp32, cast to ``out_dtype``; ``[..., N]``."""
+    _check_matmul_args(q, x_scale, packed, w_scale, bias)
+    acc = ternary_matmul_int32(q, packed).float()
+    out = acc / x_scale.float().unsqueeze(-1) / w_scale.float()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+def bitlinear(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    *,
+    offset: bool = False,
+    cast_before_weight: bool = True,
+    norm_dtype: torch.dtype | None = None,
+    per_channel: bool = False,
+) -> torch.Tensor:
+    """The whole BitLinear forward (no autograd): norm, quantize both sides, ternary matmul.
+
+    The output dtype is the norm's output dtype, as ``F.linear`` on the norm output would give.
+    """
+    if norm_dtype is None:
+        norm_dtype = norm_dtype_for(x.dtype, None if norm_weight is None else norm_weight.dtype, cast_before_weight)
+    q, s_x = norm_quant(x, norm_weight, eps, offset=offset, cast_before_weight=cast_before_weight, norm_dtype=norm_dtype)
+    packed, s_w = weight_quant(weight, per_channel)
+    return ternary_matmul(q, s_x, packed, s_w, bias, norm_dtype)
+
+
+def bitlinear_ste(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    *,
+    offset: bool = False,
+    cast_before_weight: bool = True,
+    norm_dtype: torch.dtype | None = None,
+    per_channel: bool = False,
+) -> torch.Tensor:
+    """:func:`bitlinear` written with the straight-through estimator, for autograd.
+
+    ``y + (q/s_x - y).detach()`` and ``W + (t/s_w - W).detach()``: the forward value is the
+    quantized product (in fp32 here, so it agrees with :func:`bitlinear` to fp32 rounding),
+    the gradient is that of ``F.linear(y, W, b)`` with the quantizers taken as the identity.
+    This is the oracle for the gradients of ``bitfx::bitlinear``.
+    """
+    if norm_dtype is None:
+        norm_dtype = norm_dtype_for(x.dtype, None if norm_weight is None else norm_weight.dtype, cast_before_weight)
+    y = rms_norm(x, norm_weight, eps, offset=offset, cast_before_weight=cast_before_weight, norm_dtype=norm_dtype)
+    q, s_x = act_quant(y.detach())
+    yq = y.float() + (q.float() / s_x.unsqueeze(-1) - y.float()).detach()
+    s_w = weight_scale(weight.detach(), per_channel)
+    t = ternarize(weight.detach(), s_w)
+    wq = weight.float() + (t.float() / s_w.unsqueeze(1) - weight.float()).detach()
+    out = F.linear(yq, wq, None if bias is None else bias.float())
+    return out.to(norm_dtype)

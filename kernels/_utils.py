@@ -1,0 +1,45 @@
+"""Input checks shared by the launchers."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_device(name: str, *tensors: torch.Tensor | None) -> torch.device:
+    """All given tensors on one device that Triton can run on; returns that device."""
+    present = [t for t in tensors if t is not None]
+    device = present[0].device
+    for t in present[1:]:
+        if t.device != device:
+            raise ValueError(f"{name}: all tensors must be on one device, got {device} and {t.device}")
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        raise ValueError(
+            f"{name}: the Triton kernels need CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
+            f"got a tensor on {device}"
+        )
+    return device
+
+
+def check_dtype(name: str, what: str, t: torch.Tensor, allowed: tuple[torch.dtype, ...]) -> None:
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{name}: {what} must be one of {names}, got {str(t.dtype).replace('torch.', '')}")
+
+
+def rows(name: str, what: str, t: torch.Tensor) -> torch.Tensor:
+    """A 2-D tensor whose last dimension is contiguous (copied if it is not)."""
+    if t.dim() != 2:
+        raise ValueError(f"{name}: {what} must be 2-D, got shape {tuple(t.shape)}")
+    if t.shape[1] > 1 and t.stride(1) != 1:
+        t = t.contiguous()
+    return t
+
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

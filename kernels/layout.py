@@ -1,0 +1,55 @@
+"""The packed ternary weight layout: the one place it is defined.
+
+A ternary matrix ``t`` of shape ``[N, K]`` with entries in {-1, 0, 1} is stored as a
+``uint8`` tensor ``packed`` of shape ``[N, Kq]``, four 2-bit codes per byte:
+
+* ``Kq = packed_k(K) = round_up(ceil(K / 4), 16)``: every packed row is a multiple of
+  16 bytes, so rows start 16-byte aligned and a kernel can load them with wide loads.
+* The K axis is cut into four *planes* of ``Kq`` columns each: plane ``j`` holds the
+  columns ``k = j * Kq + i`` for ``i`` in ``[0, Kq)``. Byte ``packed[n, i]`` holds the
+  four planes' codes at position ``i``::
+
+      packed[n, i] = c(n, i) | c(n, Kq + i) << 2 | c(n, 2 Kq + i) << 4 | c(n, 3 Kq + i) << 6
+
+* The code is the weight plus one, ``c = t + 1`` in {0, 1, 2}; columns ``k >= K``
+  (padding) hold code 1, a zero weight.
+
+Why this shape: a kernel walking K in steps of ``BK`` packed bytes loads one contiguous
+``[BN, BK]`` byte tile and four contiguous ``BK``-wide activation slices (one per
+plane), and unpacks plane ``j`` with one shift and one mask, ``(b >> 2j) & 3``. The
+layout does not depend on any block size, so the same packed weights serve the small-M
+(GEMV) path and the tensor-core (``tl.dot``) path. With the ``t + 1`` code, the dot
+product ``sum_k q_k t_k`` equals ``sum_k q_k c_k - sum_k q_k``: a kernel may
+multiply by the raw codes and subtract the row sum of the activations once.
+
+This module holds only arithmetic on sizes (no kernels), so that the reference and the
+kernels agree on one definition.
+"""
+
+PLANES = 4  # 2-bit codes per byte
+ROW_ALIGN = 16  # bytes; packed rows are a multiple of this
+CODE_OFFSET = 1  # stored code = ternary value + CODE_OFFSET
+FORMAT = "bitfx-ternary-2bit-planes-v1"
+
+
+def packed_k(K: int) -> int:
+    """Bytes per packed row for a weight with ``K`` input features."""
+    if K < 1:
+        raise ValueError(f"a ternary weight needs at least one input feature, got K={K}")
+    per_plane = -(-K // PLANES)
+    return -(-per_plane // ROW_ALIGN) * ROW_ALIGN
+
+
+def check_packed_shape(packed_shape, K: int, N: int | None = None) -> None:
+    """Raise a ValueError naming the problem if ``packed_shape`` cannot hold an [N, K] weight."""
+    if len(packed_shape) != 2:
+        raise ValueError(f"packed ternary weight must be 2-D [N, Kq], got shape {tuple(packed_shape)}")
+    want = packed_k(K)
+    if packed_shape[1] != want:
+        raise ValueError(
+            f"packed ternary weight has {packed_shape[1]} bytes per row, but K={K} needs "
+            f"{want} ({FORMAT}: round_up(ceil(K/4), {ROW_ALIGN})); was it packed for another K "
+            f"or in another format?"
+        )
+    if N is not None and packed_shape[0] != N:
+        raise ValueError(f"packed ternary weight has {packed_shape[0]} rows, expected N={N}")

@@ -1,0 +1,2 @@
+"""FX passes for bitfx (import name ``bitfx.passes``): find RMSNorm -> Linear sites and
+rewrite them into ``torch.ops.bitfx.*`` ops."""
