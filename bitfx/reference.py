@@ -49,6 +49,7 @@ __all__ = [
     "ternary_matmul",
     "bitlinear",
     "bitlinear_ste",
+    "rms_norm_backward",
 ]
 
 _SCALE_FLOOR = 1e-5
@@ -93,6 +94,30 @@ def rms_norm(
         g = weight.float()
         r = r * (1.0 + g if offset else g)
     return r.to(norm_dtype)
+
+
+def rms_norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    rstd: torch.Tensor,
+    offset: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of ``y = g * x * rstd`` with the casts taken as the identity.
+
+    ``dx = rstd * (g dy - r * mean(r * g dy))`` with ``r = x * rstd`` (in ``x.dtype``) and
+    ``dg = sum over rows of dy * r`` (fp32 ``[K]``; zeros when there is no weight).
+    """
+    K = x.shape[-1]
+    r = x.float() * rstd.unsqueeze(-1)
+    dyf = dy.float()
+    gdy = dyf if weight is None else dyf * (1.0 + weight.float() if offset else weight.float())
+    dx = rstd.unsqueeze(-1) * (gdy - r * (r * gdy).mean(dim=-1, keepdim=True))
+    if weight is None:
+        dg = torch.zeros(K, dtype=torch.float32, device=x.device)
+    else:
+        dg = (dyf * r).reshape(-1, K).sum(0)
+    return dx.to(x.dtype), dg
 
 
 def act_quant(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

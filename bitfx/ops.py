@@ -1,0 +1,390 @@
+"""The ``bitfx::`` operators: every ``torch.library`` registration of the project, in one place.
+
+Each op is functional (no mutation) and has
+
+* a default implementation: the plain-torch reference of :mod:`bitfx.reference` (this is
+  what runs on CPU and on any device without a Triton kernel);
+* a CUDA implementation: the Triton kernels of :mod:`bitfx.kernels`;
+* a fake implementation built from symbolic sizes, for ``torch.compile``;
+* for ``bitlinear``, the training op, an autograd formula (straight-through estimator).
+
+Ops, with shapes (``...`` any leading dims, ``Kq = kernels.layout.packed_k(K)``):
+
+``norm_quant(x[..., K], weight[K]?, eps, offset, cast_before_weight, norm_dtype) -> (q int8[..., K], x_scale f32[...])``
+``act_quant(y[..., K]) -> (q int8[..., K], x_scale f32[...])``
+``weight_quant(w[N, K], per_channel) -> (packed u8[N, Kq], w_scale f32[N])``
+``ternary_matmul(q int8[..., K], x_scale f32[...], packed u8[N, Kq], w_scale f32[N], bias[N]?, out_dtype) -> out[..., N]``
+``bitlinear(x[..., K], norm_weight[K]?, weight[N, K], bias[N]?, eps, offset, cast_before_weight, norm_dtype, per_channel)
+    -> (out[..., N], q, x_scale, rstd f32[...], packed, w_scale)``; only ``out`` is meant for users, the rest is saved
+    for the backward.
+``dequantize(packed u8[N, Kq], w_scale f32[N], K, dtype) -> [N, K]`` and
+``rms_norm_backward(dy[..., K], x[..., K], weight[K]?, rstd[...], offset) -> (dx[..., K], dweight f32[K])``: the
+    pieces of bitlinear's backward.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from bitfx import reference as ref
+from bitfx.kernels.layout import packed_k
+
+__all__ = [
+    "norm_quant",
+    "act_quant",
+    "weight_quant",
+    "ternary_matmul",
+    "bitlinear",
+    "bitlinear_full",
+    "dequantize",
+    "rms_norm_backward",
+]
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _kernels(name: str):
+    # Triton is imported only when a CUDA kernel first runs.
+    return importlib.import_module(f"bitfx.kernels.{name}")
+
+
+def _dtype_name(d: torch.dtype) -> str:
+    return str(d).replace("torch.", "")
+
+
+# ---------------------------------------------------------------- input checks (all impls)
+
+def _check_float(op: str, what: str, t: Tensor) -> None:
+    if t.dtype not in _FLOATS:
+        raise TypeError(f"bitfx.{op}: {what} must be float32, float16 or bfloat16, got {_dtype_name(t.dtype)}")
+
+
+def _check_same_device(op: str, *tensors: Optional[Tensor]) -> None:
+    present = [t for t in tensors if t is not None]
+    for t in present[1:]:
+        if t.device != present[0].device:
+            raise ValueError(f"bitfx.{op}: all tensors must be on one device, got {present[0].device} and {t.device}")
+
+
+def _check_norm_args(op: str, x: Tensor, weight: Optional[Tensor], norm_dtype: torch.dtype) -> None:
+    _check_float(op, "input", x)
+    if x.dim() < 1:
+        raise ValueError(f"bitfx.{op}: input must have at least one dimension (the features)")
+    if weight is not None:
+        _check_float(op, "norm weight", weight)
+        if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+            raise ValueError(
+                f"bitfx.{op}: norm weight has shape {tuple(weight.shape)} but the input has "
+                f"K={x.shape[-1]} features (last dimension); expected ({x.shape[-1]},)"
+            )
+    if norm_dtype not in _FLOATS:
+        raise TypeError(f"bitfx.{op}: norm_dtype must be a float dtype, got {norm_dtype}")
+    _check_same_device(op, x, weight)
+
+
+def _check_linear_weight(op: str, w: Tensor) -> None:
+    _check_float(op, "linear weight", w)
+    if w.dim() != 2:
+        raise ValueError(f"bitfx.{op}: linear weight must be 2-D [N, K], got shape {tuple(w.shape)}")
+
+
+def _check_matmul_args(q, x_scale, packed, w_scale, bias, out_dtype) -> None:
+    op = "ternary_matmul"
+    if q.dtype != torch.int8:
+        raise TypeError(f"bitfx.{op}: activation codes must be int8, got {_dtype_name(q.dtype)}")
+    if packed.dtype != torch.uint8:
+        raise TypeError(
+            f"bitfx.{op}: packed ternary weight must be uint8 (from bitfx weight_quant), got {_dtype_name(packed.dtype)}"
+        )
+    if packed.dim() != 2:
+        raise ValueError(f"bitfx.{op}: packed ternary weight must be 2-D [N, Kq], got shape {tuple(packed.shape)}")
+    K = q.shape[-1]
+    torch._check(
+        packed.shape[1] == packed_k(K),
+        lambda: f"bitfx.{op}: packed ternary weight has {packed.shape[1]} bytes per row but activations with "
+        f"K={K} need {packed_k(K)}: K mismatch, or a weight packed in another format",
+    )
+    N = packed.shape[0]
+    if x_scale.dtype != torch.float32 or w_scale.dtype != torch.float32:
+        raise TypeError(f"bitfx.{op}: scales must be float32, got {_dtype_name(x_scale.dtype)} and {_dtype_name(w_scale.dtype)}")
+    if tuple(x_scale.shape) != tuple(q.shape[:-1]):
+        raise ValueError(f"bitfx.{op}: activation scale has shape {tuple(x_scale.shape)}, expected {tuple(q.shape[:-1])}")
+    if w_scale.dim() != 1 or w_scale.shape[0] != N:
+        raise ValueError(f"bitfx.{op}: weight scale has shape {tuple(w_scale.shape)}, expected ({N},)")
+    if bias is not None:
+        _check_float(op, "bias", bias)
+        if bias.dim() != 1 or bias.shape[0] != N:
+            raise ValueError(f"bitfx.{op}: bias has shape {tuple(bias.shape)}, expected ({N},)")
+    if out_dtype not in _FLOATS:
+        raise TypeError(f"bitfx.{op}: out_dtype must be a float dtype, got {out_dtype}")
+    _check_same_device(op, q, x_scale, packed, w_scale, bias)
+
+
+def _rows(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+# ---------------------------------------------------------------- norm_quant
+
+@torch.library.custom_op("bitfx::norm_quant", mutates_args=())
+def norm_quant(
+    x: Tensor,
+    weight: Optional[Tensor],
+    eps: float,
+    offset: bool,
+    cast_before_weight: bool,
+    norm_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """RMSNorm + per-token int8 quantization (reference: :func:`bitfx.reference.norm_quant`)."""
+    _check_norm_args("norm_quant", x, weight, norm_dtype)
+    return ref.norm_quant(x, weight, eps, offset=offset, cast_before_weight=cast_before_weight, norm_dtype=norm_dtype)
+
+
+@norm_quant.register_kernel("cuda")
+def _(x, weight, eps, offset, cast_before_weight, norm_dtype):
+    _check_norm_args("norm_quant", x, weight, norm_dtype)
+    q, scale, _ = _kernels("norm_quant").norm_quant(_rows(x), weight, eps, offset, cast_before_weight, norm_dtype)
+    return q.view(x.shape), scale.view(x.shape[:-1])
+
+
+@norm_quant.register_fake
+def _(x, weight, eps, offset, cast_before_weight, norm_dtype):
+    _check_norm_args("norm_quant", x, weight, norm_dtype)
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- act_quant
+
+@torch.library.custom_op("bitfx::act_quant", mutates_args=())
+def act_quant(y: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token absmax int8 quantization (reference: :func:`bitfx.reference.act_quant`)."""
+    _check_norm_args("act_quant", y, None, torch.float32)
+    return ref.act_quant(y)
+
+
+@act_quant.register_kernel("cuda")
+def _(y):
+    _check_norm_args("act_quant", y, None, torch.float32)
+    q, scale = _kernels("norm_quant").act_quant(_rows(y))
+    return q.view(y.shape), scale.view(y.shape[:-1])
+
+
+@act_quant.register_fake
+def _(y):
+    _check_norm_args("act_quant", y, None, torch.float32)
+    return y.new_empty(y.shape, dtype=torch.int8), y.new_empty(y.shape[:-1], dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- weight_quant
+
+@torch.library.custom_op("bitfx::weight_quant", mutates_args=())
+def weight_quant(w: Tensor, per_channel: bool) -> tuple[Tensor, Tensor]:
+    """Absmean ternary quantization + 2-bit packing (reference: :func:`bitfx.reference.weight_quant`)."""
+    _check_linear_weight("weight_quant", w)
+    return ref.weight_quant(w, per_channel)
+
+
+@weight_quant.register_kernel("cuda")
+def _(w, per_channel):
+    _check_linear_weight("weight_quant", w)
+    return _kernels("weight_pack").weight_quant(w, per_channel)
+
+
+@weight_quant.register_fake
+def _(w, per_channel):
+    _check_linear_weight("weight_quant", w)
+    N, K = w.shape
+    return w.new_empty((N, packed_k(K)), dtype=torch.uint8), w.new_empty((N,), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- ternary_matmul
+
+@torch.library.custom_op("bitfx::ternary_matmul", mutates_args=())
+def ternary_matmul(
+    q: Tensor,
+    x_scale: Tensor,
+    packed: Tensor,
+    w_scale: Tensor,
+    bias: Optional[Tensor],
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """int8 activations x packed ternary weights, exact int32 accumulation, float epilogue
+    (reference: :func:`bitfx.reference.ternary_matmul`)."""
+    _check_matmul_args(q, x_scale, packed, w_scale, bias, out_dtype)
+    return ref.ternary_matmul(q, x_scale, packed, w_scale, bias, out_dtype)
+
+
+@ternary_matmul.register_kernel("cuda")
+def _(q, x_scale, packed, w_scale, bias, out_dtype):
+    _check_matmul_args(q, x_scale, packed, w_scale, bias, out_dtype)
+    out = _kernels("ternary_matmul").ternary_matmul(_rows(q), x_scale.reshape(-1), packed, w_scale, bias, out_dtype)
+    return out.view(*q.shape[:-1], packed.shape[0])
+
+
+@ternary_matmul.register_fake
+def _(q, x_scale, packed, w_scale, bias, out_dtype):
+    _check_matmul_args(q, x_scale, packed, w_scale, bias, out_dtype)
+    return q.new_empty((*q.shape[:-1], packed.shape[0]), dtype=out_dtype)
+
+
+# ---------------------------------------------------------------- dequantize (backward piece)
+
+@torch.library.custom_op("bitfx::dequantize", mutates_args=())
+def dequantize(packed: Tensor, w_scale: Tensor, K: int, dtype: torch.dtype) -> Tensor:
+    """``t / s_w`` as a dense ``[N, K]`` matrix of ``dtype``."""
+    return (ref.unpack_ternary(packed, K).float() / w_scale.float().unsqueeze(1)).to(dtype)
+
+
+@dequantize.register_kernel("cuda")
+def _(packed, w_scale, K, dtype):
+    return _kernels("weight_pack").dequantize(packed, w_scale, K, dtype)
+
+
+@dequantize.register_fake
+def _(packed, w_scale, K, dtype):
+    return packed.new_empty((packed.shape[0], K), dtype=dtype)
+
+
+# ---------------------------------------------------------------- rms_norm_backward (backward piece)
+
+@torch.library.custom_op("bitfx::rms_norm_backward", mutates_args=())
+def rms_norm_backward(
+    dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, offset: bool
+) -> tuple[Tensor, Tensor]:
+    """Gradients of ``y = x * rstd * g`` (casts taken as the identity): ``(dx in x.dtype, dg f32[K])``.
+    ``dg`` is all zeros when there is no weight."""
+    return ref.rms_norm_backward(dy, x, weight, rstd, offset)
+
+
+@rms_norm_backward.register_kernel("cuda")
+def _(dy, x, weight, rstd, offset):
+    K = x.shape[-1]
+    dx, dg = _kernels("norm_quant").rms_norm_backward(_rows(dy), _rows(x), weight, rstd.reshape(-1), offset)
+    if dg is None:
+        dg = x.new_zeros((K,), dtype=torch.float32)
+    return dx.view(x.shape), dg
+
+
+@rms_norm_backward.register_fake
+def _(dy, x, weight, rstd, offset):
+    return torch.empty_like(x), x.new_empty((x.shape[-1],), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- bitlinear (training)
+
+def _check_bitlinear_args(x, norm_weight, weight, bias, norm_dtype):
+    _check_norm_args("bitlinear", x, norm_weight, norm_dtype)
+    _check_linear_weight("bitlinear", weight)
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"bitfx.bitlinear: linear weight has K={weight.shape[1]} input features but the input has "
+            f"K={x.shape[-1]} (last dimension)"
+        )
+    if bias is not None:
+        _check_float("bitlinear", "bias", bias)
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bitfx.bitlinear: bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    _check_same_device("bitlinear", x, norm_weight, weight, bias)
+
+
+@torch.library.custom_op("bitfx::bitlinear", mutates_args=())
+def bitlinear_full(
+    x: Tensor,
+    norm_weight: Optional[Tensor],
+    weight: Tensor,
+    bias: Optional[Tensor],
+    eps: float,
+    offset: bool,
+    cast_before_weight: bool,
+    norm_dtype: torch.dtype,
+    per_channel: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """RMSNorm -> int8 quant -> ternary weight quant -> exact matmul, with the straight-through
+    backward. Returns ``(out, q, x_scale, rstd, packed, w_scale)``; the last five are what the
+    backward needs (int8 codes, 2-bit weights and scales: no float activation is saved)."""
+    _check_bitlinear_args(x, norm_weight, weight, bias, norm_dtype)
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(dim=-1) + eps)
+    q, x_scale = ref.norm_quant(x, norm_weight, eps, offset=offset, cast_before_weight=cast_before_weight, norm_dtype=norm_dtype)
+    packed, w_scale = ref.weight_quant(weight, per_channel)
+    out = ref.ternary_matmul(q, x_scale, packed, w_scale, bias, norm_dtype)
+    return out, q, x_scale, rstd, packed, w_scale
+
+
+@bitlinear_full.register_kernel("cuda")
+def _(x, norm_weight, weight, bias, eps, offset, cast_before_weight, norm_dtype, per_channel):
+    _check_bitlinear_args(x, norm_weight, weight, bias, norm_dtype)
+    q, x_scale, rstd = _kernels("norm_quant").norm_quant(_rows(x), norm_weight, eps, offset, cast_before_weight, norm_dtype)
+    packed, w_scale = _kernels("weight_pack").weight_quant(weight, per_channel)
+    out = _kernels("ternary_matmul").ternary_matmul(q, x_scale, packed, w_scale, bias, norm_dtype)
+    lead = x.shape[:-1]
+    return out.view(*lead, weight.shape[0]), q.view(x.shape), x_scale.view(lead), rstd.view(lead), packed, w_scale
+
+
+@bitlinear_full.register_fake
+def _(x, norm_weight, weight, bias, eps, offset, cast_before_weight, norm_dtype, per_channel):
+    _check_bitlinear_args(x, norm_weight, weight, bias, norm_dtype)
+    N, K = weight.shape
+    lead = x.shape[:-1]
+    return (
+        x.new_empty((*lead, N), dtype=norm_dtype),
+        x.new_empty(x.shape, dtype=torch.int8),
+        x.new_empty(lead, dtype=torch.float32),
+        x.new_empty(lead, dtype=torch.float32),
+        x.new_empty((N, packed_k(K)), dtype=torch.uint8),
+        x.new_empty((N,), dtype=torch.float32),
+    )
+
+
+def _bitlinear_setup_context(ctx, inputs, output):
+    x, norm_weight, weight, bias, eps, offset, cast_before_weight, norm_dtype, per_channel = inputs
+    _, q, x_scale, rstd, packed, w_scale = output
+    ctx.save_for_backward(x, norm_weight, q, x_scale, rstd, packed, w_scale)
+    ctx.offset = offset
+    ctx.K = weight.shape[1]
+    ctx.weight_dtype = weight.dtype
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _bitlinear_backward(ctx, dout, *_unused):
+    """Straight-through: dW = dout^T (q / s_x), dy = dout (t / s_w), db = sum(dout), then the norm's backward."""
+    x, norm_weight, q, x_scale, rstd, packed, w_scale = ctx.saved_tensors
+    N = packed.shape[0]
+    d2 = dout.reshape(-1, N)
+    # The matmuls run in the gradient's dtype (bf16 tensor cores in bf16 training).
+    mm_dtype = d2.dtype
+    y_dq = (q.reshape(-1, ctx.K).float() / x_scale.reshape(-1, 1)).to(mm_dtype)
+    w_dq = dequantize(packed, w_scale, ctx.K, mm_dtype)
+    dweight = (d2.t() @ y_dq).to(ctx.weight_dtype)
+    dy = (d2 @ w_dq).reshape(x.shape)
+    dbias = d2.sum(0).to(ctx.bias_dtype) if ctx.has_bias else None
+    dx, dg = rms_norm_backward(dy, x, norm_weight, rstd, ctx.offset)
+    dnorm = None if norm_weight is None else dg.to(norm_weight.dtype)
+    return dx, dnorm, dweight, dbias, None, None, None, None, None
+
+
+torch.library.register_autograd("bitfx::bitlinear", _bitlinear_backward, setup_context=_bitlinear_setup_context)
+
+
+def bitlinear(
+    x: Tensor,
+    norm_weight: Optional[Tensor],
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-6,
+    *,
+    offset: bool = False,
+    cast_before_weight: bool = True,
+    norm_dtype: Optional[torch.dtype] = None,
+    per_channel: bool = False,
+) -> Tensor:
+    """The BitLinear layer as a function: ``out[..., N]`` in the norm's dtype, differentiable
+    (straight-through estimator) with respect to ``x``, ``norm_weight``, ``weight`` and ``bias``."""
+    if norm_dtype is None:
+        norm_dtype = ref.norm_dtype_for(x.dtype, None if norm_weight is None else norm_weight.dtype, cast_before_weight)
+    return bitlinear_full(x, norm_weight, weight, bias, eps, offset, cast_before_weight, norm_dtype, per_channel)[0]
