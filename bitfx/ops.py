@@ -103,7 +103,8 @@ def _check_matmul_args(q, x_scale, packed, w_scale, bias, out_dtype) -> None:
     if packed.dim() != 2:
         raise ValueError(f"bitfx.{op}: packed ternary weight must be 2-D [N, Kq], got shape {tuple(packed.shape)}")
     K = q.shape[-1]
-    torch._check(
+    torch._check_with(
+        ValueError,
         packed.shape[1] == packed_k(K),
         lambda: f"bitfx.{op}: packed ternary weight has {packed.shape[1]} bytes per row but activations with "
         f"K={K} need {packed_k(K)}: K mismatch, or a weight packed in another format",

@@ -1,0 +1,359 @@
+"""The benchmark: ``python -m bitfx.bench`` (CUDA only).
+
+Checks each kernel against the reference at the benchmarked shapes, then measures, against
+bf16 baselines measured in the same run:
+
+* decode / small batch / prefill: bitfx ``norm_quant`` + ``ternary_matmul`` (the whole site:
+  RMSNorm, activation quantization, ternary matmul, epilogue) vs bf16 ``F.rms_norm`` +
+  ``F.linear`` (eager, and under ``torch.compile``), and ``torch._int_mm`` (int8 matmul alone,
+  no norm and no quantization) where it accepts the shape;
+* a sweep of M = 1, 2, 4 ... 8192 for the four LLM shapes;
+* norm + quant alone, as achieved bandwidth;
+* training forward + backward of ``bitfx.bitlinear`` vs bf16 RMSNorm + Linear, and the bytes
+  saved for backward.
+
+Method: every timed call is captured in a CUDA graph that runs it over enough rotating weight
+copies that the weights do not sit in the 50 MB L2 (cold-L2 decode), then the graph is
+replayed many times and the median per call is reported. Training steps are timed with CUDA
+events (median of repetitions after warm-up). Inputs are random normal, never zeros.
+
+Prints the tables last, writes them as Markdown to ``--out`` (default ``bench_out/``) and a
+plot of speed-up vs M per shape (``sweep.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import bitfx
+from bitfx import reference as ref
+
+ops = torch.ops.bitfx
+
+SHAPES = [(8192, 8192), (4096, 4096), (4096, 14336), (14336, 4096)]  # (K, N)
+SWEEP_M = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+L2_BYTES = 50 * 2**20
+EPS = 1e-6
+
+
+# ------------------------------------------------------------------ timing
+
+
+def _copies_for(weight_bytes: int) -> int:
+    """Rotating copies so that the weights stream from HBM: at least 4x L2 in all, 2..64 copies."""
+    return max(2, min(64, math.ceil(4 * L2_BYTES / max(weight_bytes, 1))))
+
+
+def time_graph(fns, reps: int = 30) -> float:
+    """Median seconds per call of ``fns`` (one callable per rotating copy), replayed in a CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            for f in fns:
+                f()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fns:
+            f()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / len(fns))
+    del graph
+    return statistics.median(times)
+
+
+def time_events(fn, reps: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------ the site, four ways
+
+
+class Site:
+    """One RMSNorm -> Linear site of shape (M, K, N) with rotating weight copies for each method."""
+
+    def __init__(self, M, K, N, seed=0):
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        self.M, self.K, self.N = M, K, N
+        self.x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=g)
+        self.g = (1 + 0.1 * torch.randn(K, device="cuda", generator=g)).to(torch.bfloat16)
+        w = (torch.randn(N, K, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+        self.w = w
+        self.packed, self.w_scale = ops.weight_quant(w, False)
+        self.n_packed = _copies_for(self.packed.numel())
+        self.packed_copies = [self.packed.clone() for _ in range(self.n_packed)]
+        self.n_bf16 = _copies_for(w.numel() * 2)
+        self.w_copies = [w.clone() for _ in range(self.n_bf16)]
+        self.int8_w = None
+
+    def bitfx_fn(self, packed):
+        def f():
+            q, s = ops.norm_quant(self.x, self.g, EPS, False, True, torch.bfloat16)
+            return ops.ternary_matmul(q, s, packed, self.w_scale, None, torch.bfloat16)
+        return f
+
+    def bf16_fn(self, w, compiled=None):
+        fn = compiled or _bf16_site
+        return lambda: fn(self.x, self.g, w)
+
+    def int_mm_fns(self):
+        if self.M <= 16:
+            return None  # torch._int_mm needs M > 16
+        q = torch.randint(-127, 128, (self.M, self.K), device="cuda", dtype=torch.int8)
+        n = _copies_for(self.N * self.K)
+        ws = [torch.randint(-1, 2, (self.K, self.N), device="cuda", dtype=torch.int8).t().contiguous().t() for _ in range(n)]
+        return [lambda w=w: torch._int_mm(q, w) for w in ws]
+
+    def check(self):
+        """The bitfx output against the reference, computed on CPU in fp32 from the same inputs."""
+        out = self.bitfx_fn(self.packed)().float().cpu()
+        rows = slice(0, min(self.M, 64))
+        want = ref.bitlinear(self.x[rows].cpu(), self.g.cpu(), self.w.cpu(), None, EPS).float()
+        err = ((out[rows] - want).norm() / want.norm()).item()
+        return err
+
+
+def _bf16_site(x, g, w):
+    return F.linear(F.rms_norm(x, (x.shape[-1],), g, EPS), w)
+
+
+_compiled_bf16 = None
+
+
+def compiled_bf16():
+    global _compiled_bf16
+    if _compiled_bf16 is None:
+        _compiled_bf16 = torch.compile(_bf16_site, dynamic=True)
+    return _compiled_bf16
+
+
+def measure_site(M, K, N, with_compile=True):
+    site = Site(M, K, N)
+    err = site.check()
+    t_bitfx = time_graph([site.bitfx_fn(p) for p in site.packed_copies])
+    t_bf16 = time_graph([site.bf16_fn(w) for w in site.w_copies])
+    t_comp = time_graph([site.bf16_fn(w, compiled_bf16()) for w in site.w_copies]) if with_compile else float("nan")
+    mm = site.int_mm_fns()
+    t_int = time_graph(mm) if mm else float("nan")
+    # Bytes the bitfx site must move at least: x (bf16) in, packed weights in, out (bf16).
+    bytes_min = M * K * 2 + site.packed.numel() + M * N * 2
+    ops_count = 2 * M * K * N
+    del site
+    torch.cuda.empty_cache()
+    return dict(M=M, K=K, N=N, err=err, bitfx_us=t_bitfx * 1e6, bf16_us=t_bf16 * 1e6, bf16_compile_us=t_comp * 1e6,
+                int_mm_us=t_int * 1e6, tbps=bytes_min / t_bitfx / 1e12, tops=ops_count / t_bitfx / 1e12)
+
+
+# ------------------------------------------------------------------ norm + quant alone
+
+
+def measure_norm_quant(M=4096, K=8192):
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(K, device="cuda", dtype=torch.bfloat16)
+    q, s = ops.norm_quant(x, g, EPS, False, True, torch.bfloat16)
+    q_ref, s_ref = ref.norm_quant(x[:64].cpu(), g.cpu(), EPS)
+    mism = (q[:64].cpu() != q_ref).float().mean().item()
+    t = time_graph([lambda: ops.norm_quant(x, g, EPS, False, True, torch.bfloat16)], reps=50)
+    copy_src = torch.empty(M * K * 3 // 2, device="cuda", dtype=torch.uint8)
+    copy_dst = torch.empty_like(copy_src)
+    t_copy = time_graph([lambda: copy_dst.copy_(copy_src)], reps=50)
+    nbytes = M * K * 2 + M * K + M * 4
+    return dict(M=M, K=K, us=t * 1e6, tbps=nbytes / t / 1e12, copy_tbps=2 * copy_src.numel() / t_copy / 1e12,
+                code_mismatch=mism)
+
+
+# ------------------------------------------------------------------ training
+
+
+def _saved_bytes(fn):
+    seen = {}
+
+    def pack(t):
+        key = (t.untyped_storage().data_ptr(), t.dtype, tuple(t.shape))
+        seen[key] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def measure_training(M=8192, K=4096, N=14336):
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.ones(K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(N, K, device="cuda") * 0.02).to(torch.bfloat16).requires_grad_()
+    dout = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+
+    def bf16_step():
+        out = _bf16_site(x, g, w)
+        out.backward(dout)
+
+    def bitfx_step():
+        out = bitfx.bitlinear(x, g, w, None, EPS)
+        out.backward(dout)
+
+    t_bf16 = time_events(bf16_step)
+    t_bitfx = time_events(bitfx_step)
+    _, b_bf16 = _saved_bytes(lambda: _bf16_site(x, g, w))
+    _, b_bitfx = _saved_bytes(lambda: bitfx.bitlinear(x, g, w, None, EPS))
+    res = dict(M=M, K=K, N=N, bf16_us=t_bf16 * 1e6, bitfx_us=t_bitfx * 1e6, saved_bf16=b_bf16, saved_bitfx=b_bitfx,
+               fla_us=float("nan"))
+    try:  # fla's FusedBitLinear, when the package is importable
+        from fla.modules.fused_bitlinear import FusedBitLinear  # type: ignore
+
+        layer = FusedBitLinear(K, N, bias=False).cuda().to(torch.bfloat16)
+
+        def fla_step():
+            layer(x).backward(dout)
+
+        res["fla_us"] = time_events(fla_step) * 1e6
+    except ImportError:
+        pass
+    return res
+
+
+# ------------------------------------------------------------------ report
+
+
+def _fmt_ratio(a, b):
+    return "n/a" if (math.isnan(a) or math.isnan(b)) else f"{b / a:.2f}x"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="bench_out")
+    p.add_argument("--quick", action="store_true", help="fewer sweep points (for a smoke run)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bitfx.bench needs a CUDA GPU")
+    os.makedirs(args.out, exist_ok=True)
+    import triton
+
+    dev = torch.cuda.get_device_name()
+    header = f"device: {dev}; torch {torch.__version__}; triton {triton.__version__}; command: python -m bitfx.bench"
+    print(header, flush=True)
+    t0 = time.time()
+    results = {"header": header, "sites": [], "sweep": []}
+
+    targets = []
+    for K, N in SHAPES:
+        for M in (1, 16):
+            r = measure_site(M, K, N)
+            results["sites"].append(r)
+            print(r, flush=True)
+    for K, N in [(8192, 8192), (4096, 14336)]:
+        r = measure_site(4096, K, N)
+        results["sites"].append(r)
+        print(r, flush=True)
+    nq = measure_norm_quant()
+    results["norm_quant"] = nq
+    print(nq, flush=True)
+    tr = measure_training()
+    results["training"] = tr
+    print(tr, flush=True)
+    sweep_m = [1, 16, 256, 4096] if args.quick else SWEEP_M
+    for K, N in SHAPES:
+        for M in sweep_m:
+            r = measure_site(M, K, N, with_compile=True)
+            results["sweep"].append(r)
+            print(r, flush=True)
+
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+    lines = [header, ""]
+    lines.append("| regime | M | K | N | bitfx µs | bf16 µs | bf16 compile µs | _int_mm µs | vs bf16 | vs compile | vs _int_mm | TB/s | TOP/s | rel err |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results["sites"]:
+        regime = "decode" if r["M"] == 1 else ("small batch" if r["M"] == 16 else "prefill")
+        lines.append(
+            f"| {regime} | {r['M']} | {r['K']} | {r['N']} | {r['bitfx_us']:.1f} | {r['bf16_us']:.1f} | "
+            f"{r['bf16_compile_us']:.1f} | {r['int_mm_us']:.1f} | {_fmt_ratio(r['bitfx_us'], r['bf16_us'])} | "
+            f"{_fmt_ratio(r['bitfx_us'], r['bf16_compile_us'])} | {_fmt_ratio(r['bitfx_us'], r['int_mm_us'])} | "
+            f"{r['tbps']:.2f} | {r['tops']:.0f} | {r['err']:.1e} |"
+        )
+    lines.append("")
+    lines.append(
+        f"norm+quant alone, M={nq['M']} K={nq['K']}: {nq['us']:.1f} µs, {nq['tbps']:.2f} TB/s = "
+        f"{100 * nq['tbps'] / nq['copy_tbps']:.0f}% of the copy bandwidth ({nq['copy_tbps']:.2f} TB/s); "
+        f"codes differing from the CPU reference: {100 * nq['code_mismatch']:.3f}%"
+    )
+    fla = "not importable" if math.isnan(tr["fla_us"]) else f"{tr['fla_us']:.0f} µs"
+    lines.append(
+        f"training fwd+bwd M={tr['M']} K={tr['K']} N={tr['N']}: bitfx {tr['bitfx_us']:.0f} µs, bf16 {tr['bf16_us']:.0f} µs "
+        f"({_fmt_ratio(tr['bitfx_us'], tr['bf16_us'])}), fla FusedBitLinear {fla}; saved for backward: bitfx "
+        f"{tr['saved_bitfx'] / 2**20:.1f} MiB vs bf16 {tr['saved_bf16'] / 2**20:.1f} MiB "
+        f"({100 * tr['saved_bitfx'] / tr['saved_bf16']:.0f}%)"
+    )
+    lines.append("")
+    lines.append("Sweep (speed-up of bitfx over bf16 eager / over bf16 torch.compile):")
+    lines.append("| M | " + " | ".join(f"{K}x{N}" for K, N in SHAPES) + " |")
+    lines.append("|---" * (len(SHAPES) + 1) + "|")
+    for M in sweep_m:
+        cells = []
+        for K, N in SHAPES:
+            r = next(r for r in results["sweep"] if r["M"] == M and r["K"] == K and r["N"] == N)
+            cells.append(f"{r['bf16_us'] / r['bitfx_us']:.2f} / {r['bf16_compile_us'] / r['bitfx_us']:.2f}")
+        lines.append(f"| {M} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    with open(os.path.join(args.out, "tables.md"), "w") as f:
+        f.write(table + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for K, N in SHAPES:
+            rs = [r for r in results["sweep"] if r["K"] == K and r["N"] == N]
+            ax.plot([r["M"] for r in rs], [r["bf16_us"] / r["bitfx_us"] for r in rs], marker="o", label=f"K={K}, N={N}")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("M (tokens)")
+        ax.set_ylabel("speed-up over bf16 RMSNorm + F.linear")
+        ax.set_title(f"bitfx on {dev}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out, "sweep.png"), dpi=120)
+    except ImportError:
+        print("matplotlib not importable: no plot", flush=True)
+    print(f"\n(total {time.time() - t0:.0f} s)\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

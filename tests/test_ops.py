@@ -1,0 +1,263 @@
+"""The torch.library ops: opcheck, agreement with the reference, STE gradients, bad input.
+
+On CPU the ops run the reference; on CUDA they run the Triton kernels, so the same tests
+check the kernels through the ops on the GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+from torch.library import opcheck
+
+import bitfx
+from bitfx import reference as ref
+from bitfx.kernels.layout import packed_k
+from tests.helpers import FLOAT_DTYPES, HAS_CUDA, assert_close_ulps
+
+ops = torch.ops.bitfx
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+def _x(shape, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(dtype).to(device)
+
+
+# ------------------------------------------------------------------ opcheck, every op, every device
+
+
+def _op_cases(device, M=5, K=40, N=24, dtype=torch.bfloat16):
+    x = _x((2, M, K), dtype, device, 1)
+    g = _x((K,), dtype, device, 2)
+    W = _x((N, K), dtype, device, 3)
+    b = _x((N,), dtype, device, 4)
+    q, s = ops.norm_quant(x, g, 1e-6, False, True, dtype)
+    packed, sw = ops.weight_quant(W, False)
+    rstd = torch.rsqrt(x.float().pow(2).mean(-1) + 1e-6)
+    return {
+        "norm_quant": (ops.norm_quant.default, (x, g, 1e-6, False, True, dtype)),
+        "norm_quant_gemma": (ops.norm_quant.default, (x, g, 1e-6, True, False, dtype)),
+        "norm_quant_noweight": (ops.norm_quant.default, (x, None, 1e-5, False, True, torch.float32)),
+        "act_quant": (ops.act_quant.default, (x,)),
+        "weight_quant": (ops.weight_quant.default, (W, False)),
+        "weight_quant_per_channel": (ops.weight_quant.default, (W, True)),
+        "ternary_matmul": (ops.ternary_matmul.default, (q, s, packed, sw, b, dtype)),
+        "ternary_matmul_nobias": (ops.ternary_matmul.default, (q, s, packed, sw, None, torch.float32)),
+        "dequantize": (ops.dequantize.default, (packed, sw, K, dtype)),
+        "rms_norm_backward": (ops.rms_norm_backward.default, (x, x, g, rstd, False)),
+        "bitlinear": (
+            ops.bitlinear.default,
+            (*(t.detach().clone().requires_grad_() for t in (x, g, W, b)), 1e-6, False, True, dtype, False),
+        ),
+        "bitlinear_noweight_nobias": (
+            ops.bitlinear.default,
+            (x.detach().float().requires_grad_(), None, W.detach().float().requires_grad_(), None, 1e-5, False, True, torch.float32, True),
+        ),
+    }
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(_op_cases("cpu").keys()))
+def test_opcheck(case, device):
+    op, args = _op_cases(device)[case]
+    # All of opcheck's default tests: schema, autograd registration, fake tensor, aot dispatch (dynamic).
+    opcheck(op, args)
+
+
+# ------------------------------------------------------------------ ops agree with the reference
+
+
+@given(
+    M=st.integers(0, 24),
+    K=st.integers(1, 70),
+    N=st.integers(1, 40),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    offset=st.booleans(),
+    cbw=st.booleans(),
+    has_bias=st.booleans(),
+    per_channel=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@example(M=0, K=8, N=4, dtype=torch.float32, offset=False, cbw=True, has_bias=True, per_channel=False, seed=0)
+@example(M=1, K=1, N=1, dtype=torch.bfloat16, offset=True, cbw=False, has_bias=False, per_channel=True, seed=0)
+def test_bitlinear_forward_matches_reference(M, K, N, dtype, offset, cbw, has_bias, per_channel, seed):
+    x = _x((M, K), dtype, "cpu", seed)
+    g = _x((K,), dtype, "cpu", seed + 1)
+    W = _x((N, K), dtype, "cpu", seed + 2)
+    b = _x((N,), dtype, "cpu", seed + 3) if has_bias else None
+    out = bitfx.bitlinear(x, g, W, b, 1e-6, offset=offset, cast_before_weight=cbw, per_channel=per_channel)
+    want = ref.bitlinear(x, g, W, b, 1e-6, offset=offset, cast_before_weight=cbw, per_channel=per_channel)
+    assert out.dtype == want.dtype
+    # CPU: the op is the reference, bit for bit.
+    assert torch.equal(out, want)
+
+
+def _grads(fn, x, g, W, b):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, g, W, b)]
+    out = fn(*leaves)
+    # A fixed, non-trivial upstream gradient.
+    upstream = torch.linspace(-1, 1, out.numel(), device=out.device).reshape(out.shape).to(out.dtype)
+    (out.float() * upstream.float()).sum().backward()
+    return out, [t.grad if t is not None else None for t in leaves]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset,cbw,has_g,has_b,per_channel", [
+    (False, True, True, True, False),
+    (True, False, True, False, True),
+    (False, True, False, False, False),
+])
+def test_bitlinear_gradients_match_ste_reference(device, dtype, offset, cbw, has_g, has_b, per_channel):
+    M, K, N = 12, 48, 20
+    x = _x((3, M, K), dtype, device, 10)
+    g = _x((K,), dtype, device, 11) if has_g else None
+    W = _x((N, K), dtype, device, 12)
+    b = _x((N,), dtype, device, 13) if has_b else None
+    kw = dict(offset=offset, cast_before_weight=cbw, per_channel=per_channel)
+    out, grads = _grads(lambda *a: bitfx.bitlinear(*a, 1e-6, **kw), x, g, W, b)
+    out_ref, grads_ref = _grads(lambda *a: ref.bitlinear_ste(*a, 1e-6, **kw), x, g, W, b)
+    assert out.dtype == out_ref.dtype == dtype
+    # Forward: the op's exact int32 product vs the STE reference's fp32 matmul of the same
+    # dequantized values, both rounded to dtype: within 2 ulps of dtype (plus fp32 noise near 0).
+    assert_close_ulps(out, out_ref, ulps=2, atol=1e-5)
+    for name, got, want in zip("x g W b".split(), grads, grads_ref):
+        if want is None:
+            assert got is None
+            continue
+        assert got.dtype == want.dtype, name
+        # The reference differentiates in fp32; the op's backward runs its matmuls in the
+        # gradient's dtype. fp32: reduction-order noise; bf16: operands rounded to bf16 (2^-8)
+        # and accumulated over K or M terms: 2% of the gradient's scale.
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        scale = want.float().abs().max().clamp(min=1e-6)
+        err = (got.float() - want.float()).abs().max() / scale
+        assert err <= tol, (name, float(err))
+
+
+def test_bitlinear_gradient_ste_formula():
+    """The weight gradient is dout^T (q / s_x) and the activation side sees dout (t / s_w)."""
+    torch.manual_seed(0)
+    M, K, N = 6, 16, 5
+    x = torch.randn(M, K, requires_grad=True)
+    W = torch.randn(N, K, requires_grad=True)
+    out = bitfx.bitlinear(x, None, W, None, 1e-6)
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    q, s = ref.norm_quant(x.detach(), None, 1e-6)
+    torch.testing.assert_close(W.grad, dout.t() @ (q.float() / s[:, None]), rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ non-finite input
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_rows_give_nan_rows(device, bad):
+    x = _x((4, 32), torch.float32, device, 0)
+    x[2, 5] = bad
+    W = _x((8, 32), torch.float32, device, 1)
+    q, s = ops.norm_quant(x, None, 1e-6, False, True, torch.float32)
+    assert torch.isnan(s[2]) and torch.isfinite(s[[0, 1, 3]]).all()
+    assert (q[2] == 0).all()
+    packed, sw = ops.weight_quant(W, False)
+    out = ops.ternary_matmul(q, s, packed, sw, None, torch.float32)
+    assert torch.isnan(out[2]).all() and torch.isfinite(out[[0, 1, 3]]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nonfinite_weight_poisons_its_scale_group(device):
+    W = _x((6, 32), torch.float32, device, 0)
+    W[1, 3] = float("inf")
+    _, sw_ch = ops.weight_quant(W, True)
+    assert torch.isnan(sw_ch[1]) and torch.isfinite(sw_ch[[0, 2, 3, 4, 5]]).all()
+    _, sw_t = ops.weight_quant(W, False)
+    assert torch.isnan(sw_t).all()
+
+
+# ------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs_raise_clear_errors(device):
+    x = _x((4, 32), torch.float32, device)
+    W = _x((8, 32), torch.float32, device)
+    q, s = ops.norm_quant(x, None, 1e-6, False, True, torch.float32)
+    packed, sw = ops.weight_quant(W, False)
+    with pytest.raises(TypeError, match="input must be float32, float16 or bfloat16, got int64"):
+        ops.norm_quant(torch.ones(4, 32, dtype=torch.long, device=device), None, 1e-6, False, True, torch.float32)
+    with pytest.raises(ValueError, match=r"norm weight has shape \(31,\).*K=32"):
+        ops.norm_quant(x, torch.ones(31, device=device), 1e-6, False, True, torch.float32)
+    with pytest.raises(TypeError, match="activation codes must be int8, got float32"):
+        ops.ternary_matmul(x, s, packed, sw, None, torch.float32)
+    with pytest.raises(TypeError, match="packed ternary weight must be uint8"):
+        ops.ternary_matmul(q, s, packed.to(torch.int8), sw, None, torch.float32)
+    # K=80 needs 32 packed bytes per row, the weight was packed for K=32 (16 bytes).
+    q80, s80 = ops.norm_quant(_x((4, 80), torch.float32, device), None, 1e-6, False, True, torch.float32)
+    with pytest.raises(ValueError, match=r"16 bytes per row but activations with K=80 need 32"):
+        ops.ternary_matmul(q80, s80, packed, sw, None, torch.float32)
+    with pytest.raises(ValueError, match=r"weight scale has shape \(7,\), expected \(8,\)"):
+        ops.ternary_matmul(q, s, packed, sw[:7], None, torch.float32)
+    with pytest.raises(ValueError, match=r"bias has shape \(3,\), expected \(8,\)"):
+        ops.ternary_matmul(q, s, packed, sw, torch.ones(3, device=device), torch.float32)
+    with pytest.raises(ValueError, match="linear weight has K=32 input features but the input has K=16"):
+        bitfx.bitlinear(_x((4, 16), torch.float32, device), None, W)
+    with pytest.raises(ValueError, match="linear weight must be 2-D"):
+        ops.weight_quant(W.reshape(-1), False)
+    with pytest.raises(TypeError, match="out_dtype must be a float dtype"):
+        ops.ternary_matmul(q, s, packed, sw, None, torch.int32)
+
+
+def test_packed_format_mismatch_message():
+    with pytest.raises(ValueError, match=r"has 16 bytes per row but activations with K=80 need 32"):
+        q = torch.zeros(2, 80, dtype=torch.int8)
+        ops.ternary_matmul(q, torch.ones(2), torch.zeros(4, 16, dtype=torch.uint8), torch.ones(4), None, torch.float32)
+    assert packed_k(80) == 32
+
+
+@pytest.mark.cuda
+def test_device_mismatch_is_named():
+    x = _x((4, 32), torch.float32, "cuda")
+    with pytest.raises(ValueError, match="all tensors must be on one device"):
+        ops.norm_quant(x, torch.ones(32), 1e-6, False, True, torch.float32)
+
+
+def test_device_mismatch_is_named_meta():
+    x = torch.randn(4, 32)
+    with pytest.raises(ValueError, match="all tensors must be on one device"):
+        ops.norm_quant(x, torch.ones(32, device="meta"), 1e-6, False, True, torch.float32)
+
+
+# ------------------------------------------------------------------ CUDA: kernels through the ops, larger shapes
+
+
+@pytest.mark.cuda
+@given(
+    M=st.sampled_from([1, 2, 3, 7, 16, 33, 64, 129, 300]),
+    K=st.sampled_from([64, 127, 256, 1000, 2048, 4099]),
+    N=st.sampled_from([1, 17, 64, 255, 1024]),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    per_channel=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_cuda_ops_match_reference(M, K, N, dtype, per_channel, seed):
+    x = _x((M, K), dtype, "cuda", seed)
+    g = _x((K,), dtype, "cuda", seed + 1)
+    W = _x((N, K), dtype, "cuda", seed + 2)
+    b = _x((N,), dtype, "cuda", seed + 3)
+    q, s = ops.norm_quant(x, g, 1e-6, False, True, dtype)
+    q_ref, s_ref = ref.norm_quant(x.cpu(), g.cpu(), 1e-6)
+    torch.testing.assert_close(s.cpu(), s_ref, rtol=1e-5, atol=0)
+    # Codes: equal except where the reduction-order difference moves a value across a rounding boundary.
+    assert (q.cpu().int() - q_ref.int()).abs().max() <= 1
+    assert (q.cpu() != q_ref).float().mean() < 1e-3
+    # Given the same codes and scales, the matmul agrees with the reference.
+    packed, sw = ops.weight_quant(W, per_channel)
+    sw_ref = ref.weight_scale(W.cpu(), per_channel)
+    torch.testing.assert_close(sw.cpu(), sw_ref, rtol=1e-5, atol=0)
+    out = ops.ternary_matmul(q, s, packed, sw, b, dtype)
+    want = ref.ternary_matmul(q.cpu(), s.cpu(), packed.cpu(), sw.cpu(), b.cpu(), dtype)
+    assert_close_ulps(out, want, ulps=2, atol=1e-5)
