@@ -1,0 +1,452 @@
+"""RMSNorm fused with per-token absmax int8 quantization, and the norm's backward.
+
+BitNet b1.58 ("The Era of 1-bit LLMs", Ma et al., 2024) quantizes the normalized activations
+of every linear layer to int8 with one absmax scale per token. For ``x [M, K]``::
+
+    r   = x * rsqrt(mean(x^2) + eps)                    fp32 (rstd = rsqrt(...) is saved)
+    r   = r rounded to x.dtype                          if cast_before_weight (Llama)
+    y   = r * g   or   r * (1 + g)                      fp32, with the weight g upcast
+    y   = y rounded to norm_dtype
+    s_x = 127 * reciprocal(max(max|y|, 1e-5))           correctly rounded, fp32 [M]
+    q   = clamp(round_half_even(y * s_x), -128, 127)    int8 [M, K]
+
+with the cast order of :func:`bitfx.reference.norm_quant`. A row whose ``y`` holds NaN or Inf
+gets ``s_x = NaN`` and all-zero codes. ``act_quant`` is the same kernel without the norm.
+
+Rows that fit in registers (``K <= _MAX_ROW_BLOCK``) are read once; longer rows are walked in
+chunks, reading ``x`` three times (sum of squares, absmax, codes).
+
+The launchers compile with ``enable_fp_fusion=False``: a multiply followed by an add must not
+become one fused multiply-add, or ``round_half_even(y * s_x)`` would round the exact product
+instead of its fp32 value, and the codes would differ from the reference at rounding boundaries.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from bitfx.kernels._utils import FLOAT_DTYPES, check_device, check_dtype, rows
+
+__all__ = ["norm_quant", "act_quant", "rms_norm_backward"]
+
+_SCALE_FLOOR = 1e-5
+# Rows of up to this many elements are held in registers; longer ones are walked in chunks.
+# The backward holds four row-sized fp32 values (x, dy, g, the dweight partial): half as many.
+_MAX_ROW_BLOCK = 16384
+_CHUNK = 4096
+# Codes for the dtype y is rounded to inside the kernel.
+_ROUND_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_ANY_FLOAT = FLOAT_DTYPES + (torch.float64,)
+
+
+def _row_block(K: int, max_block: int) -> tuple[int, bool]:
+    """(BLOCK_K, whole row in one block) for rows of K elements."""
+    block = triton.next_power_of_2(max(K, 16))
+    if block <= max_block:
+        return block, True
+    return min(triton.next_power_of_2(max_block), _CHUNK), False
+
+
+def _num_warps(block: int) -> int:
+    """About 16 elements per thread at least: 1 warp for 512, 16 warps from 8192."""
+    return max(1, min(16, block // 512))
+
+
+def _check_weight(name: str, weight: torch.Tensor | None, K: int) -> torch.Tensor | None:
+    """A norm weight of shape [K] and a float dtype, made contiguous (or None)."""
+    if weight is None:
+        return None
+    if weight.dim() != 1:
+        raise ValueError(f"{name}: norm weight must be 1-D [K], got shape {tuple(weight.shape)}")
+    if weight.shape[0] != K:
+        raise ValueError(f"{name}: norm weight has {weight.shape[0]} elements but x has K={K} features")
+    check_dtype(name, "norm weight", weight, FLOAT_DTYPES)
+    return weight.contiguous()
+
+
+def _num_programs(M: int, device: torch.device) -> int:
+    """Programs of the backward: enough to fill the GPU, few enough that the [P, K] partials stay small."""
+    if device.type == "cuda":
+        return min(M, 2 * torch.cuda.get_device_properties(device).multi_processor_count)
+    return min(M, 4)
+
+
+@triton.jit
+def _round_to(v, CODE: tl.constexpr):
+    """Round fp32 ``v`` to fp32 (0), fp16 (1) or bf16 (2), to nearest even; return it as fp32.
+
+    bf16 is rounded on the bits (as c10 does): Triton's interpreter truncates fp32 -> bf16.
+    """
+    if CODE == 1:
+        v = v.to(tl.float16).to(tl.float32)
+    elif CODE == 2:
+        bits = v.to(tl.int32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
+        v = tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
+    return v
+
+
+@triton.jit
+def _rstd(sum_sq, K, eps):
+    """1 / sqrt(sum_sq / K + eps), each step correctly rounded, as torch's CPU rsqrt (and no
+    flush of subnormals, which the GPU's approximate rsqrt does)."""
+    mean = tl.math.div_rn(sum_sq, K * 1.0)
+    return tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.math.sqrt_rn(mean + eps))
+
+
+@triton.jit
+def _norm_chunk(
+    x,
+    W,
+    cols,
+    mask,
+    rstd,
+    X_ROUND: tl.constexpr,
+    NORM: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    OFFSET: tl.constexpr,
+    CAST_BEFORE_WEIGHT: tl.constexpr,
+    Y_ROUND: tl.constexpr,
+):
+    """y for one chunk of a row, from its fp32 ``x`` (identity when not NORM)."""
+    y = x
+    if NORM:
+        y = x * rstd
+        if CAST_BEFORE_WEIGHT:
+            y = _round_to(y, X_ROUND)
+        if HAS_WEIGHT:
+            g = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+            if OFFSET:
+                g = 1.0 + g
+            y = y * g
+        y = _round_to(y, Y_ROUND)
+    return y
+
+
+@triton.jit
+def _quantize(y, scale, bad):
+    """clamp(round_half_even(y * scale), -128, 127) as int8; zero where the row is bad."""
+    v = y * scale
+    # 1.5 * 2^23: adding and subtracting it rounds |v| < 2^22 to an integer, ties to even.
+    v = (v + 12582912.0) - 12582912.0
+    v = tl.minimum(tl.maximum(v, -128.0), 127.0)
+    v = tl.where(bad, 0.0, v)
+    return v.to(tl.int8)
+
+
+@triton.jit
+def _norm_quant_kernel(
+    X,  # [M, K] fp32/fp16/bf16 (fp64 too when not NORM), row stride stride_x
+    W,  # [K] norm weight (unused unless HAS_WEIGHT)
+    Q,  # [M, K] int8 out, contiguous
+    SCALE,  # [M] fp32 out: s_x
+    RSTD,  # [M] fp32 out: rsqrt(mean(x^2) + eps) (unused unless NORM)
+    stride_x,
+    K,
+    eps,
+    NORM: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    OFFSET: tl.constexpr,
+    CAST_BEFORE_WEIGHT: tl.constexpr,
+    X_ROUND: tl.constexpr,
+    Y_ROUND: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
+):
+    """One program per row: (optional) RMSNorm, then absmax int8 quantization of that row."""
+    row = tl.program_id(0).to(tl.int64)
+    X += row * stride_x
+    Q += row * K
+    cols = tl.arange(0, BLOCK_K)
+    rstd = 0.0
+    if ONE_BLOCK:
+        mask = cols < K
+        x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+        if NORM:
+            rstd = _rstd(tl.sum(x * x, axis=0), K, eps)
+        y = _norm_chunk(x, W, cols, mask, rstd, X_ROUND, NORM, HAS_WEIGHT, OFFSET, CAST_BEFORE_WEIGHT, Y_ROUND)
+        amax = tl.max(tl.abs(y), axis=0)
+        # 0 * y is 0 for finite y and NaN for NaN or +-Inf: the sum is NaN iff the row is bad.
+        nonfinite = tl.sum(y * 0.0, axis=0)
+    else:
+        if NORM:
+            acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                c = k0 + cols
+                x = tl.load(X + c, mask=c < K, other=0.0).to(tl.float32)
+                acc += x * x
+            rstd = _rstd(tl.sum(acc, axis=0), K, eps)
+        amax_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+        bad_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            c = k0 + cols
+            m = c < K
+            x = tl.load(X + c, mask=m, other=0.0).to(tl.float32)
+            y = _norm_chunk(x, W, c, m, rstd, X_ROUND, NORM, HAS_WEIGHT, OFFSET, CAST_BEFORE_WEIGHT, Y_ROUND)
+            amax_acc = tl.maximum(amax_acc, tl.abs(y))
+            bad_acc += y * 0.0
+        amax = tl.max(amax_acc, axis=0)
+        nonfinite = tl.sum(bad_acc, axis=0)
+    bad = nonfinite != nonfinite
+    one = tl.full([], 1.0, tl.float32)
+    scale = 127.0 * tl.math.div_rn(one, tl.maximum(amax, 1e-5))
+    scale = tl.where(bad, float("nan"), scale)
+    tl.store(SCALE + row, scale)
+    if NORM:
+        tl.store(RSTD + row, rstd)
+    if ONE_BLOCK:
+        tl.store(Q + cols, _quantize(y, scale, bad), mask=mask)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            c = k0 + cols
+            m = c < K
+            x = tl.load(X + c, mask=m, other=0.0).to(tl.float32)
+            y = _norm_chunk(x, W, c, m, rstd, X_ROUND, NORM, HAS_WEIGHT, OFFSET, CAST_BEFORE_WEIGHT, Y_ROUND)
+            tl.store(Q + c, _quantize(y, scale, bad), mask=m)
+
+
+def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm):
+    """Allocate ``(q, s_x, rstd)`` on x's device and launch one program per row."""
+    M, K = x.shape
+    q = torch.empty((M, K), dtype=torch.int8, device=x.device)
+    scale = torch.empty((M,), dtype=torch.float32, device=x.device)
+    rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
+    if M == 0:
+        return q, scale, rstd
+    if K == 0:
+        # Empty rows: amax 0, so s_x = 127 / 1e-5 (computed as the reference does); rstd is
+        # rsqrt of the mean of nothing, NaN.
+        scale.fill_(_SCALE_FLOOR).reciprocal_().mul_(127.0)
+        rstd.fill_(float("nan"))
+        return q, scale, rstd
+    block, one_block = _row_block(K, _MAX_ROW_BLOCK)
+    _norm_quant_kernel[(M,)](
+        x,
+        x if weight is None else weight,
+        q,
+        scale,
+        rstd,
+        x.stride(0),
+        K,
+        float(eps),
+        NORM=norm,
+        HAS_WEIGHT=weight is not None,
+        OFFSET=bool(offset),
+        CAST_BEFORE_WEIGHT=bool(cast_before_weight),
+        X_ROUND=_ROUND_CODE.get(x.dtype, 0),
+        Y_ROUND=_ROUND_CODE[norm_dtype],
+        BLOCK_K=block,
+        ONE_BLOCK=one_block,
+        num_warps=_num_warps(block),
+        enable_fp_fusion=False,
+    )
+    return q, scale, rstd
+
+
+def norm_quant(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    offset: bool,
+    cast_before_weight: bool,
+    norm_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused RMSNorm + per-token int8 quantization: ``(q int8 [M, K], s_x fp32 [M], rstd fp32 [M])``.
+
+    ``x [M, K]`` fp32/fp16/bf16 (rows may have any stride; a non-contiguous last dimension is
+    copied), ``weight [K]`` float or None. ``offset`` multiplies by ``1 + weight``;
+    ``cast_before_weight`` rounds ``r`` to ``x.dtype`` before the weight; ``y`` is rounded to
+    ``norm_dtype`` (fp32/fp16/bf16) before quantization. See the module docstring for the
+    formula; ``q / s_x`` approximates :func:`bitfx.reference.rms_norm`, and ``rstd`` is saved
+    for :func:`rms_norm_backward`.
+    """
+    name = "norm_quant"
+    check_device(name, x, weight)
+    x = rows(name, "x", x)
+    check_dtype(name, "x", x, FLOAT_DTYPES)
+    weight = _check_weight(name, weight, x.shape[1])
+    if norm_dtype not in _ROUND_CODE:
+        raise TypeError(f"{name}: norm_dtype must be one of float32, float16, bfloat16, got {norm_dtype}")
+    return _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm=True)
+
+
+def act_quant(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token absmax int8 quantization of ``y [M, K]`` (any float dtype, upcast to fp32).
+
+    ``(q int8 [M, K], s_x fp32 [M])``, bit for bit :func:`bitfx.reference.act_quant`:
+    ``s_x = 127 * reciprocal(max(max|y|, 1e-5))``, ``q = clamp(round_half_even(y * s_x), -128, 127)``;
+    rows holding NaN or Inf get ``s_x = NaN`` and zero codes.
+    """
+    name = "act_quant"
+    check_device(name, y)
+    y = rows(name, "y", y)
+    check_dtype(name, "y", y, _ANY_FLOAT)
+    q, scale, _ = _launch_quant(y, None, 0.0, False, False, torch.float32, norm=False)
+    return q, scale
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    DY,  # [M, K] any float, row stride stride_dy
+    X,  # [M, K] fp32/fp16/bf16, row stride stride_x
+    W,  # [K] norm weight (unused unless HAS_WEIGHT)
+    RSTD,  # [M] fp32, stride stride_rstd
+    DX,  # [M, K] out, x.dtype, contiguous
+    DW,  # [P, K] fp32 out: per-program partial sums of dy * r, zero-initialized
+    stride_dy,
+    stride_x,
+    stride_rstd,
+    M,
+    K,
+    ROWS_PER_PROGRAM,
+    HAS_WEIGHT: tl.constexpr,
+    OFFSET: tl.constexpr,
+    CAST_BEFORE_WEIGHT: tl.constexpr,
+    X_ROUND: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
+):
+    """Program p handles rows p, p + P, p + 2P, ...: dx for each, and its partial dweight.
+
+    With r = x * rstd and u = g_eff * dy (g_eff = g, 1 + g, or 1 without a weight)::
+
+        dx = rstd * (u - r * mean(r * u))        dweight_p = sum over its rows of dy * r
+    """
+    pid = tl.program_id(0)
+    P = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_K)
+    DW += pid.to(tl.int64) * K
+    if ONE_BLOCK:
+        kmask = cols < K
+        g = tl.zeros([BLOCK_K], dtype=tl.float32) + 1.0
+        if HAS_WEIGHT:
+            g = tl.load(W + cols, mask=kmask, other=0.0).to(tl.float32)
+            if OFFSET:
+                g = 1.0 + g
+        dw = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for i in range(0, ROWS_PER_PROGRAM):
+        row = pid + i * P
+        # Past the last row: read row M - 1 and mask every column out.
+        k_live = tl.where(row < M, K, 0)
+        row = tl.minimum(row, M - 1).to(tl.int64)
+        rstd = tl.load(RSTD + row * stride_rstd)
+        if ONE_BLOCK:
+            mask = cols < k_live
+            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+            r = x * rstd
+            u = dy * g
+            c = tl.math.div_rn(tl.sum(r * u, axis=0), K * 1.0)
+            dx = (u - r * c) * rstd
+            tl.store(DX + row * K + cols, _round_to(dx, X_ROUND).to(DX.dtype.element_ty), mask=mask)
+            if HAS_WEIGHT:
+                if CAST_BEFORE_WEIGHT:
+                    r = _round_to(r, X_ROUND)
+                dw += dy * r
+        else:
+            acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                cc = k0 + cols
+                m = cc < k_live
+                x = tl.load(X + row * stride_x + cc, mask=m, other=0.0).to(tl.float32)
+                dy = tl.load(DY + row * stride_dy + cc, mask=m, other=0.0).to(tl.float32)
+                u = dy
+                if HAS_WEIGHT:
+                    gc = tl.load(W + cc, mask=m, other=0.0).to(tl.float32)
+                    if OFFSET:
+                        gc = 1.0 + gc
+                    u = dy * gc
+                acc += x * rstd * u
+            c = tl.math.div_rn(tl.sum(acc, axis=0), K * 1.0)
+            for k0 in range(0, K, BLOCK_K):
+                cc = k0 + cols
+                m = cc < k_live
+                x = tl.load(X + row * stride_x + cc, mask=m, other=0.0).to(tl.float32)
+                dy = tl.load(DY + row * stride_dy + cc, mask=m, other=0.0).to(tl.float32)
+                r = x * rstd
+                u = dy
+                if HAS_WEIGHT:
+                    gc = tl.load(W + cc, mask=m, other=0.0).to(tl.float32)
+                    if OFFSET:
+                        gc = 1.0 + gc
+                    u = dy * gc
+                dx = (u - r * c) * rstd
+                tl.store(DX + row * K + cc, _round_to(dx, X_ROUND).to(DX.dtype.element_ty), mask=m)
+                if HAS_WEIGHT:
+                    if CAST_BEFORE_WEIGHT:
+                        r = _round_to(r, X_ROUND)
+                    # This program alone owns row pid of DW: read-modify-write is race-free.
+                    part = tl.load(DW + cc, mask=m, other=0.0)
+                    tl.store(DW + cc, part + dy * r, mask=m)
+    if ONE_BLOCK:
+        if HAS_WEIGHT:
+            tl.store(DW + cols, dw, mask=kmask)
+
+
+def rms_norm_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    rstd: torch.Tensor,
+    offset: bool,
+    cast_before_weight: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Backward of the RMSNorm in :func:`norm_quant`, with the casts and quantizer as identity.
+
+    ``y = r * g_eff``, ``r = x * rstd``, ``g_eff = g`` (``1 + g`` with ``offset``; 1 without a
+    weight). Given ``dy = dL/dy [M, K]`` (any float dtype), ``x [M, K]``, ``weight [K]`` or None
+    and ``rstd [M]`` fp32 (from :func:`norm_quant`)::
+
+        dx      = rstd * (g_eff * dy - r * mean(r * g_eff * dy))     x.dtype [M, K]
+        dweight = sum over rows of dy * r                            fp32 [K], None without a weight
+
+    With ``cast_before_weight`` the ``r`` in ``dweight`` is rounded to ``x.dtype``, the value
+    the forward multiplied the weight by.
+    """
+    name = "rms_norm_backward"
+    check_device(name, dy, x, weight, rstd)
+    x = rows(name, "x", x)
+    dy = rows(name, "dy", dy)
+    check_dtype(name, "x", x, FLOAT_DTYPES)
+    check_dtype(name, "dy", dy, _ANY_FLOAT)
+    if dy.shape != x.shape:
+        raise ValueError(f"{name}: dy has shape {tuple(dy.shape)} but x has shape {tuple(x.shape)}")
+    M, K = x.shape
+    weight = _check_weight(name, weight, K)
+    check_dtype(name, "rstd", rstd, (torch.float32,))
+    if rstd.shape != (M,):
+        raise ValueError(f"{name}: rstd has shape {tuple(rstd.shape)}, expected ({M},)")
+    dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
+    if M == 0 or K == 0:
+        dweight = None if weight is None else torch.zeros((K,), dtype=torch.float32, device=x.device)
+        return dx, dweight
+    P = _num_programs(M, x.device)
+    block, one_block = _row_block(K, _MAX_ROW_BLOCK // 2)
+    # Whole rows store their partial once at the end; chunked rows accumulate into it (zeros).
+    alloc = torch.empty if one_block else torch.zeros
+    partial = alloc((P, K) if weight is not None else (1, 1), dtype=torch.float32, device=x.device)
+    _rms_norm_bwd_kernel[(P,)](
+        dy,
+        x,
+        x if weight is None else weight,
+        rstd,
+        dx,
+        partial,
+        dy.stride(0),
+        x.stride(0),
+        rstd.stride(0),
+        M,
+        K,
+        triton.cdiv(M, P),
+        HAS_WEIGHT=weight is not None,
+        OFFSET=bool(offset),
+        CAST_BEFORE_WEIGHT=bool(cast_before_weight),
+        X_ROUND=_ROUND_CODE[x.dtype],
+        BLOCK_K=block,
+        ONE_BLOCK=one_block,
+        num_warps=_num_warps(block),
+        enable_fp_fusion=True,  # nothing here is specified bit for bit; fma only helps
+    )
+    return dx, None if weight is None else partial.sum(0)

@@ -1,0 +1,344 @@
+"""Ternary x int8 matmul (BitNet b1.58, Ma et al. 2024), from decode (M = 1) to prefill.
+
+For int8 activation codes ``q [M, K]`` with per-row scales ``s_x [M]`` and a packed ternary weight
+``t [N, K]`` (``bitfx.kernels.layout``) with scales ``s_w [N]``::
+
+    acc = q @ t^T                      exact int32 [M, N]
+    out = acc / s_x / s_w + b          fp32 epilogue, cast to out_dtype
+
+One kernel family computes the transposed tile ``acc^T [BLOCK_N, BLOCK_M]``: the unpacked weight
+is the left operand (on Hopper a ``wgmma`` takes it from registers, so the packed bytes go
+global -> shared (cp.async) -> registers -> unpack -> tensor core) and the small M is the MMA's
+``n`` (>= 8, padded to 16), which suits decode ("swap AB"). Three configurations (``path``):
+
+* ``"gemv"`` (default for M <= ``GEMV_MAX_M``): weight streaming. A program owns ``BLOCK_N``
+  rows of the weight and all M rows of ``q`` (padded to 16), walks K with large steps, and K is
+  split over several programs when N alone cannot fill the GPU.
+* ``"tc"`` (larger M): 128 x 128 tiles in grouped (``GROUP_M``) order for L2 reuse.
+* ``"simt"`` (M <= ``SIMT_MAX_M``, off by default): products on the CUDA cores instead of
+  ``tl.dot``, ``acc += sum_i c * q``; an alternative for M = 1 to measure against ``"gemv"``.
+
+Each K step loads one ``[BLOCK_N, BLOCK_KQ]`` byte tile and, per plane ``j``, the activation
+slice ``q[:, j*Kq + i]``, and accumulates ``tl.dot(codes_j, q_j^T)`` (int8 x int8 -> int32).
+Constexpr flags: ``OFFSET_TRICK`` multiplies by the raw codes ``c = t + 1`` and subtracts
+``sum_k q`` once per row (``sum q t = sum q c - sum q``); ``USE_ASM`` unpacks four bytes per
+32-bit register with PTX (two instructions for four codes); ``SPLIT_K > 1`` adds partial int32
+tiles into a zeroed workspace with integer atomics (exact and order-free) and the last split to
+finish a tile runs the epilogue.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from bitfx.kernels import layout
+from bitfx.kernels._utils import FLOAT_DTYPES, check_device, check_dtype, interpreting, rows
+
+__all__ = ["ternary_matmul", "ternary_matmul_int32", "GEMV_MAX_M", "SIMT_MAX_M"]
+
+SIMT_MAX_M = 0
+"""Largest M that takes the CUDA-core ``"simt"`` path by default (0: never; set from benchmarks)."""
+
+GEMV_MAX_M = 64
+"""Largest M that takes the weight-streaming ``"gemv"`` path by default; larger M take ``"tc"``."""
+
+_PATHS = ("simt", "gemv", "tc")
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a nominal count, so that small test shapes exercise split-K
+
+
+def _config(M: int, N: int, Kq: int, device: torch.device, path: str, split_k: int | None) -> dict:
+    """Block sizes, K split and flags of one launch: a deterministic heuristic, no autotuning."""
+    if path == "simt":
+        # CUDA cores, 8 KB of packed weight per step; the [BLOCK_N, BLOCK_M, BLOCK_KQ] products
+        # stay at 8K elements (64 registers a thread) for every BLOCK_M.
+        block_m = min(triton.next_power_of_2(M), 4)
+        block_n, block_kq = min(32, triton.next_power_of_2(N)), 256 // block_m
+        cfg = dict(BLOCK_M=block_m, GROUP_M=1, USE_DOT=False, OFFSET_TRICK=True, num_warps=4, num_stages=3)
+    elif path == "gemv":
+        # Weight streaming: 8 KB of packed weight per step; BLOCK_N = 64 is one warpgroup's wgmma
+        # m, and q (M padded to 16 .. 64) its n. Raw codes + row sums of q are cheaper than
+        # c - 1 while BLOCK_M < BLOCK_N.
+        block_m = min(max(16, triton.next_power_of_2(M)), 64)
+        block_n, block_kq = 64, 128
+        cfg = dict(BLOCK_M=block_m, GROUP_M=1, USE_DOT=True, OFFSET_TRICK=block_m <= 32, num_warps=4,
+                   num_stages=4 if block_m <= 32 else 3)  # 40 KB of shared memory a stage at BLOCK_M = 64
+    else:
+        # Prefill: 128 x 128 tiles, 4 x 64 = 256 of K per step. t = c - 1 keeps q a pure
+        # cp.async -> shared -> wgmma operand (no row sums in registers).
+        block_m, block_n, block_kq = 128, 128, 64
+        cfg = dict(BLOCK_M=block_m, GROUP_M=8, USE_DOT=True, OFFSET_TRICK=False, num_warps=8, num_stages=3)
+    if interpreting():  # small blocks: small test shapes still cover several tiles, steps and groups
+        block_n, block_kq = min(block_n, 16), 32
+        if cfg["USE_DOT"]:
+            block_m = cfg["BLOCK_M"] = 16
+            cfg["GROUP_M"] = min(cfg["GROUP_M"], 2)
+    # Short rows: no longer step than the row (tl.dot wants K >= 16, int8 MMAs K = 32).
+    block_kq = min(block_kq, max(triton.next_power_of_2(Kq), 32 if cfg["USE_DOT"] else 16))
+
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    steps = triton.cdiv(Kq, block_kq)
+    if split_k is None:  # split K only while the output tiles alone leave SMs idle
+        split_k = max(1, _num_sms(device) // tiles)
+    split_k = max(1, min(int(split_k), steps))
+    steps_per_split = triton.cdiv(steps, split_k)
+    split_k = triton.cdiv(steps, steps_per_split)  # no empty splits
+    cfg.update(BLOCK_N=block_n, BLOCK_KQ=block_kq, SPLIT_K=split_k, steps_per_split=steps_per_split, tiles=tiles)
+    # Inline PTX on NVIDIA GPUs only (not in the interpreter, not on ROCm).
+    cfg["USE_ASM"] = device.type == "cuda" and torch.version.hip is None and not interpreting()
+    return cfg
+
+
+def _default_path(M: int) -> str:
+    """The dispatch on M: ``"simt"`` up to SIMT_MAX_M, ``"gemv"`` up to GEMV_MAX_M, else ``"tc"``."""
+    return "simt" if M <= SIMT_MAX_M else "gemv" if M <= GEMV_MAX_M else "tc"
+
+
+@triton.jit
+def _plane(b, J: tl.constexpr, MINUS_ONE: tl.constexpr, USE_ASM: tl.constexpr):
+    """Plane ``J`` of the packed bytes ``b`` (uint8): int8 codes ``(b >> 2J) & 3``, or ``t = c - 1``.
+
+    With ``USE_ASM`` (NVIDIA), four bytes share one 32-bit register and are unpacked together:
+    ``(x >> 2J) & 0x03030303``; ``c - 1`` per byte without borrows is ``((c | 0x80) - 1) ^ 0x80``.
+    Every output byte depends only on its own input byte, so the packing order does not matter.
+    """
+    if USE_ASM:
+        # (The asm strings stay literal arguments: older Triton cannot hold a str in a variable.)
+        if MINUS_ONE:
+            if J == 0:
+                c = tl.inline_asm_elementwise(
+                    "{ .reg .b32 t; and.b32 t, $1, 0x03030303; or.b32 t, t, 0x80808080; "
+                    "sub.u32 t, t, 0x01010101; xor.b32 $0, t, 0x80808080; }",
+                    "=r,r", [b], dtype=tl.int8, is_pure=True, pack=4)
+            elif J == 1:
+                c = tl.inline_asm_elementwise(
+                    "{ .reg .b32 t; shr.b32 t, $1, 2; and.b32 t, t, 0x03030303; or.b32 t, t, 0x80808080; "
+                    "sub.u32 t, t, 0x01010101; xor.b32 $0, t, 0x80808080; }",
+                    "=r,r", [b], dtype=tl.int8, is_pure=True, pack=4)
+            elif J == 2:
+                c = tl.inline_asm_elementwise(
+                    "{ .reg .b32 t; shr.b32 t, $1, 4; and.b32 t, t, 0x03030303; or.b32 t, t, 0x80808080; "
+                    "sub.u32 t, t, 0x01010101; xor.b32 $0, t, 0x80808080; }",
+                    "=r,r", [b], dtype=tl.int8, is_pure=True, pack=4)
+            else:
+                c = tl.inline_asm_elementwise(
+                    "{ .reg .b32 t; shr.b32 t, $1, 6; and.b32 t, t, 0x03030303; or.b32 t, t, 0x80808080; "
+                    "sub.u32 t, t, 0x01010101; xor.b32 $0, t, 0x80808080; }",
+                    "=r,r", [b], dtype=tl.int8, is_pure=True, pack=4)
+        else:
+            if J == 0:
+                c = tl.inline_asm_elementwise(
+                    "and.b32 $0, $1, 0x03030303;", "=r,r", [b], dtype=tl.int8, is_pure=True, pack=4)
+            elif J == 1:
+                c = tl.inline_asm_elementwise(
+                    "{ .reg .b32 t; shr.b32 t, $1, 2; and.b32 $0, t, 0x03030303; }",
+                    "=r,r", [b], dtype=tl.int8, is_pure=True, pack=4)
+            elif J == 2:
+                c = tl.inline_asm_elementwise(
+                    "{ .reg .b32 t; shr.b32 t, $1, 4; and.b32 $0, t, 0x03030303; }",
+                    "=r,r", [b], dtype=tl.int8, is_pure=True, pack=4)
+            else:
+                c = tl.inline_asm_elementwise(
+                    "{ .reg .b32 t; shr.b32 t, $1, 6; and.b32 $0, t, 0x03030303; }",
+                    "=r,r", [b], dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        c = ((b >> (2 * J)) & 3).to(tl.int8)
+        if MINUS_ONE:
+            c = (c - 1).to(tl.int8)
+    return c
+
+
+@triton.jit
+def _store_tile(
+    acc, out_ptr, out_offs, mask, sx_ptr, sw_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask,
+    FLOAT_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """Store ``acc^T [BLOCK_N, BLOCK_M]`` int32, or ``acc * (1/s_x) * (1/s_w) + b`` in out's dtype."""
+    if FLOAT_OUT:
+        inv_x = tl.math.div_rn(1.0, tl.load(sx_ptr + offs_m, mask=m_mask, other=1.0))
+        inv_w = tl.math.div_rn(1.0, tl.load(sw_ptr + offs_n, mask=n_mask, other=1.0))
+        out = acc.to(tl.float32) * inv_x[None, :] * inv_w[:, None]
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + out_offs, acc, mask=mask)
+
+
+@triton.jit
+def _ternary_matmul_kernel(
+    q_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr,  # q int8 [M, K], s_x [M], packed uint8 [N, Kq], s_w [N], b [N], out [M, N]
+    ws_ptr, lock_ptr,  # split-K: zeroed int32 [M, N] workspace and [tiles] arrival counters
+    M, N, K, Kq, steps_per_split,
+    stride_qm, stride_wn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KQ: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    USE_DOT: tl.constexpr, OFFSET_TRICK: tl.constexpr, USE_ASM: tl.constexpr,
+    FLOAT_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """``acc[m, n] = sum_k q[m, k] t[n, k]`` (int32), then the epilogue of :func:`_store_tile`.
+
+    Program ``(pid, pid_k)`` owns the output tile ``[BLOCK_M, BLOCK_N]`` picked by ``pid`` in
+    grouped order, and the packed bytes ``[pid_k * steps_per_split * BLOCK_KQ, ...)`` of it.
+    Each step loads one ``[BLOCK_N, BLOCK_KQ]`` byte tile and, per plane ``j``, the activation
+    slice ``q[:, j*Kq + i]``; activations at ``k >= K`` are masked to 0, so the padding codes
+    never matter.
+    """
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    q_rows = q_ptr + offs_m.to(tl.int64)[:, None] * stride_qm  # [BLOCK_M, 1]
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.int32)
+    if not USE_DOT:  # products summed elementwise, reduced over K once after the loop
+        if BLOCK_M == 1:
+            part = tl.zeros((BLOCK_N, BLOCK_KQ), dtype=tl.int32)
+        else:
+            part = tl.zeros((BLOCK_N, BLOCK_M, BLOCK_KQ), dtype=tl.int32)
+    if OFFSET_TRICK:
+        qpart = tl.zeros((BLOCK_M, BLOCK_KQ), dtype=tl.int32)
+    i_begin = pid_k * steps_per_split * BLOCK_KQ
+    i_end = min(i_begin + steps_per_split * BLOCK_KQ, Kq)
+    for i0 in range(i_begin, i_end, BLOCK_KQ):
+        idx = i0 + tl.arange(0, BLOCK_KQ)
+        in_row = idx < Kq
+        b = tl.load(w_rows + idx[None, :], mask=n_mask[:, None] & in_row[None, :], other=0)
+        for j in tl.static_range(4):
+            k = j * Kq + idx
+            qj = tl.load(q_rows + k[None, :], mask=m_mask[:, None] & (in_row & (k < K))[None, :], other=0)
+            cj = _plane(b, j, not OFFSET_TRICK, USE_ASM)  # int8 [BLOCK_N, BLOCK_KQ]: c = t + 1, or t
+            if USE_DOT:
+                acc = tl.dot(cj, tl.trans(qj), acc, out_dtype=tl.int32)
+            elif BLOCK_M == 1:
+                part += cj.to(tl.int32) * qj.to(tl.int32)
+            else:
+                part += cj.to(tl.int32)[:, None, :] * qj.to(tl.int32)[None, :, :]
+            if OFFSET_TRICK:
+                qpart += qj.to(tl.int32)
+    if not USE_DOT:
+        if BLOCK_M == 1:
+            acc += tl.sum(part, axis=1)[:, None]
+        else:
+            acc += tl.sum(part, axis=2)
+    if OFFSET_TRICK:
+        acc -= tl.sum(qpart, axis=1)[None, :]
+
+    out_offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
+    mask = n_mask[:, None] & m_mask[None, :]
+    if SPLIT_K == 1:
+        _store_tile(acc, out_ptr, out_offs, mask, sx_ptr, sw_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask,
+                    FLOAT_OUT, HAS_BIAS)
+    else:
+        # Integer atomics are exact and order-free. Without a float epilogue ws_ptr is the output.
+        tl.atomic_add(ws_ptr + out_offs, acc, mask=mask, sem="relaxed")
+        if FLOAT_OUT:
+            tl.debug_barrier()  # every thread's adds happen before the release below
+            arrived = tl.atomic_add(lock_ptr + pid_m * num_pid_n + pid_n, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:  # the last split of this tile: all partial sums are in
+                total = tl.load(ws_ptr + out_offs, mask=mask, other=0, cache_modifier=".cg")
+                _store_tile(total, out_ptr, out_offs, mask, sx_ptr, sw_ptr, bias_ptr, offs_m, offs_n,
+                            m_mask, n_mask, FLOAT_OUT, HAS_BIAS)
+
+
+def _launch(name, q, x_scale, packed, w_scale, bias, out_dtype, float_out, path, split_k):
+    check_dtype(name, "activation codes q", q, (torch.int8,))
+    check_dtype(name, "packed ternary weight", packed, (torch.uint8,))
+    q = rows(name, "activation codes q [M, K]", q)
+    packed = rows(name, "packed ternary weight [N, Kq]", packed)
+    M, K = q.shape
+    layout.check_packed_shape(packed.shape, K)
+    N, Kq = packed.shape
+    device = check_device(name, q, packed, x_scale, w_scale, bias)
+    if float_out:
+        check_dtype(name, "activation scale x_scale", x_scale, (torch.float32,))
+        check_dtype(name, "weight scale w_scale", w_scale, (torch.float32,))
+        if tuple(x_scale.shape) != (M,):
+            raise ValueError(f"{name}: activation scale has shape {tuple(x_scale.shape)}, expected ({M},)")
+        if tuple(w_scale.shape) != (N,):
+            raise ValueError(f"{name}: weight scale has shape {tuple(w_scale.shape)}, expected ({N},)")
+        if bias is not None:
+            check_dtype(name, "bias", bias, FLOAT_DTYPES)
+            if tuple(bias.shape) != (N,):
+                raise ValueError(f"{name}: bias has shape {tuple(bias.shape)}, expected ({N},)")
+            bias = bias.contiguous()
+        if out_dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: out_dtype must be one of float32, float16, bfloat16, got {out_dtype}")
+        x_scale, w_scale = x_scale.contiguous(), w_scale.contiguous()
+    if path is None:
+        path = _default_path(M)
+    elif path not in _PATHS:
+        raise ValueError(f"{name}: path must be one of {_PATHS} or None, got {path!r}")
+
+    out = torch.empty((M, N), dtype=out_dtype, device=device)
+    if M == 0 or N == 0:
+        return out
+    cfg = _config(M, N, Kq, device, path, split_k)
+    ws = lock = out
+    if cfg["SPLIT_K"] > 1:
+        if float_out:
+            ws = torch.zeros((M, N), dtype=torch.int32, device=device)
+            lock = torch.zeros(cfg["tiles"], dtype=torch.int32, device=device)
+        else:
+            out.zero_()
+    grid = (cfg["tiles"], cfg["SPLIT_K"])
+    _ternary_matmul_kernel[grid](
+        q, x_scale, packed, w_scale, bias, out, ws, lock,
+        M, N, K, Kq, cfg["steps_per_split"],
+        q.stride(0), packed.stride(0), out.stride(0),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_KQ=cfg["BLOCK_KQ"],
+        GROUP_M=cfg["GROUP_M"], SPLIT_K=cfg["SPLIT_K"],
+        USE_DOT=cfg["USE_DOT"], OFFSET_TRICK=cfg["OFFSET_TRICK"], USE_ASM=cfg["USE_ASM"],
+        FLOAT_OUT=float_out, HAS_BIAS=bias is not None,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+def ternary_matmul(
+    q: torch.Tensor,
+    x_scale: torch.Tensor,
+    packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+    *,
+    path: str | None = None,
+    split_k: int | None = None,
+) -> torch.Tensor:
+    """``out = (q @ t^T) / s_x / s_w + b``: ``[M, N]`` in ``out_dtype`` (fp32, fp16 or bf16).
+
+    ``q`` int8 ``[M, K]``, ``x_scale`` fp32 ``[M]``, ``packed`` uint8 ``[N, packed_k(K)]``,
+    ``w_scale`` fp32 ``[N]``, ``bias`` ``[N]`` (any float dtype) or None. The product is exact in
+    int32; the epilogue is ``acc * (1/s_x) * (1/s_w) + b`` in fp32 (correctly rounded reciprocals),
+    within a few fp32 ulps of the reference's two divisions. NaN scales give NaN rows / columns.
+    ``path`` ("simt", "gemv", "tc") and ``split_k`` override the heuristic (for tests and tuning).
+    """
+    return _launch("ternary_matmul", q, x_scale, packed, w_scale, bias, out_dtype, True, path, split_k)
+
+
+def ternary_matmul_int32(
+    q: torch.Tensor, packed: torch.Tensor, *, path: str | None = None, split_k: int | None = None
+) -> torch.Tensor:
+    """The exact integer product ``acc = q @ t^T``: int32 ``[M, N]`` for ``q`` int8 ``[M, K]``."""
+    return _launch("ternary_matmul_int32", q, None, packed, None, None, torch.int32, False, path, split_k)

@@ -1,0 +1,245 @@
+"""Absmean ternary weight quantization and packing (BitNet b1.58, Ma et al. 2024).
+
+For a linear weight ``W [N, K]``::
+
+    s_w = 1 / max(mean(|W|), 1e-5)                     fp32 [N]  (per tensor or per row)
+    t   = clamp(round_half_even(W * s_w), -1, 1)        int8 [N, K]
+    packed                                              uint8 [N, Kq], see bitfx.kernels.layout
+
+and the inverse direction used by the training backward, ``t / s_w``. A scale group (the whole
+tensor, or one row) holding NaN or Inf gets ``s_w = NaN`` and all-zero codes; the numbers are
+those of :mod:`bitfx.reference` (exactly for the codes, up to reduction order for ``s_w``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from bitfx.kernels import layout
+from bitfx.kernels._utils import FLOAT_DTYPES, check_device, check_dtype, interpreting
+
+__all__ = ["weight_scale", "quantize_pack", "weight_quant", "unpack_ternary", "dequantize"]
+
+_SCALE_FLOOR = 1e-5
+
+
+def _check_weight(name: str, w: torch.Tensor) -> None:
+    if w.dim() != 2:
+        raise ValueError(f"{name}: linear weight must be 2-D [N, K], got shape {tuple(w.shape)}")
+    check_dtype(name, "linear weight", w, FLOAT_DTYPES)
+    layout.packed_k(w.shape[1])  # raises for K < 1
+
+
+def _check_scale(name: str, s_w: torch.Tensor, N: int) -> torch.Tensor:
+    check_dtype(name, "weight scale", s_w, (torch.float32,))
+    if tuple(s_w.shape) != (N,):
+        raise ValueError(f"{name}: weight scale has shape {tuple(s_w.shape)}, expected ({N},)")
+    return s_w.contiguous()
+
+
+def _tile_rows_cols(K: int) -> tuple[int, int]:
+    """Block sizes for a row-wise pass over K columns: [BLOCK_N, BLOCK_K], ~4K elements a tile."""
+    block_k = min(triton.next_power_of_2(K), 128 if interpreting() else 1024)
+    block_n = max(1, min(64, 4096 // block_k))
+    return block_n, block_k
+
+
+# --------------------------------------------------------------------------------------------
+# weight_scale
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _abs_row_sum_kernel(
+    w_ptr, out_ptr,  # w [N, K] (any strides), out fp32 [N]
+    N, K, stride_wn, stride_wk,
+    FINISH: tl.constexpr,  # True: out = 1 / max(sum / K, 1e-5) (per-channel scale); False: out = sum
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``out[n] = sum_k |w[n, k]|`` in fp32 (or the per-row scale), NaN if the row is not all finite."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    row_ptr = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    bad = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        mask = row_mask[:, None] & (cols < K)[None, :]
+        a = tl.abs(tl.load(row_ptr + cols[None, :] * stride_wk, mask=mask, other=0.0).to(tl.float32))
+        acc += a
+        bad |= (~(a < float("inf"))).to(tl.int32)  # NaN and +-Inf (a finite row's sum may still overflow)
+    total = tl.sum(acc, axis=1)
+    nonfinite = tl.max(bad, axis=1) > 0
+    if FINISH:
+        mean = tl.math.div_rn(total, K * 1.0)  # K <= 2**24 converts exactly
+        total = tl.math.div_rn(1.0, tl.maximum(mean, 1e-5))  # correctly rounded, as torch.reciprocal
+    tl.store(out_ptr + rows, tl.where(nonfinite, float("nan"), total), mask=row_mask)
+
+
+def weight_scale(w: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
+    """Absmean scale ``s_w = 1 / max(mean(|W|), 1e-5)``: fp32 ``[N]`` for ``w [N, K]``.
+
+    Per tensor (one scale repeated N times) or per output channel (the mean over each row).
+    A scale group holding NaN or Inf gets NaN. Equal to ``reference.weight_scale`` up to the
+    order of the fp32 summation. ``w`` is fp32, fp16 or bf16, any strides.
+    """
+    name = "weight_scale"
+    _check_weight(name, w)
+    device = check_device(name, w)
+    N, K = w.shape
+    out = torch.empty(N, dtype=torch.float32, device=device)
+    if N == 0:
+        return out
+    block_n, block_k = _tile_rows_cols(K)
+    _abs_row_sum_kernel[(triton.cdiv(N, block_n),)](
+        w, out, N, K, w.stride(0), w.stride(1),
+        FINISH=per_channel, BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    if per_channel:
+        return out
+    # Per tensor: combine the row sums on the device (NaN rows make the total NaN).
+    mean = out.sum() / (N * K)
+    scale = torch.where(torch.isnan(mean), mean, mean.clamp(min=_SCALE_FLOOR).reciprocal())
+    return scale.expand(N).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# quantize_pack
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _quantize_pack_kernel(
+    w_ptr, s_ptr, out_ptr,  # w [N, K] (any strides), s fp32 [N], out uint8 [N, Kq] contiguous
+    N, K, Kq, stride_wn, stride_wk,
+    BLOCK_N: tl.constexpr, BLOCK_KQ: tl.constexpr,
+):
+    """``packed[n, i] = sum_j (t[n, j*Kq + i] + 1) << 2j``, ``t = clamp(round_half_even(w * s), -1, 1)``.
+
+    ``clamp(round_half_even(v), -1, 1) == (v > 0.5) - (v < -0.5)`` for every fp32 ``v``: half-way
+    cases round to the even 0 or +-2 (then clamped to +-1), +-Inf give +-1, and NaN (a NaN scale,
+    or 0 * Inf) gives 0, as the reference's ``where(isnan, 0, t)``. Columns ``k >= K`` load 0 and
+    so get code 1 (zero weight).
+    """
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    idx = tl.program_id(1) * BLOCK_KQ + tl.arange(0, BLOCK_KQ)
+    row_mask = rows < N
+    s = tl.load(s_ptr + rows, mask=row_mask, other=0.0)
+    row_ptr = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+    packed = tl.zeros((BLOCK_N, BLOCK_KQ), dtype=tl.int32)
+    for j in tl.static_range(4):
+        k = j * Kq + idx
+        mask = row_mask[:, None] & ((idx < Kq) & (k < K))[None, :]
+        v = tl.load(row_ptr + k[None, :] * stride_wk, mask=mask, other=0.0).to(tl.float32) * s[:, None]
+        t = (v > 0.5).to(tl.int32) - (v < -0.5).to(tl.int32)
+        packed |= (t + 1) << (2 * j)
+    out_mask = row_mask[:, None] & (idx < Kq)[None, :]
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * Kq + idx[None, :], packed.to(tl.uint8), mask=out_mask)
+
+
+def quantize_pack(w: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
+    """Ternarize ``w [N, K]`` with the scales ``s_w`` fp32 ``[N]`` and pack: uint8 ``[N, Kq]``.
+
+    Exactly ``reference.pack_ternary(reference.ternarize(w, s_w))``; rows whose scale is NaN get
+    zero weights. ``w`` is fp32, fp16 or bf16, any strides.
+    """
+    name = "quantize_pack"
+    _check_weight(name, w)
+    device = check_device(name, w, s_w)
+    N, K = w.shape
+    s_w = _check_scale(name, s_w, N)
+    Kq = layout.packed_k(K)
+    out = torch.empty((N, Kq), dtype=torch.uint8, device=device)
+    if N == 0:
+        return out
+    block_kq = min(triton.next_power_of_2(Kq), 64 if interpreting() else 256)
+    block_n = max(1, min(64, 4096 // block_kq))
+    grid = (triton.cdiv(N, block_n), triton.cdiv(Kq, block_kq))
+    _quantize_pack_kernel[grid](
+        w, s_w, out, N, K, Kq, w.stride(0), w.stride(1), BLOCK_N=block_n, BLOCK_KQ=block_kq
+    )
+    return out
+
+
+def weight_quant(w: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmean ternary quantization and packing: ``(packed uint8 [N, Kq], s_w fp32 [N])``."""
+    s_w = weight_scale(w, per_channel)
+    return quantize_pack(w, s_w), s_w
+
+
+# --------------------------------------------------------------------------------------------
+# unpack_ternary / dequantize
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _unpack_kernel(
+    p_ptr, s_ptr, out_ptr,  # packed uint8 [N, Kq] (row stride), s fp32 [N], out [N, K] contiguous
+    N, K, Kq, stride_pn,
+    DEQUANT: tl.constexpr,  # False: out = t (int8); True: out = t / s in out's dtype
+    BLOCK_N: tl.constexpr, BLOCK_KQ: tl.constexpr,
+):
+    """``t[n, j*Kq + i] = ((packed[n, i] >> 2j) & 3) - 1`` for ``j*Kq + i < K``; optionally ``t / s[n]``.
+
+    ``t * (1 / s)`` with a correctly rounded reciprocal equals ``t / s`` bit for bit for
+    ``t`` in {-1, 0, 1} (and for the invalid code 3, ``t = 2``: doubling is exact).
+    """
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    idx = tl.program_id(1) * BLOCK_KQ + tl.arange(0, BLOCK_KQ)
+    row_mask = rows < N
+    b = tl.load(
+        p_ptr + rows.to(tl.int64)[:, None] * stride_pn + idx[None, :],
+        mask=row_mask[:, None] & (idx < Kq)[None, :], other=0,
+    ).to(tl.int32)
+    if DEQUANT:
+        s = tl.load(s_ptr + rows, mask=row_mask, other=1.0)
+        inv = tl.math.div_rn(1.0, s)
+    out_row = out_ptr + rows.to(tl.int64)[:, None] * K
+    for j in tl.static_range(4):
+        k = j * Kq + idx
+        t = ((b >> (2 * j)) & 3) - 1
+        if DEQUANT:
+            val = (t.to(tl.float32) * inv[:, None]).to(out_ptr.dtype.element_ty)
+        else:
+            val = t.to(tl.int8)
+        tl.store(out_row + k[None, :], val, mask=row_mask[:, None] & ((idx < Kq) & (k < K))[None, :])
+
+
+def _unpack_launch(name: str, packed: torch.Tensor, s_w: torch.Tensor | None, K: int, dtype: torch.dtype):
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"{name}: packed ternary weight must be uint8, got {str(packed.dtype).replace('torch.', '')}")
+    layout.check_packed_shape(packed.shape, K)
+    if packed.shape[1] > 1 and packed.stride(1) != 1:
+        packed = packed.contiguous()
+    N, Kq = packed.shape
+    device = check_device(name, packed, s_w)
+    if s_w is not None:
+        s_w = _check_scale(name, s_w, N)
+    out = torch.empty((N, K), dtype=dtype, device=device)
+    if N == 0:
+        return out
+    block_kq = min(triton.next_power_of_2(Kq), 64 if interpreting() else 256)
+    block_n = max(1, min(64, 4096 // block_kq))
+    grid = (triton.cdiv(N, block_n), triton.cdiv(Kq, block_kq))
+    _unpack_kernel[grid](
+        packed, s_w, out, N, K, Kq, packed.stride(0),
+        DEQUANT=s_w is not None, BLOCK_N=block_n, BLOCK_KQ=block_kq,
+    )
+    return out
+
+
+def unpack_ternary(packed: torch.Tensor, K: int) -> torch.Tensor:
+    """Unpack uint8 ``[N, Kq]`` to the ternary codes ``t`` int8 ``[N, K]`` in {-1, 0, 1}."""
+    return _unpack_launch("unpack_ternary", packed, None, K, torch.int8)
+
+
+def dequantize(packed: torch.Tensor, s_w: torch.Tensor, K: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dequantized weight ``t / s_w`` (fp32 division, then cast to ``dtype``): ``[N, K]``.
+
+    Equal bit for bit to ``(reference.unpack_ternary(packed, K).float() / s_w[:, None]).to(dtype)``.
+    """
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"dequantize: dtype must be one of float32, float16, bfloat16, got {dtype}")
+    return _unpack_launch("dequantize", packed, s_w, K, dtype)

@@ -1,0 +1,292 @@
+"""Weight quantization and packing kernels against the eager reference (bitfx.reference).
+
+Exact where the spec says exact: the codes and the packed bytes given the same scale, the
+unpacking, and ``t / s_w``. ``weight_scale`` sums |W| in another order than torch, so it is compared
+with a relative tolerance of 1e-5: the terms are non-negative, so a summation of depth d (the
+longest chain of additions any term goes through) errs by at most d * 2**-24 relative. For the
+interpreted sizes d < 40 on both sides (blocked + tree sums in the kernel, torch's cascade sum):
+< 2.4e-6. The large GPU weights go through deeper reductions in torch, but rounding errors of
+random sign grow like sqrt(d) * 2**-24 (~1e-6). Division and reciprocal are correctly rounded.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from bitfx import reference as ref
+from bitfx.kernels import layout
+from bitfx.kernels.weight_pack import dequantize, quantize_pack, unpack_ternary, weight_quant, weight_scale
+from tests.helpers import FLOAT_DTYPES, HAS_CUDA, KERNEL_DEVICE, ULP
+
+DEV = KERNEL_DEVICE
+SCALE_RTOL = 1e-5  # see the module docstring
+INTERESTING_K = [1, 2, 3, 4, 5, 7, 13, 31, 61, 63, 64, 65, 127, 129, 257]
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # inf/NaN on purpose
+
+
+def _make_weight(N, K, dtype, seed, exponent, special, layout_kind, device=DEV):
+    """A weight [N, K] of ``dtype`` with magnitudes ~10**exponent, special rows, and given strides."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g, dtype=torch.float64) * 10.0**exponent
+    if special == "row_magnitudes":  # rows of very different size: per-channel scales differ
+        w *= 10.0 ** torch.randint(-3, 4, (N, 1), generator=g, dtype=torch.float64)
+    w = w.to(dtype)
+    rows = torch.randint(0, N, (max(1, N // 3),), generator=g)
+    cols = torch.randint(0, K, (rows.numel(),), generator=g)
+    if special == "zero_rows":
+        w[rows] = 0
+    elif special == "nan":
+        w[rows, cols] = float("nan")
+    elif special == "inf":
+        w[rows, cols] = float("inf")
+        w[rows[:1], cols[:1]] = float("-inf")
+    elif special == "ties":  # multiples of 1/4: W * s_w hits +-0.5, +-1.5 exactly for s_w = 2
+        w = (torch.randint(-8, 9, (N, K), generator=g) / 4.0).to(dtype)
+    w = w.to(device)
+    if layout_kind == "transposed":  # stride (1, N)
+        w = w.t().contiguous().t()
+    elif layout_kind == "strided":  # stride (2K, 2)
+        wide = torch.zeros(N, 2 * K, dtype=dtype, device=device)
+        wide[:, ::2] = w
+        w = wide[:, ::2]
+    return w
+
+
+@st.composite
+def weights(draw, max_n=40, max_k=300):
+    N = draw(st.integers(1, max_n))
+    K = draw(st.one_of(st.sampled_from(INTERESTING_K), st.integers(1, max_k)))
+    dtype = draw(st.sampled_from(FLOAT_DTYPES))
+    exp_range = (-4, 3) if dtype == torch.float16 else (-30, 30)
+    exponent = draw(st.one_of(st.just(0), st.integers(*exp_range)))
+    special = draw(st.sampled_from(["none", "row_magnitudes", "zero_rows", "nan", "inf", "ties"]))
+    layout_kind = draw(st.sampled_from(["contiguous", "transposed", "strided"]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return _make_weight(N, K, dtype, seed, exponent, special, layout_kind)
+
+
+def _assert_scales_close(actual, expected):
+    assert actual.dtype == torch.float32 and actual.shape == expected.shape
+    torch.testing.assert_close(actual.cpu(), expected.cpu(), rtol=SCALE_RTOL, atol=0.0, equal_nan=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# weight_scale
+# ----------------------------------------------------------------------------------------------
+
+
+@given(w=weights(), per_channel=st.booleans())
+@example(w=_make_weight(1, 1, torch.float32, 0, 0, "none", "contiguous"), per_channel=False)
+@example(w=_make_weight(3, 1, torch.bfloat16, 1, 0, "none", "strided"), per_channel=True)
+def test_weight_scale_matches_reference(w, per_channel):
+    s = weight_scale(w, per_channel)
+    _assert_scales_close(s, ref.weight_scale(w, per_channel))
+    if not per_channel:
+        assert torch.equal(s, s[:1].expand_as(s)) or bool(s.isnan().all())
+
+
+def test_weight_scale_nonfinite_groups():
+    w = torch.randn(5, 37, device=DEV)
+    w[1, 3] = float("nan")
+    w[3, 0] = float("-inf")
+    s = weight_scale(w, per_channel=True)
+    assert s.isnan().tolist() == [False, True, False, True, False]
+    assert weight_scale(w, per_channel=False).isnan().all()
+    # A finite row whose |W| sum overflows fp32 is finite: mean = inf, scale 0, as the reference.
+    big = torch.full((2, 8), 3e38, device=DEV)
+    torch.testing.assert_close(weight_scale(big, True).cpu(), ref.weight_scale(big, True).cpu())
+    assert weight_scale(big, True).eq(0).all()
+
+
+def test_weight_scale_floor_and_zero_weight():
+    w = torch.zeros(4, 9, device=DEV)
+    w[2] = 1e-9
+    for per_channel in (False, True):
+        s = weight_scale(w, per_channel)
+        _assert_scales_close(s, ref.weight_scale(w, per_channel))
+        assert torch.equal(s.cpu(), torch.full((4,), 1e-5, dtype=torch.float32).reciprocal())
+
+
+# ----------------------------------------------------------------------------------------------
+# quantize_pack
+# ----------------------------------------------------------------------------------------------
+
+
+@given(w=weights(), per_channel=st.booleans())
+@example(w=_make_weight(1, 1, torch.float16, 0, 0, "none", "contiguous"), per_channel=False)
+@example(w=_make_weight(4, 65, torch.float32, 2, 0, "ties", "transposed"), per_channel=True)
+def test_quantize_pack_exact(w, per_channel):
+    s_ref = ref.weight_scale(w, per_channel)
+    packed = quantize_pack(w, s_ref)
+    assert packed.dtype == torch.uint8 and packed.shape == (w.shape[0], layout.packed_k(w.shape[1]))
+    assert torch.equal(packed, ref.pack_ternary(ref.ternarize(w, s_ref)))
+    # The fused pair: exact given its own scale.
+    packed2, s = weight_quant(w, per_channel)
+    _assert_scales_close(s, s_ref)
+    assert torch.equal(packed2, ref.pack_ternary(ref.ternarize(w, s)))
+
+
+@given(
+    N=st.integers(1, 20),
+    K=st.sampled_from(INTERESTING_K),
+    scale=st.sampled_from([2.0, 4.0, 1.0, 0.5, 2.0 / 3.0, -2.0, 0.0, float("inf"), float("nan"), 1e30, 1e-30]),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_quantize_pack_ties_and_odd_scales(N, K, scale, dtype, seed):
+    """Half-way cases round to even (0.5 -> 0, 1.5 -> 2 -> 1), and any given s_w is honoured."""
+    w = _make_weight(N, K, dtype, seed, 0, "ties", "contiguous")
+    w[0, 0] = float("inf")  # inf * 0 = NaN -> 0; inf * s -> +-1
+    s_w = torch.full((N,), scale, dtype=torch.float32, device=DEV)
+    assert torch.equal(quantize_pack(w, s_w), ref.pack_ternary(ref.ternarize(w, s_w)))
+
+
+def test_quantize_pack_rounding_boundaries():
+    v = torch.tensor([0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 0.49999997, 0.50000006, -0.50000006, 1e30, -1e30, 0.0, -0.0])
+    w = v.reshape(1, -1).to(DEV)
+    packed = quantize_pack(w, torch.ones(1, device=DEV))
+    t = unpack_ternary(packed, w.shape[1]).cpu()
+    assert t.tolist() == [[0, 0, 1, -1, 1, -1, 0, 1, -1, 1, -1, 0, 0]]
+    assert torch.equal(t, torch.round(v).clamp(-1, 1).to(torch.int8).reshape(1, -1))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_nonfinite_rows_get_zero_codes(per_channel):
+    w = torch.randn(6, 50, device=DEV)
+    w[2, 7] = float("nan")
+    w[4, 0] = float("inf")
+    packed, s = weight_quant(w, per_channel)
+    bad = [2, 4] if per_channel else list(range(6))
+    assert s.isnan().nonzero().flatten().tolist() == bad
+    assert (packed[bad] == 0x55).all()  # four codes 1 = zero weights
+    assert torch.equal(packed, ref.weight_quant(w, per_channel)[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# unpack_ternary / dequantize
+# ----------------------------------------------------------------------------------------------
+
+
+@st.composite
+def ternary(draw, max_n=40, max_k=300):
+    N = draw(st.integers(1, max_n))
+    K = draw(st.one_of(st.sampled_from(INTERESTING_K), st.integers(1, max_k)))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    t = torch.randint(-1, 2, (N, K), generator=g, dtype=torch.int8)
+    if draw(st.booleans()):
+        t[:: max(1, N // 2)] = 0  # all-zero rows
+    return t.to(DEV)
+
+
+@given(t=ternary())
+@example(t=torch.ones(1, 1, dtype=torch.int8, device=DEV))
+@example(t=-torch.ones(3, 64, dtype=torch.int8, device=DEV))
+def test_pack_unpack_roundtrip(t):
+    N, K = t.shape
+    packed = ref.pack_ternary(t)
+    assert torch.equal(unpack_ternary(packed, K), t)
+    # Our own packing of t (t * 1 rounds to itself) is the reference packing, and unpacks to t.
+    for dtype in FLOAT_DTYPES:
+        ours = quantize_pack(t.to(dtype), torch.ones(N, device=DEV))
+        assert torch.equal(ours, packed)
+        assert torch.equal(unpack_ternary(ours, K), t)
+
+
+@given(N=st.integers(1, 20), K=st.sampled_from(INTERESTING_K), seed=st.integers(0, 2**31 - 1))
+def test_unpack_any_bytes(N, K, seed):
+    """Padding codes are dropped and even the invalid code 3 unpacks as the reference (to 2)."""
+    g = torch.Generator().manual_seed(seed)
+    packed = torch.randint(0, 256, (N, layout.packed_k(K)), generator=g, dtype=torch.uint8).to(DEV)
+    assert torch.equal(unpack_ternary(packed, K), ref.unpack_ternary(packed, K))
+    wide = torch.zeros(N, packed.shape[1] + 16, dtype=torch.uint8, device=DEV)
+    wide[:, : packed.shape[1]] = packed
+    assert torch.equal(unpack_ternary(wide[:, : packed.shape[1]], K), ref.unpack_ternary(packed, K))
+
+
+@given(t=ternary(), dtype=st.sampled_from(FLOAT_DTYPES), seed=st.integers(0, 2**31 - 1))
+@example(t=torch.ones(1, 1, dtype=torch.int8, device=DEV), dtype=torch.float32, seed=0)
+def test_dequantize(t, dtype, seed):
+    N, K = t.shape
+    g = torch.Generator().manual_seed(seed)
+    s_w = (10.0 ** (torch.rand(N, generator=g) * 6 - 1)).to(DEV)  # 0.1 .. 1e5
+    if N > 2:
+        s_w[0] = float("nan")  # a NaN scale gives a NaN row (0 / NaN too)
+    packed = ref.pack_ternary(t)
+    out = dequantize(packed, s_w, K, dtype)
+    expected = (t.float() / s_w[:, None]).to(dtype)
+    assert out.dtype == dtype and out.shape == (N, K)
+    if dtype == torch.bfloat16 and not HAS_CUDA:
+        # Triton's interpreter casts fp32 -> bf16 by truncation (the GPU rounds to nearest even):
+        # at most one bf16 ulp apart there; exact on the GPU.
+        torch.testing.assert_close(out.float(), expected.float(), rtol=ULP[dtype], atol=0.0, equal_nan=True)
+    else:
+        torch.testing.assert_close(out, expected, rtol=0.0, atol=0.0, equal_nan=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes and bad input
+# ----------------------------------------------------------------------------------------------
+
+
+def test_empty_weight():
+    w = torch.zeros(0, 10, device=DEV)
+    packed, s = weight_quant(w, per_channel=False)
+    assert packed.shape == (0, 16) and s.shape == (0,)
+    assert unpack_ternary(packed, 10).shape == (0, 10)
+    assert dequantize(packed, s, 10, torch.bfloat16).shape == (0, 10)
+
+
+def test_bad_inputs():
+    w = torch.randn(4, 10, device=DEV)
+    s = torch.ones(4, device=DEV)
+    with pytest.raises(ValueError, match="2-D"):
+        weight_scale(w[0])
+    with pytest.raises(TypeError, match="linear weight must be one of"):
+        weight_scale(w.to(torch.int32))
+    with pytest.raises(ValueError, match="at least one input feature"):
+        weight_scale(torch.zeros(4, 0, device=DEV))
+    with pytest.raises(ValueError, match="weight scale has shape"):
+        quantize_pack(w, torch.ones(5, device=DEV))
+    with pytest.raises(TypeError, match="weight scale must be one of float32"):
+        quantize_pack(w, s.half())
+    packed = quantize_pack(w, s)
+    with pytest.raises(TypeError, match="must be uint8"):
+        unpack_ternary(packed.to(torch.int8), 10)
+    with pytest.raises(ValueError, match="bytes per row"):
+        unpack_ternary(packed, 100)
+    with pytest.raises(TypeError, match="dtype must be one of"):
+        dequantize(packed, s, 10, torch.int8)
+    with pytest.raises(ValueError, match="one device"):
+        quantize_pack(w, torch.ones(4, device="meta"))
+
+
+def test_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="need CUDA tensors"):
+        weight_scale(torch.randn(3, 5))
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU: large shapes
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("N,K", [(4096, 4096), (1000, 4099), (14336, 4096), (3, 8191)])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_large_weights_cuda(N, K, dtype, per_channel):
+    w = (torch.randn(N, K, device="cuda") * 0.02).to(dtype)
+    packed, s = weight_quant(w, per_channel)
+    s_ref = ref.weight_scale(w, per_channel)
+    _assert_scales_close(s, s_ref)
+    assert torch.equal(quantize_pack(w, s_ref), ref.pack_ternary(ref.ternarize(w, s_ref)))
+    assert torch.equal(unpack_ternary(packed, K), ref.ternarize(w, s))
+    expected = (ref.ternarize(w, s).float() / s[:, None]).to(dtype)
+    assert torch.equal(dequantize(packed, s, K, dtype), expected)
+    wt = w.t().contiguous().t()  # column-major weight
+    assert torch.equal(quantize_pack(wt, s), packed)
