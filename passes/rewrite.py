@@ -1,0 +1,272 @@
+"""Rewrite the RMSNorm -> Linear sites found by :mod:`bitfx.passes.sites` into ``torch.ops.bitfx`` ops.
+
+Inference, per site (one norm feeding linears ``i = 1..``)::
+
+    q, s_x       = bitfx.norm_quant(x, g, eps, offset, cast_before_weight, norm_dtype)   # once
+    packed, s_w  = bitfx.weight_quant(W_i, per_channel)                                # per linear
+    out_i        = bitfx.ternary_matmul(q, s_x, packed, s_w, b_i, out_dtype_i)
+
+Training, per linear (the op's autograd is the straight-through estimator)::
+
+    out_i = bitfx.bitlinear(x, g, W_i, b_i, eps, offset, cast_before_weight, norm_dtype, per_channel)[0]
+
+The row-preserving ops that stood between the norm and a linear (views, reshapes, indexing of
+leading dims; see :func:`bitfx.passes.sites._is_row_op`) are applied to ``x`` instead: the
+norm and the quantizer act on each length-K row alone, so they commute with such ops.
+``view`` becomes ``reshape`` there (``x`` need not be contiguous where the norm output was).
+
+Linears of a ``bitfx.quantize`` module (``ternary_matmul`` on packed buffers fed by
+``act_quant(y)``) keep their packed weights; the norm and ``act_quant`` become one
+``norm_quant``. The norm's other users keep the original norm; the nodes that die with the
+rewrite (the norm, eager quantizers, the linears) are erased.
+
+One ``norm_quant`` serves every linear of a site that reads the norm output through the same
+row ops (usually all of them: none at all); linears reading it through different views get
+one each.
+
+Where this plugs in: :mod:`bitfx.backend` runs it on the torch-level graph Dynamo produces,
+before ``compile_fx``. It is not an Inductor custom pass (``post_grad_custom_pre_pass`` ...),
+so Inductor's caches see and key on the rewritten graph; no ``CustomGraphPass.uuid()`` needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Any, Optional
+
+import torch
+from torch import fx
+
+import bitfx.ops  # noqa: F401  (registers torch.ops.bitfx.*, whatever imported this module)
+from bitfx import reference as ref
+from bitfx.passes.sites import LinearUse, Site, analyze_linear, find_sites
+
+__all__ = ["rewrite_sites", "bitfx_pass"]
+
+log = logging.getLogger("bitfx.passes")
+
+_ops = torch.ops.bitfx
+_COPY_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
+
+
+def _val(n: Any) -> Any:
+    if not isinstance(n, fx.Node):
+        return n
+    return n.meta.get("val", n.meta.get("example_value"))
+
+
+class _Builder:
+    """Creates nodes with ``meta["val"]`` (and ``meta["example_value"]`` on Dynamo graphs)
+    computed under the graph's fake mode, so that later passes see consistent shapes."""
+
+    def __init__(self, graph: fx.Graph):
+        self.graph = graph
+        self.replaced: dict[fx.Node, fx.Node] = {}
+        self.keys: tuple[str, ...] = ()
+        # The mode that made the graph's own values (not the ambient one: Dynamo hands its
+        # backend a fresh fake mode, and fake tensors of two modes do not mix).
+        self.fake_mode = None
+        for n in graph.nodes:
+            keys = tuple(k for k in ("val", "example_value") if k in n.meta)
+            if keys and not self.keys:
+                self.keys = keys
+            mode = getattr(_val(n), "fake_mode", None)
+            if mode is not None and self.fake_mode is None:
+                self.fake_mode = mode
+
+    def resolve(self, a: Any) -> Any:
+        """``a`` with every replaced node (an earlier site's linear) swapped for its replacement."""
+
+        def follow(n: fx.Node) -> fx.Node:
+            while n in self.replaced:
+                n = self.replaced[n]
+            return n
+
+        return fx.node.map_arg(a, follow)
+
+    def replace(self, old: fx.Node, new: fx.Node) -> None:
+        old.replace_all_uses_with(new)
+        self.replaced[old] = new
+
+    def node(self, op: str, target: Any, args: tuple, kwargs: Optional[dict] = None, like: Optional[fx.Node] = None) -> fx.Node:
+        args, kwargs = self.resolve(tuple(args)), self.resolve(dict(kwargs or {}))
+        n = self.graph.create_node(op, target, args, kwargs)
+        if like is not None:
+            for k in _COPY_META:
+                if k in like.meta:
+                    n.meta[k] = like.meta[k]
+        if self.fake_mode is not None and self.keys:
+            if all(_val(a) is not None for a in n.all_input_nodes):
+                fargs, fkwargs = fx.node.map_arg((args, kwargs), _val)
+                with self.fake_mode:
+                    if op == "call_method":
+                        v = getattr(fargs[0], target)(*fargs[1:], **fkwargs)
+                    else:
+                        v = target(*fargs, **fkwargs)
+                for k in self.keys:
+                    n.meta[k] = v
+        return n
+
+    def call(self, target, *args, like=None) -> fx.Node:
+        return self.node("call_function", target, tuple(args), like=like)
+
+    def getitem(self, n: fx.Node, i: int) -> fx.Node:
+        return self.node("call_function", operator.getitem, (n, i))
+
+
+_VIEW_TO_RESHAPE = {"view": "reshape", "view_as": "reshape_as"}
+
+
+def _replay_path(b: _Builder, path: list[fx.Node], x: fx.Node) -> fx.Node:
+    """Apply the row-preserving ops of ``path`` to ``x`` (views as reshapes)."""
+    for p in path:
+        target = p.target
+        if p.op == "call_method":
+            target = _VIEW_TO_RESHAPE.get(target, target)
+        elif target in (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default):
+            target = torch.ops.aten.reshape.default
+        x = b.node(p.op, target, (x, *p.args[1:]), dict(p.kwargs), like=p)
+    return x
+
+
+def _path_key(path: list[fx.Node]) -> tuple:
+    return tuple((p.op, str(p.target), repr(p.args[1:]), repr(p.kwargs)) for p in path)
+
+
+def _norm_args(site: Site) -> tuple:
+    spec = site.norm
+    norm_dtype = spec.norm_dtype
+    if norm_dtype is None:
+        xd = _val(site.norm_input).dtype
+        gd = None if site.norm_weight is None else _val(site.norm_weight).dtype
+        norm_dtype = ref.norm_dtype_for(xd, gd, spec.cast_before_weight)
+    return float(spec.eps), bool(spec.offset), bool(spec.cast_before_weight), norm_dtype
+
+
+def _norm_quant(b: _Builder, site: Site, path: list[fx.Node]) -> tuple[fx.Node, fx.Node]:
+    x = _replay_path(b, path, site.norm_input)
+    nq = b.call(_ops.norm_quant.default, x, site.norm_weight, *_norm_args(site), like=site.norm_nodes[-1])
+    return b.getitem(nq, 0), b.getitem(nq, 1)
+
+
+def _rewrite_inference(b: _Builder, site: Site, uses: list[LinearUse], per_channel: bool, order) -> None:
+    groups: dict[tuple, list[LinearUse]] = {}
+    for u in uses:
+        groups.setdefault(_path_key(u.path), []).append(u)
+    for group in groups.values():
+        first = min(group, key=lambda u: order[u.node])
+        with b.graph.inserting_before(first.node):
+            q, s = _norm_quant(b, site, group[0].path)
+        for u in group:
+            with b.graph.inserting_before(u.node):
+                if u.kind == "bitfx":
+                    new = b.node("call_function", u.node.target, (q, s, *u.node.args[2:]), dict(u.node.kwargs), like=u.node)
+                else:
+                    pc = u.per_channel if u.weight_quant is not None else per_channel
+                    wq = b.call(_ops.weight_quant.default, u.weight, bool(pc), like=u.node)
+                    new = b.call(_ops.ternary_matmul.default, q, s, b.getitem(wq, 0), b.getitem(wq, 1),
+                                 u.bias, u.out_dtype, like=u.node)
+            b.replace(u.node, new)
+
+
+def _rewrite_training(b: _Builder, site: Site, uses: list[LinearUse], per_channel: bool, order) -> None:
+    # The norm is recomputed inside every bitlinear of the site for now (one fused op per
+    # linear, whose backward needs x and rstd); sharing it across q/k/v needs a multi-output op.
+    packed = [u for u in uses if u.kind == "bitfx"]
+    if packed:  # packed weights do not train: inference form for those
+        _rewrite_inference(b, site, packed, per_channel, order)
+    eps, offset, cbw, norm_dtype = _norm_args(site)
+    for u in uses:
+        if u.kind == "bitfx":
+            continue
+        pc = u.per_channel if u.weight_quant is not None else per_channel
+        with b.graph.inserting_before(u.node):
+            x = _replay_path(b, u.path, site.norm_input)
+            bl = b.call(_ops.bitlinear.default, x, site.norm_weight, u.weight, u.bias,
+                        eps, offset, cbw, norm_dtype, bool(pc), like=u.node)
+            out = b.getitem(bl, 0)
+            if u.out_dtype != norm_dtype:
+                out = b.node("call_method", "to", (out, u.out_dtype), like=u.node)
+        b.replace(u.node, out)
+
+
+def rewrite_sites(gm: fx.GraphModule, sites: list[Site], *, training: bool, per_channel: bool = False) -> int:
+    """Replace each site of ``sites`` (from :func:`find_sites` on this ``gm``) with bitfx ops.
+
+    ``training`` picks the differentiable ``bitlinear`` form; ``per_channel`` the weight
+    scales of linears whose weights were dense (eager-quantized ones keep their own grouping).
+    Returns the number of sites rewritten.
+    """
+    graph = gm.graph
+    b = _Builder(graph)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    doomed: list[fx.Node] = []
+    count = 0
+    for site in sites:
+        uses = [analyze_linear(site, lin) for lin in site.linears]
+        if training:
+            _rewrite_training(b, site, uses, per_channel, order)
+        else:
+            _rewrite_inference(b, site, uses, per_channel, order)
+        doomed += site.norm_nodes
+        for u in uses:
+            doomed += u.path + u.nodes + [u.node]
+        count += 1
+        log.info(
+            "%s %s -> %s (%s%s)",
+            "fused" if not training else "bitlinear",
+            site.norm_module or site.norm_nodes[-1].name,
+            ", ".join(m or u.node.name for m, u in zip(site.linear_modules, uses)),
+            "training" if training else "inference",
+            ", already BitNet" if site.already_bitnet else "",
+        )
+    _erase_dead(graph, doomed)
+    graph.lint()
+    gm.recompile()
+    return count
+
+
+def _erase_dead(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+    """Erase those of ``nodes`` nothing uses any more (users first)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for n in sorted({n for n in nodes if n in order}, key=order.__getitem__, reverse=True):
+        if not n.users and n.op in ("call_function", "call_method", "call_module"):
+            graph.erase_node(n)
+
+
+def _decide_training(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` was traced to be differentiated: some value has a ``grad_fn`` (traced
+    under no_grad, none has, whatever the parameters say). Without meta values:
+    grad mode is on and some parameter or input requires grad."""
+    seen_meta = False
+    for n in gm.graph.nodes:
+        v = _val(n)
+        if isinstance(v, torch.Tensor):
+            seen_meta = True
+            if v.requires_grad and v.grad_fn is not None:  # computed with autograd recording
+                return True
+    if seen_meta:
+        return False
+    return torch.is_grad_enabled() and any(p.requires_grad for p in gm.parameters())
+
+
+def bitfx_pass(gm: fx.GraphModule, config: Any = None) -> int:
+    """Find and rewrite all sites of ``gm`` as ``config`` (a :class:`bitfx.backend.BitfxConfig`,
+    or any object with its fields) says. Returns the number of sites rewritten."""
+    filter_fn = getattr(config, "filter_fn", None)
+    skip_head = getattr(config, "skip_output_head", True)
+    training = getattr(config, "training", None)
+    per_channel = getattr(config, "per_channel", False)
+    if training is None:
+        training = _decide_training(gm)
+    found = find_sites(gm, filter_fn=filter_fn, skip_output_head=skip_head)
+    for r in found.rejected:
+        log.debug("left %s (%s): %s", r.module or r.node.name, r.node.name, r.reason)
+    n = rewrite_sites(gm, found.sites, training=training, per_channel=per_channel)
+    if found.sites or found.rejected:
+        log.info(
+            "rewrote %d site(s), %d linear(s) (%s); left %d norm(s)/linear(s) as they were",
+            n, sum(len(s.linears) for s in found.sites), "training" if training else "inference", len(found.rejected),
+        )
+    return n
