@@ -1,0 +1,117 @@
+"""The ``bitfx`` torch.compile backend: the bitfx passes, then Inductor.
+
+::
+
+    model = torch.compile(model, backend="bitfx")
+    model = torch.compile(model, backend="bitfx", options={"filter_fn": lambda fqn: "mlp" in fqn})
+    model = torch.compile(model, backend="bitfx", options={"config": BitfxConfig(per_channel=True)})
+
+The backend is registered by the ``torch_dynamo_backends`` entry point in ``pyproject.toml``
+(``bitfx = "bitfx.backend:bitfx_backend"``), so the name works right after installation.
+
+How options arrive: ``torch.compile(..., options={...})`` calls a custom backend as
+``backend(gm, example_inputs, options={...})`` and ``mode="..."`` as ``mode=...`` (torch's
+``_TorchCompileWrapper``; the same in torch 2.11 and 2.13; torch itself takes the keys
+``guard_filter_fn`` and ``use_aoti`` out first). The keys named like :class:`BitfxConfig`'s
+fields (or ``"config"``, a whole :class:`BitfxConfig`) configure the passes; every other key is
+an Inductor config patch (``torch._inductor.list_options()``), as with the inductor backend.
+``mode`` maps to Inductor's options for that mode.
+
+Where the passes plug in: they rewrite the torch-level graph Dynamo hands over, *before*
+``compile_fx``; no Inductor custom-pass hook is used. Inductor's caches (FX graph cache,
+AOTAutograd cache) key on the graph they receive, which already contains the
+``torch.ops.bitfx`` calls, so no ``CustomGraphPass.uuid()`` is needed.
+
+Inference graphs quantize and pack each dense weight on every call (``weight_quant`` on the
+parameter; Inductor's ``freezing`` does not fold the custom op): for deployment convert the
+model once with ``bitfx.quantize`` and compile that, the backend then fuses each norm into the
+converted layers' activation quantization. With ``dynamic=True`` Dynamo first hands over float
+attributes (a norm's ``eps``) as symbolic inputs; the pass specializes the ones a norm uses,
+and Inductor restarts the trace with them constant, so a compile may run the pass twice.
+
+Logging: logger ``"bitfx"``. ``BITFX_LOG=1`` (or ``info``) prints what was rewritten,
+``BITFX_LOG=debug`` also what was left out and why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from bitfx import ops  # noqa: F401  (registers torch.ops.bitfx.*)
+from bitfx.passes.rewrite import bitfx_pass
+
+__all__ = ["BitfxConfig", "bitfx_backend"]
+
+log = logging.getLogger("bitfx")
+
+
+@dataclass
+class BitfxConfig:
+    """What the backend converts, and how.
+
+    filter_fn: ``filter_fn(fqn) -> bool`` on each linear's module name (e.g.
+        ``"model.layers.0.mlp.up_proj"``): False leaves that linear dense. None: all.
+    skip_output_head: leave the output head (``lm_head``...) dense.
+    training: True rewrites to the differentiable ``bitlinear`` op, False to the inference
+        ops (``norm_quant`` once per norm, ``ternary_matmul`` per linear). None: training when
+        grad mode is on and some input of the graph (parameters included) requires grad.
+    per_channel: per-output-channel weight scales instead of one per tensor.
+    """
+
+    filter_fn: Optional[Callable[[str], bool]] = None
+    skip_output_head: bool = True
+    training: Optional[bool] = None
+    per_channel: bool = False
+
+
+_FIELDS = {f.name for f in dataclasses.fields(BitfxConfig)}
+
+
+def _split_options(options: Optional[dict[str, Any]]) -> tuple[BitfxConfig, dict[str, Any]]:
+    options = dict(options or {})
+    config = options.pop("config", None) or BitfxConfig()
+    if not isinstance(config, BitfxConfig):
+        raise TypeError(f"bitfx backend: options['config'] must be a BitfxConfig, got {type(config).__name__}")
+    ours = {k: options.pop(k) for k in list(options) if k in _FIELDS}
+    if ours:
+        config = dataclasses.replace(config, **ours)
+    return config, options
+
+
+def bitfx_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = None,
+                  options: Optional[dict[str, Any]] = None):
+    """Rewrite RMSNorm -> Linear sites to ``torch.ops.bitfx`` ops, then compile with Inductor."""
+    from torch._inductor.compile_fx import compile_fx
+
+    config, inductor_patches = _split_options(options)
+    if mode is not None and mode != "default":
+        from torch._inductor import list_mode_options
+
+        inductor_patches = {**list_mode_options(mode), **inductor_patches}
+    if config.training is None:
+        training = torch.is_grad_enabled() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs
+        )
+        config = dataclasses.replace(config, training=training)
+    bitfx_pass(gm, config)
+    return compile_fx(gm, example_inputs, config_patches=inductor_patches or None)
+
+
+def _setup_logging() -> None:
+    level = os.environ.get("BITFX_LOG", "").strip().lower()
+    if not level or level in ("0", "false", "off"):
+        return
+    log.setLevel(logging.DEBUG if level in ("2", "debug") else logging.INFO)
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+        log.addHandler(handler)
+
+
+_setup_logging()

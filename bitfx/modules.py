@@ -1,0 +1,179 @@
+"""``BitfxLinear``: a linear layer holding packed ternary weights (BitNet b1.58 inference).
+
+``out = ternary_matmul(act_quant(x), packed, w_scale) + bias``: the input is quantized per
+token to int8, the weight is stored as 2-bit ternary codes (``bitfx.kernels.layout``) with
+an fp32 scale per output channel (``W ~= t / w_scale``). It calls the very ops the compiler
+pass emits (``torch.ops.bitfx.act_quant`` and ``torch.ops.bitfx.ternary_matmul``), so a
+converted model and a compiled one compute the same numbers.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+from torch import Tensor, nn
+
+from bitfx import ops  # noqa: F401  (registers torch.ops.bitfx.*)
+from bitfx.kernels.layout import FORMAT, check_packed_shape, packed_k
+from bitfx.reference import pack_ternary
+
+__all__ = ["BitfxLinear", "FORMAT_ID"]
+
+# The packed layout's name as a number, so that the tag is a tensor: state_dicts then stay
+# plain tensors (torch.load(weights_only=True), safetensors).
+FORMAT_ID = zlib.crc32(FORMAT.encode())
+_ZERO_CODES = 0b01010101  # four codes "1", i.e. four zero weights
+
+
+class BitfxLinear(nn.Module):
+    """Drop-in for an inference ``nn.Linear``: ``x [..., in_features] -> [..., out_features]``
+    in ``x.dtype``.
+
+    Buffers (all in the state_dict): ``packed`` uint8 ``[N, Kq]``, ``w_scale`` fp32 ``[N]``,
+    ``bias`` ``[N]`` (the replaced layer's dtype) or None, and ``ternary_format`` int64
+    ``[FORMAT_ID, in_features]``, checked on load together with the other buffers' dtypes
+    and shapes. The module holds no parameters: it is not trainable.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        per_channel: bool = False,
+        device=None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.per_channel = per_channel
+        # The dtype of the float weight this layer stands for (memory figures, repr).
+        self.weight_dtype = dtype or torch.get_default_dtype()
+        Kq = packed_k(in_features)
+        self.register_buffer("packed", torch.full((out_features, Kq), _ZERO_CODES, dtype=torch.uint8, device=device))
+        self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        b = torch.zeros(out_features, dtype=self.weight_dtype, device=device) if bias else None
+        self.register_buffer("bias", b)
+        self.register_buffer(
+            "ternary_format", torch.tensor([FORMAT_ID, in_features], dtype=torch.int64, device=device)
+        )
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, per_channel: bool = False) -> "BitfxLinear":
+        """Quantize ``linear.weight`` (absmean ternary, per tensor or per output channel) and
+        pack it; the bias is kept as it is (shared, not copied)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"BitfxLinear.from_linear expects an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach()
+        packed, w_scale = torch.ops.bitfx.weight_quant(w, per_channel)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls._from_buffers(packed, w_scale, bias, linear.in_features, per_channel, w.dtype)
+
+    @classmethod
+    def from_ternary(cls, t: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> "BitfxLinear":
+        """From ternary codes ``t`` (int8 ``[N, K]`` in {-1, 0, 1}) and ``w_scale`` (``[N]`` or a
+        scalar) with ``W ~= t / w_scale``, e.g. a checkpoint trained as BitNet."""
+        N, K = t.shape
+        w_scale = torch.as_tensor(w_scale, dtype=torch.float32, device=t.device).expand(N).contiguous()
+        dtype = torch.get_default_dtype() if bias is None else bias.dtype
+        return cls._from_buffers(pack_ternary(t), w_scale, bias, K, False, dtype)
+
+    @classmethod
+    def _from_buffers(cls, packed, w_scale, bias, in_features, per_channel, weight_dtype) -> "BitfxLinear":
+        N = packed.shape[0]
+        check_packed_shape(packed.shape, in_features)
+        m = cls(in_features, N, bias is not None, per_channel=per_channel, device="meta", dtype=weight_dtype)
+        m.packed, m.w_scale, m.bias = packed, w_scale, bias
+        m.ternary_format = torch.tensor([FORMAT_ID, in_features], dtype=torch.int64, device=packed.device)
+        return m
+
+    # ------------------------------------------------------------------ compute
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"BitfxLinear: input has {x.shape[-1]} features (last dimension), expected {self.in_features}"
+            )
+        q, x_scale = torch.ops.bitfx.act_quant(x)
+        return torch.ops.bitfx.ternary_matmul(q, x_scale, self.packed, self.w_scale, self.bias, x.dtype)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The weight this layer multiplies by, ``t / w_scale``, as a dense ``[N, K]`` matrix."""
+        return torch.ops.bitfx.dequantize(self.packed, self.w_scale, self.in_features, dtype or self.weight_dtype)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of the packed weight and its scales (the bias is not counted)."""
+        return self.packed.numel() * self.packed.element_size() + self.w_scale.numel() * self.w_scale.element_size()
+
+    # ------------------------------------------------------------------ module plumbing
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) / .half() cast every float buffer; the weight scales stay
+        # fp32 (the ops require it), only following a change of device.
+        w_scale = self.w_scale
+        super()._apply(fn, recurse)
+        moved = self.w_scale
+        if moved.dtype != torch.float32:
+            self.weight_dtype = moved.dtype
+            self.w_scale = w_scale.to(device=moved.device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
+        problems = self._check_state(state_dict, prefix, strict)
+        if problems:
+            error_msgs.extend(f"bitfx: {prefix or '<root>.'}{p}" for p in problems)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs)
+
+    def _check_state(self, sd, prefix, strict) -> list[str]:
+        """What is wrong with ``sd`` for this layer, in words (empty when it loads)."""
+        N, K = self.out_features, self.in_features
+        if prefix + "packed" not in sd and prefix + "weight" in sd:
+            return [
+                "weight: the checkpoint holds a float weight, not a packed ternary one; load it into the "
+                "float model and convert that with bitfx.quantize"
+            ]
+        out = []
+        tag = sd.get(prefix + "ternary_format")
+        if tag is None:
+            if strict:
+                out.append(f"ternary_format: missing; not a bitfx checkpoint (expected format {FORMAT})")
+        elif tag.dtype != torch.int64 or tuple(tag.shape) != (2,) or int(tag[0]) != FORMAT_ID:
+            out.append(
+                f"ternary_format: the packed weight is in another format than {FORMAT} (tag {tag.tolist()}, "
+                f"expected [{FORMAT_ID}, {K}])"
+            )
+        elif int(tag[1]) != K:
+            out.append(f"ternary_format: the weight was packed for in_features={int(tag[1])}, this layer has {K}")
+        packed = sd.get(prefix + "packed")
+        if packed is not None:
+            if packed.dtype != torch.uint8:
+                out.append(f"packed: must be uint8 ({FORMAT}), got {str(packed.dtype).removeprefix('torch.')}")
+            elif tuple(packed.shape) != (N, packed_k(K)):
+                try:
+                    check_packed_shape(packed.shape, K, N)
+                    out.append(f"packed: shape {tuple(packed.shape)}, expected {(N, packed_k(K))}")
+                except ValueError as e:
+                    out.append(f"packed: {e}")
+        w_scale = sd.get(prefix + "w_scale")
+        if w_scale is not None and (w_scale.dtype != torch.float32 or tuple(w_scale.shape) != (N,)):
+            out.append(
+                f"w_scale: expected float32 of shape ({N},), got {str(w_scale.dtype).removeprefix('torch.')} "
+                f"of shape {tuple(w_scale.shape)}"
+            )
+        bias = sd.get(prefix + "bias")
+        if bias is not None and self.bias is not None and (not bias.is_floating_point() or tuple(bias.shape) != (N,)):
+            out.append(f"bias: expected a float tensor of shape ({N},), got {bias.dtype} of shape {tuple(bias.shape)}")
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"per_channel={self.per_channel}, format={FORMAT}"
+        )

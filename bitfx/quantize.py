@@ -1,0 +1,124 @@
+"""``bitfx.quantize``: convert a model's linear layers at RMSNorm -> Linear sites to
+:class:`bitfx.modules.BitfxLinear` (packed ternary weights), in place.
+
+The sites are the ones ``torch.compile(model, backend="bitfx")`` fuses: the same tracing and
+site finder as :func:`bitfx.explain`. A converted model runs eagerly, compiles with the
+backend (which then fuses each norm into the activation quantization) and saves and loads
+its state_dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from bitfx.explain import ExplainReport, FilterFn, SkippedLinear, explain
+from bitfx.modules import BitfxLinear
+
+__all__ = ["QuantizeConfig", "QuantizeReport", "quantize"]
+
+logger = logging.getLogger("bitfx")
+
+
+@dataclass
+class QuantizeConfig:
+    """``per_channel``: one weight scale per output channel instead of one per tensor.
+    ``skip_output_head``: leave the output projection (``lm_head``) in floating point."""
+
+    per_channel: bool = False
+    skip_output_head: bool = True
+
+
+@dataclass
+class QuantizeReport:
+    """What :func:`quantize` did, on ``model.bitfx_report``. Byte counts cover the weights of
+    the converted layers (biases are kept as they were and not counted)."""
+
+    converted: list[str] = field(default_factory=list)
+    skipped: list[SkippedLinear] = field(default_factory=list)
+    weight_elements: int = 0
+    float_bytes: int = 0  # the replaced float weights, in their own dtype
+    packed_bytes: int = 0  # 2-bit ternary codes
+    scale_bytes: int = 0  # fp32 weight scales
+    explain_report: Optional[ExplainReport] = None  # the sites it acted on
+
+    @property
+    def quantized_bytes(self) -> int:
+        return self.packed_bytes + self.scale_bytes
+
+    @property
+    def saved_bytes(self) -> int:
+        return self.float_bytes - self.quantized_bytes
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "explain_report"}
+        d["skipped"] = [dataclasses.asdict(s) for s in self.skipped]
+        d.update(quantized_bytes=self.quantized_bytes, saved_bytes=self.saved_bytes)
+        return d
+
+    def __str__(self) -> str:
+        ratio = f" ({self.float_bytes / self.quantized_bytes:.1f}x smaller)" if self.quantized_bytes else ""
+        lines = [
+            f"bitfx.quantize: converted {len(self.converted)} linear layers ({self.weight_elements:,} weights), "
+            f"{len(self.skipped)} left as they were",
+            f"  weights {_bytes(self.float_bytes)} -> {_bytes(self.quantized_bytes)} "
+            f"(packed {_bytes(self.packed_bytes)} + scales {_bytes(self.scale_bytes)}): "
+            f"saved {_bytes(self.saved_bytes)}{ratio}",
+        ]
+        lines += [f"  not converted: {s.module}: {s.reason}" for s in self.skipped]
+        return "\n".join(lines)
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def quantize(
+    model: nn.Module,
+    *example_inputs,
+    config: Optional[QuantizeConfig] = None,
+    filter_fn: Optional[FilterFn] = None,
+) -> nn.Module:
+    """Replace the ``nn.Linear`` layers that consume an RMSNorm's output by :class:`BitfxLinear`
+    (absmean ternary weights, 2 bits each; int8 per-token activations), in place; returns ``model``.
+
+    ``example_inputs`` are what ``model(...)`` takes, used once to trace it (a Hugging Face
+    model without them gets a small batch of token ids). ``filter_fn(module, fqn) -> bool``
+    keeps a layer out when it returns False. Linear layers whose weight is tied to another
+    (an ``lm_head`` tied to the embeddings) are left alone. The float weights of converted
+    layers are released. The report (:class:`QuantizeReport`: layers, skipped layers and why,
+    bytes saved) is stored on ``model.bitfx_report`` and logged to the ``bitfx`` logger.
+    """
+    config = config or QuantizeConfig()
+    plan = explain(model, *example_inputs, config=config, filter_fn=filter_fn)
+    report = QuantizeReport(skipped=list(plan.skipped), explain_report=plan)
+    with torch.no_grad():
+        for name in plan.linears:
+            linear = model.get_submodule(name)
+            w = linear.weight
+            new = BitfxLinear.from_linear(linear, per_channel=config.per_channel)
+            _replace(model, name, new)
+            report.converted.append(name)
+            report.weight_elements += w.numel()
+            report.float_bytes += w.numel() * w.element_size()
+            report.packed_bytes += new.packed.numel() * new.packed.element_size()
+            report.scale_bytes += new.w_scale.numel() * new.w_scale.element_size()
+            del linear, w
+    model.bitfx_report = report
+    if not plan.sites:
+        logger.warning("bitfx.quantize found no RMSNorm -> Linear site; bitfx.explain(model, ...) says why")
+    logger.info("%s", report)
+    return model

@@ -1,0 +1,115 @@
+"""bitfx.explain: the report lists the sites and the rejected candidates with reasons, in words
+and as plain data, and leaves the model as it was."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from bitfx.explain import ExplainReport, SiteInfo, explain
+from bitfx.quantize import QuantizeConfig
+from tests.models import tiny_gemma, tiny_llama, tiny_qwen3
+
+
+@pytest.fixture(scope="module")
+def llama_report():
+    model, ids = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = explain(model, ids)
+    return model, before, report
+
+
+def test_llama_sites(llama_report):
+    model, _, report = llama_report
+    L = model.config.num_hidden_layers
+    assert isinstance(report, ExplainReport) and report.graphs >= 1
+    assert len(report.sites) == 2 * L
+    by_norm = {s.norm_module: s for s in report.sites}
+    attn = by_norm["model.layers.0.input_layernorm"]
+    assert isinstance(attn, SiteInfo)
+    assert set(attn.linear_modules) == {f"model.layers.0.self_attn.{p}_proj" for p in "qkv"}
+    assert set(by_norm["model.layers.0.post_attention_layernorm"].linear_modules) == {
+        "model.layers.0.mlp.gate_proj",
+        "model.layers.0.mlp.up_proj",
+    }
+    assert attn.eps == model.config.rms_norm_eps
+    assert attn.cast_before_weight and not attn.offset and attn.has_weight and not attn.already_bitnet
+    assert len(report.linears) == 5 * L and report.skipped == []
+
+
+def test_llama_rejected_have_reasons(llama_report):
+    _, _, report = llama_report
+    assert report.rejected, "the lm_head and the linears fed by no norm are candidates the finder passes over"
+    assert all(r.reason for r in report.rejected)
+    # The final norm feeds only the output head, left dense by default.
+    final = [r for r in report.rejected if r.module == "model.norm"]
+    assert len(final) == 1 and "lm_head: output head" in final[0].reason
+
+
+def test_llama_report_reads(llama_report):
+    _, _, report = llama_report
+    text = str(report)
+    assert "model.layers.0.input_layernorm -> model.layers.0.self_attn.q_proj" in text
+    assert "rejected:" in text
+    for r in report.rejected:
+        assert f"{r.module or '<' + r.node + '>'}: {r.reason}" in text
+
+
+def test_llama_report_is_plain_data(llama_report):
+    _, _, report = llama_report
+    d = json.loads(json.dumps(report.to_dict()))
+    assert len(d["sites"]) == len(report.sites) and len(d["rejected"]) == len(report.rejected)
+    assert d["sites"][0]["norm_module"] == report.sites[0].norm_module
+    assert d["linears"] == report.linears
+
+
+def test_explain_changes_nothing(llama_report):
+    model, before, _ = llama_report
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not hasattr(model, "bitfx_report")
+
+
+def test_qwen3_qk_norms_are_not_sites():
+    model, ids = tiny_qwen3()
+    report = explain(model, ids)
+    norms = {s.norm_module for s in report.sites}
+    assert not any(n.endswith(("q_norm", "k_norm")) for n in norms)
+    assert len(report.linears) == 5 * model.config.num_hidden_layers
+
+
+def test_gemma_tied_output_head_is_reported_skipped():
+    model, ids = tiny_gemma()  # lm_head tied to the embeddings
+    report = explain(model, ids, config=QuantizeConfig(skip_output_head=False))
+    assert all(s.offset for s in report.sites)
+    assert "RMSNorm(eps=1e-06): y = r * (1 + w)" in str(report)
+    assert "lm_head" in {m for s in report.sites for m in s.linear_modules}
+    assert [(s.module, "tied" in s.reason) for s in report.skipped] == [("lm_head", True)]
+    assert "lm_head" not in report.linears
+    assert "not converted: lm_head: its weight is shared (tied) with model.embed_tokens.weight" in str(report)
+
+
+class _TwoGraphs(nn.Module):
+    """RMSNorm -> Linear twice, with a graph break between."""
+
+    def __init__(self, K=32):
+        super().__init__()
+        self.norm1, self.norm2 = nn.RMSNorm(K, eps=1e-5), nn.RMSNorm(K, eps=1e-5)
+        self.fc1, self.fc2 = nn.Linear(K, K), nn.Linear(K, K)
+
+    def forward(self, x):
+        x = x + self.fc1(self.norm1(x))
+        torch._dynamo.graph_break()
+        return x + self.fc2(self.norm2(x))
+
+
+def test_graph_breaks_and_plain_modules():
+    model = _TwoGraphs()
+    report = explain(model, torch.randn(2, 5, 32))
+    assert report.graphs == 2
+    assert [(s.norm_module, s.linear_modules) for s in report.sites] == [("norm1", ("fc1",)), ("norm2", ("fc2",))]
+    with pytest.raises(ValueError, match=r"needs example inputs: call bitfx.explain\(model, \*example_inputs\)"):
+        explain(model)
