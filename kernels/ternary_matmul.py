@@ -38,7 +38,10 @@ import triton.language as tl
 from bitfx.kernels import layout
 from bitfx.kernels._utils import FLOAT_DTYPES, check_device, check_dtype, interpreting, rows
 
-__all__ = ["ternary_matmul", "ternary_matmul_int32", "GEMV_MAX_M", "SIMT_MAX_M"]
+__all__ = ["ternary_matmul", "ternary_matmul_int32", "DP4A_MAX_M", "GEMV_MAX_M", "SIMT_MAX_M"]
+
+DP4A_MAX_M = 1
+"""Largest M that takes the CUDA-core ``"dp4a"`` GEMV by default (H100 sweep, ``python -m bitfx.tune``)."""
 
 SIMT_MAX_M = 0
 """Largest M that takes the CUDA-core ``"simt"`` path by default (0: never; set from benchmarks)."""
@@ -46,7 +49,7 @@ SIMT_MAX_M = 0
 GEMV_MAX_M = 64
 """Largest M that takes the weight-streaming ``"gemv"`` path by default; larger M take ``"tc"``."""
 
-_PATHS = ("simt", "gemv", "tc")
+_PATHS = ("dp4a", "simt", "gemv", "tc")
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,8 +59,18 @@ def _num_sms(device: torch.device) -> int:
     return 4  # the interpreter: a nominal count, so that small test shapes exercise split-K
 
 
-def _config(M: int, N: int, Kq: int, device: torch.device, path: str, split_k: int | None) -> dict:
-    """Block sizes, K split and flags of one launch: a deterministic heuristic, no autotuning."""
+# (BLOCK_M, BLOCK_N, BLOCK_KQ, num_warps) of the tensor-core path, largest first.
+_TC_TILES = ((128, 256, 64, 8), (128, 128, 64, 8), (128, 64, 64, 4), (64, 64, 128, 4))
+
+_TUNABLE = ("BLOCK_M", "BLOCK_N", "BLOCK_KQ", "GROUP_M", "OFFSET_TRICK", "num_warps", "num_stages")
+
+
+def _config(M: int, N: int, Kq: int, device: torch.device, path: str, split_k: int | None,
+            override: dict | None = None) -> dict:
+    """Block sizes, K split and flags of one launch: a deterministic heuristic, no autotuning.
+
+    ``override`` replaces any of ``_TUNABLE`` (benchmarks and tuning sweeps use it).
+    """
     if path == "simt":
         # CUDA cores, 8 KB of packed weight per step; the [BLOCK_N, BLOCK_M, BLOCK_KQ] products
         # stay at 8K elements (64 registers a thread) for every BLOCK_M.
@@ -73,22 +86,34 @@ def _config(M: int, N: int, Kq: int, device: torch.device, path: str, split_k: i
         cfg = dict(BLOCK_M=block_m, GROUP_M=1, USE_DOT=True, OFFSET_TRICK=block_m <= 32, num_warps=4,
                    num_stages=4 if block_m <= 32 else 3)  # 40 KB of shared memory a stage at BLOCK_M = 64
     else:
-        # Prefill: 128 x 128 tiles, 4 x 64 = 256 of K per step. t = c - 1 keeps q a pure
-        # cp.async -> shared -> wgmma operand (no row sums in registers).
-        block_m, block_n, block_kq = 128, 128, 64
-        cfg = dict(BLOCK_M=block_m, GROUP_M=8, USE_DOT=True, OFFSET_TRICK=False, num_warps=8, num_stages=3)
+        # Tensor cores: t = c - 1 keeps q a pure cp.async -> shared -> wgmma operand (no row sums
+        # in registers). The largest tile that still gives every SM a tile: 128 (q rows) x 256
+        # (weight rows) for prefill, down to 64 x 64 for a few hundred rows (H100 sweep).
+        for block_m, block_n, block_kq, warps in _TC_TILES:
+            if triton.cdiv(M, block_m) * triton.cdiv(N, block_n) >= _num_sms(device):
+                break
+        cfg = dict(BLOCK_M=block_m, GROUP_M=8, USE_DOT=True, OFFSET_TRICK=False, num_warps=warps, num_stages=3)
     if interpreting():  # small blocks: small test shapes still cover several tiles, steps and groups
         block_n, block_kq = min(block_n, 16), 32
         if cfg["USE_DOT"]:
             block_m = cfg["BLOCK_M"] = 16
             cfg["GROUP_M"] = min(cfg["GROUP_M"], 2)
+    if override:
+        unknown = set(override) - set(_TUNABLE)
+        if unknown:
+            raise ValueError(f"ternary_matmul: unknown config keys {sorted(unknown)}; tunable: {_TUNABLE}")
+        cfg.update(override)
+        block_m = cfg["BLOCK_M"]
+        block_n = override.get("BLOCK_N", block_n)
+        block_kq = override.get("BLOCK_KQ", block_kq)
     # Short rows: no longer step than the row (tl.dot wants K >= 16, int8 MMAs K = 32).
     block_kq = min(block_kq, max(triton.next_power_of_2(Kq), 32 if cfg["USE_DOT"] else 16))
 
     tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
     steps = triton.cdiv(Kq, block_kq)
-    if split_k is None:  # split K only while the output tiles alone leave SMs idle
-        split_k = max(1, _num_sms(device) // tiles)
+    if split_k is None:  # split K only when the output tiles alone leave most SMs idle (H100 sweep:
+        # at 64 tiles on 132 SMs, splitting in two was slower than not, for its zeroed workspace)
+        split_k = _num_sms(device) // tiles if 4 * tiles <= _num_sms(device) else 1
     split_k = max(1, min(int(split_k), steps))
     steps_per_split = triton.cdiv(steps, split_k)
     split_k = triton.cdiv(steps, steps_per_split)  # no empty splits
@@ -99,7 +124,10 @@ def _config(M: int, N: int, Kq: int, device: torch.device, path: str, split_k: i
 
 
 def _default_path(M: int) -> str:
-    """The dispatch on M: ``"simt"`` up to SIMT_MAX_M, ``"gemv"`` up to GEMV_MAX_M, else ``"tc"``."""
+    """The dispatch on M: ``"dp4a"`` up to DP4A_MAX_M, ``"simt"`` up to SIMT_MAX_M, ``"gemv"`` up to
+    GEMV_MAX_M, else ``"tc"``."""
+    if M <= DP4A_MAX_M:
+        return "dp4a"
     return "simt" if M <= SIMT_MAX_M else "gemv" if M <= GEMV_MAX_M else "tc"
 
 
@@ -184,6 +212,8 @@ def _ternary_matmul_kernel(
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
     USE_DOT: tl.constexpr, OFFSET_TRICK: tl.constexpr, USE_ASM: tl.constexpr,
     FLOAT_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EVEN_KQ: tl.constexpr,  # BLOCK_KQ divides Kq: no step runs past a row
+    EVEN_K: tl.constexpr,  # K == 4 Kq: no padding columns
 ):
     """``acc[m, n] = sum_k q[m, k] t[n, k]`` (int32), then the epilogue of :func:`_store_tile`.
 
@@ -222,11 +252,19 @@ def _ternary_matmul_kernel(
     i_end = min(i_begin + steps_per_split * BLOCK_KQ, Kq)
     for i0 in range(i_begin, i_end, BLOCK_KQ):
         idx = i0 + tl.arange(0, BLOCK_KQ)
-        in_row = idx < Kq
-        b = tl.load(w_rows + idx[None, :], mask=n_mask[:, None] & in_row[None, :], other=0)
+        if EVEN_KQ:  # masks constant along K keep the loads 16 bytes wide
+            b = tl.load(w_rows + idx[None, :], mask=n_mask[:, None], other=0)
+        else:
+            in_row = idx < Kq
+            b = tl.load(w_rows + idx[None, :], mask=n_mask[:, None] & in_row[None, :], other=0)
         for j in tl.static_range(4):
             k = j * Kq + idx
-            qj = tl.load(q_rows + k[None, :], mask=m_mask[:, None] & (in_row & (k < K))[None, :], other=0)
+            if EVEN_KQ and EVEN_K:
+                qj = tl.load(q_rows + k[None, :], mask=m_mask[:, None], other=0)
+            elif EVEN_KQ:
+                qj = tl.load(q_rows + k[None, :], mask=m_mask[:, None] & (k < K)[None, :], other=0)
+            else:
+                qj = tl.load(q_rows + k[None, :], mask=m_mask[:, None] & (in_row & (k < K))[None, :], other=0)
             cj = _plane(b, j, not OFFSET_TRICK, USE_ASM)  # int8 [BLOCK_N, BLOCK_KQ]: c = t + 1, or t
             if USE_DOT:
                 acc = tl.dot(cj, tl.trans(qj), acc, out_dtype=tl.int32)
@@ -261,7 +299,162 @@ def _ternary_matmul_kernel(
                             m_mask, n_mask, FLOAT_OUT, HAS_BIAS)
 
 
-def _launch(name, q, x_scale, packed, w_scale, bias, out_dtype, float_out, path, split_k):
+@triton.jit
+def _dp4a(c, q, acc, USE_ASM: tl.constexpr):
+    """``acc + sum_b c.byte[b] * q.byte[b]`` per int32 lane: bytes of ``c`` unsigned, of ``q`` signed."""
+    if USE_ASM:
+        return tl.inline_asm_elementwise(
+            "dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [c, q, acc], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        for b in tl.static_range(4):
+            acc += ((c >> (8 * b)) & 0xFF) * ((q << (24 - 8 * b)) >> 24)
+        return acc
+
+
+@triton.jit
+def _ternary_dp4a_kernel(
+    q_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr,  # q as int32 words [M, K4], packed as int32 words [N, Kq4]
+    ws_ptr, lock_ptr,
+    M, N, K4, Kq4, words_per_split,
+    stride_qm, stride_wn, stride_om,  # in words (q, w) and elements (out)
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, SPLIT_K: tl.constexpr,
+    USE_ASM: tl.constexpr, FLOAT_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    EVEN_W: tl.constexpr,  # BLOCK_W divides Kq4: no step runs past a row
+    STREAM_HINT: tl.constexpr,  # evict-first loads of the weights
+    EVEN_K: tl.constexpr,  # K4 == 4 Kq4: no padding words
+):
+    """Small-M ternary GEMV on the CUDA cores with ``dp4a`` (4 int8 products per instruction).
+
+    A 32-bit word of packed weights holds, per plane ``j``, the codes ``c = t + 1`` of four
+    consecutive columns ``k = j Kq + 4i .. 4i + 3``; ``(word >> 2j) & 0x03030303`` lays them
+    out as four bytes, which meet the matching int32 word of ``q`` in one ``dp4a``. Then
+    ``acc = sum q c - sum q`` (the offset trick; ``sum q`` is a ``dp4a`` with ``0x01010101``).
+    Program ``(pid_n, pid_k, pid_m)`` owns ``BLOCK_N`` weight rows, ``BLOCK_M`` rows of ``q``
+    and one K split; everything stays in the blocked layout (no shared-memory shuffles).
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_mask = offs_n < N
+    m_mask = offs_m < M
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
+    q_rows = q_ptr + offs_m.to(tl.int64)[:, None] * stride_qm  # [BLOCK_M, 1]
+    acc = tl.zeros((BLOCK_N, BLOCK_M, BLOCK_W), dtype=tl.int32)
+    qsum = tl.zeros((BLOCK_M, BLOCK_W), dtype=tl.int32)
+    ones = tl.full((BLOCK_M, BLOCK_W), 0x01010101, tl.int32)
+    w_begin = pid_k * words_per_split
+    w_end = tl.minimum(w_begin + words_per_split, Kq4)
+    for w0 in range(w_begin, w_end, BLOCK_W):
+        widx = w0 + tl.arange(0, BLOCK_W)
+        if EVEN_W:  # masks constant along K keep the loads 16 bytes wide
+            wmask = n_mask[:, None]
+        else:
+            live = widx < w_end
+            wmask = n_mask[:, None] & live[None, :]
+        if STREAM_HINT:  # each weight byte is read once: keep it from evicting q and the scales
+            wt = tl.load(w_rows + widx[None, :], mask=wmask, other=0, eviction_policy="evict_first")
+        else:
+            wt = tl.load(w_rows + widx[None, :], mask=wmask, other=0)
+        for j in tl.static_range(4):
+            kw = j * Kq4 + widx
+            if EVEN_W and EVEN_K:
+                qj = tl.load(q_rows + kw[None, :], mask=m_mask[:, None], other=0)
+            elif EVEN_W:
+                qj = tl.load(q_rows + kw[None, :], mask=m_mask[:, None] & (kw < K4)[None, :], other=0)
+            else:
+                qj = tl.load(q_rows + kw[None, :], mask=m_mask[:, None] & (live & (kw < K4))[None, :], other=0)
+            cj = (wt >> (2 * j)) & 0x03030303
+            c3 = tl.broadcast_to(cj[:, None, :], (BLOCK_N, BLOCK_M, BLOCK_W))
+            q3 = tl.broadcast_to(qj[None, :, :], (BLOCK_N, BLOCK_M, BLOCK_W))
+            acc = _dp4a(c3, q3, acc, USE_ASM)
+            qsum = _dp4a(ones, qj, qsum, USE_ASM)
+    total = tl.sum(acc, axis=2) - tl.sum(qsum, axis=1)[None, :]  # [BLOCK_N, BLOCK_M]
+
+    out_offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
+    mask = n_mask[:, None] & m_mask[None, :]
+    if SPLIT_K == 1:
+        _store_tile(total, out_ptr, out_offs, mask, sx_ptr, sw_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask,
+                    FLOAT_OUT, HAS_BIAS)
+    else:
+        tl.atomic_add(ws_ptr + out_offs, total, mask=mask, sem="relaxed")
+        if FLOAT_OUT:
+            tl.debug_barrier()
+            arrived = tl.atomic_add(lock_ptr + pid_m * tl.num_programs(0) + pid_n, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:
+                total = tl.load(ws_ptr + out_offs, mask=mask, other=0, cache_modifier=".cg")
+                _store_tile(total, out_ptr, out_offs, mask, sx_ptr, sw_ptr, bias_ptr, offs_m, offs_n,
+                            m_mask, n_mask, FLOAT_OUT, HAS_BIAS)
+
+
+def _as_words(q: torch.Tensor) -> torch.Tensor:
+    """``q`` int8 ``[M, K]`` as int32 words ``[M, ceil(K/4)]``; zero-padded copy unless it can be viewed."""
+    M, K = q.shape
+    if K % 4 == 0 and q.stride(0) % 4 == 0 and q.stride(-1) == 1 and q.data_ptr() % 4 == 0:
+        return q.view(torch.int32)
+    padded = torch.zeros((M, 4 * triton.cdiv(K, 4)), dtype=torch.int8, device=q.device)
+    padded[:, :K] = q
+    return padded.view(torch.int32)
+
+
+def _dp4a_config(M: int, N: int, Kq: int, device: torch.device, split_k: int | None, override: dict | None) -> dict:
+    """Block sizes and K split of the dp4a GEMV (see ``_config``)."""
+    # H100 sweep (python -m bitfx.tune), M = 1: 4 weight rows x 128 words (512 bytes) per step,
+    # loaded evict-first.
+    cfg = dict(BLOCK_M=min(triton.next_power_of_2(max(M, 1)), 4), BLOCK_N=4, BLOCK_W=128, num_warps=4, num_stages=3,
+               STREAM_HINT=True)
+    if interpreting():
+        cfg.update(BLOCK_N=8, BLOCK_W=8)
+    if override:
+        unknown = set(override) - set(cfg)
+        if unknown:
+            raise ValueError(f"ternary_matmul: unknown dp4a config keys {sorted(unknown)}; tunable: {tuple(cfg)}")
+        cfg.update(override)
+    kq4 = Kq // 4
+    cfg["BLOCK_W"] = min(cfg["BLOCK_W"], triton.next_power_of_2(kq4))
+    tiles_n = triton.cdiv(N, cfg["BLOCK_N"])
+    tiles_m = triton.cdiv(M, cfg["BLOCK_M"])
+    steps = triton.cdiv(kq4, cfg["BLOCK_W"])
+    if split_k is None:  # split K only while the output tiles alone leave the SMs short of two waves
+        split_k = max(1, 2 * _num_sms(device) // (tiles_n * tiles_m))
+    split_k = max(1, min(int(split_k), steps))
+    steps_per_split = triton.cdiv(steps, split_k)
+    split_k = triton.cdiv(steps, steps_per_split)
+    cfg.update(SPLIT_K=split_k, words_per_split=steps_per_split * cfg["BLOCK_W"], tiles_n=tiles_n, tiles_m=tiles_m)
+    cfg["USE_ASM"] = device.type == "cuda" and torch.version.hip is None and not interpreting()
+    return cfg
+
+
+def _launch_dp4a(q, x_scale, packed, w_scale, bias, out, float_out, split_k, config):
+    M, K = q.shape
+    N, Kq = packed.shape
+    cfg = _dp4a_config(M, N, Kq, out.device, split_k, config)
+    q32 = _as_words(q)
+    if packed.stride(0) % 4 or packed.data_ptr() % 4:
+        packed = packed.contiguous()
+    w32 = packed.view(torch.int32)
+    ws = lock = out
+    if cfg["SPLIT_K"] > 1:
+        if float_out:
+            ws = torch.zeros((M, N), dtype=torch.int32, device=out.device)
+            lock = torch.zeros(cfg["tiles_n"] * cfg["tiles_m"], dtype=torch.int32, device=out.device)
+        else:
+            out.zero_()
+    grid = (cfg["tiles_n"], cfg["SPLIT_K"], cfg["tiles_m"])
+    _ternary_dp4a_kernel[grid](
+        q32, x_scale, w32, w_scale, bias, out, ws, lock,
+        M, N, q32.shape[1], Kq // 4, cfg["words_per_split"],
+        q32.stride(0), w32.stride(0), out.stride(0),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_W=cfg["BLOCK_W"], SPLIT_K=cfg["SPLIT_K"],
+        USE_ASM=cfg["USE_ASM"], FLOAT_OUT=float_out, HAS_BIAS=bias is not None,
+        EVEN_W=(Kq // 4) % cfg["BLOCK_W"] == 0, EVEN_K=q32.shape[1] == Kq, STREAM_HINT=cfg["STREAM_HINT"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return out
+
+
+def _launch(name, q, x_scale, packed, w_scale, bias, out_dtype, float_out, path, split_k, config=None):
     check_dtype(name, "activation codes q", q, (torch.int8,))
     check_dtype(name, "packed ternary weight", packed, (torch.uint8,))
     q = rows(name, "activation codes q [M, K]", q)
@@ -293,7 +486,9 @@ def _launch(name, q, x_scale, packed, w_scale, bias, out_dtype, float_out, path,
     out = torch.empty((M, N), dtype=out_dtype, device=device)
     if M == 0 or N == 0:
         return out
-    cfg = _config(M, N, Kq, device, path, split_k)
+    if path == "dp4a":
+        return _launch_dp4a(q, x_scale, packed, w_scale, bias, out, float_out, split_k, config)
+    cfg = _config(M, N, Kq, device, path, split_k, config)
     ws = lock = out
     if cfg["SPLIT_K"] > 1:
         if float_out:
@@ -310,6 +505,7 @@ def _launch(name, q, x_scale, packed, w_scale, bias, out_dtype, float_out, path,
         GROUP_M=cfg["GROUP_M"], SPLIT_K=cfg["SPLIT_K"],
         USE_DOT=cfg["USE_DOT"], OFFSET_TRICK=cfg["OFFSET_TRICK"], USE_ASM=cfg["USE_ASM"],
         FLOAT_OUT=float_out, HAS_BIAS=bias is not None,
+        EVEN_KQ=Kq % cfg["BLOCK_KQ"] == 0, EVEN_K=K == layout.PLANES * Kq,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
@@ -325,6 +521,7 @@ def ternary_matmul(
     *,
     path: str | None = None,
     split_k: int | None = None,
+    config: dict | None = None,
 ) -> torch.Tensor:
     """``out = (q @ t^T) / s_x / s_w + b``: ``[M, N]`` in ``out_dtype`` (fp32, fp16 or bf16).
 
@@ -332,13 +529,15 @@ def ternary_matmul(
     ``w_scale`` fp32 ``[N]``, ``bias`` ``[N]`` (any float dtype) or None. The product is exact in
     int32; the epilogue is ``acc * (1/s_x) * (1/s_w) + b`` in fp32 (correctly rounded reciprocals),
     within a few fp32 ulps of the reference's two divisions. NaN scales give NaN rows / columns.
-    ``path`` ("simt", "gemv", "tc") and ``split_k`` override the heuristic (for tests and tuning).
+    ``path`` ("simt", "gemv", "tc"), ``split_k`` and ``config`` (block sizes, warps, stages)
+    override the heuristic (for tests and tuning).
     """
-    return _launch("ternary_matmul", q, x_scale, packed, w_scale, bias, out_dtype, True, path, split_k)
+    return _launch("ternary_matmul", q, x_scale, packed, w_scale, bias, out_dtype, True, path, split_k, config)
 
 
 def ternary_matmul_int32(
-    q: torch.Tensor, packed: torch.Tensor, *, path: str | None = None, split_k: int | None = None
+    q: torch.Tensor, packed: torch.Tensor, *, path: str | None = None, split_k: int | None = None,
+    config: dict | None = None,
 ) -> torch.Tensor:
     """The exact integer product ``acc = q @ t^T``: int32 ``[M, N]`` for ``q`` int8 ``[M, K]``."""
-    return _launch("ternary_matmul_int32", q, None, packed, None, None, torch.int32, False, path, split_k)
+    return _launch("ternary_matmul_int32", q, None, packed, None, None, torch.int32, False, path, split_k, config)

@@ -33,7 +33,7 @@ from tests.helpers import FLOAT_DTYPES, KERNEL_DEVICE, ULP, assert_close_ulps
 DEV = KERNEL_DEVICE
 U = 2.0**-24
 SUBNORMAL_STEP = {torch.float32: 2.0**-149, torch.float16: 2.0**-24, torch.bfloat16: 2.0**-133}
-PATHS = [None, "simt", "gemv", "tc"]
+PATHS = [None, "dp4a", "simt", "gemv", "tc"]
 INTERESTING_K = [1, 2, 3, 5, 7, 13, 31, 61, 63, 64, 65, 127, 128, 129, 251, 257]
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # inf/NaN on purpose
@@ -81,8 +81,8 @@ def _make_scales(M, N, seed, special=False, device=DEV):
 def problems(draw, max_m=64, max_n=48, max_k=300):
     path = draw(st.sampled_from(PATHS))
     M = draw(st.one_of(st.sampled_from([0, 1, 2, 3, 16, 17, 33, 64, 65]), st.integers(0, max_m)))
-    if path == "simt":
-        M = min(M, 9)  # the CUDA-core path is meant for tiny M (and slow in the interpreter)
+    if path in ("simt", "dp4a"):
+        M = min(M, 9)  # the CUDA-core paths are meant for small M (and slow in the interpreter)
     N = draw(st.one_of(st.sampled_from([1, 2, 15, 16, 17, 33]), st.integers(1, max_n)))
     K = draw(st.one_of(st.sampled_from(INTERESTING_K), st.integers(1, max_k)))
     return dict(
@@ -131,6 +131,8 @@ def _assert_epilogue_close(actual, q, x_scale, packed, w_scale, bias, out_dtype)
 @example(p=_pin(0, 5, 7))
 @example(p=_pin(1, 1, 1))
 @example(p=_pin(1, 3, 1, "simt"))
+@example(p=_pin(1, 33, 300, "dp4a", 3, q_layout="transposed"))
+@example(p=_pin(5, 17, 203, "dp4a", None, q_layout="row_stride", w_layout="row_stride"))
 @example(p=_pin(1, 17, 129, "gemv", 3))
 @example(p=_pin(3, 2, 1, "tc"))
 @example(p=_pin(2, 1, 300, "simt", 2, q_layout="transposed", w_layout="row_stride"))
@@ -235,7 +237,10 @@ def test_from_quantized_floats():
 
 
 def test_dispatch_rule():
-    assert [tm._default_path(M) for M in (1, 16, 64, 65, 4096)] == ["gemv"] * 3 + ["tc"] * 2
+    assert [tm._default_path(M) for M in (1, 2, 3, 16, 64, 65, 4096)] == ["dp4a"] + ["gemv"] * 4 + ["tc"] * 2
+    for M in (1, 2, 7):
+        cfg = tm._dp4a_config(M, 4096, layout.packed_k(4096), DEV, None, None)
+        assert cfg["SPLIT_K"] * cfg["words_per_split"] >= layout.packed_k(4096) // 4
     for M in (1, 5, 64, 65, 1000):
         for path in ("simt", "gemv", "tc"):
             cfg = tm._config(M, 4096, layout.packed_k(4096), DEV, path, None)

@@ -1,0 +1,132 @@
+"""``python -m bitfx.tune``: sweep the ternary matmul's launch configurations (CUDA only).
+
+The dispatch table in :mod:`bitfx.kernels.ternary_matmul` (``_config``) is a deterministic
+heuristic, not run-time autotuning (autotuning cannot run inside a CUDA-graph capture, where
+decode steps live). This script is how that table is chosen: for each (M, K, N) it times the
+matmul alone (int8 codes and scales precomputed) under every candidate configuration, in a
+CUDA graph over rotating weight copies (cold L2, as :mod:`bitfx.bench`), checks each result
+against the default configuration's exactly (the int32 product is exact, so any config that
+differs is wrong), and prints the fastest few per shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+
+import torch
+import triton
+
+from bitfx.bench import _copies_for, time_graph
+
+ops = torch.ops.bitfx
+
+
+def _candidates(M: int):
+    """(path, split_k, config) triples worth trying at this M."""
+    out = [(None, None, None)]  # the current heuristic
+    if M <= 64:
+        for bn, bkq, split in itertools.product((32, 64), (128, 256), (1, 2)):
+            out.append(("gemv", split, dict(BLOCK_N=bn, BLOCK_KQ=bkq, num_warps=4, num_stages=4)))
+        if M <= 16:
+            bms = sorted({min(triton.next_power_of_2(M), 4), min(triton.next_power_of_2(M), 16)})
+            for bm, bn, bw, warps, stages, hint in itertools.product(
+                bms, (4, 8, 16), (64, 128, 256), (2, 4, 8), (2, 3), (False, True)
+            ):
+                if bm * bn * bw > 16384 or bm * bn * bw < 32 * warps * 4:
+                    continue
+                out.append(("dp4a", None, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, num_warps=warps, num_stages=stages,
+                                               STREAM_HINT=hint)))
+    else:
+        tiles = [(128, 128, 8), (128, 256, 8), (256, 128, 8)] if M >= 1024 else [(64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8)]
+        bkqs, splits = ((32, 64, 128), (1,)) if M >= 1024 else ((64, 128), (1, 2))
+        for (bm, bn, warps), bkq, stages, split in itertools.product(tiles, bkqs, (3, 4), splits):
+            if bkq * (4 * bm + bn) * stages > 220 * 1024:  # shared memory: 4 planes of q, bytes of w
+                continue
+            out.append(("tc", split, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_KQ=bkq, num_warps=warps, num_stages=stages)))
+    return out
+
+
+def sweep(M: int, K: int, N: int, top: int = 5, paths: tuple | None = None):
+    from bitfx.kernels import ternary_matmul as tm
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randint(-128, 128, (M, K), device="cuda", dtype=torch.int8, generator=g)
+    s_x = torch.rand(M, device="cuda", generator=g) + 0.5
+    w = torch.randn(N, K, device="cuda", generator=g).to(torch.bfloat16)
+    packed, s_w = ops.weight_quant(w, False)
+    copies = [packed.clone() for _ in range(_copies_for(packed.numel()))]
+    want = tm.ternary_matmul_int32(q, packed)
+    rows = []
+    cands = [c for i, c in enumerate(_candidates(M)) if i == 0 or paths is None or c[0] in paths]
+    for path, split, cfg in cands:
+        try:
+            got = tm.ternary_matmul_int32(q, packed, path=path, split_k=split, config=cfg)
+            if not torch.equal(got, want):
+                rows.append(dict(path=path, split=split, cfg=cfg, us=float("nan"), err="WRONG"))
+                continue
+            t = time_graph([lambda p=p: tm.ternary_matmul(q, s_x, p, s_w, None, torch.bfloat16, path=path,
+                                                            split_k=split, config=cfg) for p in copies])
+            rows.append(dict(path=path, split=split, cfg=cfg, us=t * 1e6))
+        except Exception as e:  # a config the compiler rejects (shared memory, registers): skip it
+            rows.append(dict(path=path, split=split, cfg=cfg, us=float("nan"), err=type(e).__name__))
+    ok = sorted((r for r in rows if r["us"] == r["us"]), key=lambda r: r["us"])
+    default = rows[0]["us"]
+    nbytes = M * K + packed.numel() + M * N * 2
+    print(f"M={M} K={K} N={N}: default {default:.1f} us; {len(ok)}/{len(rows)} configs ran", flush=True)
+    for r in ok[:top]:
+        print(f"   {r['us']:8.1f} us  {nbytes / r['us'] / 1e6:6.2f} TB/s  {2 * M * N * K / r['us'] / 1e6:7.0f} TOP/s  "
+              f"path={r['path']} split={r['split']} {r['cfg']}", flush=True)
+    wrong = [r for r in rows if r.get("err") == "WRONG"]
+    if wrong:
+        print(f"   WRONG results from {len(wrong)} configs: {wrong[:3]}", flush=True)
+    return dict(M=M, K=K, N=N, default_us=default, rows=rows)
+
+
+def sweep_norm_quant(M: int, K: int):
+    """Time ``norm_quant`` with each warp count (the launcher's ``_num_warps`` replaced)."""
+    from bitfx.kernels import norm_quant as nq
+
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(K, device="cuda", dtype=torch.bfloat16)
+    want = nq.norm_quant(x, g, 1e-6, False, True, torch.bfloat16)
+    saved = nq._num_warps
+    nbytes = M * K * 3 + M * 4
+    try:
+        for warps in (1, 2, 4, 8, 16, 32):
+            nq._num_warps = lambda block, w=warps: w
+            got = nq.norm_quant(x, g, 1e-6, False, True, torch.bfloat16)
+            same = all(torch.equal(a, b) for a, b in zip(got[:2], want[:2]))
+            t = time_graph([lambda: nq.norm_quant(x, g, 1e-6, False, True, torch.bfloat16)], reps=50)
+            print(f"norm_quant M={M} K={K} warps={warps}: {t * 1e6:.1f} us {nbytes / t / 1e12:.2f} TB/s "
+                  f"{'' if same else 'DIFFERENT'}", flush=True)
+    finally:
+        nq._num_warps = saved
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="1x8192x8192,1x4096x4096,1x4096x14336,1x14336x4096",
+                   help="comma-separated MxKxN")
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--json", default=None, help="write all rows here")
+    p.add_argument("--paths", default="", help="comma-separated paths to sweep (default: all)")
+    p.add_argument("--norm", default="", help="comma-separated MxK for norm_quant warp sweeps")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bitfx.tune needs a CUDA GPU")
+    for s in filter(None, args.norm.split(",")):
+        sweep_norm_quant(*(int(v) for v in s.split("x")))
+    res = []
+    for s in args.shapes.split(","):
+        M, K, N = (int(v) for v in s.split("x"))
+        res.append(sweep(M, K, N, args.top, tuple(args.paths.split(",")) if args.paths else None))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
