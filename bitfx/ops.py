@@ -17,7 +17,8 @@ Ops, with shapes (``...`` any leading dims, ``Kq = kernels.layout.packed_k(K)``)
 ``bitlinear(x[..., K], norm_weight[K]?, weight[N, K], bias[N]?, eps, offset, cast_before_weight, norm_dtype, per_channel)
     -> (out[..., N], q, x_scale, rstd f32[...], packed, w_scale)``; only ``out`` is meant for users, the rest is saved
     for the backward.
-``dequantize(packed u8[N, Kq], w_scale f32[N], K, dtype) -> [N, K]`` and
+``dequantize(packed u8[N, Kq], w_scale f32[N], K, dtype) -> [N, K]``,
+``act_dequant(q int8[..., K], x_scale f32[...], dtype) -> [..., K]`` and
 ``rms_norm_backward(dy[..., K], x[..., K], weight[K]?, rstd[...], offset) -> (dx[..., K], dweight f32[K])``: the
     pieces of bitlinear's backward.
 """
@@ -41,6 +42,7 @@ __all__ = [
     "bitlinear",
     "bitlinear_full",
     "dequantize",
+    "act_dequant",
     "rms_norm_backward",
 ]
 
@@ -250,6 +252,40 @@ def _(packed, w_scale, K, dtype):
     return packed.new_empty((packed.shape[0], K), dtype=dtype)
 
 
+# ---------------------------------------------------------------- act_dequant (backward piece)
+
+def _check_act_dequant_args(q, x_scale, dtype) -> None:
+    op = "act_dequant"
+    if q.dtype != torch.int8:
+        raise TypeError(f"bitfx.{op}: activation codes must be int8, got {_dtype_name(q.dtype)}")
+    if x_scale.dtype != torch.float32:
+        raise TypeError(f"bitfx.{op}: activation scale must be float32, got {_dtype_name(x_scale.dtype)}")
+    if tuple(x_scale.shape) != tuple(q.shape[:-1]):
+        raise ValueError(f"bitfx.{op}: activation scale has shape {tuple(x_scale.shape)}, expected {tuple(q.shape[:-1])}")
+    if dtype not in _FLOATS:
+        raise TypeError(f"bitfx.{op}: dtype must be a float dtype, got {dtype}")
+    _check_same_device(op, q, x_scale)
+
+
+@torch.library.custom_op("bitfx::act_dequant", mutates_args=())
+def act_dequant(q: Tensor, x_scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """``q / s_x`` as ``dtype [..., K]``: the activations the forward's matmul used."""
+    _check_act_dequant_args(q, x_scale, dtype)
+    return (q.float() / x_scale.float().unsqueeze(-1)).to(dtype)
+
+
+@act_dequant.register_kernel("cuda")
+def _(q, x_scale, dtype):
+    _check_act_dequant_args(q, x_scale, dtype)
+    return _kernels("norm_quant").act_dequant(_rows(q), x_scale.reshape(-1), dtype).view(q.shape)
+
+
+@act_dequant.register_fake
+def _(q, x_scale, dtype):
+    _check_act_dequant_args(q, x_scale, dtype)
+    return q.new_empty(q.shape, dtype=dtype)
+
+
 # ---------------------------------------------------------------- rms_norm_backward (backward piece)
 
 @torch.library.custom_op("bitfx::rms_norm_backward", mutates_args=())
@@ -359,7 +395,7 @@ def _bitlinear_backward(ctx, dout, *_unused):
     d2 = dout.reshape(-1, N)
     # The matmuls run in the gradient's dtype (bf16 tensor cores in bf16 training).
     mm_dtype = d2.dtype
-    y_dq = (q.reshape(-1, ctx.K).float() / x_scale.reshape(-1, 1)).to(mm_dtype)
+    y_dq = act_dequant(q.reshape(-1, ctx.K), x_scale.reshape(-1), mm_dtype)
     w_dq = dequantize(packed, w_scale, ctx.K, mm_dtype)
     dweight = (d2.t() @ y_dq).to(ctx.weight_dtype)
     dy = (d2 @ w_dq).reshape(x.shape)

@@ -47,6 +47,7 @@ def _op_cases(device, M=5, K=40, N=24, dtype=torch.bfloat16):
         "ternary_matmul": (ops.ternary_matmul.default, (q, s, packed, sw, b, dtype)),
         "ternary_matmul_nobias": (ops.ternary_matmul.default, (q, s, packed, sw, None, torch.float32)),
         "dequantize": (ops.dequantize.default, (packed, sw, K, dtype)),
+        "act_dequant": (ops.act_dequant.default, (q, s, dtype)),
         "rms_norm_backward": (ops.rms_norm_backward.default, (x, x, g, rstd, False)),
         "bitlinear": (
             ops.bitlinear.default,
