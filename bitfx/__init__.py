@@ -1,9 +1,19 @@
 """bitfx: BitNet b1.58 (ternary weights, int8 activations) as a compiler feature of PyTorch.
 
-``import bitfx`` registers the ``torch.ops.bitfx.*`` operators (see :mod:`bitfx.ops`).
+``import bitfx`` registers the ``torch.ops.bitfx.*`` operators (see :mod:`bitfx.ops`). The
+public API:
+
+* ``torch.compile(model, backend="bitfx")`` (the backend: :mod:`bitfx.backend`);
+* :func:`bitfx.quantize` converts a model once to packed 2-bit ternary linear layers;
+* :func:`bitfx.explain` reports the RMSNorm -> Linear sites it finds and what it rejects;
+* :func:`bitfx.bitlinear`, the differentiable BitLinear layer as a function.
 """
 
 from bitfx import ops, reference  # noqa: F401  (registers torch.ops.bitfx.*)
 from bitfx.ops import bitlinear  # noqa: F401
+from bitfx.backend import BitfxConfig  # noqa: F401
+from bitfx.modules import BitfxLinear  # noqa: F401
+from bitfx.explain import explain, ExplainReport  # noqa: F401,E402
+from bitfx.quantize import quantize, QuantizeConfig, QuantizeReport  # noqa: F401,E402
 
 __version__ = "0.1.0"

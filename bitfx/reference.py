@@ -240,13 +240,17 @@ def _check_matmul_args(q, x_scale, packed, w_scale, bias):
 def ternary_matmul_int32(q: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """The exact integer product ``acc = q @ t^T``, int32 ``[..., N]``.
 
-    Computed in float64, which is exact here: each term is at most 128 in magnitude, so
-    every partial sum stays far below 2**53 for any K a tensor can have.
+    Computed in floating point, which is exact here: every product is an integer of magnitude
+    at most 128, so every partial sum, in any order, is an integer of magnitude at most
+    ``128 K``: exact in float32 while ``128 K <= 2**24`` (K up to 131072), else in float64
+    (exact for any K a tensor can have).
     """
     if q.dtype != torch.int8:
         raise TypeError(f"activation codes must be int8, got {q.dtype}")
-    t = unpack_ternary(packed, q.shape[-1])
-    return (q.double() @ t.double().t()).to(torch.int32)
+    K = q.shape[-1]
+    t = unpack_ternary(packed, K)
+    dt = torch.float32 if 128 * K <= 2**24 else torch.float64
+    return (q.to(dt) @ t.to(dt).t()).to(torch.int32)
 
 
 def ternary_matmul(
