@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bitfx.kernels._utils import FLOAT_DTYPES, check_device, check_dtype, rows
+from bitfx.kernels._utils import cdiv, next_pow2, FLOAT_DTYPES, check_device, check_dtype, rows
 
 __all__ = ["norm_quant", "act_quant", "act_dequant", "rms_norm_backward"]
 
@@ -43,10 +43,10 @@ _ANY_FLOAT = FLOAT_DTYPES + (torch.float64,)
 
 def _row_block(K: int, max_block: int) -> tuple[int, bool]:
     """(BLOCK_K, whole row in one block) for rows of K elements."""
-    block = triton.next_power_of_2(max(K, 16))
+    block = next_pow2(max(K, 16))
     if block <= max_block:
         return block, True
-    return min(triton.next_power_of_2(max_block), _CHUNK), False
+    return min(next_pow2(max_block), _CHUNK), False
 
 
 def _num_warps(block: int) -> int:
@@ -330,9 +330,9 @@ def act_dequant(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> tor
     out = torch.empty((M, K), dtype=dtype, device=q.device)
     if M == 0 or K == 0:
         return out
-    block_k = min(triton.next_power_of_2(K), 1024)
+    block_k = min(next_pow2(K), 1024)
     block_m = max(1, 4096 // block_k)
-    grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k))
+    grid = (cdiv(M, block_m), cdiv(K, block_k))
     _act_dequant_kernel[grid](q, scale.contiguous(), out, M, K, q.stride(0), OUT_ROUND=_ROUND_CODE[dtype],
                               BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4)
     return out
@@ -490,7 +490,7 @@ def rms_norm_backward(
         rstd.stride(0),
         M,
         K,
-        triton.cdiv(M, P),
+        cdiv(M, P),
         HAS_WEIGHT=weight is not None,
         OFFSET=bool(offset),
         CAST_BEFORE_WEIGHT=bool(cast_before_weight),

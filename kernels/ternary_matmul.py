@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from bitfx.kernels import layout
-from bitfx.kernels._utils import FLOAT_DTYPES, check_device, check_dtype, interpreting, rows
+from bitfx.kernels._utils import cdiv, next_pow2, FLOAT_DTYPES, check_device, check_dtype, interpreting, rows
 
 __all__ = ["ternary_matmul", "ternary_matmul_int32", "DP4A_MAX_M", "GEMV_MAX_M", "SIMT_MAX_M"]
 
@@ -74,14 +74,14 @@ def _config(M: int, N: int, Kq: int, device: torch.device, path: str, split_k: i
     if path == "simt":
         # CUDA cores, 8 KB of packed weight per step; the [BLOCK_N, BLOCK_M, BLOCK_KQ] products
         # stay at 8K elements (64 registers a thread) for every BLOCK_M.
-        block_m = min(triton.next_power_of_2(M), 4)
-        block_n, block_kq = min(32, triton.next_power_of_2(N)), 256 // block_m
+        block_m = min(next_pow2(M), 4)
+        block_n, block_kq = min(32, next_pow2(N)), 256 // block_m
         cfg = dict(BLOCK_M=block_m, GROUP_M=1, USE_DOT=False, OFFSET_TRICK=True, num_warps=4, num_stages=3)
     elif path == "gemv":
         # Weight streaming: 8 KB of packed weight per step; BLOCK_N = 64 is one warpgroup's wgmma
         # m, and q (M padded to 16 .. 64) its n. Raw codes + row sums of q are cheaper than
         # c - 1 while BLOCK_M < BLOCK_N.
-        block_m = min(max(16, triton.next_power_of_2(M)), 64)
+        block_m = min(max(16, next_pow2(M)), 64)
         block_n, block_kq = 64, 128
         cfg = dict(BLOCK_M=block_m, GROUP_M=1, USE_DOT=True, OFFSET_TRICK=block_m <= 32, num_warps=4,
                    num_stages=4 if block_m <= 32 else 3)  # 40 KB of shared memory a stage at BLOCK_M = 64
@@ -90,7 +90,7 @@ def _config(M: int, N: int, Kq: int, device: torch.device, path: str, split_k: i
         # in registers). The largest tile that still gives every SM a tile: 128 (q rows) x 256
         # (weight rows) for prefill, down to 64 x 64 for a few hundred rows (H100 sweep).
         for block_m, block_n, block_kq, warps in _TC_TILES:
-            if triton.cdiv(M, block_m) * triton.cdiv(N, block_n) >= _num_sms(device):
+            if cdiv(M, block_m) * cdiv(N, block_n) >= _num_sms(device):
                 break
         cfg = dict(BLOCK_M=block_m, GROUP_M=8, USE_DOT=True, OFFSET_TRICK=False, num_warps=warps, num_stages=3)
     if interpreting():  # small blocks: small test shapes still cover several tiles, steps and groups
@@ -107,16 +107,16 @@ def _config(M: int, N: int, Kq: int, device: torch.device, path: str, split_k: i
         block_n = override.get("BLOCK_N", block_n)
         block_kq = override.get("BLOCK_KQ", block_kq)
     # Short rows: no longer step than the row (tl.dot wants K >= 16, int8 MMAs K = 32).
-    block_kq = min(block_kq, max(triton.next_power_of_2(Kq), 32 if cfg["USE_DOT"] else 16))
+    block_kq = min(block_kq, max(next_pow2(Kq), 32 if cfg["USE_DOT"] else 16))
 
-    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
-    steps = triton.cdiv(Kq, block_kq)
+    tiles = cdiv(M, block_m) * cdiv(N, block_n)
+    steps = cdiv(Kq, block_kq)
     if split_k is None:  # split K only when the output tiles alone leave most SMs idle (H100 sweep:
         # at 64 tiles on 132 SMs, splitting in two was slower than not, for its zeroed workspace)
         split_k = _num_sms(device) // tiles if 4 * tiles <= _num_sms(device) else 1
     split_k = max(1, min(int(split_k), steps))
-    steps_per_split = triton.cdiv(steps, split_k)
-    split_k = triton.cdiv(steps, steps_per_split)  # no empty splits
+    steps_per_split = cdiv(steps, split_k)
+    split_k = cdiv(steps, steps_per_split)  # no empty splits
     cfg.update(BLOCK_N=block_n, BLOCK_KQ=block_kq, SPLIT_K=split_k, steps_per_split=steps_per_split, tiles=tiles)
     # Inline PTX on NVIDIA GPUs only (not in the interpreter, not on ROCm).
     cfg["USE_ASM"] = device.type == "cuda" and torch.version.hip is None and not interpreting()
@@ -393,7 +393,7 @@ def _as_words(q: torch.Tensor) -> torch.Tensor:
     M, K = q.shape
     if K % 4 == 0 and q.stride(0) % 4 == 0 and q.stride(-1) == 1 and q.data_ptr() % 4 == 0:
         return q.view(torch.int32)
-    padded = torch.zeros((M, 4 * triton.cdiv(K, 4)), dtype=torch.int8, device=q.device)
+    padded = torch.zeros((M, 4 * cdiv(K, 4)), dtype=torch.int8, device=q.device)
     padded[:, :K] = q
     return padded.view(torch.int32)
 
@@ -402,7 +402,7 @@ def _dp4a_config(M: int, N: int, Kq: int, device: torch.device, split_k: int | N
     """Block sizes and K split of the dp4a GEMV (see ``_config``)."""
     # H100 sweep (python -m bitfx.tune), M = 1: 4 weight rows x 128 words (512 bytes) per step,
     # loaded evict-first.
-    cfg = dict(BLOCK_M=min(triton.next_power_of_2(max(M, 1)), 4), BLOCK_N=4, BLOCK_W=128, num_warps=4, num_stages=3,
+    cfg = dict(BLOCK_M=min(next_pow2(max(M, 1)), 4), BLOCK_N=4, BLOCK_W=128, num_warps=4, num_stages=3,
                STREAM_HINT=True)
     if interpreting():
         cfg.update(BLOCK_N=8, BLOCK_W=8)
@@ -412,15 +412,15 @@ def _dp4a_config(M: int, N: int, Kq: int, device: torch.device, split_k: int | N
             raise ValueError(f"ternary_matmul: unknown dp4a config keys {sorted(unknown)}; tunable: {tuple(cfg)}")
         cfg.update(override)
     kq4 = Kq // 4
-    cfg["BLOCK_W"] = min(cfg["BLOCK_W"], triton.next_power_of_2(kq4))
-    tiles_n = triton.cdiv(N, cfg["BLOCK_N"])
-    tiles_m = triton.cdiv(M, cfg["BLOCK_M"])
-    steps = triton.cdiv(kq4, cfg["BLOCK_W"])
+    cfg["BLOCK_W"] = min(cfg["BLOCK_W"], next_pow2(kq4))
+    tiles_n = cdiv(N, cfg["BLOCK_N"])
+    tiles_m = cdiv(M, cfg["BLOCK_M"])
+    steps = cdiv(kq4, cfg["BLOCK_W"])
     if split_k is None:  # split K only while the output tiles alone leave the SMs short of two waves
         split_k = max(1, 2 * _num_sms(device) // (tiles_n * tiles_m))
     split_k = max(1, min(int(split_k), steps))
-    steps_per_split = triton.cdiv(steps, split_k)
-    split_k = triton.cdiv(steps, steps_per_split)
+    steps_per_split = cdiv(steps, split_k)
+    split_k = cdiv(steps, steps_per_split)
     cfg.update(SPLIT_K=split_k, words_per_split=steps_per_split * cfg["BLOCK_W"], tiles_n=tiles_n, tiles_m=tiles_m)
     cfg["USE_ASM"] = device.type == "cuda" and torch.version.hip is None and not interpreting()
     return cfg

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from bitfx.kernels import layout
-from bitfx.kernels._utils import FLOAT_DTYPES, check_device, check_dtype, interpreting
+from bitfx.kernels._utils import cdiv, next_pow2, FLOAT_DTYPES, check_device, check_dtype, interpreting
 
 __all__ = ["weight_scale", "quantize_pack", "weight_quant", "unpack_ternary", "dequantize"]
 
@@ -41,7 +41,7 @@ def _check_scale(name: str, s_w: torch.Tensor, N: int) -> torch.Tensor:
 
 def _tile_rows_cols(K: int) -> tuple[int, int]:
     """Block sizes for a row-wise pass over K columns: [BLOCK_N, BLOCK_K], ~4K elements a tile."""
-    block_k = min(triton.next_power_of_2(K), 128 if interpreting() else 1024)
+    block_k = min(next_pow2(K), 128 if interpreting() else 1024)
     block_n = max(1, min(64, 4096 // block_k))
     return block_n, block_k
 
@@ -93,7 +93,7 @@ def weight_scale(w: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
     if N == 0:
         return out
     block_n, block_k = _tile_rows_cols(K)
-    _abs_row_sum_kernel[(triton.cdiv(N, block_n),)](
+    _abs_row_sum_kernel[(cdiv(N, block_n),)](
         w, out, N, K, w.stride(0), w.stride(1),
         FINISH=per_channel, BLOCK_N=block_n, BLOCK_K=block_k,
     )
@@ -154,9 +154,9 @@ def quantize_pack(w: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
     out = torch.empty((N, Kq), dtype=torch.uint8, device=device)
     if N == 0:
         return out
-    block_kq = min(triton.next_power_of_2(Kq), 64 if interpreting() else 256)
+    block_kq = min(next_pow2(Kq), 64 if interpreting() else 256)
     block_n = max(1, min(64, 4096 // block_kq))
-    grid = (triton.cdiv(N, block_n), triton.cdiv(Kq, block_kq))
+    grid = (cdiv(N, block_n), cdiv(Kq, block_kq))
     _quantize_pack_kernel[grid](
         w, s_w, out, N, K, Kq, w.stride(0), w.stride(1), BLOCK_N=block_n, BLOCK_KQ=block_kq
     )
@@ -220,9 +220,9 @@ def _unpack_launch(name: str, packed: torch.Tensor, s_w: torch.Tensor | None, K:
     out = torch.empty((N, K), dtype=dtype, device=device)
     if N == 0:
         return out
-    block_kq = min(triton.next_power_of_2(Kq), 64 if interpreting() else 256)
+    block_kq = min(next_pow2(Kq), 64 if interpreting() else 256)
     block_n = max(1, min(64, 4096 // block_kq))
-    grid = (triton.cdiv(N, block_n), triton.cdiv(Kq, block_kq))
+    grid = (cdiv(N, block_n), cdiv(Kq, block_kq))
     _unpack_kernel[grid](
         packed, s_w, out, N, K, Kq, packed.stride(0),
         DEQUANT=s_w is not None, BLOCK_N=block_n, BLOCK_KQ=block_kq,
