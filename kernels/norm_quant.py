@@ -98,6 +98,18 @@ def _rstd(sum_sq, K, eps):
 
 
 @triton.jit
+def _g_eff(W, cols, mask, HAS_WEIGHT: tl.constexpr, OFFSET: tl.constexpr):
+    """The norm's effective weight at ``cols`` in fp32: ``g``, ``1 + g`` (OFFSET), or 1 (no weight)."""
+    if HAS_WEIGHT:
+        g = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+        if OFFSET:
+            g = 1.0 + g
+    else:
+        g = tl.zeros(cols.shape, dtype=tl.float32) + 1.0
+    return g
+
+
+@triton.jit
 def _norm_chunk(
     x,
     W,
@@ -118,10 +130,7 @@ def _norm_chunk(
         if CAST_BEFORE_WEIGHT:
             y = _round_to(y, X_ROUND)
         if HAS_WEIGHT:
-            g = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-            if OFFSET:
-                g = 1.0 + g
-            y = y * g
+            y = y * _g_eff(W, cols, mask, HAS_WEIGHT, OFFSET)
         y = _round_to(y, Y_ROUND)
     return y
 
@@ -371,11 +380,7 @@ def _rms_norm_bwd_kernel(
     DW += pid.to(tl.int64) * K
     if ONE_BLOCK:
         kmask = cols < K
-        g = tl.zeros([BLOCK_K], dtype=tl.float32) + 1.0
-        if HAS_WEIGHT:
-            g = tl.load(W + cols, mask=kmask, other=0.0).to(tl.float32)
-            if OFFSET:
-                g = 1.0 + g
+        g = _g_eff(W, cols, kmask, HAS_WEIGHT, OFFSET)
         dw = tl.zeros([BLOCK_K], dtype=tl.float32)
     for i in range(0, ROWS_PER_PROGRAM):
         row = pid + i * P
@@ -403,13 +408,7 @@ def _rms_norm_bwd_kernel(
                 m = cc < k_live
                 x = tl.load(X + row * stride_x + cc, mask=m, other=0.0).to(tl.float32)
                 dy = tl.load(DY + row * stride_dy + cc, mask=m, other=0.0).to(tl.float32)
-                u = dy
-                if HAS_WEIGHT:
-                    gc = tl.load(W + cc, mask=m, other=0.0).to(tl.float32)
-                    if OFFSET:
-                        gc = 1.0 + gc
-                    u = dy * gc
-                acc += x * rstd * u
+                acc += x * rstd * (dy * _g_eff(W, cc, m, HAS_WEIGHT, OFFSET))
             c = tl.math.div_rn(tl.sum(acc, axis=0), K * 1.0)
             for k0 in range(0, K, BLOCK_K):
                 cc = k0 + cols
@@ -417,13 +416,7 @@ def _rms_norm_bwd_kernel(
                 x = tl.load(X + row * stride_x + cc, mask=m, other=0.0).to(tl.float32)
                 dy = tl.load(DY + row * stride_dy + cc, mask=m, other=0.0).to(tl.float32)
                 r = x * rstd
-                u = dy
-                if HAS_WEIGHT:
-                    gc = tl.load(W + cc, mask=m, other=0.0).to(tl.float32)
-                    if OFFSET:
-                        gc = 1.0 + gc
-                    u = dy * gc
-                dx = (u - r * c) * rstd
+                dx = (dy * _g_eff(W, cc, m, HAS_WEIGHT, OFFSET) - r * c) * rstd
                 tl.store(DX + row * K + cc, _round_to(dx, X_ROUND).to(DX.dtype.element_ty), mask=m)
                 if HAS_WEIGHT:
                     if CAST_BEFORE_WEIGHT:

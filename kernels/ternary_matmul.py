@@ -203,6 +203,29 @@ def _store_tile(
 
 
 @triton.jit
+def _finish_tile(
+    acc, out_ptr, out_offs, mask, sx_ptr, sw_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask, ws_ptr, lock,
+    SPLIT_K: tl.constexpr, FLOAT_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
+):
+    """Store a finished ``acc^T`` tile, or with ``SPLIT_K > 1`` add this split's partial sums into
+    the zeroed int32 workspace (integer atomics: exact and order-free; without a float epilogue
+    the workspace is the output) and let the last split of the tile (``lock``: its arrival
+    counter) run the epilogue on the total."""
+    if SPLIT_K == 1:
+        _store_tile(acc, out_ptr, out_offs, mask, sx_ptr, sw_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask,
+                    FLOAT_OUT, HAS_BIAS)
+    else:
+        tl.atomic_add(ws_ptr + out_offs, acc, mask=mask, sem="relaxed")
+        if FLOAT_OUT:
+            tl.debug_barrier()  # every thread's adds happen before the release below
+            arrived = tl.atomic_add(lock, 1, sem="acq_rel")
+            if arrived == SPLIT_K - 1:  # the last split of this tile: all partial sums are in
+                total = tl.load(ws_ptr + out_offs, mask=mask, other=0, cache_modifier=".cg")
+                _store_tile(total, out_ptr, out_offs, mask, sx_ptr, sw_ptr, bias_ptr, offs_m, offs_n,
+                            m_mask, n_mask, FLOAT_OUT, HAS_BIAS)
+
+
+@triton.jit
 def _ternary_matmul_kernel(
     q_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr,  # q int8 [M, K], s_x [M], packed uint8 [N, Kq], s_w [N], b [N], out [M, N]
     ws_ptr, lock_ptr,  # split-K: zeroed int32 [M, N] workspace and [tiles] arrival counters
@@ -284,19 +307,8 @@ def _ternary_matmul_kernel(
 
     out_offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
     mask = n_mask[:, None] & m_mask[None, :]
-    if SPLIT_K == 1:
-        _store_tile(acc, out_ptr, out_offs, mask, sx_ptr, sw_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask,
-                    FLOAT_OUT, HAS_BIAS)
-    else:
-        # Integer atomics are exact and order-free. Without a float epilogue ws_ptr is the output.
-        tl.atomic_add(ws_ptr + out_offs, acc, mask=mask, sem="relaxed")
-        if FLOAT_OUT:
-            tl.debug_barrier()  # every thread's adds happen before the release below
-            arrived = tl.atomic_add(lock_ptr + pid_m * num_pid_n + pid_n, 1, sem="acq_rel")
-            if arrived == SPLIT_K - 1:  # the last split of this tile: all partial sums are in
-                total = tl.load(ws_ptr + out_offs, mask=mask, other=0, cache_modifier=".cg")
-                _store_tile(total, out_ptr, out_offs, mask, sx_ptr, sw_ptr, bias_ptr, offs_m, offs_n,
-                            m_mask, n_mask, FLOAT_OUT, HAS_BIAS)
+    _finish_tile(acc, out_ptr, out_offs, mask, sx_ptr, sw_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask,
+                 ws_ptr, lock_ptr + pid_m * num_pid_n + pid_n, SPLIT_K, FLOAT_OUT, HAS_BIAS)
 
 
 @triton.jit
@@ -374,18 +386,19 @@ def _ternary_dp4a_kernel(
 
     out_offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
     mask = n_mask[:, None] & m_mask[None, :]
-    if SPLIT_K == 1:
-        _store_tile(total, out_ptr, out_offs, mask, sx_ptr, sw_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask,
-                    FLOAT_OUT, HAS_BIAS)
-    else:
-        tl.atomic_add(ws_ptr + out_offs, total, mask=mask, sem="relaxed")
-        if FLOAT_OUT:
-            tl.debug_barrier()
-            arrived = tl.atomic_add(lock_ptr + pid_m * tl.num_programs(0) + pid_n, 1, sem="acq_rel")
-            if arrived == SPLIT_K - 1:
-                total = tl.load(ws_ptr + out_offs, mask=mask, other=0, cache_modifier=".cg")
-                _store_tile(total, out_ptr, out_offs, mask, sx_ptr, sw_ptr, bias_ptr, offs_m, offs_n,
-                            m_mask, n_mask, FLOAT_OUT, HAS_BIAS)
+    _finish_tile(total, out_ptr, out_offs, mask, sx_ptr, sw_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask,
+                 ws_ptr, lock_ptr + pid_m * tl.num_programs(0) + pid_n, SPLIT_K, FLOAT_OUT, HAS_BIAS)
+
+
+def _split_k_workspace(out: torch.Tensor, split_k: int, tiles: int, float_out: bool):
+    """``(ws, lock)`` for :func:`_finish_tile`: a zeroed int32 workspace and per-tile arrival
+    counters when K is split (the int32 output itself is the workspace); unused otherwise."""
+    if split_k == 1:
+        return out, out
+    if not float_out:
+        return out.zero_(), out
+    ws = torch.zeros(out.shape, dtype=torch.int32, device=out.device)
+    return ws, torch.zeros(tiles, dtype=torch.int32, device=out.device)
 
 
 def _as_words(q: torch.Tensor) -> torch.Tensor:
@@ -434,13 +447,7 @@ def _launch_dp4a(q, x_scale, packed, w_scale, bias, out, float_out, split_k, con
     if packed.stride(0) % 4 or packed.data_ptr() % 4:
         packed = packed.contiguous()
     w32 = packed.view(torch.int32)
-    ws = lock = out
-    if cfg["SPLIT_K"] > 1:
-        if float_out:
-            ws = torch.zeros((M, N), dtype=torch.int32, device=out.device)
-            lock = torch.zeros(cfg["tiles_n"] * cfg["tiles_m"], dtype=torch.int32, device=out.device)
-        else:
-            out.zero_()
+    ws, lock = _split_k_workspace(out, cfg["SPLIT_K"], cfg["tiles_n"] * cfg["tiles_m"], float_out)
     grid = (cfg["tiles_n"], cfg["SPLIT_K"], cfg["tiles_m"])
     _ternary_dp4a_kernel[grid](
         q32, x_scale, w32, w_scale, bias, out, ws, lock,
@@ -489,13 +496,7 @@ def _launch(name, q, x_scale, packed, w_scale, bias, out_dtype, float_out, path,
     if path == "dp4a":
         return _launch_dp4a(q, x_scale, packed, w_scale, bias, out, float_out, split_k, config)
     cfg = _config(M, N, Kq, device, path, split_k, config)
-    ws = lock = out
-    if cfg["SPLIT_K"] > 1:
-        if float_out:
-            ws = torch.zeros((M, N), dtype=torch.int32, device=device)
-            lock = torch.zeros(cfg["tiles"], dtype=torch.int32, device=device)
-        else:
-            out.zero_()
+    ws, lock = _split_k_workspace(out, cfg["SPLIT_K"], cfg["tiles"], float_out)
     grid = (cfg["tiles"], cfg["SPLIT_K"])
     _ternary_matmul_kernel[grid](
         q, x_scale, packed, w_scale, bias, out, ws, lock,

@@ -197,19 +197,19 @@ def test_eager_bitlinear_compiled_equals_eager():
     assert_close_up_to_code_flips(got, want)
 
 
-def test_training_loss_falls():
+def check_training_loss_falls(device: str = "cpu", steps: int = 200):
     """A small Llama-style model compiled with the backend trains (AOTAutograd runs the
     bitlinear op's straight-through backward); gradients reach norm and linear weights."""
     torch.manual_seed(0)
-    model = models.TinyLlama(styles=("llama", "gemma"), vocab=48, dim=32, hidden=64, heads=2).train()
+    model = models.TinyLlama(styles=("llama", "gemma"), vocab=48, dim=32, hidden=64, heads=2).to(device).train()
     backend, graphs = recording_backend()
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 48, (4, 16), generator=g)
+    ids = torch.randint(0, 48, (4, 16), generator=g).to(device)
     inputs, targets = ids[:, :-1], ids[:, 1:]
     losses = []
-    for step in range(200):
+    for step in range(steps):
         loss = F.cross_entropy(compiled(inputs).flatten(0, 1), targets.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -222,6 +222,10 @@ def test_training_loss_falls():
     assert len(graphs) == 1
     assert op_counts(graphs[0]) == Counter(bitlinear=5, linear=2 + 1)
     assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
+
+
+def test_training_loss_falls():
+    check_training_loss_falls("cpu")
 
 
 def test_logging(caplog):

@@ -8,16 +8,19 @@ decode step under ``mode="reduce-overhead"`` replays a CUDA graph.
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import bitfx
 from tests import models
-from tests.test_backend import TRANSFORMERS, assert_close_up_to_code_flips, op_counts, recording_backend
+from tests.test_backend import (
+    TRANSFORMERS,
+    assert_close_up_to_code_flips,
+    check_training_loss_falls,
+    op_counts,
+    recording_backend,
+)
 
 pytestmark = pytest.mark.cuda
 
@@ -64,27 +67,7 @@ def test_bf16_llama_cuda():
 
 
 def test_training_loss_falls_cuda():
-    torch.manual_seed(0)
-    model = models.TinyLlama(styles=("llama", "gemma"), vocab=48, dim=32, hidden=64, heads=2).cuda().train()
-    backend, graphs = recording_backend()
-    compiled = torch.compile(model, backend=backend, fullgraph=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 48, (4, 16), generator=g).cuda()
-    inputs, targets = ids[:, :-1], ids[:, 1:]
-    losses = []
-    for step in range(150):
-        loss = F.cross_entropy(compiled(inputs).flatten(0, 1), targets.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if step == 0:
-            layer = model.layers[0]
-            for p in (layer.attn_norm.weight, layer.mlp_norm.weight, layer.q_proj.weight, layer.up_proj.weight):
-                assert p.grad is not None and p.grad.abs().sum() > 0
-        opt.step()
-        losses.append(loss.item())
-    assert op_counts(graphs[0]) == Counter(bitlinear=5, linear=3)
-    assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
+    check_training_loss_falls("cuda", steps=150)
 
 
 def test_quantize_round_trip_and_compile_cuda(tmp_path):
