@@ -58,9 +58,10 @@ class BitfxConfig:
     filter_fn: ``filter_fn(fqn) -> bool`` on each linear's module name (e.g.
         ``"model.layers.0.mlp.up_proj"``): False leaves that linear dense. None: all.
     skip_output_head: leave the output head (``lm_head``...) dense.
-    training: True rewrites to the differentiable ``bitlinear`` op, False to the inference
-        ops (``norm_quant`` once per norm, ``ternary_matmul`` per linear). None: training when
-        grad mode is on and some input of the graph (parameters included) requires grad.
+    training: True rewrites to the differentiable ``bitlinear_group`` op (one per norm and its
+        linears), False to the inference ops (``norm_quant`` once per norm, ``ternary_matmul``
+        per linear). None: training when grad mode is on and some input of the graph
+        (parameters included) requires grad.
     per_channel: per-output-channel weight scales instead of one per tensor.
     """
 

@@ -41,6 +41,7 @@ __all__ = [
     "ternary_matmul",
     "bitlinear",
     "bitlinear_full",
+    "bitlinear_group",
     "dequantize",
     "act_dequant",
     "rms_norm_backward",
@@ -406,6 +407,127 @@ def _bitlinear_backward(ctx, dout, *_unused):
 
 
 torch.library.register_autograd("bitfx::bitlinear", _bitlinear_backward, setup_context=_bitlinear_setup_context)
+
+
+# ---------------------------------------------------------------- bitlinear_group (training, one norm, several linears)
+
+def _check_group_args(x, norm_weight, weights, biases, norm_dtype, per_channel):
+    if len(weights) == 0:
+        raise ValueError("bitfx.bitlinear_group: needs at least one linear weight")
+    if len(biases) not in (0, len(weights)) or len(per_channel) != len(weights):
+        raise ValueError(
+            f"bitfx.bitlinear_group: {len(weights)} weights but {len(biases)} biases and "
+            f"{len(per_channel)} per_channel flags; give one flag per weight, and one bias per "
+            f"weight or none at all"
+        )
+    for w, b in zip(weights, _bias_list(biases, len(weights))):
+        _check_bitlinear_args(x, norm_weight, w, b, norm_dtype)
+
+
+def _bias_list(biases: list, n: int) -> list:
+    # A list of optional tensors would hide the biases from autograd (custom ops flatten only
+    # lists of tensors), so the op takes a bias for every weight or for none.
+    return list(biases) if biases else [None] * n
+
+
+@torch.library.custom_op("bitfx::bitlinear_group", mutates_args=())
+def bitlinear_group(
+    x: Tensor,
+    norm_weight: Optional[Tensor],
+    weights: list[Tensor],
+    biases: list[Tensor],
+    eps: float,
+    offset: bool,
+    cast_before_weight: bool,
+    norm_dtype: torch.dtype,
+    per_channel: list[bool],
+) -> tuple[list[Tensor], Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]:
+    """``bitlinear`` for one norm feeding several linears (q/k/v, gate/up): the norm and the
+    activation quantization run once, their codes serve every weight. Returns
+    ``(outs, q, x_scale, rstd, packed, w_scales)``, ``outs[i] = bitlinear(x, g, weights[i], biases[i])``
+    to the last bit; the gradient reaching the norm is the sum over the linears. ``biases`` holds
+    one bias per weight, or is empty (no biases)."""
+    _check_group_args(x, norm_weight, weights, biases, norm_dtype, per_channel)
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(dim=-1) + eps)
+    q, x_scale = ref.norm_quant(x, norm_weight, eps, offset=offset, cast_before_weight=cast_before_weight, norm_dtype=norm_dtype)
+    outs, packs, scales = [], [], []
+    for w, b, pc in zip(weights, _bias_list(biases, len(weights)), per_channel):
+        packed, w_scale = ref.weight_quant(w, pc)
+        outs.append(ref.ternary_matmul(q, x_scale, packed, w_scale, b, norm_dtype))
+        packs.append(packed)
+        scales.append(w_scale)
+    return outs, q, x_scale, rstd, packs, scales
+
+
+@bitlinear_group.register_kernel("cuda")
+def _(x, norm_weight, weights, biases, eps, offset, cast_before_weight, norm_dtype, per_channel):
+    _check_group_args(x, norm_weight, weights, biases, norm_dtype, per_channel)
+    q, x_scale, rstd = _kernels("norm_quant").norm_quant(_rows(x), norm_weight, eps, offset, cast_before_weight, norm_dtype)
+    lead = x.shape[:-1]
+    outs, packs, scales = [], [], []
+    for w, b, pc in zip(weights, _bias_list(biases, len(weights)), per_channel):
+        packed, w_scale = _kernels("weight_pack").weight_quant(w, pc)
+        out = _kernels("ternary_matmul").ternary_matmul(q, x_scale, packed, w_scale, b, norm_dtype)
+        outs.append(out.view(*lead, w.shape[0]))
+        packs.append(packed)
+        scales.append(w_scale)
+    return outs, q.view(x.shape), x_scale.view(lead), rstd.view(lead), packs, scales
+
+
+@bitlinear_group.register_fake
+def _(x, norm_weight, weights, biases, eps, offset, cast_before_weight, norm_dtype, per_channel):
+    _check_group_args(x, norm_weight, weights, biases, norm_dtype, per_channel)
+    lead = x.shape[:-1]
+    return (
+        [x.new_empty((*lead, w.shape[0]), dtype=norm_dtype) for w in weights],
+        x.new_empty(x.shape, dtype=torch.int8),
+        x.new_empty(lead, dtype=torch.float32),
+        x.new_empty(lead, dtype=torch.float32),
+        [x.new_empty((w.shape[0], packed_k(w.shape[1])), dtype=torch.uint8) for w in weights],
+        [x.new_empty((w.shape[0],), dtype=torch.float32) for w in weights],
+    )
+
+
+def _group_setup_context(ctx, inputs, output):
+    x, norm_weight, weights, biases, eps, offset, cast_before_weight, norm_dtype, per_channel = inputs
+    _, q, x_scale, rstd, packs, scales = output
+    ctx.save_for_backward(x, norm_weight, q, x_scale, rstd, *packs, *scales)
+    ctx.n = len(weights)
+    ctx.offset = offset
+    ctx.K = x.shape[-1]
+    ctx.weight_dtypes = [w.dtype for w in weights]
+    ctx.bias_dtypes = [b.dtype for b in biases]
+
+
+def _group_backward(ctx, douts, *_unused):
+    """Straight-through, per linear as :func:`_bitlinear_backward`; the norm's input gradient
+    sums ``dout_i (t_i / s_w_i)`` over the linears (in fp32) before the norm's backward."""
+    x, norm_weight, q, x_scale, rstd, *rest = ctx.saved_tensors
+    packs, scales = rest[: ctx.n], rest[ctx.n:]
+    K = ctx.K
+    y_dq = None
+    dy = torch.zeros((q.numel() // K, K), dtype=torch.float32, device=x.device)
+    dweights, dbiases = [], []
+    for i in range(ctx.n):
+        dout = douts[i]
+        if dout is None:  # an output nothing used
+            dweights.append(None)
+            dbiases.append(None)
+            continue
+        N = packs[i].shape[0]
+        d2 = dout.reshape(-1, N)
+        if y_dq is None:
+            y_dq = act_dequant(q.reshape(-1, K), x_scale.reshape(-1), d2.dtype)
+        dweights.append((d2.t() @ y_dq.to(d2.dtype)).to(ctx.weight_dtypes[i]))
+        dy += d2 @ dequantize(packs[i], scales[i], K, d2.dtype)
+        dbiases.append(d2.sum(0).to(ctx.bias_dtypes[i]) if ctx.bias_dtypes else None)
+    dx, dg = rms_norm_backward(dy.reshape(x.shape), x, norm_weight, rstd, ctx.offset)
+    dnorm = None if norm_weight is None else dg.to(norm_weight.dtype)
+    return dx, dnorm, dweights, dbiases if ctx.bias_dtypes else [], None, None, None, None, None
+
+
+torch.library.register_autograd("bitfx::bitlinear_group", _group_backward, setup_context=_group_setup_context)
 
 
 def bitlinear(

@@ -6,9 +6,12 @@ Inference, per site (one norm feeding linears ``i = 1..``)::
     packed, s_w  = bitfx.weight_quant(W_i, per_channel)                                # per linear
     out_i        = bitfx.ternary_matmul(q, s_x, packed, s_w, b_i, out_dtype_i)
 
-Training, per linear (the op's autograd is the straight-through estimator)::
+Training, per site (the op's autograd is the straight-through estimator; the norm and the
+activation quantization run once for all the site's linears)::
 
-    out_i = bitfx.bitlinear(x, g, W_i, b_i, eps, offset, cast_before_weight, norm_dtype, per_channel)[0]
+    outs, ... = bitfx.bitlinear_group(x, g, [W_1, W_2, ...], [b_1, b_2, ...], eps, offset,
+                                      cast_before_weight, norm_dtype, [per_channel_1, ...])
+    out_i     = outs[i]
 
 The row-preserving ops that stood between the norm and a linear (views, reshapes, indexing of
 leading dims; see :func:`bitfx.passes.sites._is_row_op`) are applied to ``x`` instead: the
@@ -171,24 +174,33 @@ def _rewrite_inference(b: _Builder, site: Site, uses: list[LinearUse], per_chann
 
 
 def _rewrite_training(b: _Builder, site: Site, uses: list[LinearUse], per_channel: bool, order) -> None:
-    # The norm is recomputed inside every bitlinear of the site for now (one fused op per
-    # linear, whose backward needs x and rstd); sharing it across q/k/v needs a multi-output op.
     packed = [u for u in uses if u.kind == "bitfx"]
     if packed:  # packed weights do not train: inference form for those
         _rewrite_inference(b, site, packed, per_channel, order)
     eps, offset, cbw, norm_dtype = _norm_args(site)
+    # One bitlinear_group per set of linears that read the norm through the same row ops and
+    # agree on having a bias (the op takes a bias for every weight or for none).
+    groups: dict[tuple, list[LinearUse]] = {}
     for u in uses:
-        if u.kind == "bitfx":
-            continue
-        pc = u.per_channel if u.weight_quant is not None else per_channel
-        with b.graph.inserting_before(u.node):
-            x = _replay_path(b, u.path, site.norm_input)
-            bl = b.call(_ops.bitlinear.default, x, site.norm_weight, u.weight, u.bias,
-                        eps, offset, cbw, norm_dtype, bool(pc), like=u.node)
-            out = b.getitem(bl, 0)
-            if u.out_dtype != norm_dtype:
-                out = b.node("call_method", "to", (out, u.out_dtype), like=u.node)
-        b.replace(u.node, out)
+        if u.kind != "bitfx":
+            groups.setdefault((_path_key(u.path), u.bias is not None), []).append(u)
+    for group in groups.values():
+        first = min(group, key=lambda u: order[u.node])
+        with b.graph.inserting_before(first.node):
+            x = _replay_path(b, group[0].path, site.norm_input)
+            flags = [bool(u.per_channel if u.weight_quant is not None else per_channel) for u in group]
+            biases = [u.bias for u in group] if group[0].bias is not None else []
+            bl = b.call(_ops.bitlinear_group.default, x, site.norm_weight, [u.weight for u in group], biases,
+                        eps, offset, cbw, norm_dtype, flags, like=first.node)
+            outs = b.getitem(bl, 0)
+            results = []
+            for i, u in enumerate(group):
+                out = b.getitem(outs, i)
+                if u.out_dtype != norm_dtype:
+                    out = b.node("call_method", "to", (out, u.out_dtype), like=u.node)
+                results.append(out)
+        for u, out in zip(group, results):
+            b.replace(u.node, out)
 
 
 def rewrite_sites(gm: fx.GraphModule, sites: list[Site], *, training: bool, per_channel: bool = False) -> int:

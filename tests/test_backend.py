@@ -220,7 +220,7 @@ def check_training_loss_falls(device: str = "cpu", steps: int = 200):
         opt.step()
         losses.append(loss.item())
     assert len(graphs) == 1
-    assert op_counts(graphs[0]) == Counter(bitlinear=5, linear=2 + 1)
+    assert op_counts(graphs[0]) == Counter(bitlinear_group=3, linear=2 + 1)  # q/k, v (bias), gate/up
     assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
 
 

@@ -53,6 +53,18 @@ def _op_cases(device, M=5, K=40, N=24, dtype=torch.bfloat16):
             ops.bitlinear.default,
             (*(t.detach().clone().requires_grad_() for t in (x, g, W, b)), 1e-6, False, True, dtype, False),
         ),
+        "bitlinear_group": (
+            ops.bitlinear_group.default,
+            (*(t.detach().clone().requires_grad_() for t in (x, g)),
+             [W.detach().clone().requires_grad_(), W[:7].detach().clone().requires_grad_()],
+             [b.detach().clone().requires_grad_(), b[:7].detach().clone().requires_grad_()],
+             1e-6, False, True, dtype, [False, True]),
+        ),
+        "bitlinear_group_nobias": (
+            ops.bitlinear_group.default,
+            (x.detach().float().requires_grad_(), None, [W.detach().float().requires_grad_()], [], 1e-5, True, False,
+             torch.float32, [False]),
+        ),
         "bitlinear_noweight_nobias": (
             ops.bitlinear.default,
             (x.detach().float().requires_grad_(), None, W.detach().float().requires_grad_(), None, 1e-5, False, True, torch.float32, True),
@@ -94,6 +106,59 @@ def test_bitlinear_forward_matches_reference(M, K, N, dtype, offset, cbw, has_bi
     assert out.dtype == want.dtype
     # CPU: the op is the reference, bit for bit.
     assert torch.equal(out, want)
+
+
+@given(
+    M=st.integers(0, 20),
+    K=st.integers(1, 70),
+    Ns=st.lists(st.integers(1, 24), min_size=1, max_size=3),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    offset=st.booleans(),
+    has_bias=st.booleans(),
+    per_channel=st.lists(st.booleans(), min_size=3, max_size=3),
+    seed=st.integers(0, 2**16),
+)
+@example(M=1, K=1, Ns=[1, 2], dtype=torch.bfloat16, offset=True, has_bias=True, per_channel=[True, False, False], seed=0)
+def test_bitlinear_group_is_bitlinear_per_weight(M, K, Ns, dtype, offset, has_bias, per_channel, seed):
+    """One norm, several weights: each output is the single-weight op's, bit for bit, and the
+    gradients are those of the single-weight ops summed (the norm's input gradient adds up)."""
+    pcs = per_channel[: len(Ns)]
+    leaves = [_x((2, M, K), dtype, "cpu", seed), _x((K,), dtype, "cpu", seed + 1)]
+    Ws = [_x((N, K), dtype, "cpu", seed + 2 + i) for i, N in enumerate(Ns)]
+    bs = [_x((N,), dtype, "cpu", seed + 9 + i) for i, N in enumerate(Ns)] if has_bias else []
+    grads = []
+    for grouped in (True, False):
+        x, g, *params = (t.detach().clone().requires_grad_() for t in leaves + Ws + bs)
+        W, b = params[: len(Ns)], params[len(Ns):]
+        if grouped:
+            outs = ops.bitlinear_group(x, g, W, b, 1e-6, offset, True, dtype, pcs)[0]
+        else:
+            outs = [ops.bitlinear(x, g, W[i], b[i] if b else None, 1e-6, offset, True, dtype, pcs[i])[0]
+                    for i in range(len(Ns))]
+            for o, o_group in zip(outs, grouped_outs):
+                assert torch.equal(o, o_group)
+        grouped_outs = outs
+        loss = sum((o.float() * torch.linspace(-1, 1, o.numel()).reshape(o.shape)).sum() for o in outs)
+        loss.backward()
+        grads.append([t.grad for t in (x, g, *params)])
+    for got, want in zip(*grads):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        if want.numel() == 0:
+            continue
+        # The group sums the linears' contributions to the norm's gradient in fp32, the single
+        # ops in autograd's accumulation: equal up to rounding of the gradient's dtype.
+        scale = want.float().abs().max().clamp(min=1e-6)
+        assert ((got.float() - want.float()).abs().max() / scale) <= (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_bitlinear_group_bad_input():
+    x, W = torch.randn(3, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match="one bias per weight or none at all"):
+        ops.bitlinear_group(x, None, [W, W], [torch.randn(4)], 1e-6, False, True, torch.float32, [False, False])
+    with pytest.raises(ValueError, match="needs at least one linear weight"):
+        ops.bitlinear_group(x, None, [], [], 1e-6, False, True, torch.float32, [])
+    with pytest.raises(ValueError, match="linear weight has K=9"):
+        ops.bitlinear_group(x, None, [W, torch.randn(4, 9)], [], 1e-6, False, True, torch.float32, [False, False])
 
 
 def _grads(fn, x, g, W, b):
