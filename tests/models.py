@@ -122,6 +122,19 @@ class LlamaNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
+class NormFeedsLinearAndResidual(nn.Module):
+    """``proj(norm(x)) + norm(x)``: the norm has a consumer besides its linear."""
+
+    def __init__(self, dim: int = 32):
+        super().__init__()
+        self.norm = LlamaNorm(dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        y = self.norm(x)
+        return self.proj(y) + y
+
+
 class SqrtDivNorm(nn.Module):
     """``x*x``, ``x / sqrt(var + eps)``, weight on the right, no casts."""
 

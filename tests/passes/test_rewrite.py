@@ -131,18 +131,8 @@ def test_view_between_norm_and_linears():
 
 
 def test_norm_kept_for_its_other_users():
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.norm = models.LlamaNorm(32)
-            self.proj = nn.Linear(32, 32)
-
-        def forward(self, x):
-            y = self.norm(x)
-            return self.proj(y) + y  # the residual consumes the norm too
-
-    torch.manual_seed(0)
-    net, x = Net().eval(), torch.randn(2, 5, 32)
+    torch.manual_seed(0)  # the residual consumes the norm too
+    net, x = models.NormFeedsLinearAndResidual(32).eval(), torch.randn(2, 5, 32)
     gm, compiled = models.capture_graph(net, x)
     found = find_sites(gm)
     norm_out = found.sites[0].norm_nodes[-1]

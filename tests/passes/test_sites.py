@@ -330,17 +330,7 @@ def test_filter_fn():
 
 
 def test_norm_feeding_linear_and_residual():
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.norm = models.LlamaNorm(32)
-            self.proj = nn.Linear(32, 32)
-
-        def forward(self, x):
-            y = self.norm(x)
-            return self.proj(y) + y
-
-    res = _find(Net(), torch.randn(2, 3, 32))
+    res = _find(models.NormFeedsLinearAndResidual(32), torch.randn(2, 3, 32))
     assert len(res.sites) == 1 and res.sites[0].linear_modules == ["proj"]
 
 
