@@ -644,7 +644,12 @@ def _is_floor_clamp(n: Any) -> bool:
 
 
 def _match_quant_body(c: Any, lo: float, hi: float) -> tuple[fx.Node, fx.Node, list[fx.Node]] | None:
-    """``(src, scale, nodes)`` for ``c = (src * scale).round().clamp(lo, hi) / scale``."""
+    """``(src, scale, nodes)`` for ``c = (src * scale).round().clamp(lo, hi) / scale``, optionally
+    cast (``nodes`` then starts with the cast)."""
+    cast = []
+    if _is_cast(c):
+        cast = [c]
+        c = c.args[0]
     if _kind(c) != "div" or not _plain_binary(c):
         return None
     cl, s = c.args[0], c.args[1]
@@ -659,22 +664,17 @@ def _match_quant_body(c: Any, lo: float, hi: float) -> tuple[fx.Node, fx.Node, l
     src = _other(m, s)
     if not isinstance(src, fx.Node):
         return None
-    return src, s, [c, cl, rd, m]
+    return src, s, cast + [c, cl, rd, m]
 
 
 def _match_act_quant(c: Any) -> tuple[fx.Node, list[fx.Node]] | None:
     """``(y, nodes)`` if ``c`` is the eager per-token absmax int8 quantize-dequantize of ``y``:
     ``s = 127 / |y|.max(-1, keepdim=True).values.clamp(min=1e-5)``, ``(y*s).round().clamp(-128, 127) / s``,
     optionally on ``y.float()`` and cast back."""
-    nodes: list[fx.Node] = []
-    if _is_cast(c):
-        nodes.append(c)
-        c = c.args[0]
     body = _match_quant_body(c, -128.0, 127.0)
     if body is None:
         return None
-    src, s, more = body
-    nodes += more
+    src, s, nodes = body
     # s = 127 / floor(amax(|src|))
     if _kind(s) != "div" or not _plain_binary(s) or _const(s.args[0]) != 127.0:
         return None
@@ -707,15 +707,10 @@ def _match_weight_quant(c: Any) -> tuple[fx.Node, bool, list[fx.Node]] | None:
     """``(w, per_channel, nodes)`` if ``c`` is the eager absmean ternary quantize-dequantize of
     ``w``: ``s = 1 / |w|.mean().clamp(min=1e-5)``, ``(w*s).round().clamp(-1, 1) / s``
     (``mean(-1, keepdim=True)``: per output channel)."""
-    nodes: list[fx.Node] = []
-    if _is_cast(c):
-        nodes.append(c)
-        c = c.args[0]
     body = _match_quant_body(c, -1.0, 1.0)
     if body is None:
         return None
-    src, s, more = body
-    nodes += more
+    src, s, nodes = body
     if _kind(s) == "div" and _plain_binary(s) and _const(s.args[0]) == 1.0:
         fl = s.args[1]
     elif _kind(s) == "reciprocal":
