@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -15,6 +16,25 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1), for host code."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Programmatic dependent launch for this device: CUDA (not ROCm, not the interpreter),
+    compute capability 9.0 or newer, and not turned off with ``BITFX_PDL=0``.
+
+    A kernel launched with it may start while the kernel before it in the stream is still
+    running; it must wait (``gdc_wait``) before it reads anything that kernel may have written.
+    """
+    if device.type != "cuda" or torch.version.hip is not None or interpreting():
+        return False
+    if os.environ.get("BITFX_PDL", "1") in ("0", ""):
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def interpreting() -> bool:

@@ -36,7 +36,8 @@ import triton
 import triton.language as tl
 
 from bitfx.kernels import layout
-from bitfx.kernels._utils import cdiv, next_pow2, FLOAT_DTYPES, check_device, check_dtype, interpreting, rows
+from bitfx.kernels._utils import (cdiv, next_pow2, FLOAT_DTYPES, check_device, check_dtype, interpreting, pdl_enabled,
+                                  rows)
 
 __all__ = ["ternary_matmul", "ternary_matmul_int32", "DP4A_MAX_M", "GEMV_MAX_M", "SIMT_MAX_M"]
 
@@ -59,10 +60,14 @@ def _num_sms(device: torch.device) -> int:
     return 4  # the interpreter: a nominal count, so that small test shapes exercise split-K
 
 
-# (BLOCK_M, BLOCK_N, BLOCK_KQ, num_warps) of the tensor-core path, largest first.
-_TC_TILES = ((128, 256, 64, 8), (128, 128, 64, 8), (128, 64, 64, 4), (64, 64, 128, 4))
+# (BLOCK_M, BLOCK_N, BLOCK_KQ, num_warps, fill) of the tensor-core path, largest first: a tile is
+# taken when it gives at least ``fill`` x (number of SMs) tiles. H100 sweep, K=N=4096: at M=1024,
+# 128 tiles of 128x256 (0.97 of the SMs) ran 37.6 us and 256 of 128x128 ran 44.9 us; at M=512,
+# 128x64 (21.1 us) beat 128x128 (23.4 us).
+_TC_TILES = ((128, 256, 64, 8, 0.9), (128, 128, 64, 8, 1.0), (128, 64, 64, 4, 1.0), (64, 64, 128, 4, 1.0))
 
-_TUNABLE = ("BLOCK_M", "BLOCK_N", "BLOCK_KQ", "GROUP_M", "OFFSET_TRICK", "num_warps", "num_stages")
+_TUNABLE = ("BLOCK_M", "BLOCK_N", "BLOCK_KQ", "GROUP_M", "OFFSET_TRICK", "num_warps", "num_stages", "PDL", "PREFETCH")
+
 
 
 def _config(M: int, N: int, Kq: int, device: torch.device, path: str, split_k: int | None,
@@ -89,10 +94,15 @@ def _config(M: int, N: int, Kq: int, device: torch.device, path: str, split_k: i
         # Tensor cores: t = c - 1 keeps q a pure cp.async -> shared -> wgmma operand (no row sums
         # in registers). The largest tile that still gives every SM a tile: 128 (q rows) x 256
         # (weight rows) for prefill, down to 64 x 64 for a few hundred rows (H100 sweep).
-        for block_m, block_n, block_kq, warps in _TC_TILES:
-            if cdiv(M, block_m) * cdiv(N, block_n) >= _num_sms(device):
+        for block_m, block_n, block_kq, warps, fill in _TC_TILES:
+            if cdiv(M, block_m) * cdiv(N, block_n) >= fill * _num_sms(device):
                 break
         cfg = dict(BLOCK_M=block_m, GROUP_M=8, USE_DOT=True, OFFSET_TRICK=False, num_warps=warps, num_stages=3)
+    # Programmatic dependent launch (see _pdl_prologue) is off on these paths: on the H100, M=16,
+    # the site (norm_quant, then this kernel) ran 15.5 us without it and 19.3-22.0 us with it at
+    # K=N=8192, and 19.2 vs 21.5-23.1 us at 14336x4096 (it won 9.0 vs 9.7 us at K=N=4096 only).
+    cfg["PDL"] = False
+    cfg["PREFETCH"] = True
     if interpreting():  # small blocks: small test shapes still cover several tiles, steps and groups
         block_n, block_kq = min(block_n, 16), 32
         if cfg["USE_DOT"]:
@@ -111,13 +121,18 @@ def _config(M: int, N: int, Kq: int, device: torch.device, path: str, split_k: i
 
     tiles = cdiv(M, block_m) * cdiv(N, block_n)
     steps = cdiv(Kq, block_kq)
-    if split_k is None:  # split K only when the output tiles alone leave most SMs idle (H100 sweep:
-        # at 64 tiles on 132 SMs, splitting in two was slower than not, for its zeroed workspace)
+    if split_k is None and path == "gemv":
+        # H100 sweep, M=16, 64 tiles on 132 SMs: K=4096 (8 steps) ran 7.1 us unsplit and 9.7 us
+        # split in two (the zeroed workspace is one more launch); K=14336 (28 steps) ran 17.3 us
+        # unsplit, 15.0 in two and 13.8 in four. Split long rows only, in chunks of >= 7 steps.
+        split_k = min(4, steps // 7) if 2 * tiles <= _num_sms(device) and steps >= 24 else 1
+    elif split_k is None:  # split K only when the output tiles alone leave most SMs idle
         split_k = _num_sms(device) // tiles if 4 * tiles <= _num_sms(device) else 1
     split_k = max(1, min(int(split_k), steps))
     steps_per_split = cdiv(steps, split_k)
     split_k = cdiv(steps, steps_per_split)  # no empty splits
     cfg.update(BLOCK_N=block_n, BLOCK_KQ=block_kq, SPLIT_K=split_k, steps_per_split=steps_per_split, tiles=tiles)
+    cfg["PDL"] = bool(cfg["PDL"]) and pdl_enabled(device)
     # Inline PTX on NVIDIA GPUs only (not in the interpreter, not on ROCm).
     cfg["USE_ASM"] = device.type == "cuda" and torch.version.hip is None and not interpreting()
     return cfg
@@ -226,6 +241,28 @@ def _finish_tile(
 
 
 @triton.jit
+def _pdl_prologue(w_ptr, offs_n, N, stride_wn, begin, end, ELEM_BYTES: tl.constexpr, PREFETCH: tl.constexpr):
+    """The start of a kernel launched with programmatic dependent launch (``PDL``).
+
+    Such a kernel may start while the kernel before it in the stream (the one that wrote ``q``
+    and its scales) is still running. First the program's whole weight slice, elements
+    ``[begin, end)`` of rows ``offs_n``, is requested into L2 (``cp.async.bulk.prefetch.L2``,
+    one instruction per row), so that HBM streams weights during the wait; then ``gdc_wait``
+    blocks until the previous kernel has finished and its writes are visible. The prefetch is
+    safe whoever wrote the weights: L2 is the point of coherence, and a prefetch fills no L1
+    line that a later load could read stale. Finally the next PDL kernel may launch.
+    Slices start 16-byte aligned and span a multiple of 16 bytes (``layout.ROW_ALIGN``).
+    """
+    if PREFETCH:
+        rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64) * stride_wn + begin
+        nbytes = tl.full(offs_n.shape, 0, tl.int32) + (end - begin) * ELEM_BYTES
+        tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0;", "=r,l,r",
+                                  [rows, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+    tl.extra.cuda.gdc_wait()
+    tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def _ternary_matmul_kernel(
     q_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr,  # q int8 [M, K], s_x [M], packed uint8 [N, Kq], s_w [N], b [N], out [M, N]
     ws_ptr, lock_ptr,  # split-K: zeroed int32 [M, N] workspace and [tiles] arrival counters
@@ -237,6 +274,7 @@ def _ternary_matmul_kernel(
     FLOAT_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
     EVEN_KQ: tl.constexpr,  # BLOCK_KQ divides Kq: no step runs past a row
     EVEN_K: tl.constexpr,  # K == 4 Kq: no padding columns
+    PDL: tl.constexpr, PREFETCH: tl.constexpr,  # programmatic dependent launch, L2 prefetch (_pdl_prologue)
 ):
     """``acc[m, n] = sum_k q[m, k] t[n, k]`` (int32), then the epilogue of :func:`_store_tile`.
 
@@ -273,6 +311,8 @@ def _ternary_matmul_kernel(
         qpart = tl.zeros((BLOCK_M, BLOCK_KQ), dtype=tl.int32)
     i_begin = pid_k * steps_per_split * BLOCK_KQ
     i_end = min(i_begin + steps_per_split * BLOCK_KQ, Kq)
+    if PDL:
+        _pdl_prologue(w_ptr, offs_n, N, stride_wn, i_begin, i_end, 1, PREFETCH)
     for i0 in range(i_begin, i_end, BLOCK_KQ):
         idx = i0 + tl.arange(0, BLOCK_KQ)
         if EVEN_KQ:  # masks constant along K keep the loads 16 bytes wide
@@ -324,6 +364,30 @@ def _dp4a(c, q, acc, USE_ASM: tl.constexpr):
 
 
 @triton.jit
+def _q_words(q_rows, kw, qmask, K4, EVEN_K: tl.constexpr):
+    """Activation words ``q[m, kw]`` ([BLOCK_M, BLOCK_W]); words past the row (``kw >= K4``) read 0."""
+    if EVEN_K:
+        qj = tl.load(q_rows + kw[None, :], mask=qmask, other=0)
+    else:
+        qj = tl.load(q_rows + kw[None, :], mask=qmask & (kw < K4)[None, :], other=0)
+    return qj
+
+
+@triton.jit
+def _dp4a_plane(wt, qj, J: tl.constexpr, acc, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr,
+                USE_ASM: tl.constexpr):
+    """``acc += codes of plane J of wt . qj`` per word: 2-D for one row of q, else broadcast along M."""
+    cj = (wt >> (2 * J)) & 0x03030303
+    if BLOCK_M == 1:
+        acc = _dp4a(cj, tl.broadcast_to(qj, (BLOCK_N, BLOCK_W)), acc, USE_ASM)
+    else:
+        c3 = tl.broadcast_to(cj[:, None, :], (BLOCK_N, BLOCK_M, BLOCK_W))
+        q3 = tl.broadcast_to(qj[None, :, :], (BLOCK_N, BLOCK_M, BLOCK_W))
+        acc = _dp4a(c3, q3, acc, USE_ASM)
+    return acc
+
+
+@triton.jit
 def _ternary_dp4a_kernel(
     q_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr,  # q as int32 words [M, K4], packed as int32 words [N, Kq4]
     ws_ptr, lock_ptr,
@@ -334,6 +398,7 @@ def _ternary_dp4a_kernel(
     EVEN_W: tl.constexpr,  # BLOCK_W divides Kq4: no step runs past a row
     STREAM_HINT: tl.constexpr,  # evict-first loads of the weights
     EVEN_K: tl.constexpr,  # K4 == 4 Kq4: no padding words
+    PDL: tl.constexpr, PREFETCH: tl.constexpr,  # programmatic dependent launch, L2 prefetch (_pdl_prologue)
 ):
     """Small-M ternary GEMV on the CUDA cores with ``dp4a`` (4 int8 products per instruction).
 
@@ -353,36 +418,46 @@ def _ternary_dp4a_kernel(
     m_mask = offs_m < M
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
     q_rows = q_ptr + offs_m.to(tl.int64)[:, None] * stride_qm  # [BLOCK_M, 1]
-    acc = tl.zeros((BLOCK_N, BLOCK_M, BLOCK_W), dtype=tl.int32)
-    qsum = tl.zeros((BLOCK_M, BLOCK_W), dtype=tl.int32)
-    ones = tl.full((BLOCK_M, BLOCK_W), 0x01010101, tl.int32)
+    # M = 1 keeps everything 2-D ([BLOCK_N, BLOCK_W], q broadcast along N): the 3-D form would
+    # move every plane of codes through shared memory to broadcast it along M.
+    if BLOCK_M == 1:
+        acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)
+        qsum = tl.zeros((1, BLOCK_W), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_N, BLOCK_M, BLOCK_W), dtype=tl.int32)
+        qsum = tl.zeros((BLOCK_M, BLOCK_W), dtype=tl.int32)
+    ones = tl.full(qsum.shape, 0x01010101, tl.int32)
     w_begin = pid_k * words_per_split
     w_end = tl.minimum(w_begin + words_per_split, Kq4)
+    if PDL:
+        _pdl_prologue(w_ptr, offs_n, N, stride_wn, w_begin, w_end, 4, PREFETCH)
     for w0 in range(w_begin, w_end, BLOCK_W):
         widx = w0 + tl.arange(0, BLOCK_W)
         if EVEN_W:  # masks constant along K keep the loads 16 bytes wide
             wmask = n_mask[:, None]
+            qmask = m_mask[:, None] & ((widx < Kq4) | EVEN_K)[None, :]
         else:
             live = widx < w_end
             wmask = n_mask[:, None] & live[None, :]
+            qmask = m_mask[:, None] & live[None, :]
         if STREAM_HINT:  # each weight byte is read once: keep it from evicting q and the scales
             wt = tl.load(w_rows + widx[None, :], mask=wmask, other=0, eviction_policy="evict_first")
         else:
             wt = tl.load(w_rows + widx[None, :], mask=wmask, other=0)
-        for j in tl.static_range(4):
-            kw = j * Kq4 + widx
-            if EVEN_W and EVEN_K:
-                qj = tl.load(q_rows + kw[None, :], mask=m_mask[:, None], other=0)
-            elif EVEN_W:
-                qj = tl.load(q_rows + kw[None, :], mask=m_mask[:, None] & (kw < K4)[None, :], other=0)
-            else:
-                qj = tl.load(q_rows + kw[None, :], mask=m_mask[:, None] & (live & (kw < K4))[None, :], other=0)
-            cj = (wt >> (2 * j)) & 0x03030303
-            c3 = tl.broadcast_to(cj[:, None, :], (BLOCK_N, BLOCK_M, BLOCK_W))
-            q3 = tl.broadcast_to(qj[None, :, :], (BLOCK_N, BLOCK_M, BLOCK_W))
-            acc = _dp4a(c3, q3, acc, USE_ASM)
-            qsum = _dp4a(ones, qj, qsum, USE_ASM)
-    total = tl.sum(acc, axis=2) - tl.sum(qsum, axis=1)[None, :]  # [BLOCK_N, BLOCK_M]
+        # The four planes' activation words, all loaded before the first product (L2 latency once).
+        q0 = _q_words(q_rows, 0 * Kq4 + widx, qmask, K4, EVEN_K)
+        q1 = _q_words(q_rows, 1 * Kq4 + widx, qmask, K4, EVEN_K)
+        q2 = _q_words(q_rows, 2 * Kq4 + widx, qmask, K4, EVEN_K)
+        q3 = _q_words(q_rows, 3 * Kq4 + widx, qmask, K4, EVEN_K)
+        acc = _dp4a_plane(wt, q0, 0, acc, BLOCK_N, BLOCK_M, BLOCK_W, USE_ASM)
+        acc = _dp4a_plane(wt, q1, 1, acc, BLOCK_N, BLOCK_M, BLOCK_W, USE_ASM)
+        acc = _dp4a_plane(wt, q2, 2, acc, BLOCK_N, BLOCK_M, BLOCK_W, USE_ASM)
+        acc = _dp4a_plane(wt, q3, 3, acc, BLOCK_N, BLOCK_M, BLOCK_W, USE_ASM)
+        qsum = _dp4a(ones, q0, _dp4a(ones, q1, _dp4a(ones, q2, _dp4a(ones, q3, qsum, USE_ASM), USE_ASM), USE_ASM), USE_ASM)
+    if BLOCK_M == 1:
+        total = tl.sum(acc, axis=1)[:, None] - tl.sum(qsum, axis=1)[None, :]  # [BLOCK_N, 1]
+    else:
+        total = tl.sum(acc, axis=2) - tl.sum(qsum, axis=1)[None, :]  # [BLOCK_N, BLOCK_M]
 
     out_offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
     mask = n_mask[:, None] & m_mask[None, :]
@@ -413,10 +488,13 @@ def _as_words(q: torch.Tensor) -> torch.Tensor:
 
 def _dp4a_config(M: int, N: int, Kq: int, device: torch.device, split_k: int | None, override: dict | None) -> dict:
     """Block sizes and K split of the dp4a GEMV (see ``_config``)."""
-    # H100 sweep (python -m bitfx.tune), M = 1: 4 weight rows x 128 words (512 bytes) per step,
-    # loaded evict-first.
-    cfg = dict(BLOCK_M=min(next_pow2(max(M, 1)), 4), BLOCK_N=4, BLOCK_W=128, num_warps=4, num_stages=3,
-               STREAM_HINT=True)
+    # H100 sweeps (python -m bitfx.tune), M = 1: one warp per program, 4 weight rows x 256 words
+    # (1 KB each) per step, loaded evict-first, launched with programmatic dependent launch and
+    # an L2 prefetch of the program's weights. The site (norm_quant, then this kernel) took
+    # 10.7 / 5.7 / 10.7 / 13.6 us for K x N = 8192^2, 4096^2, 4096x14336, 14336x4096, within 3%
+    # of each shape's best, against 12.0 / 6.4 / 11.0 / 14.2 us without PDL.
+    cfg = dict(BLOCK_M=min(next_pow2(max(M, 1)), 4), BLOCK_N=4, BLOCK_W=256, num_warps=1, num_stages=1,
+               STREAM_HINT=True, PDL=pdl_enabled(device), PREFETCH=True)
     if interpreting():
         cfg.update(BLOCK_N=8, BLOCK_W=8)
     if override:
@@ -435,6 +513,7 @@ def _dp4a_config(M: int, N: int, Kq: int, device: torch.device, split_k: int | N
     steps_per_split = cdiv(steps, split_k)
     split_k = cdiv(steps, steps_per_split)
     cfg.update(SPLIT_K=split_k, words_per_split=steps_per_split * cfg["BLOCK_W"], tiles_n=tiles_n, tiles_m=tiles_m)
+    cfg["PDL"] = bool(cfg["PDL"]) and pdl_enabled(device)
     cfg["USE_ASM"] = device.type == "cuda" and torch.version.hip is None and not interpreting()
     return cfg
 
@@ -456,7 +535,8 @@ def _launch_dp4a(q, x_scale, packed, w_scale, bias, out, float_out, split_k, con
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_W=cfg["BLOCK_W"], SPLIT_K=cfg["SPLIT_K"],
         USE_ASM=cfg["USE_ASM"], FLOAT_OUT=float_out, HAS_BIAS=bias is not None,
         EVEN_W=(Kq // 4) % cfg["BLOCK_W"] == 0, EVEN_K=q32.shape[1] == Kq, STREAM_HINT=cfg["STREAM_HINT"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PDL=cfg["PDL"], PREFETCH=cfg["PREFETCH"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=cfg["PDL"],
     )
     return out
 
@@ -507,7 +587,8 @@ def _launch(name, q, x_scale, packed, w_scale, bias, out_dtype, float_out, path,
         USE_DOT=cfg["USE_DOT"], OFFSET_TRICK=cfg["OFFSET_TRICK"], USE_ASM=cfg["USE_ASM"],
         FLOAT_OUT=float_out, HAS_BIAS=bias is not None,
         EVEN_KQ=Kq % cfg["BLOCK_KQ"] == 0, EVEN_K=K == layout.PLANES * Kq,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        PDL=cfg["PDL"], PREFETCH=cfg["PREFETCH"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=cfg["PDL"],
     )
     return out
 

@@ -325,3 +325,51 @@ def test_split_k_cuda(split_k):
     assert torch.equal(ternary_matmul_int32(q, packed, split_k=split_k), ref.ternary_matmul_int32(q, packed))
     out = ternary_matmul(q, x_scale, packed, w_scale, None, torch.float32, split_k=split_k)
     _assert_epilogue_close(out, q, x_scale, packed, w_scale, None, torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M,path", [(1, "dp4a"), (16, "gemv"), (3, "gemv"), (1, "gemv")])
+def test_pdl_in_cuda_graph_reads_fresh_inputs(M, path):
+    """Small-M kernels can start early (programmatic dependent launch, the default for "dp4a")
+    and prefetch their weights into L2 while the kernel before them runs. Inside a CUDA graph, each matmul here follows a
+    copy that has just overwritten its q *and its packed weights*: the result must be that of
+    the new values, exactly, and equal to the result with PDL turned off."""
+    from bitfx.kernels import _utils
+
+    if not _utils.pdl_enabled(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    N, K = 2048, 4096
+    sources = [_make_operands(M, N, K, seed, device="cuda") for seed in range(3)]
+    q_buf, w_buf = torch.empty_like(sources[0][0]), torch.empty_like(sources[0][1])
+    outs = [torch.empty(M, N, dtype=torch.int32, device="cuda") for _ in sources]
+
+    def step():
+        for (q, packed), out in zip(sources, outs):
+            q_buf.copy_(q)
+            w_buf.copy_(packed)
+            out.copy_(ternary_matmul_int32(q_buf, w_buf, path=path, config=dict(PDL=True)))
+
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for out in outs:
+        out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    for (q, packed), out in zip(sources, outs):
+        assert torch.equal(out, ref.ternary_matmul_int32(q, packed))
+
+
+@pytest.mark.cuda
+def test_pdl_switch(monkeypatch):
+    """BITFX_PDL=0 turns programmatic dependent launch off; the results do not depend on it."""
+    from bitfx.kernels import _utils
+
+    q, packed = _make_operands(1, 512, 1024, 3, device="cuda")
+    with_pdl = ternary_matmul_int32(q, packed)
+    monkeypatch.setenv("BITFX_PDL", "0")
+    assert not _utils.pdl_enabled(torch.device("cuda"))
+    assert not tm._dp4a_config(1, 512, packed.shape[1], torch.device("cuda"), None, None)["PDL"]
+    assert torch.equal(ternary_matmul_int32(q, packed), with_pdl)
