@@ -28,20 +28,23 @@ def _candidates(M: int):
     """(path, split_k, config) triples worth trying at this M."""
     out = [(None, None, None)]  # the current heuristic
     if M <= 64:
-        for bn, bkq, split in itertools.product((32, 64), (128, 256), (1, 2)):
-            out.append(("gemv", split, dict(BLOCK_N=bn, BLOCK_KQ=bkq, num_warps=4, num_stages=4)))
-        if M <= 16:
-            bms = sorted({min(triton.next_power_of_2(M), 4), min(triton.next_power_of_2(M), 16)})
-            for bm, bn, bw, warps, stages, hint in itertools.product(
-                bms, (4, 8, 16), (64, 128, 256), (2, 4, 8), (2, 3), (False, True)
+        for bn, bkq, split, warps in itertools.product((16, 32, 64), (128, 256), (None, 1, 2, 4), (4, 8)):
+            if bn * bkq > 16384 or (bn == 16 and warps == 8):
+                continue
+            out.append(("gemv", split, dict(BLOCK_N=bn, BLOCK_KQ=bkq, num_warps=warps, num_stages=4)))
+        if M <= 4:
+            bms = sorted({min(triton.next_power_of_2(M), 4)})
+            for bm, bn, bw, warps, hint in itertools.product(
+                bms, (1, 2, 4, 8, 16), (128, 256, 512, 1024), (1, 2, 4, 8), (True,)
             ):
-                if bm * bn * bw > 16384 or bm * bn * bw < 32 * warps * 4:
+                # at most 32 words a thread, at least one 16-byte load each
+                if bm * bn * bw > 32 * 32 * warps or bn * bw < 32 * warps * 4:
                     continue
-                out.append(("dp4a", None, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, num_warps=warps, num_stages=stages,
+                out.append(("dp4a", None, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, num_warps=warps, num_stages=1,
                                                STREAM_HINT=hint)))
     else:
-        tiles = [(128, 128, 8), (128, 256, 8), (256, 128, 8)] if M >= 1024 else [(64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8)]
-        bkqs, splits = ((32, 64, 128), (1,)) if M >= 1024 else ((64, 128), (1, 2))
+        tiles = [(128, 128, 8), (128, 256, 8), (256, 128, 8)] if M >= 512 else [(64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8)]
+        bkqs, splits = ((32, 64, 128), (1,)) if M >= 2048 else ((64, 128), (1, 2))
         for (bm, bn, warps), bkq, stages, split in itertools.product(tiles, bkqs, (3, 4), splits):
             if bkq * (4 * bm + bn) * stages > 220 * 1024:  # shared memory: 4 planes of q, bytes of w
                 continue
@@ -49,40 +52,54 @@ def _candidates(M: int):
     return out
 
 
-def sweep(M: int, K: int, N: int, top: int = 5, paths: tuple | None = None):
+def sweep(M: int, K: int, N: int, top: int = 5, paths: tuple | None = None, site: bool = False, pdl_both: bool = False):
+    """Time every candidate; with ``site``, the whole decode site (``norm_quant`` of bf16 x, then
+    the matmul) instead of the matmul alone. Candidates run with and without programmatic
+    dependent launch in site mode (or with ``pdl_both``), without it otherwise."""
     from bitfx.kernels import ternary_matmul as tm
 
     g = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randint(-128, 128, (M, K), device="cuda", dtype=torch.int8, generator=g)
-    s_x = torch.rand(M, device="cuda", generator=g) + 0.5
+    x = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
+    gamma = (1 + 0.1 * torch.randn(K, device="cuda", generator=g)).to(torch.bfloat16)
+    q, s_x = ops.norm_quant(x, gamma, 1e-6, False, True, torch.bfloat16)
     w = torch.randn(N, K, device="cuda", generator=g).to(torch.bfloat16)
     packed, s_w = ops.weight_quant(w, False)
     copies = [packed.clone() for _ in range(_copies_for(packed.numel()))]
-    want = tm.ternary_matmul_int32(q, packed)
+
+    def run(p, path, split, cfg):
+        if site:
+            qq, ss = ops.norm_quant(x, gamma, 1e-6, False, True, torch.bfloat16)
+        else:
+            qq, ss = q, s_x
+        return tm.ternary_matmul(qq, ss, p, s_w, None, torch.bfloat16, path=path, split_k=split, config=cfg)
+
+    want = run(packed, None, None, None)
     rows = []
     cands = [c for i, c in enumerate(_candidates(M)) if i == 0 or paths is None or c[0] in paths]
     for path, split, cfg in cands:
-        try:
-            got = tm.ternary_matmul_int32(q, packed, path=path, split_k=split, config=cfg)
-            if not torch.equal(got, want):
-                rows.append(dict(path=path, split=split, cfg=cfg, us=float("nan"), err="WRONG"))
-                continue
-            t = time_graph([lambda p=p: tm.ternary_matmul(q, s_x, p, s_w, None, torch.bfloat16, path=path,
-                                                            split_k=split, config=cfg) for p in copies])
-            rows.append(dict(path=path, split=split, cfg=cfg, us=t * 1e6))
-        except Exception as e:  # a config the compiler rejects (shared memory, registers): skip it
-            rows.append(dict(path=path, split=split, cfg=cfg, us=float("nan"), err=type(e).__name__))
+        for pdl in ((True, False) if cfg is not None and (site or pdl_both) else (None,) if cfg is None else (False,)):
+            c = cfg if pdl is None else dict(cfg, PDL=pdl)
+            try:
+                got = run(packed, path, split, c)
+                if not torch.equal(got, want):
+                    rows.append(dict(path=path, split=split, cfg=c, us=float("nan"), err="WRONG"))
+                    continue
+                t = time_graph([lambda p=p: run(p, path, split, c) for p in copies])
+                rows.append(dict(path=path, split=split, cfg=c, us=t * 1e6))
+            except Exception as e:  # a config the compiler rejects (shared memory, registers): skip it
+                rows.append(dict(path=path, split=split, cfg=c, us=float("nan"), err=type(e).__name__))
     ok = sorted((r for r in rows if r["us"] == r["us"]), key=lambda r: r["us"])
     default = rows[0]["us"]
-    nbytes = M * K + packed.numel() + M * N * 2
-    print(f"M={M} K={K} N={N}: default {default:.1f} us; {len(ok)}/{len(rows)} configs ran", flush=True)
+    nbytes = (M * K * 2 if site else M * K) + packed.numel() + M * N * 2
+    print(f"M={M} K={K} N={N} {'site' if site else 'matmul'}: default {default:.1f} us; {len(ok)}/{len(rows)} configs ran",
+          flush=True)
     for r in ok[:top]:
         print(f"   {r['us']:8.1f} us  {nbytes / r['us'] / 1e6:6.2f} TB/s  {2 * M * N * K / r['us'] / 1e6:7.0f} TOP/s  "
               f"path={r['path']} split={r['split']} {r['cfg']}", flush=True)
     wrong = [r for r in rows if r.get("err") == "WRONG"]
     if wrong:
         print(f"   WRONG results from {len(wrong)} configs: {wrong[:3]}", flush=True)
-    return dict(M=M, K=K, N=N, default_us=default, rows=rows)
+    return dict(M=M, K=K, N=N, site=site, default_us=default, rows=rows)
 
 
 def sweep_norm_quant(M: int, K: int):
@@ -114,6 +131,7 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write all rows here")
     p.add_argument("--paths", default="", help="comma-separated paths to sweep (default: all)")
     p.add_argument("--norm", default="", help="comma-separated MxK for norm_quant warp sweeps")
+    p.add_argument("--site", action="store_true", help="time norm_quant + matmul, not the matmul alone")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bitfx.tune needs a CUDA GPU")
@@ -122,7 +140,7 @@ def main(argv=None):
     res = []
     for s in args.shapes.split(","):
         M, K, N = (int(v) for v in s.split("x"))
-        res.append(sweep(M, K, N, args.top, tuple(args.paths.split(",")) if args.paths else None))
+        res.append(sweep(M, K, N, args.top, tuple(args.paths.split(",")) if args.paths else None, args.site))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1, default=str)
