@@ -9,12 +9,17 @@ For int8 activation codes ``q [M, K]`` with per-row scales ``s_x [M]`` and a pac
 One kernel family computes the transposed tile ``acc^T [BLOCK_N, BLOCK_M]``: the unpacked weight
 is the left operand (on Hopper a ``wgmma`` takes it from registers, so the packed bytes go
 global -> shared (cp.async) -> registers -> unpack -> tensor core) and the small M is the MMA's
-``n`` (>= 8, padded to 16), which suits decode ("swap AB"). Three configurations (``path``):
+``n`` (>= 8, padded to 16), which suits decode ("swap AB"). The configurations (``path``):
 
-* ``"gemv"`` (default for M <= ``GEMV_MAX_M``): weight streaming. A program owns ``BLOCK_N``
+* ``"dp4a"`` (default for M <= ``DP4A_MAX_M``): a CUDA-core GEMV, one warp per 4 weight rows,
+  four int8 products per ``dp4a`` instruction (``_ternary_dp4a_kernel``). On Hopper it is
+  launched with programmatic dependent launch: it starts while the kernel that wrote ``q`` is
+  still running, has L2 fetch its weights, and waits before it reads ``q`` (``_pdl_prologue``).
+* ``"gemv"`` (default up to ``GEMV_MAX_M``): weight streaming. A program owns ``BLOCK_N``
   rows of the weight and all M rows of ``q`` (padded to 16), walks K with large steps, and K is
-  split over several programs when N alone cannot fill the GPU.
-* ``"tc"`` (larger M): 128 x 128 tiles in grouped (``GROUP_M``) order for L2 reuse.
+  split over several programs for long rows when N alone cannot fill the GPU.
+* ``"tc"`` (larger M): 64 x 64 to 128 x 256 tiles (``_TC_TILES``) in grouped (``GROUP_M``)
+  order for L2 reuse.
 * ``"simt"`` (M <= ``SIMT_MAX_M``, off by default): products on the CUDA cores instead of
   ``tl.dot``, ``acc += sum_i c * q``; an alternative for M = 1 to measure against ``"gemv"``.
 
