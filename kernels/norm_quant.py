@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from bitfx.kernels._utils import cdiv, next_pow2, FLOAT_DTYPES, check_device, check_dtype, pdl_enabled, rows
+from bitfx.kernels._utils import (cdiv, next_pow2, FLOAT_DTYPES, check_device, check_dtype, interpreting,
+                                  pdl_enabled, rows)
 
 __all__ = ["norm_quant", "act_quant", "act_dequant", "rms_norm_backward"]
 
@@ -38,8 +39,14 @@ _SCALE_FLOOR = 1e-5
 # The backward holds four row-sized fp32 values (x, dy, g, the dweight partial): half as many.
 _MAX_ROW_BLOCK = 16384
 _CHUNK = 4096
-# Codes for the dtype y is rounded to inside the kernel.
+# Codes for the dtype y is rounded to inside the kernel (see _round_to).
 _ROUND_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _round_code(dtype: torch.dtype) -> int:
+    """The ``_round_to`` code for ``dtype``: the hardware bf16 conversion except in the interpreter."""
+    code = _ROUND_CODE.get(dtype, 0)
+    return 3 if code == 2 and not interpreting() else code
 _ANY_FLOAT = FLOAT_DTYPES + (torch.float64,)
 
 
@@ -89,12 +96,16 @@ def _num_programs(M: int, device: torch.device) -> int:
 
 @triton.jit
 def _round_to(v, CODE: tl.constexpr):
-    """Round fp32 ``v`` to fp32 (0), fp16 (1) or bf16 (2), to nearest even; return it as fp32.
+    """Round fp32 ``v`` to fp32 (0), fp16 (1) or bf16 (2, 3), to nearest even; return it as fp32.
 
-    bf16 is rounded on the bits (as c10 does): Triton's interpreter truncates fp32 -> bf16.
+    bf16: code 3 is the GPU's conversion (``cvt.rn.bf16.f32``, one instruction); code 2 rounds
+    on the bits (as c10 does; seven instructions), for Triton's interpreter, whose fp32 -> bf16
+    conversion truncates. Both give the same value for every input (NaN stays NaN).
     """
     if CODE == 1:
         v = v.to(tl.float16).to(tl.float32)
+    elif CODE == 3:
+        v = v.to(tl.bfloat16).to(tl.float32)
     elif CODE == 2:
         bits = v.to(tl.int32, bitcast=True)
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
@@ -271,8 +282,8 @@ def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm):
         HAS_WEIGHT=weight is not None,
         OFFSET=bool(offset),
         CAST_BEFORE_WEIGHT=bool(cast_before_weight),
-        X_ROUND=_ROUND_CODE.get(x.dtype, 0),
-        Y_ROUND=_ROUND_CODE[norm_dtype],
+        X_ROUND=_round_code(x.dtype),
+        Y_ROUND=_round_code(norm_dtype),
         BLOCK_K=block,
         ONE_BLOCK=one_block,
         PDL_TRIGGER=pdl_enabled(x.device),
@@ -370,7 +381,7 @@ def act_dequant(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> tor
     block_k = min(next_pow2(K), 1024)
     block_m = max(1, 4096 // block_k)
     grid = (cdiv(M, block_m), cdiv(K, block_k))
-    _act_dequant_kernel[grid](q, scale.contiguous(), out, M, K, q.stride(0), OUT_ROUND=_ROUND_CODE[dtype],
+    _act_dequant_kernel[grid](q, scale.contiguous(), out, M, K, q.stride(0), OUT_ROUND=_round_code(dtype),
                               BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4)
     return out
 
@@ -515,7 +526,7 @@ def rms_norm_backward(
         HAS_WEIGHT=weight is not None,
         OFFSET=bool(offset),
         CAST_BEFORE_WEIGHT=bool(cast_before_weight),
-        X_ROUND=_ROUND_CODE[x.dtype],
+        X_ROUND=_round_code(x.dtype),
         BLOCK_K=block,
         ONE_BLOCK=one_block,
         num_warps=_num_warps(block),

@@ -443,3 +443,37 @@ def test_act_quant_large_cuda(M, K, dtype, seed):
 def test_rms_norm_backward_large_cuda(case, K):
     case.update(K=K, chunked=False)  # K > 8192 takes the chunked path by itself
     check_backward(case)
+
+
+@pytest.mark.cuda
+def test_bf16_rounding_codes_agree():
+    """``_round_to`` code 3 (the GPU's cvt.rn.bf16.f32) and code 2 (rounding on the bits, for
+    the interpreter) give the same fp32 value for every input: ties, subnormals, overflow to
+    inf, infinities, NaN, and random bit patterns over the whole fp32 range."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _apply(x_ptr, out_ptr, n, CODE: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < n
+        tl.store(out_ptr + offs, nq._round_to(tl.load(x_ptr + offs, mask=m), CODE), mask=m)
+
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-(2**31), 2**31 - 1, (1 << 20,), generator=g, dtype=torch.int64).to(torch.int32)
+    special = torch.tensor([0x3F808000, 0x3F818000, 0x3F80FFFF, 0x00000001, 0x00008000, 0x00018000, 0x807F8000,
+                            0x7F7F8000, 0x7F7FFFFF, 0xFF7F8000, 0x7F800000, 0xFF800000, 0x7FC00000, 0x7F800001,
+                            0x80000000, 0x00000000], dtype=torch.int64).to(torch.int32)
+    x = torch.cat([special, bits]).view(torch.float32).cuda()
+    outs = []
+    for code in (2, 3):
+        out = torch.empty_like(x)
+        _apply[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), CODE=code, BLOCK=1024)
+        outs.append(out.cpu())
+    a, b = outs
+    assert torch.equal(torch.isnan(a), torch.isnan(b))
+    ok = ~torch.isnan(a)
+    assert torch.equal(a[ok].view(torch.int32), b[ok].view(torch.int32))
+    # and both are torch's own rounding to bf16
+    want = x.cpu().to(torch.bfloat16).to(torch.float32)
+    assert torch.equal(a[ok].view(torch.int32), want[ok].view(torch.int32))
