@@ -248,8 +248,54 @@ def measure_training(M=8192, K=4096, N=14336):
 # ------------------------------------------------------------------ report
 
 
+def _fmt_us(t):
+    return "n/a" if math.isnan(t) else f"{t:.1f}"
+
+
 def _fmt_ratio(a, b):
     return "n/a" if (math.isnan(a) or math.isnan(b)) else f"{b / a:.2f}x"
+
+
+def report(results: dict, sweep_m: list[int]) -> str:
+    """The tables of a run (``results`` as written to results.json), as Markdown."""
+    nq, tr = results["norm_quant"], results["training"]
+    lines = [results["header"], ""]
+    lines.append("| regime | M | K | N | bitfx µs | bf16 µs | bf16 compile µs | _int_mm µs | vs bf16 | vs compile | vs _int_mm | TB/s | TOP/s | rel err |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results["sites"]:
+        regime = "decode" if r["M"] == 1 else ("small batch" if r["M"] == 16 else "prefill")
+        lines.append(
+            f"| {regime} | {r['M']} | {r['K']} | {r['N']} | {r['bitfx_us']:.1f} | {r['bf16_us']:.1f} | "
+            f"{r['bf16_compile_us']:.1f} | {_fmt_us(r['int_mm_us'])} | {_fmt_ratio(r['bitfx_us'], r['bf16_us'])} | "
+            f"{_fmt_ratio(r['bitfx_us'], r['bf16_compile_us'])} | {_fmt_ratio(r['bitfx_us'], r['int_mm_us'])} | "
+            f"{r['tbps']:.2f} | {r['tops']:.0f} | {r['err']:.1e} |"
+        )
+    lines.append("")
+    lines.append(
+        f"norm+quant alone, M={nq['M']} K={nq['K']}: {nq['us']:.1f} µs, {nq['tbps']:.2f} TB/s = "
+        f"{100 * nq['tbps'] / nq['copy_tbps']:.0f}% of the copy bandwidth ({nq['copy_tbps']:.2f} TB/s); "
+        f"codes differing from the CPU reference: {100 * nq['code_mismatch']:.3f}%"
+    )
+    fla = "not importable" if math.isnan(tr["fla_us"]) else f"{tr['fla_us']:.0f} µs"
+    lines.append(
+        f"training fwd+bwd M={tr['M']} K={tr['K']} N={tr['N']}: bitfx {tr['bitfx_us']:.0f} µs "
+        f"({6 * tr['M'] * tr['K'] * tr['N'] / tr['bitfx_us'] / 1e6:.0f} TOP/s-equivalent: 6·M·N·K for the three matmuls), "
+        f"bf16 {tr['bf16_us']:.0f} µs "
+        f"({_fmt_ratio(tr['bitfx_us'], tr['bf16_us'])}), fla FusedBitLinear {fla}; saved for backward: bitfx "
+        f"{tr['saved_bitfx'] / 2**20:.1f} MiB vs bf16 {tr['saved_bf16'] / 2**20:.1f} MiB "
+        f"({100 * tr['saved_bitfx'] / tr['saved_bf16']:.0f}%)"
+    )
+    lines.append("")
+    lines.append("Sweep (speed-up of bitfx over bf16 eager / over bf16 torch.compile):")
+    lines.append("| M | " + " | ".join(f"{K}x{N}" for K, N in SHAPES) + " |")
+    lines.append("|---" * (len(SHAPES) + 1) + "|")
+    for M in sweep_m:
+        cells = []
+        for K, N in SHAPES:
+            r = next(r for r in results["sweep"] if r["M"] == M and r["K"] == K and r["N"] == N)
+            cells.append(f"{r['bf16_us'] / r['bitfx_us']:.2f} / {r['bf16_compile_us'] / r['bitfx_us']:.2f}")
+        lines.append(f"| {M} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -294,41 +340,7 @@ def main(argv=None):
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
 
-    lines = [header, ""]
-    lines.append("| regime | M | K | N | bitfx µs | bf16 µs | bf16 compile µs | _int_mm µs | vs bf16 | vs compile | vs _int_mm | TB/s | TOP/s | rel err |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in results["sites"]:
-        regime = "decode" if r["M"] == 1 else ("small batch" if r["M"] == 16 else "prefill")
-        lines.append(
-            f"| {regime} | {r['M']} | {r['K']} | {r['N']} | {r['bitfx_us']:.1f} | {r['bf16_us']:.1f} | "
-            f"{r['bf16_compile_us']:.1f} | {r['int_mm_us']:.1f} | {_fmt_ratio(r['bitfx_us'], r['bf16_us'])} | "
-            f"{_fmt_ratio(r['bitfx_us'], r['bf16_compile_us'])} | {_fmt_ratio(r['bitfx_us'], r['int_mm_us'])} | "
-            f"{r['tbps']:.2f} | {r['tops']:.0f} | {r['err']:.1e} |"
-        )
-    lines.append("")
-    lines.append(
-        f"norm+quant alone, M={nq['M']} K={nq['K']}: {nq['us']:.1f} µs, {nq['tbps']:.2f} TB/s = "
-        f"{100 * nq['tbps'] / nq['copy_tbps']:.0f}% of the copy bandwidth ({nq['copy_tbps']:.2f} TB/s); "
-        f"codes differing from the CPU reference: {100 * nq['code_mismatch']:.3f}%"
-    )
-    fla = "not importable" if math.isnan(tr["fla_us"]) else f"{tr['fla_us']:.0f} µs"
-    lines.append(
-        f"training fwd+bwd M={tr['M']} K={tr['K']} N={tr['N']}: bitfx {tr['bitfx_us']:.0f} µs, bf16 {tr['bf16_us']:.0f} µs "
-        f"({_fmt_ratio(tr['bitfx_us'], tr['bf16_us'])}), fla FusedBitLinear {fla}; saved for backward: bitfx "
-        f"{tr['saved_bitfx'] / 2**20:.1f} MiB vs bf16 {tr['saved_bf16'] / 2**20:.1f} MiB "
-        f"({100 * tr['saved_bitfx'] / tr['saved_bf16']:.0f}%)"
-    )
-    lines.append("")
-    lines.append("Sweep (speed-up of bitfx over bf16 eager / over bf16 torch.compile):")
-    lines.append("| M | " + " | ".join(f"{K}x{N}" for K, N in SHAPES) + " |")
-    lines.append("|---" * (len(SHAPES) + 1) + "|")
-    for M in sweep_m:
-        cells = []
-        for K, N in SHAPES:
-            r = next(r for r in results["sweep"] if r["M"] == M and r["K"] == K and r["N"] == N)
-            cells.append(f"{r['bf16_us'] / r['bitfx_us']:.2f} / {r['bf16_compile_us'] / r['bitfx_us']:.2f}")
-        lines.append(f"| {M} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
+    table = report(results, sweep_m)
     with open(os.path.join(args.out, "tables.md"), "w") as f:
         f.write(table + "\n")
     try:
