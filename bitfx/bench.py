@@ -314,7 +314,6 @@ def main(argv=None):
     t0 = time.time()
     results = {"header": header, "sites": [], "sweep": []}
 
-    targets = []
     for K, N in SHAPES:
         for M in (1, 16):
             r = measure_site(M, K, N)
