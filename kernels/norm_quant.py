@@ -23,14 +23,12 @@ instead of its fp32 value, and the codes would differ from the reference at roun
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from bitfx.kernels._utils import (cdiv, next_pow2, FLOAT_DTYPES, check_device, check_dtype, interpreting,
-                                  pdl_enabled, rows)
+                                  num_sms, pdl_enabled, rows)
 
 __all__ = ["norm_quant", "act_quant", "act_dequant", "rms_norm_backward"]
 
@@ -76,21 +74,10 @@ def _check_weight(name: str, weight: torch.Tensor | None, K: int) -> torch.Tenso
     return weight.contiguous()
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 4  # the interpreter: a nominal count, so that small test shapes take both forms
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _num_programs(M: int, device: torch.device) -> int:
     """Programs of the backward: enough to fill the GPU, few enough that the [P, K] partials stay small."""
     if device.type == "cuda":
-        return min(M, 2 * torch.cuda.get_device_properties(device).multi_processor_count)
+        return min(M, 2 * num_sms(device))
     return min(M, 4)
 
 
@@ -154,6 +141,16 @@ def _norm_chunk(
             y = y * g
         y = _round_to(y, Y_ROUND)
     return y
+
+
+@triton.jit
+def _load_norm_chunk(X, W, c, K, rstd, NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, OFFSET: tl.constexpr,
+                     CAST_BEFORE_WEIGHT: tl.constexpr, X_ROUND: tl.constexpr, Y_ROUND: tl.constexpr):
+    """y at columns ``c`` of a row (the chunked passes): x and g loaded (0 past K), then ``_norm_chunk``."""
+    m = c < K
+    x = tl.load(X + c, mask=m, other=0.0).to(tl.float32)
+    g = _g_eff(W, c, m, HAS_WEIGHT and NORM, OFFSET)
+    return _norm_chunk(x, g, rstd, X_ROUND, NORM, HAS_WEIGHT, CAST_BEFORE_WEIGHT, Y_ROUND)
 
 
 @triton.jit
@@ -228,11 +225,8 @@ def _norm_quant_kernel(
             rstd = _rstd(tl.sum(acc, axis=0), K, eps)
         amax_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            c = k0 + cols
-            m = c < K
-            x = tl.load(X + c, mask=m, other=0.0).to(tl.float32)
-            g = _g_eff(W, c, m, HAS_WEIGHT and NORM, OFFSET)
-            y = _norm_chunk(x, g, rstd, X_ROUND, NORM, HAS_WEIGHT, CAST_BEFORE_WEIGHT, Y_ROUND)
+            y = _load_norm_chunk(X, W, k0 + cols, K, rstd, NORM, HAS_WEIGHT, OFFSET, CAST_BEFORE_WEIGHT, X_ROUND,
+                                 Y_ROUND)
             amax_acc = tl.maximum(amax_acc, _abs_or_inf(y))
         amax = tl.max(amax_acc, axis=0)
     bad = amax == float("inf")
@@ -247,11 +241,8 @@ def _norm_quant_kernel(
     else:
         for k0 in range(0, K, BLOCK_K):
             c = k0 + cols
-            m = c < K
-            x = tl.load(X + c, mask=m, other=0.0).to(tl.float32)
-            g = _g_eff(W, c, m, HAS_WEIGHT and NORM, OFFSET)
-            y = _norm_chunk(x, g, rstd, X_ROUND, NORM, HAS_WEIGHT, CAST_BEFORE_WEIGHT, Y_ROUND)
-            tl.store(Q + c, _quantize(y, scale, bad), mask=m)
+            y = _load_norm_chunk(X, W, c, K, rstd, NORM, HAS_WEIGHT, OFFSET, CAST_BEFORE_WEIGHT, X_ROUND, Y_ROUND)
+            tl.store(Q + c, _quantize(y, scale, bad), mask=c < K)
 
 
 def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm):
@@ -287,7 +278,7 @@ def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm):
         BLOCK_K=block,
         ONE_BLOCK=one_block,
         PDL_TRIGGER=pdl_enabled(x.device),
-        EARLY_G=M < _num_sms(x.device),
+        EARLY_G=M < num_sms(x.device),
         num_warps=_num_warps(block),
         enable_fp_fusion=False,
     )

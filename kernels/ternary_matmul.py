@@ -34,15 +34,13 @@ finish a tile runs the epilogue.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from bitfx.kernels import layout
-from bitfx.kernels._utils import (cdiv, next_pow2, FLOAT_DTYPES, check_device, check_dtype, interpreting, pdl_enabled,
-                                  rows)
+from bitfx.kernels._utils import (cdiv, next_pow2, FLOAT_DTYPES, check_device, check_dtype, interpreting, num_sms,
+                                  pdl_enabled, rows)
 
 __all__ = ["ternary_matmul", "ternary_matmul_int32", "DP4A_MAX_M", "GEMV_MAX_M", "SIMT_MAX_M"]
 
@@ -56,13 +54,6 @@ GEMV_MAX_M = 64
 """Largest M that takes the weight-streaming ``"gemv"`` path by default; larger M take ``"tc"``."""
 
 _PATHS = ("dp4a", "simt", "gemv", "tc")
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a nominal count, so that small test shapes exercise split-K
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_KQ, num_warps, fill) of the tensor-core path, largest first: a tile is
@@ -100,7 +91,7 @@ def _config(M: int, N: int, Kq: int, device: torch.device, path: str, split_k: i
         # in registers). The largest tile that still gives every SM a tile: 128 (q rows) x 256
         # (weight rows) for prefill, down to 64 x 64 for a few hundred rows (H100 sweep).
         for block_m, block_n, block_kq, warps, fill in _TC_TILES:
-            if cdiv(M, block_m) * cdiv(N, block_n) >= fill * _num_sms(device):
+            if cdiv(M, block_m) * cdiv(N, block_n) >= fill * num_sms(device):
                 break
         cfg = dict(BLOCK_M=block_m, GROUP_M=8, USE_DOT=True, OFFSET_TRICK=False, num_warps=warps, num_stages=3)
     # Programmatic dependent launch (see _pdl_prologue) is off on these paths: on the H100, M=16,
@@ -130,9 +121,9 @@ def _config(M: int, N: int, Kq: int, device: torch.device, path: str, split_k: i
         # H100 sweep, M=16, 64 tiles on 132 SMs: K=4096 (8 steps) ran 7.1 us unsplit and 9.7 us
         # split in two (the zeroed workspace is one more launch); K=14336 (28 steps) ran 17.3 us
         # unsplit, 15.0 in two and 13.8 in four. Split long rows only, in chunks of >= 7 steps.
-        split_k = min(4, steps // 7) if 2 * tiles <= _num_sms(device) and steps >= 24 else 1
+        split_k = min(4, steps // 7) if 2 * tiles <= num_sms(device) and steps >= 24 else 1
     elif split_k is None:  # split K only when the output tiles alone leave most SMs idle
-        split_k = _num_sms(device) // tiles if 4 * tiles <= _num_sms(device) else 1
+        split_k = num_sms(device) // tiles if 4 * tiles <= num_sms(device) else 1
     split_k = max(1, min(int(split_k), steps))
     steps_per_split = cdiv(steps, split_k)
     split_k = cdiv(steps, steps_per_split)  # no empty splits
@@ -440,7 +431,7 @@ def _ternary_dp4a_kernel(
         widx = w0 + tl.arange(0, BLOCK_W)
         if EVEN_W:  # masks constant along K keep the loads 16 bytes wide
             wmask = n_mask[:, None]
-            qmask = m_mask[:, None] & ((widx < Kq4) | EVEN_K)[None, :]
+            qmask = m_mask[:, None]
         else:
             live = widx < w_end
             wmask = n_mask[:, None] & live[None, :]
@@ -513,7 +504,7 @@ def _dp4a_config(M: int, N: int, Kq: int, device: torch.device, split_k: int | N
     tiles_m = cdiv(M, cfg["BLOCK_M"])
     steps = cdiv(kq4, cfg["BLOCK_W"])
     if split_k is None:  # split K only while the output tiles alone leave the SMs short of two waves
-        split_k = max(1, 2 * _num_sms(device) // (tiles_n * tiles_m))
+        split_k = max(1, 2 * num_sms(device) // (tiles_n * tiles_m))
     split_k = max(1, min(int(split_k), steps))
     steps_per_split = cdiv(steps, split_k)
     split_k = cdiv(steps, steps_per_split)
