@@ -77,7 +77,8 @@ def sweep(M: int, K: int, N: int, top: int = 5, paths: tuple | None = None, site
     rows = []
     cands = [c for i, c in enumerate(_candidates(M)) if i == 0 or paths is None or c[0] in paths]
     for path, split, cfg in cands:
-        for pdl in ((True, False) if cfg is not None and (site or pdl_both) else (None,) if cfg is None else (False,)):
+        pdls = (None,) if cfg is None else (True, False) if site or pdl_both else (False,)
+        for pdl in pdls:
             c = cfg if pdl is None else dict(cfg, PDL=pdl)
             try:
                 got = run(packed, path, split, c)
