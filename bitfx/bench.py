@@ -122,7 +122,7 @@ class Site:
     def bitfx_fn(self, packed):
         def f():
             q, s = ops.norm_quant(self.x, self.g, EPS, False, True, torch.bfloat16)
-            return ops.ternary_matmul(q, s, packed, self.w_scale, None, torch.bfloat16)
+            return ops.ternary_matmul(q, s, packed, self.w_scale, None, torch.bfloat16, self.K)
         return f
 
     def bf16_fn(self, w, compiled=None):

@@ -4,7 +4,14 @@
 token to int8, the weight is stored as 2-bit ternary codes (``bitfx.kernels.layout``) with
 an fp32 scale per output channel (``W ~= t / w_scale``). It calls the very ops the compiler
 pass emits (``torch.ops.bitfx.act_quant`` and ``torch.ops.bitfx.ternary_matmul``), so a
-converted model and a compiled one compute the same numbers.
+converted model and a compiled one compute the same numbers. When a gradient must pass
+through it (grad mode on and the input requiring grad), it calls
+``torch.ops.bitfx.ternary_linear_group`` instead: the same two kernels, the same output bit for
+bit, and a straight-through backward to the input (the packed weight stays frozen).
+
+The codes are checked when a layer is built (``from_ternary``: ``t`` in {-1, 0, 1}) or loaded
+(``load_state_dict``: no code 3, padding columns hold the zero code): the CUDA kernels do not
+check them per call.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from torch import Tensor, nn
 
 from bitfx import ops  # noqa: F401  (registers torch.ops.bitfx.*)
 from bitfx.kernels.layout import FORMAT, check_packed_shape, packed_k
-from bitfx.reference import pack_ternary
+from bitfx.reference import check_ternary_codes, pack_ternary
 
 __all__ = ["BitfxLinear", "FORMAT_ID"]
 
@@ -75,13 +82,48 @@ class BitfxLinear(nn.Module):
         return cls._from_buffers(packed, w_scale, bias, linear.in_features, per_channel, w.dtype)
 
     @classmethod
-    def from_ternary(cls, t: Tensor, w_scale: Tensor, bias: Tensor | None = None) -> "BitfxLinear":
+    def from_ternary(cls, t: Tensor, w_scale: Tensor | float, bias: Tensor | None = None) -> "BitfxLinear":
         """From ternary codes ``t`` (int8 ``[N, K]`` in {-1, 0, 1}) and ``w_scale`` (``[N]`` or a
-        scalar) with ``W ~= t / w_scale``, e.g. a checkpoint trained as BitNet."""
+        scalar; finite and positive) with ``W ~= t / w_scale``, e.g. a checkpoint trained as
+        BitNet. ``bias``: a float ``[N]`` tensor or None. Raises a ValueError or TypeError that
+        names the problem."""
+        name = "BitfxLinear.from_ternary"
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: t must be a tensor of int8 ternary codes, got {type(t).__name__}")
+        if t.dtype != torch.int8:
+            raise TypeError(
+                f"{name}: t must hold int8 ternary codes in {{-1, 0, 1}}, got {str(t.dtype).removeprefix('torch.')}"
+                f" (for a float weight use BitfxLinear.from_linear)"
+            )
+        if t.dim() != 2 or t.shape[1] < 1:
+            raise ValueError(f"{name}: t must be 2-D [N, K] with K >= 1, got shape {tuple(t.shape)}")
+        bad = (t < -1) | (t > 1)
+        if bool(bad.any()):
+            n, k = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"{name}: t must hold ternary codes in {{-1, 0, 1}}, got {int(t[n, k])} at [{n}, {k}]")
         N, K = t.shape
-        w_scale = torch.as_tensor(w_scale, dtype=torch.float32, device=t.device).expand(N).contiguous()
+        s = torch.as_tensor(w_scale, device=t.device)
+        if s.is_complex() or s.dtype == torch.bool:
+            raise TypeError(f"{name}: w_scale must be a real number or tensor, got {str(s.dtype).removeprefix('torch.')}")
+        if s.dim() > 1 or (s.dim() == 1 and s.shape[0] != N):
+            raise ValueError(f"{name}: w_scale must be a scalar or of shape ({N},), got shape {tuple(s.shape)}")
+        s = s.to(torch.float32).expand(N).contiguous()
+        bad = ~(torch.isfinite(s) & (s > 0))
+        if bool(bad.any()):
+            n = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"{name}: w_scale must be finite and positive (W ~= t / w_scale), got {float(s[n])} for output {n}"
+            )
+        if bias is not None:
+            if not isinstance(bias, Tensor) or not bias.is_floating_point():
+                what = str(bias.dtype).removeprefix("torch.") if isinstance(bias, Tensor) else type(bias).__name__
+                raise TypeError(f"{name}: bias must be a float tensor of shape ({N},), got {what}")
+            if tuple(bias.shape) != (N,):
+                raise ValueError(f"{name}: bias has shape {tuple(bias.shape)}, expected ({N},) (one per output)")
+            if bias.device != t.device:
+                raise ValueError(f"{name}: bias is on {bias.device} but t is on {t.device}")
         dtype = torch.get_default_dtype() if bias is None else bias.dtype
-        return cls._from_buffers(pack_ternary(t), w_scale, bias, K, False, dtype)
+        return cls._from_buffers(pack_ternary(t), s, bias, K, False, dtype)
 
     @classmethod
     def _from_buffers(cls, packed, w_scale, bias, in_features, per_channel, weight_dtype) -> "BitfxLinear":
@@ -95,12 +137,26 @@ class BitfxLinear(nn.Module):
     # ------------------------------------------------------------------ compute
 
     def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() < 1:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(
+                f"BitfxLinear: input must be a tensor [..., {self.in_features}] (features last), got {shape}"
+            )
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"BitfxLinear: input has {x.shape[-1]} features (last dimension), expected {self.in_features}"
             )
+        bias = self.bias
+        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+            # A gradient must pass through (the packed weight stays frozen): the same two kernels,
+            # with a straight-through backward.
+            outs = torch.ops.bitfx.ternary_linear_group(
+                x, None, [self.packed], [self.w_scale], [] if bias is None else [bias], self.in_features,
+                0.0, False, False, x.dtype, False, x.dtype,
+            )[0]
+            return outs[0]
         q, x_scale = torch.ops.bitfx.act_quant(x)
-        return torch.ops.bitfx.ternary_matmul(q, x_scale, self.packed, self.w_scale, self.bias, x.dtype)
+        return torch.ops.bitfx.ternary_matmul(q, x_scale, self.packed, self.w_scale, bias, x.dtype, self.in_features)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The weight this layer multiplies by, ``t / w_scale``, as a dense ``[N, K]`` matrix."""
@@ -115,13 +171,17 @@ class BitfxLinear(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) / .half() cast every float buffer; the weight scales stay
-        # fp32 (the ops require it), only following a change of device.
+        # fp32 (the ops require it), only following a change of device. The dtype of the weight
+        # this layer stands for follows what ``fn`` does to a float tensor of that dtype (a
+        # probe: .half().float() ends at float32; .to(device) alone keeps it).
         w_scale = self.w_scale
         super()._apply(fn, recurse)
         moved = self.w_scale
         if moved.dtype != torch.float32:
-            self.weight_dtype = moved.dtype
             self.w_scale = w_scale.to(device=moved.device)
+        probe = fn(torch.empty(0, dtype=self.weight_dtype, device=w_scale.device))
+        if isinstance(probe, Tensor) and probe.is_floating_point():
+            self.weight_dtype = probe.dtype
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
@@ -161,12 +221,26 @@ class BitfxLinear(nn.Module):
                     out.append(f"packed: shape {tuple(packed.shape)}, expected {(N, packed_k(K))}")
                 except ValueError as e:
                     out.append(f"packed: {e}")
+            elif not packed.is_meta:
+                # The kernels do not check the codes per call: a corrupted weight is refused here.
+                try:
+                    check_ternary_codes(packed, K)
+                except ValueError as e:
+                    out.append(f"packed: {e}")
         w_scale = sd.get(prefix + "w_scale")
         if w_scale is not None and (w_scale.dtype != torch.float32 or tuple(w_scale.shape) != (N,)):
             out.append(
                 f"w_scale: expected float32 of shape ({N},), got {str(w_scale.dtype).removeprefix('torch.')} "
                 f"of shape {tuple(w_scale.shape)}"
             )
+        elif w_scale is not None and not w_scale.is_meta:
+            bad = (w_scale <= 0) | torch.isinf(w_scale)  # NaN is defined: a weight that held NaN or Inf
+            if bool(bad.any()):
+                n = int(bad.nonzero()[0, 0])
+                out.append(
+                    f"w_scale: must be positive and finite (or NaN, for a weight that held NaN or Inf), got "
+                    f"{float(w_scale[n])} for output {n}"
+                )
         bias = sd.get(prefix + "bias")
         if bias is not None and self.bias is not None and (not bias.is_floating_point() or tuple(bias.shape) != (N,)):
             out.append(f"bias: expected a float tensor of shape ({N},), got {bias.dtype} of shape {tuple(bias.shape)}")

@@ -6,21 +6,33 @@ Each op is functional (no mutation) and has
   what runs on CPU and on any device without a Triton kernel);
 * a CUDA implementation: the Triton kernels of :mod:`bitfx.kernels`;
 * a fake implementation built from symbolic sizes, for ``torch.compile``;
-* for ``bitlinear``, the training op, an autograd formula (straight-through estimator).
+* for the training ops ``bitlinear`` and ``bitlinear_group``, and for ``ternary_linear_group``
+  (frozen packed weights in grad mode), an autograd formula (straight-through estimator).
 
 Ops, with shapes (``...`` any leading dims, ``Kq = kernels.layout.packed_k(K)``):
 
 ``norm_quant(x[..., K], weight[K]?, eps, offset, cast_before_weight, norm_dtype) -> (q int8[..., K], x_scale f32[...])``
 ``act_quant(y[..., K]) -> (q int8[..., K], x_scale f32[...])``
 ``weight_quant(w[N, K], per_channel) -> (packed u8[N, Kq], w_scale f32[N])``
-``ternary_matmul(q int8[..., K], x_scale f32[...], packed u8[N, Kq], w_scale f32[N], bias[N]?, out_dtype) -> out[..., N]``
+``ternary_matmul(q int8[..., K], x_scale f32[...], packed u8[N, Kq], w_scale f32[N], bias[N]?, out_dtype, in_features) -> out[..., N]``
+    (``in_features``: the K the weight was packed for; must equal ``q.shape[-1]``)
 ``bitlinear(x[..., K], norm_weight[K]?, weight[N, K], bias[N]?, eps, offset, cast_before_weight, norm_dtype, per_channel)
     -> (out[..., N], q, x_scale, rstd f32[...], packed, w_scale)``; only ``out`` is meant for users, the rest is saved
     for the backward.
+``bitlinear_group(x, norm_weight?, [weight...], [bias...], eps, offset, cast_before_weight, norm_dtype, [per_channel...])
+    -> ([out...], q, x_scale, rstd, [packed...], [w_scale...])``: one norm, several linears.
+``ternary_linear_group(x[..., K], norm_weight[K]?, [packed u8[N_i, Kq]...], [w_scale f32[N_i]...], [bias[N_i]...],
+    in_features, eps, offset, cast_before_weight, norm_dtype, normalize, out_dtype) -> ([out[..., N_i]...], q, x_scale, rstd)``:
+    (norm +) activation quantization once, then one ``ternary_matmul`` per frozen packed weight; differentiable
+    with respect to ``x``, ``norm_weight`` and the biases (straight-through), not the packed weights.
 ``dequantize(packed u8[N, Kq], w_scale f32[N], K, dtype) -> [N, K]``,
 ``act_dequant(q int8[..., K], x_scale f32[...], dtype) -> [..., K]`` and
-``rms_norm_backward(dy[..., K], x[..., K], weight[K]?, rstd[...], offset) -> (dx[..., K], dweight f32[K])``: the
-    pieces of bitlinear's backward.
+``rms_norm_backward(dy[..., K], x[..., K], weight[K]?, rstd[...], offset, cast_before_weight) -> (dx[..., K], dweight f32[K])``:
+    the pieces of the backward.
+
+Packed weights are not checked for invalid codes per call on CUDA (it would cost a pass over
+the weight): ``BitfxLinear`` checks its codes when it is built or loaded
+(:func:`bitfx.reference.check_ternary_codes`); on CPU the reference checks them on every unpack.
 """
 
 from __future__ import annotations
@@ -42,6 +54,7 @@ __all__ = [
     "bitlinear",
     "bitlinear_full",
     "bitlinear_group",
+    "ternary_linear_group",
     "dequantize",
     "act_dequant",
     "rms_norm_backward",
@@ -73,10 +86,14 @@ def _check_same_device(op: str, *tensors: Optional[Tensor]) -> None:
             raise ValueError(f"bitfx.{op}: all tensors must be on one device, got {present[0].device} and {t.device}")
 
 
+def _check_has_features(op: str, what: str, t: Tensor) -> None:
+    if t.dim() < 1:
+        raise ValueError(f"bitfx.{op}: {what} must have at least one dimension (the features), got a 0-D tensor")
+
+
 def _check_norm_args(op: str, x: Tensor, weight: Optional[Tensor], norm_dtype: torch.dtype) -> None:
     _check_float(op, "input", x)
-    if x.dim() < 1:
-        raise ValueError(f"bitfx.{op}: input must have at least one dimension (the features)")
+    _check_has_features(op, "input", x)
     if weight is not None:
         _check_float(op, "norm weight", weight)
         if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
@@ -95,34 +112,52 @@ def _check_linear_weight(op: str, w: Tensor) -> None:
         raise ValueError(f"bitfx.{op}: linear weight must be 2-D [N, K], got shape {tuple(w.shape)}")
 
 
-def _check_matmul_args(q, x_scale, packed, w_scale, bias, out_dtype) -> None:
-    op = "ternary_matmul"
-    if q.dtype != torch.int8:
-        raise TypeError(f"bitfx.{op}: activation codes must be int8, got {_dtype_name(q.dtype)}")
+def _check_packed_weight(op: str, packed: Tensor, w_scale: Tensor, bias: Optional[Tensor], in_features) -> None:
+    """A packed weight ``[N, packed_k(in_features)]`` uint8, its scale fp32 ``[N]``, a float bias ``[N]`` or None."""
     if packed.dtype != torch.uint8:
         raise TypeError(
             f"bitfx.{op}: packed ternary weight must be uint8 (from bitfx weight_quant), got {_dtype_name(packed.dtype)}"
         )
     if packed.dim() != 2:
         raise ValueError(f"bitfx.{op}: packed ternary weight must be 2-D [N, Kq], got shape {tuple(packed.shape)}")
-    K = q.shape[-1]
     torch._check_with(
         ValueError,
-        packed.shape[1] == packed_k(K),
-        lambda: f"bitfx.{op}: packed ternary weight has {packed.shape[1]} bytes per row but activations with "
-        f"K={K} need {packed_k(K)}: K mismatch, or a weight packed in another format",
+        packed.shape[1] == packed_k(in_features),
+        lambda: f"bitfx.{op}: packed ternary weight has {packed.shape[1]} bytes per row but in_features="
+        f"{in_features} needs {packed_k(in_features)}: a weight packed for another K, or in another format",
     )
     N = packed.shape[0]
-    if x_scale.dtype != torch.float32 or w_scale.dtype != torch.float32:
-        raise TypeError(f"bitfx.{op}: scales must be float32, got {_dtype_name(x_scale.dtype)} and {_dtype_name(w_scale.dtype)}")
-    if tuple(x_scale.shape) != tuple(q.shape[:-1]):
-        raise ValueError(f"bitfx.{op}: activation scale has shape {tuple(x_scale.shape)}, expected {tuple(q.shape[:-1])}")
+    if w_scale.dtype != torch.float32:
+        raise TypeError(f"bitfx.{op}: weight scale must be float32, got {_dtype_name(w_scale.dtype)}")
     if w_scale.dim() != 1 or w_scale.shape[0] != N:
         raise ValueError(f"bitfx.{op}: weight scale has shape {tuple(w_scale.shape)}, expected ({N},)")
     if bias is not None:
         _check_float(op, "bias", bias)
         if bias.dim() != 1 or bias.shape[0] != N:
             raise ValueError(f"bitfx.{op}: bias has shape {tuple(bias.shape)}, expected ({N},)")
+
+
+def _check_in_features(op: str, x: Tensor, in_features) -> None:
+    K = x.shape[-1]
+    torch._check_with(
+        ValueError,
+        K == in_features,
+        lambda: f"bitfx.{op}: the activations have K={K} features (last dimension) but the weight was "
+        f"packed for in_features={in_features}",
+    )
+
+
+def _check_matmul_args(q, x_scale, packed, w_scale, bias, out_dtype, in_features) -> None:
+    op = "ternary_matmul"
+    if q.dtype != torch.int8:
+        raise TypeError(f"bitfx.{op}: activation codes must be int8, got {_dtype_name(q.dtype)}")
+    _check_has_features(op, "activation codes", q)
+    _check_packed_weight(op, packed, w_scale, bias, in_features)
+    _check_in_features(op, q, in_features)
+    if x_scale.dtype != torch.float32:
+        raise TypeError(f"bitfx.{op}: activation scale must be float32, got {_dtype_name(x_scale.dtype)}")
+    if tuple(x_scale.shape) != tuple(q.shape[:-1]):
+        raise ValueError(f"bitfx.{op}: activation scale has shape {tuple(x_scale.shape)}, expected {tuple(q.shape[:-1])}")
     if out_dtype not in _FLOATS:
         raise TypeError(f"bitfx.{op}: out_dtype must be a float dtype, got {out_dtype}")
     _check_same_device(op, q, x_scale, packed, w_scale, bias)
@@ -215,23 +250,29 @@ def ternary_matmul(
     w_scale: Tensor,
     bias: Optional[Tensor],
     out_dtype: torch.dtype,
+    in_features: int,
 ) -> Tensor:
     """int8 activations x packed ternary weights, exact int32 accumulation, float epilogue
-    (reference: :func:`bitfx.reference.ternary_matmul`)."""
-    _check_matmul_args(q, x_scale, packed, w_scale, bias, out_dtype)
+    (reference: :func:`bitfx.reference.ternary_matmul`).
+
+    ``in_features`` is the K the weight was packed for (several K share a packed width, e.g.
+    ``packed_k(32) == packed_k(64)``): it must equal ``q.shape[-1]``. The CUDA kernel does not
+    check the codes for validity per call (``BitfxLinear`` does when built or loaded); the CPU
+    reference raises on an invalid code."""
+    _check_matmul_args(q, x_scale, packed, w_scale, bias, out_dtype, in_features)
     return ref.ternary_matmul(q, x_scale, packed, w_scale, bias, out_dtype)
 
 
 @ternary_matmul.register_kernel("cuda")
-def _(q, x_scale, packed, w_scale, bias, out_dtype):
-    _check_matmul_args(q, x_scale, packed, w_scale, bias, out_dtype)
+def _(q, x_scale, packed, w_scale, bias, out_dtype, in_features):
+    _check_matmul_args(q, x_scale, packed, w_scale, bias, out_dtype, in_features)
     out = _kernels("ternary_matmul").ternary_matmul(_rows(q), x_scale.reshape(-1), packed, w_scale, bias, out_dtype)
     return out.view(*q.shape[:-1], packed.shape[0])
 
 
 @ternary_matmul.register_fake
-def _(q, x_scale, packed, w_scale, bias, out_dtype):
-    _check_matmul_args(q, x_scale, packed, w_scale, bias, out_dtype)
+def _(q, x_scale, packed, w_scale, bias, out_dtype, in_features):
+    _check_matmul_args(q, x_scale, packed, w_scale, bias, out_dtype, in_features)
     return q.new_empty((*q.shape[:-1], packed.shape[0]), dtype=out_dtype)
 
 
@@ -239,7 +280,8 @@ def _(q, x_scale, packed, w_scale, bias, out_dtype):
 
 @torch.library.custom_op("bitfx::dequantize", mutates_args=())
 def dequantize(packed: Tensor, w_scale: Tensor, K: int, dtype: torch.dtype) -> Tensor:
-    """``t / s_w`` as a dense ``[N, K]`` matrix of ``dtype``."""
+    """``t / s_w`` as a dense ``[N, K]`` matrix of ``dtype`` (invalid codes: a ValueError on CPU,
+    not checked on CUDA)."""
     return (ref.unpack_ternary(packed, K).float() / w_scale.float().unsqueeze(1)).to(dtype)
 
 
@@ -259,6 +301,7 @@ def _check_act_dequant_args(q, x_scale, dtype) -> None:
     op = "act_dequant"
     if q.dtype != torch.int8:
         raise TypeError(f"bitfx.{op}: activation codes must be int8, got {_dtype_name(q.dtype)}")
+    _check_has_features(op, "activation codes", q)
     if x_scale.dtype != torch.float32:
         raise TypeError(f"bitfx.{op}: activation scale must be float32, got {_dtype_name(x_scale.dtype)}")
     if tuple(x_scale.shape) != tuple(q.shape[:-1]):
@@ -289,26 +332,45 @@ def _(q, x_scale, dtype):
 
 # ---------------------------------------------------------------- rms_norm_backward (backward piece)
 
+def _check_norm_backward_args(dy, x, weight, rstd) -> None:
+    op = "rms_norm_backward"
+    _check_norm_args(op, x, weight, torch.float32)
+    _check_float(op, "dy", dy)
+    if tuple(dy.shape) != tuple(x.shape):
+        raise ValueError(f"bitfx.{op}: dy has shape {tuple(dy.shape)} but x has shape {tuple(x.shape)}")
+    if rstd.dtype != torch.float32:
+        raise TypeError(f"bitfx.{op}: rstd must be float32, got {_dtype_name(rstd.dtype)}")
+    if tuple(rstd.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"bitfx.{op}: rstd has shape {tuple(rstd.shape)}, expected {tuple(x.shape[:-1])}")
+    _check_same_device(op, dy, x, weight, rstd)
+
+
 @torch.library.custom_op("bitfx::rms_norm_backward", mutates_args=())
 def rms_norm_backward(
-    dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, offset: bool
+    dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor, offset: bool, cast_before_weight: bool
 ) -> tuple[Tensor, Tensor]:
     """Gradients of ``y = x * rstd * g`` (casts taken as the identity): ``(dx in x.dtype, dg f32[K])``.
-    ``dg`` is all zeros when there is no weight."""
-    return ref.rms_norm_backward(dy, x, weight, rstd, offset)
+    ``dg`` is all zeros when there is no weight. With ``cast_before_weight`` the ``r = x * rstd``
+    in ``dg`` is rounded to ``x.dtype``, as the forward multiplied the weight by it."""
+    _check_norm_backward_args(dy, x, weight, rstd)
+    return ref.rms_norm_backward(dy, x, weight, rstd, offset, cast_before_weight)
 
 
 @rms_norm_backward.register_kernel("cuda")
-def _(dy, x, weight, rstd, offset):
+def _(dy, x, weight, rstd, offset, cast_before_weight):
+    _check_norm_backward_args(dy, x, weight, rstd)
     K = x.shape[-1]
-    dx, dg = _kernels("norm_quant").rms_norm_backward(_rows(dy), _rows(x), weight, rstd.reshape(-1), offset)
+    dx, dg = _kernels("norm_quant").rms_norm_backward(
+        _rows(dy), _rows(x), weight, rstd.reshape(-1), offset, cast_before_weight
+    )
     if dg is None:
         dg = x.new_zeros((K,), dtype=torch.float32)
     return dx.view(x.shape), dg
 
 
 @rms_norm_backward.register_fake
-def _(dy, x, weight, rstd, offset):
+def _(dy, x, weight, rstd, offset, cast_before_weight):
+    _check_norm_backward_args(dy, x, weight, rstd)
     return torch.empty_like(x), x.new_empty((x.shape[-1],), dtype=torch.float32)
 
 
@@ -383,6 +445,7 @@ def _bitlinear_setup_context(ctx, inputs, output):
     _, q, x_scale, rstd, packed, w_scale = output
     ctx.save_for_backward(x, norm_weight, q, x_scale, rstd, packed, w_scale)
     ctx.offset = offset
+    ctx.cast_before_weight = cast_before_weight
     ctx.K = weight.shape[1]
     ctx.weight_dtype = weight.dtype
     ctx.has_bias = bias is not None
@@ -401,7 +464,7 @@ def _bitlinear_backward(ctx, dout, *_unused):
     dweight = (d2.t() @ y_dq).to(ctx.weight_dtype)
     dy = (d2 @ w_dq).reshape(x.shape)
     dbias = d2.sum(0).to(ctx.bias_dtype) if ctx.has_bias else None
-    dx, dg = rms_norm_backward(dy, x, norm_weight, rstd, ctx.offset)
+    dx, dg = rms_norm_backward(dy, x, norm_weight, rstd, ctx.offset, ctx.cast_before_weight)
     dnorm = None if norm_weight is None else dg.to(norm_weight.dtype)
     return dx, dnorm, dweight, dbias, None, None, None, None, None
 
@@ -495,6 +558,7 @@ def _group_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, norm_weight, q, x_scale, rstd, *packs, *scales)
     ctx.n = len(weights)
     ctx.offset = offset
+    ctx.cast_before_weight = cast_before_weight
     ctx.K = x.shape[-1]
     ctx.weight_dtypes = [w.dtype for w in weights]
     ctx.bias_dtypes = [b.dtype for b in biases]
@@ -522,12 +586,146 @@ def _group_backward(ctx, douts, *_unused):
         dweights.append((d2.t() @ y_dq.to(d2.dtype)).to(ctx.weight_dtypes[i]))
         dy += d2 @ dequantize(packs[i], scales[i], K, d2.dtype)
         dbiases.append(d2.sum(0).to(ctx.bias_dtypes[i]) if ctx.bias_dtypes else None)
-    dx, dg = rms_norm_backward(dy.reshape(x.shape), x, norm_weight, rstd, ctx.offset)
+    dx, dg = rms_norm_backward(dy.reshape(x.shape), x, norm_weight, rstd, ctx.offset, ctx.cast_before_weight)
     dnorm = None if norm_weight is None else dg.to(norm_weight.dtype)
     return dx, dnorm, dweights, dbiases if ctx.bias_dtypes else [], None, None, None, None, None
 
 
 torch.library.register_autograd("bitfx::bitlinear_group", _group_backward, setup_context=_group_setup_context)
+
+
+# ---------------------------------------------------------------- ternary_linear_group (frozen packed weights, grad mode)
+
+def _check_ternary_group_args(x, norm_weight, packed, w_scale, biases, in_features, norm_dtype, normalize, out_dtype):
+    op = "ternary_linear_group"
+    _check_norm_args(op, x, norm_weight, norm_dtype)
+    if not normalize and norm_weight is not None:
+        raise ValueError(f"bitfx.{op}: a norm weight was given but normalize=False; pass None")
+    if len(packed) == 0:
+        raise ValueError(f"bitfx.{op}: needs at least one packed weight")
+    if len(w_scale) != len(packed) or len(biases) not in (0, len(packed)):
+        raise ValueError(
+            f"bitfx.{op}: {len(packed)} packed weights but {len(w_scale)} weight scales and {len(biases)} "
+            f"biases; give one scale per weight, and one bias per weight or none at all"
+        )
+    for p, s, b in zip(packed, w_scale, _bias_list(biases, len(packed))):
+        _check_packed_weight(op, p, s, b, in_features)
+    _check_in_features(op, x, in_features)
+    if out_dtype not in _FLOATS:
+        raise TypeError(f"bitfx.{op}: out_dtype must be a float dtype, got {out_dtype}")
+    _check_same_device(op, x, norm_weight, *packed, *w_scale, *biases)
+
+
+@torch.library.custom_op("bitfx::ternary_linear_group", mutates_args=())
+def ternary_linear_group(
+    x: Tensor,
+    norm_weight: Optional[Tensor],
+    packed: list[Tensor],
+    w_scale: list[Tensor],
+    biases: list[Tensor],
+    in_features: int,
+    eps: float,
+    offset: bool,
+    cast_before_weight: bool,
+    norm_dtype: torch.dtype,
+    normalize: bool,
+    out_dtype: torch.dtype,
+) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+    """Frozen packed ternary weights that a gradient can pass through: ``(outs, q, x_scale, rstd)``.
+
+    ``q, s_x = norm_quant(x, g, ...)`` if ``normalize``, else ``act_quant(x)`` (``g`` must be
+    None then, and ``rstd`` is zeros); ``outs[i] = ternary_matmul(q, s_x, packed[i], w_scale[i],
+    biases[i], out_dtype, in_features)``, bit for bit (the same kernels). ``biases`` holds one
+    bias per weight, or is empty. Backward (straight-through): ``dy = sum_i dout_i (t_i / s_w_i)``,
+    ``dbias_i = sum over rows of dout_i``, then the norm's backward (``dx = dy`` without the norm);
+    the packed weights and their scales get no gradient. Codes are not checked for validity on
+    CUDA (see the module docstring)."""
+    _check_ternary_group_args(x, norm_weight, packed, w_scale, biases, in_features, norm_dtype, normalize, out_dtype)
+    if normalize:
+        rstd = torch.rsqrt(x.float().pow(2).mean(dim=-1) + eps)
+        q, x_scale = ref.norm_quant(x, norm_weight, eps, offset=offset, cast_before_weight=cast_before_weight,
+                                    norm_dtype=norm_dtype)
+    else:
+        rstd = x.new_zeros(x.shape[:-1], dtype=torch.float32)
+        q, x_scale = ref.act_quant(x)
+    outs = [ref.ternary_matmul(q, x_scale, p, s, b, out_dtype)
+            for p, s, b in zip(packed, w_scale, _bias_list(biases, len(packed)))]
+    return outs, q, x_scale, rstd
+
+
+@ternary_linear_group.register_kernel("cuda")
+def _(x, norm_weight, packed, w_scale, biases, in_features, eps, offset, cast_before_weight, norm_dtype, normalize,
+      out_dtype):
+    _check_ternary_group_args(x, norm_weight, packed, w_scale, biases, in_features, norm_dtype, normalize, out_dtype)
+    nq, tm = _kernels("norm_quant"), _kernels("ternary_matmul")
+    lead = x.shape[:-1]
+    if normalize:
+        q, x_scale, rstd = nq.norm_quant(_rows(x), norm_weight, eps, offset, cast_before_weight, norm_dtype)
+        rstd = rstd.view(lead)
+    else:
+        q, x_scale = nq.act_quant(_rows(x))
+        rstd = x.new_zeros(lead, dtype=torch.float32)
+    outs = [tm.ternary_matmul(q, x_scale, p, s, b, out_dtype).view(*lead, p.shape[0])
+            for p, s, b in zip(packed, w_scale, _bias_list(biases, len(packed)))]
+    return outs, q.view(x.shape), x_scale.view(lead), rstd
+
+
+@ternary_linear_group.register_fake
+def _(x, norm_weight, packed, w_scale, biases, in_features, eps, offset, cast_before_weight, norm_dtype, normalize,
+      out_dtype):
+    _check_ternary_group_args(x, norm_weight, packed, w_scale, biases, in_features, norm_dtype, normalize, out_dtype)
+    lead = x.shape[:-1]
+    return (
+        [x.new_empty((*lead, p.shape[0]), dtype=out_dtype) for p in packed],
+        x.new_empty(x.shape, dtype=torch.int8),
+        x.new_empty(lead, dtype=torch.float32),
+        x.new_empty(lead, dtype=torch.float32),
+    )
+
+
+def _ternary_group_setup_context(ctx, inputs, output):
+    x, norm_weight, packed, w_scale, biases, in_features, eps, offset, cast_before_weight, norm_dtype, normalize, _ = inputs
+    _, _, _, rstd = output
+    ctx.save_for_backward(x, norm_weight, rstd, *packed, *w_scale)
+    ctx.n = len(packed)
+    ctx.K = in_features
+    ctx.offset = offset
+    ctx.cast_before_weight = cast_before_weight
+    ctx.normalize = normalize
+    ctx.bias_dtypes = [b.dtype for b in biases]
+
+
+def _ternary_group_backward(ctx, douts, *_unused):
+    """Straight-through: ``dy = sum_i dout_i (t_i / s_w_i)`` (each product in dout's dtype, summed
+    in fp32), ``dbias_i = sum over rows of dout_i``, then the norm's backward if there is a norm."""
+    x, norm_weight, rstd, *rest = ctx.saved_tensors
+    packed, w_scale = rest[: ctx.n], rest[ctx.n:]
+    K = ctx.K
+    dy = torch.zeros((x.numel() // K, K), dtype=torch.float32, device=x.device)
+    dbiases = []
+    for i in range(ctx.n):
+        dout = douts[i]
+        if dout is None:  # an output nothing used
+            dbiases.append(None)
+            continue
+        N = packed[i].shape[0]
+        d2 = dout.reshape(-1, N)
+        dy += d2 @ dequantize(packed[i], w_scale[i], K, d2.dtype)
+        dbiases.append(d2.sum(0).to(ctx.bias_dtypes[i]) if ctx.bias_dtypes else None)
+    dy = dy.reshape(x.shape)
+    dnorm = None
+    if ctx.normalize:
+        dx, dg = rms_norm_backward(dy, x, norm_weight, rstd, ctx.offset, ctx.cast_before_weight)
+        dnorm = None if norm_weight is None else dg.to(norm_weight.dtype)
+    else:
+        dx = dy.to(x.dtype)
+    none = [None] * ctx.n  # the packed weights and their scales are frozen
+    return dx, dnorm, none, none, dbiases if ctx.bias_dtypes else [], None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "bitfx::ternary_linear_group", _ternary_group_backward, setup_context=_ternary_group_setup_context
+)
 
 
 def bitlinear(

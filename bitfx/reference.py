@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bitfx.kernels.layout import CODE_OFFSET, PLANES, check_packed_shape, packed_k
+from bitfx.kernels.layout import CODE_OFFSET, FORMAT, PLANES, check_packed_shape, packed_k
 
 __all__ = [
     "rms_norm",
@@ -45,10 +45,12 @@ __all__ = [
     "weight_quant",
     "pack_ternary",
     "unpack_ternary",
+    "check_ternary_codes",
     "ternary_matmul_int32",
     "ternary_matmul",
     "bitlinear",
     "bitlinear_ste",
+    "ternary_linear_ste",
     "rms_norm_backward",
 ]
 
@@ -102,11 +104,15 @@ def rms_norm_backward(
     weight: torch.Tensor | None,
     rstd: torch.Tensor,
     offset: bool = False,
+    cast_before_weight: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Backward of ``y = g * x * rstd`` with the casts taken as the identity.
 
-    ``dx = rstd * (g dy - r * mean(r * g dy))`` with ``r = x * rstd`` (in ``x.dtype``) and
-    ``dg = sum over rows of dy * r`` (fp32 ``[K]``; zeros when there is no weight).
+    ``dx = rstd * (g dy - r * mean(r * g dy))`` with ``r = x * rstd`` (fp32) and
+    ``dg = sum over rows of dy * r`` (fp32 ``[K]``; zeros when there is no weight). With
+    ``cast_before_weight`` (Llama) the ``r`` in ``dg`` is rounded to ``x.dtype`` first: the
+    value the forward multiplied the weight by (as the kernel,
+    :func:`bitfx.kernels.norm_quant.rms_norm_backward`, does).
     """
     K = x.shape[-1]
     r = x.float() * rstd.unsqueeze(-1)
@@ -116,7 +122,8 @@ def rms_norm_backward(
     if weight is None:
         dg = torch.zeros(K, dtype=torch.float32, device=x.device)
     else:
-        dg = (dyf * r).reshape(-1, K).sum(0)
+        r_w = r.to(x.dtype).float() if cast_before_weight else r
+        dg = (dyf * r_w).reshape(-1, K).sum(0)
     return dx.to(x.dtype), dg
 
 
@@ -210,15 +217,50 @@ def pack_ternary(t: torch.Tensor) -> torch.Tensor:
     return packed.to(torch.uint8)
 
 
-def unpack_ternary(packed: torch.Tensor, K: int) -> torch.Tensor:
-    """Inverse of :func:`pack_ternary`: int8 ``[N, K]`` in {-1, 0, 1}."""
+def _codes(packed: torch.Tensor, K: int) -> torch.Tensor:
+    """The 2-bit codes of every column, padding included: int32 ``[N, 4 Kq]``."""
     if packed.dtype != torch.uint8:
         raise TypeError(f"packed ternary weight must be uint8, got {packed.dtype}")
     check_packed_shape(packed.shape, K)
     b = packed.to(torch.int32)
-    planes = [(b >> (2 * j)) & 3 for j in range(PLANES)]
-    codes = torch.cat(planes, dim=1)[:, :K]
-    return (codes - CODE_OFFSET).to(torch.int8)
+    return torch.cat([(b >> (2 * j)) & 3 for j in range(PLANES)], dim=1)
+
+
+def _check_codes(codes: torch.Tensor, K: int) -> None:
+    """A ValueError naming the first invalid code: 3 anywhere (no ternary value), or a padding
+    column ``k >= K`` whose code is not ``CODE_OFFSET`` (a zero weight)."""
+    bad = codes == 3
+    bad[:, K:] = codes[:, K:] != CODE_OFFSET
+    if not bool(bad.any()):
+        return
+    n, k = (int(i) for i in bad.nonzero()[0])
+    count = int(bad.sum())
+    what = (
+        "the invalid 2-bit code 3 (valid: 0, 1, 2 for -1, 0, +1)" if k < K
+        else f"code {int(codes[n, k])} in a padding column (k >= K={K} must hold code {CODE_OFFSET}, a zero weight)"
+    )
+    raise ValueError(
+        f"packed ternary weight holds {what} at row {n}, column {k} ({count} invalid code(s) in all): "
+        f"a corrupted checkpoint, or a weight not packed in the {FORMAT} format for K={K}"
+    )
+
+
+def check_ternary_codes(packed: torch.Tensor, K: int) -> None:
+    """Raise a ValueError if ``packed`` (uint8 ``[N, packed_k(K)]``) holds a code that is no
+    ternary weight of the :mod:`bitfx.kernels.layout` format: the code 3, or a padding column
+    (``k >= K``) whose code is not 1. The Triton kernels do not check this per call (it would
+    cost a pass over the weight); ``BitfxLinear`` checks its weights when built or loaded."""
+    _check_codes(_codes(packed, K), K)
+
+
+def unpack_ternary(packed: torch.Tensor, K: int) -> torch.Tensor:
+    """Inverse of :func:`pack_ternary`: int8 ``[N, K]`` in {-1, 0, 1}.
+
+    Raises a ValueError on codes that are no ternary weight (see :func:`check_ternary_codes`).
+    """
+    codes = _codes(packed, K)
+    _check_codes(codes, K)
+    return (codes[:, :K] - CODE_OFFSET).to(torch.int8)
 
 
 def _check_matmul_args(q, x_scale, packed, w_scale, bias):
@@ -322,3 +364,41 @@ def bitlinear_ste(
     wq = weight.float() + (t.float() / s_w.unsqueeze(1) - weight.float()).detach()
     out = F.linear(yq, wq, None if bias is None else bias.float())
     return out.to(norm_dtype)
+
+
+def ternary_linear_ste(
+    x: torch.Tensor,
+    norm_weight: torch.Tensor | None,
+    t: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    *,
+    normalize: bool = True,
+    offset: bool = False,
+    cast_before_weight: bool = True,
+    norm_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """A linear layer with a fixed ternary weight ``t / s_w`` (int8 codes ``t [N, K]``, fp32
+    ``w_scale [N]``), written with the straight-through estimator, for autograd.
+
+    ``y = rms_norm(x, g)`` (``y = x`` when not ``normalize``), ``yq = y + (q/s_x - y).detach()``,
+    ``out = F.linear(yq, t / s_w, b)`` in fp32, cast to ``out_dtype`` (default: the norm's dtype,
+    or ``x.dtype`` without the norm). Gradients reach ``x``, ``norm_weight`` and ``bias``; the
+    weight is a constant. This is the oracle for the gradients of ``bitfx::ternary_linear_group``
+    (and of ``BitfxLinear`` in grad mode).
+    """
+    if normalize:
+        if norm_dtype is None:
+            norm_dtype = norm_dtype_for(x.dtype, None if norm_weight is None else norm_weight.dtype, cast_before_weight)
+        y = rms_norm(x, norm_weight, eps, offset=offset, cast_before_weight=cast_before_weight, norm_dtype=norm_dtype)
+    else:
+        y = x
+    if out_dtype is None:
+        out_dtype = y.dtype
+    q, s_x = act_quant(y.detach())
+    yq = y.float() + (q.float() / s_x.unsqueeze(-1) - y.float()).detach()
+    w = t.float() / w_scale.float().unsqueeze(1)
+    out = F.linear(yq, w, None if bias is None else bias.float())
+    return out.to(out_dtype)

@@ -12,7 +12,8 @@ A ternary matrix ``t`` of shape ``[N, K]`` with entries in {-1, 0, 1} is stored 
       packed[n, i] = c(n, i) | c(n, Kq + i) << 2 | c(n, 2 Kq + i) << 4 | c(n, 3 Kq + i) << 6
 
 * The code is the weight plus one, ``c = t + 1`` in {0, 1, 2}; columns ``k >= K``
-  (padding) hold code 1, a zero weight.
+  (padding) hold code 1, a zero weight. Code 3, or padding holding another code, is not
+  this format: ``bitfx.reference.check_ternary_codes`` refuses it (the kernels do not check).
 
 Why this shape: a kernel walking K in steps of ``BK`` packed bytes loads one contiguous
 ``[BN, BK]`` byte tile and four contiguous ``BK``-wide activation slices (one per

@@ -609,6 +609,11 @@ def ternary_matmul(
     within a few fp32 ulps of the reference's two divisions. NaN scales give NaN rows / columns.
     ``path`` ("simt", "gemv", "tc"), ``split_k`` and ``config`` (block sizes, warps, stages)
     override the heuristic (for tests and tuning).
+
+    The codes are not validated per call (that would cost a pass over the weight): the padding
+    columns ``k >= K`` never count, and the invalid code 3 would count as ``t = 2``.
+    ``BitfxLinear`` validates its weights when built or loaded
+    (:func:`bitfx.reference.check_ternary_codes`); the reference raises on such codes.
     """
     return _launch("ternary_matmul", q, x_scale, packed, w_scale, bias, out_dtype, True, path, split_k, config)
 

@@ -184,7 +184,8 @@ def _unpack_kernel(
     """``t[n, j*Kq + i] = ((packed[n, i] >> 2j) & 3) - 1`` for ``j*Kq + i < K``; optionally ``t / s[n]``.
 
     ``t * (1 / s)`` with a correctly rounded reciprocal equals ``t / s`` bit for bit for
-    ``t`` in {-1, 0, 1} (and for the invalid code 3, ``t = 2``: doubling is exact).
+    ``t`` in {-1, 0, 1}. Codes are not validated (the invalid code 3 gives ``t = 2``): the
+    reference raises on it, and ``BitfxLinear`` validates its weights when built or loaded.
     """
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     idx = tl.program_id(1) * BLOCK_KQ + tl.arange(0, BLOCK_KQ)

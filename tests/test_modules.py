@@ -10,6 +10,9 @@ from torch import nn
 from bitfx import reference as ref
 from bitfx.kernels.layout import FORMAT, packed_k
 from bitfx.modules import BitfxLinear
+from tests.helpers import HAS_CUDA
+
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
 
 def _linear(K, N, bias, dtype, seed=0):
@@ -158,3 +161,209 @@ def test_compiles_with_the_ops():
     finally:
         torch._dynamo.reset()
     assert torch.equal(out, m(x))
+
+
+# ------------------------------------------------------------------ invalid codes: refused at construction and load
+
+
+def _codes_sd(K=10, N=4):
+    return BitfxLinear.from_linear(_linear(K, N, True, torch.float32)).state_dict()
+
+
+@pytest.mark.parametrize("where, pattern", [
+    ("code3", r"packed: packed ternary weight holds the invalid 2-bit code 3 .* at row 2, column 1"),
+    ("padding", r"packed: .*code 2 in a padding column \(k >= K=10 must hold code 1"),
+])
+def test_load_refuses_invalid_codes(where, pattern):
+    sd = _codes_sd()
+    packed = sd["packed"].clone()
+    if where == "code3":
+        packed[2, 1] |= 0b11  # plane 0 of byte 1: column 1
+    else:
+        packed[0, 15] = (packed[0, 15] & ~0b11) | 0b10  # column 15 >= K: padding, now code 2
+    sd["packed"] = packed
+    m = BitfxLinear(10, 4)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(RuntimeError, match=pattern):
+        m.load_state_dict(sd)
+    # Nothing was loaded: the layer is as it was.
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf")])
+def test_load_refuses_nonpositive_or_infinite_scales(bad):
+    sd = _codes_sd()
+    sd["w_scale"] = sd["w_scale"].clone()
+    sd["w_scale"][3] = bad
+    with pytest.raises(RuntimeError, match=r"w_scale: must be positive and finite .* for output 3"):
+        BitfxLinear(10, 4).load_state_dict(sd)
+
+
+def test_load_keeps_nan_scales():
+    """A NaN scale is what weight_quant gives a weight that held NaN or Inf: defined, and loaded."""
+    lin = _linear(10, 4, False, torch.float32)
+    with torch.no_grad():
+        lin.weight[1, 2] = float("inf")
+    m = BitfxLinear.from_linear(lin, per_channel=True)
+    assert torch.isnan(m.w_scale[1])
+    fresh = BitfxLinear(10, 4, bias=False, per_channel=True)
+    fresh.load_state_dict(m.state_dict())
+    assert torch.equal(fresh.w_scale.isnan(), m.w_scale.isnan())
+
+
+# ------------------------------------------------------------------ from_ternary checks its input
+
+
+def test_from_ternary_refuses_bad_input():
+    t = torch.tensor([[1, 0, -1], [0, 1, 1]], dtype=torch.int8)
+    s = torch.tensor([2.0, 4.0])
+    with pytest.raises(ValueError, match=r"bias has shape \(3,\), expected \(2,\)"):
+        BitfxLinear.from_ternary(t, s, bias=torch.zeros(3))
+    with pytest.raises(TypeError, match="bias must be a float tensor of shape \\(2,\\), got int64"):
+        BitfxLinear.from_ternary(t, s, bias=torch.zeros(2, dtype=torch.long))
+    for bad in (0.0, -2.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="w_scale must be finite and positive"):
+            BitfxLinear.from_ternary(t, bad)
+        with pytest.raises(ValueError, match="w_scale must be finite and positive .* for output 1"):
+            BitfxLinear.from_ternary(t, torch.tensor([2.0, bad]))
+    with pytest.raises(ValueError, match=r"w_scale must be a scalar or of shape \(2,\), got shape \(3,\)"):
+        BitfxLinear.from_ternary(t, torch.ones(3))
+    with pytest.raises(TypeError, match="t must hold int8 ternary codes .* got float32"):
+        BitfxLinear.from_ternary(t.float(), s)
+    with pytest.raises(ValueError, match=r"t must hold ternary codes in \{-1, 0, 1\}, got 2 at \[1, 0\]"):
+        BitfxLinear.from_ternary(torch.tensor([[1, 0, -1], [2, 1, 1]], dtype=torch.int8), s)
+    with pytest.raises(ValueError, match=r"t must be 2-D \[N, K\] with K >= 1, got shape \(3,\)"):
+        BitfxLinear.from_ternary(t[0], s)
+    m = BitfxLinear.from_ternary(t, 2.0)  # a scalar scale serves every output
+    assert torch.equal(m.w_scale, torch.full((2,), 2.0))
+
+
+# ------------------------------------------------------------------ weight_dtype follows casts
+
+
+def test_weight_dtype_follows_casts():
+    m = BitfxLinear.from_linear(_linear(16, 8, True, torch.float32))
+    assert m.weight_dtype == torch.float32
+    m.half()
+    assert m.weight_dtype == torch.float16 and m.w_scale.dtype == torch.float32
+    m.float()
+    assert m.weight_dtype == torch.float32 and m.bias.dtype == torch.float32
+    m.to(torch.bfloat16)
+    assert m.weight_dtype == torch.bfloat16
+    m.to("cpu")  # a device move alone keeps it
+    assert m.weight_dtype == torch.bfloat16
+    assert m.dequantize().dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------ 0-D input
+
+
+def test_zero_dim_input():
+    m = BitfxLinear.from_linear(_linear(8, 4, False, torch.float32))
+    with pytest.raises(ValueError, match=r"input must be a tensor \[\.\.\., 8\] \(features last\), got \(\)"):
+        m(torch.tensor(1.0))
+
+
+# ------------------------------------------------------------------ grad mode: the input's gradient passes through
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """The bitfx ops a call dispatches."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "bitfx":
+            self.ops.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+def _ste_reference(m, x):
+    t = ref.unpack_ternary(m.packed, m.in_features)
+    return ref.ternary_linear_ste(x, None, t, m.w_scale, m.bias, normalize=False, out_dtype=x.dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_grad_mode_input_gradient(device, dtype, bias):
+    m = BitfxLinear.from_linear(_linear(48, 12, bias, dtype), per_channel=True).to(device)
+    x = torch.randn(2, 5, 48, dtype=dtype).to(device)
+    with torch.no_grad(), _OpLog() as log_inf:
+        want = m(x)
+    # Inference (no grad, or an input that needs none): act_quant + ternary_matmul, what the pass matches.
+    assert log_inf.ops == ["act_quant", "ternary_matmul"]
+    with _OpLog() as log_plain:
+        assert torch.equal(m(x), want)
+    assert log_plain.ops == ["act_quant", "ternary_matmul"]
+
+    xg = x.clone().requires_grad_()
+    with _OpLog() as log_grad:
+        out = m(xg)
+    assert log_grad.ops == ["ternary_linear_group"]
+    assert torch.equal(out.detach(), want)  # the same kernels: bit for bit
+    dout = torch.linspace(-1, 1, out.numel()).reshape(out.shape).to(dtype).to(device)
+    out.backward(dout)
+
+    xr = x.clone().requires_grad_()
+    _ste_reference(m, xr).backward(dout)
+    assert xg.grad.dtype == dtype
+    # The op runs dout @ (t / s_w) in dout's dtype, the reference in fp32.
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    scale = xr.grad.float().abs().max()
+    assert (xg.grad.float() - xr.grad.float()).abs().max() <= tol * scale
+    assert not list(m.parameters())
+
+
+def test_grad_mode_model_trains_around_frozen_layers():
+    """A float layer before a frozen BitfxLinear gets its gradient through it."""
+    torch.manual_seed(0)
+    front = nn.Linear(16, 32)
+    m = BitfxLinear.from_linear(_linear(32, 8, True, torch.float32))
+    x = torch.randn(4, 16)
+    m(front(x)).sum().backward()
+    assert front.weight.grad is not None and front.weight.grad.abs().sum() > 0
+    h = front(x).detach().requires_grad_()
+    _ste_reference(m, h).sum().backward()
+    want = h.grad.t() @ x
+    torch.testing.assert_close(front.weight.grad, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_inductor_grad_mode(device):
+    """torch.compile (Inductor) of a model of BitfxLinear layers in grad mode: the input
+    gradient is the straight-through one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        BitfxLinear.from_linear(_linear(32, 24, True, torch.float32)),
+        nn.ReLU(),
+        BitfxLinear.from_linear(_linear(24, 8, False, torch.float32, seed=1), per_channel=True),
+    ).to(device)
+    x = torch.randn(3, 32).to(device)
+    dout = torch.linspace(-1, 1, 3 * 8).reshape(3, 8).to(device)
+
+    def reference(x):
+        h = torch.relu(_ste_reference(model[0], x))
+        return _ste_reference(model[2], h)
+
+    xr = x.clone().requires_grad_()
+    out_ref = reference(xr)
+    out_ref.backward(dout)
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend="inductor")
+        xc = x.clone().requires_grad_()
+        out = compiled(xc)
+        out.backward(dout)
+    finally:
+        torch._dynamo.reset()
+    with torch.no_grad():
+        eager = model(x)
+    # The same ops as eager; Inductor compiles only the ReLU around them.
+    assert torch.equal(out.detach(), eager)
+    torch.testing.assert_close(out.detach(), out_ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xc.grad, xr.grad, rtol=1e-5, atol=1e-5)

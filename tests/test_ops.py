@@ -44,11 +44,29 @@ def _op_cases(device, M=5, K=40, N=24, dtype=torch.bfloat16):
         "act_quant": (ops.act_quant.default, (x,)),
         "weight_quant": (ops.weight_quant.default, (W, False)),
         "weight_quant_per_channel": (ops.weight_quant.default, (W, True)),
-        "ternary_matmul": (ops.ternary_matmul.default, (q, s, packed, sw, b, dtype)),
-        "ternary_matmul_nobias": (ops.ternary_matmul.default, (q, s, packed, sw, None, torch.float32)),
+        "ternary_matmul": (ops.ternary_matmul.default, (q, s, packed, sw, b, dtype, K)),
+        "ternary_matmul_nobias": (ops.ternary_matmul.default, (q, s, packed, sw, None, torch.float32, K)),
         "dequantize": (ops.dequantize.default, (packed, sw, K, dtype)),
         "act_dequant": (ops.act_dequant.default, (q, s, dtype)),
-        "rms_norm_backward": (ops.rms_norm_backward.default, (x, x, g, rstd, False)),
+        "rms_norm_backward": (ops.rms_norm_backward.default, (x, x, g, rstd, False, True)),
+        "rms_norm_backward_gemma": (ops.rms_norm_backward.default, (x, x, g, rstd, True, False)),
+        "ternary_linear_group": (
+            ops.ternary_linear_group.default,
+            (*(t.detach().clone().requires_grad_() for t in (x, g)), [packed, packed[:7]], [sw, sw[:7]],
+             [b.detach().clone().requires_grad_(), b[:7].detach().clone().requires_grad_()],
+             K, 1e-6, False, True, dtype, True, dtype),
+        ),
+        "ternary_linear_group_gemma_nobias": (
+            ops.ternary_linear_group.default,
+            (x.detach().float().requires_grad_(), g.detach().float().requires_grad_(), [packed], [sw], [], K, 1e-5,
+             True, False, torch.float32, True, torch.bfloat16),
+        ),
+        "ternary_linear_group_nonorm": (
+            ops.ternary_linear_group.default,
+            (x.detach().clone().requires_grad_(), None, [packed, packed[:5]], [sw, sw[:5]],
+             [b.detach().float(), b[:5].detach().float().requires_grad_()], K, 0.0, False, False, dtype, False,
+             torch.float32),
+        ),
         "bitlinear": (
             ops.bitlinear.default,
             (*(t.detach().clone().requires_grad_() for t in (x, g, W, b)), 1e-6, False, True, dtype, False),
@@ -230,7 +248,7 @@ def test_nonfinite_rows_give_nan_rows(device, bad):
     assert torch.isnan(s[2]) and torch.isfinite(s[[0, 1, 3]]).all()
     assert (q[2] == 0).all()
     packed, sw = ops.weight_quant(W, False)
-    out = ops.ternary_matmul(q, s, packed, sw, None, torch.float32)
+    out = ops.ternary_matmul(q, s, packed, sw, None, torch.float32, 32)
     assert torch.isnan(out[2]).all() and torch.isfinite(out[[0, 1, 3]]).all()
 
 
@@ -258,29 +276,32 @@ def test_bad_inputs_raise_clear_errors(device):
     with pytest.raises(ValueError, match=r"norm weight has shape \(31,\).*K=32"):
         ops.norm_quant(x, torch.ones(31, device=device), 1e-6, False, True, torch.float32)
     with pytest.raises(TypeError, match="activation codes must be int8, got float32"):
-        ops.ternary_matmul(x, s, packed, sw, None, torch.float32)
+        ops.ternary_matmul(x, s, packed, sw, None, torch.float32, 32)
     with pytest.raises(TypeError, match="packed ternary weight must be uint8"):
-        ops.ternary_matmul(q, s, packed.to(torch.int8), sw, None, torch.float32)
-    # K=80 needs 32 packed bytes per row, the weight was packed for K=32 (16 bytes).
+        ops.ternary_matmul(q, s, packed.to(torch.int8), sw, None, torch.float32, 32)
+    # K=80 activations, a weight packed for K=32.
     q80, s80 = ops.norm_quant(_x((4, 80), torch.float32, device), None, 1e-6, False, True, torch.float32)
-    with pytest.raises(ValueError, match=r"16 bytes per row but activations with K=80 need 32"):
-        ops.ternary_matmul(q80, s80, packed, sw, None, torch.float32)
+    with pytest.raises(ValueError, match=r"activations have K=80 features .* packed for in_features=32"):
+        ops.ternary_matmul(q80, s80, packed, sw, None, torch.float32, 32)
+    with pytest.raises(ValueError, match=r"16 bytes per row but in_features=80 needs 32"):
+        ops.ternary_matmul(q80, s80, packed, sw, None, torch.float32, 80)
     with pytest.raises(ValueError, match=r"weight scale has shape \(7,\), expected \(8,\)"):
-        ops.ternary_matmul(q, s, packed, sw[:7], None, torch.float32)
+        ops.ternary_matmul(q, s, packed, sw[:7], None, torch.float32, 32)
     with pytest.raises(ValueError, match=r"bias has shape \(3,\), expected \(8,\)"):
-        ops.ternary_matmul(q, s, packed, sw, torch.ones(3, device=device), torch.float32)
+        ops.ternary_matmul(q, s, packed, sw, torch.ones(3, device=device), torch.float32, 32)
     with pytest.raises(ValueError, match="linear weight has K=32 input features but the input has K=16"):
         bitfx.bitlinear(_x((4, 16), torch.float32, device), None, W)
     with pytest.raises(ValueError, match="linear weight must be 2-D"):
         ops.weight_quant(W.reshape(-1), False)
     with pytest.raises(TypeError, match="out_dtype must be a float dtype"):
-        ops.ternary_matmul(q, s, packed, sw, None, torch.int32)
+        ops.ternary_matmul(q, s, packed, sw, None, torch.int32, 32)
 
 
 def test_packed_format_mismatch_message():
-    with pytest.raises(ValueError, match=r"has 16 bytes per row but activations with K=80 need 32"):
+    with pytest.raises(ValueError, match=r"has 16 bytes per row but in_features=80 needs 32"):
         q = torch.zeros(2, 80, dtype=torch.int8)
-        ops.ternary_matmul(q, torch.ones(2), torch.zeros(4, 16, dtype=torch.uint8), torch.ones(4), None, torch.float32)
+        ops.ternary_matmul(q, torch.ones(2), torch.zeros(4, 16, dtype=torch.uint8), torch.ones(4), None, torch.float32,
+                           80)
     assert packed_k(80) == 32
 
 
@@ -324,6 +345,292 @@ def test_cuda_ops_match_reference(M, K, N, dtype, per_channel, seed):
     packed, sw = ops.weight_quant(W, per_channel)
     sw_ref = ref.weight_scale(W.cpu(), per_channel)
     torch.testing.assert_close(sw.cpu(), sw_ref, rtol=1e-5, atol=0)
-    out = ops.ternary_matmul(q, s, packed, sw, b, dtype)
+    out = ops.ternary_matmul(q, s, packed, sw, b, dtype, K)
     want = ref.ternary_matmul(q.cpu(), s.cpu(), packed.cpu(), sw.cpu(), b.cpu(), dtype)
     assert_close_ulps(out, want, ulps=2, atol=1e-5)
+
+
+# ------------------------------------------------------------------ ternary_matmul: the K the weight was packed for
+
+
+@pytest.mark.parametrize("device", DEVICES + ["meta"])
+def test_ternary_matmul_checks_in_features(device):
+    """K=32 and K=64 pack to the same 16 bytes per row: only in_features tells them apart."""
+    assert packed_k(32) == packed_k(64) == 16
+    W = _x((8, 32), torch.float32, "cpu", 1)
+    packed, sw = (t.to(device) for t in ops.weight_quant(W, False))
+    x64 = _x((3, 64), torch.float32, "cpu", 2)
+    q, s = (t.to(device) for t in ops.act_quant(x64))
+    with pytest.raises(ValueError, match=r"activations have K=64 features .* packed for in_features=32"):
+        ops.ternary_matmul(q, s, packed, sw, None, torch.float32, 32)
+    with pytest.raises(ValueError, match=r"activations have K=64 features .* packed for in_features=32"):
+        ops.ternary_linear_group(x64.to(device), None, [packed], [sw], [], 32, 0.0, False, False, torch.float32,
+                                 False, torch.float32)
+    out = ops.ternary_matmul(q[:, :32], s, packed, sw, None, torch.float32, 32)
+    assert out.shape == (3, 8)
+
+
+def test_ternary_matmul_in_features_symbolic():
+    """The fake implementation checks in_features against a symbolic K too (torch.compile, dynamic)."""
+    W = _x((8, 32), torch.float32, "cpu", 1)
+    packed, sw = ops.weight_quant(W, False)
+
+    def f(x):
+        q, s = ops.act_quant(x)
+        return ops.ternary_matmul(q, s, packed, sw, None, torch.float32, 32)
+
+    compiled = torch.compile(f, backend="aot_eager", dynamic=True, fullgraph=True)
+    x = _x((3, 32), torch.float32, "cpu", 2)
+    assert torch.equal(compiled(x), f(x))
+    # Dynamo reports the fake implementation's ValueError (K is a symbol there, or 64).
+    with pytest.raises(Exception, match=r"ValueError.*activations have K=\w+ features .* packed for in_features=32"):
+        compiled(_x((3, 64), torch.float32, "cpu", 2))
+
+
+# ------------------------------------------------------------------ invalid packed codes (CPU: the reference checks)
+
+
+def test_cpu_ops_refuse_invalid_codes():
+    W = _x((4, 10), torch.float32, "cpu", 1)
+    packed, sw = ops.weight_quant(W, False)
+    q, s = ops.act_quant(_x((2, 10), torch.float32, "cpu", 2))
+    bad = packed.clone()
+    bad[1, 0] |= 0b11  # code 3 at row 1, column 0
+    with pytest.raises(ValueError, match=r"invalid 2-bit code 3 .* at row 1, column 0"):
+        ops.ternary_matmul(q, s, bad, sw, None, torch.float32, 10)
+    with pytest.raises(ValueError, match=r"invalid 2-bit code 3"):
+        ops.dequantize(bad, sw, 10, torch.float32)
+    pad = packed.clone()
+    pad[0, 15] = 0  # columns 15, 31, 47, 63: all padding for K=10, now code 0
+    with pytest.raises(ValueError, match=r"code 0 in a padding column \(k >= K=10 must hold code 1"):
+        ops.ternary_matmul(q, s, pad, sw, None, torch.float32, 10)
+
+
+# ------------------------------------------------------------------ 0-D inputs
+
+
+def _zero_dim_calls(device):
+    x0 = torch.tensor(1.0, device=device)
+    q0 = torch.tensor(1, dtype=torch.int8, device=device)
+    s0 = torch.tensor(1.0, device=device)
+    W = torch.randn(4, 8).to(device)
+    packed = torch.full((4, 16), 0b01010101, dtype=torch.uint8, device=device)
+    sw = torch.ones(4, device=device)
+    f32 = torch.float32
+    return {
+        "norm_quant": lambda: ops.norm_quant(x0, None, 1e-6, False, True, f32),
+        "act_quant": lambda: ops.act_quant(x0),
+        "ternary_matmul": lambda: ops.ternary_matmul(q0, s0, packed, sw, None, f32, 8),
+        "bitlinear": lambda: ops.bitlinear(x0, None, W, None, 1e-6, False, True, f32, False),
+        "bitlinear_group": lambda: ops.bitlinear_group(x0, None, [W], [], 1e-6, False, True, f32, [False]),
+        "act_dequant": lambda: ops.act_dequant(q0, s0, f32),
+        "rms_norm_backward": lambda: ops.rms_norm_backward(x0, x0, None, s0, False, True),
+        "ternary_linear_group": lambda: ops.ternary_linear_group(x0, None, [packed], [sw], [], 8, 0.0, False, False,
+                                                                 f32, False, f32),
+    }
+
+
+@pytest.mark.parametrize("device", DEVICES + ["meta"])
+@pytest.mark.parametrize("op", list(_zero_dim_calls("cpu")))
+def test_zero_dim_input_is_named(op, device):
+    with pytest.raises(ValueError, match=r"must have at least one dimension \(the features\)"):
+        _zero_dim_calls(device)[op]()
+
+
+# ------------------------------------------------------------------ rms_norm_backward: cast_before_weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rms_norm_backward_honours_cast_before_weight(dtype):
+    """With cast_before_weight the norm weight's gradient multiplies dy by r rounded to x.dtype
+    (what the forward multiplied the weight by); without it, by the fp32 r. dx does not depend on it."""
+    x = _x((6, 40), dtype, "cpu", 1)
+    g = _x((40,), dtype, "cpu", 2)
+    dy = _x((6, 40), dtype, "cpu", 3)
+    rstd = torch.rsqrt(x.float().pow(2).mean(-1) + 1e-6)
+    dx_t, dg_t = ops.rms_norm_backward(dy, x, g, rstd, False, True)
+    dx_f, dg_f = ops.rms_norm_backward(dy, x, g, rstd, False, False)
+    assert torch.equal(dx_t, dx_f)
+    assert not torch.equal(dg_t, dg_f)
+    r = x.float() * rstd[:, None]
+    torch.testing.assert_close(dg_t, (dy.float() * r.to(dtype).float()).sum(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dg_f, (dy.float() * r).sum(0), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", ["bitlinear", "bitlinear_group"])
+@pytest.mark.parametrize("cbw", [True, False])
+def test_bitlinear_backward_passes_cast_before_weight(device, op, cbw):
+    """The training ops hand cast_before_weight on to the norm's backward: the norm weight's
+    gradient is rms_norm_backward(dy, ..., cast_before_weight) of the straight-through dy."""
+    dtype = torch.float16
+    M, K, N = 6, 40, 12
+    x = _x((M, K), dtype, device, 1).requires_grad_()
+    g = _x((K,), dtype, device, 2).requires_grad_()
+    W = _x((N, K), dtype, device, 3).requires_grad_()
+    if op == "bitlinear":
+        out = ops.bitlinear(x, g, W, None, 1e-6, False, cbw, dtype, False)[0]
+    else:
+        out = ops.bitlinear_group(x, g, [W], [], 1e-6, False, cbw, dtype, [False])[0][0]
+    dout = _x((M, N), dtype, device, 4)
+    out.backward(dout)
+    packed, sw = ops.weight_quant(W.detach(), False)
+    dy = dout @ ops.dequantize(packed, sw, K, dtype)
+    rstd = torch.rsqrt(x.detach().float().pow(2).mean(-1) + 1e-6)
+    dgs = {flag: ops.rms_norm_backward(dy, x.detach(), g.detach(), rstd, False, flag)[1].to(dtype)
+           for flag in (True, False)}
+    # The same arithmetic on both sides: the same bits (the kernel's rstd may differ from torch's
+    # by an ulp on CUDA, hence a tolerance there).
+    if device == "cpu":
+        assert torch.equal(g.grad, dgs[cbw])
+    else:
+        torch.testing.assert_close(g.grad, dgs[cbw], rtol=2e-3, atol=1e-3)
+    assert not torch.equal(dgs[True], dgs[False])
+
+
+# ------------------------------------------------------------------ ternary_linear_group (frozen packed weights)
+
+
+def _frozen(Ns, K, seed, device, per_channel=False):
+    """Packed weights and their scales (and the codes t) of random [N, K] float weights."""
+    packs, scales, codes = [], [], []
+    for i, N in enumerate(Ns):
+        W = _x((N, K), torch.float32, "cpu", seed + i)
+        p, s = ref.weight_quant(W, per_channel)
+        packs.append(p.to(device))
+        scales.append(s.to(device))
+        codes.append(ref.unpack_ternary(p, K).to(device))
+    return packs, scales, codes
+
+
+@given(
+    M=st.integers(0, 8),
+    K=st.integers(1, 70),
+    Ns=st.lists(st.integers(1, 24), min_size=1, max_size=3),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    normalize=st.booleans(),
+    offset=st.booleans(),
+    cbw=st.booleans(),
+    has_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@example(M=1, K=1, Ns=[1, 2], dtype=torch.bfloat16, normalize=True, offset=True, cbw=False, has_bias=True, seed=0)
+@example(M=0, K=8, Ns=[3], dtype=torch.float32, normalize=False, offset=False, cbw=True, has_bias=False, seed=0)
+def test_ternary_linear_group_forward_is_the_inference_ops(M, K, Ns, dtype, normalize, offset, cbw, has_bias, seed):
+    """Each output is ternary_matmul of the (norm_)act_quant codes, bit for bit."""
+    x = _x((2, M, K), dtype, "cpu", seed)
+    g = _x((K,), dtype, "cpu", seed + 1) if normalize else None
+    packs, scales, _ = _frozen(Ns, K, seed + 2, "cpu")
+    bs = [_x((N,), dtype, "cpu", seed + 9 + i) for i, N in enumerate(Ns)] if has_bias else []
+    outs, q, s, rstd = ops.ternary_linear_group(x, g, packs, scales, bs, K, 1e-6, offset, cbw, dtype, normalize,
+                                                dtype)
+    if normalize:
+        q_want, s_want = ops.norm_quant(x, g, 1e-6, offset, cbw, dtype)
+        torch.testing.assert_close(rstd, torch.rsqrt(x.float().pow(2).mean(-1) + 1e-6), rtol=1e-6, atol=0)
+    else:
+        q_want, s_want = ops.act_quant(x)
+        assert torch.equal(rstd, torch.zeros(2, M))
+    assert torch.equal(q, q_want) and torch.equal(s, s_want)
+    for i, out in enumerate(outs):
+        want = ops.ternary_matmul(q_want, s_want, packs[i], scales[i], bs[i] if bs else None, dtype, K)
+        assert out.dtype == want.dtype and torch.equal(out, want)
+
+
+def _ste_grads(fn, leaves, out_count):
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in leaves]
+    outs = fn(*leaves)
+    loss = 0.0
+    for i, o in enumerate(outs[:out_count]):
+        upstream = torch.linspace(-1, 1 + i, o.numel(), device=o.device).reshape(o.shape)
+        loss = loss + (o.float() * upstream).sum()
+    loss.backward()
+    return outs, [None if t is None else t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("normalize,offset,cbw,has_g,has_b", [
+    (True, False, True, True, True),
+    (True, True, False, True, False),
+    (True, False, True, False, True),
+    (False, False, False, False, True),
+    (False, False, False, False, False),
+])
+def test_ternary_linear_group_gradients_match_ste_reference(device, dtype, normalize, offset, cbw, has_g, has_b):
+    M, K, Ns = 6, 48, [20, 7]
+    x = _x((2, M, K), dtype, device, 10)
+    g = _x((K,), dtype, device, 11) if has_g else None
+    packs, scales, codes = _frozen(Ns, K, 12, device, per_channel=True)
+    bs = [_x((N,), dtype, device, 20 + i) for i, N in enumerate(Ns)] if has_b else []
+    n = len(Ns)
+
+    def op(x, g, *b):
+        return ops.ternary_linear_group(x, g, packs, scales, list(b), K, 1e-6, offset, cbw, dtype, normalize, dtype)[0]
+
+    def reference(x, g, *b):
+        return [ref.ternary_linear_ste(x, g, codes[i], scales[i], b[i] if b else None, 1e-6, normalize=normalize,
+                                       offset=offset, cast_before_weight=cbw, norm_dtype=dtype, out_dtype=dtype)
+                for i in range(n)]
+
+    outs, grads = _ste_grads(op, [x, g, *bs], n)
+    outs_ref, grads_ref = _ste_grads(reference, [x, g, *bs], n)
+    for o, o_ref in zip(outs, outs_ref):
+        # The exact int32 product vs the reference's fp32 matmul of the same values: 2 ulps of dtype.
+        assert_close_ulps(o, o_ref, ulps=2, atol=1e-5)
+    for name, got, want in zip(["x", "g"] + [f"b{i}" for i in range(len(bs))], grads, grads_ref):
+        if want is None:
+            assert got is None, name
+            continue
+        assert got.dtype == want.dtype, name
+        # The reference differentiates in fp32; the op runs dout @ (t / s_w) in dout's dtype and
+        # the norm's backward (cast_before_weight like the forward). fp32: reduction-order noise;
+        # half: operands rounded to 8 or 11 bits and summed over N or M terms: 2% of the scale.
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        scale = want.float().abs().max().clamp(min=1e-6)
+        err = (got.float() - want.float()).abs().max() / scale
+        assert err <= tol, (name, float(err))
+
+
+def test_ternary_linear_group_weights_get_no_gradient():
+    K = 16
+    packs, scales, _ = _frozen([5], K, 0, "cpu")
+    w_scale = scales[0].clone().requires_grad_()
+    x = _x((3, K), torch.float32, "cpu", 1).requires_grad_()
+    out = ops.ternary_linear_group(x, None, packs, [w_scale], [], K, 0.0, False, False, torch.float32, False,
+                                   torch.float32)[0][0]
+    out.sum().backward()
+    assert w_scale.grad is None
+    # dx = dout (t / s_w) with dout all ones: the column sums of the dequantized weight.
+    want = ops.dequantize(packs[0], scales[0], K, torch.float32).sum(0).expand(3, K)
+    torch.testing.assert_close(x.grad, want, rtol=1e-6, atol=1e-6)
+
+
+def test_ternary_linear_group_bad_input():
+    K = 8
+    packs, scales, _ = _frozen([4, 4], K, 0, "cpu")
+    x = torch.randn(3, K)
+    f32 = torch.float32
+    with pytest.raises(ValueError, match="needs at least one packed weight"):
+        ops.ternary_linear_group(x, None, [], [], [], K, 0.0, False, False, f32, False, f32)
+    with pytest.raises(ValueError, match="2 packed weights but 1 weight scales and 0 biases"):
+        ops.ternary_linear_group(x, None, packs, scales[:1], [], K, 0.0, False, False, f32, False, f32)
+    with pytest.raises(ValueError, match="one bias per weight or none at all"):
+        ops.ternary_linear_group(x, None, packs, scales, [torch.ones(4)], K, 0.0, False, False, f32, False, f32)
+    with pytest.raises(ValueError, match="a norm weight was given but normalize=False"):
+        ops.ternary_linear_group(x, torch.ones(K), packs, scales, [], K, 0.0, False, False, f32, False, f32)
+    with pytest.raises(ValueError, match=r"activations have K=8 features .* packed for in_features=7"):
+        ops.ternary_linear_group(x, None, packs, scales, [], 7, 0.0, False, False, f32, False, f32)
+    with pytest.raises(ValueError, match=r"16 bytes per row but in_features=80 needs 32"):
+        ops.ternary_linear_group(torch.randn(3, 80), None, packs, scales, [], 80, 0.0, False, False, f32, False, f32)
+    with pytest.raises(TypeError, match="packed ternary weight must be uint8"):
+        ops.ternary_linear_group(x, None, [packs[0].to(torch.int8)], scales[:1], [], K, 0.0, False, False, f32,
+                                 False, f32)
+    with pytest.raises(TypeError, match="weight scale must be float32, got float16"):
+        ops.ternary_linear_group(x, None, packs[:1], [scales[0].half()], [], K, 0.0, False, False, f32, False, f32)
+    with pytest.raises(ValueError, match=r"bias has shape \(3,\), expected \(4,\)"):
+        ops.ternary_linear_group(x, None, packs, scales, [torch.ones(4), torch.ones(3)], K, 0.0, False, False, f32,
+                                 False, f32)
+    with pytest.raises(TypeError, match="input must be float32, float16 or bfloat16, got int64"):
+        ops.ternary_linear_group(x.long(), None, packs, scales, [], K, 0.0, False, False, f32, False, f32)
+    with pytest.raises(TypeError, match="out_dtype must be a float dtype"):
+        ops.ternary_linear_group(x, None, packs, scales, [], K, 0.0, False, False, f32, False, torch.int32)

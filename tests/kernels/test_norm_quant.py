@@ -477,3 +477,38 @@ def test_bf16_rounding_codes_agree():
     # and both are torch's own rounding to bf16
     want = x.cpu().to(torch.bfloat16).to(torch.float32)
     assert torch.equal(a[ok].view(torch.int32), want[ok].view(torch.int32))
+
+
+# ---------------------------------------------------------------- backward: the reference and the kernel agree on the casts
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cbw", [True, False])
+@pytest.mark.parametrize("offset", [False, True])
+def test_rms_norm_backward_reference_matches_kernel(dtype, cbw, offset):
+    """:func:`bitfx.reference.rms_norm_backward` (the CPU op) and the kernel (the CUDA op) compute
+    the same gradients for half-precision inputs, ``cast_before_weight`` either way: with it, both
+    round ``r`` to ``x.dtype`` in the weight's gradient; without it, neither does."""
+    M, K = 8, 48
+    x = make_rows(M, K, dtype, 3)
+    w = make_weight(K, dtype, 3, offset)
+    g = torch.Generator().manual_seed(4)
+    dy = torch.randn(M, K, generator=g).to(dtype).to(KERNEL_DEVICE)
+    rstd = torch.rsqrt(x.float().pow(2).mean(-1) + 1e-6)
+    dx, dw = nq.rms_norm_backward(dy, x, w, rstd, offset, cbw)
+    xc, wc, dyc, rc = x.cpu(), w.cpu(), dy.cpu(), rstd.cpu()
+    dx_ref, dw_ref = ref.rms_norm_backward(dyc, xc, wc, rc, offset, cbw)
+    assert dx.dtype == dx_ref.dtype == dtype and dw.dtype == dw_ref.dtype == torch.float32
+    # dx: both round the same fp32 expression to dtype (a neighbour at a midpoint: 1 ulp), and
+    # the fp32 mean differs by reduction order (NORM_RTOL of the row's terms).
+    r = xc.float() * rc[:, None]
+    u = dyc.float() * (1.0 + wc.float() if offset else wc.float())
+    row_scale = rc[:, None] * (u.abs() + r.abs() * (r * u).mean(-1, keepdim=True).abs()).amax(-1, keepdim=True)
+    assert ((dx.cpu().float() - dx_ref.float()).abs() <= (NORM_RTOL + ULP[dtype]) * row_scale).all()
+    # dw: an fp32 sum of M terms on each side, in different orders (M * 2^-24 of sum |dy * r|).
+    mag = (dyc.float() * r).abs().sum(0)
+    tol = (NORM_RTOL + 2 * M * 2.0**-24) * mag
+    assert ((dw.cpu() - dw_ref).abs() <= tol).all()
+    # ... a bound tight enough to tell the two cast orders apart.
+    _, dw_other = ref.rms_norm_backward(dyc, xc, wc, rc, offset, not cbw)
+    assert ((dw.cpu() - dw_other).abs() > tol).any()

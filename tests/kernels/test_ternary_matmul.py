@@ -159,14 +159,45 @@ def test_int32_extremes(path):
         assert acc[0, 0].item() == -128 * K and acc[0, 1].item() == 128 * K
 
 
-def test_padding_codes_and_invalid_codes_follow_reference():
-    """Whatever the padding bytes hold, k >= K never counts; code 3 counts as t = 2, as in the reference."""
+def _pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[N, Kq]`` from raw 2-bit codes ``[N, 4 Kq]`` (any of 0..3, padding columns included)."""
+    N, W = codes.shape
+    planes = codes.to(torch.int32).view(N, layout.PLANES, W // layout.PLANES)
+    return (planes[:, 0] | planes[:, 1] << 2 | planes[:, 2] << 4 | planes[:, 3] << 6).to(torch.uint8)
+
+
+def test_padding_codes_never_count():
+    """Whatever the padding columns (k >= K) hold, they never count in the kernels; the reference
+    refuses such a weight (padding must hold code 1, a zero weight), and agrees on the clean one."""
     g = torch.Generator().manual_seed(7)
     for K in (1, 5, 66, 130):
-        packed = torch.randint(0, 256, (9, layout.packed_k(K)), generator=g, dtype=torch.uint8).to(DEV)
-        q = torch.randint(-128, 128, (5, K), generator=g, dtype=torch.int8).to(DEV)
+        width = layout.PLANES * layout.packed_k(K)
+        codes = torch.randint(0, 3, (9, width), generator=g)
+        clean = codes.clone()
+        clean[:, K:] = layout.CODE_OFFSET
+        junk = codes.clone()
+        junk[:, K:] = torch.randint(0, 4, (9, width - K), generator=g)
+        junk[0, -1] = 3
+        assert torch.equal(_pack_codes(clean), ref.pack_ternary((clean[:, :K] - 1).to(torch.int8)))
+        q = torch.randint(-128, 128, (5, K), generator=g, dtype=torch.int8)
+        want = ref.ternary_matmul_int32(q, _pack_codes(clean))
         for path in PATHS:
-            assert torch.equal(ternary_matmul_int32(q, packed, path=path), ref.ternary_matmul_int32(q, packed))
+            assert torch.equal(ternary_matmul_int32(q.to(DEV), _pack_codes(junk).to(DEV), path=path).cpu(), want)
+        with pytest.raises(ValueError, match=r"padding column \(k >= K=\d+ must hold code 1"):
+            ref.ternary_matmul_int32(q, _pack_codes(junk))
+
+
+def test_reference_refuses_code_3():
+    """The 2-bit code 3 is no ternary value: the reference (the CPU ops) raises, naming where it is.
+    The kernels do not check per call (BitfxLinear checks its weights when built or loaded)."""
+    K = 10
+    codes = torch.full((4, layout.PLANES * layout.packed_k(K)), layout.CODE_OFFSET)
+    codes[2, 7] = 3
+    q = torch.ones(3, K, dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"invalid 2-bit code 3 .* at row 2, column 7 \(1 invalid"):
+        ref.ternary_matmul_int32(q, _pack_codes(codes))
+    with pytest.raises(ValueError, match=r"invalid 2-bit code 3"):
+        ref.ternary_matmul(q, torch.ones(3), _pack_codes(codes), torch.ones(4))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -196,15 +196,52 @@ def test_pack_unpack_roundtrip(t):
         assert torch.equal(unpack_ternary(ours, K), t)
 
 
+def _pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[N, Kq]`` from raw 2-bit codes ``[N, 4 Kq]`` (any of 0..3, padding columns included)."""
+    N, W = codes.shape
+    planes = codes.to(torch.int32).view(N, layout.PLANES, W // layout.PLANES)
+    return (planes[:, 0] | planes[:, 1] << 2 | planes[:, 2] << 4 | planes[:, 3] << 6).to(torch.uint8)
+
+
 @given(N=st.integers(1, 20), K=st.sampled_from(INTERESTING_K), seed=st.integers(0, 2**31 - 1))
-def test_unpack_any_bytes(N, K, seed):
-    """Padding codes are dropped and even the invalid code 3 unpacks as the reference (to 2)."""
+def test_unpack_ignores_padding_bytes(N, K, seed):
+    """The kernel drops the padding codes (k >= K) whatever they hold; the reference refuses
+    padding that is not code 1 (a zero weight) and unpacks the clean weight to the same codes."""
     g = torch.Generator().manual_seed(seed)
-    packed = torch.randint(0, 256, (N, layout.packed_k(K)), generator=g, dtype=torch.uint8).to(DEV)
-    assert torch.equal(unpack_ternary(packed, K), ref.unpack_ternary(packed, K))
+    width = layout.PLANES * layout.packed_k(K)
+    codes = torch.randint(0, 3, (N, width), generator=g)
+    codes[:, K:] = layout.CODE_OFFSET
+    t = (codes[:, :K] - layout.CODE_OFFSET).to(torch.int8)
+    assert torch.equal(ref.unpack_ternary(_pack_codes(codes), K), t)
+    if width > K:  # K a multiple of 64 has no padding columns
+        codes[:, K:] = torch.randint(0, 4, (N, width - K), generator=g)
+        codes[-1, -1] = 0
+    packed = _pack_codes(codes).to(DEV)
+    assert torch.equal(unpack_ternary(packed, K).cpu(), t)
     wide = torch.zeros(N, packed.shape[1] + 16, dtype=torch.uint8, device=DEV)
     wide[:, : packed.shape[1]] = packed
-    assert torch.equal(unpack_ternary(wide[:, : packed.shape[1]], K), ref.unpack_ternary(packed, K))
+    assert torch.equal(unpack_ternary(wide[:, : packed.shape[1]], K).cpu(), t)
+    if width > K:
+        with pytest.raises(ValueError, match=r"in a padding column \(k >= K="):
+            ref.unpack_ternary(packed.cpu(), K)
+
+
+def test_reference_unpack_refuses_invalid_codes():
+    """Code 3 anywhere, or padding other than code 1: a ValueError naming row and column."""
+    K = 5
+    codes = torch.full((3, layout.PLANES * layout.packed_k(K)), layout.CODE_OFFSET)
+    ok = _pack_codes(codes)
+    assert torch.equal(ref.unpack_ternary(ok, K), torch.zeros(3, K, dtype=torch.int8))
+    ref.check_ternary_codes(ok, K)
+    codes[1, 4] = 3
+    with pytest.raises(ValueError, match=r"invalid 2-bit code 3 .* at row 1, column 4"):
+        ref.unpack_ternary(_pack_codes(codes), K)
+    codes[1, 4] = 1
+    codes[2, 5] = 2  # k = 5 >= K: padding must be 1
+    with pytest.raises(ValueError, match=r"code 2 in a padding column \(k >= K=5 must hold code 1.* at row 2, column 5"):
+        ref.check_ternary_codes(_pack_codes(codes), K)
+    with pytest.raises(ValueError, match=r"padding column"):
+        ref.unpack_ternary(_pack_codes(codes), K)
 
 
 @given(t=ternary(), dtype=st.sampled_from(FLOAT_DTYPES), seed=st.integers(0, 2**31 - 1))
