@@ -3,7 +3,7 @@
 ::
 
     model = torch.compile(model, backend="bitfx")
-    model = torch.compile(model, backend="bitfx", options={"filter_fn": lambda fqn: "mlp" in fqn})
+    model = torch.compile(model, backend="bitfx", options={"filter_fn": lambda module, fqn: "mlp" in fqn})
     model = torch.compile(model, backend="bitfx", options={"config": BitfxConfig(per_channel=True)})
 
 The backend is registered by the ``torch_dynamo_backends`` entry point in ``pyproject.toml``
@@ -13,8 +13,9 @@ How options arrive: ``torch.compile(..., options={...})`` calls a custom backend
 ``backend(gm, example_inputs, options={...})`` and ``mode="..."`` as ``mode=...`` (torch's
 ``_TorchCompileWrapper``; the same in torch 2.11 and 2.13; torch itself takes the keys
 ``guard_filter_fn`` and ``use_aoti`` out first). The keys named like :class:`BitfxConfig`'s
-fields (or ``"config"``, a whole :class:`BitfxConfig`) configure the passes; every other key is
-an Inductor config patch (``torch._inductor.list_options()``), as with the inductor backend.
+fields (or ``"config"``, a whole :class:`BitfxConfig`) configure the passes, ``"filter_fn"``
+is the ``filter_fn(module, fqn)`` that :func:`bitfx.quantize` and :func:`bitfx.explain` take
+too; every other key is an Inductor config patch (``torch._inductor.list_options()``), as with the inductor backend.
 ``mode`` maps to Inductor's options for that mode.
 
 Where the passes plug in: they rewrite the torch-level graph Dynamo hands over, *before*
@@ -38,51 +39,66 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
+from torch import nn
 
 from bitfx import ops  # noqa: F401  (registers torch.ops.bitfx.*)
+from bitfx.config import BitfxConfig
+from bitfx.passes.naming import Naming
+from bitfx.passes.plan import check_filter_fn
 from bitfx.passes.rewrite import bitfx_pass
 
 __all__ = ["BitfxConfig", "bitfx_backend"]
 
 log = logging.getLogger("bitfx")
 
-
-@dataclass
-class BitfxConfig:
-    """What the backend converts, and how.
-
-    filter_fn: ``filter_fn(fqn) -> bool`` on each linear's module name (e.g.
-        ``"model.layers.0.mlp.up_proj"``): False leaves that linear dense. None: all.
-    skip_output_head: leave the output head (``lm_head``...) dense.
-    training: True rewrites to the differentiable ``bitlinear_group`` op (one per norm and its
-        linears), False to the inference ops (``norm_quant`` once per norm, ``ternary_matmul``
-        per linear). None: training when grad mode is on and some input of the graph
-        (parameters included) requires grad.
-    per_channel: per-output-channel weight scales instead of one per tensor.
-    """
-
-    filter_fn: Optional[Callable[[str], bool]] = None
-    skip_output_head: bool = True
-    training: Optional[bool] = None
-    per_channel: bool = False
-
-
 _FIELDS = {f.name for f in dataclasses.fields(BitfxConfig)}
 
 
-def _split_options(options: Optional[dict[str, Any]]) -> tuple[BitfxConfig, dict[str, Any]]:
+def _split_options(options: Optional[dict[str, Any]]) -> tuple[BitfxConfig, Any, dict[str, Any]]:
+    """``(config, filter_fn, inductor_options)`` from ``torch.compile``'s ``options``."""
     options = dict(options or {})
     config = options.pop("config", None) or BitfxConfig()
     if not isinstance(config, BitfxConfig):
-        raise TypeError(f"bitfx backend: options['config'] must be a BitfxConfig, got {type(config).__name__}")
+        raise TypeError(f"bitfx backend: options['config'] must be a bitfx.BitfxConfig, got {type(config).__name__}")
+    filter_fn = check_filter_fn(options.pop("filter_fn", None))
     ours = {k: options.pop(k) for k in list(options) if k in _FIELDS}
     if ours:
         config = dataclasses.replace(config, **ours)
-    return config, options
+    return config, filter_fn, options
+
+
+def _frame_roots() -> list[tuple[str, nn.Module, str]]:
+    """The modules the frame Dynamo is compiling holds in its locals (the compiled model as
+    ``self``, or ``args[0]`` under a decorator that wraps ``forward``): the roots against which
+    the graph's weights are named by identity. Empty where this torch does not expose the
+    frame; the pass then names modules from Dynamo's ``nn_module_stack`` text."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        f_locals = dict(tx.f_locals) if tx is not None else {}
+    except (ImportError, AttributeError, RuntimeError, AssertionError):
+        return []
+    roots: list[tuple[str, nn.Module, str]] = []
+    seen: set[int] = set()
+
+    def add(obj: Any, label: str) -> None:
+        if isinstance(obj, nn.Module) and id(obj) not in seen:
+            seen.add(id(obj))
+            roots.append(("", obj, label))
+
+    for name, value in f_locals.items():
+        add(value, name)
+        if isinstance(value, (tuple, list)):
+            for i, v in enumerate(value):
+                add(v, f"{name}.{i}")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                add(v, str(k))
+    return roots
 
 
 def bitfx_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = None,
@@ -90,7 +106,7 @@ def bitfx_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[st
     """Rewrite RMSNorm -> Linear sites to ``torch.ops.bitfx`` ops, then compile with Inductor."""
     from torch._inductor.compile_fx import compile_fx
 
-    config, inductor_patches = _split_options(options)
+    config, filter_fn, inductor_patches = _split_options(options)
     if mode is not None and mode != "default":
         from torch._inductor import list_mode_options
 
@@ -100,7 +116,8 @@ def bitfx_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[st
             isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs
         )
         config = dataclasses.replace(config, training=training)
-    bitfx_pass(gm, config)
+    naming = Naming(_frame_roots(), list(example_inputs))
+    bitfx_pass(gm, config, filter_fn, naming)
     return compile_fx(gm, example_inputs, config_patches=inductor_patches or None)
 
 

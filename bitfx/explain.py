@@ -9,14 +9,18 @@ in plain data: a person reads ``print(report)``, a program reads ``report.sites`
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import logging
+import types
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
-from bitfx.modules import BitfxLinear
-from bitfx.passes.sites import find_sites
+from bitfx.config import BitfxConfig
+from bitfx.passes.naming import Naming
+from bitfx.passes.plan import FilterFn, check_filter_fn, graphs_of, plan_sites
 
 __all__ = [
     "explain",
@@ -24,11 +28,12 @@ __all__ = [
     "SiteInfo",
     "RejectedInfo",
     "SkippedLinear",
+    "LinearInfo",
     "capture_graphs",
     "example_inputs_for",
 ]
 
-FilterFn = Callable[[nn.Module, str], bool]
+logger = logging.getLogger("bitfx")
 
 _DUMMY_SEQ_LEN = 8
 
@@ -69,10 +74,24 @@ class RejectedInfo:
 
 @dataclass(frozen=True)
 class SkippedLinear:
-    """A linear layer at a site that :func:`bitfx.quantize` leaves as it is."""
+    """A linear layer the backend converts but :func:`bitfx.quantize` cannot swap for a
+    module (a functional linear, a subclass that overrides ``forward``, one already converted)."""
 
     module: str
     reason: str
+
+
+@dataclass(frozen=True)
+class LinearInfo:
+    """The decision for one linear layer (:func:`bitfx.passes.plan.plan_sites`)."""
+
+    module: Optional[str]
+    node: str
+    converted: bool  # by the backend (the graph is rewritten)
+    quantized: bool  # by bitfx.quantize (the module is swapped)
+    reason: Optional[str]  # why it stays dense, None when converted
+    replace_reason: Optional[str]  # why bitfx.quantize cannot swap it, None when it can
+    at_site: bool = False  # it reads an RMSNorm's output
 
 
 @dataclass
@@ -81,6 +100,17 @@ class ExplainReport:
     rejected: list[RejectedInfo] = field(default_factory=list)
     skipped: list[SkippedLinear] = field(default_factory=list)
     graphs: int = 0  # graphs Dynamo produced; more than one means graph breaks
+    decisions: list[LinearInfo] = field(default_factory=list)  # every linear call traced
+    training: bool = False  # traced as the backend sees a training call
+
+    @property
+    def converted(self) -> list[str]:
+        """Names of the linear layers the backend converts, in graph order."""
+        out: list[str] = []
+        for d in self.decisions:
+            if d.converted and d.module is not None and d.module not in out:
+                out.append(d.module)
+        return out
 
     @property
     def linears(self) -> list[str]:
@@ -97,7 +127,10 @@ class ExplainReport:
             "rejected": [dataclasses.asdict(r) for r in self.rejected],
             "skipped": [dataclasses.asdict(s) for s in self.skipped],
             "linears": self.linears,
+            "converted": self.converted,
+            "decisions": [dataclasses.asdict(d) for d in self.decisions],
             "graphs": self.graphs,
+            "training": self.training,
         }
 
     def __str__(self) -> str:
@@ -106,6 +139,7 @@ class ExplainReport:
             f"bitfx: {len(self.sites)} RMSNorm -> Linear sites "
             f"({n_lin} linear layers, {len(self.linears)} to convert), "
             f"{len(self.rejected)} candidates rejected, {self.graphs} graph(s)"
+            + (" [traced for training]" if self.training else "")
         ]
         if self.sites:
             lines.append("sites:")
@@ -127,119 +161,121 @@ def _name(m: Optional[str]) -> str:
     return m if m is not None else "<functional linear>"
 
 
-def example_inputs_for(model: nn.Module, example_inputs: tuple, caller: str) -> tuple:
+def example_inputs_for(model: nn.Module, example_inputs: tuple, caller: str, example_kwargs: Optional[dict] = None) -> tuple:
     """The inputs to trace with: the given ones, or for a Hugging Face model (a ``config``
     with ``vocab_size``) a small batch of token ids."""
-    if example_inputs:
+    if example_inputs or example_kwargs:
         return example_inputs
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if not isinstance(vocab, int) or vocab < 1:
         raise ValueError(
             f"bitfx.{caller} traces the model to find its RMSNorm -> Linear sites and needs example inputs: "
-            f"call bitfx.{caller}(model, *example_inputs) with what model(...) takes"
+            f"call bitfx.{caller}(model, *example_inputs) with what model(...) takes (keyword inputs too)"
         )
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return (torch.arange(1, _DUMMY_SEQ_LEN + 1, device=device).remainder(vocab).unsqueeze(0),)
 
 
-def capture_graphs(model: nn.Module, example_inputs: tuple) -> list[torch.fx.GraphModule]:
-    """The torch-level FX graphs Dynamo produces for ``model(*example_inputs)`` (several where
-    the model has graph breaks). Resets Dynamo's caches before and after."""
-    graphs: list[torch.fx.GraphModule] = []
+_CALLERS = itertools.count()
 
-    def capture(gm: torch.fx.GraphModule, _inputs):
-        graphs.append(gm)
+
+def _fresh_caller(model: nn.Module):
+    """``lambda *a, **k: model(*a, **k)`` with a code object of its own: Dynamo keeps its
+    compiled code on the code object it compiles, so the capture's entries live and die with
+    this function and leave the caches of every other compiled model untouched."""
+
+    def call(*args, **kwargs):
+        return model(*args, **kwargs)
+
+    code = call.__code__.replace(co_name=f"bitfx_capture_{next(_CALLERS)}")
+    return types.FunctionType(code, call.__globals__, code.co_name, call.__defaults__, call.__closure__)
+
+
+def capture_graphs(model: nn.Module, example_inputs: tuple, example_kwargs: Optional[dict] = None,
+                   *, training: bool = False) -> list[tuple[torch.fx.GraphModule, list]]:
+    """The torch-level FX graphs Dynamo produces for ``model(*example_inputs, **example_kwargs)``
+    (several where the model has graph breaks), each with the inputs it was called with. Traced
+    with grad mode ``training``. No global Dynamo state is reset."""
+    graphs: list[tuple[torch.fx.GraphModule, list]] = []
+
+    def capture(gm: torch.fx.GraphModule, inputs):
+        graphs.append((gm, list(inputs)))
         return gm.forward
 
-    torch._dynamo.reset()
     try:
-        with torch.no_grad():
-            torch.compile(model, backend=capture, fullgraph=False)(*example_inputs)
+        with torch.set_grad_enabled(training):
+            torch.compile(_fresh_caller(model), backend=capture, fullgraph=False)(*example_inputs, **(example_kwargs or {}))
+        return list(graphs)
     finally:
-        torch._dynamo.reset()
-    return graphs
-
-
-def _weight_owners(model: nn.Module) -> dict[int, list[str]]:
-    """id(parameter) -> every name it goes by (tied and shared weights have several)."""
-    owners: dict[int, list[str]] = {}
-    for mod_name, mod in model.named_modules(remove_duplicate=False):
-        for p_name, p in mod.named_parameters(recurse=False):
-            owners.setdefault(id(p), []).append(f"{mod_name}.{p_name}" if mod_name else p_name)
-    return owners
-
-
-def _skip_reason(model: nn.Module, name: Optional[str], owners, filter_fn: Optional[FilterFn]) -> Optional[str]:
-    if name is None:
-        return "a functional linear (no nn.Linear module to replace)"
-    try:
-        mod = model.get_submodule(name)
-    except AttributeError:
-        return "no such submodule in the model"
-    if isinstance(mod, BitfxLinear):
-        return "already converted (a BitfxLinear)"
-    if not isinstance(mod, nn.Linear):
-        return f"a {type(mod).__name__}, not an nn.Linear"
-    if type(mod).forward is not nn.Linear.forward:
-        return (
-            f"{type(mod).__name__} overrides nn.Linear.forward, and replacing it would drop what that forward "
-            f"adds; torch.compile(model, backend='bitfx') fuses it instead"
-        )
-    names = owners.get(id(mod.weight), [])
-    if len(names) > 1:
-        others = [n for n in names if n != f"{name}.weight"]
-        return f"its weight is shared (tied) with {', '.join(others)}"
-    if filter_fn is not None and not filter_fn(mod, name):
-        return "filter_fn returned False"
-    return None
+        # Dynamo may keep the backend (and so this closure) alive: hold no tensor in it.
+        graphs.clear()
 
 
 def _dtype_name(d: Optional[torch.dtype]) -> Optional[str]:
     return None if d is None else str(d).removeprefix("torch.")
 
 
-def explain(model: nn.Module, *example_inputs, config=None, filter_fn: Optional[FilterFn] = None) -> ExplainReport:
-    """Trace ``model(*example_inputs)`` and report its RMSNorm -> Linear sites, the candidates
-    the finder rejected (with the reason), and the linear layers :func:`bitfx.quantize` would
-    leave alone (tied weights, ``filter_fn(module, fqn)`` False, ...). Changes nothing.
+def _trains(model: nn.Module, config: Optional[BitfxConfig]) -> bool:
+    """What the backend would decide for a call now: training when grad mode is on and a
+    parameter requires grad (``config.training`` overrides)."""
+    if config is not None and config.training is not None:
+        return bool(config.training)
+    return torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
 
-    ``config`` is a :class:`bitfx.QuantizeConfig` (only ``skip_output_head`` matters here).
-    Without example inputs a Hugging Face model gets a small batch of token ids.
+
+def explain(model: nn.Module, *example_inputs, config: Optional[BitfxConfig] = None,
+            filter_fn: Optional[FilterFn] = None, **example_kwargs) -> ExplainReport:
+    """Trace ``model(*example_inputs, **example_kwargs)`` and report, for every linear layer,
+    whether ``torch.compile(model, backend="bitfx")`` and :func:`bitfx.quantize` convert it and
+    why not: the RMSNorm -> Linear sites, the candidates rejected (with the reason), the layers
+    ``quantize`` leaves alone (tied weights, ``filter_fn(module, fqn)`` False, ...). The same
+    decision the backend and ``quantize`` take (:func:`bitfx.passes.plan.plan_sites`). Changes
+    nothing, and leaves other compiled models' caches alone.
+
+    ``config``: a :class:`bitfx.BitfxConfig`. The model is traced in the mode the backend would
+    see for a call made now (training when grad mode is on and parameters require grad, or as
+    ``config.training`` says). Without example inputs a Hugging Face model gets a small batch
+    of token ids.
     """
-    skip_output_head = True if config is None else config.skip_output_head
-    inputs = example_inputs_for(model, example_inputs, "explain")
-    graphs = capture_graphs(model, inputs)
-    report = ExplainReport(graphs=len(graphs))
-    owners = _weight_owners(model)
-    seen_sites, seen_rejected, seen_skipped = set(), set(), set()
-    for gm in graphs:
-        found = find_sites(gm, skip_output_head=skip_output_head)
-        for s in found.sites:
-            spec = s.norm
-            info = SiteInfo(
-                norm_module=s.norm_module,
-                linear_modules=tuple(s.linear_modules),
-                eps=float(spec.eps),
-                offset=bool(spec.offset),
-                cast_before_weight=bool(spec.cast_before_weight),
-                norm_dtype=_dtype_name(spec.norm_dtype),
-                has_weight=s.norm_weight is not None,
-                already_bitnet=bool(s.already_bitnet),
-            )
-            if info in seen_sites:
-                continue
-            seen_sites.add(info)
-            report.sites.append(info)
-            for name in info.linear_modules:
-                reason = _skip_reason(model, name, owners, filter_fn)
-                if reason is not None and name is not None and name not in seen_skipped:
-                    seen_skipped.add(name)
-                    report.skipped.append(SkippedLinear(name, reason))
-        for r in found.rejected:
-            info = RejectedInfo(module=r.module, node=r.node.name, reason=r.reason)
-            key = (info.module or info.node, info.reason)
-            if key in seen_rejected:
-                continue
-            seen_rejected.add(key)
-            report.rejected.append(info)
+    filter_fn = check_filter_fn(filter_fn)
+    config = config or BitfxConfig()
+    training = _trains(model, config)
+    inputs = example_inputs_for(model, example_inputs, "explain", example_kwargs)
+    graphs = capture_graphs(model, inputs, example_kwargs, training=training)
+    report = ExplainReport(graphs=len(graphs), training=training)
+    seen_sites, seen_rejected, seen_skipped, seen_linears = set(), set(), set(), set()
+    for gm, graph_inputs in graphs:
+        naming = Naming([("", model)], graph_inputs)
+        for g in graphs_of(gm, naming):
+            plan = plan_sites(g, config, filter_fn, naming)
+            for d in plan.decisions:
+                info = LinearInfo(d.name, d.node.name, d.convert, d.quantize, d.reason, d.replace_reason, d.site is not None)
+                key = (info.module or info.node, info.converted, info.reason)
+                if key not in seen_linears:
+                    seen_linears.add(key)
+                    report.decisions.append(info)
+                if d.convert and d.replace_reason and d.name is not None and d.name not in seen_skipped:
+                    seen_skipped.add(d.name)
+                    report.skipped.append(SkippedLinear(d.name, d.replace_reason))
+            for s in plan.sites:
+                spec = s.norm
+                info = SiteInfo(
+                    norm_module=s.norm_module,
+                    linear_modules=tuple(s.linear_modules),
+                    eps=float(spec.eps),
+                    offset=bool(spec.offset),
+                    cast_before_weight=bool(spec.cast_before_weight),
+                    norm_dtype=_dtype_name(spec.norm_dtype),
+                    has_weight=s.norm_weight is not None,
+                    already_bitnet=bool(s.already_bitnet),
+                )
+                if info not in seen_sites:
+                    seen_sites.add(info)
+                    report.sites.append(info)
+            for r in plan.rejected:
+                info = RejectedInfo(module=r.module, node=r.node.name, reason=r.reason)
+                key = (info.module or info.node, info.reason)
+                if key not in seen_rejected:
+                    seen_rejected.add(key)
+                    report.rejected.append(info)
     return report

@@ -17,21 +17,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from bitfx.explain import ExplainReport, FilterFn, SkippedLinear, explain
+from bitfx.config import BitfxConfig, QuantizeConfig
+from bitfx.explain import ExplainReport, SkippedLinear, explain
 from bitfx.modules import BitfxLinear
+from bitfx.passes.plan import FilterFn
 
 __all__ = ["QuantizeConfig", "QuantizeReport", "quantize"]
 
 logger = logging.getLogger("bitfx")
-
-
-@dataclass
-class QuantizeConfig:
-    """``per_channel``: one weight scale per output channel instead of one per tensor.
-    ``skip_output_head``: leave the output projection (``lm_head``) in floating point."""
-
-    per_channel: bool = False
-    skip_output_head: bool = True
 
 
 @dataclass
@@ -89,22 +82,30 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def quantize(
     model: nn.Module,
     *example_inputs,
-    config: Optional[QuantizeConfig] = None,
+    config: Optional[BitfxConfig] = None,
     filter_fn: Optional[FilterFn] = None,
+    **example_kwargs,
 ) -> nn.Module:
     """Replace the ``nn.Linear`` layers that consume an RMSNorm's output by :class:`BitfxLinear`
     (absmean ternary weights, 2 bits each; int8 per-token activations), in place; returns ``model``.
 
-    ``example_inputs`` are what ``model(...)`` takes, used once to trace it (a Hugging Face
-    model without them gets a small batch of token ids). ``filter_fn(module, fqn) -> bool``
-    keeps a layer out when it returns False. Linear layers whose weight is tied to another
+    ``example_inputs`` / ``example_kwargs`` are what ``model(...)`` takes, used once to trace it
+    (a Hugging Face model without them gets a small batch of token ids). ``config`` is the
+    :class:`bitfx.BitfxConfig` the backend takes too; ``filter_fn(module, fqn) -> bool`` keeps a
+    layer out when it returns False. The layers converted are those ``bitfx.explain`` reports
+    (the same decision as the backend's), less those it cannot swap for a module. Linear layers whose weight is tied to another
     (an ``lm_head`` tied to the embeddings) are left alone. The float weights of converted
     layers are released. The report (:class:`QuantizeReport`: layers, skipped layers and why,
     bytes saved) is stored on ``model.bitfx_report`` and logged to the ``bitfx`` logger.
     """
-    config = config or QuantizeConfig()
-    plan = explain(model, *example_inputs, config=config, filter_fn=filter_fn)
-    report = QuantizeReport(skipped=list(plan.skipped), explain_report=plan)
+    config = dataclasses.replace(config or BitfxConfig(), training=False)  # converts for inference
+    plan = explain(model, *example_inputs, config=config, filter_fn=filter_fn, **example_kwargs)
+    skipped, seen = [], set()
+    for d in plan.decisions:  # every linear at a site that stays as it is, and why
+        if d.at_site and not d.quantized and d.module is not None and d.module not in seen:
+            seen.add(d.module)
+            skipped.append(SkippedLinear(d.module, d.reason or d.replace_reason))
+    report = QuantizeReport(skipped=skipped, explain_report=plan)
     with torch.no_grad():
         for name in plan.linears:
             linear = model.get_submodule(name)

@@ -62,6 +62,21 @@ class Site:
     linear_modules: list[str | None]  # e.g. "model.layers.0.self_attn.q_proj"
     # True when the linears already quantize (eager STE / quant code, or bitfx quantized modules)
     already_bitnet: bool
+    uses: list["LinearUse"] = field(default_factory=list)  # how each linear reads the norm
+
+    def use_of(self, linear: fx.Node) -> "LinearUse | None":
+        return next((u for u in self.uses if u.node is linear), None)
+
+    def already_bitnet_linear(self, linear: fx.Node) -> bool:
+        u = self.use_of(linear)
+        return u is not None and u.act_quant is not None
+
+    def restricted(self, linears: list[fx.Node], names: list[str | None]) -> "Site":
+        """This site with only ``linears`` (named ``names``)."""
+        keep = set(linears)
+        uses = [u for u in self.uses if u.node in keep]
+        return Site(self.norm_input, self.norm_weight, self.norm, self.norm_nodes, list(linears),
+                    self.norm_module, list(names), any(u.act_quant is not None for u in uses), uses)
 
 
 @dataclass
@@ -69,12 +84,14 @@ class Rejected:
     node: fx.Node  # the norm's output, or a linear that was left out
     module: str | None
     reason: str
+    weight: fx.Node | None = None  # a rejected norm's weight (names it by identity)
 
 
 @dataclass
 class FindResult:
     sites: list[Site]
     rejected: list[Rejected]
+    dropped: list[Rejected] = field(default_factory=list)  # linears reading a norm that cannot fuse
 
 
 @dataclass
@@ -91,6 +108,11 @@ class LinearUse:
     per_channel: bool | None  # the eager weight quantizer's grouping (None: not eager)
     out_dtype: torch.dtype
     nodes: list[fx.Node] = field(default_factory=list)  # quantizer nodes that die with the rewrite
+    output: fx.Node | None = None  # the node that holds the linear's result, when not ``node`` itself
+
+    @property
+    def result(self) -> fx.Node:
+        return self.output if self.output is not None else self.node
 
 
 @dataclass

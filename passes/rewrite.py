@@ -43,7 +43,10 @@ from torch import fx
 
 import bitfx.ops  # noqa: F401  (registers torch.ops.bitfx.*, whatever imported this module)
 from bitfx import reference as ref
-from bitfx.passes.sites import LinearUse, Site, analyze_linear, find_sites
+from bitfx.passes.naming import Naming
+from bitfx.passes.plan import graphs_of, plan_sites
+from bitfx.passes.records import LinearUse, Site
+from bitfx.passes.sites import analyze_linear, packed_operands
 
 __all__ = ["rewrite_sites", "bitfx_pass"]
 
@@ -153,10 +156,41 @@ def _norm_quant(b: _Builder, site: Site, path: list[fx.Node]) -> tuple[fx.Node, 
     return b.getitem(nq, 0), b.getitem(nq, 1)
 
 
-def _rewrite_inference(b: _Builder, site: Site, uses: list[LinearUse], per_channel: bool, order) -> None:
+def _is_grad_packed(u: LinearUse) -> bool:
+    return u.kind == "bitfx" and u.output is not None
+
+
+def _rewrite_packed(b: _Builder, site: Site, uses: list[LinearUse], order) -> None:
+    """Packed (frozen) weights where a gradient must pass: one differentiable
+    ``ternary_linear_group`` per set of linears reading the norm through the same row ops
+    (output dtype, bias presence and K alike); the norm weight keeps its STE gradient."""
+    eps, offset, cbw, norm_dtype = _norm_args(site)
     groups: dict[tuple, list[LinearUse]] = {}
     for u in uses:
-        groups.setdefault(_path_key(u.path), []).append(u)
+        K = packed_operands(u.node)[3]
+        groups.setdefault((_path_key(u.path), u.out_dtype, u.bias is not None, K), []).append(u)
+    for (_, out_dtype, has_bias, K), group in groups.items():
+        first = min(group, key=lambda u: order[u.node])
+        with b.graph.inserting_before(first.node):
+            x = _replay_path(b, group[0].path, site.norm_input)
+            ops = [packed_operands(u.node) for u in group]
+            tlg = b.call(_ops.ternary_linear_group.default, x, site.norm_weight, [o[0] for o in ops],
+                         [o[1] for o in ops], [o[2] for o in ops] if has_bias else [], int(K), eps, offset, cbw,
+                         norm_dtype, True, out_dtype, like=first.node)
+            outs = b.getitem(tlg, 0)
+            results = [b.getitem(outs, i) for i in range(len(group))]
+        for u, out in zip(group, results):
+            b.replace(u.result, out)
+
+
+def _rewrite_inference(b: _Builder, site: Site, uses: list[LinearUse], per_channel: bool, order) -> None:
+    grad = [u for u in uses if _is_grad_packed(u)]
+    if grad:  # a BitfxLinear traced in grad mode: keep its gradient path
+        _rewrite_packed(b, site, grad, order)
+    groups: dict[tuple, list[LinearUse]] = {}
+    for u in uses:
+        if not _is_grad_packed(u):
+            groups.setdefault(_path_key(u.path), []).append(u)
     for group in groups.values():
         first = min(group, key=lambda u: order[u.node])
         with b.graph.inserting_before(first.node):
@@ -169,14 +203,14 @@ def _rewrite_inference(b: _Builder, site: Site, uses: list[LinearUse], per_chann
                     pc = u.per_channel if u.weight_quant is not None else per_channel
                     wq = b.call(_ops.weight_quant.default, u.weight, bool(pc), like=u.node)
                     new = b.call(_ops.ternary_matmul.default, q, s, b.getitem(wq, 0), b.getitem(wq, 1),
-                                 u.bias, u.out_dtype, like=u.node)
+                                 u.bias, u.out_dtype, int(_val(u.weight).shape[1]), like=u.node)
             b.replace(u.node, new)
 
 
 def _rewrite_training(b: _Builder, site: Site, uses: list[LinearUse], per_channel: bool, order) -> None:
     packed = [u for u in uses if u.kind == "bitfx"]
-    if packed:  # packed weights do not train: inference form for those
-        _rewrite_inference(b, site, packed, per_channel, order)
+    if packed:  # frozen packed weights: a gradient passes to x and the norm weight
+        _rewrite_packed(b, site, packed, order)
     eps, offset, cbw, norm_dtype = _norm_args(site)
     # One bitlinear_group per set of linears that read the norm through the same row ops and
     # agree on having a bias (the op takes a bias for every weight or for none).
@@ -216,14 +250,14 @@ def rewrite_sites(gm: fx.GraphModule, sites: list[Site], *, training: bool, per_
     doomed: list[fx.Node] = []
     count = 0
     for site in sites:
-        uses = [analyze_linear(site, lin) for lin in site.linears]
+        uses = [site.use_of(lin) or analyze_linear(site, lin) for lin in site.linears]
         if training:
             _rewrite_training(b, site, uses, per_channel, order)
         else:
             _rewrite_inference(b, site, uses, per_channel, order)
         doomed += site.norm_nodes
         for u in uses:
-            doomed += u.path + u.nodes + [u.node]
+            doomed += u.path + u.nodes + [u.node, u.result]
         count += 1
         log.info(
             "%s %s -> %s (%s%s)",
@@ -263,22 +297,36 @@ def _decide_training(gm: fx.GraphModule) -> bool:
     return torch.is_grad_enabled() and any(p.requires_grad for p in gm.parameters())
 
 
-def bitfx_pass(gm: fx.GraphModule, config: Any = None) -> int:
-    """Find and rewrite all sites of ``gm`` as ``config`` (a :class:`bitfx.backend.BitfxConfig`,
-    or any object with its fields) says. Returns the number of sites rewritten."""
-    filter_fn = getattr(config, "filter_fn", None)
-    skip_head = getattr(config, "skip_output_head", True)
+def bitfx_pass(gm: fx.GraphModule, config: Any = None, filter_fn: Any = None, naming: Optional[Naming] = None) -> int:
+    """Find and rewrite all sites of ``gm`` and of the subgraphs it calls (activation
+    checkpointing's bodies) as :func:`bitfx.passes.plan.plan_sites` decides, with ``config`` (a
+    :class:`bitfx.config.BitfxConfig`) and ``filter_fn(module, fqn)``. ``naming`` names weights
+    by identity (the backend gives it the model). Returns the number of sites rewritten."""
+    naming = naming or Naming()
     training = getattr(config, "training", None)
     per_channel = getattr(config, "per_channel", False)
     if training is None:
         training = _decide_training(gm)
-    found = find_sites(gm, filter_fn=filter_fn, skip_output_head=skip_head)
-    for r in found.rejected:
-        log.debug("left %s (%s): %s", r.module or r.node.name, r.node.name, r.reason)
-    n = rewrite_sites(gm, found.sites, training=training, per_channel=per_channel)
-    if found.sites or found.rejected:
-        log.info(
-            "rewrote %d site(s), %d linear(s) (%s); left %d norm(s)/linear(s) as they were",
-            n, sum(len(s.linears) for s in found.sites), "training" if training else "inference", len(found.rejected),
-        )
-    return n
+    total = 0
+    record = gm.meta.setdefault("bitfx", {"converted": [], "dense": {}})
+    for g in graphs_of(gm, naming):
+        plan = plan_sites(g, config, filter_fn, naming)
+        for d in plan.decisions:
+            key = d.name or d.node.name
+            if d.convert:
+                record["converted"].append(key)
+            else:
+                record["dense"][key] = d.reason
+        for r in plan.rejected:
+            log.debug("left %s (%s): %s", r.module or r.node.name, r.node.name, r.reason)
+        n = rewrite_sites(g, plan.sites, training=training, per_channel=per_channel)
+        total += n
+        if plan.sites or plan.rejected:
+            log.info(
+                "rewrote %d site(s), %d linear(s) (%s)%s; left %d norm(s)/linear(s) as they were",
+                n, sum(len(s.linears) for s in plan.sites), "training" if training else "inference",
+                "" if g is gm else " in a checkpointed block", len(plan.rejected),
+            )
+    if total:
+        gm.recompile()
+    return total

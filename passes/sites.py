@@ -38,7 +38,7 @@ quantizers are inlined and recognized), an ``eps`` held in a tensor, norms over 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Optional
+from typing import Any
 
 from torch import fx
 
@@ -59,8 +59,11 @@ __all__ = [
     "Rejected",
     "FindResult",
     "LinearUse",
-    "find_sites",
+    "find_candidates",
     "analyze_linear",
+    "linear_kind",
+    "packed_operands",
+    "head_nodes",
     "module_fqn",
     "HEAD_NAMES",
 ]
@@ -115,13 +118,39 @@ def _index_keeps_rows(idx: Any, ndim: int) -> bool:
     return consumes[ndim - 1] == full
 
 
-def _linear_like(n: fx.Node) -> str | None:
+def linear_kind(n: Any) -> str | None:
+    """``"linear"`` for a dense linear call, ``"bitfx"`` for a ternary matmul on packed weights, else None."""
+    if not isinstance(n, fx.Node):
+        return None
     k = kind_of(n)
     if k == "linear":
         return "linear"
     if k == "bitfx.ternary_matmul":
         return "bitfx"
+    if k == "bitfx.ternary_linear_group" and _packed_grad_output(n) is not None:
+        return "bitfx"
     return None
+
+
+def _packed_grad_output(n: fx.Node) -> fx.Node | None:
+    """For a ``bitfx.ternary_linear_group`` call of one packed weight and no norm (a
+    ``BitfxLinear`` traced in grad mode), the node that reads its output, ``outs[0]``."""
+    a = n.args
+    if len(a) < 12 or a[1] is not None or a[10] is not False or not isinstance(a[2], (list, tuple)) or len(a[2]) != 1:
+        return None
+    outs = [u for u in n.users if kind_of(u) == "getitem" and u.args[1] == 0]
+    if len(outs) != 1 or len(n.users) != 1:
+        return None
+    firsts = [u for u in outs[0].users if kind_of(u) == "getitem" and u.args[1] == 0]
+    return firsts[0] if len(firsts) == 1 and len(outs[0].users) == 1 else None
+
+
+def packed_operands(n: fx.Node) -> tuple[Any, Any, Any, Any]:
+    """``(packed, w_scale, bias, in_features)`` of a packed (``"bitfx"``) linear call."""
+    if kind_of(n) == "bitfx.ternary_linear_group":
+        bias = n.args[4][0] if n.args[4] else None
+        return n.args[2][0], n.args[3][0], bias, n.args[5]
+    return n.args[2], n.args[3], arg_of(n, 4, "bias"), arg_of(n, 6, "in_features")
 
 
 def _trace_to_norm(inp: Any, outputs: dict[fx.Node, NormMatch], allow_quant: bool):
@@ -159,8 +188,18 @@ def _weight_is_parameter(w: fx.Node) -> bool:
 def _analyze(linear: fx.Node, outputs: dict[fx.Node, NormMatch]) -> tuple[NormMatch, LinearUse] | Miss:
     """How ``linear`` consumes a norm: ``(norm, use)``, or a :class:`Miss` (a candidate one
     when it reads a norm but cannot be converted)."""
-    kind = _linear_like(linear)
+    kind = linear_kind(linear)
     out_dtype = dtype_of(linear)
+    if kind == "bitfx" and kind_of(linear) == "bitfx.ternary_linear_group":
+        found = _trace_to_norm(linear.args[0], outputs, allow_quant=False)
+        if found is None:
+            return NO_MATCH
+        norm, path, _, _ = found
+        out = _packed_grad_output(linear)
+        return norm, LinearUse(
+            linear, "bitfx", path, None, packed_operands(linear)[2], "bitfx", "packed", None, dtype_of(out),
+            [out.args[0]], output=out,
+        )
     if kind == "bitfx":
         q, s = linear.args[0], linear.args[1]
         if not (kind_of(q) == "getitem" and kind_of(s) == "getitem" and q.args[0] is s.args[0]
@@ -215,12 +254,18 @@ def _out_features(n: fx.Node) -> int | None:
     return last_dim(n)
 
 
-def _head_nodes(linears: list[fx.Node], uses: dict[fx.Node, LinearUse]) -> set[fx.Node]:
+def head_nodes(linears: list[fx.Node], uses: dict[fx.Node, LinearUse], naming=None) -> set[fx.Node]:
     """The output head: linears named like one (``lm_head``, ``output``, ...), or else the last
     linear of the graph when its out_features is strictly the largest of at least three
     linears and exceeds its in_features (a projection into a vocabulary). Linears that already
     quantize (BitNet code) are never taken for a head."""
-    named = {n for n in linears if (module_fqn(n) or "").rsplit(".", 1)[-1] in HEAD_NAMES}
+    def name(n):
+        if naming is not None:
+            u = uses.get(n)
+            return naming.weight_name(u.weight if u is not None and u.weight is not None else arg_of(n, 1, "weight"), n)[1]
+        return module_fqn(n)
+
+    named = {n for n in linears if (name(n) or "").rsplit(".", 1)[-1] in HEAD_NAMES}
     if named:
         return named
     if len(linears) < 3:
@@ -231,7 +276,7 @@ def _head_nodes(linears: list[fx.Node], uses: dict[fx.Node, LinearUse]) -> set[f
         return set()
     n_last = _out_features(last)
     others = [_out_features(n) for n in linears[:-1]]
-    k_last = last_dim(arg_of(last, 0, "input")) if _linear_like(last) == "linear" else None
+    k_last = last_dim(arg_of(last, 0, "input")) if linear_kind(last) == "linear" else None
     if n_last is None or any(o is None or o >= n_last for o in others):
         return set()
     if k_last is not None and n_last <= k_last:
@@ -241,17 +286,11 @@ def _head_nodes(linears: list[fx.Node], uses: dict[fx.Node, LinearUse]) -> set[f
 
 # ---------------------------------------------------------------- the finder
 
-def find_sites(
-    gm: fx.GraphModule,
-    *,
-    filter_fn: Optional[Callable[[str], bool]] = None,
-    skip_output_head: bool = True,
-) -> FindResult:
-    """All RMSNorm -> Linear sites of ``gm`` (graph order), and the norms and linears left out.
-
-    ``filter_fn(fqn)`` decides which linears (by module name, ``""`` when unknown) may be
-    converted; ``skip_output_head`` leaves the output head (e.g. ``lm_head``) dense.
-    The graph is not modified.
+def find_candidates(gm: fx.GraphModule) -> FindResult:
+    """All RMSNorm -> Linear sites of ``gm`` (graph order) as the graph allows them, before any
+    policy (output head, routers, ``filter_fn``: :func:`bitfx.passes.plan.plan_sites` decides
+    those), and the norms and linears that cannot fuse, with the reason. ``dropped`` lists every
+    linear that reads a norm but cannot fuse. The graph is not modified.
     """
     graph = gm.graph
     norms, bad = find_norms(graph)
@@ -259,41 +298,32 @@ def find_sites(
     outputs = {nm.output: nm for nm in norms}
     order = {n: i for i, n in enumerate(graph.nodes)}
 
-    linears = [n for n in graph.nodes if _linear_like(n)]
     per_norm: dict[fx.Node, list[LinearUse]] = {nm.output: [] for nm in norms}
     dropped: dict[fx.Node, list[Rejected]] = {nm.output: [] for nm in norms}
-    uses: dict[fx.Node, LinearUse] = {}
-    for lin in linears:
+    all_dropped: list[Rejected] = []
+    for lin in graph.nodes:
+        if not linear_kind(lin):
+            continue
         res = _analyze(lin, outputs)
         if not res:
             if res.candidate:
                 # Which norm it hangs off, for the report: trace without the strict checks.
                 found = _trace_to_norm(arg_of(lin, 0, "input"), outputs, allow_quant=True)
                 if found is not None:
-                    dropped[found[0].output].append(Rejected(lin, module_fqn(lin), res.reason))
+                    r = Rejected(lin, module_fqn(lin), res.reason)
+                    dropped[found[0].output].append(r)
+                    all_dropped.append(r)
             continue
         norm, use = res
-        uses[lin] = use
         per_norm[norm.output].append(use)
 
-    heads = _head_nodes(linears, uses) if skip_output_head else set()
     sites: list[Site] = []
     for nm in norms:
-        kept: list[LinearUse] = []
-        for use in per_norm[nm.output]:
-            fqn = module_fqn(use.node)
-            if use.node in heads and use.act_quant is None:
-                dropped[nm.output].append(Rejected(use.node, fqn, "output head (skip_output_head=True)"))
-            elif filter_fn is not None and not filter_fn(fqn or ""):
-                dropped[nm.output].append(Rejected(use.node, fqn, "filtered out by filter_fn"))
-            else:
-                kept.append(use)
+        kept = sorted(per_norm[nm.output], key=lambda u: order[u.node])
         if not kept:
-            reason = _why_no_site(nm, dropped[nm.output])
-            rejected.append(Rejected(nm.output, nm.module, reason))
+            rejected.append(Rejected(nm.output, nm.module, _why_no_site(nm, dropped[nm.output]), nm.weight))
             continue
         rejected.extend(dropped[nm.output])
-        kept.sort(key=lambda u: order[u.node])
         sites.append(Site(
             norm_input=nm.input,
             norm_weight=nm.weight,
@@ -303,11 +333,12 @@ def find_sites(
             norm_module=nm.module,
             linear_modules=[module_fqn(u.node) for u in kept],
             already_bitnet=any(u.act_quant is not None for u in kept),
+            uses=kept,
         ))
     for s in sites:
         log.debug("site: %s -> %s%s", s.norm_module or s.norm_nodes[-1].name, s.linear_modules,
                   " (already BitNet)" if s.already_bitnet else "")
-    return FindResult(sites, rejected)
+    return FindResult(sites, rejected, all_dropped)
 
 
 def _why_no_site(nm: NormMatch, dropped: list[Rejected]) -> str:
@@ -327,7 +358,7 @@ def _producer_linear(n: Any) -> fx.Node | None:
     for _ in range(16):
         if not isinstance(n, fx.Node):
             return None
-        if _linear_like(n):
+        if linear_kind(n):
             return n
         if kind_of(n) in ROW_OPS and n.args:
             n = n.args[0]

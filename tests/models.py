@@ -104,6 +104,27 @@ def tiny_bitnet(seed: int = 0, dtype: torch.dtype = torch.float32):
     return _hf(BitNetConfig, BitNetForCausalLM, seed, dtype, tie_word_embeddings=False)
 
 
+def tiny_deepseek_v3(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """DeepSeek-V3: MLA attention (q_a_layernorm -> q_b_proj, kv_a_layernorm -> a view ->
+    kv_b_proj) and, from the second layer on, a MoE block whose router (``mlp.gate``, an
+    ``F.linear`` on the post-attention norm's output) selects experts with top-k."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    return _hf(
+        DeepseekV3Config, DeepseekV3ForCausalLM, seed, dtype, n_routed_experts=4, num_experts_per_tok=2,
+        n_group=1, topk_group=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16, moe_intermediate_size=32, head_dim=8, num_key_value_heads=HEADS,
+        tie_word_embeddings=False,
+    )
+
+
+# Every transformers architecture of the suite, by name.
+TRANSFORMERS = {
+    "llama": tiny_llama, "gemma": tiny_gemma, "qwen3": tiny_qwen3, "olmo2": tiny_olmo2,
+    "bitnet": tiny_bitnet, "deepseek_v3": tiny_deepseek_v3,
+}
+
+
 # ---------------------------------------------------------------- plain-torch RMSNorm spellings
 
 class LlamaNorm(nn.Module):
@@ -428,8 +449,9 @@ class OpsPackedLinear(nn.Module):
         packed, s_w = ref.weight_quant(lin.weight.detach(), per_channel)
         self.register_buffer("packed", packed)
         self.register_buffer("w_scale", s_w)
+        self.in_features = lin.in_features
         self.bias = None if lin.bias is None else nn.Parameter(lin.bias.detach().clone())
 
     def forward(self, x):
         q, s = torch.ops.bitfx.act_quant(x)
-        return torch.ops.bitfx.ternary_matmul(q, s, self.packed, self.w_scale, self.bias, x.dtype)
+        return torch.ops.bitfx.ternary_matmul(q, s, self.packed, self.w_scale, self.bias, x.dtype, self.in_features)

@@ -97,7 +97,7 @@ def test_string_backend_with_options():
     x = torch.randn(3, 5, 48)
     compiled = torch.compile(
         fn, backend="bitfx", fullgraph=True,
-        options={"filter_fn": lambda fqn: fqn != "b", "per_channel": True, "epilogue_fusion": False},
+        options={"filter_fn": lambda module, fqn: fqn != "b", "per_channel": True, "epilogue_fusion": False},
     )
     with torch.no_grad():
         got_a, got_b = compiled(x)
@@ -112,8 +112,9 @@ def test_string_backend_with_options():
 def test_options_filter_and_config_object():
     model, ids = models.tiny_torch_llama(styles=("llama", "module"))
     for options in (
-        {"filter_fn": lambda fqn: "proj" in fqn and "gate" not in fqn and "up" not in fqn},
-        {"config": BitfxConfig(filter_fn=lambda fqn: fqn.endswith(("q_proj", "k_proj", "v_proj")))},
+        {"filter_fn": lambda module, fqn: "proj" in fqn and "gate" not in fqn and "up" not in fqn},
+        {"config": BitfxConfig(per_channel=True),
+         "filter_fn": lambda module, fqn: isinstance(module, nn.Linear) and fqn.endswith(("q_proj", "k_proj", "v_proj"))},
     ):
         torch._dynamo.reset()
         backend, graphs = recording_backend()

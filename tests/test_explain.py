@@ -38,6 +38,10 @@ def test_llama_sites(llama_report):
     assert attn.eps == model.config.rms_norm_eps
     assert attn.cast_before_weight and not attn.offset and attn.has_weight and not attn.already_bitnet
     assert len(report.linears) == 5 * L and report.skipped == []
+    assert report.converted == report.linears  # every converted layer is an nn.Linear quantize can swap
+    dense = {d.module: d.reason for d in report.decisions if not d.converted}
+    assert dense["lm_head"] == "output head (skip_output_head=True)"
+    assert dense["model.layers.0.self_attn.o_proj"].startswith("no RMSNorm feeds it")
 
 
 def test_llama_rejected_have_reasons(llama_report):
@@ -81,15 +85,16 @@ def test_qwen3_qk_norms_are_not_sites():
     assert len(report.linears) == 5 * model.config.num_hidden_layers
 
 
-def test_gemma_tied_output_head_is_reported_skipped():
+def test_gemma_tied_output_head_is_reported_dense():
     model, ids = tiny_gemma()  # lm_head tied to the embeddings
     report = explain(model, ids, config=QuantizeConfig(skip_output_head=False))
     assert all(s.offset for s in report.sites)
     assert "RMSNorm(eps=1e-06): y = r * (1 + w)" in str(report)
-    assert "lm_head" in {m for s in report.sites for m in s.linear_modules}
-    assert [(s.module, "tied" in s.reason) for s in report.skipped] == [("lm_head", True)]
-    assert "lm_head" not in report.linears
-    assert "not converted: lm_head: its weight is shared (tied) with model.embed_tokens.weight" in str(report)
+    # Tied: neither the backend nor quantize converts it (converting one use changes the other).
+    assert "lm_head" not in {m for s in report.sites for m in s.linear_modules}
+    assert "lm_head" not in report.linears and "lm_head" not in report.converted
+    assert "model.norm: none of its linears can be converted (lm_head: its weight is shared (tied) with " \
+           "model.embed_tokens.weight)" in str(report)
 
 
 class _TwoGraphs(nn.Module):

@@ -13,7 +13,9 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from bitfx import reference as ref
-from bitfx.passes.sites import FindResult, NormSpec, _clean_fqn, find_sites
+from bitfx.passes.naming import _clean_fqn
+from bitfx.passes.plan import find_sites
+from bitfx.passes.records import FindResult, NormSpec
 from tests import models
 from tests.helpers import ULP
 
@@ -321,11 +323,11 @@ def test_output_head_without_a_head_name():
 def test_filter_fn():
     model, ids = models.tiny_llama()
     gm, _ = models.capture_graph(model, ids)
-    res = find_sites(gm, filter_fn=lambda fqn: ".mlp." not in fqn and not fqn.endswith("k_proj"))
+    res = find_sites(gm, filter_fn=lambda module, fqn: ".mlp." not in fqn and not fqn.endswith("k_proj"))
     assert [_short(s.linear_modules) for s in res.sites] == [["q_proj", "v_proj"]] * models.LAYERS
     reasons = {r.module: r.reason for r in res.rejected}
-    assert reasons["model.layers.0.self_attn.k_proj"] == "filtered out by filter_fn"
-    assert "filtered out by filter_fn" in reasons["model.layers.1.post_attention_layernorm"]
+    assert reasons["model.layers.0.self_attn.k_proj"] == "filter_fn returned False"
+    assert "filter_fn returned False" in reasons["model.layers.1.post_attention_layernorm"]
     assert "none of its linears" in reasons["model.layers.1.post_attention_layernorm"]
 
 

@@ -1,0 +1,38 @@
+"""The one configuration of bitfx: what :func:`torch.compile`'s ``bitfx`` backend,
+:func:`bitfx.quantize` and :func:`bitfx.explain` convert, and how.
+
+All three take the same :class:`BitfxConfig` and the same ``filter_fn(module, fqn) -> bool``
+(``module`` the ``nn.Module`` holding the linear's weight, None for a weight no module of the
+model holds; ``fqn`` its name, e.g. ``"model.layers.0.mlp.up_proj"``), and decide through
+one function (:func:`bitfx.passes.plan.plan_sites`), so they report and convert the same
+linears.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+__all__ = ["BitfxConfig", "QuantizeConfig"]
+
+
+@dataclass
+class BitfxConfig:
+    """What bitfx converts, and how.
+
+    per_channel: one weight scale per output channel instead of one per tensor.
+    skip_output_head: leave the output head (the model's ``get_output_embeddings()``, or a
+        ``lm_head``-like projection into the vocabulary) dense.
+    training: the backend only. True rewrites to the differentiable ops, False to the
+        inference ops; None decides from the call: training when grad mode is on and some
+        input of the graph (parameters included) requires grad. ``explain`` traces in the
+        same mode, so that it reports what the backend will do.
+    """
+
+    per_channel: bool = False
+    skip_output_head: bool = True
+    training: Optional[bool] = None
+
+
+# The name bitfx.quantize used for it; the same class.
+QuantizeConfig = BitfxConfig
