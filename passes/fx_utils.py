@@ -21,7 +21,7 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 __all__ = [
     "FLOATS", "ROW_OPS", "kind_of", "arg_of", "const_of", "is_scalar", "scalar_value", "meta_val",
     "tensor_meta", "dtype_of", "shape_of", "static_int", "last_dim", "real_users", "is_cast",
-    "strip_upcasts", "as_dims", "is_last_dim", "sole_user", "other_operand", "plain_binary",
+    "strip_upcasts", "as_dims", "is_last_dim", "sole_user", "other_operand", "plain_binary", "is_row_op",
 ]
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -73,7 +73,7 @@ _METHOD_KINDS: dict[str, str] = {
     "squeeze": "squeeze", "transpose": "transpose", "permute": "permute", "clone": "clone",
 }
 
-# Ops that keep every length-K row of their input intact (checked further in _is_row_op).
+# Ops that keep every length-K row of their input intact (checked further in is_row_op).
 ROW_OPS = frozenset(
     {"view", "reshape", "contiguous", "flatten", "unsqueeze", "squeeze", "transpose", "permute",
      "getitem", "clone", "cast"}
@@ -227,3 +227,44 @@ def other_operand(n: fx.Node, known: Any) -> Any:
 def plain_binary(n: fx.Node) -> bool:
     return len(n.args) >= 2 and n.kwargs.get("alpha", 1) == 1 and n.kwargs.get("rounding_mode") is None
 
+
+def is_row_op(n: fx.Node, K: int) -> bool:
+    """``n`` keeps each length-K row of its input intact (view of leading dims, copy, ...)."""
+    k = kind_of(n)
+    if k not in ROW_OPS or not n.args or not isinstance(n.args[0], fx.Node):
+        return False
+    src = n.args[0]
+    si, so = shape_of(src), shape_of(n)
+    if si is None or so is None or not si or not so:
+        return False
+    if static_int(si[-1]) != K or static_int(so[-1]) != K or dtype_of(src) != dtype_of(n):
+        return False
+    ndim = len(si)
+    if k == "cast":
+        return is_cast(n)  # same dtype (checked above): a no-op .to()
+    if k == "transpose":
+        d0, d1 = arg_of(n, 1, "dim0"), arg_of(n, 2, "dim1")
+        return all(isinstance(d, int) and d not in (-1, ndim - 1) for d in (d0, d1))
+    if k == "permute":
+        dims = n.args[1:] if len(n.args) > 2 else as_dims(arg_of(n, 1, "dims"))
+        return bool(dims) and dims[-1] in (-1, ndim - 1)
+    if k == "getitem":
+        return index_keeps_rows(n.args[1], ndim)
+    # view / reshape / flatten / (un)squeeze / contiguous / clone: a row-major reshape whose
+    # last dimension stays K maps row i to row i.
+    return True
+
+
+def index_keeps_rows(idx: Any, ndim: int) -> bool:
+    idx = idx if isinstance(idx, tuple) else (idx,)
+    for e in idx:
+        if isinstance(e, (fx.Node, list)) or (e is not Ellipsis and e is not None and not isinstance(e, (int, slice))):
+            return False  # tensor or other advanced indexing: not analysed
+    consumes = [e for e in idx if e is not None]
+    full = slice(None, None, None)
+    if Ellipsis in consumes:
+        after = consumes[consumes.index(Ellipsis) + 1:]
+        return all(e == full for e in after)
+    if len(consumes) < ndim:
+        return True
+    return consumes[ndim - 1] == full

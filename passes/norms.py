@@ -20,7 +20,7 @@ from torch import fx
 
 from bitfx import reference as ref
 from bitfx.passes.fx_utils import (
-    FLOATS, arg_of, const_of, dtype_of, is_cast, is_last_dim, is_scalar, kind_of, meta_val,
+    FLOATS, arg_of, const_of, dtype_of, is_cast, is_last_dim, is_row_op, is_scalar, kind_of, meta_val,
     other_operand, plain_binary, scalar_value, shape_of, sole_user, static_int, strip_upcasts,
 )
 from bitfx.passes.naming import module_fqn, module_type_name
@@ -167,8 +167,27 @@ def _match_rms_chain(mean: fx.Node) -> NormMatch | Miss:
         pre_cast, out = u, u
         nodes.append(u)
     weight, offset, mul = None, False, None
+    # Row-preserving views between r and the weight, around at most one cast (a grouped norm
+    # of one group, Mamba2's: normalized as [..., 1, K], viewed back to [..., K], weighted).
+    chain: list[fx.Node] = []
     u = sole_user(out)
-    if u is not None and kind_of(u) == "mul" and plain_binary(u):
+    while u is not None and (
+        (not is_cast(u) and is_row_op(u, K)) or (is_cast(u) and pre_cast is None and not any(map(is_cast, chain)))
+    ):
+        chain.append(u)
+        u = sole_user(u)
+    inner: list[fx.Node] = []
+    if chain and u is not None and kind_of(u) == "mul" and plain_binary(u):
+        found = _weight_operand(other_operand(u, chain[-1]), K)
+        if found is not None:
+            weight, offset, extra = found
+            mul = u
+            inner = [c for c in chain if not is_cast(c)]
+            pre_cast = next((c for c in chain if is_cast(c)), pre_cast)
+            nodes.extend(chain + extra + [u])
+            out = u
+    u = sole_user(out)
+    if mul is None and u is not None and kind_of(u) == "mul" and plain_binary(u):
         g_expr = other_operand(u, out)
         found = _weight_operand(g_expr, K)
         if found is not None:
@@ -176,6 +195,8 @@ def _match_rms_chain(mean: fx.Node) -> NormMatch | Miss:
             mul = u
             nodes.extend(extra + [u])
             out = u
+    if mul is None:
+        inner = []
     if mul is not None:
         u = sole_user(out)
         if u is not None and is_cast(u):
@@ -195,7 +216,7 @@ def _match_rms_chain(mean: fx.Node) -> NormMatch | Miss:
         else:
             return not_taken(f"rounds the normalized value to {r_dtype}, neither the input dtype {x_dtype} nor float32")
     spec = NormSpec(eps=scalar_value(eps), offset=offset, cast_before_weight=cbw, norm_dtype=norm_dtype)
-    return NormMatch(out, x, weight, spec, nodes, K, norm_module(out))
+    return NormMatch(out, x, weight, spec, nodes, K, norm_module(out), inner)
 
 
 def _weight_operand(g: Any, K: int) -> tuple[fx.Node, bool, list[fx.Node]] | None:

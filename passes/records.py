@@ -126,3 +126,5 @@ class NormMatch:
     nodes: list[fx.Node]
     K: int
     module: str | None
+    # Row-preserving views inside the norm (before its weight): a linear sees ``x`` through them.
+    inner: list[fx.Node] = field(default_factory=list)

@@ -14,7 +14,7 @@ activation quantization run once for all the site's linears)::
     out_i     = outs[i]
 
 The row-preserving ops that stood between the norm and a linear (views, reshapes, indexing of
-leading dims; see :func:`bitfx.passes.sites._is_row_op`) are applied to ``x`` instead: the
+leading dims; see :func:`bitfx.passes.fx_utils.is_row_op`) are applied to ``x`` instead: the
 norm and the quantizer act on each length-K row alone, so they commute with such ops.
 ``view`` becomes ``reshape`` there (``x`` need not be contiguous where the norm output was).
 

@@ -43,7 +43,7 @@ from typing import Any
 from torch import fx
 
 from bitfx.passes.fx_utils import (
-    FLOATS, ROW_OPS, arg_of, as_dims, dtype_of, is_cast, kind_of, last_dim, real_users, shape_of, static_int,
+    FLOATS, ROW_OPS, arg_of, dtype_of, is_cast, is_row_op, kind_of, last_dim, real_users, shape_of, static_int,
 )
 from bitfx.passes.naming import module_fqn
 from bitfx.passes.norms import find_norms, norm_module
@@ -75,48 +75,6 @@ HEAD_NAMES = frozenset({"lm_head", "output", "embed_out", "head", "score", "clas
 
 
 # ---------------------------------------------------------------- rows and linears
-
-def _is_row_op(n: fx.Node, K: int) -> bool:
-    """``n`` keeps each length-K row of its input intact (view of leading dims, copy, ...)."""
-    k = kind_of(n)
-    if k not in ROW_OPS or not n.args or not isinstance(n.args[0], fx.Node):
-        return False
-    src = n.args[0]
-    si, so = shape_of(src), shape_of(n)
-    if si is None or so is None or not si or not so:
-        return False
-    if static_int(si[-1]) != K or static_int(so[-1]) != K or dtype_of(src) != dtype_of(n):
-        return False
-    ndim = len(si)
-    if k == "cast":
-        return is_cast(n)  # same dtype (checked above): a no-op .to()
-    if k == "transpose":
-        d0, d1 = arg_of(n, 1, "dim0"), arg_of(n, 2, "dim1")
-        return all(isinstance(d, int) and d not in (-1, ndim - 1) for d in (d0, d1))
-    if k == "permute":
-        dims = n.args[1:] if len(n.args) > 2 else as_dims(arg_of(n, 1, "dims"))
-        return bool(dims) and dims[-1] in (-1, ndim - 1)
-    if k == "getitem":
-        return _index_keeps_rows(n.args[1], ndim)
-    # view / reshape / flatten / (un)squeeze / contiguous / clone: a row-major reshape whose
-    # last dimension stays K maps row i to row i.
-    return True
-
-
-def _index_keeps_rows(idx: Any, ndim: int) -> bool:
-    idx = idx if isinstance(idx, tuple) else (idx,)
-    for e in idx:
-        if isinstance(e, (fx.Node, list)) or (e is not Ellipsis and e is not None and not isinstance(e, (int, slice))):
-            return False  # tensor or other advanced indexing: not analysed
-    consumes = [e for e in idx if e is not None]
-    full = slice(None, None, None)
-    if Ellipsis in consumes:
-        after = consumes[consumes.index(Ellipsis) + 1:]
-        return all(e == full for e in after)
-    if len(consumes) < ndim:
-        return True
-    return consumes[ndim - 1] == full
-
 
 def linear_kind(n: Any) -> str | None:
     """``"linear"`` for a dense linear call, ``"bitfx"`` for a ternary matmul on packed weights, else None."""
@@ -171,7 +129,7 @@ def _trace_to_norm(inp: Any, outputs: dict[fx.Node, NormMatch], allow_quant: boo
                 act, qnodes, n = form, nodes, src
                 continue
         norm_k = last_dim(n)
-        if norm_k is not None and _is_row_op(n, norm_k):
+        if norm_k is not None and is_row_op(n, norm_k):
             path.append(n)
             n = n.args[0]
             continue
@@ -195,6 +153,7 @@ def _analyze(linear: fx.Node, outputs: dict[fx.Node, NormMatch]) -> tuple[NormMa
         if found is None:
             return NO_MATCH
         norm, path, _, _ = found
+        path = norm.inner + path
         out = _packed_grad_output(linear)
         return norm, LinearUse(
             linear, "bitfx", path, None, packed_operands(linear)[2], "bitfx", "packed", None, dtype_of(out),
@@ -210,6 +169,7 @@ def _analyze(linear: fx.Node, outputs: dict[fx.Node, NormMatch]) -> tuple[NormMa
         if found is None:
             return NO_MATCH
         norm, path, _, _ = found
+        path = norm.inner + path
         bias = arg_of(linear, 4, "bias")
         return norm, LinearUse(
             linear, "bitfx", path, None, bias, "bitfx", "packed", None, out_dtype, [aq, q, s],
@@ -220,6 +180,7 @@ def _analyze(linear: fx.Node, outputs: dict[fx.Node, NormMatch]) -> tuple[NormMa
     if found is None:
         return NO_MATCH
     norm, path, act, qnodes = found
+    path = norm.inner + path
     base_w, wform, extra, wnodes = unwrap_quant(w, match_weight_quant)
     per_channel = extra[0] if wform is not None else None
     ws = shape_of(base_w)

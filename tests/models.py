@@ -118,10 +118,23 @@ def tiny_deepseek_v3(seed: int = 0, dtype: torch.dtype = torch.float32):
     )
 
 
+def tiny_mamba2(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Mamba2 (one group): its gated RMSNorm normalizes a ``[..., 1, K]`` view, views it back to
+    ``[..., K]`` and weights it before ``out_proj``; ``norm`` -> ``in_proj`` is a plain site."""
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    config = Mamba2Config(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_heads=8, head_dim=16,
+                          state_size=16, n_groups=1, expand=2, chunk_size=SEQ, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Mamba2ForCausalLM(config)
+    _randomize_norms(model, seed, 1.0)
+    return model.to(dtype).eval(), _ids(seed)
+
+
 # Every transformers architecture of the suite, by name.
 TRANSFORMERS = {
     "llama": tiny_llama, "gemma": tiny_gemma, "qwen3": tiny_qwen3, "olmo2": tiny_olmo2,
-    "bitnet": tiny_bitnet, "deepseek_v3": tiny_deepseek_v3,
+    "bitnet": tiny_bitnet, "deepseek_v3": tiny_deepseek_v3, "mamba2": tiny_mamba2,
 }
 
 

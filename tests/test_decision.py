@@ -75,6 +75,19 @@ def test_moe_router_and_mla_on_deepseek_v3():
         torch.testing.assert_close(out.logits, want(ids).logits, rtol=2e-5, atol=2e-5)
 
 
+def test_mamba2_gated_norm_through_a_view_feeds_out_proj():
+    model, ids = models.tiny_mamba2()
+    with torch.no_grad():
+        report = bitfx.explain(model, ids)
+        converted, _, out = _backend_decisions(model, ids)
+        want = models.reference_quantized(model, report.converted)(ids).logits
+    for i in range(models.LAYERS):
+        assert f"backbone.layers.{i}.mixer.out_proj" in report.converted
+        assert f"backbone.layers.{i}.mixer.in_proj" in report.converted
+    assert sorted(converted) == sorted(report.converted)
+    torch.testing.assert_close(out.logits, want, rtol=2e-5, atol=2e-5)
+
+
 class _Block(nn.Module):
     def __init__(self, K=32, N=48):
         super().__init__()
