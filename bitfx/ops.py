@@ -374,6 +374,13 @@ def _(dy, x, weight, rstd, offset, cast_before_weight):
     return torch.empty_like(x), x.new_empty((x.shape[-1],), dtype=torch.float32)
 
 
+def _fake_norm_outputs(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Fakes of what the training ops save from the norm: ``(q int8[..., K], x_scale f32[...], rstd f32[...])``."""
+    lead = x.shape[:-1]
+    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty(lead, dtype=torch.float32),
+            x.new_empty(lead, dtype=torch.float32))
+
+
 # ---------------------------------------------------------------- bitlinear (training)
 
 def _check_bitlinear_args(x, norm_weight, weight, bias, norm_dtype):
@@ -432,9 +439,7 @@ def _(x, norm_weight, weight, bias, eps, offset, cast_before_weight, norm_dtype,
     lead = x.shape[:-1]
     return (
         x.new_empty((*lead, N), dtype=norm_dtype),
-        x.new_empty(x.shape, dtype=torch.int8),
-        x.new_empty(lead, dtype=torch.float32),
-        x.new_empty(lead, dtype=torch.float32),
+        *_fake_norm_outputs(x),
         x.new_empty((N, packed_k(K)), dtype=torch.uint8),
         x.new_empty((N,), dtype=torch.float32),
     )
@@ -544,9 +549,7 @@ def _(x, norm_weight, weights, biases, eps, offset, cast_before_weight, norm_dty
     lead = x.shape[:-1]
     return (
         [x.new_empty((*lead, w.shape[0]), dtype=norm_dtype) for w in weights],
-        x.new_empty(x.shape, dtype=torch.int8),
-        x.new_empty(lead, dtype=torch.float32),
-        x.new_empty(lead, dtype=torch.float32),
+        *_fake_norm_outputs(x),
         [x.new_empty((w.shape[0], packed_k(w.shape[1])), dtype=torch.uint8) for w in weights],
         [x.new_empty((w.shape[0],), dtype=torch.float32) for w in weights],
     )
@@ -677,9 +680,7 @@ def _(x, norm_weight, packed, w_scale, biases, in_features, eps, offset, cast_be
     lead = x.shape[:-1]
     return (
         [x.new_empty((*lead, p.shape[0]), dtype=out_dtype) for p in packed],
-        x.new_empty(x.shape, dtype=torch.int8),
-        x.new_empty(lead, dtype=torch.float32),
-        x.new_empty(lead, dtype=torch.float32),
+        *_fake_norm_outputs(x),
     )
 
 

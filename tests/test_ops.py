@@ -188,6 +188,22 @@ def _grads(fn, x, g, W, b):
     return out, [t.grad if t is not None else None for t in leaves]
 
 
+def _assert_grads_close(names, grads, grads_ref, dtype) -> None:
+    """Gradients of an op against its fp32 straight-through reference, by name. The reference
+    differentiates in fp32; the op's backward runs its matmuls in the gradient's dtype. fp32:
+    reduction-order noise; half: operands rounded to 8 or 11 bits and accumulated over K or M
+    terms: 2% of the gradient's scale."""
+    for name, got, want in zip(names, grads, grads_ref):
+        if want is None:
+            assert got is None, name
+            continue
+        assert got.dtype == want.dtype, name
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        scale = want.float().abs().max().clamp(min=1e-6)
+        err = (got.float() - want.float()).abs().max() / scale
+        assert err <= tol, (name, float(err))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("offset,cbw,has_g,has_b,per_channel", [
@@ -208,18 +224,7 @@ def test_bitlinear_gradients_match_ste_reference(device, dtype, offset, cbw, has
     # Forward: the op's exact int32 product vs the STE reference's fp32 matmul of the same
     # dequantized values, both rounded to dtype: within 2 ulps of dtype (plus fp32 noise near 0).
     assert_close_ulps(out, out_ref, ulps=2, atol=1e-5)
-    for name, got, want in zip("x g W b".split(), grads, grads_ref):
-        if want is None:
-            assert got is None
-            continue
-        assert got.dtype == want.dtype, name
-        # The reference differentiates in fp32; the op's backward runs its matmuls in the
-        # gradient's dtype. fp32: reduction-order noise; bf16: operands rounded to bf16 (2^-8)
-        # and accumulated over K or M terms: 2% of the gradient's scale.
-        tol = 1e-4 if dtype == torch.float32 else 2e-2
-        scale = want.float().abs().max().clamp(min=1e-6)
-        err = (got.float() - want.float()).abs().max() / scale
-        assert err <= tol, (name, float(err))
+    _assert_grads_close("x g W b".split(), grads, grads_ref, dtype)
 
 
 def test_bitlinear_gradient_ste_formula():
@@ -577,18 +582,9 @@ def test_ternary_linear_group_gradients_match_ste_reference(device, dtype, norma
     for o, o_ref in zip(outs, outs_ref):
         # The exact int32 product vs the reference's fp32 matmul of the same values: 2 ulps of dtype.
         assert_close_ulps(o, o_ref, ulps=2, atol=1e-5)
-    for name, got, want in zip(["x", "g"] + [f"b{i}" for i in range(len(bs))], grads, grads_ref):
-        if want is None:
-            assert got is None, name
-            continue
-        assert got.dtype == want.dtype, name
-        # The reference differentiates in fp32; the op runs dout @ (t / s_w) in dout's dtype and
-        # the norm's backward (cast_before_weight like the forward). fp32: reduction-order noise;
-        # half: operands rounded to 8 or 11 bits and summed over N or M terms: 2% of the scale.
-        tol = 1e-4 if dtype == torch.float32 else 2e-2
-        scale = want.float().abs().max().clamp(min=1e-6)
-        err = (got.float() - want.float()).abs().max() / scale
-        assert err <= tol, (name, float(err))
+    # The op runs dout @ (t / s_w) in dout's dtype and the norm's backward (cast_before_weight
+    # like the forward).
+    _assert_grads_close(["x", "g"] + [f"b{i}" for i in range(len(bs))], grads, grads_ref, dtype)
 
 
 def test_ternary_linear_group_weights_get_no_gradient():
