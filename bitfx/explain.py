@@ -211,6 +211,21 @@ def capture_graphs(model: nn.Module, example_inputs: tuple, example_kwargs: Opti
         graphs.clear()
 
 
+def _check_integer_input(r, naming: Naming) -> None:
+    """An example input of an integer dtype that the model normalizes as features: the trace
+    then shows a model that is not the one users run (the norms fed by it cannot convert, the
+    ones after it can), so bitfx says so instead of converting part of the model."""
+    n = r.culprit
+    t = naming.tensor(n) if n is not None else None
+    if t is None or naming.param_names(n) or t.is_floating_point():
+        return
+    raise ValueError(
+        f"bitfx: an example input ({str(t.dtype).removeprefix('torch.')}, shape {tuple(t.shape)}) reaches the "
+        f"RMSNorm {r.module or r.node.name} as its features; pass the floating-point inputs the model takes "
+        f"(token ids go through an embedding first)"
+    )
+
+
 def _dtype_name(d: Optional[torch.dtype]) -> Optional[str]:
     return None if d is None else str(d).removeprefix("torch.")
 
@@ -273,6 +288,7 @@ def explain(model: nn.Module, *example_inputs, config: Optional[BitfxConfig] = N
                     seen_sites.add(info)
                     report.sites.append(info)
             for r in plan.rejected:
+                _check_integer_input(r, naming)
                 info = RejectedInfo(module=r.module, node=r.node.name, reason=r.reason)
                 key = (info.module or info.node, info.reason)
                 if key not in seen_rejected:

@@ -152,6 +152,12 @@ def _match_rms_chain(mean: fx.Node) -> NormMatch | Miss:
     x = strip_upcasts(xp)
     if xp is not x:
         nodes.insert(0, xp)
+    src = xp
+    while is_cast(src):
+        src = src.args[0]
+    if dtype_of(src) is not None and not dtype_of(src).is_floating_point:
+        return not_taken(f"it normalizes a {str(dtype_of(src)).removeprefix('torch.')} tensor ({src.name}), "
+                         f"cast to float: integers where features belong", culprit=src)
     K = static_int(xs[-1])
     x_dtype = dtype_of(x)
     if K is None:
@@ -258,9 +264,9 @@ def norm_module(out: fx.Node) -> str | None:
     return module_fqn(out)
 
 
-def find_norms(graph: fx.Graph) -> tuple[list[NormMatch], list[tuple[fx.Node, str]]]:
+def find_norms(graph: fx.Graph) -> tuple[list[NormMatch], list[tuple[fx.Node, Miss]]]:
     norms: list[NormMatch] = []
-    bad: list[tuple[fx.Node, str]] = []
+    bad: list[tuple[fx.Node, Miss]] = []
     for n in graph.nodes:
         k = kind_of(n)
         if k == "rms_norm":
@@ -272,5 +278,5 @@ def find_norms(graph: fx.Graph) -> tuple[list[NormMatch], list[tuple[fx.Node, st
         if m:
             norms.append(m)
         elif m.candidate:
-            bad.append((n, m.reason))
+            bad.append((n, m))
     return norms, bad

@@ -264,7 +264,7 @@ def _renamed(r: Rejected, naming: Naming) -> Rejected:
     if r.weight is not None:
         mod, fqn = naming.owner(r.weight)
         if mod is not None:
-            return Rejected(r.node, fqn, r.reason, r.weight)
+            return Rejected(r.node, fqn, r.reason, r.weight, r.culprit)
     return r
 
 

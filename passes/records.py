@@ -19,11 +19,12 @@ class Miss:
     reason is reported to the user).
     """
 
-    __slots__ = ("reason", "candidate")
+    __slots__ = ("reason", "candidate", "culprit")
 
-    def __init__(self, reason: str, candidate: bool = False):
+    def __init__(self, reason: str, candidate: bool = False, culprit: fx.Node | None = None):
         self.reason = reason
         self.candidate = candidate
+        self.culprit = culprit  # the node at fault, where one is (an input of the wrong dtype)
 
     def __bool__(self) -> bool:
         return False
@@ -32,9 +33,9 @@ class Miss:
         return f"Miss({self.reason!r}{', candidate=True' if self.candidate else ''})"
 
 
-def not_taken(reason: str) -> Miss:
+def not_taken(reason: str, culprit: fx.Node | None = None) -> Miss:
     """A candidate that bitfx cannot take, for the stated reason."""
-    return Miss(reason, candidate=True)
+    return Miss(reason, candidate=True, culprit=culprit)
 
 
 NO_MATCH = Miss("no match")
@@ -85,6 +86,7 @@ class Rejected:
     module: str | None
     reason: str
     weight: fx.Node | None = None  # a rejected norm's weight (names it by identity)
+    culprit: fx.Node | None = None  # the node at fault, where one is (an input of the wrong dtype)
 
 
 @dataclass

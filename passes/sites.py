@@ -127,6 +127,11 @@ def _trace_to_norm(inp: Any, outputs: dict[fx.Node, NormMatch], allow_quant: boo
             src, form, _, nodes = unwrap_quant(n, match_act_quant)
             if form is not None:
                 act, qnodes, n = form, nodes, src
+                # The quantizer's own upcast (``y.float()``) may have been read as the norm's
+                # last cast, when the quantizer is the norm's only user: the norm ends there.
+                end = next((c for c in nodes if c in outputs), None)
+                if end is not None:
+                    return outputs[end], path[::-1], act, [c for c in nodes if c is not end]
                 continue
         norm_k = last_dim(n)
         if norm_k is not None and is_row_op(n, norm_k):
@@ -255,7 +260,8 @@ def find_candidates(gm: fx.GraphModule) -> FindResult:
     """
     graph = gm.graph
     norms, bad = find_norms(graph)
-    rejected = [Rejected(n, norm_module(n) or module_fqn(n), f"RMSNorm not supported: {why}") for n, why in bad]
+    rejected = [Rejected(n, norm_module(n) or module_fqn(n), f"RMSNorm not supported: {m.reason}", culprit=m.culprit)
+                for n, m in bad]
     outputs = {nm.output: nm for nm in norms}
     order = {n: i for i, n in enumerate(graph.nodes)}
 

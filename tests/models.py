@@ -104,6 +104,22 @@ def tiny_bitnet(seed: int = 0, dtype: torch.dtype = torch.float32):
     return _hf(BitNetConfig, BitNetForCausalLM, seed, dtype, tie_word_embeddings=False)
 
 
+def tiny_bitnet_autobitlinear(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """BitNet whose linears (all but ``lm_head``) are transformers' own ``AutoBitLinear`` in
+    online mode: each quantizes its activation and weight eagerly; the sub-norms
+    (``attn_sub_norm`` -> ``o_proj``, ``ffn_sub_norm`` -> ``down_proj``) have that quantizer as
+    their only user."""
+    from transformers.integrations.bitnet import AutoBitLinear
+
+    model, ids = tiny_bitnet(seed, dtype)
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, nn.Linear) and name != "lm_head":
+            new = AutoBitLinear(mod.in_features, mod.out_features, mod.bias is not None, dtype=dtype, online_quant=True)
+            new.load_state_dict(mod.state_dict())
+            model.set_submodule(name, new)
+    return model.eval(), ids
+
+
 def tiny_deepseek_v3(seed: int = 0, dtype: torch.dtype = torch.float32):
     """DeepSeek-V3: MLA attention (q_a_layernorm -> q_b_proj, kv_a_layernorm -> a view ->
     kv_b_proj) and, from the second layer on, a MoE block whose router (``mlp.gate``, an
@@ -134,7 +150,8 @@ def tiny_mamba2(seed: int = 0, dtype: torch.dtype = torch.float32):
 # Every transformers architecture of the suite, by name.
 TRANSFORMERS = {
     "llama": tiny_llama, "gemma": tiny_gemma, "qwen3": tiny_qwen3, "olmo2": tiny_olmo2,
-    "bitnet": tiny_bitnet, "deepseek_v3": tiny_deepseek_v3, "mamba2": tiny_mamba2,
+    "bitnet": tiny_bitnet, "bitnet_autobitlinear": tiny_bitnet_autobitlinear, "deepseek_v3": tiny_deepseek_v3,
+    "mamba2": tiny_mamba2,
 }
 
 

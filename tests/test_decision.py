@@ -88,6 +88,25 @@ def test_mamba2_gated_norm_through_a_view_feeds_out_proj():
     torch.testing.assert_close(out.logits, want, rtol=2e-5, atol=2e-5)
 
 
+def test_autobitlinear_sub_norms_feed_o_proj_and_down_proj():
+    """transformers' AutoBitLinear (online): the sub-norm's only user is the linear's own
+    activation quantizer, whose ``.float()`` used to be read as the norm's last cast."""
+    from tests.test_backend import assert_close_up_to_code_flips
+
+    model, ids = models.tiny_bitnet_autobitlinear()
+    with torch.no_grad():
+        report = bitfx.explain(model, ids)
+        converted, _, out = _backend_decisions(model, ids)
+        want = model(ids).logits
+    per_layer = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    assert sorted(report.converted) == sorted(
+        f"model.layers.{i}.{'self_attn' if p[0] in 'qkvo' else 'mlp'}.{p}" for i in range(models.LAYERS) for p in per_layer
+    ) == sorted(converted)
+    assert all(s.already_bitnet for s in report.sites)
+    # Already BitNet: the fused ops compute the model's own quantizers' numbers.
+    assert_close_up_to_code_flips(out.logits, want)
+
+
 class _Block(nn.Module):
     def __init__(self, K=32, N=48):
         super().__init__()
@@ -303,3 +322,28 @@ def test_quantized_model_compiles_and_backpropagates_in_grad_mode():
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, eager_grads[n], rtol=1e-3, atol=1e-5, msg=n)
     assert model.model.layers[0].input_layernorm.weight.grad.abs().sum() > 0
+
+
+class _TwoNorms(nn.Module):
+    def __init__(self, K=32):
+        super().__init__()
+        self.n1, self.n2 = models.LlamaNorm(K), models.LlamaNorm(K)
+        self.a, self.b, self.c, self.d, self.e = (nn.Linear(K, K) for _ in range(5))
+
+    def forward(self, x):
+        h = self.n1(x)
+        x = self.a(h) + self.b(h)
+        h = self.n2(x)
+        return self.c(h) + self.d(h) + self.e(x)
+
+
+def test_integer_example_input_is_an_error_not_a_partial_conversion():
+    model = _TwoNorms()
+    with torch.no_grad():
+        assert bitfx.explain(model, torch.randn(2, 3, 32)).converted == ["a", "b", "c", "d"]
+        ints = torch.randint(0, 5, (2, 3, 32))
+        for call in (bitfx.explain, bitfx.quantize):
+            # Used to convert c and d only, with a note on n1 in the report.
+            with pytest.raises(ValueError, match=r"example input \(int64, shape \(2, 3, 32\)\) reaches the RMSNorm n1"):
+                call(model, ints)
+    assert not any(isinstance(m, bitfx.BitfxLinear) for m in model.modules())
