@@ -42,13 +42,11 @@ class Naming:
         self.links: dict[fx.Node, fx.Node] = {}
         self._params: dict[int, list[str]] = {}
         self._owners: dict[int, list[tuple[nn.Module, str, str]]] = {}  # (module, fqn, attribute)
-        self._modules: dict[int, str] = {}
         for prefix, root, label in roots:
             if not isinstance(root, nn.Module):
                 continue
             for mod_name, mod in root.named_modules(remove_duplicate=False):
                 full = _join(prefix, mod_name) or label
-                self._modules.setdefault(id(mod), full)
                 for p_name, p in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
                     names = self._params.setdefault(id(p), [])
                     name = _join(full, p_name)
@@ -57,10 +55,6 @@ class Naming:
                     owners = self._owners.setdefault(id(p), [])
                     if all(o[0] is not mod or o[2] != p_name for o in owners):
                         owners.append((mod, full, p_name))
-
-    @property
-    def has_model(self) -> bool:
-        return bool(self.roots)
 
     # -------------------------------------------------------------- tensors behind nodes
 
@@ -131,23 +125,6 @@ class Naming:
                 or next((o for o in owners if isinstance(o[0], nn.Linear)), None) or owners[0])
         mod, fqn, leaf = best
         return mod, fqn if leaf in ("weight", "packed") else _join(fqn, leaf)
-
-    def module_name(self, module: nn.Module) -> Optional[str]:
-        return self._modules.get(id(module))
-
-    def module(self, fqn: Optional[str]) -> Optional[nn.Module]:
-        """The module named ``fqn`` in the first root that has it."""
-        if fqn is None:
-            return None
-        for prefix, root in self.roots:
-            rel = fqn[len(prefix) + 1:] if prefix and fqn.startswith(prefix + ".") else (None if prefix else fqn)
-            if rel is None:
-                continue
-            try:
-                return root.get_submodule(rel) if rel else root
-            except AttributeError:
-                continue
-        return None
 
     def output_heads(self) -> set[int]:
         """ids of the output-embedding weights the roots declare (``get_output_embeddings()``)."""

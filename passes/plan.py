@@ -142,10 +142,8 @@ def _source(n: Any) -> Any:
     return n
 
 
-def _replace_reason(kind: str, module: Optional[nn.Module], name: Optional[str], weight_leaf: bool) -> Optional[str]:
-    from bitfx.modules import BitfxLinear
-
-    if isinstance(module, BitfxLinear) or kind == "bitfx":
+def _replace_reason(kind: str, module: Optional[nn.Module], weight_leaf: bool) -> Optional[str]:
+    if kind == "bitfx":  # a BitfxLinear's packed weights
         return "already converted (a BitfxLinear)"
     if module is None or not weight_leaf:
         return "a functional linear (no nn.Linear module to replace)"
@@ -193,7 +191,7 @@ def plan_sites(gm: fx.GraphModule, config: Any = None, filter_fn: Optional[Filte
         names = naming.param_names(w)
         weight_leaf = kind == "linear" and (not names or f"{name}.weight" in names)
         d = LinearDecision(lin, name, module, site, convert=False)
-        d.replace_reason = _replace_reason(kind, module, name, weight_leaf)
+        d.replace_reason = _replace_reason(kind, module, weight_leaf)
         if site is None:
             r = structural.get(lin)
             fn = _opaque_norm(lin, opaque)
@@ -214,7 +212,7 @@ def plan_sites(gm: fx.GraphModule, config: Any = None, filter_fn: Optional[Filte
         elif site.already_bitnet_linear(lin):
             d.convert = True  # the model quantizes here itself: fusing changes no number
             d = _filtered(d, filter_fn, module, name)
-        elif skip_head and ((naming.tensor(w) is not None and id(naming.tensor(w)) in head_ids) or lin in heads_by_shape):
+        elif skip_head and (id(naming.tensor(w)) in head_ids or lin in heads_by_shape):
             d.reason = "output head (skip_output_head=True)"
         elif len(names) > 1:
             others = [x for x in names if x != f"{name}.weight"] or names[1:]

@@ -327,6 +327,4 @@ def bitfx_pass(gm: fx.GraphModule, config: Any = None, filter_fn: Any = None, na
                 n, sum(len(s.linears) for s in plan.sites), "training" if training else "inference",
                 "" if g is gm else " in a checkpointed block", len(plan.rejected),
             )
-    if total:
-        gm.recompile()
     return total

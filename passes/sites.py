@@ -51,7 +51,6 @@ from bitfx.passes.quantizers import match_act_quant, match_weight_quant, unwrap_
 from bitfx.passes.records import (
     NO_MATCH, FindResult, LinearUse, Miss, NormMatch, NormSpec, Rejected, Site, not_taken,
 )
-from bitfx.passes.naming import _clean_fqn  # noqa: F401  (re-exported for the tests)
 
 __all__ = [
     "NormSpec",
