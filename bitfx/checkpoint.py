@@ -1,0 +1,229 @@
+"""Checkpoints of converted models in safetensors: :func:`save` and :func:`load`.
+
+One ``.safetensors`` file holds every tensor of the model's ``state_dict`` (packed 2-bit codes,
+fp32 weight scales, biases and every float tensor), each stored once (tied tensors are written
+once and named as aliases), and a metadata header that names and versions the format:
+
+``format``          ``"bitfx-checkpoint"``
+``format_version``  ``"1"`` (a reader refuses a newer version, naming both)
+``bitfx_version``   the version that wrote it
+``layout``          the packed layout (:data:`bitfx.kernels.layout.FORMAT`)
+``scale``           the scale convention: ``W ~= t / w_scale``, fp32, one per output channel
+``ternary``         JSON: for every ternary linear, its name, ``in_features``,
+                    ``out_features``, ``bias``, ``per_channel``, ``terms`` (ternary matrices
+                    summed) and the float dtype it stands for
+``aliases``         JSON: a tied tensor's name -> the name it is stored under
+
+:func:`load` checks the whole file against the model before it changes anything (nothing is
+loaded half), memory-maps the file, swaps the listed linears for
+:class:`~bitfx.modules.BitfxLinear` built on the meta device (no float weight is ever made
+for them) and assigns the file's tensors to the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from bitfx.kernels.layout import FORMAT
+from bitfx.modules import BitfxLinear
+
+__all__ = ["save", "load", "CheckpointError", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
+
+CHECKPOINT_FORMAT = "bitfx-checkpoint"
+CHECKPOINT_VERSION = 1
+_SCALE = "W ~= t / w_scale; w_scale float32, one per output channel (a per-tensor scale repeated)"
+
+PathLike = Union[str, os.PathLike]
+
+
+def _version() -> str:
+    from bitfx import __version__
+
+    return __version__
+
+
+def save(model: nn.Module, path: PathLike) -> None:
+    """Write ``model``'s state (converted layers packed, the rest as it is) to ``path``, one
+    safetensors file with the format in its metadata. Tensors may be on any device."""
+    from safetensors.torch import save_file
+
+    sd = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for name, t in sd.items():
+        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().to("cpu").contiguous()
+    ternary = {
+        name: {
+            "in_features": m.in_features,
+            "out_features": m.out_features,
+            "bias": m.bias is not None,
+            "per_channel": bool(m.per_channel),
+            "terms": m.terms,
+            "weight_dtype": str(m.weight_dtype).removeprefix("torch."),
+        }
+        for name, m in model.named_modules()
+        if isinstance(m, BitfxLinear)
+    }
+    metadata = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": str(CHECKPOINT_VERSION),
+        "bitfx_version": _version(),
+        "layout": FORMAT,
+        "scale": _SCALE,
+        "ternary": json.dumps(ternary, sort_keys=True),
+        "aliases": json.dumps(aliases, sort_keys=True),
+    }
+    save_file(tensors, os.fspath(path), metadata=metadata)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model, or is not a readable bitfx checkpoint."""
+
+
+def _read_header(path: PathLike):
+    from safetensors import safe_open
+
+    try:
+        f = safe_open(os.fspath(path), framework="pt", device="cpu")
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors' own error type differs between releases
+        raise CheckpointError(f"bitfx.load: {os.fspath(path)} is not a readable safetensors file "
+                              f"(truncated or corrupted?): {e}") from None
+    meta = f.metadata() or {}
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"bitfx.load: {os.fspath(path)} is not a bitfx checkpoint (metadata format "
+            f"{meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}); bitfx.save writes one"
+        )
+    try:
+        version = int(meta.get("format_version", ""))
+    except ValueError:
+        version = -1
+    if version != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"bitfx.load: {os.fspath(path)} is format version {meta.get('format_version')!r} "
+            f"(written by bitfx {meta.get('bitfx_version')}); this bitfx {_version()} reads version {CHECKPOINT_VERSION}"
+        )
+    if meta.get("layout") != FORMAT:
+        raise CheckpointError(
+            f"bitfx.load: {os.fspath(path)} packs its weights as {meta.get('layout')!r}; this bitfx reads {FORMAT!r}"
+        )
+    try:
+        ternary = json.loads(meta.get("ternary", "{}"))
+        aliases = json.loads(meta.get("aliases", "{}"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"bitfx.load: {os.fspath(path)} has a corrupted metadata header: {e}") from None
+    return f, ternary, aliases
+
+
+def load(model: nn.Module, path: PathLike, *, device: Optional[Union[str, torch.device]] = None,
+         strict: bool = True) -> nn.Module:
+    """Load a :func:`save`\\ d checkpoint into ``model``, in place; returns ``model``.
+
+    ``model`` is the float model's skeleton, best built on the meta device (``with
+    torch.device("meta"): model = Model(config)``) so that no float weight is made for the
+    layers the checkpoint holds ternary; the linears it lists are swapped for
+    :class:`BitfxLinear`. Tensors are memory-mapped from the file (``device=None`` or
+    ``"cpu"``) or copied to ``device``. Every problem (another format version, a truncated or
+    corrupted file, a missing or unexpected tensor, a shape, dtype or code that does not fit)
+    raises :class:`CheckpointError` naming it, before the model is changed. Buffers the
+    ``state_dict`` does not hold (non-persistent ones) stay as the skeleton has them.
+    """
+    f, ternary, aliases = _read_header(path)
+    where = os.fspath(path)
+    problems: list[str] = []
+    replacements: dict[str, BitfxLinear] = {}
+    for name, spec in ternary.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            problems.append(f"{name}: the checkpoint holds a ternary linear the model does not have")
+            continue
+        if isinstance(old, (nn.Linear, BitfxLinear)):
+            shape = (old.out_features, old.in_features)
+        else:
+            problems.append(f"{name}: the checkpoint holds a ternary linear, the model a {type(old).__name__}")
+            continue
+        if shape != (spec["out_features"], spec["in_features"]):
+            problems.append(f"{name}: [out, in] = {list(shape)} in the model, "
+                            f"{[spec['out_features'], spec['in_features']]} in the checkpoint")
+            continue
+        try:
+            dtype = getattr(torch, spec["weight_dtype"])
+        except AttributeError:
+            problems.append(f"{name}: unknown weight dtype {spec['weight_dtype']!r}")
+            continue
+        replacements[name] = BitfxLinear(spec["in_features"], spec["out_features"], spec["bias"],
+                                         per_channel=spec["per_channel"], terms=int(spec.get("terms", 1)),
+                                         device="meta", dtype=dtype)
+
+    # The state the model will have once the linears are swapped: names, shapes, dtypes.
+    expected: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if not any(name.startswith(r + ".") for r in replacements):
+            expected[name] = t
+    for r, m in replacements.items():
+        for k, t in m.state_dict(keep_vars=True).items():
+            expected[f"{r}.{k}"] = t
+    stored = set(f.keys())
+    names = stored | set(aliases)
+    missing = sorted(set(expected) - names)
+    unexpected = sorted(names - set(expected))
+    if missing and strict:
+        problems.append(f"missing from the checkpoint: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+    if unexpected and strict:
+        problems.append(f"in the checkpoint but not the model: {', '.join(unexpected[:8])}"
+                        + (" ..." if len(unexpected) > 8 else ""))
+    bad_alias = [a for a, target in aliases.items() if target not in stored]
+    if bad_alias:
+        problems.append(f"aliases of tensors the file does not hold: {', '.join(bad_alias)}")
+
+    state: dict[str, torch.Tensor] = {}
+    loaded: dict[str, torch.Tensor] = {}  # one tensor per stored name: aliases stay tied
+    for name in sorted(names & set(expected)):
+        src = aliases.get(name, name)
+        if src not in stored:
+            continue
+        if src not in loaded:
+            loaded[src] = f.get_tensor(src)
+        got, want = loaded[src], expected[name]
+        if tuple(got.shape) != tuple(want.shape):
+            problems.append(f"{name}: shape {list(got.shape)} in the checkpoint, {list(want.shape)} in the model")
+        elif got.dtype != want.dtype and not (got.is_floating_point() and want.is_floating_point()):
+            problems.append(f"{name}: dtype {str(got.dtype).removeprefix('torch.')} in the checkpoint, "
+                            f"{str(want.dtype).removeprefix('torch.')} in the model")
+        else:
+            state[name] = got
+    for r, m in replacements.items():
+        problems += [f"{r}.{p}" for p in m._check_state(state, r + ".", strict)]
+    if problems:
+        raise CheckpointError(f"bitfx.load: {where} does not fit the model; nothing was loaded:\n  "
+                              + "\n  ".join(problems))
+
+    for name, m in replacements.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, m)
+    if device is not None and torch.device(device).type != "cpu":
+        moved = {src: t.to(device) for src, t in loaded.items()}
+        state = {k: moved[aliases.get(k, k)] for k in state}
+    model.load_state_dict(state, strict=strict, assign=True)
+    # assign gives every name its own Parameter: make the tied ones one object again.
+    for alias, target in aliases.items():
+        if alias in state and target in state:
+            owner, _, attr = alias.rpartition(".")
+            t_owner, _, t_attr = target.rpartition(".")
+            tied = getattr(model.get_submodule(t_owner) if t_owner else model, t_attr)
+            setattr(model.get_submodule(owner) if owner else model, attr, tied)
+    return model
