@@ -1,0 +1,141 @@
+"""transformers' BitNet format, both ways.
+
+transformers (``transformers.integrations.bitnet``) stores a ternary linear in one of two ways:
+
+* ``BitLinear``: ``weight`` uint8 ``[ceil(N/4), K]``, four ternary values per byte *along the
+  output dimension*: byte ``[r, k]`` holds rows ``r + i * ceil(N/4)`` for ``i = 0..3`` in bits
+  ``2i..2i+1``, as code ``t + 1``; ``weight_scale`` (one value) divides:
+  ``out = (q @ t^T) / (s_x * weight_scale)``, so it is bitfx's ``w_scale`` (``W ~= t / w_scale``).
+* ``AutoBitLinear`` (offline): ``weight`` holds the ternary values themselves in the float
+  dtype, and ``weight_scale`` multiplies: ``out = F.linear(aq(x), t, b) * weight_scale``, so
+  ``W ~= t * weight_scale``, bitfx's ``w_scale`` is its reciprocal and its bias is
+  ``b * weight_scale``.
+
+:func:`from_transformers` reads either into :class:`~bitfx.modules.BitfxLinear` (bitfx's own
+layout, :mod:`bitfx.kernels.layout`), :func:`to_transformers` writes a ``BitfxLinear`` back as
+a ``BitLinear`` (its format holds one scale per tensor), and :func:`convert_transformers_bitnet`
+/ :func:`export_transformers_bitnet` do so for every such layer of a model, in place.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from bitfx.modules import BitfxLinear
+
+__all__ = [
+    "pack_hf", "unpack_hf", "from_transformers", "to_transformers",
+    "convert_transformers_bitnet", "export_transformers_bitnet",
+]
+
+_PER_BYTE = 4
+
+
+def pack_hf(t: Tensor) -> Tensor:
+    """Ternary codes int8 ``[N, K]`` -> transformers' packed uint8 ``[ceil(N/4), K]``."""
+    if t.dim() != 2 or t.dtype != torch.int8:
+        raise ValueError(f"pack_hf: ternary codes must be int8 [N, K], got {t.dtype} {tuple(t.shape)}")
+    if bool(((t < -1) | (t > 1)).any()):
+        raise ValueError("pack_hf: ternary codes must lie in {-1, 0, 1}")
+    N, K = t.shape
+    rows = -(-N // _PER_BYTE)
+    codes = torch.zeros((_PER_BYTE * rows, K), dtype=torch.uint8, device=t.device)  # padding bits 0, as transformers
+    codes[:N] = (t + 1).to(torch.uint8)
+    planes = codes.view(_PER_BYTE, rows, K)
+    return planes[0] | planes[1] << 2 | planes[2] << 4 | planes[3] << 6
+
+
+def unpack_hf(packed: Tensor, out_features: int) -> Tensor:
+    """Inverse of :func:`pack_hf`: int8 ``[out_features, K]`` in {-1, 0, 1}; a code 3 (not a
+    ternary value) raises."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"unpack_hf: expected uint8 [ceil(N/4), K], got {packed.dtype} {tuple(packed.shape)}")
+    rows = packed.shape[0]
+    if rows != -(-out_features // _PER_BYTE):
+        raise ValueError(f"unpack_hf: {rows} packed rows cannot hold out_features={out_features} "
+                         f"(need {-(-out_features // _PER_BYTE)})")
+    b = packed.to(torch.int16)
+    codes = torch.cat([(b >> (2 * i)) & 3 for i in range(_PER_BYTE)], dim=0)[:out_features]
+    if bool((codes == 3).any()):
+        raise ValueError("unpack_hf: the packed weight holds code 3, which is no ternary value (corrupted?)")
+    return (codes - 1).to(torch.int8)
+
+
+def _is(module: nn.Module, name: str) -> bool:
+    return type(module).__name__ == name and type(module).__module__.startswith("transformers.")
+
+
+def from_transformers(module: nn.Module) -> BitfxLinear:
+    """A transformers ``BitLinear``, or an offline ``AutoBitLinear``, as a :class:`BitfxLinear`
+    with the same numbers (an online ``AutoBitLinear`` holds float weights: use
+    :func:`bitfx.quantize` or the backend on it)."""
+    bias = getattr(module, "bias", None)
+    bias = None if bias is None else bias.detach()
+    if _is(module, "BitLinear"):
+        t = unpack_hf(module.weight, module.out_features)
+        s = module.weight_scale.detach().float().reshape(-1)
+        if s.numel() != 1:
+            raise ValueError(f"from_transformers: BitLinear.weight_scale must hold one value, got {s.numel()}")
+        return BitfxLinear.from_ternary(t, s[0], bias, weight_dtype=module.weight_scale.dtype)
+    if _is(module, "AutoBitLinear"):
+        if getattr(module, "online_quant", False):
+            raise ValueError("from_transformers: an online AutoBitLinear holds float weights; convert its model "
+                             "with bitfx.quantize or compile it with the bitfx backend")
+        w = module.weight.detach()
+        t = w.round()
+        if not torch.equal(t, w) or bool((t.abs() > 1).any()):
+            raise ValueError("from_transformers: an offline AutoBitLinear's weight must hold ternary values")
+        s = module.weight_scale.detach().float().reshape(-1)
+        if s.numel() != 1:
+            raise ValueError(f"from_transformers: AutoBitLinear.weight_scale must hold one value, got {s.numel()}")
+        # Its bias is added before the scale multiplies: (x t^T + b) * weight_scale.
+        bias = None if bias is None else (bias.float() * s[0]).to(bias.dtype)
+        return BitfxLinear.from_ternary(t.to(torch.int8), 1.0 / s[0], bias, weight_dtype=w.dtype)
+    raise TypeError(f"from_transformers: expected transformers' BitLinear or AutoBitLinear, got {type(module).__name__}")
+
+
+def to_transformers(layer: BitfxLinear, dtype: torch.dtype | None = None) -> nn.Module:
+    """``layer`` as transformers' ``BitLinear`` (packed along the output dimension, one weight
+    scale). A per-channel ``layer`` (scales that differ) has no such form: ValueError."""
+    from transformers.integrations.bitnet import BitLinear
+
+    from bitfx.reference import unpack_ternary
+
+    s = layer.w_scale
+    if not bool((s == s[0]).all()):
+        raise ValueError("to_transformers: transformers' BitLinear holds one weight scale; this layer has one "
+                         "per output channel (per_channel=True)")
+    if layer.out_features % _PER_BYTE:
+        raise ValueError(f"to_transformers: transformers' BitLinear holds out_features // 4 packed rows; "
+                         f"out_features={layer.out_features} is not a multiple of 4")
+    dtype = dtype or layer.weight_dtype
+    t = unpack_ternary(layer.packed, layer.in_features)
+    out = BitLinear(layer.in_features, layer.out_features, layer.bias is not None, device=layer.packed.device,
+                    dtype=dtype)
+    out.weight = pack_hf(t)
+    out.weight_scale = s[:1].to(dtype)
+    if layer.bias is not None:
+        out.bias = layer.bias.detach().to(dtype)
+    return out
+
+
+def _swap(model: nn.Module, pick, make) -> list[str]:
+    names = [n for n, m in model.named_modules() if n and pick(m)]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, make(model.get_submodule(name)))
+    return names
+
+
+def convert_transformers_bitnet(model: nn.Module) -> list[str]:
+    """Swap every transformers ``BitLinear`` / offline ``AutoBitLinear`` of ``model`` for a
+    :class:`BitfxLinear`, in place; returns their names."""
+    return _swap(model, lambda m: _is(m, "BitLinear") or (_is(m, "AutoBitLinear") and not m.online_quant),
+                 from_transformers)
+
+
+def export_transformers_bitnet(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
+    """Swap every :class:`BitfxLinear` of ``model`` for transformers' ``BitLinear``, in place;
+    returns their names."""
+    return _swap(model, lambda m: isinstance(m, BitfxLinear), lambda m: to_transformers(m, dtype))
