@@ -5,6 +5,7 @@ public API:
 
 * ``torch.compile(model, backend="bitfx")`` (the backend: :mod:`bitfx.backend`);
 * :func:`bitfx.quantize` converts a model once to packed 2-bit ternary linear layers;
+* :func:`bitfx.save` / :func:`bitfx.load` write and read safetensors checkpoints of converted models;
 * :func:`bitfx.explain` reports the RMSNorm -> Linear sites it finds and what it rejects;
 * :func:`bitfx.bitlinear`, the differentiable BitLinear layer as a function.
 """
@@ -15,5 +16,6 @@ from bitfx.config import BitfxConfig  # noqa: F401
 from bitfx.modules import BitfxLinear  # noqa: F401
 from bitfx.explain import explain, ExplainReport  # noqa: F401,E402
 from bitfx.quantize import quantize, QuantizeConfig, QuantizeReport  # noqa: F401,E402
+from bitfx.checkpoint import save, load, CheckpointError  # noqa: F401,E402
 
 __version__ = "0.1.0"

@@ -67,6 +67,11 @@ def _split_options(options: Optional[dict[str, Any]]) -> tuple[BitfxConfig, Any,
     ours = {k: options.pop(k) for k in list(options) if k in _FIELDS}
     if ours:
         config = dataclasses.replace(config, **ours)
+    if config.terms != 1:
+        raise ValueError(
+            f"bitfx backend: terms={config.terms} is a conversion done once from a dense model: convert it with "
+            f"bitfx.quantize(model, ..., config=BitfxConfig(terms={config.terms})) and compile the converted model"
+        )
     return config, filter_fn, options
 
 

@@ -23,6 +23,10 @@ class BitfxConfig:
     per_channel: one weight scale per output channel instead of one per tensor.
     skip_output_head: leave the output head (the model's ``get_output_embeddings()``, or a
         ``lm_head``-like projection into the vocabulary) dense.
+    terms: ``bitfx.quantize`` only. Fit each weight as a sum of that many ternary matrices with
+        per-output-channel scales, greedily on the residual (``1``: plain BitNet); the layer
+        serves them in one matmul over the activations. A conversion done once from a
+        pretrained dense model: the backend, which quantizes as it trains, takes 1.
     training: the backend only. True rewrites to the differentiable ops, False to the
         inference ops; None decides from the call: training when grad mode is on and some
         input of the graph (parameters included) requires grad. ``explain`` traces in the
@@ -31,7 +35,12 @@ class BitfxConfig:
 
     per_channel: bool = False
     skip_output_head: bool = True
+    terms: int = 1
     training: Optional[bool] = None
+
+    def __post_init__(self):
+        if not isinstance(self.terms, int) or isinstance(self.terms, bool) or self.terms < 1:
+            raise ValueError(f"BitfxConfig: terms must be a positive int, got {self.terms!r}")
 
 
 # The name bitfx.quantize used for it; the same class.

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from bitfx import ops  # noqa: F401  (registers torch.ops.bitfx.*)
 from bitfx.kernels.layout import FORMAT, check_packed_shape, packed_k
-from bitfx.reference import check_ternary_codes, pack_ternary
+from bitfx.reference import check_ternary_codes, pack_ternary, ternary_terms
 
 __all__ = ["BitfxLinear", "FORMAT_ID"]
 
@@ -50,18 +50,24 @@ class BitfxLinear(nn.Module):
         bias: bool = True,
         *,
         per_channel: bool = False,
+        terms: int = 1,
         device=None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(terms, int) or terms < 1:
+            raise ValueError(f"BitfxLinear: terms must be a positive int, got {terms!r}")
         self.in_features = in_features
         self.out_features = out_features
-        self.per_channel = per_channel
+        self.per_channel = per_channel or terms > 1
+        # W ~= sum over terms of t_i / s_i: the packed rows are the terms' stacked [terms * N, Kq].
+        self.terms = terms
         # The dtype of the float weight this layer stands for (memory figures, repr).
         self.weight_dtype = dtype or torch.get_default_dtype()
         Kq = packed_k(in_features)
-        self.register_buffer("packed", torch.full((out_features, Kq), _ZERO_CODES, dtype=torch.uint8, device=device))
-        self.register_buffer("w_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        rows = terms * out_features
+        self.register_buffer("packed", torch.full((rows, Kq), _ZERO_CODES, dtype=torch.uint8, device=device))
+        self.register_buffer("w_scale", torch.ones(rows, dtype=torch.float32, device=device))
         b = torch.zeros(out_features, dtype=self.weight_dtype, device=device) if bias else None
         self.register_buffer("bias", b)
         self.register_buffer(
@@ -71,22 +77,31 @@ class BitfxLinear(nn.Module):
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, per_channel: bool = False) -> "BitfxLinear":
+    def from_linear(cls, linear: nn.Linear, per_channel: bool = False, terms: int = 1) -> "BitfxLinear":
         """Quantize ``linear.weight`` (absmean ternary, per tensor or per output channel) and
-        pack it; the bias is kept as it is (shared, not copied)."""
+        pack it; the bias is kept as it is (shared, not copied). ``terms > 1`` fits the weight
+        as a sum of that many ternary matrices with per-channel scales, greedily on the
+        residual (:func:`bitfx.reference.ternary_terms`)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"BitfxLinear.from_linear expects an nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
-        packed, w_scale = torch.ops.bitfx.weight_quant(w, per_channel)
         bias = None if linear.bias is None else linear.bias.detach()
-        return cls._from_buffers(packed, w_scale, bias, linear.in_features, per_channel, w.dtype)
+        if terms == 1:
+            packed, w_scale = torch.ops.bitfx.weight_quant(w, per_channel)
+            return cls._from_buffers(packed, w_scale, bias, linear.in_features, per_channel, w.dtype)
+        t, s = ternary_terms(w, terms)
+        N, K = w.shape
+        return cls._from_buffers(pack_ternary(t.reshape(terms * N, K)), s.reshape(terms * N), bias, K, True,
+                                 w.dtype, terms)
 
     @classmethod
-    def from_ternary(cls, t: Tensor, w_scale: Tensor | float, bias: Tensor | None = None) -> "BitfxLinear":
+    def from_ternary(cls, t: Tensor, w_scale: Tensor | float, bias: Tensor | None = None, *,
+                     weight_dtype: torch.dtype | None = None) -> "BitfxLinear":
         """From ternary codes ``t`` (int8 ``[N, K]`` in {-1, 0, 1}) and ``w_scale`` (``[N]`` or a
         scalar; finite and positive) with ``W ~= t / w_scale``, e.g. a checkpoint trained as
-        BitNet. ``bias``: a float ``[N]`` tensor or None. Raises a ValueError or TypeError that
-        names the problem."""
+        BitNet. ``bias``: a float ``[N]`` tensor or None. ``weight_dtype``: the float dtype the
+        layer stands for (default: the bias's, else torch's default). Raises a ValueError or
+        TypeError that names the problem."""
         name = "BitfxLinear.from_ternary"
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: t must be a tensor of int8 ternary codes, got {type(t).__name__}")
@@ -122,14 +137,15 @@ class BitfxLinear(nn.Module):
                 raise ValueError(f"{name}: bias has shape {tuple(bias.shape)}, expected ({N},) (one per output)")
             if bias.device != t.device:
                 raise ValueError(f"{name}: bias is on {bias.device} but t is on {t.device}")
-        dtype = torch.get_default_dtype() if bias is None else bias.dtype
+        dtype = weight_dtype or (torch.get_default_dtype() if bias is None else bias.dtype)
         return cls._from_buffers(pack_ternary(t), s, bias, K, False, dtype)
 
     @classmethod
-    def _from_buffers(cls, packed, w_scale, bias, in_features, per_channel, weight_dtype) -> "BitfxLinear":
-        N = packed.shape[0]
+    def _from_buffers(cls, packed, w_scale, bias, in_features, per_channel, weight_dtype, terms=1) -> "BitfxLinear":
+        N = packed.shape[0] // terms
         check_packed_shape(packed.shape, in_features)
-        m = cls(in_features, N, bias is not None, per_channel=per_channel, device="meta", dtype=weight_dtype)
+        m = cls(in_features, N, bias is not None, per_channel=per_channel, terms=terms, device="meta",
+                dtype=weight_dtype)
         m.packed, m.w_scale, m.bias = packed, w_scale, bias
         m.ternary_format = torch.tensor([FORMAT_ID, in_features], dtype=torch.int64, device=packed.device)
         return m
@@ -147,20 +163,32 @@ class BitfxLinear(nn.Module):
                 f"BitfxLinear: input has {x.shape[-1]} features (last dimension), expected {self.in_features}"
             )
         bias = self.bias
+        # Several terms: one matmul over the stacked [terms * N] rows (one pass over the
+        # activations), in fp32, then the terms summed and the bias added.
+        out_dtype = x.dtype if self.terms == 1 else torch.float32
+        op_bias = bias if self.terms == 1 else None
         if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
             # A gradient must pass through (the packed weight stays frozen): the same two kernels,
             # with a straight-through backward.
-            outs = torch.ops.bitfx.ternary_linear_group(
-                x, None, [self.packed], [self.w_scale], [] if bias is None else [bias], self.in_features,
-                0.0, False, False, x.dtype, False, x.dtype,
-            )[0]
-            return outs[0]
-        q, x_scale = torch.ops.bitfx.act_quant(x)
-        return torch.ops.bitfx.ternary_matmul(q, x_scale, self.packed, self.w_scale, bias, x.dtype, self.in_features)
+            out = torch.ops.bitfx.ternary_linear_group(
+                x, None, [self.packed], [self.w_scale], [] if op_bias is None else [op_bias], self.in_features,
+                0.0, False, False, x.dtype, False, out_dtype,
+            )[0][0]
+        else:
+            q, x_scale = torch.ops.bitfx.act_quant(x)
+            out = torch.ops.bitfx.ternary_matmul(q, x_scale, self.packed, self.w_scale, op_bias, out_dtype,
+                                                 self.in_features)
+        if self.terms == 1:
+            return out
+        out = out.unflatten(-1, (self.terms, self.out_features)).sum(-2)
+        if bias is not None:
+            out = out + bias.float()
+        return out.to(x.dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        """The weight this layer multiplies by, ``t / w_scale``, as a dense ``[N, K]`` matrix."""
-        return torch.ops.bitfx.dequantize(self.packed, self.w_scale, self.in_features, dtype or self.weight_dtype)
+        """The weight this layer multiplies by, ``sum_i t_i / w_scale_i``, as a dense ``[N, K]`` matrix."""
+        w = torch.ops.bitfx.dequantize(self.packed, self.w_scale, self.in_features, torch.float32)
+        return w.unflatten(0, (self.terms, self.out_features)).sum(0).to(dtype or self.weight_dtype)
 
     @property
     def memory_bytes(self) -> int:
@@ -194,6 +222,7 @@ class BitfxLinear(nn.Module):
     def _check_state(self, sd, prefix, strict) -> list[str]:
         """What is wrong with ``sd`` for this layer, in words (empty when it loads)."""
         N, K = self.out_features, self.in_features
+        R = self.terms * N  # packed rows: the terms' ternary matrices stacked
         if prefix + "packed" not in sd and prefix + "weight" in sd:
             return [
                 "weight: the checkpoint holds a float weight, not a packed ternary one; load it into the "
@@ -215,10 +244,10 @@ class BitfxLinear(nn.Module):
         if packed is not None:
             if packed.dtype != torch.uint8:
                 out.append(f"packed: must be uint8 ({FORMAT}), got {str(packed.dtype).removeprefix('torch.')}")
-            elif tuple(packed.shape) != (N, packed_k(K)):
+            elif tuple(packed.shape) != (R, packed_k(K)):
                 try:
-                    check_packed_shape(packed.shape, K, N)
-                    out.append(f"packed: shape {tuple(packed.shape)}, expected {(N, packed_k(K))}")
+                    check_packed_shape(packed.shape, K, R)
+                    out.append(f"packed: shape {tuple(packed.shape)}, expected {(R, packed_k(K))}")
                 except ValueError as e:
                     out.append(f"packed: {e}")
             elif not packed.is_meta:
@@ -228,9 +257,9 @@ class BitfxLinear(nn.Module):
                 except ValueError as e:
                     out.append(f"packed: {e}")
         w_scale = sd.get(prefix + "w_scale")
-        if w_scale is not None and (w_scale.dtype != torch.float32 or tuple(w_scale.shape) != (N,)):
+        if w_scale is not None and (w_scale.dtype != torch.float32 or tuple(w_scale.shape) != (R,)):
             out.append(
-                f"w_scale: expected float32 of shape ({N},), got {str(w_scale.dtype).removeprefix('torch.')} "
+                f"w_scale: expected float32 of shape ({R},), got {str(w_scale.dtype).removeprefix('torch.')} "
                 f"of shape {tuple(w_scale.shape)}"
             )
         elif w_scale is not None and not w_scale.is_meta:
@@ -249,5 +278,5 @@ class BitfxLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"per_channel={self.per_channel}, format={FORMAT}"
+            f"per_channel={self.per_channel}, " + (f"terms={self.terms}, " if self.terms > 1 else "") + f"format={FORMAT}"
         )

@@ -43,6 +43,7 @@ __all__ = [
     "weight_scale",
     "ternarize",
     "weight_quant",
+    "ternary_terms",
     "pack_ternary",
     "unpack_ternary",
     "check_ternary_codes",
@@ -198,6 +199,29 @@ def weight_quant(w: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tens
     """Absmean ternary quantization and packing: ``(packed uint8 [N, Kq], s_w fp32 [N])``."""
     scale = weight_scale(w, per_channel)
     return pack_ternary(ternarize(w, scale)), scale
+
+
+def ternary_terms(w: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``W ~= sum_i t_i / s_i``: ``terms`` ternary matrices fitted greedily on the residual, each
+    with per-output-channel absmean scales (``terms = 1``: per-channel BitNet).
+
+    ``R_1 = W``; ``s_i = weight_scale(R_i, per_channel=True)``, ``t_i = ternarize(R_i, s_i)``,
+    ``R_{i+1} = R_i - t_i / s_i`` (fp32). Returns ``t`` int8 ``[terms, N, K]`` and ``s`` fp32
+    ``[terms, N]``. Each term removes part of the residual, so the reconstruction error falls
+    with ``terms``.
+    """
+    _check_weight(w)
+    if not isinstance(terms, int) or terms < 1:
+        raise ValueError(f"terms must be a positive int, got {terms!r}")
+    residual = w.float()
+    ts, ss = [], []
+    for _ in range(terms):
+        s = weight_scale(residual, per_channel=True)
+        t = ternarize(residual, s)
+        ts.append(t)
+        ss.append(s)
+        residual = residual - t.float() / s.unsqueeze(1)
+    return torch.stack(ts), torch.stack(ss)
 
 
 def pack_ternary(t: torch.Tensor) -> torch.Tensor:
