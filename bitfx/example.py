@@ -1,4 +1,5 @@
-"""A small Llama-style decoder in plain torch: the built-in model of ``python -m bitfx``.
+"""A small Llama-style decoder in plain torch: the built-in model of ``python -m bitfx`` (trained) and
+``python -m bitfx compiler``.
 
 Pre-norm blocks as Llama writes them (RMSNorm in fp32, cast back, times the weight), grouped
 into attention (q, k, v from one norm) and a gated MLP (gate, up from one norm), so each block
