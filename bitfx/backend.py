@@ -72,6 +72,12 @@ def _split_options(options: Optional[dict[str, Any]]) -> tuple[BitfxConfig, Any,
             f"bitfx backend: terms={config.terms} is a conversion done once from a dense model: convert it with "
             f"bitfx.quantize(model, ..., config=BitfxConfig(terms={config.terms})) and compile the converted model"
         )
+    if config.act_bits != 8:
+        raise ValueError(
+            f"bitfx backend: act_bits={config.act_bits} is a conversion option: convert the model with "
+            f"bitfx.quantize(model, ..., config=BitfxConfig(act_bits={config.act_bits})) and compile the converted "
+            f"model (its norms then fuse at that width); the backend's own ops quantize activations to 8 bits"
+        )
     return config, filter_fn, options
 
 

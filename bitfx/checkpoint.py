@@ -11,7 +11,7 @@ once and named as aliases), and a metadata header that names and versions the fo
 ``scale``           the scale convention: ``W ~= t / w_scale``, fp32, one per output channel
 ``ternary``         JSON: for every ternary linear, its name, ``in_features``,
                     ``out_features``, ``bias``, ``per_channel``, ``terms`` (ternary matrices
-                    summed) and the float dtype it stands for
+                    summed), ``act_bits`` and the float dtype it stands for
 ``aliases``         JSON: a tied tensor's name -> the name it is stored under
 
 :func:`load` checks the whole file against the model before it changes anything (nothing is
@@ -70,6 +70,7 @@ def save(model: nn.Module, path: PathLike) -> None:
             "bias": m.bias is not None,
             "per_channel": bool(m.per_channel),
             "terms": m.terms,
+            "act_bits": m.act_bits,
             "weight_dtype": str(m.weight_dtype).removeprefix("torch."),
         }
         for name, m in model.named_modules()
@@ -167,6 +168,7 @@ def load(model: nn.Module, path: PathLike, *, device: Optional[Union[str, torch.
             continue
         replacements[name] = BitfxLinear(spec["in_features"], spec["out_features"], spec["bias"],
                                          per_channel=spec["per_channel"], terms=int(spec.get("terms", 1)),
+                                         act_bits=int(spec.get("act_bits", 8)),
                                          device="meta", dtype=dtype)
 
     # The state the model will have once the linears are swapped: names, shapes, dtypes.

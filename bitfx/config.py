@@ -27,6 +27,8 @@ class BitfxConfig:
         per-output-channel scales, greedily on the residual (``1``: plain BitNet); the layer
         serves them in one matmul over the activations. A conversion done once from a
         pretrained dense model: the backend, which quantizes as it trains, takes 1.
+    act_bits: ``bitfx.quantize`` only. The width of the per-token activation codes: 8 (BitNet
+        b1.58, the default), 6 or 4 (the kernels and the reference both take them).
     training: the backend only. True rewrites to the differentiable ops, False to the
         inference ops; None decides from the call: training when grad mode is on and some
         input of the graph (parameters included) requires grad. ``explain`` traces in the
@@ -36,11 +38,14 @@ class BitfxConfig:
     per_channel: bool = False
     skip_output_head: bool = True
     terms: int = 1
+    act_bits: int = 8
     training: Optional[bool] = None
 
     def __post_init__(self):
         if not isinstance(self.terms, int) or isinstance(self.terms, bool) or self.terms < 1:
             raise ValueError(f"BitfxConfig: terms must be a positive int, got {self.terms!r}")
+        if self.act_bits not in (4, 6, 8):
+            raise ValueError(f"BitfxConfig: act_bits must be 8, 6 or 4, got {self.act_bits!r}")
 
 
 # The name bitfx.quantize used for it; the same class.

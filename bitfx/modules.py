@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from bitfx import ops  # noqa: F401  (registers torch.ops.bitfx.*)
 from bitfx.kernels.layout import FORMAT, check_packed_shape, packed_k
-from bitfx.reference import check_ternary_codes, pack_ternary, ternary_terms
+from bitfx.reference import act_qmax, check_ternary_codes, pack_ternary, ternary_terms
 
 __all__ = ["BitfxLinear", "FORMAT_ID"]
 
@@ -51,12 +51,16 @@ class BitfxLinear(nn.Module):
         *,
         per_channel: bool = False,
         terms: int = 1,
+        act_bits: int = 8,
         device=None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(terms, int) or terms < 1:
             raise ValueError(f"BitfxLinear: terms must be a positive int, got {terms!r}")
+        act_qmax(act_bits)  # a clear error for widths bitfx does not quantize to
+        # Activations are quantized per token to act_bits-bit codes (8: int8, as BitNet b1.58).
+        self.act_bits = int(act_bits)
         self.in_features = in_features
         self.out_features = out_features
         self.per_channel = per_channel or terms > 1
@@ -77,22 +81,24 @@ class BitfxLinear(nn.Module):
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, per_channel: bool = False, terms: int = 1) -> "BitfxLinear":
+    def from_linear(cls, linear: nn.Linear, per_channel: bool = False, terms: int = 1,
+                    act_bits: int = 8) -> "BitfxLinear":
         """Quantize ``linear.weight`` (absmean ternary, per tensor or per output channel) and
         pack it; the bias is kept as it is (shared, not copied). ``terms > 1`` fits the weight
         as a sum of that many ternary matrices with per-channel scales, greedily on the
-        residual (:func:`bitfx.reference.ternary_terms`)."""
+        residual (:func:`bitfx.reference.ternary_terms`). ``act_bits``: the width of the
+        activation codes (8, 6 or 4)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"BitfxLinear.from_linear expects an nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
         bias = None if linear.bias is None else linear.bias.detach()
         if terms == 1:
             packed, w_scale = torch.ops.bitfx.weight_quant(w, per_channel)
-            return cls._from_buffers(packed, w_scale, bias, linear.in_features, per_channel, w.dtype)
+            return cls._from_buffers(packed, w_scale, bias, linear.in_features, per_channel, w.dtype, 1, act_bits)
         t, s = ternary_terms(w, terms)
         N, K = w.shape
         return cls._from_buffers(pack_ternary(t.reshape(terms * N, K)), s.reshape(terms * N), bias, K, True,
-                                 w.dtype, terms)
+                                 w.dtype, terms, act_bits)
 
     @classmethod
     def from_ternary(cls, t: Tensor, w_scale: Tensor | float, bias: Tensor | None = None, *,
@@ -141,11 +147,12 @@ class BitfxLinear(nn.Module):
         return cls._from_buffers(pack_ternary(t), s, bias, K, False, dtype)
 
     @classmethod
-    def _from_buffers(cls, packed, w_scale, bias, in_features, per_channel, weight_dtype, terms=1) -> "BitfxLinear":
+    def _from_buffers(cls, packed, w_scale, bias, in_features, per_channel, weight_dtype, terms=1,
+                      act_bits=8) -> "BitfxLinear":
         N = packed.shape[0] // terms
         check_packed_shape(packed.shape, in_features)
-        m = cls(in_features, N, bias is not None, per_channel=per_channel, terms=terms, device="meta",
-                dtype=weight_dtype)
+        m = cls(in_features, N, bias is not None, per_channel=per_channel, terms=terms, act_bits=act_bits,
+                device="meta", dtype=weight_dtype)
         m.packed, m.w_scale, m.bias = packed, w_scale, bias
         m.ternary_format = torch.tensor([FORMAT_ID, in_features], dtype=torch.int64, device=packed.device)
         return m
@@ -167,15 +174,16 @@ class BitfxLinear(nn.Module):
         # activations), in fp32, then the terms summed and the bias added.
         out_dtype = x.dtype if self.terms == 1 else torch.float32
         op_bias = bias if self.terms == 1 else None
+        bits = () if self.act_bits == 8 else (self.act_bits,)  # the ops' default: 8
         if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
             # A gradient must pass through (the packed weight stays frozen): the same two kernels,
             # with a straight-through backward.
             out = torch.ops.bitfx.ternary_linear_group(
                 x, None, [self.packed], [self.w_scale], [] if op_bias is None else [op_bias], self.in_features,
-                0.0, False, False, x.dtype, False, out_dtype,
+                0.0, False, False, x.dtype, False, out_dtype, *bits,
             )[0][0]
         else:
-            q, x_scale = torch.ops.bitfx.act_quant(x)
+            q, x_scale = torch.ops.bitfx.act_quant(x, *bits)
             out = torch.ops.bitfx.ternary_matmul(q, x_scale, self.packed, self.w_scale, op_bias, out_dtype,
                                                  self.in_features)
         if self.terms == 1:
@@ -278,5 +286,6 @@ class BitfxLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"per_channel={self.per_channel}, " + (f"terms={self.terms}, " if self.terms > 1 else "") + f"format={FORMAT}"
+            f"per_channel={self.per_channel}, " + (f"terms={self.terms}, " if self.terms > 1 else "")
+            + (f"act_bits={self.act_bits}, " if self.act_bits != 8 else "") + f"format={FORMAT}"
         )

@@ -177,44 +177,51 @@ def norm_quant(
     offset: bool,
     cast_before_weight: bool,
     norm_dtype: torch.dtype,
+    bits: int = 8,
 ) -> tuple[Tensor, Tensor]:
-    """RMSNorm + per-token int8 quantization (reference: :func:`bitfx.reference.norm_quant`)."""
+    """RMSNorm + per-token quantization to ``bits``-bit codes in int8 (reference:
+    :func:`bitfx.reference.norm_quant`)."""
     _check_norm_args("norm_quant", x, weight, norm_dtype)
-    return ref.norm_quant(x, weight, eps, offset=offset, cast_before_weight=cast_before_weight, norm_dtype=norm_dtype)
+    return ref.norm_quant(x, weight, eps, offset=offset, cast_before_weight=cast_before_weight, norm_dtype=norm_dtype,
+                          bits=bits)
 
 
 @norm_quant.register_kernel("cuda")
-def _(x, weight, eps, offset, cast_before_weight, norm_dtype):
+def _(x, weight, eps, offset, cast_before_weight, norm_dtype, bits=8):
     _check_norm_args("norm_quant", x, weight, norm_dtype)
-    q, scale, _ = _kernels("norm_quant").norm_quant(_rows(x), weight, eps, offset, cast_before_weight, norm_dtype)
+    q, scale, _ = _kernels("norm_quant").norm_quant(_rows(x), weight, eps, offset, cast_before_weight, norm_dtype,
+                                                   ref.act_qmax(bits))
     return q.view(x.shape), scale.view(x.shape[:-1])
 
 
 @norm_quant.register_fake
-def _(x, weight, eps, offset, cast_before_weight, norm_dtype):
+def _(x, weight, eps, offset, cast_before_weight, norm_dtype, bits=8):
     _check_norm_args("norm_quant", x, weight, norm_dtype)
+    ref.act_qmax(bits)
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
 
 
 # ---------------------------------------------------------------- act_quant
 
 @torch.library.custom_op("bitfx::act_quant", mutates_args=())
-def act_quant(y: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-token absmax int8 quantization (reference: :func:`bitfx.reference.act_quant`)."""
+def act_quant(y: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
+    """Per-token absmax quantization to ``bits``-bit codes in int8 (reference:
+    :func:`bitfx.reference.act_quant`)."""
     _check_norm_args("act_quant", y, None, torch.float32)
-    return ref.act_quant(y)
+    return ref.act_quant(y, bits)
 
 
 @act_quant.register_kernel("cuda")
-def _(y):
+def _(y, bits=8):
     _check_norm_args("act_quant", y, None, torch.float32)
-    q, scale = _kernels("norm_quant").act_quant(_rows(y))
+    q, scale = _kernels("norm_quant").act_quant(_rows(y), ref.act_qmax(bits))
     return q.view(y.shape), scale.view(y.shape[:-1])
 
 
 @act_quant.register_fake
-def _(y):
+def _(y, bits=8):
     _check_norm_args("act_quant", y, None, torch.float32)
+    ref.act_qmax(bits)
     return y.new_empty(y.shape, dtype=torch.int8), y.new_empty(y.shape[:-1], dtype=torch.float32)
 
 
@@ -633,6 +640,7 @@ def ternary_linear_group(
     norm_dtype: torch.dtype,
     normalize: bool,
     out_dtype: torch.dtype,
+    bits: int = 8,
 ) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
     """Frozen packed ternary weights that a gradient can pass through: ``(outs, q, x_scale, rstd)``.
 
@@ -647,10 +655,10 @@ def ternary_linear_group(
     if normalize:
         rstd = torch.rsqrt(x.float().pow(2).mean(dim=-1) + eps)
         q, x_scale = ref.norm_quant(x, norm_weight, eps, offset=offset, cast_before_weight=cast_before_weight,
-                                    norm_dtype=norm_dtype)
+                                    norm_dtype=norm_dtype, bits=bits)
     else:
         rstd = x.new_zeros(x.shape[:-1], dtype=torch.float32)
-        q, x_scale = ref.act_quant(x)
+        q, x_scale = ref.act_quant(x, bits)
     outs = [ref.ternary_matmul(q, x_scale, p, s, b, out_dtype)
             for p, s, b in zip(packed, w_scale, _bias_list(biases, len(packed)))]
     return outs, q, x_scale, rstd
@@ -658,15 +666,16 @@ def ternary_linear_group(
 
 @ternary_linear_group.register_kernel("cuda")
 def _(x, norm_weight, packed, w_scale, biases, in_features, eps, offset, cast_before_weight, norm_dtype, normalize,
-      out_dtype):
+      out_dtype, bits=8):
     _check_ternary_group_args(x, norm_weight, packed, w_scale, biases, in_features, norm_dtype, normalize, out_dtype)
     nq, tm = _kernels("norm_quant"), _kernels("ternary_matmul")
     lead = x.shape[:-1]
     if normalize:
-        q, x_scale, rstd = nq.norm_quant(_rows(x), norm_weight, eps, offset, cast_before_weight, norm_dtype)
+        q, x_scale, rstd = nq.norm_quant(_rows(x), norm_weight, eps, offset, cast_before_weight, norm_dtype,
+                                         ref.act_qmax(bits))
         rstd = rstd.view(lead)
     else:
-        q, x_scale = nq.act_quant(_rows(x))
+        q, x_scale = nq.act_quant(_rows(x), ref.act_qmax(bits))
         rstd = x.new_zeros(lead, dtype=torch.float32)
     outs = [tm.ternary_matmul(q, x_scale, p, s, b, out_dtype).view(*lead, p.shape[0])
             for p, s, b in zip(packed, w_scale, _bias_list(biases, len(packed)))]
@@ -675,7 +684,7 @@ def _(x, norm_weight, packed, w_scale, biases, in_features, eps, offset, cast_be
 
 @ternary_linear_group.register_fake
 def _(x, norm_weight, packed, w_scale, biases, in_features, eps, offset, cast_before_weight, norm_dtype, normalize,
-      out_dtype):
+      out_dtype, bits=8):
     _check_ternary_group_args(x, norm_weight, packed, w_scale, biases, in_features, norm_dtype, normalize, out_dtype)
     lead = x.shape[:-1]
     return (
@@ -685,7 +694,7 @@ def _(x, norm_weight, packed, w_scale, biases, in_features, eps, offset, cast_be
 
 
 def _ternary_group_setup_context(ctx, inputs, output):
-    x, norm_weight, packed, w_scale, biases, in_features, eps, offset, cast_before_weight, norm_dtype, normalize, _ = inputs
+    x, norm_weight, packed, w_scale, biases, in_features, eps, offset, cast_before_weight, norm_dtype, normalize = inputs[:11]
     _, _, _, rstd = output
     ctx.save_for_backward(x, norm_weight, rstd, *packed, *w_scale)
     ctx.n = len(packed)
@@ -721,7 +730,9 @@ def _ternary_group_backward(ctx, douts, *_unused):
     else:
         dx = dy.to(x.dtype)
     none = [None] * ctx.n  # the packed weights and their scales are frozen
-    return dx, dnorm, none, none, dbiases if ctx.bias_dtypes else [], None, None, None, None, None, None, None
+    # No gradient for the scalar arguments: one None for each the call passed (the dispatcher
+    # leaves out a trailing argument at its default, ``bits``; needs_input_grad has the call's shape).
+    return (dx, dnorm, none, none, dbiases if ctx.bias_dtypes else []) + (None,) * (len(ctx.needs_input_grad) - 5)
 
 
 torch.library.register_autograd(

@@ -110,7 +110,8 @@ def quantize(
         for name in plan.linears:
             linear = model.get_submodule(name)
             w = linear.weight
-            new = BitfxLinear.from_linear(linear, per_channel=config.per_channel, terms=config.terms)
+            new = BitfxLinear.from_linear(linear, per_channel=config.per_channel, terms=config.terms,
+                                         act_bits=config.act_bits)
             _replace(model, name, new)
             report.converted.append(name)
             report.weight_elements += w.numel()

@@ -56,7 +56,6 @@ __all__ = [
 ]
 
 _SCALE_FLOOR = 1e-5
-_QMIN, _QMAX = -128, 127
 
 
 def norm_dtype_for(x_dtype: torch.dtype, weight_dtype: torch.dtype | None, cast_before_weight: bool) -> torch.dtype:
@@ -128,18 +127,30 @@ def rms_norm_backward(
     return dx.to(x.dtype), dg
 
 
-def act_quant(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token absmax quantization to int8.
+ACT_BITS = (4, 6, 8)  # activation code widths bitfx quantizes to
+
+
+def act_qmax(bits: int) -> int:
+    """The largest code of ``bits``-bit activations, ``2^(bits-1) - 1`` (127 for 8 bits); codes
+    lie in ``[-qmax - 1, qmax]``."""
+    if bits not in ACT_BITS:
+        raise ValueError(f"activation bits must be one of {ACT_BITS}, got {bits!r}")
+    return 2 ** (bits - 1) - 1
+
+
+def act_quant(y: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token absmax quantization to ``bits``-bit codes (int8 storage).
 
     ``y [..., K]`` (any float dtype, upcast to fp32) -> ``q`` int8 ``[..., K]`` and the scale
-    ``s_x`` fp32 ``[...]`` with ``y ~= q / s_x``. Rows holding NaN or Inf get scale NaN and
-    zero codes.
+    ``s_x = qmax / max(max|y|, 1e-5)`` fp32 ``[...]`` with ``y ~= q / s_x``, ``qmax = 2^(bits-1) - 1``
+    (127 for 8 bits). Rows holding NaN or Inf get scale NaN and zero codes.
     """
+    qmax = act_qmax(bits)
     yf = y.float()
     finite = torch.isfinite(yf).all(dim=-1)
     amax = yf.abs().amax(dim=-1) if yf.shape[-1] > 0 else yf.new_zeros(yf.shape[:-1])
-    scale = amax.clamp(min=_SCALE_FLOOR).reciprocal() * 127.0
-    q = torch.round(yf * scale.unsqueeze(-1)).clamp(_QMIN, _QMAX)
+    scale = amax.clamp(min=_SCALE_FLOOR).reciprocal() * float(qmax)
+    q = torch.round(yf * scale.unsqueeze(-1)).clamp(-qmax - 1, qmax)
     q = torch.where(finite.unsqueeze(-1), q, 0.0).to(torch.int8)
     scale = torch.where(finite, scale, float("nan"))
     return q, scale
@@ -153,10 +164,11 @@ def norm_quant(
     offset: bool = False,
     cast_before_weight: bool = True,
     norm_dtype: torch.dtype | None = None,
+    bits: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm (see :func:`rms_norm`) followed by :func:`act_quant`: ``(q int8, s_x fp32)``."""
     y = rms_norm(x, weight, eps, offset=offset, cast_before_weight=cast_before_weight, norm_dtype=norm_dtype)
-    return act_quant(y)
+    return act_quant(y, bits)
 
 
 def _check_weight(w: torch.Tensor) -> None:

@@ -210,14 +210,14 @@ def main(argv=None) -> int:
     # The float model as a pretrained dense model, converted after training (no QAT): the error
     # falls with the number of ternary terms each weight is fitted with.
     print("-- the float-trained model converted after training with k ternary terms per weight (seed 001's "
-          "greedy fit; no training in ternary):")
+          "greedy fit; no training in ternary) and activation codes of a given width:")
     dense = dict(float_model.named_modules())
-    for k in (1, 2, 3):
+    for k, bits in ((1, 8), (2, 8), (3, 8), (3, 6), (3, 4)):
         with torch.no_grad():
-            conv = bitfx.quantize(copy.deepcopy(float_model), sample, config=bitfx.BitfxConfig(terms=k))
+            conv = bitfx.quantize(copy.deepcopy(float_model), sample, config=bitfx.BitfxConfig(terms=k, act_bits=bits))
             werr = [float((m.dequantize(torch.float32) - dense[n].weight.float()).norm() / dense[n].weight.float().norm())
                     for n, m in conv.named_modules() if isinstance(m, bitfx.BitfxLinear)]
-        print(f"  k={k}: mean relative weight error {sum(werr) / len(werr):.3f}; held-out loss "
+        print(f"  k={k}, {bits}-bit activations: mean relative weight error {sum(werr) / len(werr):.3f}; held-out loss "
               f"{_held_out(conv, text, args.batch, args.seq, batches, False):.3f}")
 
     gen = torch.Generator().manual_seed(args.seed)

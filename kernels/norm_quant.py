@@ -161,12 +161,12 @@ def _abs_or_inf(y):
 
 
 @triton.jit
-def _quantize(y, scale, bad):
-    """clamp(round_half_even(y * scale), -128, 127) as int8; zero where the row is bad."""
+def _quantize(y, scale, bad, QMAX: tl.constexpr):
+    """clamp(round_half_even(y * scale), -QMAX - 1, QMAX) as int8; zero where the row is bad."""
     v = y * scale
     # 1.5 * 2^23: adding and subtracting it rounds |v| < 2^22 to an integer, ties to even.
     v = (v + 12582912.0) - 12582912.0
-    v = tl.minimum(tl.maximum(v, -128.0), 127.0)
+    v = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX * 1.0)
     v = tl.where(bad, 0.0, v)
     return v.to(tl.int8)
 
@@ -191,8 +191,10 @@ def _norm_quant_kernel(
     ONE_BLOCK: tl.constexpr,
     PDL_TRIGGER: tl.constexpr,  # let the next kernel (launched with PDL) start now
     EARLY_G: tl.constexpr,  # load the norm weight before the first reduction (few rows)
+    QMAX: tl.constexpr = 127,  # largest code: 2^(bits-1) - 1
 ):
-    """One program per row: (optional) RMSNorm, then absmax int8 quantization of that row."""
+    """One program per row: (optional) RMSNorm, then absmax quantization of that row to codes
+    in [-QMAX - 1, QMAX] (int8 storage)."""
     if PDL_TRIGGER:  # it waits for this kernel to finish before it reads q or the scales
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
@@ -231,21 +233,21 @@ def _norm_quant_kernel(
         amax = tl.max(amax_acc, axis=0)
     bad = amax == float("inf")
     one = tl.full([], 1.0, tl.float32)
-    scale = 127.0 * tl.math.div_rn(one, tl.maximum(amax, 1e-5))
+    scale = QMAX * tl.math.div_rn(one, tl.maximum(amax, 1e-5))
     scale = tl.where(bad, float("nan"), scale)
     tl.store(SCALE + row, scale)
     if NORM:
         tl.store(RSTD + row, rstd)
     if ONE_BLOCK:
-        tl.store(Q + cols, _quantize(y, scale, bad), mask=mask)
+        tl.store(Q + cols, _quantize(y, scale, bad, QMAX), mask=mask)
     else:
         for k0 in range(0, K, BLOCK_K):
             c = k0 + cols
             y = _load_norm_chunk(X, W, c, K, rstd, NORM, HAS_WEIGHT, OFFSET, CAST_BEFORE_WEIGHT, X_ROUND, Y_ROUND)
-            tl.store(Q + c, _quantize(y, scale, bad), mask=c < K)
+            tl.store(Q + c, _quantize(y, scale, bad, QMAX), mask=c < K)
 
 
-def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm):
+def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm, qmax=127):
     """Allocate ``(q, s_x, rstd)`` on x's device and launch one program per row."""
     M, K = x.shape
     q = torch.empty((M, K), dtype=torch.int8, device=x.device)
@@ -256,7 +258,7 @@ def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm):
     if K == 0:
         # Empty rows: amax 0, so s_x = 127 / 1e-5 (computed as the reference does); rstd is
         # rsqrt of the mean of nothing, NaN.
-        scale.fill_(_SCALE_FLOOR).reciprocal_().mul_(127.0)
+        scale.fill_(_SCALE_FLOOR).reciprocal_().mul_(float(qmax))
         rstd.fill_(float("nan"))
         return q, scale, rstd
     block, one_block = _row_block(K, _MAX_ROW_BLOCK)
@@ -279,6 +281,7 @@ def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm):
         ONE_BLOCK=one_block,
         PDL_TRIGGER=pdl_enabled(x.device),
         EARLY_G=M < num_sms(x.device),
+        QMAX=int(qmax),
         num_warps=_num_warps(block),
         enable_fp_fusion=False,
     )
@@ -292,6 +295,7 @@ def norm_quant(
     offset: bool,
     cast_before_weight: bool,
     norm_dtype: torch.dtype,
+    qmax: int = 127,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused RMSNorm + per-token int8 quantization: ``(q int8 [M, K], s_x fp32 [M], rstd fp32 [M])``.
 
@@ -309,10 +313,10 @@ def norm_quant(
     weight = _check_weight(name, weight, x.shape[1])
     if norm_dtype not in _ROUND_CODE:
         raise TypeError(f"{name}: norm_dtype must be one of float32, float16, bfloat16, got {norm_dtype}")
-    return _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm=True)
+    return _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm=True, qmax=qmax)
 
 
-def act_quant(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def act_quant(y: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token absmax int8 quantization of ``y [M, K]`` (any float dtype, upcast to fp32).
 
     ``(q int8 [M, K], s_x fp32 [M])``, bit for bit :func:`bitfx.reference.act_quant`:
@@ -323,7 +327,7 @@ def act_quant(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     check_device(name, y)
     y = rows(name, "y", y)
     check_dtype(name, "y", y, _ANY_FLOAT)
-    q, scale, _ = _launch_quant(y, None, 0.0, False, False, torch.float32, norm=False)
+    q, scale, _ = _launch_quant(y, None, 0.0, False, False, torch.float32, norm=False, qmax=qmax)
     return q, scale
 
 

@@ -111,6 +111,7 @@ class LinearUse:
     out_dtype: torch.dtype
     nodes: list[fx.Node] = field(default_factory=list)  # quantizer nodes that die with the rewrite
     output: fx.Node | None = None  # the node that holds the linear's result, when not ``node`` itself
+    act_bits: int = 8  # the activation code width a packed linear quantizes to
 
     @property
     def result(self) -> fx.Node:

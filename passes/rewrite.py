@@ -150,9 +150,14 @@ def _norm_args(site: Site) -> tuple:
     return float(spec.eps), bool(spec.offset), bool(spec.cast_before_weight), norm_dtype
 
 
-def _norm_quant(b: _Builder, site: Site, path: list[fx.Node]) -> tuple[fx.Node, fx.Node]:
+def _bits(bits: int) -> tuple:
+    """The trailing ``bits`` argument of the quantizing ops, left out at its default of 8."""
+    return () if bits == 8 else (int(bits),)
+
+
+def _norm_quant(b: _Builder, site: Site, path: list[fx.Node], bits: int = 8) -> tuple[fx.Node, fx.Node]:
     x = _replay_path(b, path, site.norm_input)
-    nq = b.call(_ops.norm_quant.default, x, site.norm_weight, *_norm_args(site), like=site.norm_nodes[-1])
+    nq = b.call(_ops.norm_quant.default, x, site.norm_weight, *_norm_args(site), *_bits(bits), like=site.norm_nodes[-1])
     return b.getitem(nq, 0), b.getitem(nq, 1)
 
 
@@ -168,15 +173,15 @@ def _rewrite_packed(b: _Builder, site: Site, uses: list[LinearUse], order) -> No
     groups: dict[tuple, list[LinearUse]] = {}
     for u in uses:
         K = packed_operands(u.node)[3]
-        groups.setdefault((_path_key(u.path), u.out_dtype, u.bias is not None, K), []).append(u)
-    for (_, out_dtype, has_bias, K), group in groups.items():
+        groups.setdefault((_path_key(u.path), u.out_dtype, u.bias is not None, K, u.act_bits), []).append(u)
+    for (_, out_dtype, has_bias, K, bits), group in groups.items():
         first = min(group, key=lambda u: order[u.node])
         with b.graph.inserting_before(first.node):
             x = _replay_path(b, group[0].path, site.norm_input)
             ops = [packed_operands(u.node) for u in group]
             tlg = b.call(_ops.ternary_linear_group.default, x, site.norm_weight, [o[0] for o in ops],
                          [o[1] for o in ops], [o[2] for o in ops] if has_bias else [], int(K), eps, offset, cbw,
-                         norm_dtype, True, out_dtype, like=first.node)
+                         norm_dtype, True, out_dtype, *_bits(bits), like=first.node)
             outs = b.getitem(tlg, 0)
             results = [b.getitem(outs, i) for i in range(len(group))]
         for u, out in zip(group, results):
@@ -190,11 +195,11 @@ def _rewrite_inference(b: _Builder, site: Site, uses: list[LinearUse], per_chann
     groups: dict[tuple, list[LinearUse]] = {}
     for u in uses:
         if not _is_grad_packed(u):
-            groups.setdefault(_path_key(u.path), []).append(u)
+            groups.setdefault((_path_key(u.path), u.act_bits), []).append(u)
     for group in groups.values():
         first = min(group, key=lambda u: order[u.node])
         with b.graph.inserting_before(first.node):
-            q, s = _norm_quant(b, site, group[0].path)
+            q, s = _norm_quant(b, site, group[0].path, group[0].act_bits)
         for u in group:
             with b.graph.inserting_before(u.node):
                 if u.kind == "bitfx":

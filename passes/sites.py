@@ -159,9 +159,10 @@ def _analyze(linear: fx.Node, outputs: dict[fx.Node, NormMatch]) -> tuple[NormMa
         norm, path, _, _ = found
         path = norm.inner + path
         out = _packed_grad_output(linear)
+        bits = linear.args[12] if len(linear.args) > 12 else linear.kwargs.get("bits", 8)
         return norm, LinearUse(
             linear, "bitfx", path, None, packed_operands(linear)[2], "bitfx", "packed", None, dtype_of(out),
-            [out.args[0]], output=out,
+            [out.args[0]], output=out, act_bits=int(bits),
         )
     if kind == "bitfx":
         q, s = linear.args[0], linear.args[1]
@@ -177,6 +178,7 @@ def _analyze(linear: fx.Node, outputs: dict[fx.Node, NormMatch]) -> tuple[NormMa
         bias = arg_of(linear, 4, "bias")
         return norm, LinearUse(
             linear, "bitfx", path, None, bias, "bitfx", "packed", None, out_dtype, [aq, q, s],
+            act_bits=int(arg_of(aq, 1, "bits", 8)),
         )
     inp, w = arg_of(linear, 0, "input"), arg_of(linear, 1, "weight")
     bias = arg_of(linear, 2, "bias")

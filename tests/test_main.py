@@ -16,7 +16,7 @@ def test_train_job_runs_to_the_end(tmp_path, capsys):
     out = capsys.readouterr().out
     for figure in ("RMSNorm -> Linear sites", "held-out loss", "ternary (converted, saved, reloaded)",
                    "size: float weights", "bit-identical to the converted model", "tokens/s", "loss curves",
-                   "k=3: mean relative weight error"):
+                   "k=3, 8-bit activations: mean relative weight error", "k=3, 4-bit activations"):
         assert figure in out, figure
     assert out.rstrip().endswith("OK")
     assert (tmp_path / "model.safetensors").stat().st_size > 0
