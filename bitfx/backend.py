@@ -23,10 +23,10 @@ Where the passes plug in: they rewrite the torch-level graph Dynamo hands over, 
 AOTAutograd cache) key on the graph they receive, which already contains the
 ``torch.ops.bitfx`` calls, so no ``CustomGraphPass.uuid()`` is needed.
 
-Inference graphs quantize and pack each dense weight on every call (``weight_quant`` on the
-parameter; Inductor's ``freezing`` does not fold the custom op): for deployment convert the
-model once with ``bitfx.quantize`` and compile that, the backend then fuses each norm into the
-converted layers' activation quantization. With ``dynamic=True`` Dynamo first hands over float
+Inference graphs read weights packed once, when the graph is compiled (:mod:`bitfx.prepack`:
+``weight_quant`` of each weight and the stacking of sibling weights run ahead of the calls, and
+again before a call whose weights changed in place since), so the backend alone is as fast as
+``bitfx.quantize`` then the backend; ``quantize`` still saves the memory of the float weights. With ``dynamic=True`` Dynamo first hands over float
 attributes (a norm's ``eps``) as symbolic inputs; the pass specializes the ones a norm uses,
 and Inductor restarts the trace with them constant, so a compile may run the pass twice.
 
@@ -49,6 +49,7 @@ from bitfx.config import BitfxConfig
 from bitfx.passes.naming import Naming
 from bitfx.passes.plan import check_filter_fn
 from bitfx.passes.rewrite import bitfx_pass
+from bitfx.prepack import prepack
 
 __all__ = ["BitfxConfig", "bitfx_backend"]
 
@@ -129,7 +130,9 @@ def bitfx_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[st
         config = dataclasses.replace(config, training=training)
     naming = Naming(_frame_roots(), list(example_inputs))
     bitfx_pass(gm, config, filter_fn, naming)
-    return compile_fx(gm, example_inputs, config_patches=inductor_patches or None)
+    packs = None if config.training else prepack(gm, list(example_inputs), naming)
+    compiled = compile_fx(gm, example_inputs, config_patches=inductor_patches or None)
+    return compiled if packs is None else packs.guard(compiled)
 
 
 def _setup_logging() -> None:

@@ -13,13 +13,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["BitfxConfig", "QuantizeConfig"]
+__all__ = ["BitfxConfig", "QuantizeConfig", "LINEAR_MODES"]
+
+# What ``BitfxConfig.linears`` may say: every linear of the model (as BitNet b1.58), only those an
+# RMSNorm feeds, or every linear with an RMSNorm inserted in front of those that have none.
+LINEAR_MODES = ("all", "sites", "norm")
 
 
 @dataclass
 class BitfxConfig:
     """What bitfx converts, and how.
 
+    linears: which linear layers become ternary. ``"all"`` (the default, as BitNet b1.58):
+        every linear layer but the output head, the embeddings and MoE routers; those an
+        RMSNorm feeds fuse the norm into their activation quantization, the others (attention
+        output, MLP down projection, low-rank up-projections ...) quantize their input per
+        token to int8 themselves. ``"sites"``: only the linears an RMSNorm feeds. ``"norm"``:
+        as ``"all"``, with a weightless RMSNorm (``norm_eps``) inserted in front of each linear
+        that has none (the "norm inside every BitLinear" recipe); it changes what the model
+        computes, so it is for training (quantization-aware) and for models trained that way.
+    norm_eps: the epsilon of the norms ``linears="norm"`` inserts.
     per_channel: one weight scale per output channel instead of one per tensor.
     skip_output_head: leave the output head (the model's ``get_output_embeddings()``, or a
         ``lm_head``-like projection into the vocabulary) dense.
@@ -35,6 +48,8 @@ class BitfxConfig:
         same mode, so that it reports what the backend will do.
     """
 
+    linears: str = "all"
+    norm_eps: float = 1e-6
     per_channel: bool = False
     skip_output_head: bool = True
     terms: int = 1
@@ -42,6 +57,10 @@ class BitfxConfig:
     training: Optional[bool] = None
 
     def __post_init__(self):
+        if self.linears not in LINEAR_MODES:
+            raise ValueError(f"BitfxConfig: linears must be one of {LINEAR_MODES}, got {self.linears!r}")
+        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
+            raise ValueError(f"BitfxConfig: norm_eps must be a positive number, got {self.norm_eps!r}")
         if not isinstance(self.terms, int) or isinstance(self.terms, bool) or self.terms < 1:
             raise ValueError(f"BitfxConfig: terms must be a positive int, got {self.terms!r}")
         if self.act_bits not in (4, 6, 8):

@@ -1,5 +1,6 @@
-"""``bitfx.explain``: which RMSNorm -> Linear sites bitfx finds in a model, and why it passes
-over the other candidates.
+"""``bitfx.explain``: which linear layers bitfx converts in a model (at RMSNorm -> Linear sites,
+and, by default, every other linear but the head, embeddings and routers), and why it passes
+over the others.
 
 The report is what :func:`bitfx.quantize` acts on (the same tracing, the same site finder),
 in plain data: a person reads ``print(report)``, a program reads ``report.sites`` or
@@ -50,10 +51,17 @@ class SiteInfo:
     norm_dtype: Optional[str]  # the norm's output dtype when the model fixes it, else None
     has_weight: bool
     already_bitnet: bool  # the model quantizes here itself (straight-through BitLinear code)
+    # "norm": the model's RMSNorm, fused; "act": no norm, the input is quantized per token as it
+    # is; "inserted": a weightless RMSNorm bitfx inserts (BitfxConfig(linears="norm"))
+    kind: str = "norm"
 
     @property
     def norm_kind(self) -> str:
         """E.g. ``RMSNorm(eps=1e-06): y = r * (1 + w), r rounded to x.dtype first; out bfloat16``."""
+        if self.kind == "act":
+            return "no RMSNorm: the input is quantized per token (int8) as it is"
+        if self.kind == "inserted":
+            return f"inserted RMSNorm(eps={self.eps:g}): y = r (no weight)"
         if not self.has_weight:
             y = "y = r (no weight)"
         else:
@@ -91,7 +99,7 @@ class LinearInfo:
     quantized: bool  # by bitfx.quantize (the module is swapped)
     reason: Optional[str]  # why it stays dense, None when converted
     replace_reason: Optional[str]  # why bitfx.quantize cannot swap it, None when it can
-    at_site: bool = False  # it reads an RMSNorm's output
+    at_site: bool = False  # it belongs to a site (an RMSNorm's, or one without a norm)
 
 
 @dataclass
@@ -135,9 +143,10 @@ class ExplainReport:
 
     def __str__(self) -> str:
         n_lin = sum(len(s.linear_modules) for s in self.sites)
+        n_norm = sum(s.kind == "norm" for s in self.sites)
         lines = [
-            f"bitfx: {len(self.sites)} RMSNorm -> Linear sites "
-            f"({n_lin} linear layers, {len(self.linears)} to convert), "
+            f"bitfx: {len(self.sites)} sites, {n_norm} of them RMSNorm -> Linear "
+            f"({n_lin} linear layers, {len(self.linears)} to convert by quantize), "
             f"{len(self.rejected)} candidates rejected, {self.graphs} graph(s)"
             + (" [traced for training]" if self.training else "")
         ]
@@ -147,7 +156,8 @@ class ExplainReport:
         for s in self.sites:
             tag = " [already BitNet]" if s.already_bitnet else ""
             linears = ", ".join(_name(m) for m in s.linear_modules)
-            lines.append(f"  {s.norm_module or '<functional norm>'} -> {linears}{tag}")
+            src = {"act": "<input quantized per token>", "inserted": "<inserted norm>"}.get(s.kind)
+            lines.append(f"  {src or s.norm_module or '<functional norm>'} -> {linears}{tag}")
             lines.append(f"      {s.norm_kind}")
             lines += [f"      not converted: {m}: {skipped[m]}" for m in s.linear_modules if m in skipped]
         if self.rejected:
@@ -264,7 +274,8 @@ def explain(model: nn.Module, *example_inputs, config: Optional[BitfxConfig] = N
         for g in graphs_of(gm, naming):
             plan = plan_sites(g, config, filter_fn, naming)
             for d in plan.decisions:
-                info = LinearInfo(d.name, d.node.name, d.convert, d.quantize, d.reason, d.replace_reason, d.site is not None)
+                info = LinearInfo(d.name, d.node.name, d.convert, d.quantize, d.reason, d.replace_reason,
+                                  d.site is not None or d.bare)
                 key = (info.module or info.node, info.converted, info.reason)
                 if key not in seen_linears:
                     seen_linears.add(key)
@@ -277,12 +288,13 @@ def explain(model: nn.Module, *example_inputs, config: Optional[BitfxConfig] = N
                 info = SiteInfo(
                     norm_module=s.norm_module,
                     linear_modules=tuple(s.linear_modules),
-                    eps=float(spec.eps),
-                    offset=bool(spec.offset),
-                    cast_before_weight=bool(spec.cast_before_weight),
-                    norm_dtype=_dtype_name(spec.norm_dtype),
+                    eps=float(spec.eps) if spec is not None else 0.0,
+                    offset=bool(spec is not None and spec.offset),
+                    cast_before_weight=bool(spec is not None and spec.cast_before_weight),
+                    norm_dtype=_dtype_name(spec.norm_dtype) if spec is not None else None,
                     has_weight=s.norm_weight is not None,
                     already_bitnet=bool(s.already_bitnet),
+                    kind="act" if spec is None else "norm" if s.norm_nodes else "inserted",
                 )
                 if info not in seen_sites:
                     seen_sites.add(info)

@@ -167,6 +167,20 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+# The CUDA kernels are registered with the dispatcher directly (``Library.impl`` at the CUDA
+# key) rather than through ``CustomOpDef.register_kernel``, whose wrapper (output aliasing
+# checks, a Dynamo-disabled frame) cost about 100 us of host time per call on the H100 host,
+# more than the kernels themselves at decode. Schema, fake and autograd stay ``custom_op``'s.
+_CUDA_LIB = torch.library.Library("bitfx", "IMPL")
+
+
+def _cuda_kernel(op):
+    def register(fn):
+        _CUDA_LIB.impl(op._name.rsplit("::", 1)[-1], fn, "CUDA")
+        return fn
+    return register
+
+
 # ---------------------------------------------------------------- norm_quant
 
 @torch.library.custom_op("bitfx::norm_quant", mutates_args=())
@@ -186,7 +200,7 @@ def norm_quant(
                           bits=bits)
 
 
-@norm_quant.register_kernel("cuda")
+@_cuda_kernel(norm_quant)
 def _(x, weight, eps, offset, cast_before_weight, norm_dtype, bits=8):
     _check_norm_args("norm_quant", x, weight, norm_dtype)
     q, scale, _ = _kernels("norm_quant").norm_quant(_rows(x), weight, eps, offset, cast_before_weight, norm_dtype,
@@ -211,7 +225,7 @@ def act_quant(y: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
     return ref.act_quant(y, bits)
 
 
-@act_quant.register_kernel("cuda")
+@_cuda_kernel(act_quant)
 def _(y, bits=8):
     _check_norm_args("act_quant", y, None, torch.float32)
     q, scale = _kernels("norm_quant").act_quant(_rows(y), ref.act_qmax(bits))
@@ -234,7 +248,7 @@ def weight_quant(w: Tensor, per_channel: bool) -> tuple[Tensor, Tensor]:
     return ref.weight_quant(w, per_channel)
 
 
-@weight_quant.register_kernel("cuda")
+@_cuda_kernel(weight_quant)
 def _(w, per_channel):
     _check_linear_weight("weight_quant", w)
     return _kernels("weight_pack").weight_quant(w, per_channel)
@@ -270,7 +284,7 @@ def ternary_matmul(
     return ref.ternary_matmul(q, x_scale, packed, w_scale, bias, out_dtype)
 
 
-@ternary_matmul.register_kernel("cuda")
+@_cuda_kernel(ternary_matmul)
 def _(q, x_scale, packed, w_scale, bias, out_dtype, in_features):
     _check_matmul_args(q, x_scale, packed, w_scale, bias, out_dtype, in_features)
     out = _kernels("ternary_matmul").ternary_matmul(_rows(q), x_scale.reshape(-1), packed, w_scale, bias, out_dtype)
@@ -292,7 +306,7 @@ def dequantize(packed: Tensor, w_scale: Tensor, K: int, dtype: torch.dtype) -> T
     return (ref.unpack_ternary(packed, K).float() / w_scale.float().unsqueeze(1)).to(dtype)
 
 
-@dequantize.register_kernel("cuda")
+@_cuda_kernel(dequantize)
 def _(packed, w_scale, K, dtype):
     return _kernels("weight_pack").dequantize(packed, w_scale, K, dtype)
 
@@ -325,7 +339,7 @@ def act_dequant(q: Tensor, x_scale: Tensor, dtype: torch.dtype) -> Tensor:
     return (q.float() / x_scale.float().unsqueeze(-1)).to(dtype)
 
 
-@act_dequant.register_kernel("cuda")
+@_cuda_kernel(act_dequant)
 def _(q, x_scale, dtype):
     _check_act_dequant_args(q, x_scale, dtype)
     return _kernels("norm_quant").act_dequant(_rows(q), x_scale.reshape(-1), dtype).view(q.shape)
@@ -363,7 +377,7 @@ def rms_norm_backward(
     return ref.rms_norm_backward(dy, x, weight, rstd, offset, cast_before_weight)
 
 
-@rms_norm_backward.register_kernel("cuda")
+@_cuda_kernel(rms_norm_backward)
 def _(dy, x, weight, rstd, offset, cast_before_weight):
     _check_norm_backward_args(dy, x, weight, rstd)
     K = x.shape[-1]
@@ -429,7 +443,7 @@ def bitlinear_full(
     return out, q, x_scale, rstd, packed, w_scale
 
 
-@bitlinear_full.register_kernel("cuda")
+@_cuda_kernel(bitlinear_full)
 def _(x, norm_weight, weight, bias, eps, offset, cast_before_weight, norm_dtype, per_channel):
     _check_bitlinear_args(x, norm_weight, weight, bias, norm_dtype)
     q, x_scale, rstd = _kernels("norm_quant").norm_quant(_rows(x), norm_weight, eps, offset, cast_before_weight, norm_dtype)
@@ -486,7 +500,9 @@ torch.library.register_autograd("bitfx::bitlinear", _bitlinear_backward, setup_c
 
 # ---------------------------------------------------------------- bitlinear_group (training, one norm, several linears)
 
-def _check_group_args(x, norm_weight, weights, biases, norm_dtype, per_channel):
+def _check_group_args(x, norm_weight, weights, biases, norm_dtype, per_channel, normalize=True):
+    if not normalize and norm_weight is not None:
+        raise ValueError("bitfx.bitlinear_group: a norm weight was given but normalize=False; pass None")
     if len(weights) == 0:
         raise ValueError("bitfx.bitlinear_group: needs at least one linear weight")
     if len(biases) not in (0, len(weights)) or len(per_channel) != len(weights):
@@ -516,16 +532,23 @@ def bitlinear_group(
     cast_before_weight: bool,
     norm_dtype: torch.dtype,
     per_channel: list[bool],
+    normalize: bool = True,
 ) -> tuple[list[Tensor], Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]:
     """``bitlinear`` for one norm feeding several linears (q/k/v, gate/up): the norm and the
     activation quantization run once, their codes serve every weight. Returns
     ``(outs, q, x_scale, rstd, packed, w_scales)``, ``outs[i] = bitlinear(x, g, weights[i], biases[i])``
     to the last bit; the gradient reaching the norm is the sum over the linears. ``biases`` holds
-    one bias per weight, or is empty (no biases)."""
-    _check_group_args(x, norm_weight, weights, biases, norm_dtype, per_channel)
-    xf = x.float()
-    rstd = torch.rsqrt(xf.pow(2).mean(dim=-1) + eps)
-    q, x_scale = ref.norm_quant(x, norm_weight, eps, offset=offset, cast_before_weight=cast_before_weight, norm_dtype=norm_dtype)
+    one bias per weight, or is empty (no biases). ``normalize=False``: no norm, the input is
+    quantized as it is (``act_quant``; ``norm_weight`` must be None, ``norm_dtype`` is the
+    output dtype, ``rstd`` zeros): a linear no RMSNorm feeds."""
+    _check_group_args(x, norm_weight, weights, biases, norm_dtype, per_channel, normalize)
+    if normalize:
+        rstd = torch.rsqrt(x.float().pow(2).mean(dim=-1) + eps)
+        q, x_scale = ref.norm_quant(x, norm_weight, eps, offset=offset, cast_before_weight=cast_before_weight,
+                                    norm_dtype=norm_dtype)
+    else:
+        rstd = x.new_zeros(x.shape[:-1], dtype=torch.float32)
+        q, x_scale = ref.act_quant(x)
     outs, packs, scales = [], [], []
     for w, b, pc in zip(weights, _bias_list(biases, len(weights)), per_channel):
         packed, w_scale = ref.weight_quant(w, pc)
@@ -535,11 +558,16 @@ def bitlinear_group(
     return outs, q, x_scale, rstd, packs, scales
 
 
-@bitlinear_group.register_kernel("cuda")
-def _(x, norm_weight, weights, biases, eps, offset, cast_before_weight, norm_dtype, per_channel):
-    _check_group_args(x, norm_weight, weights, biases, norm_dtype, per_channel)
-    q, x_scale, rstd = _kernels("norm_quant").norm_quant(_rows(x), norm_weight, eps, offset, cast_before_weight, norm_dtype)
+@_cuda_kernel(bitlinear_group)
+def _(x, norm_weight, weights, biases, eps, offset, cast_before_weight, norm_dtype, per_channel, normalize=True):
+    _check_group_args(x, norm_weight, weights, biases, norm_dtype, per_channel, normalize)
     lead = x.shape[:-1]
+    if normalize:
+        q, x_scale, rstd = _kernels("norm_quant").norm_quant(_rows(x), norm_weight, eps, offset, cast_before_weight,
+                                                             norm_dtype)
+    else:
+        q, x_scale = _kernels("norm_quant").act_quant(_rows(x), ref.act_qmax(8))
+        rstd = x.new_zeros(lead, dtype=torch.float32)
     outs, packs, scales = [], [], []
     for w, b, pc in zip(weights, _bias_list(biases, len(weights)), per_channel):
         packed, w_scale = _kernels("weight_pack").weight_quant(w, pc)
@@ -551,8 +579,8 @@ def _(x, norm_weight, weights, biases, eps, offset, cast_before_weight, norm_dty
 
 
 @bitlinear_group.register_fake
-def _(x, norm_weight, weights, biases, eps, offset, cast_before_weight, norm_dtype, per_channel):
-    _check_group_args(x, norm_weight, weights, biases, norm_dtype, per_channel)
+def _(x, norm_weight, weights, biases, eps, offset, cast_before_weight, norm_dtype, per_channel, normalize=True):
+    _check_group_args(x, norm_weight, weights, biases, norm_dtype, per_channel, normalize)
     lead = x.shape[:-1]
     return (
         [x.new_empty((*lead, w.shape[0]), dtype=norm_dtype) for w in weights],
@@ -563,12 +591,13 @@ def _(x, norm_weight, weights, biases, eps, offset, cast_before_weight, norm_dty
 
 
 def _group_setup_context(ctx, inputs, output):
-    x, norm_weight, weights, biases, eps, offset, cast_before_weight, norm_dtype, per_channel = inputs
+    x, norm_weight, weights, biases, eps, offset, cast_before_weight, norm_dtype, per_channel = inputs[:9]
     _, q, x_scale, rstd, packs, scales = output
     ctx.save_for_backward(x, norm_weight, q, x_scale, rstd, *packs, *scales)
     ctx.n = len(weights)
     ctx.offset = offset
     ctx.cast_before_weight = cast_before_weight
+    ctx.normalize = inputs[9] if len(inputs) > 9 else True
     ctx.K = x.shape[-1]
     ctx.weight_dtypes = [w.dtype for w in weights]
     ctx.bias_dtypes = [b.dtype for b in biases]
@@ -576,7 +605,8 @@ def _group_setup_context(ctx, inputs, output):
 
 def _group_backward(ctx, douts, *_unused):
     """Straight-through, per linear as :func:`_bitlinear_backward`; the norm's input gradient
-    sums ``dout_i (t_i / s_w_i)`` over the linears (in fp32) before the norm's backward."""
+    sums ``dout_i (t_i / s_w_i)`` over the linears (in fp32) before the norm's backward (none
+    with ``normalize=False``: that sum is the input's gradient)."""
     x, norm_weight, q, x_scale, rstd, *rest = ctx.saved_tensors
     packs, scales = rest[: ctx.n], rest[ctx.n:]
     K = ctx.K
@@ -596,9 +626,13 @@ def _group_backward(ctx, douts, *_unused):
         dweights.append((d2.t() @ y_dq.to(d2.dtype)).to(ctx.weight_dtypes[i]))
         dy += d2 @ dequantize(packs[i], scales[i], K, d2.dtype)
         dbiases.append(d2.sum(0).to(ctx.bias_dtypes[i]) if ctx.bias_dtypes else None)
-    dx, dg = rms_norm_backward(dy.reshape(x.shape), x, norm_weight, rstd, ctx.offset, ctx.cast_before_weight)
-    dnorm = None if norm_weight is None else dg.to(norm_weight.dtype)
-    return dx, dnorm, dweights, dbiases if ctx.bias_dtypes else [], None, None, None, None, None
+    if ctx.normalize:
+        dx, dg = rms_norm_backward(dy.reshape(x.shape), x, norm_weight, rstd, ctx.offset, ctx.cast_before_weight)
+        dnorm = None if norm_weight is None else dg.to(norm_weight.dtype)
+    else:
+        dx, dnorm = dy.reshape(x.shape).to(x.dtype), None
+    # One None for each scalar argument the call passed (a trailing normalize at its default is left out).
+    return (dx, dnorm, dweights, dbiases if ctx.bias_dtypes else []) + (None,) * (len(ctx.needs_input_grad) - 4)
 
 
 torch.library.register_autograd("bitfx::bitlinear_group", _group_backward, setup_context=_group_setup_context)
@@ -664,7 +698,7 @@ def ternary_linear_group(
     return outs, q, x_scale, rstd
 
 
-@ternary_linear_group.register_kernel("cuda")
+@_cuda_kernel(ternary_linear_group)
 def _(x, norm_weight, packed, w_scale, biases, in_features, eps, offset, cast_before_weight, norm_dtype, normalize,
       out_dtype, bits=8):
     _check_ternary_group_args(x, norm_weight, packed, w_scale, biases, in_features, norm_dtype, normalize, out_dtype)

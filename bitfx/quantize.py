@@ -1,8 +1,9 @@
-"""``bitfx.quantize``: convert a model's linear layers at RMSNorm -> Linear sites to
-:class:`bitfx.modules.BitfxLinear` (packed ternary weights), in place.
+"""``bitfx.quantize``: convert a model's linear layers to :class:`bitfx.modules.BitfxLinear`
+(packed ternary weights), in place: by default every linear but the output head, embeddings
+and MoE routers (``BitfxConfig(linears="sites")``: only those an RMSNorm feeds).
 
-The sites are the ones ``torch.compile(model, backend="bitfx")`` fuses: the same tracing and
-site finder as :func:`bitfx.explain`. A converted model runs eagerly, compiles with the
+The layers are the ones ``torch.compile(model, backend="bitfx")`` converts: the same tracing
+and decision as :func:`bitfx.explain`. A converted model runs eagerly, compiles with the
 backend (which then fuses each norm into the activation quantization) and saves and loads
 its state_dict.
 """
@@ -86,7 +87,7 @@ def quantize(
     filter_fn: Optional[FilterFn] = None,
     **example_kwargs,
 ) -> nn.Module:
-    """Replace the ``nn.Linear`` layers that consume an RMSNorm's output by :class:`BitfxLinear`
+    """Replace the ``nn.Linear`` layers the backend converts (``config.linears``) by :class:`BitfxLinear`
     (absmean ternary weights, 2 bits each; int8 per-token activations), in place; returns ``model``.
 
     ``example_inputs`` / ``example_kwargs`` are what ``model(...)`` takes, used once to trace it
@@ -99,6 +100,12 @@ def quantize(
     bytes saved) is stored on ``model.bitfx_report`` and logged to the ``bitfx`` logger.
     """
     config = dataclasses.replace(config or BitfxConfig(), training=False)  # converts for inference
+    if config.linears == "norm":
+        raise ValueError(
+            "bitfx.quantize: linears='norm' inserts RMSNorms that a BitfxLinear does not hold; train or run such a "
+            "model with torch.compile(model, backend='bitfx', options={'linears': 'norm'}), or convert with "
+            "linears='all' (the default) or 'sites'"
+        )
     plan = explain(model, *example_inputs, config=config, filter_fn=filter_fn, **example_kwargs)
     skipped, seen = [], set()
     for d in plan.decisions:  # every linear at a site that stays as it is, and why

@@ -4,8 +4,9 @@ The backend, :func:`bitfx.quantize` and :func:`bitfx.explain` all call :func:`pl
 same :class:`~bitfx.config.BitfxConfig` and the same ``filter_fn(module, fqn)``, so the three
 cannot disagree. The checks, in order (the first that applies gives the reason):
 
-1. the finder's: the linear reads no RMSNorm output, or reads one in a form that cannot fuse
-   (:func:`bitfx.passes.sites.find_candidates`);
+1. the finder's: the linear reads an RMSNorm output in a form that cannot fuse
+   (:func:`bitfx.passes.sites.find_candidates`), or, reading none, cannot quantize its input
+   alone (:func:`bitfx.passes.sites.analyze_bare`), or ``config.linears == "sites"``;
 2. a MoE router: its output selects experts (it reaches ``topk``/``sort``/``argmax`` through
    element-wise ops), or its module's class is a router: routing decides which weights run, so
    it stays exact;
@@ -15,6 +16,10 @@ cannot disagree. The checks, in order (the first that applies gives the reason):
    embedding lookup, another linear that is not converted): converting one use would change the
    others, or (for ``quantize``) untie them;
 5. ``filter_fn(module, fqn)`` returned False.
+
+Linears no RMSNorm feeds become sites without a norm (``site.norm`` None: the per-token
+activation quantization alone), one per input they share; with ``config.linears == "norm"``
+a weightless RMSNorm is inserted in front of the float ones.
 
 A linear that is converted may still be one that :func:`bitfx.quantize` cannot swap for a
 :class:`~bitfx.modules.BitfxLinear` (a functional ``F.linear``, a subclass that overrides
@@ -33,8 +38,8 @@ from torch import fx, nn
 
 from bitfx.passes.fx_utils import ROW_OPS, arg_of, is_cast, kind_of, real_users
 from bitfx.passes.naming import Naming, module_type_name
-from bitfx.passes.records import FindResult, Rejected, Site
-from bitfx.passes.sites import find_candidates, head_nodes, linear_kind, packed_operands
+from bitfx.passes.records import FindResult, LinearUse, Miss, NormSpec, Rejected, Site
+from bitfx.passes.sites import BARE_DONE, analyze_bare, find_candidates, head_nodes, linear_kind, packed_operands
 
 __all__ = ["LinearDecision", "Plan", "plan_sites", "find_sites", "check_filter_fn", "FilterFn", "graphs_of"]
 
@@ -60,6 +65,9 @@ class LinearDecision:
     convert: bool
     reason: Optional[str] = None  # why it stays dense (None when converted)
     replace_reason: Optional[str] = None  # why quantize cannot swap its module (None: it can)
+    # a linear no RMSNorm feeds that can quantize its input alone (a site without a norm when
+    # converted; it still counts as one when a later check keeps it dense)
+    bare: bool = False
 
     @property
     def quantize(self) -> bool:
@@ -181,22 +189,35 @@ def plan_sites(gm: fx.GraphModule, config: Any = None, filter_fn: Optional[Filte
         heads_by_shape = head_nodes(linears, uses, naming)
 
     opaque = _opaque_norm_outputs(gm)
+    mode = getattr(config, "linears", "all")
     decisions: list[LinearDecision] = []
+    bare: dict[fx.Node, tuple[fx.Node, LinearUse]] = {}
     for lin in linears:
         kind = linear_kind(lin)
         site = site_of.get(lin)
         use = site.use_of(lin) if site is not None else None
+        alone = None  # analyze_bare's answer, for a linear no RMSNorm feeds
+        if site is None and mode != "sites" and lin not in structural:
+            alone = analyze_bare(lin)
+            if isinstance(alone, tuple):
+                use = alone[1]
         w = use.weight if use is not None and use.weight is not None else _weight_node(lin)
         module, name = naming.weight_name(w, call=lin)
         names = naming.param_names(w)
         weight_leaf = kind == "linear" and (not names or f"{name}.weight" in names)
         d = LinearDecision(lin, name, module, site, convert=False)
         d.replace_reason = _replace_reason(kind, module, weight_leaf)
-        if site is None:
+        quantizes = use is not None and use.act_quant is not None  # BitNet code of the model's own
+        if site is None and not isinstance(alone, tuple):
             r = structural.get(lin)
             fn = _opaque_norm(lin, opaque)
             if r is not None:
                 d.reason = r.reason
+            elif alone == BARE_DONE:
+                d.convert = True
+            elif isinstance(alone, Miss) and alone.candidate:
+                d.reason = alone.reason
+                rejected.append(Rejected(lin, name, d.reason, culprit=alone.culprit))
             elif fn is not None:
                 d.reason = (f"its input is an RMSNorm computed inside a torch.autograd.Function {fn}, which "
                             f"Dynamo keeps whole when it traces for training: the norm cannot fuse (it does "
@@ -206,10 +227,10 @@ def plan_sites(gm: fx.GraphModule, config: Any = None, filter_fn: Optional[Filte
             else:
                 d.reason = "no RMSNorm feeds it (linears='sites')"
         elif kind == "bitfx":
-            d.convert = True  # packed already: the rewrite only fuses the norm into it
+            d.convert = True  # packed already: the rewrite only fuses the quantization into it
         elif _is_router(lin, module):
             d.reason = "a MoE router (its output selects experts); routing stays exact"
-        elif site.already_bitnet_linear(lin):
+        elif quantizes:
             d.convert = True  # the model quantizes here itself: fusing changes no number
             d = _filtered(d, filter_fn, module, name)
         elif skip_head and (id(naming.tensor(w)) in head_ids or lin in heads_by_shape):
@@ -224,6 +245,12 @@ def plan_sites(gm: fx.GraphModule, config: Any = None, filter_fn: Optional[Filte
             else:
                 d.convert = True
                 d = _filtered(d, filter_fn, module, name)
+        if isinstance(alone, tuple):
+            bare[lin] = alone
+            d.bare = True
+            if d.convert and _opaque_norm(lin, opaque) is not None:
+                log.info("bitfx: %s quantizes its input itself: the RMSNorm in front of it runs inside a "
+                         "torch.autograd.Function and cannot fuse", name or lin.name)
         decisions.append(d)
 
     _one_decision_per_weight(decisions, naming)
@@ -242,7 +269,32 @@ def plan_sites(gm: fx.GraphModule, config: Any = None, filter_fn: Optional[Filte
         site = s.restricted([d.node for d in kept], [d.name for d in kept])
         site.norm_module = _norm_name(s, naming)
         sites.append(site)
+    sites += _bare_sites(decisions, bare, mode, getattr(config, "norm_eps", 1e-6))
+    position = {n: i for i, n in enumerate(gm.graph.nodes)}
+    sites.sort(key=lambda s: position[s.linears[0]])
     return Plan(sites, decisions, rejected)
+
+
+def _bare_sites(decisions: list[LinearDecision], bare: dict, mode: str, norm_eps: float) -> list[Site]:
+    """The converted linears no RMSNorm feeds, as sites without a norm (``site.norm`` None: the
+    per-token activation quantization alone), one per input they share (``linears="norm"``: an
+    inserted weightless RMSNorm for the float ones; a model's own BitNet code keeps its own)."""
+    groups: dict[tuple, list[tuple[LinearDecision, LinearUse]]] = {}
+    for d in decisions:
+        if d.convert and d.node in bare:
+            source, use = bare[d.node]
+            insert = mode == "norm" and use.act_quant is None
+            groups.setdefault((source, insert), []).append((d, use))
+    sites = []
+    for (source, insert), members in groups.items():
+        spec = NormSpec(float(norm_eps), False, False, None) if insert else None
+        uses = [u for _, u in members]
+        site = Site(source, None, spec, [], [d.node for d, _ in members], None, [d.name for d, _ in members],
+                    any(u.act_quant is not None for u in uses), uses)
+        for d, _ in members:
+            d.site = site
+        sites.append(site)
+    return sites
 
 
 def _norm_name(site: Site, naming: Naming) -> Optional[str]:
@@ -368,7 +420,7 @@ def find_sites(gm: fx.GraphModule, *, filter_fn: Optional[FilterFn] = None, skip
     """The sites :func:`plan_sites` converts, and every candidate left out with its reason."""
     from types import SimpleNamespace
 
-    plan = plan_sites(gm, SimpleNamespace(skip_output_head=skip_output_head), filter_fn, naming)
+    plan = plan_sites(gm, SimpleNamespace(skip_output_head=skip_output_head, linears="sites"), filter_fn, naming)
     return FindResult(plan.sites, plan.rejected)
 
 

@@ -56,8 +56,10 @@ class Site:
     # The norm's weight node (placeholder/get_attr; the node computing ``weight + 1`` when a
     # half-precision model rounds that sum itself) or None.
     norm_weight: fx.Node | None
-    norm: NormSpec
-    norm_nodes: list[fx.Node]  # nodes of the matched norm chain (last = its output)
+    # The norm (None: a site without one, whose linears quantize their input per token alone;
+    # a NormSpec with no ``norm_nodes``: a norm the rewrite inserts, ``linears="norm"``)
+    norm: NormSpec | None
+    norm_nodes: list[fx.Node]  # nodes of the matched norm chain (last = its output); [] without a model norm
     linears: list[fx.Node]  # the linear call nodes fed by this norm
     norm_module: str | None  # e.g. "model.layers.0.input_layernorm"
     linear_modules: list[str | None]  # e.g. "model.layers.0.self_attn.q_proj"

@@ -141,7 +141,11 @@ def _path_key(path: list[fx.Node]) -> tuple:
 
 
 def _norm_args(site: Site) -> tuple:
+    """``(eps, offset, cast_before_weight, norm_dtype)`` of the site's norm; for a site without a
+    norm (``site.norm`` None) the dtype its linears compute in, the input's."""
     spec = site.norm
+    if spec is None:
+        return 0.0, False, False, _val(site.norm_input).dtype
     norm_dtype = spec.norm_dtype
     if norm_dtype is None:
         xd = _val(site.norm_input).dtype
@@ -155,9 +159,15 @@ def _bits(bits: int) -> tuple:
     return () if bits == 8 else (int(bits),)
 
 
-def _norm_quant(b: _Builder, site: Site, path: list[fx.Node], bits: int = 8) -> tuple[fx.Node, fx.Node]:
+def _norm_quant(b: _Builder, site: Site, path: list[fx.Node], bits: int = 8,
+                like: Optional[fx.Node] = None) -> tuple[fx.Node, fx.Node]:
+    """``(q, s_x)`` of the site's input: ``norm_quant``, or ``act_quant`` for a site without a norm."""
     x = _replay_path(b, path, site.norm_input)
-    nq = b.call(_ops.norm_quant.default, x, site.norm_weight, *_norm_args(site), *_bits(bits), like=site.norm_nodes[-1])
+    if site.norm is None:
+        nq = b.call(_ops.act_quant.default, x, *_bits(bits), like=like)
+    else:
+        nq = b.call(_ops.norm_quant.default, x, site.norm_weight, *_norm_args(site), *_bits(bits),
+                    like=site.norm_nodes[-1] if site.norm_nodes else like)
     return b.getitem(nq, 0), b.getitem(nq, 1)
 
 
@@ -181,14 +191,73 @@ def _rewrite_packed(b: _Builder, site: Site, uses: list[LinearUse], order) -> No
             ops = [packed_operands(u.node) for u in group]
             tlg = b.call(_ops.ternary_linear_group.default, x, site.norm_weight, [o[0] for o in ops],
                          [o[1] for o in ops], [o[2] for o in ops] if has_bias else [], int(K), eps, offset, cbw,
-                         norm_dtype, True, out_dtype, *_bits(bits), like=first.node)
+                         norm_dtype, site.norm is not None, out_dtype, *_bits(bits), like=first.node)
             outs = b.getitem(tlg, 0)
             results = [b.getitem(outs, i) for i in range(len(group))]
         for u, out in zip(group, results):
             b.replace(u.result, out)
 
 
+def _packed_of(b: _Builder, u: LinearUse, per_channel: bool) -> tuple[Any, Any, Any, int]:
+    """``(packed, w_scale, bias, in_features)`` of one linear: a packed layer's own buffers, or
+    ``weight_quant`` of a dense weight (the backend then packs it once, ahead of the calls)."""
+    if u.kind == "bitfx":
+        packed, w_scale, bias, K = packed_operands(u.node)
+        return packed, w_scale, bias, int(K)
+    pc = u.per_channel if u.weight_quant is not None else per_channel
+    wq = b.call(_ops.weight_quant.default, u.weight, bool(pc), like=u.node)
+    return b.getitem(wq, 0), b.getitem(wq, 1), u.bias, int(_val(u.weight).shape[1])
+
+
+def _hoist(operands: list[Any], before: fx.Node) -> None:
+    """Move the nodes that compute ``operands`` (weights and biases: casts of parameters, never
+    activations) in front of ``before``, in order, so that one launch placed there can read them."""
+    order = {n: i for i, n in enumerate(before.graph.nodes)}
+    at = order[before]
+    late: set[fx.Node] = set()
+    todo = [a for a in operands if isinstance(a, fx.Node)]
+    while todo:
+        n = todo.pop()
+        if n in late or order[n] < at:
+            continue
+        late.add(n)
+        todo += n.all_input_nodes
+    for n in sorted(late, key=order.__getitem__):
+        before.prepend(n)
+
+
+def _fusable(u: LinearUse) -> tuple:
+    """Linears reading the same codes that can share one matmul launch: the same output dtype,
+    in_features and bias dtype (or no bias)."""
+    if u.kind == "bitfx":
+        _, _, bias, K = packed_operands(u.node)
+    else:
+        bias, K = u.bias, _val(u.weight).shape[1]
+    return u.out_dtype, int(K), None if bias is None else _val(bias).dtype
+
+
+def _split_for_users(b: _Builder, part: fx.Node, old: fx.Node) -> fx.Node:
+    """``part`` (a column slice of a fused output) made contiguous when a user of ``old`` views
+    it in a way a slice cannot be viewed (checked on the fake values)."""
+    pv = _val(part)
+    if pv is None or b.fake_mode is None:
+        return b.node("call_method", "contiguous", (part,))
+    for u in old.users:
+        if u.op == "call_method" and u.target == "view" or u.target in (torch.Tensor.view, torch.ops.aten.view.default):
+            args = fx.node.map_arg(u.args[1:], _val)
+            kwargs = fx.node.map_arg(dict(u.kwargs), _val)
+            try:
+                with b.fake_mode:
+                    pv.view(*args, **kwargs)
+            except Exception:  # noqa: BLE001 (any failure: the slice cannot be viewed so)
+                return b.node("call_method", "contiguous", (part,))
+    return part
+
+
 def _rewrite_inference(b: _Builder, site: Site, uses: list[LinearUse], per_channel: bool, order) -> None:
+    """One ``norm_quant`` (``act_quant``) per set of linears reading the same rows; linears of a
+    set that agree on output dtype, K and bias share one ``ternary_matmul`` over their weights
+    stacked along N (q/k/v, gate/up), whose output is split back into theirs."""
     grad = [u for u in uses if _is_grad_packed(u)]
     if grad:  # a BitfxLinear traced in grad mode: keep its gradient path
         _rewrite_packed(b, site, grad, order)
@@ -199,17 +268,32 @@ def _rewrite_inference(b: _Builder, site: Site, uses: list[LinearUse], per_chann
     for group in groups.values():
         first = min(group, key=lambda u: order[u.node])
         with b.graph.inserting_before(first.node):
-            q, s = _norm_quant(b, site, group[0].path, group[0].act_bits)
+            q, s = _norm_quant(b, site, group[0].path, group[0].act_bits, like=first.node)
+        fused: dict[tuple, list[LinearUse]] = {}
         for u in group:
-            with b.graph.inserting_before(u.node):
-                if u.kind == "bitfx":
-                    new = b.node("call_function", u.node.target, (q, s, *u.node.args[2:]), dict(u.node.kwargs), like=u.node)
-                else:
-                    pc = u.per_channel if u.weight_quant is not None else per_channel
-                    wq = b.call(_ops.weight_quant.default, u.weight, bool(pc), like=u.node)
-                    new = b.call(_ops.ternary_matmul.default, q, s, b.getitem(wq, 0), b.getitem(wq, 1),
-                                 u.bias, u.out_dtype, int(_val(u.weight).shape[1]), like=u.node)
-            b.replace(u.node, new)
+            fused.setdefault(_fusable(u), []).append(u)
+        for (out_dtype, K, _), members in fused.items():
+            members.sort(key=lambda u: order[u.node])
+            at = members[0].node
+            if len(members) == 1:
+                with b.graph.inserting_before(at):
+                    packed, w_scale, bias, _ = _packed_of(b, members[0], per_channel)
+                    new = b.call(_ops.ternary_matmul.default, q, s, packed, w_scale, bias, out_dtype, K, like=at)
+                b.replace(at, new)
+                continue
+            _hoist([x for u in members for x in (u.weight, u.bias, *(packed_operands(u.node)[:3]
+                    if u.kind == "bitfx" else ()))], at)
+            with b.graph.inserting_before(at):
+                ops = [_packed_of(b, u, per_channel) for u in members]
+                cat = lambda xs: b.call(torch.cat, list(xs), 0, like=at)  # noqa: E731
+                bias = cat(o[2] for o in ops) if ops[0][2] is not None else None
+                out = b.call(_ops.ternary_matmul.default, q, s, cat(o[0] for o in ops), cat(o[1] for o in ops), bias,
+                             out_dtype, K, like=at)
+                sizes = [int(_val(o[1]).shape[0]) for o in ops]
+                parts = b.call(torch.split, out, sizes, -1, like=at)
+                results = [_split_for_users(b, b.getitem(parts, i), u.node) for i, u in enumerate(members)]
+            for u, r in zip(members, results):
+                b.replace(u.node, r)
 
 
 def _rewrite_training(b: _Builder, site: Site, uses: list[LinearUse], per_channel: bool, order) -> None:
@@ -229,8 +313,9 @@ def _rewrite_training(b: _Builder, site: Site, uses: list[LinearUse], per_channe
             x = _replay_path(b, group[0].path, site.norm_input)
             flags = [bool(u.per_channel if u.weight_quant is not None else per_channel) for u in group]
             biases = [u.bias for u in group] if group[0].bias is not None else []
+            extra = () if site.norm is not None else (False,)  # normalize=False: activation quantization alone
             bl = b.call(_ops.bitlinear_group.default, x, site.norm_weight, [u.weight for u in group], biases,
-                        eps, offset, cbw, norm_dtype, flags, like=first.node)
+                        eps, offset, cbw, norm_dtype, flags, *extra, like=first.node)
             outs = b.getitem(bl, 0)
             results = []
             for i, u in enumerate(group):
@@ -267,7 +352,8 @@ def rewrite_sites(gm: fx.GraphModule, sites: list[Site], *, training: bool, per_
         log.info(
             "%s %s -> %s (%s%s)",
             "fused" if not training else "bitlinear",
-            site.norm_module or site.norm_nodes[-1].name,
+            site.norm_module or (site.norm_nodes[-1].name if site.norm_nodes else
+                                 "activation quantization" if site.norm is None else "inserted RMSNorm"),
             ", ".join(m or u.node.name for m, u in zip(site.linear_modules, uses)),
             "training" if training else "inference",
             ", already BitNet" if site.already_bitnet else "",

@@ -60,6 +60,8 @@ __all__ = [
     "LinearUse",
     "find_candidates",
     "analyze_linear",
+    "analyze_bare",
+    "BARE_DONE",
     "linear_kind",
     "packed_operands",
     "head_nodes",
@@ -215,6 +217,54 @@ def analyze_linear(site: Site, linear: fx.Node) -> LinearUse:
         raise ValueError(f"bitfx: {linear.format_node()} does not consume the norm {site.norm_nodes[-1].name}"
                          + (f": {res.reason}" if res.candidate else ""))
     return res[1]
+
+
+# A linear already ternary with its own activation quantization and nothing to fuse: a
+# ``BitfxLinear`` traced in grad mode (``ternary_linear_group`` without a norm). Truthy.
+BARE_DONE = "already ternary (a BitfxLinear), nothing to fuse"
+
+
+def analyze_bare(linear: fx.Node) -> tuple[fx.Node, LinearUse] | str | Miss:
+    """How a linear that no RMSNorm feeds becomes ternary: ``(source, use)`` where ``source`` is
+    the node whose rows it multiplies (after an eager activation quantizer, if any: the one
+    per-token quantization of the rewrite replaces it); :data:`BARE_DONE` for a packed layer
+    that needs no rewrite; a candidate :class:`Miss` with the reason it cannot convert."""
+    kind = linear_kind(linear)
+    out_dtype = dtype_of(linear)
+    if kind == "bitfx" and kind_of(linear) == "bitfx.ternary_linear_group":
+        return BARE_DONE
+    if kind == "bitfx":
+        q, s = linear.args[0], linear.args[1]
+        if not (kind_of(q) == "getitem" and kind_of(s) == "getitem" and q.args[0] is s.args[0]
+                and q.args[1] == 0 and s.args[1] == 1 and kind_of(q.args[0]) == "bitfx.act_quant"):
+            return BARE_DONE  # codes made some other way (a norm_quant already): leave them
+        aq = q.args[0]
+        return aq.args[0], LinearUse(
+            linear, "bitfx", [], None, arg_of(linear, 4, "bias"), "bitfx", "packed", None, out_dtype, [aq, q, s],
+            act_bits=int(arg_of(aq, 1, "bits", 8)),
+        )
+    inp, w = arg_of(linear, 0, "input"), arg_of(linear, 1, "weight")
+    bias = arg_of(linear, 2, "bias")
+    src, act, _, qnodes = unwrap_quant(inp, match_act_quant) if isinstance(inp, fx.Node) else (inp, None, (), [])
+    if not isinstance(src, fx.Node):
+        return not_taken("its input is not a tensor of the graph")
+    base_w, wform, extra, wnodes = unwrap_quant(w, match_weight_quant)
+    per_channel = extra[0] if wform is not None else None
+    ws, K = shape_of(base_w), last_dim(src)
+    if dtype_of(src) not in FLOATS:
+        return not_taken(f"its input is {dtype_of(src)}, not float32, float16 or bfloat16", culprit=src)
+    if ws is None or len(ws) != 2 or K is None or static_int(ws[1]) != K or dtype_of(base_w) not in FLOATS:
+        return not_taken("the weight is not a float [N, K] matrix matching the input's K")
+    if out_dtype not in FLOATS:
+        return not_taken(f"output dtype {out_dtype} is not float32, float16 or bfloat16")
+    if (act is None) != (wform is None):
+        have, miss = ("activation", "weight") if act is not None else ("weight", "activation")
+        return not_taken(f"quantizes its {have} eagerly but not its {miss} in a form bitfx recognizes")
+    if not _weight_is_parameter(base_w):
+        return not_taken(f"its weight is computed in the graph ({base_w.op} {base_w.target}), not a parameter")
+    if bias is not None and (shape_of(bias) is None or len(shape_of(bias)) != 1 or dtype_of(bias) not in FLOATS):
+        return not_taken("the bias is not a float [N] vector")
+    return src, LinearUse(linear, "linear", [], base_w, bias, act, wform, per_channel, out_dtype, qnodes + wnodes)
 
 
 def _out_features(n: fx.Node) -> int | None:

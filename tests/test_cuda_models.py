@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 
 import bitfx
 from tests import models
 from tests.test_backend import (
     TRANSFORMERS,
     assert_close_up_to_code_flips,
+    assert_prepacked,
     check_training_loss_falls,
+    converted_linears,
     op_counts,
     recording_backend,
 )
@@ -41,13 +42,10 @@ def test_transformers_inference_fullgraph_cuda(name):
     compiled = torch.compile(model, backend=backend, fullgraph=True)
     with torch.no_grad():
         got = compiled(ids).logits
-        dense = ("lm_head",) if name == "bitnet" else ("lm_head", "o_proj", "down_proj")
-        converted = [] if name == "olmo2" else [
-            n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith(dense)
-        ]
-        want = models.reference_quantized(model, converted)(ids).logits
+        want = models.reference_quantized(model, converted_linears(model))(ids).logits  # all but lm_head
     assert len(graphs) == 1
     assert op_counts(graphs[0]) == ops
+    assert_prepacked(graphs[0])
     assert_close_up_to_code_flips(got, want)
 
 
@@ -55,8 +53,7 @@ def test_bf16_llama_cuda():
     model, ids = models.tiny_llama(dtype=torch.bfloat16)
     model, ids = model.cuda(), ids.cuda()
     compiled = torch.compile(model, backend="bitfx", fullgraph=True)
-    converted = [n for n, m in model.named_modules()
-                 if isinstance(m, nn.Linear) and not n.endswith(("lm_head", "o_proj", "down_proj"))]
+    converted = converted_linears(model)  # linears="all": every linear but lm_head
     with torch.no_grad():
         got = compiled(ids).logits.float()
         want = models.reference_quantized(model, converted)(ids).logits.float()
@@ -96,9 +93,7 @@ def test_reduce_overhead_decode_step_replays_a_cuda_graph():
     torch.manual_seed(0)
     model = models.TinyLlama(styles=("llama", "llama"), vocab=64, dim=256, hidden=512, heads=4).cuda().eval()
     compiled = torch.compile(model, backend="bitfx", mode="reduce-overhead", fullgraph=True)
-    converted = [n for n, m in model.named_modules()
-                 if isinstance(m, nn.Linear) and not n.endswith(("lm_head", "o_proj", "down_proj"))]
-    reference = models.reference_quantized(model, converted)
+    reference = models.reference_quantized(model, converted_linears(model))  # all but lm_head
     from torch._dynamo.utils import counters
 
     counters.clear()

@@ -49,10 +49,12 @@ def test_backend_quantize_and_explain_agree(arch):
     swapped = [n for n, m in q.named_modules() if isinstance(m, bitfx.BitfxLinear)]
     assert sorted(swapped) == sorted(report.linears) == sorted(q.bitfx_report.converted)
     assert set(report.linears) <= set(report.converted)
-    if arch == "olmo2":  # post-norm: nothing reads a norm's output through a linear
-        assert report.converted == []
-    else:
-        assert report.converted and "lm_head" in explained_dense
+    assert report.converted and "lm_head" in explained_dense
+    if arch in ("llama", "gemma", "qwen3", "olmo2", "bitnet"):  # linears="all": 7 of 7 per layer
+        every = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+        assert len(every) == 7 * models.LAYERS and sorted(report.converted) == sorted(every)
+    if arch == "olmo2":  # post-norm: no RMSNorm feeds a linear, every site quantizes its input alone
+        assert report.sites and all(s.kind == "act" and s.norm_module is None for s in report.sites)
     for name in report.converted:  # names by identity: every one is a module of the model
         assert isinstance(model.get_submodule(name), nn.Linear)
 
@@ -139,8 +141,10 @@ def test_checkpointed_blocks_are_rewritten(use_reentrant):
     plain.load_state_dict(model.state_dict())
     x = torch.randn(2, 5, 32)
     report = bitfx.explain(model, x)
-    assert [s.norm_module for s in report.sites] == ["blocks.0.norm", "blocks.1.norm"]
-    assert report.converted == [f"blocks.{i}.{p}" for i in range(2) for p in ("gate", "up")]
+    # Each block: its norm's site (gate, up) and down, without a norm (linears="all").
+    assert [(s.norm_module, s.kind) for s in report.sites] == [
+        ("blocks.0.norm", "norm"), (None, "act"), ("blocks.1.norm", "norm"), (None, "act")]
+    assert report.converted == [f"blocks.{i}.{p}" for i in range(2) for p in ("gate", "up", "down")]
     # Inference: the same numbers as the un-checkpointed model through the backend.
     converted, _, got = _backend_decisions(model, x)
     assert sorted(converted) == sorted(report.converted)
@@ -189,15 +193,27 @@ class _FunctionNormModel(nn.Module):
 def test_autograd_function_norm_is_reported_in_training():
     model = _FunctionNormModel()
     x = torch.randn(4, 32)
-    report = bitfx.explain(model, x)  # grad mode on, parameters require grad: a training trace
+    sites = bitfx.BitfxConfig(linears="sites")
+    report = bitfx.explain(model, x, config=sites)  # grad mode on, parameters require grad: a training trace
     assert report.training and report.converted == []
     reason = {r.module: r.reason for r in report.rejected}["lin"]
     assert "torch.autograd.Function" in reason and "training" in reason
-    converted, dense, _ = _backend_decisions(model, x, training=True)
+    converted, dense, _ = _backend_decisions(model, x, training=True, options={"linears": "sites"})
     assert converted == [] and dense["lin"] == reason
     # Traced for inference, Dynamo inlines the Function and the norm fuses.
     with torch.no_grad():
-        assert bitfx.explain(model, x).converted == ["lin"]
+        assert bitfx.explain(model, x, config=sites).converted == ["lin"]
+    assert _backend_decisions(model, x, options={"linears": "sites"})[0] == ["lin"]
+    # linears="all" (the default): in training the linear converts all the same, as a site
+    # without a norm (the Function's output is quantized per token); for inference the norm fuses.
+    report = bitfx.explain(model, x)
+    assert report.training and report.converted == ["lin"] and report.rejected == []
+    assert [(s.kind, s.linear_modules) for s in report.sites] == [("act", ("lin",))]
+    converted, dense, _ = _backend_decisions(model, x, training=True)
+    assert converted == ["lin"] and dense == {}
+    with torch.no_grad():
+        report = bitfx.explain(model, x)
+    assert report.converted == ["lin"] and [s.kind for s in report.sites] == ["norm"]
     assert _backend_decisions(model, x)[0] == ["lin"]
 
 
@@ -214,15 +230,34 @@ class _SharedLinear(nn.Module):
 
 def test_a_linear_used_with_and_without_a_norm_stays_dense_everywhere():
     model, x = _SharedLinear(), torch.randn(2, 3, 32)
+    sites = bitfx.BitfxConfig(linears="sites")  # only the use after the norm is a candidate
     with torch.no_grad():
-        report = bitfx.explain(model, x)
-        converted, dense, out = _backend_decisions(model, x)
-        q = bitfx.quantize(copy.deepcopy(model), x)
+        report = bitfx.explain(model, x, config=sites)
+        converted, dense, out = _backend_decisions(model, x, options={"linears": "sites"})
+        q = bitfx.quantize(copy.deepcopy(model), x, config=sites)
         assert converted == [] and report.converted == [] and q.bitfx_report.converted == []
         reasons = [d.reason for d in report.decisions if d.module == "proj"]
         assert len(reasons) == 2 and any("one weight gets one decision" in r for r in reasons)
         assert "proj" in dense
         torch.testing.assert_close(out, model(x))
+
+
+def test_a_linear_used_with_and_without_a_norm_converts_everywhere_with_all_linears():
+    """linears="all": both uses are candidates (the norm's site and one without a norm), so the
+    one decision for the weight is to convert it, at both uses."""
+    torch.manual_seed(0)
+    model, x = _SharedLinear(), torch.randn(2, 3, 32)
+    with torch.no_grad():
+        report = bitfx.explain(model, x)
+        converted, dense, out = _backend_decisions(model, x)
+        q = bitfx.quantize(copy.deepcopy(model), x)
+        assert report.converted == ["proj"] and q.bitfx_report.converted == ["proj"]
+        assert all(d.converted for d in report.decisions if d.module == "proj")
+        assert sorted((s.kind, s.linear_modules) for s in report.sites) == [("act", ("proj",)), ("norm", ("proj",))]
+        assert converted == ["proj", "proj"] and dense == {}  # the backend converts both uses
+        assert isinstance(q.proj, bitfx.BitfxLinear)
+        want = models.reference_quantized(model, ["proj"])(x)  # both uses quantize their input
+        assert torch.equal(out, want) and torch.equal(q(x), want)
 
 
 def _wrapped(forward):
@@ -250,8 +285,10 @@ def test_names_by_identity_under_a_wrapped_forward():
     with torch.no_grad():
         report = bitfx.explain(model, x)
         converted, _, _ = _backend_decisions(model, x)
-    assert report.converted == ["inner.gate", "inner.up"] == sorted(converted)
+    assert report.converted == ["inner.gate", "inner.up", "inner.down"]
+    assert sorted(converted) == sorted(report.converted)
     assert report.sites[0].norm_module == "inner.norm"
+    assert (report.sites[1].norm_module, report.sites[1].kind) == (None, "act")  # down: no norm
 
 
 def test_filter_fn_takes_module_and_fqn_everywhere():
@@ -281,9 +318,10 @@ def test_filter_fn_takes_module_and_fqn_everywhere():
 def test_example_inputs_as_keywords():
     model, ids = models.tiny_llama()
     by_keyword = bitfx.explain(model, input_ids=ids)
-    assert by_keyword.converted == bitfx.explain(model, ids).converted and len(by_keyword.converted) == 10
+    n = 7 * models.LAYERS  # every linear of each layer; lm_head stays dense
+    assert by_keyword.converted == bitfx.explain(model, ids).converted and len(by_keyword.converted) == n
     q = bitfx.quantize(copy.deepcopy(model), input_ids=ids)
-    assert len(q.bitfx_report.converted) == 10
+    assert len(q.bitfx_report.converted) == n
 
 
 def test_explain_and_quantize_leave_other_compiled_models_alone():
@@ -339,11 +377,13 @@ class _TwoNorms(nn.Module):
 
 def test_integer_example_input_is_an_error_not_a_partial_conversion():
     model = _TwoNorms()
-    with torch.no_grad():
-        assert bitfx.explain(model, torch.randn(2, 3, 32)).converted == ["a", "b", "c", "d"]
-        ints = torch.randint(0, 5, (2, 3, 32))
-        for call in (bitfx.explain, bitfx.quantize):
-            # Used to convert c and d only, with a note on n1 in the report.
-            with pytest.raises(ValueError, match=r"example input \(int64, shape \(2, 3, 32\)\) reaches the RMSNorm n1"):
-                call(model, ints)
-    assert not any(isinstance(m, bitfx.BitfxLinear) for m in model.modules())
+    ints = torch.randint(0, 5, (2, 3, 32))
+    # linears="all" (the default) also converts e, which reads no norm; "sites" only a-d.
+    for config, want in ((None, ["a", "b", "c", "d", "e"]), (bitfx.BitfxConfig(linears="sites"), ["a", "b", "c", "d"])):
+        with torch.no_grad():
+            assert bitfx.explain(model, torch.randn(2, 3, 32), config=config).converted == want
+            for call in (bitfx.explain, bitfx.quantize):
+                # Used to convert c and d only, with a note on n1 in the report.
+                with pytest.raises(ValueError, match=r"example input \(int64, shape \(2, 3, 32\)\) reaches the RMSNorm n1"):
+                    call(model, ints, config=config)
+        assert not any(isinstance(m, bitfx.BitfxLinear) for m in model.modules())

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from bitfx.config import BitfxConfig
 from bitfx.explain import ExplainReport, SiteInfo, explain
 from bitfx.quantize import QuantizeConfig
 from tests.models import tiny_gemma, tiny_llama, tiny_qwen3
@@ -26,8 +27,11 @@ def test_llama_sites(llama_report):
     model, _, report = llama_report
     L = model.config.num_hidden_layers
     assert isinstance(report, ExplainReport) and report.graphs >= 1
-    assert len(report.sites) == 2 * L
-    by_norm = {s.norm_module: s for s in report.sites}
+    # linears="all": per layer the two RMSNorm sites, and o_proj and down_proj as sites without a norm
+    assert len(report.sites) == 4 * L
+    assert [s.kind for s in report.sites] == ["norm", "act", "norm", "act"] * L
+    by_norm = {s.norm_module: s for s in report.sites if s.kind == "norm"}
+    assert len(by_norm) == 2 * L
     attn = by_norm["model.layers.0.input_layernorm"]
     assert isinstance(attn, SiteInfo)
     assert set(attn.linear_modules) == {f"model.layers.0.self_attn.{p}_proj" for p in "qkv"}
@@ -37,16 +41,25 @@ def test_llama_sites(llama_report):
     }
     assert attn.eps == model.config.rms_norm_eps
     assert attn.cast_before_weight and not attn.offset and attn.has_weight and not attn.already_bitnet
-    assert len(report.linears) == 5 * L and report.skipped == []
+    bare = [s for s in report.sites if s.kind == "act"]
+    assert [s.linear_modules for s in bare] == [
+        (f"model.layers.{i}.{p}",) for i in range(L) for p in ("self_attn.o_proj", "mlp.down_proj")]
+    assert all(s.norm_module is None and not s.has_weight for s in bare)
+    assert len(report.linears) == 7 * L and report.skipped == []
     assert report.converted == report.linears  # every converted layer is an nn.Linear quantize can swap
+    assert all(d.at_site for d in report.decisions)  # o_proj and down_proj too (sites without a norm)
     dense = {d.module: d.reason for d in report.decisions if not d.converted}
-    assert dense["lm_head"] == "output head (skip_output_head=True)"
+    assert dense == {"lm_head": "output head (skip_output_head=True)"}
+    # linears="sites": only the RMSNorm sites; o_proj (and down_proj) stay dense, and say why.
+    sites = explain(model, tiny_llama()[1], config=BitfxConfig(linears="sites"))
+    assert [s.norm_module for s in sites.sites] == list(by_norm) and len(sites.linears) == 5 * L
+    dense = {d.module: d.reason for d in sites.decisions if not d.converted}
     assert dense["model.layers.0.self_attn.o_proj"].startswith("no RMSNorm feeds it")
 
 
 def test_llama_rejected_have_reasons(llama_report):
     _, _, report = llama_report
-    assert report.rejected, "the lm_head and the linears fed by no norm are candidates the finder passes over"
+    assert report.rejected, "the final norm, whose one linear is the output head, is a candidate the finder passes over"
     assert all(r.reason for r in report.rejected)
     # The final norm feeds only the output head, left dense by default.
     final = [r for r in report.rejected if r.module == "model.norm"]
@@ -57,6 +70,7 @@ def test_llama_report_reads(llama_report):
     _, _, report = llama_report
     text = str(report)
     assert "model.layers.0.input_layernorm -> model.layers.0.self_attn.q_proj" in text
+    assert "<input quantized per token> -> model.layers.0.self_attn.o_proj" in text
     assert "rejected:" in text
     for r in report.rejected:
         assert f"{r.module or '<' + r.node + '>'}: {r.reason}" in text
@@ -80,15 +94,17 @@ def test_explain_changes_nothing(llama_report):
 def test_qwen3_qk_norms_are_not_sites():
     model, ids = tiny_qwen3()
     report = explain(model, ids)
-    norms = {s.norm_module for s in report.sites}
-    assert not any(n.endswith(("q_norm", "k_norm")) for n in norms)
-    assert len(report.linears) == 5 * model.config.num_hidden_layers
+    L = model.config.num_hidden_layers
+    norms = {s.norm_module for s in report.sites if s.kind == "norm"}
+    assert len(norms) == 2 * L and not any(n.endswith(("q_norm", "k_norm")) for n in norms)
+    assert len(report.linears) == 7 * L  # linears="all": o_proj and down_proj as sites without a norm
 
 
 def test_gemma_tied_output_head_is_reported_dense():
     model, ids = tiny_gemma()  # lm_head tied to the embeddings
     report = explain(model, ids, config=QuantizeConfig(skip_output_head=False))
-    assert all(s.offset for s in report.sites)
+    normed = [s for s in report.sites if s.kind == "norm"]
+    assert len(normed) == 2 * model.config.num_hidden_layers and all(s.offset for s in normed)
     assert "RMSNorm(eps=1e-06): y = r * (1 + w)" in str(report)
     # Tied: neither the backend nor quantize converts it (converting one use changes the other).
     assert "lm_head" not in {m for s in report.sites for m in s.linear_modules}

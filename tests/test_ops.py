@@ -144,7 +144,7 @@ def test_bitlinear_group_is_bitlinear_per_weight(M, K, Ns, dtype, offset, has_bi
     leaves = [_x((2, M, K), dtype, "cpu", seed), _x((K,), dtype, "cpu", seed + 1)]
     Ws = [_x((N, K), dtype, "cpu", seed + 2 + i) for i, N in enumerate(Ns)]
     bs = [_x((N,), dtype, "cpu", seed + 9 + i) for i, N in enumerate(Ns)] if has_bias else []
-    grads = []
+    grads, grouped_outs = [], None  # the grouped op's outputs (first pass), for the single ops to match
     for grouped in (True, False):
         x, g, *params = (t.detach().clone().requires_grad_() for t in leaves + Ws + bs)
         W, b = params[: len(Ns)], params[len(Ns):]
