@@ -34,6 +34,8 @@ finish a tile runs the epilogue.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -66,6 +68,26 @@ _TUNABLE = ("BLOCK_M", "BLOCK_N", "BLOCK_KQ", "GROUP_M", "OFFSET_TRICK", "num_wa
 
 
 
+_CONFIGS: dict = {}
+
+
+def _memo(fn):
+    """``fn``'s configuration, computed once per shape, device and environment (the host time
+    of a launch counts at decode); with an ``override`` it is computed afresh."""
+    def cached(*args):
+        if args[-1] is not None:
+            return fn(*args)
+        key = (fn.__name__, *args, os.environ.get("BITFX_PDL"), os.environ.get("TRITON_INTERPRET"))
+        cfg = _CONFIGS.get(key)
+        if cfg is None:
+            cfg = _CONFIGS[key] = fn(*args)
+        return cfg
+    cached.__wrapped__ = fn
+    cached.__doc__ = fn.__doc__
+    return cached
+
+
+@_memo
 def _config(M: int, N: int, Kq: int, device: torch.device, path: str, split_k: int | None,
             override: dict | None = None) -> dict:
     """Block sizes, K split and flags of one launch: a deterministic heuristic, no autotuning.
@@ -90,9 +112,16 @@ def _config(M: int, N: int, Kq: int, device: torch.device, path: str, split_k: i
         # Tensor cores: t = c - 1 keeps q a pure cp.async -> shared -> wgmma operand (no row sums
         # in registers). The largest tile that still gives every SM a tile: 128 (q rows) x 256
         # (weight rows) for prefill, down to 64 x 64 for a few hundred rows (H100 sweep).
+        # The rule picks a first guess; on a GPU, the tile is then measured once per shape (M in
+        # steps of 128) among all of _TC_TILES and the fastest kept (_tuned_tile): wave
+        # quantization and occupancy make the best tile shape-dependent in ways a rule misses.
         for block_m, block_n, block_kq, warps, fill in _TC_TILES:
             if cdiv(M, block_m) * cdiv(N, block_n) >= fill * num_sms(device):
                 break
+        if override is None and device.type == "cuda" and not interpreting():
+            tuned = _tuned_tile(M, N, Kq, device)
+            if tuned is not None:
+                block_m, block_n, block_kq, warps = tuned
         cfg = dict(BLOCK_M=block_m, GROUP_M=8, USE_DOT=True, OFFSET_TRICK=False, num_warps=warps, num_stages=3)
     # Programmatic dependent launch (see _pdl_prologue) is off on these paths: on the H100, M=16,
     # the site (norm_quant, then this kernel) ran 15.5 us without it and 19.3-22.0 us with it at
@@ -132,6 +161,50 @@ def _config(M: int, N: int, Kq: int, device: torch.device, path: str, split_k: i
     # Inline PTX on NVIDIA GPUs only (not in the interpreter, not on ROCm).
     cfg["USE_ASM"] = device.type == "cuda" and torch.version.hip is None and not interpreting()
     return cfg
+
+
+_TUNED: dict = {}
+
+
+def _tuned_tile(M: int, N: int, Kq: int, device: torch.device) -> tuple | None:
+    """The fastest of ``_TC_TILES`` for ``M`` (rounded up to a multiple of 128), N and Kq on
+    ``device``, timed once on random operands with CUDA events (median of 5 after a warm-up)
+    and cached for the process. None while a CUDA graph is being captured (no timing is
+    possible then; the rule's tile is used, and nothing is cached)."""
+    Mb = cdiv(M, 128) * 128
+    key = (Mb, N, Kq, device)
+    if key in _TUNED:
+        return _TUNED[key]
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    import statistics
+
+    K = Kq * layout.PLANES
+    q = torch.randint(-128, 128, (Mb, K), dtype=torch.int8, device=device)
+    packed = torch.randint(0, 255, (N, Kq), dtype=torch.uint8, device=device) & 0x55  # codes 0 and 1 only
+    x_scale = torch.ones(Mb, device=device)
+    w_scale = torch.ones(N, device=device)
+    best, best_t = None, float("inf")
+    for block_m, block_n, block_kq, warps, _ in _TC_TILES:
+        over = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KQ=block_kq, num_warps=warps)
+
+        def run():
+            return _launch("ternary_matmul", q, x_scale, packed, w_scale, None, torch.bfloat16, True, "tc", None, over)
+
+        run()
+        times = []
+        for _ in range(5):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        t = statistics.median(times)
+        if t < best_t:
+            best, best_t = (block_m, block_n, block_kq, warps), t
+    _TUNED[key] = best
+    return best
 
 
 def _default_path(M: int) -> str:
@@ -482,6 +555,7 @@ def _as_words(q: torch.Tensor) -> torch.Tensor:
     return padded.view(torch.int32)
 
 
+@_memo
 def _dp4a_config(M: int, N: int, Kq: int, device: torch.device, split_k: int | None, override: dict | None) -> dict:
     """Block sizes and K split of the dp4a GEMV (see ``_config``)."""
     # H100 sweeps (python -m bitfx.tune), M = 1: one warp per program, 4 weight rows x 256 words
