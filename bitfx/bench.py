@@ -138,10 +138,12 @@ class Site:
         return [lambda w=w: torch._int_mm(q, w) for w in ws]
 
     def check(self):
-        """The bitfx output against the reference, computed on CPU in fp32 from the same inputs."""
-        out = self.bitfx_fn(self.packed)().float().cpu()
+        """The bitfx output against the reference (:mod:`bitfx.reference`, plain torch, run on the
+        same device so that 32768-wide weights take milliseconds, not a minute of CPU), from the
+        same inputs, on the first 64 rows."""
+        out = self.bitfx_fn(self.packed)().float()
         rows = slice(0, min(self.M, 64))
-        want = ref.bitlinear(self.x[rows].cpu(), self.g.cpu(), self.w.cpu(), None, EPS).float()
+        want = ref.bitlinear(self.x[rows], self.g, self.w, None, EPS).float()
         err = ((out[rows] - want).norm() / want.norm()).item()
         return err
 
@@ -256,13 +258,11 @@ def _fmt_ratio(a, b):
     return "n/a" if (math.isnan(a) or math.isnan(b)) else f"{b / a:.2f}x"
 
 
-def report(results: dict, sweep_m: list[int]) -> str:
-    """The tables of a run (``results`` as written to results.json), as Markdown."""
-    nq, tr = results["norm_quant"], results["training"]
-    lines = [results["header"], ""]
-    lines.append("| regime | M | K | N | bitfx µs | bf16 µs | bf16 compile µs | _int_mm µs | vs bf16 | vs compile | vs _int_mm | TB/s | TOP/s | rel err |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in results["sites"]:
+def site_table(sites: list[dict]) -> str:
+    """The site rows (``measure_site`` results) as a Markdown table."""
+    lines = ["| regime | M | K | N | bitfx µs | bf16 µs | bf16 compile µs | _int_mm µs | vs bf16 | vs compile | vs _int_mm | TB/s | TOP/s | rel err |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sites:
         regime = "decode" if r["M"] == 1 else ("small batch" if r["M"] == 16 else "prefill")
         lines.append(
             f"| {regime} | {r['M']} | {r['K']} | {r['N']} | {r['bitfx_us']:.1f} | {r['bf16_us']:.1f} | "
@@ -270,6 +270,14 @@ def report(results: dict, sweep_m: list[int]) -> str:
             f"{_fmt_ratio(r['bitfx_us'], r['bf16_compile_us'])} | {_fmt_ratio(r['bitfx_us'], r['int_mm_us'])} | "
             f"{r['tbps']:.2f} | {r['tops']:.0f} | {r['err']:.1e} |"
         )
+    return "\n".join(lines)
+
+
+def report(results: dict, sweep_m: list[int]) -> str:
+    """The tables of a run (``results`` as written to results.json), as Markdown."""
+    nq, tr = results["norm_quant"], results["training"]
+    lines = [results["header"], ""]
+    lines.append(site_table(results["sites"]))
     lines.append("")
     lines.append(
         f"norm+quant alone, M={nq['M']} K={nq['K']}: {nq['us']:.1f} µs, {nq['tbps']:.2f} TB/s = "
@@ -299,6 +307,12 @@ def report(results: dict, sweep_m: list[int]) -> str:
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--models" in argv:  # the whole-model benchmark: python -m bitfx.bench --models [LIST] [options]
+        from bitfx import bench_models
+
+        i = argv.index("--models")
+        return bench_models.main(argv[:i] + argv[i + 1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench_out")
     p.add_argument("--quick", action="store_true", help="fewer sweep points (for a smoke run)")
