@@ -149,7 +149,8 @@ def kernel_choice(M: int, K: int, N: int, device: torch.device) -> dict:
             cfg = tm._dp4a_config(M, N, Kq, device, None, None)
             tile = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_W']}w"  # q rows x weight rows x K words
         else:
-            cfg = tm._config(M, N, Kq, device, path, None)
+            tile = tm._TUNED.get((tm.cdiv(M, 128) * 128, N, Kq, device)) if path == "tc" else None  # measured
+            cfg = tm._config(M, N, Kq, device, path, None, None, tile)
             tile = f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_KQ']}"  # q rows x weight rows x packed bytes
         return dict(path=path, tile=tile, split_k=int(cfg["SPLIT_K"]))
     except Exception as e:  # noqa: BLE001 (a report column, never a reason to stop)

@@ -75,7 +75,7 @@ def _memo(fn):
     """``fn``'s configuration, computed once per shape, device and environment (the host time
     of a launch counts at decode); with an ``override`` it is computed afresh."""
     def cached(*args):
-        if args[-1] is not None:
+        if any(isinstance(a, dict) for a in args):
             return fn(*args)
         key = (fn.__name__, *args, os.environ.get("BITFX_PDL"), os.environ.get("TRITON_INTERPRET"))
         cfg = _CONFIGS.get(key)
@@ -89,8 +89,9 @@ def _memo(fn):
 
 @_memo
 def _config(M: int, N: int, Kq: int, device: torch.device, path: str, split_k: int | None,
-            override: dict | None = None) -> dict:
-    """Block sizes, K split and flags of one launch: a deterministic heuristic, no autotuning.
+            override: dict | None = None, tile: tuple | None = None) -> dict:
+    """Block sizes, K split and flags of one launch: a deterministic heuristic, except the
+    tensor-core tile where ``tile`` (``_tuned_tile``'s measurement) is given.
 
     ``override`` replaces any of ``_TUNABLE`` (benchmarks and tuning sweeps use it).
     """
@@ -118,10 +119,8 @@ def _config(M: int, N: int, Kq: int, device: torch.device, path: str, split_k: i
         for block_m, block_n, block_kq, warps, fill in _TC_TILES:
             if cdiv(M, block_m) * cdiv(N, block_n) >= fill * num_sms(device):
                 break
-        if override is None and device.type == "cuda" and not interpreting():
-            tuned = _tuned_tile(M, N, Kq, device)
-            if tuned is not None:
-                block_m, block_n, block_kq, warps = tuned
+        if tile is not None:  # measured (_tuned_tile)
+            block_m, block_n, block_kq, warps = tile
         cfg = dict(BLOCK_M=block_m, GROUP_M=8, USE_DOT=True, OFFSET_TRICK=False, num_warps=warps, num_stages=3)
     # Programmatic dependent launch (see _pdl_prologue) is off on these paths: on the H100, M=16,
     # the site (norm_quant, then this kernel) ran 15.5 us without it and 19.3-22.0 us with it at
@@ -645,7 +644,10 @@ def _launch(name, q, x_scale, packed, w_scale, bias, out_dtype, float_out, path,
         return out
     if path == "dp4a":
         return _launch_dp4a(q, x_scale, packed, w_scale, bias, out, float_out, split_k, config)
-    cfg = _config(M, N, Kq, device, path, split_k, config)
+    tile = None
+    if path == "tc" and config is None and device.type == "cuda" and not interpreting():
+        tile = _tuned_tile(M, N, Kq, device)
+    cfg = _config(M, N, Kq, device, path, split_k, config, tile)
     ws, lock = _split_k_workspace(out, cfg["SPLIT_K"], cfg["tiles"], float_out)
     grid = (cfg["tiles"], cfg["SPLIT_K"])
     _ternary_matmul_kernel[grid](
