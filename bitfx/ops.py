@@ -167,10 +167,41 @@ def _rows(t: Tensor) -> Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+# The four inference ops (norm_quant, act_quant, weight_quant, ternary_matmul) are defined
+# with ``Library.define`` and plain kernels per dispatch key: a ``custom_op`` adds a Python
+# autograd layer in front of every call, which cost about 110 us of host time per call on the
+# H100 host (166 us per ternary_matmul call, 53 us of it the launcher), more than a decode
+# kernel runs. They have no gradient (the training ops below do), so they need no such layer;
+# their schema, fake implementation and kernels are as a custom_op's would be.
+_LIB = torch.library.Library("bitfx", "FRAGMENT")
+
+
+class _InferenceOp:
+    """``torch.ops.bitfx.<name>`` defined from ``schema``, the decorated function its reference
+    (CompositeExplicitAutograd: every device without a kernel of its own, the CPU first)."""
+
+    def __init__(self, schema: str, fn):
+        self._name = fn.__name__
+        _LIB.define(schema)
+        _LIB.impl(self._name, fn, "CompositeExplicitAutograd")
+        self._op = getattr(torch.ops.bitfx, self._name)
+        self.__doc__, self.__wrapped__ = fn.__doc__, fn
+
+    def __call__(self, *args, **kwargs):
+        return self._op(*args, **kwargs)
+
+    def register_fake(self, fn):
+        torch.library.register_fake(f"bitfx::{self._name}", fn, lib=_LIB)
+        return fn
+
+
+def _inference_op(schema: str):
+    return lambda fn: _InferenceOp(schema, fn)
+
+
 # The CUDA kernels are registered with the dispatcher directly (``Library.impl`` at the CUDA
 # key) rather than through ``CustomOpDef.register_kernel``, whose wrapper (output aliasing
-# checks, a Dynamo-disabled frame) cost about 100 us of host time per call on the H100 host,
-# more than the kernels themselves at decode. Schema, fake and autograd stay ``custom_op``'s.
+# checks, a Dynamo-disabled frame) costs host time on every call.
 _CUDA_LIB = torch.library.Library("bitfx", "IMPL")
 
 
@@ -183,7 +214,8 @@ def _cuda_kernel(op):
 
 # ---------------------------------------------------------------- norm_quant
 
-@torch.library.custom_op("bitfx::norm_quant", mutates_args=())
+@_inference_op("norm_quant(Tensor x, Tensor? weight, float eps, bool offset, bool cast_before_weight, "
+               "ScalarType norm_dtype, SymInt bits=8) -> (Tensor, Tensor)")
 def norm_quant(
     x: Tensor,
     weight: Optional[Tensor],
@@ -217,7 +249,7 @@ def _(x, weight, eps, offset, cast_before_weight, norm_dtype, bits=8):
 
 # ---------------------------------------------------------------- act_quant
 
-@torch.library.custom_op("bitfx::act_quant", mutates_args=())
+@_inference_op("act_quant(Tensor y, SymInt bits=8) -> (Tensor, Tensor)")
 def act_quant(y: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
     """Per-token absmax quantization to ``bits``-bit codes in int8 (reference:
     :func:`bitfx.reference.act_quant`)."""
@@ -241,7 +273,7 @@ def _(y, bits=8):
 
 # ---------------------------------------------------------------- weight_quant
 
-@torch.library.custom_op("bitfx::weight_quant", mutates_args=())
+@_inference_op("weight_quant(Tensor w, bool per_channel) -> (Tensor, Tensor)")
 def weight_quant(w: Tensor, per_channel: bool) -> tuple[Tensor, Tensor]:
     """Absmean ternary quantization + 2-bit packing (reference: :func:`bitfx.reference.weight_quant`)."""
     _check_linear_weight("weight_quant", w)
@@ -263,7 +295,8 @@ def _(w, per_channel):
 
 # ---------------------------------------------------------------- ternary_matmul
 
-@torch.library.custom_op("bitfx::ternary_matmul", mutates_args=())
+@_inference_op("ternary_matmul(Tensor q, Tensor x_scale, Tensor packed, Tensor w_scale, Tensor? bias, "
+               "ScalarType out_dtype, SymInt in_features) -> Tensor")
 def ternary_matmul(
     q: Tensor,
     x_scale: Tensor,
