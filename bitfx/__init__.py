@@ -3,10 +3,12 @@
 ``import bitfx`` registers the ``torch.ops.bitfx.*`` operators (see :mod:`bitfx.ops`). The
 public API:
 
-* ``torch.compile(model, backend="bitfx")`` (the backend: :mod:`bitfx.backend`);
+* ``torch.compile(model, backend="bitfx")`` (the backend: :mod:`bitfx.backend`): every linear
+  but the head ternary by default (``BitfxConfig(linears=...)``), weights packed once;
 * :func:`bitfx.quantize` converts a model once to packed 2-bit ternary linear layers;
 * :func:`bitfx.save` / :func:`bitfx.load` write and read safetensors checkpoints of converted models;
-* :func:`bitfx.explain` reports the RMSNorm -> Linear sites it finds and what it rejects;
+* :func:`bitfx.explain` reports every linear's decision, the sites (RMSNorm -> Linear, and
+  linears that quantize their input alone) and what it rejects;
 * :func:`bitfx.bitlinear`, the differentiable BitLinear layer as a function.
 """
 
