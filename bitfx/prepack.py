@@ -20,7 +20,8 @@ and without CUDA graphs. The one change it cannot see is a write through ``.data
 bypasses the version counter, as it bypasses autograd); after one, call
 ``bitfx.prepack.refresh_all()``: the next call of every compiled graph packs again. Parameters made in inference mode keep
 no version counter; a graph whose weights are such tensors packs per call, as before.
-The check costs the host about a tenth of a microsecond per weight and call.
+The check costs the host about a tenth of a microsecond per weight and call (17 us for the 224
+weights of the Llama-3-8B shape, measured on a 2-core CPU host).
 """
 
 from __future__ import annotations
