@@ -182,18 +182,25 @@ def _analyze(linear: fx.Node, outputs: dict[fx.Node, NormMatch]) -> tuple[NormMa
             linear, "bitfx", path, None, bias, "bitfx", "packed", None, out_dtype, [aq, q, s],
             act_bits=int(arg_of(aq, 1, "bits", 8)),
         )
-    inp, w = arg_of(linear, 0, "input"), arg_of(linear, 1, "weight")
-    bias = arg_of(linear, 2, "bias")
-    found = _trace_to_norm(inp, outputs, allow_quant=True)
+    found = _trace_to_norm(arg_of(linear, 0, "input"), outputs, allow_quant=True)
     if found is None:
         return NO_MATCH
     norm, path, act, qnodes = found
-    path = norm.inner + path
+    use = _dense_use(linear, norm.inner + path, norm.K, "the norm's", act, qnodes)
+    return (norm, use) if use else use
+
+
+def _dense_use(linear: fx.Node, path: list[fx.Node], K: int | None, k_of: str, act: str | None,
+               qnodes: list[fx.Node]) -> LinearUse | Miss:
+    """The :class:`LinearUse` of a dense linear reading rows of ``K`` features (``k_of``: whose
+    K, for the message) through ``path``, its input quantized eagerly in form ``act`` (by
+    ``qnodes``) or not; a candidate :class:`Miss` with the reason it cannot be converted."""
+    w, bias, out_dtype = arg_of(linear, 1, "weight"), arg_of(linear, 2, "bias"), dtype_of(linear)
     base_w, wform, extra, wnodes = unwrap_quant(w, match_weight_quant)
     per_channel = extra[0] if wform is not None else None
     ws = shape_of(base_w)
-    if ws is None or len(ws) != 2 or static_int(ws[1]) != norm.K or dtype_of(base_w) not in FLOATS:
-        return not_taken("the weight is not a float [N, K] matrix matching the norm's K")
+    if ws is None or len(ws) != 2 or K is None or static_int(ws[1]) != K or dtype_of(base_w) not in FLOATS:
+        return not_taken(f"the weight is not a float [N, K] matrix matching {k_of} K")
     if out_dtype not in FLOATS:
         return not_taken(f"output dtype {out_dtype} is not float32, float16 or bfloat16")
     if (act is None) != (wform is None):
@@ -203,9 +210,7 @@ def _analyze(linear: fx.Node, outputs: dict[fx.Node, NormMatch]) -> tuple[NormMa
         return not_taken(f"its weight is computed in the graph ({base_w.op} {base_w.target}), not a parameter")
     if bias is not None and (shape_of(bias) is None or len(shape_of(bias)) != 1 or dtype_of(bias) not in FLOATS):
         return not_taken("the bias is not a float [N] vector")
-    return norm, LinearUse(
-        linear, "linear", path, base_w, bias, act, wform, per_channel, out_dtype, qnodes + wnodes,
-    )
+    return LinearUse(linear, "linear", path, base_w, bias, act, wform, per_channel, out_dtype, qnodes + wnodes)
 
 
 def analyze_linear(site: Site, linear: fx.Node) -> LinearUse:
@@ -243,28 +248,14 @@ def analyze_bare(linear: fx.Node) -> tuple[fx.Node, LinearUse] | str | Miss:
             linear, "bitfx", [], None, arg_of(linear, 4, "bias"), "bitfx", "packed", None, out_dtype, [aq, q, s],
             act_bits=int(arg_of(aq, 1, "bits", 8)),
         )
-    inp, w = arg_of(linear, 0, "input"), arg_of(linear, 1, "weight")
-    bias = arg_of(linear, 2, "bias")
+    inp = arg_of(linear, 0, "input")
     src, act, _, qnodes = unwrap_quant(inp, match_act_quant) if isinstance(inp, fx.Node) else (inp, None, (), [])
     if not isinstance(src, fx.Node):
         return not_taken("its input is not a tensor of the graph")
-    base_w, wform, extra, wnodes = unwrap_quant(w, match_weight_quant)
-    per_channel = extra[0] if wform is not None else None
-    ws, K = shape_of(base_w), last_dim(src)
     if dtype_of(src) not in FLOATS:
         return not_taken(f"its input is {dtype_of(src)}, not float32, float16 or bfloat16", culprit=src)
-    if ws is None or len(ws) != 2 or K is None or static_int(ws[1]) != K or dtype_of(base_w) not in FLOATS:
-        return not_taken("the weight is not a float [N, K] matrix matching the input's K")
-    if out_dtype not in FLOATS:
-        return not_taken(f"output dtype {out_dtype} is not float32, float16 or bfloat16")
-    if (act is None) != (wform is None):
-        have, miss = ("activation", "weight") if act is not None else ("weight", "activation")
-        return not_taken(f"quantizes its {have} eagerly but not its {miss} in a form bitfx recognizes")
-    if not _weight_is_parameter(base_w):
-        return not_taken(f"its weight is computed in the graph ({base_w.op} {base_w.target}), not a parameter")
-    if bias is not None and (shape_of(bias) is None or len(shape_of(bias)) != 1 or dtype_of(bias) not in FLOATS):
-        return not_taken("the bias is not a float [N] vector")
-    return src, LinearUse(linear, "linear", [], base_w, bias, act, wform, per_channel, out_dtype, qnodes + wnodes)
+    use = _dense_use(linear, [], last_dim(src), "the input's", act, qnodes)
+    return (src, use) if use else use
 
 
 def _out_features(n: fx.Node) -> int | None:
