@@ -118,17 +118,61 @@ def measure(name: str, method: str, args, device: str, dtype: torch.dtype, rank:
             last = step()
             times.append((time.perf_counter() - w) * 1e3)
     ms = statistics.median(times)
+    top = profile_step(step, cuda, args.profile) if args.profile else None
     row: dict[str, Any] = {
         "model": name + ("-tiny" if args.quick else ""), "method": method, "world": world,
         "tokens_per_step": batch * seq * world, "step_ms": ms, "tokens_per_s": batch * seq * world / ms * 1e3,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "first_loss": float(first), "last_loss": float(last), "compile_s": compile_s,
     }
+    if top is not None:
+        row["profile"] = top
     compiled = model = opt = None  # free them before the next method
     torch._dynamo.reset()
     if cuda:
         torch.cuda.empty_cache()
     return row
+
+
+def profile_step(step, cuda: bool, top: int) -> dict:
+    """One more (warm) step under ``torch.profiler``: the number of GPU kernels, their summed
+    time, and the ``top`` kernel names by total time (CPU ops on a CPU run, a check of the path)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize()
+    totals: dict[str, list] = {}
+    for e in prof.events():
+        on_gpu = str(getattr(e, "device_type", "")).rsplit(".", 1)[-1] == "CUDA"
+        if cuda and (not on_gpu or getattr(e, "is_user_annotation", False)):
+            continue
+        if not cuda and on_gpu:
+            continue
+        t = totals.setdefault(e.name, [0, 0.0])
+        t[0] += 1
+        t[1] += e.time_range.end - e.time_range.start  # microseconds
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][1])
+    return {"kernels": sum(c for c, _ in totals.values()), "us": sum(u for _, u in totals.values()),
+            "top": [{"name": k[:120], "calls": c, "us": u} for k, (c, u) in ranked[:top]]}
+
+
+def render_profile(results: dict) -> str:
+    """The profile of each (model, method, GPUs) that has one: kernels and GPU time per step,
+    then its top entries."""
+    out = []
+    for r in results.get("rows", []):
+        p = r.get("profile")
+        if not p:
+            continue
+        out += [f"{r['model']} / {r['method']} / {r['world']} GPU(s): {p['kernels']} kernels, "
+                f"{p['us'] / 1e3:.1f} ms summed", "", "| kernel | calls | ms | share |", "|---|---|---|---|"]
+        for e in p["top"]:
+            out.append(f"| `{e['name']}` | {e['calls']} | {e['us'] / 1e3:.2f} | {e['us'] / max(p['us'], 1e-9):.1%} |")
+        out.append("")
+    return "\n".join(out)
 
 
 def render(results: dict) -> str:
@@ -160,6 +204,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=None, help="sequences per step (per GPU with --fsdp)")
     p.add_argument("--quick", action="store_true", help="tiny shapes")
+    p.add_argument("--profile", type=int, default=0, metavar="TOP",
+                   help="profile one more step per (model, method) and keep its TOP kernels")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard per layer (launch with torchrun)")
     p.add_argument("--out", default=os.path.join("bench_out", "train"))
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help=argparse.SUPPRESS)
@@ -196,6 +242,9 @@ def main(argv=None) -> int:
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         table = render(results)
+        prof = render_profile(results)
+        if prof:
+            table += "\n\nProfile of one step (GPU kernels by total time):\n\n" + prof
         with open(os.path.join(args.out, "results.json"), "w") as f:
             json.dump(results, f, indent=1)
         with open(os.path.join(args.out, "table.md"), "w") as f:
