@@ -512,7 +512,8 @@ def _in_time(args, row: dict, stage: str) -> bool:
 
 
 def measure_method(model: torch.nn.Module, method: str, args, cuda: bool, dtype: torch.dtype,
-                   label: str, converted: Optional[int] = None) -> tuple[dict, Optional[torch.Tensor]]:
+                   label: str, converted: Optional[int] = None,
+                   generate: bool = True) -> tuple[dict, Optional[torch.Tensor]]:
     """Every measurement of one (model, method), the model already in the method's form:
     the table row, and the decode logits (float, CPU) for the comparison with bf16.
     ``converted``: the names of the linears the backend converts, for a dense model compiled
@@ -592,7 +593,7 @@ def measure_method(model: torch.nn.Module, method: str, args, cuda: bool, dtype:
     prompt = dec.prompt if dec is not None else None
     dec = None
     _free(cuda)
-    if prompt is not None and not args.no_generate and _in_time(args, row, "generate"):
+    if prompt is not None and generate and not args.no_generate and _in_time(args, row, "generate"):
         try:
             backend = "inductor" if method == BASELINE else "bitfx"
             g = measure_generate(model, prompt, backend, cuda=cuda, new_tokens=args.new_tokens)
@@ -642,7 +643,8 @@ def measure_model(name: str, args, cuda: bool) -> list[dict]:
                     rows.append(row)
                     continue
                 _free(cuda)
-            row, out = measure_method(model, method, args, cuda, dtype, label, converted)
+            row, out = measure_method(model, method, args, cuda, dtype, label, converted,
+                                      generate=name in getattr(args, "generate_models", MODELS))
             rows.append(row)
             logits[method] = out
     base = logits.get(BASELINE)
@@ -762,6 +764,9 @@ def parse_args(argv):
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(ALL_METHODS)}")
     p.add_argument("--quick", action="store_true", help="tiny configs and few repetitions (a smoke run)")
     p.add_argument("--no-generate", action="store_true", help="skip generate() tokens/s")
+    p.add_argument("--generate-models", default="llama-1b,llama-8b",
+                   help="the models whose generate() tokens/s is measured ('all': every one; default "
+                        "llama-1b,llama-8b, so that a default run of every model fits in 10 minutes)")
     p.add_argument("--no-default-mode", action="store_true",
                    help="skip the default-mode (no CUDA graphs) decode, and so the kernel counts")
     p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph (reduce-overhead) decode")
@@ -769,8 +774,8 @@ def parse_args(argv):
     p.add_argument("--reps-default", type=int, default=None, help="timed default-mode decode calls (default 20; quick 3)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens per generate() call (default 128; quick 8)")
     p.add_argument("--out", default=os.path.join("bench_out", "models"))
-    p.add_argument("--time-limit", type=float, default=520.0,
-                   help="seconds into the run after which no new stage starts (0: none; default 520)")
+    p.add_argument("--time-limit", type=float, default=540.0,
+                   help="seconds into the run after which no new stage starts (0: none; default 540)")
     p.add_argument("--no-sites", action="store_true",
                    help="leave out the site table (norm + ternary matmul per shape, as python -m bitfx.bench)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help=argparse.SUPPRESS)
@@ -781,6 +786,11 @@ def parse_args(argv):
     for n in args.models:
         if n not in MODELS:
             p.error(f"unknown model {n!r}; choose from {', '.join(MODELS)}")
+    args.generate_models = (list(MODELS) if args.generate_models == "all" else
+                            [n.strip() for n in args.generate_models.split(",") if n.strip()])
+    for n in args.generate_models:
+        if n not in MODELS:
+            p.error(f"unknown model {n!r} in --generate-models; choose from {', '.join(MODELS)} or 'all'")
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in args.methods:
         if m not in ALL_METHODS:

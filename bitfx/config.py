@@ -13,11 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["BitfxConfig", "QuantizeConfig", "LINEAR_MODES"]
+__all__ = ["BitfxConfig", "QuantizeConfig", "LINEAR_MODES", "BACKWARD_MODES"]
 
 # What ``BitfxConfig.linears`` may say: every linear of the model (as BitNet b1.58), only those an
 # RMSNorm feeds, or every linear with an RMSNorm inserted in front of those that have none.
 LINEAR_MODES = ("all", "sites", "norm")
+# What ``BitfxConfig.backward`` may say: the straight-through matmuls in the gradient's dtype, or in FP8.
+BACKWARD_MODES = ("exact", "fp8")
 
 
 @dataclass
@@ -46,6 +48,11 @@ class BitfxConfig:
         inference ops; None decides from the call: training when grad mode is on and some
         input of the graph (parameters included) requires grad. ``explain`` traces in the
         same mode, so that it reports what the backend will do.
+    backward: the backend's training graphs only. ``"exact"`` (the default): the
+        straight-through estimator's two matmuls (input and weight gradient) in the gradient's
+        dtype. ``"fp8"``: both in FP8 e4m3 with per-row scales (:mod:`bitfx.fp8`; FP8 tensor
+        cores where the GPU has them): the ternary codes are exact in FP8, the gradients and
+        activations are rounded to 3 mantissa bits. The forward is unchanged.
     """
 
     linears: str = "all"
@@ -55,6 +62,7 @@ class BitfxConfig:
     terms: int = 1
     act_bits: int = 8
     training: Optional[bool] = None
+    backward: str = "exact"
 
     def __post_init__(self):
         if self.linears not in LINEAR_MODES:
@@ -63,6 +71,8 @@ class BitfxConfig:
             raise ValueError(f"BitfxConfig: norm_eps must be a positive number, got {self.norm_eps!r}")
         if not isinstance(self.terms, int) or isinstance(self.terms, bool) or self.terms < 1:
             raise ValueError(f"BitfxConfig: terms must be a positive int, got {self.terms!r}")
+        if self.backward not in BACKWARD_MODES:
+            raise ValueError(f"BitfxConfig: backward must be one of {BACKWARD_MODES}, got {self.backward!r}")
         if self.act_bits not in (4, 6, 8):
             raise ValueError(f"BitfxConfig: act_bits must be 8, 6 or 4, got {self.act_bits!r}")
 

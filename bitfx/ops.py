@@ -43,6 +43,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from bitfx import fp8
 from bitfx import reference as ref
 from bitfx.kernels.layout import packed_k
 
@@ -566,6 +567,7 @@ def bitlinear_group(
     norm_dtype: torch.dtype,
     per_channel: list[bool],
     normalize: bool = True,
+    fp8_backward: bool = False,
 ) -> tuple[list[Tensor], Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]:
     """``bitlinear`` for one norm feeding several linears (q/k/v, gate/up): the norm and the
     activation quantization run once, their codes serve every weight. Returns
@@ -573,7 +575,8 @@ def bitlinear_group(
     to the last bit; the gradient reaching the norm is the sum over the linears. ``biases`` holds
     one bias per weight, or is empty (no biases). ``normalize=False``: no norm, the input is
     quantized as it is (``act_quant``; ``norm_weight`` must be None, ``norm_dtype`` is the
-    output dtype, ``rstd`` zeros): a linear no RMSNorm feeds."""
+    output dtype, ``rstd`` zeros): a linear no RMSNorm feeds. ``fp8_backward``: the backward's
+    two matmuls in FP8 (:mod:`bitfx.fp8`) instead of the gradient's dtype; the forward is the same."""
     _check_group_args(x, norm_weight, weights, biases, norm_dtype, per_channel, normalize)
     if normalize:
         rstd = torch.rsqrt(x.float().pow(2).mean(dim=-1) + eps)
@@ -592,7 +595,7 @@ def bitlinear_group(
 
 
 @_cuda_kernel(bitlinear_group)
-def _(x, norm_weight, weights, biases, eps, offset, cast_before_weight, norm_dtype, per_channel, normalize=True):
+def _(x, norm_weight, weights, biases, eps, offset, cast_before_weight, norm_dtype, per_channel, normalize=True, fp8_backward=False):
     _check_group_args(x, norm_weight, weights, biases, norm_dtype, per_channel, normalize)
     lead = x.shape[:-1]
     if normalize:
@@ -612,7 +615,7 @@ def _(x, norm_weight, weights, biases, eps, offset, cast_before_weight, norm_dty
 
 
 @bitlinear_group.register_fake
-def _(x, norm_weight, weights, biases, eps, offset, cast_before_weight, norm_dtype, per_channel, normalize=True):
+def _(x, norm_weight, weights, biases, eps, offset, cast_before_weight, norm_dtype, per_channel, normalize=True, fp8_backward=False):
     _check_group_args(x, norm_weight, weights, biases, norm_dtype, per_channel, normalize)
     lead = x.shape[:-1]
     return (
@@ -626,11 +629,14 @@ def _(x, norm_weight, weights, biases, eps, offset, cast_before_weight, norm_dty
 def _group_setup_context(ctx, inputs, output):
     x, norm_weight, weights, biases, eps, offset, cast_before_weight, norm_dtype, per_channel = inputs[:9]
     _, q, x_scale, rstd, packs, scales = output
-    ctx.save_for_backward(x, norm_weight, q, x_scale, rstd, *packs, *scales)
+    ctx.normalize = inputs[9] if len(inputs) > 9 else True
+    ctx.fp8 = bool(inputs[10]) if len(inputs) > 10 else False
+    # Without a norm the backward needs only the codes: x's shape, dtype and device are kept.
+    ctx.save_for_backward(x if ctx.normalize else None, norm_weight, q, x_scale, rstd, *packs, *scales)
+    ctx.x_meta = (x.shape, x.dtype, x.device)
     ctx.n = len(weights)
     ctx.offset = offset
     ctx.cast_before_weight = cast_before_weight
-    ctx.normalize = inputs[9] if len(inputs) > 9 else True
     ctx.K = x.shape[-1]
     ctx.weight_dtypes = [w.dtype for w in weights]
     ctx.bias_dtypes = [b.dtype for b in biases]
@@ -642,9 +648,25 @@ def _group_backward(ctx, douts, *_unused):
     with ``normalize=False``: that sum is the input's gradient)."""
     x, norm_weight, q, x_scale, rstd, *rest = ctx.saved_tensors
     packs, scales = rest[: ctx.n], rest[ctx.n:]
+    x_shape, x_dtype, x_device = ctx.x_meta
+    if ctx.fp8:
+        dy, dweights, dbiases = _group_backward_fp8(ctx, douts, q, x_scale, packs, scales)
+    else:
+        dy, dweights, dbiases = _group_backward_exact(ctx, douts, q, x_scale, packs, scales, x_device)
+    if ctx.normalize:
+        dx, dg = rms_norm_backward(dy.reshape(x_shape), x, norm_weight, rstd, ctx.offset, ctx.cast_before_weight)
+        dnorm = None if norm_weight is None else dg.to(norm_weight.dtype)
+    else:
+        dx, dnorm = dy.reshape(x_shape).to(x_dtype), None
+    # One None for each scalar argument the call passed (a trailing normalize at its default is left out).
+    return (dx, dnorm, dweights, dbiases if ctx.bias_dtypes else []) + (None,) * (len(ctx.needs_input_grad) - 4)
+
+
+def _group_backward_exact(ctx, douts, q, x_scale, packs, scales, device):
+    """The straight-through matmuls in the gradient's dtype: ``(dy fp32, dweights, dbiases)``."""
     K = ctx.K
     y_dq = None
-    dy = torch.zeros((q.numel() // K, K), dtype=torch.float32, device=x.device)
+    dy = torch.zeros((q.numel() // K, K), dtype=torch.float32, device=device)
     dweights, dbiases = [], []
     for i in range(ctx.n):
         dout = douts[i]
@@ -659,13 +681,31 @@ def _group_backward(ctx, douts, *_unused):
         dweights.append((d2.t() @ y_dq.to(d2.dtype)).to(ctx.weight_dtypes[i]))
         dy += d2 @ dequantize(packs[i], scales[i], K, d2.dtype)
         dbiases.append(d2.sum(0).to(ctx.bias_dtypes[i]) if ctx.bias_dtypes else None)
-    if ctx.normalize:
-        dx, dg = rms_norm_backward(dy.reshape(x.shape), x, norm_weight, rstd, ctx.offset, ctx.cast_before_weight)
-        dnorm = None if norm_weight is None else dg.to(norm_weight.dtype)
-    else:
-        dx, dnorm = dy.reshape(x.shape).to(x.dtype), None
-    # One None for each scalar argument the call passed (a trailing normalize at its default is left out).
-    return (dx, dnorm, dweights, dbiases if ctx.bias_dtypes else []) + (None,) * (len(ctx.needs_input_grad) - 4)
+    return dy, dweights, dbiases
+
+
+def _group_backward_fp8(ctx, douts, q, x_scale, packs, scales):
+    """The two straight-through matmuls in FP8 (:mod:`bitfx.fp8`): the input gradient as one
+    matmul over the siblings' stacked codes, each weight gradient against the activations
+    rounded once per feature. ``(dy, dweights, dbiases)``."""
+    K = ctx.K
+    M = q.numel() // K
+    live = [i for i in range(ctx.n) if douts[i] is not None]
+    d2s = {i: douts[i].reshape(M, packs[i].shape[0]) for i in live}
+    dweights, dbiases = [None] * ctx.n, [None] * ctx.n
+    if not live:  # no output was used
+        return q.new_zeros((M, K), dtype=torch.float32), dweights, dbiases
+    dtype = d2s[live[0]].dtype
+    ones = [torch.ones_like(scales[i]) for i in live]
+    codes = [dequantize(packs[i], o, K, torch.bfloat16) for i, o in zip(live, ones)]  # t, exact in bf16
+    dy = fp8.input_grad([d2s[i] for i in live], codes, [scales[i] for i in live], torch.float32)
+    acts = act_dequant(q.reshape(M, K), x_scale.reshape(M), torch.float32)
+    acts_t8, acts_scale = fp8.round_rows(acts.t())
+    for i in live:
+        dweights[i] = fp8.weight_grad(d2s[i], acts_t8, acts_scale, ctx.weight_dtypes[i])
+        if ctx.bias_dtypes:
+            dbiases[i] = d2s[i].sum(0).to(ctx.bias_dtypes[i])
+    return dy, dweights, dbiases
 
 
 torch.library.register_autograd("bitfx::bitlinear_group", _group_backward, setup_context=_group_setup_context)

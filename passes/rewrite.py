@@ -296,7 +296,8 @@ def _rewrite_inference(b: _Builder, site: Site, uses: list[LinearUse], per_chann
                 b.replace(u.node, r)
 
 
-def _rewrite_training(b: _Builder, site: Site, uses: list[LinearUse], per_channel: bool, order) -> None:
+def _rewrite_training(b: _Builder, site: Site, uses: list[LinearUse], per_channel: bool, order,
+                      fp8_backward: bool = False) -> None:
     packed = [u for u in uses if u.kind == "bitfx"]
     if packed:  # frozen packed weights: a gradient passes to x and the norm weight
         _rewrite_packed(b, site, packed, order)
@@ -313,7 +314,8 @@ def _rewrite_training(b: _Builder, site: Site, uses: list[LinearUse], per_channe
             x = _replay_path(b, group[0].path, site.norm_input)
             flags = [bool(u.per_channel if u.weight_quant is not None else per_channel) for u in group]
             biases = [u.bias for u in group] if group[0].bias is not None else []
-            extra = () if site.norm is not None else (False,)  # normalize=False: activation quantization alone
+            # normalize=False: activation quantization alone; fp8_backward after it, given only when set
+            extra = (site.norm is not None, True) if fp8_backward else () if site.norm is not None else (False,)
             bl = b.call(_ops.bitlinear_group.default, x, site.norm_weight, [u.weight for u in group], biases,
                         eps, offset, cbw, norm_dtype, flags, *extra, like=first.node)
             outs = b.getitem(bl, 0)
@@ -327,11 +329,13 @@ def _rewrite_training(b: _Builder, site: Site, uses: list[LinearUse], per_channe
             b.replace(u.node, out)
 
 
-def rewrite_sites(gm: fx.GraphModule, sites: list[Site], *, training: bool, per_channel: bool = False) -> int:
+def rewrite_sites(gm: fx.GraphModule, sites: list[Site], *, training: bool, per_channel: bool = False,
+                  fp8_backward: bool = False) -> int:
     """Replace each site of ``sites`` (from :func:`find_sites` on this ``gm``) with bitfx ops.
 
     ``training`` picks the differentiable ``bitlinear`` form; ``per_channel`` the weight
-    scales of linears whose weights were dense (eager-quantized ones keep their own grouping).
+    scales of linears whose weights were dense (eager-quantized ones keep their own grouping);
+    ``fp8_backward`` the training ops' FP8 backward matmuls.
     Returns the number of sites rewritten.
     """
     graph = gm.graph
@@ -342,7 +346,7 @@ def rewrite_sites(gm: fx.GraphModule, sites: list[Site], *, training: bool, per_
     for site in sites:
         uses = [site.use_of(lin) or analyze_linear(site, lin) for lin in site.linears]
         if training:
-            _rewrite_training(b, site, uses, per_channel, order)
+            _rewrite_training(b, site, uses, per_channel, order, fp8_backward)
         else:
             _rewrite_inference(b, site, uses, per_channel, order)
         doomed += site.norm_nodes
@@ -396,6 +400,7 @@ def bitfx_pass(gm: fx.GraphModule, config: Any = None, filter_fn: Any = None, na
     naming = naming or Naming()
     training = getattr(config, "training", None)
     per_channel = getattr(config, "per_channel", False)
+    fp8_backward = getattr(config, "backward", "exact") == "fp8"
     if training is None:
         training = _decide_training(gm)
     total = 0
@@ -410,7 +415,7 @@ def bitfx_pass(gm: fx.GraphModule, config: Any = None, filter_fn: Any = None, na
                 record["dense"][key] = d.reason
         for r in plan.rejected:
             log.debug("left %s (%s): %s", r.module or r.node.name, r.node.name, r.reason)
-        n = rewrite_sites(g, plan.sites, training=training, per_channel=per_channel)
+        n = rewrite_sites(g, plan.sites, training=training, per_channel=per_channel, fp8_backward=fp8_backward)
         total += n
         if plan.sites or plan.rejected:
             log.info(
