@@ -438,6 +438,27 @@ def _fake_norm_outputs(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 # ---------------------------------------------------------------- bitlinear (training)
 
+# The training ops' backward formulas are plain torch (no bitfx op): under torch.compile
+# AOTAutograd traces them into the backward graph, where Inductor fuses the dequantization into
+# the kernels around the matmuls and the norm's backward into one reduction, with no Python per
+# call; run eagerly they compute the same values as the bitfx ops they stand for.
+
+def _bw_act_dequant(q: Tensor, x_scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(q / s_x).to(dtype)`` (as :func:`act_dequant`)."""
+    return (q.float() / x_scale.float().unsqueeze(-1)).to(dtype)
+
+
+def _bw_dequantize(packed: Tensor, w_scale: Tensor, K: int, dtype: torch.dtype) -> Tensor:
+    """``(t / s_w).to(dtype) [N, K]`` from packed codes (as :func:`dequantize`, codes unchecked)."""
+    t = ref.unpacked_codes(packed, K)
+    return (t.float() / w_scale.float().unsqueeze(1)).to(dtype)
+
+
+def _bw_norm_backward(dy, x, weight, rstd, offset, cast_before_weight):
+    """``(dx, dweight fp32)`` of the RMSNorm (as :func:`rms_norm_backward`)."""
+    return ref.rms_norm_backward(dy, x, weight, rstd, offset, cast_before_weight)
+
+
 def _check_bitlinear_args(x, norm_weight, weight, bias, norm_dtype):
     _check_norm_args("bitlinear", x, norm_weight, norm_dtype)
     _check_linear_weight("bitlinear", weight)
@@ -519,12 +540,12 @@ def _bitlinear_backward(ctx, dout, *_unused):
     d2 = dout.reshape(-1, N)
     # The matmuls run in the gradient's dtype (bf16 tensor cores in bf16 training).
     mm_dtype = d2.dtype
-    y_dq = act_dequant(q.reshape(-1, ctx.K), x_scale.reshape(-1), mm_dtype)
-    w_dq = dequantize(packed, w_scale, ctx.K, mm_dtype)
+    y_dq = _bw_act_dequant(q.reshape(-1, ctx.K), x_scale.reshape(-1), mm_dtype)
+    w_dq = _bw_dequantize(packed, w_scale, ctx.K, mm_dtype)
     dweight = (d2.t() @ y_dq).to(ctx.weight_dtype)
     dy = (d2 @ w_dq).reshape(x.shape)
     dbias = d2.sum(0).to(ctx.bias_dtype) if ctx.has_bias else None
-    dx, dg = rms_norm_backward(dy, x, norm_weight, rstd, ctx.offset, ctx.cast_before_weight)
+    dx, dg = _bw_norm_backward(dy, x, norm_weight, rstd, ctx.offset, ctx.cast_before_weight)
     dnorm = None if norm_weight is None else dg.to(norm_weight.dtype)
     return dx, dnorm, dweight, dbias, None, None, None, None, None
 
@@ -654,7 +675,7 @@ def _group_backward(ctx, douts, *_unused):
     else:
         dy, dweights, dbiases = _group_backward_exact(ctx, douts, q, x_scale, packs, scales, x_device)
     if ctx.normalize:
-        dx, dg = rms_norm_backward(dy.reshape(x_shape), x, norm_weight, rstd, ctx.offset, ctx.cast_before_weight)
+        dx, dg = _bw_norm_backward(dy.reshape(x_shape), x, norm_weight, rstd, ctx.offset, ctx.cast_before_weight)
         dnorm = None if norm_weight is None else dg.to(norm_weight.dtype)
     else:
         dx, dnorm = dy.reshape(x_shape).to(x_dtype), None
@@ -677,9 +698,9 @@ def _group_backward_exact(ctx, douts, q, x_scale, packs, scales, device):
         N = packs[i].shape[0]
         d2 = dout.reshape(-1, N)
         if y_dq is None:
-            y_dq = act_dequant(q.reshape(-1, K), x_scale.reshape(-1), d2.dtype)
+            y_dq = _bw_act_dequant(q.reshape(-1, K), x_scale.reshape(-1), d2.dtype)
         dweights.append((d2.t() @ y_dq.to(d2.dtype)).to(ctx.weight_dtypes[i]))
-        dy += d2 @ dequantize(packs[i], scales[i], K, d2.dtype)
+        dy += d2 @ _bw_dequantize(packs[i], scales[i], K, d2.dtype)
         dbiases.append(d2.sum(0).to(ctx.bias_dtypes[i]) if ctx.bias_dtypes else None)
     return dy, dweights, dbiases
 
@@ -695,11 +716,9 @@ def _group_backward_fp8(ctx, douts, q, x_scale, packs, scales):
     dweights, dbiases = [None] * ctx.n, [None] * ctx.n
     if not live:  # no output was used
         return q.new_zeros((M, K), dtype=torch.float32), dweights, dbiases
-    dtype = d2s[live[0]].dtype
-    ones = [torch.ones_like(scales[i]) for i in live]
-    codes = [dequantize(packs[i], o, K, torch.bfloat16) for i, o in zip(live, ones)]  # t, exact in bf16
+    codes = [ref.unpacked_codes(packs[i], K) for i in live]
     dy = fp8.input_grad([d2s[i] for i in live], codes, [scales[i] for i in live], torch.float32)
-    acts = act_dequant(q.reshape(M, K), x_scale.reshape(M), torch.float32)
+    acts = _bw_act_dequant(q.reshape(M, K), x_scale.reshape(M), torch.float32)
     acts_t8, acts_scale = fp8.round_rows(acts.t())
     for i in live:
         dweights[i] = fp8.weight_grad(d2s[i], acts_t8, acts_scale, ctx.weight_dtypes[i])
@@ -827,12 +846,12 @@ def _ternary_group_backward(ctx, douts, *_unused):
             continue
         N = packed[i].shape[0]
         d2 = dout.reshape(-1, N)
-        dy += d2 @ dequantize(packed[i], w_scale[i], K, d2.dtype)
+        dy += d2 @ _bw_dequantize(packed[i], w_scale[i], K, d2.dtype)
         dbiases.append(d2.sum(0).to(ctx.bias_dtypes[i]) if ctx.bias_dtypes else None)
     dy = dy.reshape(x.shape)
     dnorm = None
     if ctx.normalize:
-        dx, dg = rms_norm_backward(dy, x, norm_weight, rstd, ctx.offset, ctx.cast_before_weight)
+        dx, dg = _bw_norm_backward(dy, x, norm_weight, rstd, ctx.offset, ctx.cast_before_weight)
         dnorm = None if norm_weight is None else dg.to(norm_weight.dtype)
     else:
         dx = dy.to(x.dtype)

@@ -262,6 +262,12 @@ def _codes(packed: torch.Tensor, K: int) -> torch.Tensor:
     return torch.cat([(b >> (2 * j)) & 3 for j in range(PLANES)], dim=1)
 
 
+def unpacked_codes(packed: torch.Tensor, K: int) -> torch.Tensor:
+    """The ternary codes ``t`` of a packed weight as int8 ``[N, K]``, not checked for validity
+    (no data-dependent branch: traceable with fake tensors; see :func:`unpack_ternary`)."""
+    return (_codes(packed, K)[:, :K] - CODE_OFFSET).to(torch.int8)
+
+
 def _check_codes(codes: torch.Tensor, K: int) -> None:
     """A ValueError naming the first invalid code: 3 anywhere (no ternary value), or a padding
     column ``k >= K`` whose code is not ``CODE_OFFSET`` (a zero weight)."""

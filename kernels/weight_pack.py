@@ -99,10 +99,24 @@ def weight_scale(w: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
     )
     if per_channel:
         return out
-    # Per tensor: combine the row sums on the device (NaN rows make the total NaN).
-    mean = out.sum() / (N * K)
-    scale = torch.where(torch.isnan(mean), mean, mean.clamp(min=_SCALE_FLOOR).reciprocal())
-    return scale.expand(N).contiguous()
+    # Per tensor: one more program combines the row sums and writes the scale to every row.
+    _tensor_scale_kernel[(1,)](out, N, float(N * K), BLOCK=min(next_pow2(N), 1024))
+    return out
+
+
+@triton.jit
+def _tensor_scale_kernel(s_ptr, N, count, BLOCK: tl.constexpr):
+    """In place over the row sums ``s [N]``: ``s[:] = 1 / max(sum(s) / count, 1e-5)`` (NaN when a
+    row sum is NaN), in one program: the per-tensor scale without a round trip through torch."""
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK):
+        idx = n0 + tl.arange(0, BLOCK)
+        acc += tl.load(s_ptr + idx, mask=idx < N, other=0.0)
+    mean = tl.math.div_rn(tl.sum(acc, axis=0), count)
+    scale = tl.where(mean != mean, mean, tl.math.div_rn(1.0, tl.maximum(mean, 1e-5)))
+    for n0 in range(0, N, BLOCK):
+        idx = n0 + tl.arange(0, BLOCK)
+        tl.store(s_ptr + idx, tl.zeros((BLOCK,), dtype=tl.float32) + scale, mask=idx < N)
 
 
 # --------------------------------------------------------------------------------------------
