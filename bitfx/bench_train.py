@@ -6,7 +6,8 @@ A transformers Llama with random initialization and bf16 parameters takes traini
 
 * ``bf16-inductor``: ``torch.compile(model)``;
 * ``bitfx``: ``torch.compile(model, backend="bitfx")``: every linear but the head ternary,
-  trained with the straight-through estimator (``BitfxConfig(linears=...)`` via ``--linears``).
+  trained with the straight-through estimator (``BitfxConfig(linears=...)`` via ``--linears``);
+* ``bitfx-fp8``: the same with the FP8 backward (``BitfxConfig(backward="fp8")``).
 
 Shapes: ``llama-1b`` (hidden 2048, 16 layers, 4 x 2048 tokens a step) and ``llama-350m``
 (hidden 1024, 12 layers, tied embeddings, 8 x 2048 tokens); ``--quick`` uses tiny ones.
@@ -44,7 +45,7 @@ SHAPES = {
 }
 TINY = (64, 128, 2, 4, 2, True, 2, 32)
 VOCAB, TINY_VOCAB = 128256, 256
-METHODS = ("bf16-inductor", "bitfx")
+METHODS = ("bf16-inductor", "bitfx", "bitfx-fp8")
 
 
 def make_config(name: str, quick: bool = False):
@@ -62,8 +63,9 @@ def batch_of(name: str, quick: bool, batch: Optional[int]) -> tuple[int, int]:
 
 
 def _compile(model: torch.nn.Module, method: str, linears: str):
-    if method == "bitfx":
-        return torch.compile(model, backend="bitfx", options={"linears": linears})
+    if method in ("bitfx", "bitfx-fp8"):
+        backward = "fp8" if method == "bitfx-fp8" else "exact"
+        return torch.compile(model, backend="bitfx", options={"linears": linears, "backward": backward})
     return torch.compile(model)
 
 
@@ -155,8 +157,10 @@ def profile_step(step, cuda: bool, top: int) -> dict:
         t[0] += 1
         t[1] += e.time_range.end - e.time_range.start  # microseconds
     ranked = sorted(totals.items(), key=lambda kv: -kv[1][1])
+    host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     return {"kernels": sum(c for c, _ in totals.values()), "us": sum(u for _, u in totals.values()),
-            "top": [{"name": k[:120], "calls": c, "us": u} for k, (c, u) in ranked[:top]]}
+            "top": [{"name": k[:120], "calls": c, "us": u} for k, (c, u) in ranked[:top]],
+            "host_top": [{"name": e.key[:120], "calls": e.count, "us": e.self_cpu_time_total} for e in host[:top]]}
 
 
 def render_profile(results: dict) -> str:
@@ -171,6 +175,9 @@ def render_profile(results: dict) -> str:
                 f"{p['us'] / 1e3:.1f} ms summed", "", "| kernel | calls | ms | share |", "|---|---|---|---|"]
         for e in p["top"]:
             out.append(f"| `{e['name']}` | {e['calls']} | {e['us'] / 1e3:.2f} | {e['us'] / max(p['us'], 1e-9):.1%} |")
+        out += ["", "host (CPU) ops by self time:", "", "| op | calls | self ms |", "|---|---|---|"]
+        for e in p.get("host_top", []):
+            out.append(f"| `{e['name']}` | {e['calls']} | {e['us'] / 1e3:.2f} |")
         out.append("")
     return "\n".join(out)
 
