@@ -162,13 +162,23 @@ def test_config_rejects_an_unknown_backward():
 @pytest.mark.cuda
 def test_scaled_mm_on_the_gpu_matches_the_definition():
     """The tensor-core path (where the GPU has one; else the definition itself) against the fp32
-    product of the same rounded operands, sizes not multiples of 16 included (zero padding):
-    accumulation order and the bf16 result (2**-8 relative) apart."""
+    product of the same rounded operands, sizes not multiples of 16 included (zero padding).
+
+    Bound: the bf16 result's rounding (2**-8 of the value) plus the accumulation's error,
+    relative to ``mag = |A| @ |B|``. Hopper's FP8 tensor cores do not accumulate in full fp32:
+    their accumulator keeps about 14 bits when aligning products (DeepSeek-V3's technical report
+    measured this; cuBLAS promotes partial sums to fp32 between blocks of the contraction). The
+    first H100 run of this test saw 1.2e-5 of ``mag``, above fp32's ~1e-6 and well within
+    2**-12 (2.4e-4); a transposed or misapplied scale errs by the size of the values themselves."""
     g = torch.Generator().manual_seed(5)
+    worst = 0.0
     for M, C, N in [(64, 128, 96), (37, 200, 50), (1, 48, 16), (2048, 1024, 512)]:
         a8, sa = fp8.round_rows(torch.randn(M, C, generator=g))
         b8, sb = fp8.round_rows(torch.randn(N, C, generator=g) * 3)
         want = fp8.scaled_mm(a8, sa, b8, sb, torch.float32)  # CPU: the definition
         got = fp8.scaled_mm(a8.cuda(), sa.cuda(), b8.cuda(), sb.cuda(), torch.float32).cpu()
         mag = (a8.float() * sa).abs() @ (b8.float() * sb).abs().t()
-        assert torch.all((got - want).abs() <= 2.0**-8 * want.abs() + 1e-5 * mag), (M, C, N)
+        excess = ((got - want).abs() - 2.0**-8 * want.abs()).clamp_min(0) / mag
+        worst = max(worst, float(excess.max()))
+        assert torch.all(excess <= 2.0**-12), (M, C, N, float(excess.max()))
+    print(f"FP8 tensor-core matmul: accumulation error at most {worst:.2e} of |A| @ |B|")
