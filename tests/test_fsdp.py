@@ -264,7 +264,8 @@ def test_fsdp2_trains_as_one_process(tmpdir_fsdp):
 # few ulps per step that SGD carries forward and that may, over ten steps, flip the odd ternary
 # code sitting on a rounding boundary (one flip: 1.6e-5 relative in the median on the CPU model
 # above). ``RTOL_CUDA`` = 1e-4 admits a few such flips and no real divergence, which moves the
-# loss by percents (the first step's loss to the last differs by ~10%).
+# loss by percents (the first step's loss to the last differs by ~10%). Measured on two H100s
+# (torch 2.11): at most 9.4e-8 relative over these 2 seeds x 10 steps, no flip.
 CUDA_SEEDS, CUDA_STEPS = (0, 1), 10
 RTOL_CUDA = 1e-4
 
