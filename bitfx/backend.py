@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from bitfx import ops  # noqa: F401  (registers torch.ops.bitfx.*)
+from bitfx.cache_key import keyed
 from bitfx.config import BitfxConfig
 from bitfx.passes.naming import Naming
 from bitfx.passes.plan import check_filter_fn
@@ -131,7 +132,8 @@ def bitfx_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[st
     naming = Naming(_frame_roots(), list(example_inputs))
     bitfx_pass(gm, config, filter_fn, naming)
     packs = None if config.training else prepack(gm, list(example_inputs), naming)
-    compiled = compile_fx(gm, example_inputs, config_patches=inductor_patches or None)
+    # bitfx's sources join the compile caches' keys (the backward formulas are Python: bitfx/cache_key.py)
+    compiled = compile_fx(gm, example_inputs, config_patches=keyed(inductor_patches))
     return compiled if packs is None else packs.guard(compiled)
 
 
