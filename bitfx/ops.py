@@ -370,7 +370,7 @@ def _check_act_dequant_args(q, x_scale, dtype) -> None:
 def act_dequant(q: Tensor, x_scale: Tensor, dtype: torch.dtype) -> Tensor:
     """``q / s_x`` as ``dtype [..., K]``: the activations the forward's matmul used."""
     _check_act_dequant_args(q, x_scale, dtype)
-    return (q.float() / x_scale.float().unsqueeze(-1)).to(dtype)
+    return _bw_act_dequant(q, x_scale, dtype)
 
 
 @_cuda_kernel(act_dequant)
@@ -440,23 +440,18 @@ def _fake_norm_outputs(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 # The training ops' backward formulas are plain torch (no bitfx op): under torch.compile
 # AOTAutograd traces them into the backward graph, where Inductor fuses the dequantization into
-# the kernels around the matmuls and the norm's backward into one reduction, with no Python per
-# call; run eagerly they compute the same values as the bitfx ops they stand for.
+# the kernels around the matmuls and the norm's backward (``ref.rms_norm_backward``) into one
+# reduction, with no Python per call; run eagerly they compute what the bitfx ops compute.
 
 def _bw_act_dequant(q: Tensor, x_scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """``(q / s_x).to(dtype)`` (as :func:`act_dequant`)."""
+    """``(q / s_x).to(dtype)``: :func:`act_dequant`'s definition."""
     return (q.float() / x_scale.float().unsqueeze(-1)).to(dtype)
 
 
 def _bw_dequantize(packed: Tensor, w_scale: Tensor, K: int, dtype: torch.dtype) -> Tensor:
-    """``(t / s_w).to(dtype) [N, K]`` from packed codes (as :func:`dequantize`, codes unchecked)."""
+    """``(t / s_w).to(dtype) [N, K]``: :func:`dequantize` without its check of the codes."""
     t = ref.unpacked_codes(packed, K)
     return (t.float() / w_scale.float().unsqueeze(1)).to(dtype)
-
-
-def _bw_norm_backward(dy, x, weight, rstd, offset, cast_before_weight):
-    """``(dx, dweight fp32)`` of the RMSNorm (as :func:`rms_norm_backward`)."""
-    return ref.rms_norm_backward(dy, x, weight, rstd, offset, cast_before_weight)
 
 
 def _check_bitlinear_args(x, norm_weight, weight, bias, norm_dtype):
@@ -545,7 +540,7 @@ def _bitlinear_backward(ctx, dout, *_unused):
     dweight = (d2.t() @ y_dq).to(ctx.weight_dtype)
     dy = (d2 @ w_dq).reshape(x.shape)
     dbias = d2.sum(0).to(ctx.bias_dtype) if ctx.has_bias else None
-    dx, dg = _bw_norm_backward(dy, x, norm_weight, rstd, ctx.offset, ctx.cast_before_weight)
+    dx, dg = ref.rms_norm_backward(dy, x, norm_weight, rstd, ctx.offset, ctx.cast_before_weight)
     dnorm = None if norm_weight is None else dg.to(norm_weight.dtype)
     return dx, dnorm, dweight, dbias, None, None, None, None, None
 
@@ -675,7 +670,7 @@ def _group_backward(ctx, douts, *_unused):
     else:
         dy, dweights, dbiases = _group_backward_exact(ctx, douts, q, x_scale, packs, scales, x_device)
     if ctx.normalize:
-        dx, dg = _bw_norm_backward(dy.reshape(x_shape), x, norm_weight, rstd, ctx.offset, ctx.cast_before_weight)
+        dx, dg = ref.rms_norm_backward(dy.reshape(x_shape), x, norm_weight, rstd, ctx.offset, ctx.cast_before_weight)
         dnorm = None if norm_weight is None else dg.to(norm_weight.dtype)
     else:
         dx, dnorm = dy.reshape(x_shape).to(x_dtype), None
@@ -851,7 +846,7 @@ def _ternary_group_backward(ctx, douts, *_unused):
     dy = dy.reshape(x.shape)
     dnorm = None
     if ctx.normalize:
-        dx, dg = _bw_norm_backward(dy, x, norm_weight, rstd, ctx.offset, ctx.cast_before_weight)
+        dx, dg = ref.rms_norm_backward(dy, x, norm_weight, rstd, ctx.offset, ctx.cast_before_weight)
         dnorm = None if norm_weight is None else dg.to(norm_weight.dtype)
     else:
         dx = dy.to(x.dtype)

@@ -265,7 +265,12 @@ def _codes(packed: torch.Tensor, K: int) -> torch.Tensor:
 def unpacked_codes(packed: torch.Tensor, K: int) -> torch.Tensor:
     """The ternary codes ``t`` of a packed weight as int8 ``[N, K]``, not checked for validity
     (no data-dependent branch: traceable with fake tensors; see :func:`unpack_ternary`)."""
-    return (_codes(packed, K)[:, :K] - CODE_OFFSET).to(torch.int8)
+    return _ternary(_codes(packed, K), K)
+
+
+def _ternary(codes: torch.Tensor, K: int) -> torch.Tensor:
+    """The 2-bit codes of the first K columns as ternary values, int8."""
+    return (codes[:, :K] - CODE_OFFSET).to(torch.int8)
 
 
 def _check_codes(codes: torch.Tensor, K: int) -> None:
@@ -302,7 +307,7 @@ def unpack_ternary(packed: torch.Tensor, K: int) -> torch.Tensor:
     """
     codes = _codes(packed, K)
     _check_codes(codes, K)
-    return (codes[:, :K] - CODE_OFFSET).to(torch.int8)
+    return _ternary(codes, K)
 
 
 def _check_matmul_args(q, x_scale, packed, w_scale, bias):
