@@ -146,12 +146,11 @@ def profile_step(step, cuda: bool, top: int) -> dict:
         step()
         if cuda:
             torch.cuda.synchronize()
+    from bitfx.bench_models import _is_kernel_event
+
     totals: dict[str, list] = {}
     for e in prof.events():
-        on_gpu = str(getattr(e, "device_type", "")).rsplit(".", 1)[-1] == "CUDA"
-        if cuda and (not on_gpu or getattr(e, "is_user_annotation", False)):
-            continue
-        if not cuda and on_gpu:
+        if cuda and not _is_kernel_event(e):  # GPU kernels (annotations apart); all CPU ops on a CPU run
             continue
         t = totals.setdefault(e.name, [0, 0.0])
         t[0] += 1
