@@ -52,7 +52,9 @@ class BitfxConfig:
         straight-through estimator's two matmuls (input and weight gradient) in the gradient's
         dtype. ``"fp8"``: both in FP8 e4m3 with per-row scales (:mod:`bitfx.fp8`; FP8 tensor
         cores where the GPU has them): the ternary codes are exact in FP8, the gradients and
-        activations are rounded to 3 mantissa bits. The forward is unchanged.
+        activations are rounded to 3 mantissa bits. The forward is unchanged. Linears already
+        converted by ``bitfx.quantize`` (frozen packed weights, no weight gradient) keep the
+        exact input gradient.
     """
 
     linears: str = "all"
