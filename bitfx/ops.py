@@ -647,9 +647,9 @@ def _group_setup_context(ctx, inputs, output):
     _, q, x_scale, rstd, packs, scales = output
     ctx.normalize = inputs[9] if len(inputs) > 9 else True
     ctx.fp8 = bool(inputs[10]) if len(inputs) > 10 else False
-    # Without a norm the backward needs only the codes: x's shape, dtype and device are kept.
+    # Without a norm the backward needs only the codes: x's shape and dtype are kept.
     ctx.save_for_backward(x if ctx.normalize else None, norm_weight, q, x_scale, rstd, *packs, *scales)
-    ctx.x_meta = (x.shape, x.dtype, x.device)
+    ctx.x_meta = (x.shape, x.dtype)
     ctx.n = len(weights)
     ctx.offset = offset
     ctx.cast_before_weight = cast_before_weight
@@ -664,11 +664,11 @@ def _group_backward(ctx, douts, *_unused):
     with ``normalize=False``: that sum is the input's gradient)."""
     x, norm_weight, q, x_scale, rstd, *rest = ctx.saved_tensors
     packs, scales = rest[: ctx.n], rest[ctx.n:]
-    x_shape, x_dtype, x_device = ctx.x_meta
+    x_shape, x_dtype = ctx.x_meta
     if ctx.fp8:
         dy, dweights, dbiases = _group_backward_fp8(ctx, douts, q, x_scale, packs, scales)
     else:
-        dy, dweights, dbiases = _group_backward_exact(ctx, douts, q, x_scale, packs, scales, x_device)
+        dy, dweights, dbiases = _group_backward_exact(ctx, douts, q, x_scale, packs, scales)
     if ctx.normalize:
         dx, dg = ref.rms_norm_backward(dy.reshape(x_shape), x, norm_weight, rstd, ctx.offset, ctx.cast_before_weight)
         dnorm = None if norm_weight is None else dg.to(norm_weight.dtype)
@@ -678,11 +678,11 @@ def _group_backward(ctx, douts, *_unused):
     return (dx, dnorm, dweights, dbiases if ctx.bias_dtypes else []) + (None,) * (len(ctx.needs_input_grad) - 4)
 
 
-def _group_backward_exact(ctx, douts, q, x_scale, packs, scales, device):
+def _group_backward_exact(ctx, douts, q, x_scale, packs, scales):
     """The straight-through matmuls in the gradient's dtype: ``(dy fp32, dweights, dbiases)``."""
     K = ctx.K
     y_dq = None
-    dy = torch.zeros((q.numel() // K, K), dtype=torch.float32, device=device)
+    dy = torch.zeros((q.numel() // K, K), dtype=torch.float32, device=q.device)
     dweights, dbiases = [], []
     for i in range(ctx.n):
         dout = douts[i]
