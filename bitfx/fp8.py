@@ -38,6 +38,8 @@ def round_rows(t: Tensor) -> tuple[Tensor, Tensor]:
     """``t [R, C]`` as e4m3 codes ``[R, C]`` and fp32 scales ``[R, 1]``, ``t ≈ codes * scale``:
     one scale per row, the row's absolute maximum over 448."""
     t = t.float()
+    if t.shape[1] == 0:  # no columns (a step of no tokens): nothing to scale
+        return t.to(E4M3), t.new_full((t.shape[0], 1), _TINY)
     scale = (t.abs().amax(dim=1, keepdim=True) / E4M3_MAX).clamp_min(_TINY)
     return (t / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from bitfx import fp8
 from bitfx import reference as ref
-from bitfx.kernels.layout import packed_k
+from bitfx.kernels.layout import CODE_OFFSET, PLANES, packed_k
 
 __all__ = [
     "norm_quant",
@@ -55,6 +55,8 @@ __all__ = [
     "bitlinear",
     "bitlinear_full",
     "bitlinear_group",
+    "bitlinear_stacked",
+    "weight_quant_stacked",
     "ternary_linear_group",
     "dequantize",
     "act_dequant",
@@ -723,6 +725,201 @@ def _group_backward_fp8(ctx, douts, q, x_scale, packs, scales):
 
 
 torch.library.register_autograd("bitfx::bitlinear_group", _group_backward, setup_context=_group_setup_context)
+
+
+# ---------------------------------------------------------------- stacked training form (what the backend emits)
+
+# The backend's training graphs quantize the weights with plain torch (``weight_quant_stacked``,
+# decomposed by AOTAutograd, so Inductor fuses it into its own kernels: no Python launch per
+# weight) and run one ``bitlinear_stacked`` per norm: the norm and activation quantization, then
+# ONE ternary matmul over the sibling weights stacked along N (q/k/v, gate/up). Its backward is
+# one matmul per straight-through product over the stack, not one per weight. Per call, the
+# host launches two Triton kernels instead of (1 + 4 per weight) for ``bitlinear_group``.
+
+def _graph_weight_quant(w: Tensor, per_channel: bool) -> tuple[Tensor, Tensor]:
+    """``ref.weight_quant(w)`` in traceable plain torch (no data-dependent check). The mean
+    and the reciprocal are computed in fp64 and rounded once to fp32: correctly rounded, as the
+    reference's fp32 division and the Triton kernels' ``div_rn`` are, whatever the compiler does
+    with an fp32 division (double rounding is innocuous for 53 >= 2 * 24 + 2 bits). Only the
+    order of the fp32 sum of ``|w|`` may differ from the reference's."""
+    wf = w.detach().float()
+    N, K = wf.shape
+    if per_channel:
+        total, count, finite = wf.abs().sum(dim=1), K, torch.isfinite(wf).all(dim=1)
+    else:
+        total, count = wf.abs().sum().expand(N), N * K
+        finite = torch.isfinite(wf).all().expand(N)
+    mean = (total.double() / count).float()
+    scale = (1.0 / mean.clamp(min=ref._SCALE_FLOOR).double()).float()
+    scale = torch.where(finite, scale, float("nan"))
+    v = wf * scale.unsqueeze(1)
+    # clamp(round_half_even(v), -1, 1) == (v > 0.5) - (v < -0.5) for every fp32 v (NaN: 0)
+    codes = (v > 0.5).to(torch.int32) - (v < -0.5).to(torch.int32) + CODE_OFFSET
+    Kq = packed_k(K)
+    planes = torch.nn.functional.pad(codes, (0, PLANES * Kq - K), value=CODE_OFFSET).view(N, PLANES, Kq)
+    packed = planes[:, 0] | planes[:, 1] << 2 | planes[:, 2] << 4 | planes[:, 3] << 6
+    return packed.to(torch.uint8), scale
+
+
+def _check_stack_weights(op: str, weights: list[Tensor], per_channel: list[bool]) -> None:
+    if len(weights) == 0:
+        raise ValueError(f"bitfx.{op}: needs at least one linear weight")
+    if len(per_channel) != len(weights):
+        raise ValueError(f"bitfx.{op}: {len(weights)} weights but {len(per_channel)} per_channel flags")
+    for w in weights:
+        _check_linear_weight(op, w)
+        if w.shape[1] != weights[0].shape[1]:
+            raise ValueError(
+                f"bitfx.{op}: the weights must share K (in_features) to be stacked, got "
+                f"{[tuple(v.shape) for v in weights]}"
+            )
+    _check_same_device(op, *weights)
+
+
+_LIB.define("weight_quant_stacked(Tensor[] weights, bool[] per_channel) -> (Tensor, Tensor)")
+
+
+def _weight_quant_stacked(weights: list[Tensor], per_channel: list[bool]) -> tuple[Tensor, Tensor]:
+    """``weight_quant`` of each weight, stacked along N: ``(packed u8[sum N_i, Kq], w_scale
+    f32[sum N_i])``, each block with its own scale (per tensor or per channel). Plain torch
+    (CompositeImplicitAutograd): traced into the graph, where Inductor fuses it; no gradient
+    (the straight-through gradient reaches the weights through ``bitlinear_stacked``)."""
+    _check_stack_weights("weight_quant_stacked", weights, per_channel)
+    parts = [_graph_weight_quant(w, bool(pc)) for w, pc in zip(weights, per_channel)]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p for p, _ in parts], 0), torch.cat([s for _, s in parts], 0)
+
+
+_LIB.impl("weight_quant_stacked", _weight_quant_stacked, "CompositeImplicitAutograd")
+weight_quant_stacked = torch.ops.bitfx.weight_quant_stacked
+
+
+def _check_stacked_args(x, norm_weight, weights, packed, w_scale, bias, norm_dtype, normalize):
+    op = "bitlinear_stacked"
+    if not normalize and norm_weight is not None:
+        raise ValueError(f"bitfx.{op}: a norm weight was given but normalize=False; pass None")
+    _check_norm_args(op, x, norm_weight, norm_dtype)
+    _check_stack_weights(op, weights, [False] * len(weights))
+    K = x.shape[-1]
+    if weights[0].shape[1] != K:
+        raise ValueError(
+            f"bitfx.{op}: linear weights have K={weights[0].shape[1]} input features but the input has "
+            f"K={K} (last dimension)"
+        )
+    _check_packed_weight(op, packed, w_scale, bias, K)
+    n = sum(w.shape[0] for w in weights)
+    if packed.shape[0] != n:
+        raise ValueError(
+            f"bitfx.{op}: the packed stack has {packed.shape[0]} rows but the weights have {n} "
+            f"({[tuple(w.shape) for w in weights]}); pack them with weight_quant_stacked"
+        )
+    _check_same_device(op, x, norm_weight, packed, w_scale, bias, weights[0])
+
+
+_LIB.define(
+    "bitlinear_stacked(Tensor x, Tensor? norm_weight, Tensor[] weights, Tensor packed, Tensor w_scale, "
+    "Tensor? bias, float eps, bool offset, bool cast_before_weight, ScalarType norm_dtype, bool normalize=True, "
+    "bool fp8_backward=False) -> (Tensor, Tensor, Tensor, Tensor)"
+)
+
+
+def _bitlinear_stacked(x, norm_weight, weights, packed, w_scale, bias, eps, offset, cast_before_weight, norm_dtype,
+                       normalize=True, fp8_backward=False):
+    """RMSNorm (``normalize``; else none) -> int8 activation codes -> one exact ternary matmul
+    against ``packed``/``w_scale`` (``weight_quant_stacked(weights)``: the linears' weights
+    stacked along N) + ``bias`` (stacked, or None). Returns ``(out[..., sum N_i], q, x_scale,
+    rstd)``: ``out[..., rows of weight i]`` equals ``bitlinear(x, g, weights[i], b_i)`` to the
+    last bit (for the same scale). ``weights`` are read only by the backward, which is the
+    straight-through estimator: ``dW = dout^T (q / s_x)`` split per weight, ``dy = dout (t / s_w)``
+    over the whole stack, then the norm's backward; no gradient reaches ``packed``/``w_scale``.
+    ``fp8_backward``: those two matmuls in FP8 (:mod:`bitfx.fp8`)."""
+    _check_stacked_args(x, norm_weight, weights, packed, w_scale, bias, norm_dtype, normalize)
+    if normalize:
+        rstd = torch.rsqrt(x.float().pow(2).mean(dim=-1) + eps)
+        q, x_scale = ref.norm_quant(x, norm_weight, eps, offset=offset, cast_before_weight=cast_before_weight,
+                                    norm_dtype=norm_dtype)
+    else:
+        rstd = x.new_zeros(x.shape[:-1], dtype=torch.float32)
+        q, x_scale = ref.act_quant(x)
+    return ref.ternary_matmul(q, x_scale, packed, w_scale, bias, norm_dtype), q, x_scale, rstd
+
+
+_LIB.impl("bitlinear_stacked", _bitlinear_stacked, "CompositeExplicitAutograd")
+
+
+def _stacked_cuda(x, norm_weight, weights, packed, w_scale, bias, eps, offset, cast_before_weight, norm_dtype,
+                  normalize=True, fp8_backward=False):
+    # The shapes and dtypes were checked when the graph was traced (the fake implementation);
+    # per call only what a caller outside a graph could get wrong cheaply: the stack against x.
+    K = x.shape[-1]
+    if packed.dim() != 2 or packed.shape[1] != packed_k(K) or w_scale.shape != packed.shape[:1]:
+        _check_stacked_args(x, norm_weight, weights, packed, w_scale, bias, norm_dtype, normalize)
+    lead = x.shape[:-1]
+    if normalize:
+        q, x_scale, rstd = _kernels("norm_quant").norm_quant(_rows(x), norm_weight, eps, offset, cast_before_weight,
+                                                             norm_dtype)
+    else:
+        q, x_scale = _kernels("norm_quant").act_quant(_rows(x), ref.act_qmax(8))
+        rstd = x.new_zeros(lead, dtype=torch.float32)
+    out = _kernels("ternary_matmul").ternary_matmul(q, x_scale, packed, w_scale, bias, norm_dtype)
+    return out.view(*lead, packed.shape[0]), q.view(x.shape), x_scale.view(lead), rstd.view(lead)
+
+
+_CUDA_LIB.impl("bitlinear_stacked", _stacked_cuda, "CUDA")
+
+
+@torch.library.register_fake("bitfx::bitlinear_stacked", lib=_LIB)
+def _(x, norm_weight, weights, packed, w_scale, bias, eps, offset, cast_before_weight, norm_dtype,
+      normalize=True, fp8_backward=False):
+    _check_stacked_args(x, norm_weight, weights, packed, w_scale, bias, norm_dtype, normalize)
+    return (x.new_empty((*x.shape[:-1], packed.shape[0]), dtype=norm_dtype), *_fake_norm_outputs(x))
+
+
+def _stacked_setup_context(ctx, inputs, output):
+    x, norm_weight, weights, packed, w_scale, bias = inputs[:6]
+    _, q, x_scale, rstd = output
+    ctx.normalize = inputs[10] if len(inputs) > 10 else True
+    ctx.fp8 = bool(inputs[11]) if len(inputs) > 11 else False
+    ctx.offset, ctx.cast_before_weight = inputs[7], inputs[8]
+    # Without a norm the backward needs only the codes: x's shape and dtype are kept.
+    ctx.save_for_backward(x if ctx.normalize else None, norm_weight, q, x_scale, rstd, packed, w_scale)
+    ctx.x_meta = (x.shape, x.dtype)
+    ctx.sizes = [w.shape[0] for w in weights]
+    ctx.weight_dtypes = [w.dtype for w in weights]
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _stacked_backward(ctx, dout, *_unused):
+    x, norm_weight, q, x_scale, rstd, packed, w_scale = ctx.saved_tensors
+    x_shape, x_dtype = ctx.x_meta
+    K = x_shape[-1]
+    N = packed.shape[0]
+    d2 = dout.reshape(-1, N)
+    M = d2.shape[0]
+    dtypes = set(ctx.weight_dtypes)
+    if ctx.fp8:
+        dy = fp8.input_grad([d2], [ref.unpacked_codes(packed, K)], [w_scale], torch.float32)
+        acts_t8, acts_scale = fp8.round_rows(_bw_act_dequant(q.reshape(M, K), x_scale.reshape(M), torch.float32).t())
+        dw = fp8.weight_grad(d2, acts_t8, acts_scale, dtypes.pop() if len(dtypes) == 1 else torch.float32)
+    else:
+        # Both in the gradient's dtype (bf16 tensor cores in bf16 training), accumulated in
+        # fp32 inside each matmul: the input gradient is rounded once, over the whole stack.
+        dw = d2.t() @ _bw_act_dequant(q.reshape(M, K), x_scale.reshape(M), d2.dtype)
+        dy = d2 @ _bw_dequantize(packed, w_scale, K, d2.dtype)
+    dweights = [part.to(dt) for part, dt in zip(torch.split(dw, ctx.sizes, 0), ctx.weight_dtypes)]
+    dbias = None if ctx.bias_dtype is None else d2.sum(0).to(ctx.bias_dtype)
+    if ctx.normalize:
+        dx, dg = ref.rms_norm_backward(dy.reshape(x_shape), x, norm_weight, rstd, ctx.offset, ctx.cast_before_weight)
+        dnorm = None if norm_weight is None else dg.to(norm_weight.dtype)
+    else:
+        dx, dnorm = dy.reshape(x_shape).to(x_dtype), None
+    return (dx, dnorm, dweights, None, None, dbias) + (None,) * (len(ctx.needs_input_grad) - 6)
+
+
+torch.library.register_autograd("bitfx::bitlinear_stacked", _stacked_backward, setup_context=_stacked_setup_context,
+                                lib=_LIB)
+bitlinear_stacked = torch.ops.bitfx.bitlinear_stacked
 
 
 # ---------------------------------------------------------------- ternary_linear_group (frozen packed weights, grad mode)

@@ -7,11 +7,18 @@ Inference, per site (one norm feeding linears ``i = 1..``)::
     out_i        = bitfx.ternary_matmul(q, s_x, packed, s_w, b_i, out_dtype_i)
 
 Training, per site (the op's autograd is the straight-through estimator; the norm and the
-activation quantization run once for all the site's linears)::
+activation quantization run once for all the site's linears, and their weights are stacked
+along N into one matmul)::
 
-    outs, ... = bitfx.bitlinear_group(x, g, [W_1, W_2, ...], [b_1, b_2, ...], eps, offset,
-                                      cast_before_weight, norm_dtype, [per_channel_1, ...])
-    out_i     = outs[i]
+    packed, s_w = bitfx.weight_quant_stacked([W_1, W_2, ...], [per_channel_1, ...])  # plain torch
+    out, ...    = bitfx.bitlinear_stacked(x, g, [W_1, W_2, ...], packed, s_w, cat(b_1, b_2, ...),
+                                          eps, offset, cast_before_weight, norm_dtype, normalize,
+                                          fp8_backward)
+    out_1, out_2, ... = split(out, [N_1, N_2, ...], -1)
+
+``weight_quant_stacked`` decomposes into aten ops under AOTAutograd (Inductor fuses the
+quantization and packing of the weights with no Python launch); the weights also go to
+``bitlinear_stacked`` itself, whose backward gives them their straight-through gradients.
 
 The row-preserving ops that stood between the norm and a linear (views, reshapes, indexing of
 leading dims; see :func:`bitfx.passes.fx_utils.is_row_op`) are applied to ``x`` instead: the
@@ -302,29 +309,38 @@ def _rewrite_training(b: _Builder, site: Site, uses: list[LinearUse], per_channe
     if packed:  # frozen packed weights: a gradient passes to x and the norm weight
         _rewrite_packed(b, site, packed, order)
     eps, offset, cbw, norm_dtype = _norm_args(site)
-    # One bitlinear_group per set of linears that read the norm through the same row ops and
-    # agree on having a bias (the op takes a bias for every weight or for none).
+    # One bitlinear_stacked per set of linears that read the norm through the same row ops and
+    # agree on having a bias (the stacked bias covers every weight or none).
     groups: dict[tuple, list[LinearUse]] = {}
     for u in uses:
         if u.kind != "bitfx":
             groups.setdefault((_path_key(u.path), u.bias is not None), []).append(u)
     for group in groups.values():
-        first = min(group, key=lambda u: order[u.node])
+        group.sort(key=lambda u: order[u.node])
+        first = group[0]
+        weights = [u.weight for u in group]
+        biases = [u.bias for u in group] if first.bias is not None else []
+        _hoist(weights + biases, first.node)
         with b.graph.inserting_before(first.node):
-            x = _replay_path(b, group[0].path, site.norm_input)
+            x = _replay_path(b, first.path, site.norm_input)
             flags = [bool(u.per_channel if u.weight_quant is not None else per_channel) for u in group]
-            biases = [u.bias for u in group] if group[0].bias is not None else []
-            # normalize=False: activation quantization alone; fp8_backward after it, given only when set
-            extra = (site.norm is not None, True) if fp8_backward else () if site.norm is not None else (False,)
-            bl = b.call(_ops.bitlinear_group.default, x, site.norm_weight, [u.weight for u in group], biases,
-                        eps, offset, cbw, norm_dtype, flags, *extra, like=first.node)
-            outs = b.getitem(bl, 0)
+            wq = b.call(_ops.weight_quant_stacked.default, weights, flags, like=first.node)
+            bias = None if not biases else biases[0] if len(biases) == 1 else b.call(torch.cat, biases, 0, like=first.node)
+            bl = b.call(_ops.bitlinear_stacked.default, x, site.norm_weight, weights, b.getitem(wq, 0),
+                        b.getitem(wq, 1), bias, eps, offset, cbw, norm_dtype, site.norm is not None, fp8_backward,
+                        like=first.node)
+            out = b.getitem(bl, 0)
+            if len(group) == 1:
+                parts = [out]
+            else:
+                sizes = [int(_val(w).shape[0]) for w in weights]
+                split = b.call(torch.split, out, sizes, -1, like=first.node)
+                parts = [_split_for_users(b, b.getitem(split, i), u.node) for i, u in enumerate(group)]
             results = []
-            for i, u in enumerate(group):
-                out = b.getitem(outs, i)
+            for u, part in zip(group, parts):
                 if u.out_dtype != norm_dtype:
-                    out = b.node("call_method", "to", (out, u.out_dtype), like=u.node)
-                results.append(out)
+                    part = b.node("call_method", "to", (part, u.out_dtype), like=u.node)
+                results.append(part)
         for u, out in zip(group, results):
             b.replace(u.node, out)
 

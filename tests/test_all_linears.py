@@ -180,7 +180,7 @@ def test_inserted_norm_mode():
 
 
 def test_training_norm_less_linears_get_straight_through_gradients():
-    """Training graphs: the norm-less linears are ``bitlinear_group(normalize=False)``, whose
+    """Training graphs: the norm-less linears are ``bitlinear_stacked(normalize=False)``, whose
     forward and gradients equal the straight-through reference's."""
     torch.manual_seed(0)
     m = _Block()
@@ -211,7 +211,7 @@ def test_training_report_and_graph_for_a_llama():
 
     bitfx_pass(gm, BitfxConfig(training=True))
     c = op_counts(gm)
-    assert c["bitlinear_group"] == 4 * models.LAYERS and c["linear"] == 1
+    assert c["bitlinear_stacked"] == c["weight_quant_stacked"] == 4 * models.LAYERS and c["linear"] == 1
 
 
 def test_moe_router_and_head_stay_dense_in_all_mode():

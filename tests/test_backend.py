@@ -260,9 +260,9 @@ def check_training_loss_falls(device: str = "cpu", steps: int = 200):
         losses.append(loss.item())
     assert len(graphs) == 1
     # q/k, v (bias), gate/up at the norms; o_proj and down_proj without a norm (normalize=False)
-    assert op_counts(graphs[0]) == Counter(bitlinear_group=5, linear=1)
-    assert sum(n.args[9:10] == (False,) for n in graphs[0].graph.nodes
-               if getattr(n.target, "overloadpacket", None) is torch.ops.bitfx.bitlinear_group) == 2
+    assert op_counts(graphs[0]) == Counter(bitlinear_stacked=5, weight_quant_stacked=5, linear=1)
+    assert sum(n.args[10] is False for n in graphs[0].graph.nodes
+               if getattr(n.target, "overloadpacket", None) is torch.ops.bitfx.bitlinear_stacked) == 2
     assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
 
 

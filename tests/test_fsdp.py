@@ -12,7 +12,7 @@ How the compile goes under FSDP2: FSDP's hooks are ``torch._dynamo.disable``d, s
 forward (whose loop calls the FSDP-wrapped layers) falls back to eager and each layer's
 ``forward`` is compiled as its own frame. The hooks all-gather before that frame runs, so its
 graph receives the whole ``[N, K]`` weight: the training op's weight scale ``1 / mean|W|`` is the
-absmean of the unsharded weight. Checked directly (each weight a ``bitlinear_group`` op reads
+absmean of the unsharded weight. Checked directly (each weight ``weight_quant_stacked`` reads
 in every graph the ranks compiled is, at compile time, equal to the ``full_tensor()`` of one
 sharded parameter) and through the losses.
 
@@ -86,9 +86,9 @@ def _loss(compiled, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _recording_backend(graphs: list):
-    """bitfx's backend, recording per graph ``(n_ops, weights)``: how many ``bitlinear_group``
-    ops the rewritten graph holds, and a copy of the tensor each weight those ops read was at
-    compile time (None where the weight is not a graph input). Copied then: under FSDP2 the
+    """bitfx's backend, recording per graph ``(n_ops, weights)``: how many ``bitlinear_stacked``
+    ops the rewritten graph holds, and a copy of the tensor each weight their quantization
+    (``weight_quant_stacked``, where the scales are taken) read was at compile time (None where the weight is not a graph input). Copied then: under FSDP2 the
     unsharded parameters' storage is freed after each forward."""
     from bitfx.backend import bitfx_backend
 
@@ -97,9 +97,10 @@ def _recording_backend(graphs: list):
         placeholders = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
         n_ops, weights = 0, []
         for node in gm.graph.nodes:
-            if getattr(node.target, "overloadpacket", None) is torch.ops.bitfx.bitlinear_group:
-                n_ops += 1
-                for w in node.args[2]:
+            op = getattr(node.target, "overloadpacket", None)
+            n_ops += op is torch.ops.bitfx.bitlinear_stacked
+            if op is torch.ops.bitfx.weight_quant_stacked:  # where the weights' scales are taken
+                for w in node.args[0]:
                     weights.append(example_inputs[placeholders[w]].detach().clone() if w in placeholders else None)
         graphs.append((n_ops, weights))
         return compiled
@@ -160,7 +161,7 @@ def _rank(rank: int, world: int, tmpdir: str, kind: str = "cpu", seeds=SEEDS, st
                 "shapes": sorted(tuple(w.shape) for w in weights if w is not None),
                 "sharded": is_sharded,
                 "missing": sum(w is None for w in weights),
-                # every weight a bitlinear_group op read equals one whole unsharded weight
+                # every weight quantized equals one whole unsharded weight
                 "whole": all(w is not None and any(w.shape == f.shape and torch.equal(w, f) for f in full)
                              for w in weights),
             })
@@ -233,7 +234,7 @@ def test_fsdp2_trains_as_one_process(tmpdir_fsdp):
     finally:
         torch._dynamo.reset()
     layers = len(MODEL["styles"]) // 2
-    # Per layer: 5 bitlinear_group ops (q/k, v with bias, gate/up at the norms; o_proj and
+    # Per layer: 5 bitlinear_stacked ops (q/k, v with bias, gate/up at the norms; o_proj and
     # down_proj with normalize=False) reading 7 weights; lm_head stays dense.
     ref_ops, ref_weights = _bitlinear_weights(ref_graphs)
     assert ref_ops == 5 * layers and len(ref_weights) == 7 * layers

@@ -83,6 +83,19 @@ def _op_cases(device, M=5, K=40, N=24, dtype=torch.bfloat16):
             (x.detach().float().requires_grad_(), None, [W.detach().float().requires_grad_()], [], 1e-5, True, False,
              torch.float32, [False]),
         ),
+        "weight_quant_stacked": (ops.weight_quant_stacked.default, ([W, W[:7]], [False, True])),
+        "bitlinear_stacked": (
+            ops.bitlinear_stacked.default,
+            (*(t.detach().clone().requires_grad_() for t in (x, g)),
+             [W.detach().clone().requires_grad_(), W[:7].detach().clone().requires_grad_()],
+             *ops.weight_quant_stacked([W, W[:7]], [False, True]),
+             torch.cat([b, b[:7]]).detach().requires_grad_(), 1e-6, False, True, dtype, True, False),
+        ),
+        "bitlinear_stacked_nonorm_nobias": (
+            ops.bitlinear_stacked.default,
+            (x.detach().float().requires_grad_(), None, [W.detach().float().requires_grad_()],
+             *ops.weight_quant_stacked([W], [True]), None, 0.0, False, False, torch.float32, False, False),
+        ),
         "bitlinear_noweight_nobias": (
             ops.bitlinear.default,
             (x.detach().float().requires_grad_(), None, W.detach().float().requires_grad_(), None, 1e-5, False, True, torch.float32, True),
@@ -177,6 +190,123 @@ def test_bitlinear_group_bad_input():
         ops.bitlinear_group(x, None, [], [], 1e-6, False, True, torch.float32, [])
     with pytest.raises(ValueError, match="linear weight has K=9"):
         ops.bitlinear_group(x, None, [W, torch.randn(4, 9)], [], 1e-6, False, True, torch.float32, [False, False])
+
+
+# ------------------------------------------------------------------ the stacked training form (what the backend emits)
+
+
+def _with_nonfinite(W: torch.Tensor, seed: int) -> torch.Tensor:
+    """``W`` with a NaN or an Inf in one row on some seeds: its scale group must get NaN."""
+    if seed % 3 == 1 and W.numel():
+        W = W.clone()
+        W[seed % W.shape[0], seed % W.shape[1]] = float("nan") if seed % 2 else float("inf")
+    return W
+
+
+@given(
+    K=st.integers(1, 70),
+    Ns=st.lists(st.integers(1, 24), min_size=1, max_size=3),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    per_channel=st.lists(st.booleans(), min_size=3, max_size=3),
+    seed=st.integers(0, 2**16),
+)
+@example(K=1, Ns=[1], dtype=torch.float32, per_channel=[False] * 3, seed=1)
+def test_weight_quant_stacked_is_weight_quant_per_weight(K, Ns, dtype, per_channel, seed):
+    """Eager: each block of the stack is the reference's ``weight_quant`` of that weight, bit for bit
+    (the scale's mean and reciprocal are correctly rounded, as the reference's fp32 ones are)."""
+    Ws = [_with_nonfinite(_x((N, K), dtype, "cpu", seed + i), seed + i) for i, N in enumerate(Ns)]
+    pcs = per_channel[: len(Ns)]
+    packed, scale = ops.weight_quant_stacked(Ws, pcs)
+    want = [ref.weight_quant(W, pc) for W, pc in zip(Ws, pcs)]
+    assert torch.equal(packed, torch.cat([p for p, _ in want]))
+    torch.testing.assert_close(scale, torch.cat([s for _, s in want]), rtol=0, atol=0, equal_nan=True)
+
+
+def test_weight_quant_stacked_compiled():
+    """Under Inductor (how the backend's training graphs run it): the codes are exactly those of
+    the compiled scale (``ternarize`` + ``pack_ternary`` of it), and the scale is the
+    reference's up to the order of the fp32 sum; on operands whose sums are exact in any order
+    (multiples of 1/4), the whole result is the reference's bit for bit."""
+    torch._dynamo.reset()
+    fn = torch.compile(lambda ws: ops.weight_quant_stacked(ws, [False, True, False]), backend="inductor")
+    g = torch.Generator().manual_seed(0)
+    Ws = [torch.randn(48, 200, generator=g).bfloat16(), torch.randn(16, 200, generator=g), torch.randn(8, 200, generator=g)]
+    packed, scale = fn(Ws)
+    want_scale = torch.cat([ref.weight_scale(W, pc) for W, pc in zip(Ws, [False, True, False])])
+    # The fp32 sums of 9600 and 200 positive terms in another order: a few ulps (observed 3).
+    torch.testing.assert_close(scale, want_scale, rtol=1e-6, atol=0)
+    codes = [ref.pack_ternary(ref.ternarize(W, s)) for W, s in zip(Ws, scale.split([48, 16, 8]))]
+    assert torch.equal(packed, torch.cat(codes))
+    exact = [(torch.randint(-8, 9, (N, 200), generator=g) / 4).to(dt) for N, dt in
+             ((48, torch.bfloat16), (16, torch.float32), (8, torch.float16))]
+    packed, scale = fn(exact)
+    want = [ref.weight_quant(W, pc) for W, pc in zip(exact, [False, True, False])]
+    assert torch.equal(packed, torch.cat([p for p, _ in want]))
+    assert torch.equal(scale, torch.cat([s for _, s in want]))
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(
+    M=st.integers(0, 20),
+    K=st.integers(1, 70),
+    Ns=st.lists(st.integers(1, 24), min_size=1, max_size=3),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    normalize=st.booleans(),
+    has_bias=st.booleans(),
+    fp8=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@example(M=1, K=1, Ns=[1, 2], dtype=torch.bfloat16, normalize=True, has_bias=True, fp8=False, seed=0)
+def test_bitlinear_stacked_is_bitlinear_group(device, M, K, Ns, dtype, normalize, has_bias, fp8, seed):
+    """The stacked op's output is ``bitlinear_group``'s outputs side by side, bit for bit (on CUDA:
+    the kernels on both sides); its gradients are the group's, up to the order in which the
+    fp32 matmuls accumulate (one matmul over the stack against one per weight)."""
+    pcs = [(seed + i) % 2 == 0 for i in range(len(Ns))]
+    leaves = [_x((2, M, K), dtype, device, seed)] + ([_x((K,), dtype, device, seed + 1)] if normalize else [])
+    Ws = [_x((N, K), dtype, device, seed + 2 + i) for i, N in enumerate(Ns)]
+    bs = [_x((N,), dtype, device, seed + 9 + i) for i, N in enumerate(Ns)] if has_bias else []
+    results = []
+    for stacked in (True, False):
+        x, *rest = (t.detach().clone().requires_grad_() for t in leaves + Ws + bs)
+        g = rest.pop(0) if normalize else None
+        W, b = rest[: len(Ns)], rest[len(Ns):]
+        if stacked:
+            packed, scale = ops.weight_quant_stacked(W, pcs)
+            out = ops.bitlinear_stacked(x, g, W, packed, scale, torch.cat(b) if b else None, 1e-6, False, True, dtype,
+                                        normalize, fp8)[0]
+        else:
+            out = torch.cat(ops.bitlinear_group(x, g, W, b, 1e-6, False, True, dtype, pcs, normalize, fp8)[0], -1)
+        (out.float() * torch.linspace(-1, 1, out.numel(), device=device).reshape(out.shape)).sum().backward()
+        results.append((out, [t.grad for t in (x, g, *W, *b) if t is not None]))
+    (out, grads), (want_out, want_grads) = results
+    assert torch.equal(out, want_out)
+    for got, want in zip(grads, want_grads):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        if want.numel() == 0:
+            continue
+        # fp32 gradients: accumulation order alone; bf16/fp16: the group adds the weights'
+        # input gradients in fp32, the stack rounds its one product once: a few units of the dtype.
+        scale = want.float().abs().max().clamp(min=1e-6)
+        tol = 1e-5 if dtype == torch.float32 and not fp8 else 2e-2
+        assert ((got.float() - want.float()).abs().max() / scale) <= tol
+
+
+def test_bitlinear_stacked_bad_input():
+    x, W = torch.randn(3, 8), torch.randn(4, 8)
+    packed, scale = ops.weight_quant_stacked([W, W], [False, False])
+    with pytest.raises(ValueError, match="packed stack has 8 rows but the weights have 4"):
+        ops.bitlinear_stacked(x, None, [W], packed, scale, None, 1e-6, False, True, torch.float32, True)
+    with pytest.raises(ValueError, match="norm weight was given but normalize=False"):
+        ops.bitlinear_stacked(x, torch.ones(8), [W, W], packed, scale, None, 0.0, False, True, torch.float32, False)
+    with pytest.raises(ValueError, match="must share K"):
+        ops.weight_quant_stacked([W, torch.randn(4, 9)], [False, False])
+    with pytest.raises(ValueError, match="needs at least one linear weight"):
+        ops.weight_quant_stacked([], [])
+    with pytest.raises(ValueError, match="bias has shape"):
+        ops.bitlinear_stacked(x, None, [W, W], packed, scale, torch.randn(4), 1e-6, False, True, torch.float32, True)
+    with pytest.raises(ValueError, match="linear weights have K=8 input features but the input has K=5"):
+        ops.bitlinear_stacked(torch.randn(3, 5), None, [W, W], packed, scale, None, 1e-6, False, True, torch.float32)
 
 
 def _grads(fn, x, g, W, b):

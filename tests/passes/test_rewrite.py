@@ -213,7 +213,7 @@ def test_eager_bitlinear_training():
     model.train()
     gm, compiled = models.capture_graph(model, x, grad=True)
     assert bitfx_pass(gm, None) == 4  # training decided from grad mode + parameters
-    assert op_counts(gm) == Counter(bitlinear_group=4)  # one per norm: each feeds one linear
+    assert op_counts(gm) == Counter(bitlinear_stacked=4, weight_quant_stacked=4)  # one per norm: each feeds one linear
     eager = models.bitlinear_model(bias=True)[0].train()
     got, want = compiled(x), eager(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -232,8 +232,9 @@ def test_training_rewrite_gradients():
     found = find_sites(gm)
     converted = [m for s in found.sites for m in s.linear_modules]
     assert rewrite_sites(gm, found.sites, training=True) == 4
-    # One op for q/k, one for v (it alone has a bias), one for gate/up, per layer.
-    assert op_counts(gm) == Counter(bitlinear_group=6, linear=2 * 2 + 1)
+    # One op for q/k, one for v (it alone has a bias), one for gate/up, per layer, each with
+    # its weights quantized and stacked along N.
+    assert op_counts(gm) == Counter(bitlinear_stacked=6, weight_quant_stacked=6, linear=2 * 2 + 1)
     _check_meta(gm)
     oracle = models.reference_ste(model, converted)
     got, want = compiled(ids), oracle(ids)
