@@ -736,31 +736,6 @@ torch.library.register_autograd("bitfx::bitlinear_group", _group_backward, setup
 # one matmul per straight-through product over the stack, not one per weight. Per call, the
 # host launches two Triton kernels instead of (1 + 4 per weight) for ``bitlinear_group``.
 
-def _graph_weight_quant(w: Tensor, per_channel: bool) -> tuple[Tensor, Tensor]:
-    """``ref.weight_quant(w)`` in traceable plain torch (no data-dependent check). The mean
-    and the reciprocal are computed in fp64 and rounded once to fp32: correctly rounded, as the
-    reference's fp32 division and the Triton kernels' ``div_rn`` are, whatever the compiler does
-    with an fp32 division (double rounding is innocuous for 53 >= 2 * 24 + 2 bits). Only the
-    order of the fp32 sum of ``|w|`` may differ from the reference's."""
-    wf = w.detach().float()
-    N, K = wf.shape
-    if per_channel:
-        total, count, finite = wf.abs().sum(dim=1), K, torch.isfinite(wf).all(dim=1)
-    else:
-        total, count = wf.abs().sum().expand(N), N * K
-        finite = torch.isfinite(wf).all().expand(N)
-    mean = (total.double() / count).float()
-    scale = (1.0 / mean.clamp(min=ref._SCALE_FLOOR).double()).float()
-    scale = torch.where(finite, scale, float("nan"))
-    v = wf * scale.unsqueeze(1)
-    # clamp(round_half_even(v), -1, 1) == (v > 0.5) - (v < -0.5) for every fp32 v (NaN: 0)
-    codes = (v > 0.5).to(torch.int32) - (v < -0.5).to(torch.int32) + CODE_OFFSET
-    Kq = packed_k(K)
-    planes = torch.nn.functional.pad(codes, (0, PLANES * Kq - K), value=CODE_OFFSET).view(N, PLANES, Kq)
-    packed = planes[:, 0] | planes[:, 1] << 2 | planes[:, 2] << 4 | planes[:, 3] << 6
-    return packed.to(torch.uint8), scale
-
-
 def _check_stack_weights(op: str, weights: list[Tensor], per_channel: list[bool]) -> None:
     if len(weights) == 0:
         raise ValueError(f"bitfx.{op}: needs at least one linear weight")
@@ -783,12 +758,52 @@ def _weight_quant_stacked(weights: list[Tensor], per_channel: list[bool]) -> tup
     """``weight_quant`` of each weight, stacked along N: ``(packed u8[sum N_i, Kq], w_scale
     f32[sum N_i])``, each block with its own scale (per tensor or per channel). Plain torch
     (CompositeImplicitAutograd): traced into the graph, where Inductor fuses it; no gradient
-    (the straight-through gradient reaches the weights through ``bitlinear_stacked``)."""
+    (the straight-through gradient reaches the weights through ``bitlinear_stacked``).
+
+    Written for few graph nodes (compile time grows with them): one row reduction and one
+    packing over the whole stack, a handful of nodes per weight for its scale. The group means
+    and reciprocals are computed in fp64 and rounded once to fp32: correctly rounded, as the
+    reference's fp32 division and the Triton kernels' ``div_rn`` are, whatever the compiler
+    does with an fp32 division (double rounding is innocuous for 53 >= 2 * 24 + 2 bits). The
+    sum of ``|w|`` is taken per row, then per weight: its fp32 order may differ from the
+    reference's (a few ulps of the scale); the codes are exactly those of the scale."""
     _check_stack_weights("weight_quant_stacked", weights, per_channel)
-    parts = [_graph_weight_quant(w, bool(pc)) for w, pc in zip(weights, per_channel)]
-    if len(parts) == 1:
-        return parts[0]
-    return torch.cat([p for p, _ in parts], 0), torch.cat([s for _, s in parts], 0)
+    parts = [w.detach().float() for w in weights]
+    wf = torch.cat(parts) if len(parts) > 1 else parts[0]
+    N, K = wf.shape
+    row_sum = wf.abs().sum(dim=1)
+    row_finite = torch.isfinite(wf).all(dim=1)
+    means, finite, at = [], [], 0
+    for w, pc in zip(weights, per_channel):
+        n = w.shape[0]
+        if pc:
+            means.append(row_sum[at:at + n].double() / K)
+            finite.append(row_finite[at:at + n])
+        else:
+            means.append(row_sum[at:at + n].sum(0, keepdim=True).double() / (n * K))
+            finite.append(row_finite[at:at + n].all(0, keepdim=True))
+        at += n
+    mean = (torch.cat(means) if len(means) > 1 else means[0]).float()
+    group_finite = torch.cat(finite) if len(finite) > 1 else finite[0]
+    group_scale = (1.0 / mean.clamp(min=ref._SCALE_FLOOR).double()).float()
+    group_scale = torch.where(group_finite, group_scale, float("nan"))
+    if all(per_channel):
+        scale = group_scale
+    else:  # each per-tensor scale repeated over its block's rows
+        pieces, g = [], 0
+        for w, pc in zip(weights, per_channel):
+            n = w.shape[0]
+            pieces.append(group_scale[g:g + n] if pc else group_scale[g:g + 1].expand(n))
+            g += n if pc else 1
+        scale = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    v = wf * scale.unsqueeze(1)
+    # clamp(round_half_even(v), -1, 1) == (v > 0.5) - (v < -0.5) for every fp32 v (NaN: 0)
+    codes = (v > 0.5).to(torch.int32) - (v < -0.5).to(torch.int32) + CODE_OFFSET
+    Kq = packed_k(K)
+    planes = torch.nn.functional.pad(codes, (0, PLANES * Kq - K), value=CODE_OFFSET).view(N, PLANES, Kq)
+    shifts = torch.arange(0, 2 * PLANES, 2, dtype=torch.int32, device=wf.device).view(1, PLANES, 1)
+    packed = (planes << shifts).sum(dim=1)
+    return packed.to(torch.uint8), scale
 
 
 _LIB.impl("weight_quant_stacked", _weight_quant_stacked, "CompositeImplicitAutograd")

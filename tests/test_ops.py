@@ -212,14 +212,23 @@ def _with_nonfinite(W: torch.Tensor, seed: int) -> torch.Tensor:
 )
 @example(K=1, Ns=[1], dtype=torch.float32, per_channel=[False] * 3, seed=1)
 def test_weight_quant_stacked_is_weight_quant_per_weight(K, Ns, dtype, per_channel, seed):
-    """Eager: each block of the stack is the reference's ``weight_quant`` of that weight, bit for bit
-    (the scale's mean and reciprocal are correctly rounded, as the reference's fp32 ones are)."""
+    """Eager: each block of the stack is the reference's ``weight_quant`` of that weight: the
+    scale up to the order of the fp32 sum of |w| (per row, then per weight: a few ulps; NaN for
+    a block holding NaN or Inf), the codes exactly those of the scale; on operands whose sums
+    are exact in any order (multiples of 1/4), bit for bit."""
     Ws = [_with_nonfinite(_x((N, K), dtype, "cpu", seed + i), seed + i) for i, N in enumerate(Ns)]
     pcs = per_channel[: len(Ns)]
     packed, scale = ops.weight_quant_stacked(Ws, pcs)
-    want = [ref.weight_quant(W, pc) for W, pc in zip(Ws, pcs)]
+    want_scale = torch.cat([ref.weight_scale(W, pc) for W, pc in zip(Ws, pcs)])
+    torch.testing.assert_close(scale, want_scale, rtol=1e-6, atol=0, equal_nan=True)
+    codes = [ref.pack_ternary(ref.ternarize(W, s)) for W, s in zip(Ws, scale.split(Ns))]
+    assert torch.equal(packed, torch.cat(codes))
+    g = torch.Generator().manual_seed(seed)
+    exact = [(torch.randint(-8, 9, (N, K), generator=g) / 4).to(dtype) for N in Ns]
+    packed, scale = ops.weight_quant_stacked(exact, pcs)
+    want = [ref.weight_quant(W, pc) for W, pc in zip(exact, pcs)]
     assert torch.equal(packed, torch.cat([p for p, _ in want]))
-    torch.testing.assert_close(scale, torch.cat([s for _, s in want]), rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(scale, torch.cat([s for _, s in want]))
 
 
 def test_weight_quant_stacked_compiled():
@@ -259,27 +268,36 @@ def test_weight_quant_stacked_compiled():
 )
 @example(M=1, K=1, Ns=[1, 2], dtype=torch.bfloat16, normalize=True, has_bias=True, fp8=False, seed=0)
 def test_bitlinear_stacked_is_bitlinear_group(device, M, K, Ns, dtype, normalize, has_bias, fp8, seed):
-    """The stacked op's output is ``bitlinear_group``'s outputs side by side, bit for bit (on CUDA:
-    the kernels on both sides); its gradients are the group's, up to the order in which the
-    fp32 matmuls accumulate (one matmul over the stack against one per weight)."""
+    """Against ``bitlinear_group`` on the same device (on CUDA: the kernels on both sides):
+    ``weight_quant_stacked`` gives the group's scales up to the order of the fp32 sum (a few
+    ulps) and exactly the codes of its own scales; given the
+    group's packed weights, the stacked op's output is the group's outputs side by side, bit
+    for bit, and its gradients are the group's up to the order in which the fp32 matmuls
+    accumulate (one matmul over the stack against one per weight)."""
     pcs = [(seed + i) % 2 == 0 for i in range(len(Ns))]
     leaves = [_x((2, M, K), dtype, device, seed)] + ([_x((K,), dtype, device, seed + 1)] if normalize else [])
     Ws = [_x((N, K), dtype, device, seed + 2 + i) for i, N in enumerate(Ns)]
     bs = [_x((N,), dtype, device, seed + 9 + i) for i, N in enumerate(Ns)] if has_bias else []
     results = []
-    for stacked in (True, False):
+    for stacked in (False, True):
         x, *rest = (t.detach().clone().requires_grad_() for t in leaves + Ws + bs)
         g = rest.pop(0) if normalize else None
         W, b = rest[: len(Ns)], rest[len(Ns):]
         if stacked:
             packed, scale = ops.weight_quant_stacked(W, pcs)
-            out = ops.bitlinear_stacked(x, g, W, packed, scale, torch.cat(b) if b else None, 1e-6, False, True, dtype,
-                                        normalize, fp8)[0]
+            want_scale = torch.cat(group_scales).detach()
+            torch.testing.assert_close(scale, want_scale, rtol=1e-6, atol=0)
+            codes = torch.cat([ref.pack_ternary(ref.ternarize(w.detach(), s)) for w, s in zip(W, scale.split(Ns))])
+            assert torch.equal(packed, codes)
+            out = ops.bitlinear_stacked(x, g, W, torch.cat(group_packs), want_scale, torch.cat(b) if b else None,
+                                        1e-6, False, True, dtype, normalize, fp8)[0]
         else:
-            out = torch.cat(ops.bitlinear_group(x, g, W, b, 1e-6, False, True, dtype, pcs, normalize, fp8)[0], -1)
+            outs, _, _, _, group_packs, group_scales = ops.bitlinear_group(x, g, W, b, 1e-6, False, True, dtype, pcs,
+                                                                           normalize, fp8)
+            out = torch.cat(outs, -1)
         (out.float() * torch.linspace(-1, 1, out.numel(), device=device).reshape(out.shape)).sum().backward()
         results.append((out, [t.grad for t in (x, g, *W, *b) if t is not None]))
-    (out, grads), (want_out, want_grads) = results
+    (want_out, want_grads), (out, grads) = results
     assert torch.equal(out, want_out)
     for got, want in zip(grads, want_grads):
         assert got.shape == want.shape and got.dtype == want.dtype
