@@ -552,6 +552,18 @@ torch.library.register_autograd("bitfx::bitlinear", _bitlinear_backward, setup_c
 
 # ---------------------------------------------------------------- bitlinear_group (training, one norm, several linears)
 
+def _ref_codes(x, norm_weight, eps, offset, cast_before_weight, norm_dtype, normalize, bits=8):
+    """The training ops' reference front: ``(q, x_scale, rstd)`` of the norm and activation
+    quantization (``normalize=False``: ``act_quant`` of ``x`` alone, ``rstd`` zeros)."""
+    if not normalize:
+        q, x_scale = ref.act_quant(x, bits)
+        return q, x_scale, x.new_zeros(x.shape[:-1], dtype=torch.float32)
+    rstd = torch.rsqrt(x.float().pow(2).mean(dim=-1) + eps)
+    q, x_scale = ref.norm_quant(x, norm_weight, eps, offset=offset, cast_before_weight=cast_before_weight,
+                                norm_dtype=norm_dtype, bits=bits)
+    return q, x_scale, rstd
+
+
 def _check_group_args(x, norm_weight, weights, biases, norm_dtype, per_channel, normalize=True):
     if not normalize and norm_weight is not None:
         raise ValueError("bitfx.bitlinear_group: a norm weight was given but normalize=False; pass None")
@@ -596,13 +608,7 @@ def bitlinear_group(
     output dtype, ``rstd`` zeros): a linear no RMSNorm feeds. ``fp8_backward``: the backward's
     two matmuls in FP8 (:mod:`bitfx.fp8`) instead of the gradient's dtype; the forward is the same."""
     _check_group_args(x, norm_weight, weights, biases, norm_dtype, per_channel, normalize)
-    if normalize:
-        rstd = torch.rsqrt(x.float().pow(2).mean(dim=-1) + eps)
-        q, x_scale = ref.norm_quant(x, norm_weight, eps, offset=offset, cast_before_weight=cast_before_weight,
-                                    norm_dtype=norm_dtype)
-    else:
-        rstd = x.new_zeros(x.shape[:-1], dtype=torch.float32)
-        q, x_scale = ref.act_quant(x)
+    q, x_scale, rstd = _ref_codes(x, norm_weight, eps, offset, cast_before_weight, norm_dtype, normalize)
     outs, packs, scales = [], [], []
     for w, b, pc in zip(weights, _bias_list(biases, len(weights)), per_channel):
         packed, w_scale = ref.weight_quant(w, pc)
@@ -850,13 +856,7 @@ def _bitlinear_stacked(x, norm_weight, weights, packed, w_scale, bias, eps, offs
     over the whole stack, then the norm's backward; no gradient reaches ``packed``/``w_scale``.
     ``fp8_backward``: those two matmuls in FP8 (:mod:`bitfx.fp8`)."""
     _check_stacked_args(x, norm_weight, weights, packed, w_scale, bias, norm_dtype, normalize)
-    if normalize:
-        rstd = torch.rsqrt(x.float().pow(2).mean(dim=-1) + eps)
-        q, x_scale = ref.norm_quant(x, norm_weight, eps, offset=offset, cast_before_weight=cast_before_weight,
-                                    norm_dtype=norm_dtype)
-    else:
-        rstd = x.new_zeros(x.shape[:-1], dtype=torch.float32)
-        q, x_scale = ref.act_quant(x)
+    q, x_scale, rstd = _ref_codes(x, norm_weight, eps, offset, cast_before_weight, norm_dtype, normalize)
     return ref.ternary_matmul(q, x_scale, packed, w_scale, bias, norm_dtype), q, x_scale, rstd
 
 
@@ -985,13 +985,7 @@ def ternary_linear_group(
     the packed weights and their scales get no gradient. Codes are not checked for validity on
     CUDA (see the module docstring)."""
     _check_ternary_group_args(x, norm_weight, packed, w_scale, biases, in_features, norm_dtype, normalize, out_dtype)
-    if normalize:
-        rstd = torch.rsqrt(x.float().pow(2).mean(dim=-1) + eps)
-        q, x_scale = ref.norm_quant(x, norm_weight, eps, offset=offset, cast_before_weight=cast_before_weight,
-                                    norm_dtype=norm_dtype, bits=bits)
-    else:
-        rstd = x.new_zeros(x.shape[:-1], dtype=torch.float32)
-        q, x_scale = ref.act_quant(x, bits)
+    q, x_scale, rstd = _ref_codes(x, norm_weight, eps, offset, cast_before_weight, norm_dtype, normalize, bits)
     outs = [ref.ternary_matmul(q, x_scale, p, s, b, out_dtype)
             for p, s, b in zip(packed, w_scale, _bias_list(biases, len(packed)))]
     return outs, q, x_scale, rstd
