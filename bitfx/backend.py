@@ -23,7 +23,7 @@ Where the passes plug in: they rewrite the torch-level graph Dynamo hands over, 
 AOTAutograd cache) key on the graph they receive, which already contains the
 ``torch.ops.bitfx`` calls, so no ``CustomGraphPass.uuid()`` is needed.
 
-Inference graphs read weights packed once, when the graph is compiled (:mod:`bitfx.prepack`:
+Inference graphs read weights packed once, when the graph is compiled (:mod:`bitfx.passes.prepack`:
 ``weight_quant`` of each weight and the stacking of sibling weights run ahead of the calls, and
 again before a call whose weights changed in place since), so the backend alone is as fast as
 ``bitfx.quantize`` then the backend; ``quantize`` still saves the memory of the float weights. With ``dynamic=True`` Dynamo first hands over float
@@ -50,7 +50,7 @@ from bitfx.config import BitfxConfig
 from bitfx.passes.naming import Naming
 from bitfx.passes.plan import check_filter_fn
 from bitfx.passes.rewrite import bitfx_pass
-from bitfx.prepack import prepack
+from bitfx.passes.prepack import prepack
 
 __all__ = ["BitfxConfig", "bitfx_backend"]
 

@@ -2,7 +2,7 @@
 
 Inductor's FX graph cache and AOTAutograd's cache key a compiled graph on the graph that reaches
 them and take a ``torch.ops.bitfx.*`` call in it as a fixed operator. But the training ops'
-backward formulas are Python (:mod:`bitfx.ops`, :mod:`bitfx.fp8`), traced into the backward graph
+backward formulas are Python (:mod:`bitfx.ops.training`, :mod:`bitfx.ops.fp8`), traced into the backward graph
 when it is compiled: a cache filled under one version of bitfx would hand the old backward to
 another (seen: after the backward changed, a warm cache still ran the previous one).
 
@@ -26,8 +26,8 @@ _SLOT = "post_grad_custom_post_pass"
 
 @functools.lru_cache(maxsize=1)
 def source_hash() -> str:
-    """SHA-256 of every ``*.py`` file of the package (``bitfx``, ``bitfx.passes``,
-    ``bitfx.kernels``), by path relative to its package and content."""
+    """SHA-256 of every ``*.py`` file of the package (``bitfx`` and its subpackages,
+    ``bitfx.passes``, ``bitfx.kernels``), by path relative to its package and content."""
     import bitfx
     import bitfx.kernels
     import bitfx.passes
@@ -35,11 +35,14 @@ def source_hash() -> str:
     h = hashlib.sha256()
     for pkg in (bitfx, bitfx.passes, bitfx.kernels):
         folder = os.path.dirname(os.path.abspath(pkg.__file__))
-        for name in sorted(os.listdir(folder)):
-            if name.endswith(".py"):
-                h.update(f"{pkg.__name__}/{name}\0".encode())
-                with open(os.path.join(folder, name), "rb") as f:
-                    h.update(f.read())
+        for root, dirs, files in os.walk(folder):
+            dirs.sort()
+            for name in sorted(files):
+                if name.endswith(".py"):
+                    rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+                    h.update(f"{pkg.__name__}/{rel}\0".encode())
+                    with open(os.path.join(root, name), "rb") as f:
+                        h.update(f.read())
     return h.hexdigest()
 
 

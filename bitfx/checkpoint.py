@@ -7,7 +7,7 @@ once and named as aliases), and a metadata header that names and versions the fo
 ``format``          ``"bitfx-checkpoint"``
 ``format_version``  ``"1"`` (a reader refuses a newer version, naming both)
 ``bitfx_version``   the version that wrote it
-``layout``          the packed layout (:data:`bitfx.kernels.layout.FORMAT`)
+``layout``          the packed layout (:data:`bitfx.layout.FORMAT`)
 ``scale``           the scale convention: ``W ~= t / w_scale``, fp32, one per output channel
 ``ternary``         JSON: for every ternary linear, its name, ``in_features``,
                     ``out_features``, ``bias``, ``per_channel``, ``terms`` (ternary matrices
@@ -29,7 +29,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from bitfx.kernels.layout import FORMAT
+from bitfx.layout import FORMAT
 from bitfx.modules import BitfxLinear
 
 __all__ = ["save", "load", "CheckpointError", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]

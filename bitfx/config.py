@@ -50,7 +50,7 @@ class BitfxConfig:
         same mode, so that it reports what the backend will do.
     backward: the backend's training graphs only. ``"exact"`` (the default): the
         straight-through estimator's two matmuls (input and weight gradient) in the gradient's
-        dtype. ``"fp8"``: both in FP8 e4m3 with per-row scales (:mod:`bitfx.fp8`; FP8 tensor
+        dtype. ``"fp8"``: both in FP8 e4m3 with per-row scales (:mod:`bitfx.ops.fp8`; FP8 tensor
         cores where the GPU has them): the ternary codes are exact in FP8, the gradients and
         activations are rounded to 3 mantissa bits. The forward is unchanged. Linears already
         converted by ``bitfx.quantize`` (frozen packed weights, no weight gradient) keep the

@@ -12,7 +12,7 @@ transformers (``transformers.integrations.bitnet``) stores a ternary linear in o
   ``b * weight_scale``.
 
 :func:`from_transformers` reads either into :class:`~bitfx.modules.BitfxLinear` (bitfx's own
-layout, :mod:`bitfx.kernels.layout`), :func:`to_transformers` writes a ``BitfxLinear`` back as
+layout, :mod:`bitfx.layout`), :func:`to_transformers` writes a ``BitfxLinear`` back as
 a ``BitLinear`` (its format holds one scale per tensor), and :func:`convert_transformers_bitnet`
 / :func:`export_transformers_bitnet` do so for every such layer of a model, in place.
 """

@@ -1,7 +1,7 @@
 """``BitfxLinear``: a linear layer holding packed ternary weights (BitNet b1.58 inference).
 
 ``out = ternary_matmul(act_quant(x), packed, w_scale) + bias``: the input is quantized per
-token to int8, the weight is stored as 2-bit ternary codes (``bitfx.kernels.layout``) with
+token to int8, the weight is stored as 2-bit ternary codes (``bitfx.layout``) with
 an fp32 scale per output channel (``W ~= t / w_scale``). It calls the very ops the compiler
 pass emits (``torch.ops.bitfx.act_quant`` and ``torch.ops.bitfx.ternary_matmul``), so a
 converted model and a compiled one compute the same numbers. When a gradient must pass
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from bitfx import ops  # noqa: F401  (registers torch.ops.bitfx.*)
-from bitfx.kernels.layout import FORMAT, check_packed_shape, packed_k
+from bitfx.layout import FORMAT, check_packed_shape, packed_k
 from bitfx.reference import act_qmax, check_ternary_codes, pack_ternary, ternary_terms
 
 __all__ = ["BitfxLinear", "FORMAT_ID"]

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bitfx.kernels.layout import CODE_OFFSET, FORMAT, PLANES, check_packed_shape, packed_k
+from bitfx.layout import CODE_OFFSET, FORMAT, PLANES, SCALE_FLOOR, check_packed_shape, packed_k
 
 __all__ = [
     "rms_norm",
@@ -55,7 +55,6 @@ __all__ = [
     "rms_norm_backward",
 ]
 
-_SCALE_FLOOR = 1e-5
 
 
 def norm_dtype_for(x_dtype: torch.dtype, weight_dtype: torch.dtype | None, cast_before_weight: bool) -> torch.dtype:
@@ -111,8 +110,8 @@ def rms_norm_backward(
     ``dx = rstd * (g dy - r * mean(r * g dy))`` with ``r = x * rstd`` (fp32) and
     ``dg = sum over rows of dy * r`` (fp32 ``[K]``; zeros when there is no weight). With
     ``cast_before_weight`` (Llama) the ``r`` in ``dg`` is rounded to ``x.dtype`` first: the
-    value the forward multiplied the weight by (as the kernel,
-    :func:`bitfx.kernels.norm_quant.rms_norm_backward`, does).
+    value the forward multiplied the weight by. The training ops' backward is this function,
+    traced into the compiled backward graph.
     """
     K = x.shape[-1]
     r = x.float() * rstd.unsqueeze(-1)
@@ -149,7 +148,7 @@ def act_quant(y: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tenso
     yf = y.float()
     finite = torch.isfinite(yf).all(dim=-1)
     amax = yf.abs().amax(dim=-1) if yf.shape[-1] > 0 else yf.new_zeros(yf.shape[:-1])
-    scale = amax.clamp(min=_SCALE_FLOOR).reciprocal() * float(qmax)
+    scale = amax.clamp(min=SCALE_FLOOR).reciprocal() * float(qmax)
     q = torch.round(yf * scale.unsqueeze(-1)).clamp(-qmax - 1, qmax)
     q = torch.where(finite.unsqueeze(-1), q, 0.0).to(torch.int8)
     scale = torch.where(finite, scale, float("nan"))
@@ -192,7 +191,7 @@ def weight_scale(w: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
     else:
         mean = wf.mean().expand(w.shape[0])
         finite = torch.isfinite(wf).all().expand(w.shape[0])
-    scale = mean.clamp(min=_SCALE_FLOOR).reciprocal()
+    scale = mean.clamp(min=SCALE_FLOOR).reciprocal()
     return torch.where(finite, scale, float("nan")).contiguous()
 
 
@@ -237,7 +236,7 @@ def ternary_terms(w: torch.Tensor, terms: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def pack_ternary(t: torch.Tensor) -> torch.Tensor:
-    """Pack int8 ternary codes ``[N, K]`` into the layout of :mod:`bitfx.kernels.layout`."""
+    """Pack int8 ternary codes ``[N, K]`` into the layout of :mod:`bitfx.layout`."""
     if t.dim() != 2:
         raise ValueError(f"ternary codes must be 2-D [N, K], got shape {tuple(t.shape)}")
     if t.dtype != torch.int8:
@@ -294,7 +293,7 @@ def _check_codes(codes: torch.Tensor, K: int) -> None:
 
 def check_ternary_codes(packed: torch.Tensor, K: int) -> None:
     """Raise a ValueError if ``packed`` (uint8 ``[N, packed_k(K)]``) holds a code that is no
-    ternary weight of the :mod:`bitfx.kernels.layout` format: the code 3, or a padding column
+    ternary weight of the :mod:`bitfx.layout` format: the code 3, or a padding column
     (``k >= K``) whose code is not 1. The Triton kernels do not check this per call (it would
     cost a pass over the weight); ``BitfxLinear`` checks its weights when built or loaded."""
     _check_codes(_codes(packed, K), K)

@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from bitfx.layout import FLOAT_DTYPES  # noqa: F401  (re-exported for the launchers)
+
 
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for host code (``triton.cdiv`` costs microseconds a call in recent Triton)."""
@@ -80,5 +82,3 @@ def rows(name: str, what: str, t: torch.Tensor) -> torch.Tensor:
         t = t.contiguous()
     return t
 
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

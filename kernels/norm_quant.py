@@ -1,4 +1,4 @@
-"""RMSNorm fused with per-token absmax int8 quantization, and the norm's backward.
+"""RMSNorm fused with per-token absmax int8 quantization (and the same kernel without the norm).
 
 BitNet b1.58 ("The Era of 1-bit LLMs", Ma et al., 2024) quantizes the normalized activations
 of every linear layer to int8 with one absmax scale per token. For ``x [M, K]``::
@@ -27,14 +27,13 @@ import torch
 import triton
 import triton.language as tl
 
+from bitfx.layout import SCALE_FLOOR
 from bitfx.kernels._utils import (cdiv, next_pow2, FLOAT_DTYPES, check_device, check_dtype, interpreting,
                                   num_sms, pdl_enabled, rows)
 
-__all__ = ["norm_quant", "act_quant", "act_dequant", "rms_norm_backward"]
+__all__ = ["norm_quant", "act_quant"]
 
-_SCALE_FLOOR = 1e-5
 # Rows of up to this many elements are held in registers; longer ones are walked in chunks.
-# The backward holds four row-sized fp32 values (x, dy, g, the dweight partial): half as many.
 _MAX_ROW_BLOCK = 16384
 _CHUNK = 4096
 # Codes for the dtype y is rounded to inside the kernel (see _round_to).
@@ -258,7 +257,7 @@ def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm, 
     if K == 0:
         # Empty rows: amax 0, so s_x = 127 / 1e-5 (computed as the reference does); rstd is
         # rsqrt of the mean of nothing, NaN.
-        scale.fill_(_SCALE_FLOOR).reciprocal_().mul_(float(qmax))
+        scale.fill_(SCALE_FLOOR).reciprocal_().mul_(float(qmax))
         rstd.fill_(float("nan"))
         return q, scale, rstd
     block, one_block = _row_block(K, _MAX_ROW_BLOCK)
@@ -304,7 +303,7 @@ def norm_quant(
     ``cast_before_weight`` rounds ``r`` to ``x.dtype`` before the weight; ``y`` is rounded to
     ``norm_dtype`` (fp32/fp16/bf16) before quantization. See the module docstring for the
     formula; ``q / s_x`` approximates :func:`bitfx.reference.rms_norm`, and ``rstd`` is saved
-    for :func:`rms_norm_backward`.
+    for the backward.
     """
     name = "norm_quant"
     check_device(name, x, weight)
@@ -329,202 +328,3 @@ def act_quant(y: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Ten
     check_dtype(name, "y", y, _ANY_FLOAT)
     q, scale, _ = _launch_quant(y, None, 0.0, False, False, torch.float32, norm=False, qmax=qmax)
     return q, scale
-
-
-@triton.jit
-def _act_dequant_kernel(
-    Q,  # [M, K] int8, row stride stride_q
-    SCALE,  # [M] fp32
-    OUT,  # [M, K] out, contiguous
-    M,
-    K,
-    stride_q,
-    OUT_ROUND: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """``out = q / s_x`` (fp32 division, correctly rounded, then rounded to out's dtype)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (rows < M)[:, None] & (cols < K)[None, :]
-    rows64 = rows.to(tl.int64)
-    q = tl.load(Q + rows64[:, None] * stride_q + cols[None, :], mask=mask, other=0).to(tl.float32)
-    s = tl.load(SCALE + rows, mask=rows < M, other=1.0)
-    v = _round_to(tl.math.div_rn(q, s[:, None]), OUT_ROUND)
-    tl.store(OUT + rows64[:, None] * K + cols[None, :], v.to(OUT.dtype.element_ty), mask=mask)
-
-
-def act_dequant(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The inverse of :func:`act_quant` up to rounding: ``q [M, K] int8 / s_x [M] fp32`` as ``dtype [M, K]``.
-
-    Bit for bit ``(q.float() / s_x[:, None]).to(dtype)``. The training backward multiplies the
-    output gradient by this (the straight-through estimator's ``dL/dW = dout^T (q / s_x)``).
-    """
-    name = "act_dequant"
-    check_device(name, q, scale)
-    q = rows(name, "q", q)
-    check_dtype(name, "q", q, (torch.int8,))
-    check_dtype(name, "scale", scale, (torch.float32,))
-    M, K = q.shape
-    if tuple(scale.shape) != (M,):
-        raise ValueError(f"{name}: scale has shape {tuple(scale.shape)}, expected ({M},)")
-    if dtype not in _ROUND_CODE:
-        raise TypeError(f"{name}: dtype must be one of float32, float16, bfloat16, got {dtype}")
-    out = torch.empty((M, K), dtype=dtype, device=q.device)
-    if M == 0 or K == 0:
-        return out
-    block_k = min(next_pow2(K), 1024)
-    block_m = max(1, 4096 // block_k)
-    grid = (cdiv(M, block_m), cdiv(K, block_k))
-    _act_dequant_kernel[grid](q, scale.contiguous(), out, M, K, q.stride(0), OUT_ROUND=_round_code(dtype),
-                              BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4)
-    return out
-
-
-@triton.jit
-def _rms_norm_bwd_kernel(
-    DY,  # [M, K] any float, row stride stride_dy
-    X,  # [M, K] fp32/fp16/bf16, row stride stride_x
-    W,  # [K] norm weight (unused unless HAS_WEIGHT)
-    RSTD,  # [M] fp32, stride stride_rstd
-    DX,  # [M, K] out, x.dtype, contiguous
-    DW,  # [P, K] fp32 out: per-program partial sums of dy * r, zero-initialized
-    stride_dy,
-    stride_x,
-    stride_rstd,
-    M,
-    K,
-    ROWS_PER_PROGRAM,
-    HAS_WEIGHT: tl.constexpr,
-    OFFSET: tl.constexpr,
-    CAST_BEFORE_WEIGHT: tl.constexpr,
-    X_ROUND: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    ONE_BLOCK: tl.constexpr,
-):
-    """Program p handles rows p, p + P, p + 2P, ...: dx for each, and its partial dweight.
-
-    With r = x * rstd and u = g_eff * dy (g_eff = g, 1 + g, or 1 without a weight)::
-
-        dx = rstd * (u - r * mean(r * u))        dweight_p = sum over its rows of dy * r
-    """
-    pid = tl.program_id(0)
-    P = tl.num_programs(0)
-    cols = tl.arange(0, BLOCK_K)
-    DW += pid.to(tl.int64) * K
-    if ONE_BLOCK:
-        kmask = cols < K
-        g = _g_eff(W, cols, kmask, HAS_WEIGHT, OFFSET)
-        dw = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for i in range(0, ROWS_PER_PROGRAM):
-        row = pid + i * P
-        # Past the last row: read row M - 1 and mask every column out.
-        k_live = tl.where(row < M, K, 0)
-        row = tl.minimum(row, M - 1).to(tl.int64)
-        rstd = tl.load(RSTD + row * stride_rstd)
-        if ONE_BLOCK:
-            mask = cols < k_live
-            x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-            r = x * rstd
-            u = dy * g
-            c = tl.math.div_rn(tl.sum(r * u, axis=0), K * 1.0)
-            dx = (u - r * c) * rstd
-            tl.store(DX + row * K + cols, _round_to(dx, X_ROUND).to(DX.dtype.element_ty), mask=mask)
-            if HAS_WEIGHT:
-                if CAST_BEFORE_WEIGHT:
-                    r = _round_to(r, X_ROUND)
-                dw += dy * r
-        else:
-            acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                cc = k0 + cols
-                m = cc < k_live
-                x = tl.load(X + row * stride_x + cc, mask=m, other=0.0).to(tl.float32)
-                dy = tl.load(DY + row * stride_dy + cc, mask=m, other=0.0).to(tl.float32)
-                acc += x * rstd * (dy * _g_eff(W, cc, m, HAS_WEIGHT, OFFSET))
-            c = tl.math.div_rn(tl.sum(acc, axis=0), K * 1.0)
-            for k0 in range(0, K, BLOCK_K):
-                cc = k0 + cols
-                m = cc < k_live
-                x = tl.load(X + row * stride_x + cc, mask=m, other=0.0).to(tl.float32)
-                dy = tl.load(DY + row * stride_dy + cc, mask=m, other=0.0).to(tl.float32)
-                r = x * rstd
-                dx = (dy * _g_eff(W, cc, m, HAS_WEIGHT, OFFSET) - r * c) * rstd
-                tl.store(DX + row * K + cc, _round_to(dx, X_ROUND).to(DX.dtype.element_ty), mask=m)
-                if HAS_WEIGHT:
-                    if CAST_BEFORE_WEIGHT:
-                        r = _round_to(r, X_ROUND)
-                    # This program alone owns row pid of DW: read-modify-write is race-free.
-                    part = tl.load(DW + cc, mask=m, other=0.0)
-                    tl.store(DW + cc, part + dy * r, mask=m)
-    if ONE_BLOCK:
-        if HAS_WEIGHT:
-            tl.store(DW + cols, dw, mask=kmask)
-
-
-def rms_norm_backward(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    rstd: torch.Tensor,
-    offset: bool,
-    cast_before_weight: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Backward of the RMSNorm in :func:`norm_quant`, with the casts and quantizer as identity.
-
-    ``y = r * g_eff``, ``r = x * rstd``, ``g_eff = g`` (``1 + g`` with ``offset``; 1 without a
-    weight). Given ``dy = dL/dy [M, K]`` (any float dtype), ``x [M, K]``, ``weight [K]`` or None
-    and ``rstd [M]`` fp32 (from :func:`norm_quant`)::
-
-        dx      = rstd * (g_eff * dy - r * mean(r * g_eff * dy))     x.dtype [M, K]
-        dweight = sum over rows of dy * r                            fp32 [K], None without a weight
-
-    With ``cast_before_weight`` the ``r`` in ``dweight`` is rounded to ``x.dtype``, the value
-    the forward multiplied the weight by.
-    """
-    name = "rms_norm_backward"
-    check_device(name, dy, x, weight, rstd)
-    x = rows(name, "x", x)
-    dy = rows(name, "dy", dy)
-    check_dtype(name, "x", x, FLOAT_DTYPES)
-    check_dtype(name, "dy", dy, _ANY_FLOAT)
-    if dy.shape != x.shape:
-        raise ValueError(f"{name}: dy has shape {tuple(dy.shape)} but x has shape {tuple(x.shape)}")
-    M, K = x.shape
-    weight = _check_weight(name, weight, K)
-    check_dtype(name, "rstd", rstd, (torch.float32,))
-    if rstd.shape != (M,):
-        raise ValueError(f"{name}: rstd has shape {tuple(rstd.shape)}, expected ({M},)")
-    dx = torch.empty((M, K), dtype=x.dtype, device=x.device)
-    if M == 0 or K == 0:
-        dweight = None if weight is None else torch.zeros((K,), dtype=torch.float32, device=x.device)
-        return dx, dweight
-    P = _num_programs(M, x.device)
-    block, one_block = _row_block(K, _MAX_ROW_BLOCK // 2)
-    # Whole rows store their partial once at the end; chunked rows accumulate into it (zeros).
-    alloc = torch.empty if one_block else torch.zeros
-    partial = alloc((P, K) if weight is not None else (1, 1), dtype=torch.float32, device=x.device)
-    _rms_norm_bwd_kernel[(P,)](
-        dy,
-        x,
-        x if weight is None else weight,
-        rstd,
-        dx,
-        partial,
-        dy.stride(0),
-        x.stride(0),
-        rstd.stride(0),
-        M,
-        K,
-        cdiv(M, P),
-        HAS_WEIGHT=weight is not None,
-        OFFSET=bool(offset),
-        CAST_BEFORE_WEIGHT=bool(cast_before_weight),
-        X_ROUND=_round_code(x.dtype),
-        BLOCK_K=block,
-        ONE_BLOCK=one_block,
-        num_warps=_num_warps(block),
-        enable_fp_fusion=True,  # nothing here is specified bit for bit; fma only helps
-    )
-    return dx, None if weight is None else partial.sum(0)

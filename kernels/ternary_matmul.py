@@ -1,7 +1,7 @@
 """Ternary x int8 matmul (BitNet b1.58, Ma et al. 2024), from decode (M = 1) to prefill.
 
 For int8 activation codes ``q [M, K]`` with per-row scales ``s_x [M]`` and a packed ternary weight
-``t [N, K]`` (``bitfx.kernels.layout``) with scales ``s_w [N]``::
+``t [N, K]`` (``bitfx.layout``) with scales ``s_w [N]``::
 
     acc = q @ t^T                      exact int32 [M, N]
     out = acc / s_x / s_w + b          fp32 epilogue, cast to out_dtype
@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from bitfx.kernels import layout
+from bitfx import layout
 from bitfx.kernels._utils import (cdiv, next_pow2, FLOAT_DTYPES, check_device, check_dtype, interpreting, num_sms,
                                   pdl_enabled, rows)
 

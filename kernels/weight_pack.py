@@ -4,7 +4,7 @@ For a linear weight ``W [N, K]``::
 
     s_w = 1 / max(mean(|W|), 1e-5)                     fp32 [N]  (per tensor or per row)
     t   = clamp(round_half_even(W * s_w), -1, 1)        int8 [N, K]
-    packed                                              uint8 [N, Kq], see bitfx.kernels.layout
+    packed                                              uint8 [N, Kq], see bitfx.layout
 
 and the inverse direction used by the training backward, ``t / s_w``. A scale group (the whole
 tensor, or one row) holding NaN or Inf gets ``s_w = NaN`` and all-zero codes; the numbers are
@@ -17,12 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
-from bitfx.kernels import layout
+from bitfx import layout
 from bitfx.kernels._utils import cdiv, next_pow2, FLOAT_DTYPES, check_device, check_dtype, interpreting
 
 __all__ = ["weight_scale", "quantize_pack", "weight_quant", "unpack_ternary", "dequantize"]
 
-_SCALE_FLOOR = 1e-5
 
 
 def _check_weight(name: str, w: torch.Tensor) -> None:

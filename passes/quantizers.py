@@ -19,7 +19,7 @@ from bitfx.passes.fx_utils import (
     arg_of, as_dims, const_of, is_cast, is_last_dim, kind_of, other_operand, plain_binary, shape_of,
     strip_upcasts,
 )
-from bitfx.reference import _SCALE_FLOOR as SCALE_FLOOR
+from bitfx.layout import SCALE_FLOOR
 
 __all__ = ["match_act_quant", "match_weight_quant", "unwrap_quant"]
 

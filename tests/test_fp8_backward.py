@@ -1,4 +1,4 @@
-"""The FP8 backward of the training ops (``BitfxConfig(backward="fp8")``, :mod:`bitfx.fp8`).
+"""The FP8 backward of the training ops (``BitfxConfig(backward="fp8")``, :mod:`bitfx.ops.fp8`).
 
 Its products are checked against the exact ones with the rounding bound of e4m3 rather than a
 fitted tolerance: an operand element ``a`` with row scale ``s`` is stored with an error of at
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import bitfx
-from bitfx import fp8
+from bitfx.ops import fp8
 from bitfx import reference as ref
 from bitfx.config import BitfxConfig
 from tests import models
@@ -24,7 +24,7 @@ EPS, TAU = 2.0**-4, 2.0**-10
 
 
 def _element_bound(t: torch.Tensor) -> torch.Tensor:
-    """The per-element rounding bound of :func:`bitfx.fp8.round_rows` on ``t [R, C]``."""
+    """The per-element rounding bound of :func:`bitfx.ops.fp8.round_rows` on ``t [R, C]``."""
     scale = t.abs().amax(dim=1, keepdim=True) / fp8.E4M3_MAX
     return EPS * t.abs() + TAU * scale
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from bitfx import reference as ref
-from bitfx.kernels.layout import FORMAT, packed_k
+from bitfx.layout import FORMAT, packed_k
 from bitfx.modules import BitfxLinear
 from tests.helpers import HAS_CUDA
 

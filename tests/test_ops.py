@@ -14,7 +14,7 @@ from torch.library import opcheck
 
 import bitfx
 from bitfx import reference as ref
-from bitfx.kernels.layout import packed_k
+from bitfx.layout import packed_k
 from tests.helpers import FLOAT_DTYPES, HAS_CUDA, assert_close_ulps
 
 ops = torch.ops.bitfx

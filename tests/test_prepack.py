@@ -1,4 +1,4 @@
-"""Weights packed once (:mod:`bitfx.prepack`): an inference graph of the backend does not
+"""Weights packed once (:mod:`bitfx.passes.prepack`): an inference graph of the backend does not
 quantize or pack its weights per call, and a weight changed in place after compiling is
 packed again before the next call (never a stale result), with and without CUDA graphs."""
 
@@ -11,7 +11,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import bitfx
-import bitfx.prepack
+import bitfx.passes.prepack
 from tests import models
 
 pytest.importorskip("transformers")
@@ -107,7 +107,7 @@ def test_writes_through_data_need_refresh_all():
         before = compiled(ids).logits
         model.model.layers[1].mlp.down_proj.weight.data.mul_(-1.0)
         assert torch.equal(compiled(ids).logits, before)  # not seen: the documented gap
-        assert bitfx.prepack.refresh_all() >= 1
+        assert bitfx.passes.prepack.refresh_all() >= 1
         after = compiled(ids).logits
     assert not torch.equal(after, before)
     assert torch.equal(after, _fresh(model, ids))

@@ -25,7 +25,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from bitfx import reference as ref
-from bitfx.kernels import layout
+from bitfx import layout
 from bitfx.kernels import ternary_matmul as tm
 from bitfx.kernels.ternary_matmul import ternary_matmul, ternary_matmul_int32
 from tests.helpers import FLOAT_DTYPES, KERNEL_DEVICE, ULP, assert_close_ulps

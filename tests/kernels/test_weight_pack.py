@@ -17,7 +17,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from bitfx import reference as ref
-from bitfx.kernels import layout
+from bitfx import layout
 from bitfx.kernels.weight_pack import dequantize, quantize_pack, unpack_ternary, weight_quant, weight_scale
 from tests.helpers import FLOAT_DTYPES, HAS_CUDA, KERNEL_DEVICE, ULP
 

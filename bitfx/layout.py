@@ -1,4 +1,8 @@
-"""The packed ternary weight layout: the one place it is defined.
+"""The numbers every part of bitfx shares: the packed ternary weight layout, the scale
+floor and the float dtypes the ops take. The one place they are defined; the reference, the
+ops and the kernels import them from here (this module imports torch alone).
+
+The packed layout:
 
 A ternary matrix ``t`` of shape ``[N, K]`` with entries in {-1, 0, 1} is stored as a
 ``uint8`` tensor ``packed`` of shape ``[N, Kq]``, four 2-bit codes per byte:
@@ -23,14 +27,20 @@ layout does not depend on any block size, so the same packed weights serve the s
 product ``sum_k q_k t_k`` equals ``sum_k q_k c_k - sum_k q_k``: a kernel may
 multiply by the raw codes and subtract the row sum of the activations once.
 
-This module holds only arithmetic on sizes (no kernels), so that the reference and the
-kernels agree on one definition.
 """
+
+import torch
 
 PLANES = 4  # 2-bit codes per byte
 ROW_ALIGN = 16  # bytes; packed rows are a multiple of this
 CODE_OFFSET = 1  # stored code = ternary value + CODE_OFFSET
 FORMAT = "bitfx-ternary-2bit-planes-v1"
+
+# The floor of every absmax / absmean scale: s_x = qmax / max(max|y|, SCALE_FLOOR), s_w = 1 / max(mean|W|, SCALE_FLOOR).
+SCALE_FLOOR = 1e-5
+
+# The float dtypes activations, norm weights, linear weights, biases and outputs may have.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def packed_k(K: int) -> int:

@@ -61,9 +61,9 @@ def scaled_mm(a: Tensor, a_scale: Tensor, b: Tensor, b_scale: Tensor, out_dtype:
     ``b [N, C]`` e4m3 codes with per-row scales ``[M, 1]`` and ``[N, 1]`` (both row-major: the
     contraction runs along the rows of each)."""
     if a.dtype != E4M3 or b.dtype != E4M3:
-        raise TypeError(f"bitfx.fp8.scaled_mm: operands must be float8_e4m3fn, got {a.dtype} and {b.dtype}")
+        raise TypeError(f"bitfx.ops.fp8.scaled_mm: operands must be float8_e4m3fn, got {a.dtype} and {b.dtype}")
     if a.shape[1] != b.shape[1]:
-        raise ValueError(f"bitfx.fp8.scaled_mm: contraction sizes differ: {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ValueError(f"bitfx.ops.fp8.scaled_mm: contraction sizes differ: {tuple(a.shape)} and {tuple(b.shape)}")
     M, N = a.shape[0], b.shape[0]
     if not _tensor_cores(a):
         out = (a.float() * a_scale) @ (b.float() * b_scale).t()

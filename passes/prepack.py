@@ -18,7 +18,7 @@ and copies it into its buffer in place, before the graph runs. The buffers keep 
 addresses, so a CUDA graph replayed next reads the new weights: results are never stale, with
 and without CUDA graphs. The one change it cannot see is a write through ``.data`` (which
 bypasses the version counter, as it bypasses autograd); after one, call
-``bitfx.prepack.refresh_all()``: the next call of every compiled graph packs again. Parameters made in inference mode keep
+``bitfx.passes.prepack.refresh_all()``: the next call of every compiled graph packs again. Parameters made in inference mode keep
 no version counter; a graph whose weights are such tensors packs per call, as before.
 The check costs the host about a tenth of a microsecond per weight and call (17 us for the 224
 weights of the Llama-3-8B shape, measured on a 2-core CPU host).
@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import fx
 
-from bitfx import ops  # noqa: F401  (registers torch.ops.bitfx.*)
+import bitfx.ops  # noqa: F401  (registers torch.ops.bitfx.*)
 from bitfx.passes.fx_utils import is_cast
 from bitfx.passes.naming import Naming
 

@@ -1,0 +1,32 @@
+"""The ``bitfx::`` operators (``torch.ops.bitfx.*``), registered when this package is imported.
+
+* :mod:`bitfx.ops.library`: the catalogue of schemas (:data:`~bitfx.ops.library.SCHEMAS`),
+  the one registration helper and the input checks;
+* :mod:`bitfx.ops.inference`: ``norm_quant``, ``act_quant``, ``weight_quant``,
+  ``ternary_matmul``, ``dequantize``, and the one CUDA front (norm or activation quantization);
+* :mod:`bitfx.ops.training`: ``weight_quant_stacked``, ``bitlinear_stacked`` (what the backend
+  emits in training), ``ternary_linear_group`` (frozen packed weights in grad mode), and
+  :func:`bitlinear`, the differentiable BitLinear layer as a function;
+* :mod:`bitfx.ops.fp8`: the FP8 matmuls of the training ops' optional FP8 backward.
+
+Every op has a plain-torch implementation (the reference, :mod:`bitfx.reference`: the CPU and
+any device without a kernel), a Triton one on CUDA (:mod:`bitfx.kernels`), and a fake one for
+``torch.compile``. The names below are the ``torch.ops.bitfx`` overload packets.
+"""
+
+import torch
+
+from bitfx.ops import inference, training  # noqa: F401  (registers the ops)
+from bitfx.ops.library import SCHEMAS
+from bitfx.ops.training import bitlinear
+
+norm_quant = torch.ops.bitfx.norm_quant
+act_quant = torch.ops.bitfx.act_quant
+weight_quant = torch.ops.bitfx.weight_quant
+ternary_matmul = torch.ops.bitfx.ternary_matmul
+dequantize = torch.ops.bitfx.dequantize
+ternary_linear_group = torch.ops.bitfx.ternary_linear_group
+weight_quant_stacked = torch.ops.bitfx.weight_quant_stacked
+bitlinear_stacked = torch.ops.bitfx.bitlinear_stacked
+
+__all__ = ["SCHEMAS", "bitlinear", *SCHEMAS]

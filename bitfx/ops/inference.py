@@ -1,0 +1,195 @@
+"""The inference ops: ``norm_quant``, ``act_quant``, ``weight_quant``, ``ternary_matmul``,
+``dequantize`` (schemas in :data:`bitfx.ops.library.SCHEMAS`), and the one CUDA front that
+every op quantizing activations uses (:func:`cuda_front`).
+
+No autograd: these ops read no float weight a gradient could reach (the backend emits them in
+inference graphs; ``BitfxLinear`` calls them when no gradient must pass, and
+``ternary_linear_group`` when one must).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from bitfx import reference as ref
+from bitfx.layout import FLOAT_DTYPES, packed_k
+from bitfx.ops.library import (check_codes, check_float_dtype, check_in_features, check_linear_weight,
+                               check_norm_args, check_packed_weight, check_same_device, kernels, register, rows)
+
+__all__ = ["cuda_front", "ref_front", "check_matmul_args", "matmul_guard"]
+
+
+# ---------------------------------------------------------------- the activation front (norm or not)
+
+
+def ref_front(x: Tensor, norm_weight: Optional[Tensor], eps: float, offset: bool, cast_before_weight: bool,
+              norm_dtype: torch.dtype, normalize: bool, bits: int = 8) -> tuple[Tensor, Tensor, Tensor]:
+    """The reference front: ``(q [..., K], x_scale [...], rstd [...])`` of the norm and the
+    activation quantization (``normalize=False``: ``act_quant`` of ``x`` alone, ``rstd`` zeros)."""
+    if not normalize:
+        q, x_scale = ref.act_quant(x, bits)
+        return q, x_scale, x.new_zeros(x.shape[:-1], dtype=torch.float32)
+    rstd = torch.rsqrt(x.float().pow(2).mean(dim=-1) + eps)
+    q, x_scale = ref.norm_quant(x, norm_weight, eps, offset=offset, cast_before_weight=cast_before_weight,
+                                norm_dtype=norm_dtype, bits=bits)
+    return q, x_scale, rstd
+
+
+def cuda_front(x: Tensor, norm_weight: Optional[Tensor], eps: float, offset: bool, cast_before_weight: bool,
+               norm_dtype: torch.dtype, normalize: bool, bits: int = 8) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The Triton front: ``(q int8 [M, K], x_scale f32 [M], rstd f32 [M] or None)`` of ``x``'s rows,
+    normalized (``normalize``) or not; bit for bit :func:`ref_front`'s codes and scales."""
+    nq = kernels("norm_quant")
+    if normalize:
+        return nq.norm_quant(rows(x), norm_weight, eps, offset, cast_before_weight, norm_dtype, ref.act_qmax(bits))
+    q, x_scale = nq.act_quant(rows(x), ref.act_qmax(bits))
+    return q, x_scale, None
+
+
+def _guard_front(x: Tensor, weight: Optional[Tensor], norm_dtype: torch.dtype) -> bool:
+    """The cheap per-call guard of the CUDA front (what a caller outside a graph could get wrong)."""
+    return (x.dtype in FLOAT_DTYPES and x.dim() >= 1 and norm_dtype in FLOAT_DTYPES
+            and (weight is None or (weight.dim() == 1 and weight.shape[0] == x.shape[-1])))
+
+
+# ---------------------------------------------------------------- norm_quant
+
+
+@register("norm_quant", "reference")
+def _(x, weight, eps, offset, cast_before_weight, norm_dtype, bits=8):
+    check_norm_args("norm_quant", x, weight, norm_dtype)
+    return ref.norm_quant(x, weight, eps, offset=offset, cast_before_weight=cast_before_weight, norm_dtype=norm_dtype,
+                          bits=bits)
+
+
+@register("norm_quant", "cuda")
+def _(x, weight, eps, offset, cast_before_weight, norm_dtype, bits=8):
+    if not _guard_front(x, weight, norm_dtype):
+        check_norm_args("norm_quant", x, weight, norm_dtype)
+    q, scale, _ = cuda_front(x, weight, eps, offset, cast_before_weight, norm_dtype, True, bits)
+    return q.view(x.shape), scale.view(x.shape[:-1])
+
+
+@register("norm_quant", "fake")
+def _(x, weight, eps, offset, cast_before_weight, norm_dtype, bits=8):
+    check_norm_args("norm_quant", x, weight, norm_dtype)
+    ref.act_qmax(bits)
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- act_quant
+
+
+@register("act_quant", "reference")
+def _(y, bits=8):
+    check_norm_args("act_quant", y, None, torch.float32)
+    return ref.act_quant(y, bits)
+
+
+@register("act_quant", "cuda")
+def _(y, bits=8):
+    if not _guard_front(y, None, torch.float32):
+        check_norm_args("act_quant", y, None, torch.float32)
+    q, scale, _ = cuda_front(y, None, 0.0, False, False, torch.float32, False, bits)
+    return q.view(y.shape), scale.view(y.shape[:-1])
+
+
+@register("act_quant", "fake")
+def _(y, bits=8):
+    check_norm_args("act_quant", y, None, torch.float32)
+    ref.act_qmax(bits)
+    return y.new_empty(y.shape, dtype=torch.int8), y.new_empty(y.shape[:-1], dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- weight_quant
+
+
+@register("weight_quant", "reference")
+def _(w, per_channel):
+    check_linear_weight("weight_quant", w)
+    return ref.weight_quant(w, per_channel)
+
+
+@register("weight_quant", "cuda")
+def _(w, per_channel):
+    check_linear_weight("weight_quant", w)
+    return kernels("weight_pack").weight_quant(w, per_channel)
+
+
+@register("weight_quant", "fake")
+def _(w, per_channel):
+    check_linear_weight("weight_quant", w)
+    N, K = w.shape
+    return w.new_empty((N, packed_k(K)), dtype=torch.uint8), w.new_empty((N,), dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- ternary_matmul
+
+
+def check_matmul_args(op, q, x_scale, packed, w_scale, bias, out_dtype, in_features) -> None:
+    check_codes(op, q, x_scale)
+    check_packed_weight(op, packed, w_scale, bias, in_features)
+    check_in_features(op, q, in_features)
+    check_float_dtype(op, "out_dtype", out_dtype)
+    check_same_device(op, q, x_scale, packed, w_scale, bias)
+
+
+def matmul_guard(q: Tensor, packed: Tensor, w_scale: Tensor, in_features: int) -> bool:
+    """The cheap per-call guard of a ternary matmul on CUDA: codes int8 of ``in_features``
+    features, a packed uint8 ``[N, packed_k(K)]`` weight, its fp32 ``[N]`` scale."""
+    return (q.dtype == torch.int8 and q.dim() >= 1 and q.shape[-1] == in_features and packed.dtype == torch.uint8
+            and packed.dim() == 2 and packed.shape[1] == packed_k(in_features) and w_scale.dtype == torch.float32
+            and w_scale.shape == packed.shape[:1])
+
+
+@register("ternary_matmul", "reference")
+def _(q, x_scale, packed, w_scale, bias, out_dtype, in_features):
+    # in_features: the K the weight was packed for (several K share a packed width); the CPU
+    # reference raises on an invalid code, the CUDA kernel does not check codes per call.
+    check_matmul_args("ternary_matmul", q, x_scale, packed, w_scale, bias, out_dtype, in_features)
+    return ref.ternary_matmul(q, x_scale, packed, w_scale, bias, out_dtype)
+
+
+@register("ternary_matmul", "cuda")
+def _(q, x_scale, packed, w_scale, bias, out_dtype, in_features):
+    if not matmul_guard(q, packed, w_scale, in_features):
+        check_matmul_args("ternary_matmul", q, x_scale, packed, w_scale, bias, out_dtype, in_features)
+    out = kernels("ternary_matmul").ternary_matmul(rows(q), x_scale.reshape(-1), packed, w_scale, bias, out_dtype)
+    return out.view(*q.shape[:-1], packed.shape[0])
+
+
+@register("ternary_matmul", "fake")
+def _(q, x_scale, packed, w_scale, bias, out_dtype, in_features):
+    check_matmul_args("ternary_matmul", q, x_scale, packed, w_scale, bias, out_dtype, in_features)
+    return q.new_empty((*q.shape[:-1], packed.shape[0]), dtype=out_dtype)
+
+
+# ---------------------------------------------------------------- dequantize
+
+
+def _check_dequantize(packed, w_scale, K, dtype) -> None:
+    check_packed_weight("dequantize", packed, w_scale, None, K)
+    check_float_dtype("dequantize", "dtype", dtype)
+    check_same_device("dequantize", packed, w_scale)
+
+
+@register("dequantize", "reference")
+def _(packed, w_scale, K, dtype):
+    # t / s_w as a dense [N, K] matrix; invalid codes: a ValueError here, not checked on CUDA.
+    _check_dequantize(packed, w_scale, K, dtype)
+    return (ref.unpack_ternary(packed, K).float() / w_scale.float().unsqueeze(1)).to(dtype)
+
+
+@register("dequantize", "cuda")
+def _(packed, w_scale, K, dtype):
+    _check_dequantize(packed, w_scale, K, dtype)
+    return kernels("weight_pack").dequantize(packed, w_scale, K, dtype)
+
+
+@register("dequantize", "fake")
+def _(packed, w_scale, K, dtype):
+    _check_dequantize(packed, w_scale, K, dtype)
+    return packed.new_empty((packed.shape[0], K), dtype=dtype)

@@ -1,0 +1,199 @@
+"""The ``bitfx::`` operator library: the catalogue of schemas, the one registration helper, and
+the input checks every implementation shares.
+
+Every op is defined here, in :data:`SCHEMAS`, and implemented in :mod:`bitfx.ops.inference`
+or :mod:`bitfx.ops.training` with :func:`register`: one implementation per dispatch key
+(``"reference"``: the plain-torch reference, which runs on the CPU and on any device without a
+kernel of its own; ``"cuda"``: the Triton kernels; ``"composite"``: plain torch that
+AOTAutograd decomposes, so Inductor fuses it), a fake implementation for ``torch.compile``
+(symbolic shapes), and, for the differentiable ops, an autograd formula.
+
+Checks: the fake implementation runs the op's whole check (once, when a graph is traced); the
+reference runs it on every call (it is the specification, not a fast path); a CUDA
+implementation runs a cheap guard on shapes and dtypes (no read of device memory) and falls
+back on the whole check, for its message, only when the guard fails. Packed codes are checked
+when a weight is packed or loaded (``BitfxLinear``), never per call.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from bitfx.layout import FLOAT_DTYPES, packed_k
+
+__all__ = ["LIB", "SCHEMAS", "register", "kernels", "rows", "dtype_name"]
+
+LIB = torch.library.Library("bitfx", "FRAGMENT")
+
+# The catalogue: every bitfx op, its schema and what it computes (``...`` any leading dims,
+# ``Kq = packed_k(K)``, ``ΣN`` the rows of weights stacked along N).
+SCHEMAS = {
+    # RMSNorm + per-token quantization: x[..., K] -> (q int8[..., K], x_scale f32[...])
+    "norm_quant": "(Tensor x, Tensor? weight, float eps, bool offset, bool cast_before_weight, "
+                  "ScalarType norm_dtype, SymInt bits=8) -> (Tensor, Tensor)",
+    # per-token quantization alone: y[..., K] -> (q, x_scale)
+    "act_quant": "(Tensor y, SymInt bits=8) -> (Tensor, Tensor)",
+    # absmean ternary + 2-bit packing: w[N, K] -> (packed u8[N, Kq], w_scale f32[N])
+    "weight_quant": "(Tensor w, bool per_channel) -> (Tensor, Tensor)",
+    # q @ t^T exact in int32, then / x_scale / w_scale + bias: -> out[..., N]
+    "ternary_matmul": "(Tensor q, Tensor x_scale, Tensor packed, Tensor w_scale, Tensor? bias, "
+                      "ScalarType out_dtype, SymInt in_features) -> Tensor",
+    # t / w_scale as a dense [N, K] matrix
+    "dequantize": "(Tensor packed, Tensor w_scale, SymInt K, ScalarType dtype) -> Tensor",
+    # frozen packed weights a gradient passes through: -> ([out_i[..., N_i]], q, x_scale, rstd)
+    "ternary_linear_group": "(Tensor x, Tensor? norm_weight, Tensor[] packed, Tensor[] w_scale, Tensor[] biases, "
+                            "SymInt in_features, float eps, bool offset, bool cast_before_weight, "
+                            "ScalarType norm_dtype, bool normalize, ScalarType out_dtype, SymInt bits=8) "
+                            "-> (Tensor[], Tensor, Tensor, Tensor)",
+    # weight_quant of each weight (same K), stacked along N: -> (packed u8[ΣN, Kq], w_scale f32[ΣN])
+    "weight_quant_stacked": "(Tensor[] weights, bool[] per_channel) -> (Tensor, Tensor)",
+    # training: norm (+) quantization, one matmul against the stack, STE backward to the weights
+    # -> (out[..., ΣN], q, x_scale, rstd)
+    "bitlinear_stacked": "(Tensor x, Tensor? norm_weight, Tensor[] weights, Tensor packed, Tensor w_scale, "
+                         "Tensor? bias, float eps, bool offset, bool cast_before_weight, ScalarType norm_dtype, "
+                         "bool normalize=True, bool fp8_backward=False) -> (Tensor, Tensor, Tensor, Tensor)",
+}
+
+for _name, _schema in SCHEMAS.items():
+    LIB.define(_name + _schema)
+
+_KEYS = {"reference": "CompositeExplicitAutograd", "composite": "CompositeImplicitAutograd", "cuda": "CUDA"}
+
+
+def register(name: str, key: str) -> Callable:
+    """Decorator: ``fn`` as the implementation of ``bitfx::name`` for ``key`` (``"reference"``,
+    ``"composite"``, ``"cuda"``, ``"fake"``)."""
+    if name not in SCHEMAS:
+        raise KeyError(f"bitfx: no op {name!r} in the catalogue")
+
+    def add(fn: Callable) -> Callable:
+        if key == "fake":
+            torch.library.register_fake(f"bitfx::{name}", fn, lib=LIB)
+        else:
+            LIB.impl(name, fn, _KEYS[key])
+        return fn
+
+    return add
+
+
+def register_autograd(name: str, backward: Callable, setup_context: Callable) -> None:
+    """The autograd formula of ``bitfx::name``."""
+    torch.library.register_autograd(f"bitfx::{name}", backward, setup_context=setup_context, lib=LIB)
+
+
+def kernels(name: str):
+    """``bitfx.kernels.<name>``, imported when a CUDA kernel first runs (Triton stays unimported otherwise)."""
+    return importlib.import_module(f"bitfx.kernels.{name}")
+
+
+def rows(t: Tensor) -> Tensor:
+    """``t [..., K]`` as ``[M, K]``."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def dtype_name(d: torch.dtype) -> str:
+    return str(d).replace("torch.", "")
+
+
+# ---------------------------------------------------------------- checks
+
+
+def check_float(op: str, what: str, t: Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"bitfx.{op}: {what} must be float32, float16 or bfloat16, got {dtype_name(t.dtype)}")
+
+
+def check_float_dtype(op: str, what: str, dtype: torch.dtype) -> None:
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"bitfx.{op}: {what} must be a float dtype, got {dtype}")
+
+
+def check_same_device(op: str, *tensors: Optional[Tensor]) -> None:
+    present = [t for t in tensors if t is not None]
+    for t in present[1:]:
+        if t.device != present[0].device:
+            raise ValueError(f"bitfx.{op}: all tensors must be on one device, got {present[0].device} and {t.device}")
+
+
+def check_norm_args(op: str, x: Tensor, weight: Optional[Tensor], norm_dtype: torch.dtype) -> None:
+    """``x [..., K]`` float with at least one dimension, ``weight [K]`` float or None, a float ``norm_dtype``."""
+    check_float(op, "input", x)
+    if x.dim() < 1:
+        raise ValueError(f"bitfx.{op}: input must have at least one dimension (the features), got a 0-D tensor")
+    if weight is not None:
+        check_float(op, "norm weight", weight)
+        if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+            raise ValueError(
+                f"bitfx.{op}: norm weight has shape {tuple(weight.shape)} but the input has "
+                f"K={x.shape[-1]} features (last dimension); expected ({x.shape[-1]},)"
+            )
+    check_float_dtype(op, "norm_dtype", norm_dtype)
+    check_same_device(op, x, weight)
+
+
+def check_normalize(op: str, norm_weight: Optional[Tensor], normalize: bool) -> None:
+    if not normalize and norm_weight is not None:
+        raise ValueError(f"bitfx.{op}: a norm weight was given but normalize=False; pass None")
+
+
+def check_linear_weight(op: str, w: Tensor) -> None:
+    check_float(op, "linear weight", w)
+    if w.dim() != 2:
+        raise ValueError(f"bitfx.{op}: linear weight must be 2-D [N, K], got shape {tuple(w.shape)}")
+
+
+def check_packed_weight(op: str, packed: Tensor, w_scale: Tensor, bias: Optional[Tensor], in_features) -> None:
+    """A packed weight ``[N, packed_k(in_features)]`` uint8, its scale fp32 ``[N]``, a float bias ``[N]`` or None."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(
+            f"bitfx.{op}: packed ternary weight must be uint8 (from bitfx weight_quant), got {dtype_name(packed.dtype)}"
+        )
+    if packed.dim() != 2:
+        raise ValueError(f"bitfx.{op}: packed ternary weight must be 2-D [N, Kq], got shape {tuple(packed.shape)}")
+    torch._check_with(
+        ValueError,
+        packed.shape[1] == packed_k(in_features),
+        lambda: f"bitfx.{op}: packed ternary weight has {packed.shape[1]} bytes per row but in_features="
+        f"{in_features} needs {packed_k(in_features)}: a weight packed for another K, or in another format",
+    )
+    N = packed.shape[0]
+    if w_scale.dtype != torch.float32:
+        raise TypeError(f"bitfx.{op}: weight scale must be float32, got {dtype_name(w_scale.dtype)}")
+    if w_scale.dim() != 1 or w_scale.shape[0] != N:
+        raise ValueError(f"bitfx.{op}: weight scale has shape {tuple(w_scale.shape)}, expected ({N},)")
+    if bias is not None:
+        check_float(op, "bias", bias)
+        if bias.dim() != 1 or bias.shape[0] != N:
+            raise ValueError(f"bitfx.{op}: bias has shape {tuple(bias.shape)}, expected ({N},)")
+
+
+def check_in_features(op: str, x: Tensor, in_features) -> None:
+    K = x.shape[-1]
+    torch._check_with(
+        ValueError,
+        K == in_features,
+        lambda: f"bitfx.{op}: the activations have K={K} features (last dimension) but the weight was "
+        f"packed for in_features={in_features}",
+    )
+
+
+def check_codes(op: str, q: Tensor, x_scale: Tensor) -> None:
+    """Activation codes ``q int8 [..., K]`` and their scales ``x_scale f32 [...]``."""
+    if q.dtype != torch.int8:
+        raise TypeError(f"bitfx.{op}: activation codes must be int8, got {dtype_name(q.dtype)}")
+    if q.dim() < 1:
+        raise ValueError(f"bitfx.{op}: activation codes must have at least one dimension (the features), got 0-D")
+    if x_scale.dtype != torch.float32:
+        raise TypeError(f"bitfx.{op}: activation scale must be float32, got {dtype_name(x_scale.dtype)}")
+    if tuple(x_scale.shape) != tuple(q.shape[:-1]):
+        raise ValueError(f"bitfx.{op}: activation scale has shape {tuple(x_scale.shape)}, expected {tuple(q.shape[:-1])}")
+
+
+def bias_list(biases: list, n: int) -> list:
+    """One optional bias per weight from a list holding one per weight or none at all (a list of
+    optional tensors would hide the biases from autograd: ops flatten only lists of tensors)."""
+    return list(biases) if biases else [None] * n

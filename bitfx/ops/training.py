@@ -1,0 +1,365 @@
+"""The ops a gradient passes through: ``weight_quant_stacked`` and ``bitlinear_stacked`` (what
+the backend emits in training graphs), ``ternary_linear_group`` (frozen packed weights of a
+``bitfx.quantize``d model, in grad mode), and :func:`bitlinear`, the BitLinear layer as a function.
+
+The backward is the straight-through estimator, written in plain torch (no bitfx op): under
+``torch.compile`` AOTAutograd traces it into the backward graph, where Inductor fuses the
+dequantization into the kernels around the matmuls and the norm's backward
+(:func:`bitfx.reference.rms_norm_backward`) into one reduction, with no Python per call; run
+eagerly it computes the same numbers. Double backward (``create_graph=True``) is refused: the
+second derivative of a straight-through estimator is not defined by it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from bitfx import reference as ref
+from bitfx.layout import CODE_OFFSET, PLANES, SCALE_FLOOR, packed_k
+from bitfx.ops import fp8
+from bitfx.ops.inference import cuda_front, ref_front
+from bitfx.ops.library import (bias_list, check_float_dtype, check_in_features, check_linear_weight, check_norm_args,
+                               check_normalize, check_packed_weight, check_same_device, kernels, register,
+                               register_autograd)
+
+__all__ = ["bitlinear"]
+
+
+# ---------------------------------------------------------------- shared backward pieces
+
+
+def _no_double_backward(op: str) -> None:
+    # The autograd engine runs a backward in grad mode only under create_graph=True.
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"bitfx.{op}: double backward (create_graph=True) is not supported: the straight-through "
+            f"estimator defines first derivatives only"
+        )
+
+
+def _act_dequant(q: Tensor, x_scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """``(q / s_x).to(dtype)``: the activations the forward's matmul used."""
+    return (q.float() / x_scale.float().unsqueeze(-1)).to(dtype)
+
+
+def _dequantize(packed: Tensor, w_scale: Tensor, K: int, dtype: torch.dtype) -> Tensor:
+    """``(t / s_w).to(dtype) [N, K]`` (the codes unchecked: they were checked when packed)."""
+    t = ref.unpacked_codes(packed, K)
+    return (t.float() / w_scale.float().unsqueeze(1)).to(dtype)
+
+
+def _norm_tail(dy: Tensor, x: Optional[Tensor], norm_weight: Optional[Tensor], rstd: Tensor, offset: bool,
+               cast_before_weight: bool, normalize: bool, x_shape, x_dtype) -> tuple[Tensor, Optional[Tensor]]:
+    """``(dx, dnorm_weight)`` from the gradient ``dy`` reaching the norm's output: the norm's
+    backward (``normalize``), else ``dy`` itself is the input's gradient."""
+    if not normalize:
+        return dy.reshape(x_shape).to(x_dtype), None
+    dx, dg = ref.rms_norm_backward(dy.reshape(x_shape), x, norm_weight, rstd, offset, cast_before_weight)
+    return dx, None if norm_weight is None else dg.to(norm_weight.dtype)
+
+
+def _front_outputs(x: Tensor, q: Tensor, x_scale: Tensor, rstd: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """The CUDA front's row outputs in ``x``'s leading shape (``rstd`` zeros without a norm)."""
+    lead = x.shape[:-1]
+    rstd = x.new_zeros(lead, dtype=torch.float32) if rstd is None else rstd.view(lead)
+    return q.view(x.shape), x_scale.view(lead), rstd
+
+
+def _fake_front(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    lead = x.shape[:-1]
+    return (x.new_empty(x.shape, dtype=torch.int8), x.new_empty(lead, dtype=torch.float32),
+            x.new_empty(lead, dtype=torch.float32))
+
+
+# ---------------------------------------------------------------- weight_quant_stacked
+
+
+def _check_stack_weights(op: str, weights: list[Tensor], per_channel: list[bool]) -> None:
+    if len(weights) == 0:
+        raise ValueError(f"bitfx.{op}: needs at least one linear weight")
+    if len(per_channel) != len(weights):
+        raise ValueError(f"bitfx.{op}: {len(weights)} weights but {len(per_channel)} per_channel flags")
+    for w in weights:
+        check_linear_weight(op, w)
+        if w.shape[1] != weights[0].shape[1]:
+            raise ValueError(
+                f"bitfx.{op}: the weights must share K (in_features) to be stacked, got "
+                f"{[tuple(v.shape) for v in weights]}"
+            )
+    check_same_device(op, *weights)
+
+
+@register("weight_quant_stacked", "composite")
+def _(weights: list[Tensor], per_channel: list[bool]) -> tuple[Tensor, Tensor]:
+    """``weight_quant`` of each weight, stacked along N: ``(packed u8[sum N_i, Kq], w_scale
+    f32[sum N_i])``, each block with its own scale (per tensor or per channel). Plain torch:
+    traced into the graph, where Inductor fuses it; no gradient (the straight-through gradient
+    reaches the weights through ``bitlinear_stacked``).
+
+    Written for few graph nodes (compile time grows with them): one row reduction and one
+    packing over the whole stack, a handful of nodes per weight for its scale. The group means
+    and reciprocals are computed in fp64 and rounded once to fp32: correctly rounded, as the
+    reference's fp32 division and the Triton kernels' ``div_rn`` are, whatever the compiler
+    does with an fp32 division (double rounding is innocuous for 53 >= 2 * 24 + 2 bits). The
+    sum of ``|w|`` is taken per row, then per weight: its fp32 order may differ from the
+    reference's (a few ulps of the scale); the codes are exactly those of the scale."""
+    _check_stack_weights("weight_quant_stacked", weights, per_channel)
+    parts = [w.detach().float() for w in weights]
+    wf = torch.cat(parts) if len(parts) > 1 else parts[0]
+    N, K = wf.shape
+    row_sum = wf.abs().sum(dim=1)
+    row_finite = torch.isfinite(wf).all(dim=1)
+    means, finite, at = [], [], 0
+    for w, pc in zip(weights, per_channel):
+        n = w.shape[0]
+        if pc:
+            means.append(row_sum[at:at + n].double() / K)
+            finite.append(row_finite[at:at + n])
+        else:
+            means.append(row_sum[at:at + n].sum(0, keepdim=True).double() / (n * K))
+            finite.append(row_finite[at:at + n].all(0, keepdim=True))
+        at += n
+    mean = (torch.cat(means) if len(means) > 1 else means[0]).float()
+    group_finite = torch.cat(finite) if len(finite) > 1 else finite[0]
+    group_scale = (1.0 / mean.clamp(min=SCALE_FLOOR).double()).float()
+    group_scale = torch.where(group_finite, group_scale, float("nan"))
+    if all(per_channel):
+        scale = group_scale
+    else:  # each per-tensor scale repeated over its block's rows
+        pieces, g = [], 0
+        for w, pc in zip(weights, per_channel):
+            n = w.shape[0]
+            pieces.append(group_scale[g:g + n] if pc else group_scale[g:g + 1].expand(n))
+            g += n if pc else 1
+        scale = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    v = wf * scale.unsqueeze(1)
+    # clamp(round_half_even(v), -1, 1) == (v > 0.5) - (v < -0.5) for every fp32 v (NaN: 0)
+    codes = (v > 0.5).to(torch.int32) - (v < -0.5).to(torch.int32) + CODE_OFFSET
+    Kq = packed_k(K)
+    planes = torch.nn.functional.pad(codes, (0, PLANES * Kq - K), value=CODE_OFFSET).view(N, PLANES, Kq)
+    shifts = torch.arange(0, 2 * PLANES, 2, dtype=torch.int32, device=wf.device).view(1, PLANES, 1)
+    packed = (planes << shifts).sum(dim=1)
+    return packed.to(torch.uint8), scale
+
+
+# ---------------------------------------------------------------- bitlinear_stacked
+
+
+def _check_stacked(x, norm_weight, weights, packed, w_scale, bias, norm_dtype, normalize):
+    op = "bitlinear_stacked"
+    check_normalize(op, norm_weight, normalize)
+    check_norm_args(op, x, norm_weight, norm_dtype)
+    _check_stack_weights(op, weights, [False] * len(weights))
+    K = x.shape[-1]
+    if weights[0].shape[1] != K:
+        raise ValueError(
+            f"bitfx.{op}: linear weights have K={weights[0].shape[1]} input features but the input has "
+            f"K={K} (last dimension)"
+        )
+    check_packed_weight(op, packed, w_scale, bias, K)
+    n = sum(w.shape[0] for w in weights)
+    if packed.shape[0] != n:
+        raise ValueError(
+            f"bitfx.{op}: the packed stack has {packed.shape[0]} rows but the weights have {n} "
+            f"({[tuple(w.shape) for w in weights]}); pack them with weight_quant_stacked"
+        )
+    check_same_device(op, x, norm_weight, packed, w_scale, bias, weights[0])
+
+
+@register("bitlinear_stacked", "reference")
+def _(x, norm_weight, weights, packed, w_scale, bias, eps, offset, cast_before_weight, norm_dtype,
+      normalize=True, fp8_backward=False):
+    """RMSNorm (``normalize``; else none) -> int8 activation codes -> one exact ternary matmul
+    against ``packed``/``w_scale`` (``weight_quant_stacked(weights)``: the linears' weights
+    stacked along N) + ``bias`` (stacked, or None). ``out[..., rows of weight i]`` is the
+    BitLinear of weight i to the last bit (for the same scale). ``weights`` are read only by
+    the backward: ``dW = dout^T (q / s_x)`` split per weight, ``dy = dout (t / s_w)`` over the
+    whole stack, then the norm's backward; no gradient reaches ``packed``/``w_scale``.
+    ``fp8_backward``: those two matmuls in FP8 (:mod:`bitfx.ops.fp8`)."""
+    _check_stacked(x, norm_weight, weights, packed, w_scale, bias, norm_dtype, normalize)
+    q, x_scale, rstd = ref_front(x, norm_weight, eps, offset, cast_before_weight, norm_dtype, normalize)
+    return ref.ternary_matmul(q, x_scale, packed, w_scale, bias, norm_dtype), q, x_scale, rstd
+
+
+@register("bitlinear_stacked", "cuda")
+def _(x, norm_weight, weights, packed, w_scale, bias, eps, offset, cast_before_weight, norm_dtype,
+      normalize=True, fp8_backward=False):
+    if not (packed.dim() == 2 and packed.shape[1] == packed_k(x.shape[-1]) and w_scale.shape == packed.shape[:1]):
+        _check_stacked(x, norm_weight, weights, packed, w_scale, bias, norm_dtype, normalize)
+    q, x_scale, rstd = cuda_front(x, norm_weight, eps, offset, cast_before_weight, norm_dtype, normalize)
+    out = kernels("ternary_matmul").ternary_matmul(q, x_scale, packed, w_scale, bias, norm_dtype)
+    return (out.view(*x.shape[:-1], packed.shape[0]), *_front_outputs(x, q, x_scale, rstd))
+
+
+@register("bitlinear_stacked", "fake")
+def _(x, norm_weight, weights, packed, w_scale, bias, eps, offset, cast_before_weight, norm_dtype,
+      normalize=True, fp8_backward=False):
+    _check_stacked(x, norm_weight, weights, packed, w_scale, bias, norm_dtype, normalize)
+    return (x.new_empty((*x.shape[:-1], packed.shape[0]), dtype=norm_dtype), *_fake_front(x))
+
+
+def _stacked_setup_context(ctx, inputs, output):
+    x, norm_weight, weights, packed, w_scale, bias = inputs[:6]
+    _, q, x_scale, rstd = output
+    ctx.normalize = inputs[10] if len(inputs) > 10 else True
+    ctx.fp8 = bool(inputs[11]) if len(inputs) > 11 else False
+    ctx.offset, ctx.cast_before_weight = inputs[7], inputs[8]
+    # Without a norm the backward needs only the codes: x's shape and dtype are kept.
+    ctx.save_for_backward(x if ctx.normalize else None, norm_weight, q, x_scale, rstd, packed, w_scale)
+    ctx.x_meta = (x.shape, x.dtype)
+    ctx.sizes = [w.shape[0] for w in weights]
+    ctx.weight_dtypes = [w.dtype for w in weights]
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _stacked_backward(ctx, dout, *_unused):
+    _no_double_backward("bitlinear_stacked")
+    x, norm_weight, q, x_scale, rstd, packed, w_scale = ctx.saved_tensors
+    x_shape, x_dtype = ctx.x_meta
+    K = x_shape[-1]
+    d2 = dout.reshape(-1, packed.shape[0])
+    M = d2.shape[0]
+    dtypes = set(ctx.weight_dtypes)
+    if ctx.fp8:
+        dy = fp8.input_grad([d2], [ref.unpacked_codes(packed, K)], [w_scale], torch.float32)
+        acts_t8, acts_scale = fp8.round_rows(_act_dequant(q.reshape(M, K), x_scale.reshape(M), torch.float32).t())
+        dw = fp8.weight_grad(d2, acts_t8, acts_scale, dtypes.pop() if len(dtypes) == 1 else torch.float32)
+    else:
+        # Both in the gradient's dtype (bf16 tensor cores in bf16 training), accumulated in
+        # fp32 inside each matmul: the input gradient is rounded once, over the whole stack.
+        dw = d2.t() @ _act_dequant(q.reshape(M, K), x_scale.reshape(M), d2.dtype)
+        dy = d2 @ _dequantize(packed, w_scale, K, d2.dtype)
+    dweights = [part.to(dt) for part, dt in zip(torch.split(dw, ctx.sizes, 0), ctx.weight_dtypes)]
+    dbias = None if ctx.bias_dtype is None else d2.sum(0).to(ctx.bias_dtype)
+    dx, dnorm = _norm_tail(dy, x, norm_weight, rstd, ctx.offset, ctx.cast_before_weight, ctx.normalize, x_shape,
+                           x_dtype)
+    return (dx, dnorm, dweights, None, None, dbias) + (None,) * (len(ctx.needs_input_grad) - 6)
+
+
+register_autograd("bitlinear_stacked", _stacked_backward, _stacked_setup_context)
+
+
+# ---------------------------------------------------------------- ternary_linear_group (frozen packed weights)
+
+
+def _check_ternary_group(x, norm_weight, packed, w_scale, biases, in_features, norm_dtype, normalize, out_dtype):
+    op = "ternary_linear_group"
+    check_norm_args(op, x, norm_weight, norm_dtype)
+    check_normalize(op, norm_weight, normalize)
+    if len(packed) == 0:
+        raise ValueError(f"bitfx.{op}: needs at least one packed weight")
+    if len(w_scale) != len(packed) or len(biases) not in (0, len(packed)):
+        raise ValueError(
+            f"bitfx.{op}: {len(packed)} packed weights but {len(w_scale)} weight scales and {len(biases)} "
+            f"biases; give one scale per weight, and one bias per weight or none at all"
+        )
+    for p, s, b in zip(packed, w_scale, bias_list(biases, len(packed))):
+        check_packed_weight(op, p, s, b, in_features)
+    check_in_features(op, x, in_features)
+    check_float_dtype(op, "out_dtype", out_dtype)
+    check_same_device(op, x, norm_weight, *packed, *w_scale, *biases)
+
+
+@register("ternary_linear_group", "reference")
+def _(x, norm_weight, packed, w_scale, biases, in_features, eps, offset, cast_before_weight, norm_dtype, normalize,
+      out_dtype, bits=8):
+    """Frozen packed ternary weights that a gradient can pass through: ``(outs, q, x_scale, rstd)``.
+
+    ``q, s_x`` = the front of ``x`` (norm + quantization if ``normalize``, else quantization
+    alone; ``rstd`` zeros then); ``outs[i] = ternary_matmul(q, s_x, packed[i], w_scale[i],
+    biases[i], out_dtype, in_features)``, bit for bit (the same kernels). ``biases``: one per
+    weight, or empty. Backward (straight-through): ``dy = sum_i dout_i (t_i / s_w_i)``,
+    ``dbias_i = sum over rows of dout_i``, then the norm's backward; the packed weights and
+    their scales get no gradient."""
+    _check_ternary_group(x, norm_weight, packed, w_scale, biases, in_features, norm_dtype, normalize, out_dtype)
+    q, x_scale, rstd = ref_front(x, norm_weight, eps, offset, cast_before_weight, norm_dtype, normalize, bits)
+    outs = [ref.ternary_matmul(q, x_scale, p, s, b, out_dtype)
+            for p, s, b in zip(packed, w_scale, bias_list(biases, len(packed)))]
+    return outs, q, x_scale, rstd
+
+
+@register("ternary_linear_group", "cuda")
+def _(x, norm_weight, packed, w_scale, biases, in_features, eps, offset, cast_before_weight, norm_dtype, normalize,
+      out_dtype, bits=8):
+    if not (x.shape[-1] == in_features and len(packed) == len(w_scale) and len(biases) in (0, len(packed))
+            and all(p.dim() == 2 and p.shape[1] == packed_k(in_features) and s.shape == p.shape[:1]
+                    for p, s in zip(packed, w_scale))):
+        _check_ternary_group(x, norm_weight, packed, w_scale, biases, in_features, norm_dtype, normalize, out_dtype)
+    q, x_scale, rstd = cuda_front(x, norm_weight, eps, offset, cast_before_weight, norm_dtype, normalize, bits)
+    tm = kernels("ternary_matmul")
+    outs = [tm.ternary_matmul(q, x_scale, p, s, b, out_dtype).view(*x.shape[:-1], p.shape[0])
+            for p, s, b in zip(packed, w_scale, bias_list(biases, len(packed)))]
+    return (outs, *_front_outputs(x, q, x_scale, rstd))
+
+
+@register("ternary_linear_group", "fake")
+def _(x, norm_weight, packed, w_scale, biases, in_features, eps, offset, cast_before_weight, norm_dtype, normalize,
+      out_dtype, bits=8):
+    _check_ternary_group(x, norm_weight, packed, w_scale, biases, in_features, norm_dtype, normalize, out_dtype)
+    return ([x.new_empty((*x.shape[:-1], p.shape[0]), dtype=out_dtype) for p in packed], *_fake_front(x))
+
+
+def _ternary_group_setup_context(ctx, inputs, output):
+    x, norm_weight, packed, w_scale, biases, in_features, eps, offset, cast_before_weight, norm_dtype, normalize = \
+        inputs[:11]
+    ctx.save_for_backward(x, norm_weight, output[3], *packed, *w_scale)
+    ctx.n, ctx.K = len(packed), in_features
+    ctx.offset, ctx.cast_before_weight, ctx.normalize = offset, cast_before_weight, normalize
+    ctx.bias_dtypes = [b.dtype for b in biases]
+
+
+def _ternary_group_backward(ctx, douts, *_unused):
+    """Straight-through: ``dy = sum_i dout_i (t_i / s_w_i)`` (each product in dout's dtype, summed
+    in fp32), ``dbias_i = sum over rows of dout_i``, then the norm's backward if there is a norm."""
+    _no_double_backward("ternary_linear_group")
+    x, norm_weight, rstd, *rest = ctx.saved_tensors
+    packed, w_scale = rest[: ctx.n], rest[ctx.n:]
+    K = ctx.K
+    dy = torch.zeros((x.numel() // K, K), dtype=torch.float32, device=x.device)
+    dbiases = []
+    for i in range(ctx.n):
+        if douts[i] is None:  # an output nothing used
+            dbiases.append(None)
+            continue
+        d2 = douts[i].reshape(-1, packed[i].shape[0])
+        dy += d2 @ _dequantize(packed[i], w_scale[i], K, d2.dtype)
+        dbiases.append(d2.sum(0).to(ctx.bias_dtypes[i]) if ctx.bias_dtypes else None)
+    dx, dnorm = _norm_tail(dy, x, norm_weight, rstd, ctx.offset, ctx.cast_before_weight, ctx.normalize, x.shape,
+                           x.dtype)
+    none = [None] * ctx.n  # the packed weights and their scales are frozen
+    # No gradient for the scalar arguments: one None for each the call passed (the dispatcher
+    # leaves out a trailing argument at its default, ``bits``; needs_input_grad has the call's shape).
+    return (dx, dnorm, none, none, dbiases if ctx.bias_dtypes else []) + (None,) * (len(ctx.needs_input_grad) - 5)
+
+
+register_autograd("ternary_linear_group", _ternary_group_backward, _ternary_group_setup_context)
+
+
+# ---------------------------------------------------------------- bitlinear, the function
+
+
+def bitlinear(
+    x: Tensor,
+    norm_weight: Optional[Tensor],
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-6,
+    *,
+    offset: bool = False,
+    cast_before_weight: bool = True,
+    norm_dtype: Optional[torch.dtype] = None,
+    per_channel: bool = False,
+) -> Tensor:
+    """The BitLinear layer as a function: RMSNorm (weighted by ``norm_weight``; weightless when None),
+    int8 activation codes, ternary weight, exact matmul; ``out[..., N]`` in the norm's dtype,
+    differentiable (straight-through estimator) with respect to ``x``, ``norm_weight``,
+    ``weight`` and ``bias``. The ops the backend emits in training: ``weight_quant_stacked``,
+    then ``bitlinear_stacked``."""
+    if norm_dtype is None:
+        norm_dtype = ref.norm_dtype_for(x.dtype, None if norm_weight is None else norm_weight.dtype, cast_before_weight)
+    packed, w_scale = torch.ops.bitfx.weight_quant_stacked([weight], [per_channel])
+    return torch.ops.bitfx.bitlinear_stacked(x, norm_weight, [weight], packed, w_scale, bias, eps, offset,
+                                             cast_before_weight, norm_dtype)[0]
