@@ -19,14 +19,20 @@ too; every other key is an Inductor config patch (``torch._inductor.list_options
 ``mode`` maps to Inductor's options for that mode.
 
 Where the passes plug in: they rewrite the torch-level graph Dynamo hands over, *before*
-``compile_fx``; no Inductor custom-pass hook is used. Inductor's caches (FX graph cache,
-AOTAutograd cache) key on the graph they receive, which already contains the
-``torch.ops.bitfx`` calls, so no ``CustomGraphPass.uuid()`` is needed.
+``compile_fx``. Inductor's caches (FX graph cache, AOTAutograd cache) key on the graph they
+receive, which already contains the ``torch.ops.bitfx`` calls; the training ops' backward
+formulas are Python traced later, so the backend adds a no-op post-grad pass whose
+``CustomGraphPass.uuid()`` is a hash of bitfx's sources (:mod:`bitfx.cache_key`).
 
-Inference graphs read weights packed once, when the graph is compiled (:mod:`bitfx.passes.prepack`:
-``weight_quant`` of each weight and the stacking of sibling weights run ahead of the calls, and
-again before a call whose weights changed in place since), so the backend alone is as fast as
-``bitfx.quantize`` then the backend; ``quantize`` still saves the memory of the float weights. With ``dynamic=True`` Dynamo first hands over float
+Training or inference: :func:`bitfx.config.decide_training`, once per graph (``training`` in
+the options, or grad mode and inputs requiring grad). ``training=False`` for a graph traced to
+be differentiated is refused: the inference ops pass no gradient.
+
+Inference graphs read weights packed once (:mod:`bitfx.passes.prepack`: ``weight_quant`` of
+each weight and the stacking of sibling weights run ahead of the calls, kept with the weights,
+and run again before a call whose weights changed since), however the model was reached, so
+the backend alone is as fast as ``bitfx.quantize`` then the backend; ``quantize`` still saves
+the memory of the float weights. With ``dynamic=True`` Dynamo first hands over float
 attributes (a norm's ``eps``) as symbolic inputs; the pass specializes the ones a norm uses,
 and Inductor restarts the trace with them constant, so a compile may run the pass twice.
 
@@ -44,9 +50,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from bitfx import ops  # noqa: F401  (registers torch.ops.bitfx.*)
+import bitfx.ops  # noqa: F401  (registers torch.ops.bitfx.*)
 from bitfx.cache_key import keyed
-from bitfx.config import BitfxConfig
+from bitfx.config import BitfxConfig, decide_training
 from bitfx.passes.naming import Naming
 from bitfx.passes.plan import check_filter_fn
 from bitfx.passes.rewrite import bitfx_pass
@@ -124,16 +130,24 @@ def bitfx_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[st
         from torch._inductor import list_mode_options
 
         inductor_patches = {**list_mode_options(mode), **inductor_patches}
-    if config.training is None:
-        training = torch.is_grad_enabled() and any(
-            isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs
+    inputs = list(example_inputs)
+    differentiated = decide_training(dataclasses.replace(config, training=None), inputs).training
+    if config.training is False and differentiated:
+        raise RuntimeError(
+            "bitfx backend: options training=False, but this call is traced for gradients (grad mode on and "
+            "parameters or inputs requiring grad), and the inference ops pass no gradient: a backward() would "
+            "leave every weight without one. Call the model under torch.no_grad() or torch.inference_mode() "
+            "for inference, or leave training unset (or True) to train"
         )
-        config = dataclasses.replace(config, training=training)
-    naming = Naming(_frame_roots(), list(example_inputs))
+    config = decide_training(config, inputs)
+    naming = Naming(_frame_roots(), inputs)
     bitfx_pass(gm, config, filter_fn, naming)
-    packs = None if config.training else prepack(gm, list(example_inputs), naming)
+    # Inference: the weight operands become inputs supplied per call, packed once (appended to `inputs`).
+    packs = None
+    if not config.training:
+        gm, packs = prepack(gm, inputs, naming)
     # bitfx's sources join the compile caches' keys (the backward formulas are Python: bitfx/cache_key.py)
-    compiled = compile_fx(gm, example_inputs, config_patches=keyed(inductor_patches))
+    compiled = compile_fx(gm, inputs, config_patches=keyed(inductor_patches))
     return compiled if packs is None else packs.guard(compiled)
 
 

@@ -10,10 +10,12 @@ linears.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import Any, Iterable, Optional
 
-__all__ = ["BitfxConfig", "QuantizeConfig", "LINEAR_MODES", "BACKWARD_MODES"]
+import torch
+
+__all__ = ["BitfxConfig", "QuantizeConfig", "LINEAR_MODES", "BACKWARD_MODES", "decide_training"]
 
 # What ``BitfxConfig.linears`` may say: every linear of the model (as BitNet b1.58), only those an
 # RMSNorm feeds, or every linear with an RMSNorm inserted in front of those that have none.
@@ -77,6 +79,18 @@ class BitfxConfig:
             raise ValueError(f"BitfxConfig: backward must be one of {BACKWARD_MODES}, got {self.backward!r}")
         if self.act_bits not in (4, 6, 8):
             raise ValueError(f"BitfxConfig: act_bits must be 8, 6 or 4, got {self.act_bits!r}")
+
+
+def decide_training(config: Optional["BitfxConfig"], tensors: Iterable[Any]) -> "BitfxConfig":
+    """``config`` (the default one for None) with ``training`` decided: as it says, or, when it
+    is None, training if grad mode is on and one of ``tensors`` (a graph's inputs, parameters
+    included, or a model's parameters) requires grad. The one place bitfx decides between the
+    differentiable ops and the inference ops, for the backend, ``explain`` and the pass alike."""
+    config = config or BitfxConfig()
+    if config.training is not None:
+        return config
+    training = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+    return replace(config, training=training)
 
 
 # The name bitfx.quantize used for it; the same class.

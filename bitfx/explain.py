@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from bitfx.config import BitfxConfig
+from bitfx.config import BitfxConfig, decide_training
 from bitfx.passes.naming import Naming
 from bitfx.passes.plan import FilterFn, check_filter_fn, graphs_of, plan_sites
 
@@ -240,14 +240,6 @@ def _dtype_name(d: Optional[torch.dtype]) -> Optional[str]:
     return None if d is None else str(d).removeprefix("torch.")
 
 
-def _trains(model: nn.Module, config: Optional[BitfxConfig]) -> bool:
-    """What the backend would decide for a call now: training when grad mode is on and a
-    parameter requires grad (``config.training`` overrides)."""
-    if config is not None and config.training is not None:
-        return bool(config.training)
-    return torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
-
-
 def explain(model: nn.Module, *example_inputs, config: Optional[BitfxConfig] = None,
             filter_fn: Optional[FilterFn] = None, **example_kwargs) -> ExplainReport:
     """Trace ``model(*example_inputs, **example_kwargs)`` and report, for every linear layer,
@@ -263,8 +255,9 @@ def explain(model: nn.Module, *example_inputs, config: Optional[BitfxConfig] = N
     of token ids.
     """
     filter_fn = check_filter_fn(filter_fn)
-    config = config or BitfxConfig()
-    training = _trains(model, config)
+    # What the backend would decide for a call now (its inputs are the model's parameters and these).
+    config = decide_training(config, [*model.parameters(), *example_inputs, *example_kwargs.values()])
+    training = bool(config.training)
     inputs = example_inputs_for(model, example_inputs, "explain", example_kwargs)
     graphs = capture_graphs(model, inputs, example_kwargs, training=training)
     report = ExplainReport(graphs=len(graphs), training=training)

@@ -36,6 +36,7 @@ from typing import Any, Callable, Optional
 
 from torch import fx, nn
 
+from bitfx.config import BitfxConfig
 from bitfx.passes.fx_utils import ROW_OPS, arg_of, is_cast, kind_of, real_users
 from bitfx.passes.naming import Naming, module_type_name
 from bitfx.passes.records import FindResult, LinearUse, Miss, NormSpec, Rejected, Site
@@ -165,17 +166,18 @@ def _replace_reason(kind: str, module: Optional[nn.Module], weight_leaf: bool) -
     return None
 
 
-def plan_sites(gm: fx.GraphModule, config: Any = None, filter_fn: Optional[FilterFn] = None,
+def plan_sites(gm: fx.GraphModule, config: Optional[BitfxConfig] = None, filter_fn: Optional[FilterFn] = None,
                naming: Optional[Naming] = None) -> Plan:
     """Decide every linear of ``gm``; see the module's docstring for the rules.
 
-    ``config``: a :class:`~bitfx.config.BitfxConfig` (``skip_output_head`` is read here);
+    ``config``: what to convert (``linears``, ``skip_output_head``; None: the defaults);
     ``naming``: how to name weights (by identity when it has the model); ``filter_fn(module, fqn)``.
     The graph is not modified.
     """
     filter_fn = check_filter_fn(filter_fn)
     naming = naming or Naming()
-    skip_head = getattr(config, "skip_output_head", True)
+    config = config or BitfxConfig()
+    skip_head = config.skip_output_head
     found = find_candidates(gm)
     site_of = {lin: s for s in found.sites for lin in s.linears}
     structural = {r.node: r for r in found.dropped}
@@ -189,7 +191,7 @@ def plan_sites(gm: fx.GraphModule, config: Any = None, filter_fn: Optional[Filte
         heads_by_shape = head_nodes(linears, uses, naming)
 
     opaque = _opaque_norm_outputs(gm)
-    mode = getattr(config, "linears", "all")
+    mode = config.linears
     decisions: list[LinearDecision] = []
     bare: dict[fx.Node, tuple[fx.Node, LinearUse]] = {}
     for lin in linears:
@@ -269,7 +271,7 @@ def plan_sites(gm: fx.GraphModule, config: Any = None, filter_fn: Optional[Filte
         site = s.restricted([d.node for d in kept], [d.name for d in kept])
         site.norm_module = _norm_name(s, naming)
         sites.append(site)
-    sites += _bare_sites(decisions, bare, mode, getattr(config, "norm_eps", 1e-6))
+    sites += _bare_sites(decisions, bare, mode, config.norm_eps)
     position = {n: i for i, n in enumerate(gm.graph.nodes)}
     sites.sort(key=lambda s: position[s.linears[0]])
     return Plan(sites, decisions, rejected)
@@ -418,9 +420,7 @@ def _one_decision_per_weight(decisions: list[LinearDecision], naming: Naming) ->
 def find_sites(gm: fx.GraphModule, *, filter_fn: Optional[FilterFn] = None, skip_output_head: bool = True,
                naming: Optional[Naming] = None) -> FindResult:
     """The sites :func:`plan_sites` converts, and every candidate left out with its reason."""
-    from types import SimpleNamespace
-
-    plan = plan_sites(gm, SimpleNamespace(skip_output_head=skip_output_head, linears="sites"), filter_fn, naming)
+    plan = plan_sites(gm, BitfxConfig(skip_output_head=skip_output_head, linears="sites"), filter_fn, naming)
     return FindResult(plan.sites, plan.rejected)
 
 

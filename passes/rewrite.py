@@ -35,8 +35,9 @@ row ops (usually all of them: none at all); linears reading it through different
 one each.
 
 Where this plugs in: :mod:`bitfx.backend` runs it on the torch-level graph Dynamo produces,
-before ``compile_fx``. It is not an Inductor custom pass (``post_grad_custom_pre_pass`` ...),
-so Inductor's caches see and key on the rewritten graph; no ``CustomGraphPass.uuid()`` needed.
+before ``compile_fx``, so Inductor's caches see and key on the rewritten graph; the training
+ops' backward formulas, which are Python traced later, join the caches' keys through
+:mod:`bitfx.cache_key`.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ from torch import fx
 
 import bitfx.ops  # noqa: F401  (registers torch.ops.bitfx.*, whatever imported this module)
 from bitfx import reference as ref
+from bitfx.config import BitfxConfig, decide_training
 from bitfx.passes.naming import Naming
-from bitfx.passes.plan import graphs_of, plan_sites
+from bitfx.passes.plan import FilterFn, graphs_of, plan_sites
 from bitfx.passes.records import LinearUse, Site
 from bitfx.passes.sites import analyze_linear, packed_operands
 
@@ -392,33 +394,22 @@ def _erase_dead(graph: fx.Graph, nodes: list[fx.Node]) -> None:
             graph.erase_node(n)
 
 
-def _decide_training(gm: fx.GraphModule) -> bool:
-    """Whether ``gm`` was traced to be differentiated: some value has a ``grad_fn`` (traced
-    under no_grad, none has, whatever the parameters say). Without meta values:
-    grad mode is on and some parameter or input requires grad."""
-    seen_meta = False
-    for n in gm.graph.nodes:
-        v = _val(n)
-        if isinstance(v, torch.Tensor):
-            seen_meta = True
-            if v.requires_grad and v.grad_fn is not None:  # computed with autograd recording
-                return True
-    if seen_meta:
-        return False
-    return torch.is_grad_enabled() and any(p.requires_grad for p in gm.parameters())
-
-
-def bitfx_pass(gm: fx.GraphModule, config: Any = None, filter_fn: Any = None, naming: Optional[Naming] = None) -> int:
+def bitfx_pass(gm: fx.GraphModule, config: Optional[BitfxConfig] = None, filter_fn: Optional[FilterFn] = None,
+               naming: Optional[Naming] = None) -> int:
     """Find and rewrite all sites of ``gm`` and of the subgraphs it calls (activation
-    checkpointing's bodies) as :func:`bitfx.passes.plan.plan_sites` decides, with ``config`` (a
-    :class:`bitfx.config.BitfxConfig`) and ``filter_fn(module, fqn)``. ``naming`` names weights
-    by identity (the backend gives it the model). Returns the number of sites rewritten."""
+    checkpointing's bodies) as :func:`bitfx.passes.plan.plan_sites` decides, with ``config``
+    and ``filter_fn(module, fqn)``. ``naming`` names weights by identity (the backend gives it
+    the model). ``config.training`` None is decided by :func:`bitfx.config.decide_training`
+    from the values the graph computes (traced under ``no_grad``, none requires grad, whatever
+    the parameters say; a graph without values: from its parameters). Returns the number of
+    sites rewritten."""
     naming = naming or Naming()
-    training = getattr(config, "training", None)
-    per_channel = getattr(config, "per_channel", False)
-    fp8_backward = getattr(config, "backward", "exact") == "fp8"
-    if training is None:
-        training = _decide_training(gm)
+    computed = [_val(n) for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
+    traced = [v for v in computed if isinstance(v, torch.Tensor)]
+    config = decide_training(config, traced if traced else list(gm.parameters()))
+    training = bool(config.training)
+    per_channel = config.per_channel
+    fp8_backward = config.backward == "fp8"
     total = 0
     record = gm.meta.setdefault("bitfx", {"converted": [], "dense": {}})
     for g in graphs_of(gm, naming):

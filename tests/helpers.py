@@ -21,3 +21,14 @@ def assert_close_ulps(actual: torch.Tensor, expected: torch.Tensor, ulps: float,
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     rtol = ulps * ULP[expected.dtype]
     torch.testing.assert_close(actual.float().cpu(), expected.float().cpu(), rtol=rtol, atol=atol, equal_nan=True)
+
+
+def assert_close_up_to_code_flips(got, want, max_fraction=0.01):
+    """Compiled vs eager: Inductor (and bitfx's fused norm) round the float code around the
+    sites differently, so an int8 code may move by one where a value lies on a rounding
+    boundary. All but ``max_fraction`` of the outputs agree to fp32 rounding; all to a few
+    codes' worth of the output scale."""
+    scale = want.abs().max().item()
+    off = ~torch.isclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+    assert off.float().mean().item() <= max_fraction, f"{off.sum().item()} of {off.numel()} outputs differ"
+    torch.testing.assert_close(got, want, rtol=0, atol=0.03 * scale)

@@ -93,7 +93,7 @@ def test_mamba2_gated_norm_through_a_view_feeds_out_proj():
 def test_autobitlinear_sub_norms_feed_o_proj_and_down_proj():
     """transformers' AutoBitLinear (online): the sub-norm's only user is the linear's own
     activation quantizer, whose ``.float()`` used to be read as the norm's last cast."""
-    from tests.test_backend import assert_close_up_to_code_flips
+    from tests.helpers import assert_close_up_to_code_flips
 
     model, ids = models.tiny_bitnet_autobitlinear()
     with torch.no_grad():

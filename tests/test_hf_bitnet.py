@@ -14,7 +14,7 @@ from bitfx.hf_bitnet import (
     convert_transformers_bitnet, export_transformers_bitnet, from_transformers, pack_hf, to_transformers, unpack_hf,
 )
 from tests import models
-from tests.test_backend import assert_close_up_to_code_flips
+from tests.helpers import assert_close_up_to_code_flips
 
 hf = pytest.importorskip("transformers.integrations.bitnet")
 
