@@ -148,7 +148,11 @@ def bitfx_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[st
         gm, packs = prepack(gm, inputs, naming)
     # bitfx's sources join the compile caches' keys (the backward formulas are Python: bitfx/cache_key.py)
     compiled = compile_fx(gm, inputs, config_patches=keyed(inductor_patches))
-    return compiled if packs is None else packs.guard(compiled)
+    if packs is None:
+        return compiled
+    run = packs.guard(compiled)
+    run.bitfx_graph = gm  # the graph compiled: the packed operands are its last inputs
+    return run
 
 
 def _setup_logging() -> None:

@@ -56,8 +56,8 @@ def _row_block(K: int, max_block: int) -> tuple[int, bool]:
 
 
 def _num_warps(block: int) -> int:
-    """At least 16 elements per thread, at most 8 warps: 1 warp for 512, 8 from 4096 (on the H100,
-    8192-wide rows ran at 57 us with 4 or 8 warps and 72 us with 16, M = 4096)."""
+    """At least 16 elements per thread, at most 8 warps: 1 warp for 512, 8 from 4096 (BENCHMARKS.md,
+    "Launch choices")."""
     return max(1, min(8, block // 512))
 
 
@@ -205,9 +205,8 @@ def _norm_quant_kernel(
         mask = cols < K
         x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
         # Few rows (decode): g is loaded with x, before the first reduction, so that the row
-        # costs one memory round trip (H100, M=1, K=14336: the site took 11.9 us instead of
-        # 14.2). Many rows: after it, so that fewer registers are live across the reduction
-        # and more programs fit on an SM (M=4096, K=8192: 58 us instead of 68).
+        # costs one memory round trip. Many rows: after it, so that fewer registers are live
+        # across the reduction and more programs fit on an SM (BENCHMARKS.md, "Launch choices").
         if EARLY_G:
             g = _g_eff(W, cols, mask, HAS_WEIGHT and NORM, OFFSET)
         if NORM:

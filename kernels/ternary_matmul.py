@@ -47,7 +47,7 @@ from bitfx.kernels._utils import (cdiv, next_pow2, FLOAT_DTYPES, check_device, c
 __all__ = ["ternary_matmul", "ternary_matmul_int32", "DP4A_MAX_M", "GEMV_MAX_M", "SIMT_MAX_M"]
 
 DP4A_MAX_M = 1
-"""Largest M that takes the CUDA-core ``"dp4a"`` GEMV by default (H100 sweep, ``python -m bitfx.tune``)."""
+"""Largest M that takes the CUDA-core ``"dp4a"`` GEMV by default (BENCHMARKS.md, "Launch choices")."""
 
 SIMT_MAX_M = 0
 """Largest M that takes the CUDA-core ``"simt"`` path by default (0: never; set from benchmarks)."""
@@ -59,9 +59,8 @@ _PATHS = ("dp4a", "simt", "gemv", "tc")
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_KQ, num_warps, fill) of the tensor-core path, largest first: a tile is
-# taken when it gives at least ``fill`` x (number of SMs) tiles. H100 sweep, K=N=4096: at M=1024,
-# 128 tiles of 128x256 (0.97 of the SMs) ran 37.6 us and 256 of 128x128 ran 44.9 us; at M=512,
-# 128x64 (21.1 us) beat 128x128 (23.4 us).
+# taken when it gives at least ``fill`` x (number of SMs) tiles (measurements: BENCHMARKS.md,
+# "Launch choices").
 _TC_TILES = ((128, 256, 64, 8, 0.9), (128, 128, 64, 8, 1.0), (128, 64, 64, 4, 1.0), (64, 64, 128, 4, 1.0))
 
 _TUNABLE = ("BLOCK_M", "BLOCK_N", "BLOCK_KQ", "GROUP_M", "OFFSET_TRICK", "num_warps", "num_stages", "PDL", "PREFETCH")
@@ -112,7 +111,7 @@ def _config(M: int, N: int, Kq: int, device: torch.device, path: str, split_k: i
     else:
         # Tensor cores: t = c - 1 keeps q a pure cp.async -> shared -> wgmma operand (no row sums
         # in registers). The largest tile that still gives every SM a tile: 128 (q rows) x 256
-        # (weight rows) for prefill, down to 64 x 64 for a few hundred rows (H100 sweep).
+        # (weight rows) for prefill, down to 64 x 64 for a few hundred rows.
         # The rule picks a first guess; on a GPU, the tile is then measured once per shape (M in
         # steps of 128) among all of _TC_TILES and the fastest kept (_tuned_tile): wave
         # quantization and occupancy make the best tile shape-dependent in ways a rule misses.
@@ -122,9 +121,8 @@ def _config(M: int, N: int, Kq: int, device: torch.device, path: str, split_k: i
         if tile is not None:  # measured (_tuned_tile)
             block_m, block_n, block_kq, warps = tile
         cfg = dict(BLOCK_M=block_m, GROUP_M=8, USE_DOT=True, OFFSET_TRICK=False, num_warps=warps, num_stages=3)
-    # Programmatic dependent launch (see _pdl_prologue) is off on these paths: on the H100, M=16,
-    # the site (norm_quant, then this kernel) ran 15.5 us without it and 19.3-22.0 us with it at
-    # K=N=8192, and 19.2 vs 21.5-23.1 us at 14336x4096 (it won 9.0 vs 9.7 us at K=N=4096 only).
+    # Programmatic dependent launch (see _pdl_prologue) is off on these paths: it lost at M=16
+    # on most shapes (BENCHMARKS.md, "Launch choices").
     cfg["PDL"] = False
     cfg["PREFETCH"] = True
     if interpreting():  # small blocks: small test shapes still cover several tiles, steps and groups
@@ -146,9 +144,8 @@ def _config(M: int, N: int, Kq: int, device: torch.device, path: str, split_k: i
     tiles = cdiv(M, block_m) * cdiv(N, block_n)
     steps = cdiv(Kq, block_kq)
     if split_k is None and path == "gemv":
-        # H100 sweep, M=16, 64 tiles on 132 SMs: K=4096 (8 steps) ran 7.1 us unsplit and 9.7 us
-        # split in two (the zeroed workspace is one more launch); K=14336 (28 steps) ran 17.3 us
-        # unsplit, 15.0 in two and 13.8 in four. Split long rows only, in chunks of >= 7 steps.
+        # Split long rows only (>= 24 steps), in chunks of >= 7 steps: a short row loses more to
+        # the zeroed workspace (one more launch) than it gains (BENCHMARKS.md, "Launch choices").
         split_k = min(4, steps // 7) if 2 * tiles <= num_sms(device) and steps >= 24 else 1
     elif split_k is None:  # split K only when the output tiles alone leave most SMs idle
         split_k = num_sms(device) // tiles if 4 * tiles <= num_sms(device) else 1
@@ -557,11 +554,9 @@ def _as_words(q: torch.Tensor) -> torch.Tensor:
 @_memo
 def _dp4a_config(M: int, N: int, Kq: int, device: torch.device, split_k: int | None, override: dict | None) -> dict:
     """Block sizes and K split of the dp4a GEMV (see ``_config``)."""
-    # H100 sweeps (python -m bitfx.tune), M = 1: one warp per program, 4 weight rows x 256 words
-    # (1 KB each) per step, loaded evict-first, launched with programmatic dependent launch and
-    # an L2 prefetch of the program's weights. The site (norm_quant, then this kernel) took
-    # 10.7 / 5.7 / 10.7 / 13.6 us for K x N = 8192^2, 4096^2, 4096x14336, 14336x4096, within 3%
-    # of each shape's best, against 12.0 / 6.4 / 11.0 / 14.2 us without PDL.
+    # M = 1: one warp per program, 4 weight rows x 256 words (1 KB each) per step, loaded
+    # evict-first, launched with programmatic dependent launch and an L2 prefetch of the
+    # program's weights: within 3% of each swept shape's best (BENCHMARKS.md, "Launch choices").
     cfg = dict(BLOCK_M=min(next_pow2(max(M, 1)), 4), BLOCK_N=4, BLOCK_W=256, num_warps=1, num_stages=1,
                STREAM_HINT=True, PDL=pdl_enabled(device), PREFETCH=True)
     if interpreting():
