@@ -21,3 +21,12 @@ def assert_close_ulps(actual: torch.Tensor, expected: torch.Tensor, ulps: float,
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     rtol = ulps * ULP[expected.dtype]
     torch.testing.assert_close(actual.float().cpu(), expected.float().cpu(), rtol=rtol, atol=atol, equal_nan=True)
+
+# The devices the ops run on: the CPU (the reference) and, where there is one, the GPU (the kernels).
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+def seeded_randn(shape, dtype: torch.dtype, device, seed: int = 0) -> torch.Tensor:
+    """``randn(shape)`` drawn on the CPU from ``seed`` (the same values on every device), as ``dtype`` on ``device``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(dtype).to(device)
