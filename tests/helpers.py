@@ -22,6 +22,15 @@ def assert_close_ulps(actual: torch.Tensor, expected: torch.Tensor, ulps: float,
     rtol = ulps * ULP[expected.dtype]
     torch.testing.assert_close(actual.float().cpu(), expected.float().cpu(), rtol=rtol, atol=atol, equal_nan=True)
 
+# The devices the ops run on: the CPU (the reference) and, where there is one, the GPU (the kernels).
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+def seeded_randn(shape, dtype: torch.dtype, device, seed: int = 0) -> torch.Tensor:
+    """``randn(shape)`` drawn on the CPU from ``seed`` (the same values on every device), as ``dtype`` on ``device``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(dtype).to(device)
+
 
 def assert_close_up_to_code_flips(got, want, max_fraction=0.01):
     """Compiled vs eager: Inductor (and bitfx's fused norm) round the float code around the

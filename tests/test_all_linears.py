@@ -262,23 +262,26 @@ def test_stacked_weights_give_the_concatenated_outputs(M, K, Ns, bias, seed):
 @pytest.mark.cuda
 @settings(deadline=None, max_examples=20)
 @given(M=st.integers(1, 70), K=st.integers(1, 300), N=st.integers(1, 64), seed=st.integers(0, 2**16))
-def test_bitlinear_group_without_norm_on_cuda(M, K, N, seed):
-    """``bitlinear_group(normalize=False)`` (a linear no norm feeds, training) on the CUDA
-    kernels: its codes equal the reference's, its output within 4 bf16 ulps, its gradient
-    to the input the straight-through one."""
+def test_bitlinear_stacked_without_norm_on_cuda(M, K, N, seed):
+    """``bitlinear_stacked(normalize=False)`` (a linear no norm feeds, training) on the CUDA
+    kernels: its codes equal the reference's, its output within 4 bf16 ulps of the reference's
+    given the weight it packed (``weight_quant_stacked``), its gradient to the input the
+    straight-through one."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=g).to(torch.bfloat16)
     w = (torch.randn(N, K, generator=g) * 0.05).to(torch.bfloat16)
     xc, wc = x.cuda().requires_grad_(), w.cuda().requires_grad_()
-    outs, q, s_x, _, _, _ = torch.ops.bitfx.bitlinear_group(xc, None, [wc], [], 0.0, False, False, torch.bfloat16,
-                                                            [False], False)
+    packed_c, s_w_c = torch.ops.bitfx.weight_quant_stacked([wc], [False])
+    out, q, s_x, _ = torch.ops.bitfx.bitlinear_stacked(xc, None, [wc], packed_c, s_w_c, None, 0.0, False, False,
+                                                       torch.bfloat16, False)
     q_ref, s_ref = ref.act_quant(x)
     assert torch.equal(q.cpu(), q_ref)
-    packed, s_w = ref.weight_quant(w, False)
+    packed, s_w = packed_c.cpu(), s_w_c.cpu()
+    torch.testing.assert_close(s_w, ref.weight_scale(w, False), rtol=1e-6, atol=0)
     want = ref.ternary_matmul(q_ref, s_ref, packed, s_w, None, torch.bfloat16)
-    assert_close_ulps(outs[0].cpu(), want, 4, atol=1e-6)
+    assert_close_ulps(out.cpu(), want, 4, atol=1e-6)
     dout = torch.randn(M, N, generator=g).to(torch.bfloat16)
-    dx, = torch.autograd.grad(outs[0], xc, dout.cuda())
+    dx, = torch.autograd.grad(out, xc, dout.cuda())
     w_q = (ref.unpack_ternary(packed, K).float() / s_w.unsqueeze(1))
     torch.testing.assert_close(dx.float().cpu(), (dout.float() @ w_q.to(torch.bfloat16).float()), rtol=2e-2, atol=1e-2)
 

@@ -90,18 +90,30 @@ def test_input_and_weight_gradient_within_the_rounding_bound(per_channel):
 
 
 def _group(x, g, ws, normalize, fp8_backward, dout_seed=3):
+    """``bitlinear_stacked`` over ``ws`` (packed by ``weight_quant_stacked``, per tensor): the
+    outputs split per weight, their upstream gradients, the leaves' gradients."""
     for t in [x, g, *ws]:
         if t is not None:
             t.grad = None
-    outs = torch.ops.bitfx.bitlinear_group(x, g, ws, [], 1e-6, False, False, x.dtype, [False] * len(ws), normalize,
-                                           fp8_backward)[0]
+    packed, scale = torch.ops.bitfx.weight_quant_stacked(ws, [False] * len(ws))
+    out = torch.ops.bitfx.bitlinear_stacked(x, g, ws, packed, scale, None, 1e-6, False, False, x.dtype, normalize,
+                                            fp8_backward)[0]
+    outs = out.split([w.shape[0] for w in ws], dim=-1)
     gen = torch.Generator().manual_seed(dout_seed)
     douts = [torch.randn(o.shape, generator=gen) for o in outs]
     torch.autograd.backward(outs, douts)
     return [o.detach() for o in outs], douts, [None if t is None else t.grad.clone() for t in [x, g, *ws]]
 
 
-def test_group_op_fp8_backward_leaves_the_forward_and_bounds_the_gradients():
+def _packed(ws):
+    """The scales and codes ``bitlinear_stacked`` multiplies by in :func:`_group`: per weight."""
+    K = ws[0].shape[1]
+    packed, scale = torch.ops.bitfx.weight_quant_stacked([w.detach() for w in ws], [False] * len(ws))
+    sizes = [w.shape[0] for w in ws]
+    return list(scale.split(sizes)), ref.unpack_ternary(packed, K).float()
+
+
+def test_stacked_op_fp8_backward_leaves_the_forward_and_bounds_the_gradients():
     torch.manual_seed(4)
     M, K = 48, 64
     x = torch.randn(M, K, requires_grad=True)
@@ -110,8 +122,7 @@ def test_group_op_fp8_backward_leaves_the_forward_and_bounds_the_gradients():
     out_e, douts, grads_e = _group(x, None, ws, False, False)
     out_f, _, grads_f = _group(x, None, ws, False, True)
     assert all(torch.equal(a, b) for a, b in zip(out_e, out_f))
-    scales = [ref.weight_quant(w.detach(), False)[1] for w in ws]
-    codes = torch.cat([ref.unpack_ternary(ref.weight_quant(w.detach(), False)[0], K).float() for w in ws])
+    scales, codes = _packed(ws)
     a = torch.cat([d / s.reshape(1, -1) for d, s in zip(douts, scales)], dim=1)
     assert torch.all((grads_f[0] - grads_e[0]).abs() <= _product_bound(a, codes, b_cols=False) + 1e-5)
     q, s_x = ref.act_quant(x.detach())
