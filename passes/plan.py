@@ -236,7 +236,13 @@ def plan_sites(gm: fx.GraphModule, config: Optional[BitfxConfig] = None, filter_
             d.convert = True  # the model quantizes here itself: fusing changes no number
             d = _filtered(d, filter_fn, module, name)
         elif skip_head and (id(naming.tensor(w)) in head_ids or lin in heads_by_shape):
-            d.reason = "output head (skip_output_head=True)"
+            d.reason = "output head (skip_output_head=True)" if lin not in heads_by_shape else (
+                "output head, guessed by shape: the model declares none (get_output_embeddings) and this is the "
+                "graph's last and widest linear, feeding the output alone (skip_output_head=True)")
+            if lin in heads_by_shape:
+                log.warning("bitfx: %s left dense as the output head, guessed by shape (the model declares no "
+                            "get_output_embeddings()); pass skip_output_head=False or a filter_fn to decide it",
+                            d.name or lin.name)
         elif len(names) > 1:
             others = [x for x in names if x != f"{name}.weight"] or names[1:]
             d.reason = f"its weight is shared (tied) with {', '.join(others)}"

@@ -265,8 +265,9 @@ def _out_features(n: fx.Node) -> int | None:
 def head_nodes(linears: list[fx.Node], uses: dict[fx.Node, LinearUse], naming=None) -> set[fx.Node]:
     """The output head: linears named like one (``lm_head``, ``output``, ...), or else the last
     linear of the graph when its out_features is strictly the largest of at least three
-    linears and exceeds its in_features (a projection into a vocabulary). Linears that already
-    quantize (BitNet code) are never taken for a head."""
+    linears and exceeds its in_features (a projection into a vocabulary) and its value reaches
+    the graph's output alone (not added to a residual stream). Linears that already quantize
+    (BitNet code) are never taken for a head."""
     def name(n):
         if naming is not None:
             u = uses.get(n)
@@ -289,7 +290,29 @@ def head_nodes(linears: list[fx.Node], uses: dict[fx.Node, LinearUse], naming=No
         return set()
     if k_last is not None and n_last <= k_last:
         return set()
+    if not _feeds_output_alone(last):  # a residual projection adds to the stream; a head's logits are the output
+        return set()
     return {last}
+
+
+def _feeds_output_alone(n: fx.Node) -> bool:
+    """Whether ``n``'s value reaches the graph's output through ops of that value alone (casts,
+    views, scaling or softcapping by constants), never combined with another tensor."""
+    todo, seen = [n], set()
+    reached = False
+    while todo:
+        v = todo.pop()
+        for u in v.users:
+            if u.op == "output":
+                reached = True
+            elif u in seen:
+                continue
+            elif len(u.all_input_nodes) == 1:
+                seen.add(u)
+                todo.append(u)
+            else:
+                return False
+    return reached
 
 
 # ---------------------------------------------------------------- the finder

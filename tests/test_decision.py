@@ -387,3 +387,35 @@ def test_integer_example_input_is_an_error_not_a_partial_conversion():
                 with pytest.raises(ValueError, match=r"example input \(int64, shape \(2, 3, 32\)\) reaches the RMSNorm n1"):
                     call(model, ints, config=config)
         assert not any(isinstance(m, bitfx.BitfxLinear) for m in model.modules())
+
+
+class _ResidualLast(nn.Module):
+    """No get_output_embeddings, and the graph's last and widest linear (``b``, wider than its
+    input) adds to the residual stream: a projection of the block, not a head."""
+
+    def __init__(self, d: int = 48, h: int = 16):
+        super().__init__()
+        self.n1, self.n2 = nn.RMSNorm(d), nn.RMSNorm(d)
+        self.a, self.c, self.b = nn.Linear(d, h), nn.Linear(d, h), nn.Linear(h, d)
+
+    def forward(self, x):
+        u = torch.relu(self.a(self.n1(x))) * self.c(self.n2(x))
+        return x + self.b(u)
+
+
+class _HeadLast(_ResidualLast):
+    """The same linears, the last one's output returned alone (softcapped): taken for a head."""
+
+    def forward(self, x):
+        u = torch.relu(self.a(self.n1(x))) * self.c(self.n2(x))
+        return torch.tanh(self.b(u + 0 * x[..., :16]) / 30.0) * 30.0
+
+
+def test_head_guess_never_takes_a_residual_projection():
+    x = torch.randn(2, 5, 48)
+    report = bitfx.explain(_ResidualLast(), x)
+    assert sorted(report.converted) == ["a", "b", "c"]
+    guessed = bitfx.explain(_HeadLast(), x)
+    assert sorted(guessed.converted) == ["a", "c"]  # b feeds the output alone: the guessed head
+    reason = next(d.reason for d in guessed.decisions if d.module == "b")
+    assert "guessed by shape" in reason

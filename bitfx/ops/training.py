@@ -187,7 +187,8 @@ def _(x, norm_weight, weights, packed, w_scale, bias, eps, offset, cast_before_w
 @register("bitlinear_stacked", "cuda")
 def _(x, norm_weight, weights, packed, w_scale, bias, eps, offset, cast_before_weight, norm_dtype,
       normalize=True, fp8_backward=False):
-    if not (packed.dim() == 2 and packed.shape[1] == packed_k(x.shape[-1]) and w_scale.shape == packed.shape[:1]):
+    if not (x.dim() >= 1 and packed.dim() == 2 and packed.shape[1] == packed_k(x.shape[-1])
+            and w_scale.shape == packed.shape[:1]):
         _check_stacked(x, norm_weight, weights, packed, w_scale, bias, norm_dtype, normalize)
     q, x_scale, rstd = cuda_front(x, norm_weight, eps, offset, cast_before_weight, norm_dtype, normalize)
     out = kernels("ternary_matmul").ternary_matmul(q, x_scale, packed, w_scale, bias, norm_dtype)
@@ -284,7 +285,8 @@ def _(x, norm_weight, packed, w_scale, biases, in_features, eps, offset, cast_be
 @register("ternary_linear_group", "cuda")
 def _(x, norm_weight, packed, w_scale, biases, in_features, eps, offset, cast_before_weight, norm_dtype, normalize,
       out_dtype, bits=8):
-    if not (x.shape[-1] == in_features and len(packed) == len(w_scale) and len(biases) in (0, len(packed))
+    if not (x.dim() >= 1 and x.shape[-1] == in_features and len(packed) == len(w_scale)
+            and len(biases) in (0, len(packed))
             and all(p.dim() == 2 and p.shape[1] == packed_k(in_features) and s.shape == p.shape[:1]
                     for p, s in zip(packed, w_scale))):
         _check_ternary_group(x, norm_weight, packed, w_scale, biases, in_features, norm_dtype, normalize, out_dtype)
