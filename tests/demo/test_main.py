@@ -7,8 +7,8 @@ import struct
 import zlib
 
 from bitfx.__main__ import main
-from bitfx.corpus import grammar_text
-from bitfx.plot import write_curves_png
+from bitfx.demo.corpus import grammar_text
+from bitfx.demo.plot import write_curves_png
 
 
 def test_train_job_runs_to_the_end(tmp_path, capsys):

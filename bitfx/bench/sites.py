@@ -1,4 +1,4 @@
-"""The benchmark: ``python -m bitfx.bench`` (CUDA only).
+"""The site benchmark: ``python -m bitfx.bench sites`` (CUDA only).
 
 Checks each kernel against the reference at the benchmarked shapes, then measures, against
 bf16 baselines measured in the same run:
@@ -12,10 +12,11 @@ bf16 baselines measured in the same run:
 * training forward + backward of ``bitfx.bitlinear`` vs bf16 RMSNorm + Linear, and the bytes
   saved for backward.
 
-Method: every timed call is captured in a CUDA graph that runs it over enough rotating weight
-copies that the weights do not sit in the 50 MB L2 (cold-L2 decode), then the graph is
-replayed many times and the median per call is reported. Training steps are timed with CUDA
-events (median of repetitions after warm-up). Inputs are random normal, never zeros.
+Method (:mod:`bitfx.bench.timing`): every timed call is captured in a CUDA graph that runs it
+over enough rotating weight copies that the weights do not sit in the 50 MB L2 (cold-L2
+decode), then the graph is replayed many times and the median per call is reported
+(``time_graph``). Training steps are timed with CUDA events (``median_s``: median of
+repetitions after warm-up). Inputs are random normal, never zeros.
 
 Prints the tables last, writes them as Markdown to ``--out`` (default ``bench_out/``) and a
 plot of speed-up vs M per shape (``sweep.png``).
@@ -23,11 +24,8 @@ plot of speed-up vs M per shape (``sweep.png``).
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -36,67 +34,16 @@ import torch.nn.functional as F
 
 import bitfx
 from bitfx import reference as ref
+from bitfx.bench import report
+from bitfx.bench.model_shapes import SITE_SHAPES as SHAPES
+from bitfx.bench.timing import copies_for, median_s, time_graph
 
-ops = torch.ops.bitfx
-
-SHAPES = [(8192, 8192), (4096, 4096), (4096, 14336), (14336, 4096)]  # (K, N)
 SWEEP_M = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
-L2_BYTES = 50 * 2**20
+TABLE_SITES = [(M, K, N) for K, N in SHAPES for M in (1, 16)] + [(4096, 8192, 8192), (4096, 4096, 14336)]
+"""(M, K, N) of the site table: decode and small batch at every shape, then prefill at two."""
 EPS = 1e-6
 
-
-# ------------------------------------------------------------------ timing
-
-
-def _copies_for(weight_bytes: int) -> int:
-    """Rotating copies so that the weights stream from HBM: at least 4x L2 in all, 2..64 copies."""
-    return max(2, min(64, math.ceil(4 * L2_BYTES / max(weight_bytes, 1))))
-
-
-def time_graph(fns, reps: int = 30) -> float:
-    """Median seconds per call of ``fns`` (one callable per rotating copy), replayed in a CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            for f in fns:
-                f()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for f in fns:
-            f()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / len(fns))
-    del graph
-    return statistics.median(times)
-
-
-def time_events(fn, reps: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+ops = torch.ops.bitfx
 
 
 # ------------------------------------------------------------------ the site, four ways
@@ -113,9 +60,9 @@ class Site:
         w = (torch.randn(N, K, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
         self.w = w
         self.packed, self.w_scale = ops.weight_quant(w, False)
-        self.n_packed = _copies_for(self.packed.numel())
+        self.n_packed = copies_for(self.packed.numel())
         self.packed_copies = [self.packed.clone() for _ in range(self.n_packed)]
-        self.n_bf16 = _copies_for(w.numel() * 2)
+        self.n_bf16 = copies_for(w.numel() * 2)
         self.w_copies = [w.clone() for _ in range(self.n_bf16)]
         self.int8_w = None
 
@@ -133,7 +80,7 @@ class Site:
         if self.M <= 16:
             return None  # torch._int_mm needs M > 16
         q = torch.randint(-127, 128, (self.M, self.K), device="cuda", dtype=torch.int8)
-        n = _copies_for(self.N * self.K)
+        n = copies_for(self.N * self.K)
         ws = [torch.randint(-1, 2, (self.K, self.N), device="cuda", dtype=torch.int8).t().contiguous().t() for _ in range(n)]
         return [lambda w=w: torch._int_mm(q, w) for w in ws]
 
@@ -227,8 +174,8 @@ def measure_training(M=8192, K=4096, N=14336):
         out = bitfx.bitlinear(x, g, w, None, EPS)
         out.backward(dout)
 
-    t_bf16 = time_events(bf16_step)
-    t_bitfx = time_events(bitfx_step)
+    t_bf16 = median_s(bf16_step)
+    t_bitfx = median_s(bitfx_step)
     _, b_bf16 = _saved_bytes(lambda: _bf16_site(x, g, w))
     _, b_bitfx = _saved_bytes(lambda: bitfx.bitlinear(x, g, w, None, EPS))
     res = dict(M=M, K=K, N=N, bf16_us=t_bf16 * 1e6, bitfx_us=t_bitfx * 1e6, saved_bf16=b_bf16, saved_bitfx=b_bitfx,
@@ -241,7 +188,7 @@ def measure_training(M=8192, K=4096, N=14336):
         def fla_step():
             layer(x).backward(dout)
 
-        res["fla_us"] = time_events(fla_step) * 1e6
+        res["fla_us"] = median_s(fla_step) * 1e6
     except ImportError:
         pass
     return res
@@ -250,30 +197,22 @@ def measure_training(M=8192, K=4096, N=14336):
 # ------------------------------------------------------------------ report
 
 
-def _fmt_us(t):
-    return "n/a" if math.isnan(t) else f"{t:.1f}"
-
-
-def _fmt_ratio(a, b):
-    return "n/a" if (math.isnan(a) or math.isnan(b)) else f"{b / a:.2f}x"
-
-
 def site_table(sites: list[dict]) -> str:
-    """The site rows (``measure_site`` results) as a Markdown table."""
+    """The site rows (``measure_site`` results, e.g. of :data:`TABLE_SITES`) as a Markdown table."""
     lines = ["| regime | M | K | N | bitfx µs | bf16 µs | bf16 compile µs | _int_mm µs | vs bf16 | vs compile | vs _int_mm | TB/s | TOP/s | rel err |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sites:
         regime = "decode" if r["M"] == 1 else ("small batch" if r["M"] == 16 else "prefill")
         lines.append(
             f"| {regime} | {r['M']} | {r['K']} | {r['N']} | {r['bitfx_us']:.1f} | {r['bf16_us']:.1f} | "
-            f"{r['bf16_compile_us']:.1f} | {_fmt_us(r['int_mm_us'])} | {_fmt_ratio(r['bitfx_us'], r['bf16_us'])} | "
-            f"{_fmt_ratio(r['bitfx_us'], r['bf16_compile_us'])} | {_fmt_ratio(r['bitfx_us'], r['int_mm_us'])} | "
+            f"{r['bf16_compile_us']:.1f} | {report.fmt(r['int_mm_us'], '.1f', 'n/a')} | {report.times(r['bf16_us'], r['bitfx_us'], 'n/a')} | "
+            f"{report.times(r['bf16_compile_us'], r['bitfx_us'], 'n/a')} | {report.times(r['int_mm_us'], r['bitfx_us'], 'n/a')} | "
             f"{r['tbps']:.2f} | {r['tops']:.0f} | {r['err']:.1e} |"
         )
     return "\n".join(lines)
 
 
-def report(results: dict, sweep_m: list[int]) -> str:
+def render(results: dict, sweep_m: list[int]) -> str:
     """The tables of a run (``results`` as written to results.json), as Markdown."""
     nq, tr = results["norm_quant"], results["training"]
     lines = [results["header"], ""]
@@ -289,7 +228,7 @@ def report(results: dict, sweep_m: list[int]) -> str:
         f"training fwd+bwd M={tr['M']} K={tr['K']} N={tr['N']}: bitfx {tr['bitfx_us']:.0f} µs "
         f"({6 * tr['M'] * tr['K'] * tr['N'] / tr['bitfx_us'] / 1e6:.0f} TOP/s-equivalent: 6·M·N·K for the three matmuls), "
         f"bf16 {tr['bf16_us']:.0f} µs "
-        f"({_fmt_ratio(tr['bitfx_us'], tr['bf16_us'])}), fla FusedBitLinear {fla}; saved for backward: bitfx "
+        f"({report.times(tr['bf16_us'], tr['bitfx_us'], 'n/a')}), fla FusedBitLinear {fla}; saved for backward: bitfx "
         f"{tr['saved_bitfx'] / 2**20:.1f} MiB vs bf16 {tr['saved_bf16'] / 2**20:.1f} MiB "
         f"({100 * tr['saved_bitfx'] / tr['saved_bf16']:.0f}%)"
     )
@@ -306,79 +245,67 @@ def report(results: dict, sweep_m: list[int]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--models" in argv:  # the whole-model benchmark: python -m bitfx.bench --models [LIST] [options]
-        from bitfx import bench_models
+def plot_sweep(results: dict, path: str, device: str) -> None:
+    """Speed-up over bf16 eager against M, one line per shape, as a PNG (needs matplotlib)."""
+    import matplotlib
 
-        i = argv.index("--models")
-        return bench_models.main(argv[:i] + argv[i + 1:])
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for K, N in SHAPES:
+        rs = [r for r in results["sweep"] if r["K"] == K and r["N"] == N]
+        ax.plot([r["M"] for r in rs], [r["bf16_us"] / r["bitfx_us"] for r in rs], marker="o", label=f"K={K}, N={N}")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("M (tokens)")
+    ax.set_ylabel("speed-up over bf16 RMSNorm + F.linear")
+    ax.set_title(f"bitfx on {device}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _measured(results: list, r: dict) -> None:
+    results.append(r)
+    print(r, flush=True)
+
+
+def main(argv=None) -> int:
+    p = report.parser("sites", __doc__)
     p.add_argument("--out", default="bench_out")
     p.add_argument("--quick", action="store_true", help="fewer sweep points (for a smoke run)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        sys.exit("bitfx.bench needs a CUDA GPU")
-    os.makedirs(args.out, exist_ok=True)
-    import triton
-
-    dev = torch.cuda.get_device_name()
-    header = f"device: {dev}; torch {torch.__version__}; triton {triton.__version__}; command: python -m bitfx.bench"
+        sys.exit("python -m bitfx.bench sites needs a CUDA GPU")
+    dev = report.device_name()
+    header = report.header(dev, {"torch": torch.__version__, "triton": report.version("triton")},
+                           report.command("sites", argv))
     print(header, flush=True)
     t0 = time.time()
     results = {"header": header, "sites": [], "sweep": []}
 
-    for K, N in SHAPES:
-        for M in (1, 16):
-            r = measure_site(M, K, N)
-            results["sites"].append(r)
-            print(r, flush=True)
-    for K, N in [(8192, 8192), (4096, 14336)]:
-        r = measure_site(4096, K, N)
-        results["sites"].append(r)
-        print(r, flush=True)
-    nq = measure_norm_quant()
-    results["norm_quant"] = nq
-    print(nq, flush=True)
-    tr = measure_training()
-    results["training"] = tr
-    print(tr, flush=True)
+    for M, K, N in TABLE_SITES:
+        _measured(results["sites"], measure_site(M, K, N))
+    results["norm_quant"] = measure_norm_quant()
+    print(results["norm_quant"], flush=True)
+    results["training"] = measure_training()
+    print(results["training"], flush=True)
     sweep_m = [1, 16, 256, 4096] if args.quick else SWEEP_M
     for K, N in SHAPES:
         for M in sweep_m:
-            r = measure_site(M, K, N, with_compile=True)
-            results["sweep"].append(r)
-            print(r, flush=True)
+            _measured(results["sweep"], measure_site(M, K, N, with_compile=True))
 
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-
-    table = report(results, sweep_m)
-    with open(os.path.join(args.out, "tables.md"), "w") as f:
-        f.write(table + "\n")
+    table = render(results, sweep_m)
+    report.write_results(args.out, results, table, table_name="tables.md")
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for K, N in SHAPES:
-            rs = [r for r in results["sweep"] if r["K"] == K and r["N"] == N]
-            ax.plot([r["M"] for r in rs], [r["bf16_us"] / r["bitfx_us"] for r in rs], marker="o", label=f"K={K}, N={N}")
-        ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("M (tokens)")
-        ax.set_ylabel("speed-up over bf16 RMSNorm + F.linear")
-        ax.set_title(f"bitfx on {dev}")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(args.out, "sweep.png"), dpi=120)
+        plot_sweep(results, os.path.join(args.out, "sweep.png"), dev)
     except ImportError:
         print("matplotlib not importable: no plot", flush=True)
     print(f"\n(total {time.time() - t0:.0f} s)\n")
     print(table)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

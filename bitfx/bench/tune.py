@@ -1,25 +1,27 @@
-"""``python -m bitfx.tune``: sweep the ternary matmul's launch configurations (CUDA only).
+"""``python -m bitfx.bench tune``: sweep the ternary matmul's launch configurations (CUDA only).
 
 The dispatch table in :mod:`bitfx.kernels.ternary_matmul` (``_config``) is a deterministic
 heuristic, not run-time autotuning (autotuning cannot run inside a CUDA-graph capture, where
 decode steps live). This script is how that table is chosen: for each (M, K, N) it times the
 matmul alone (int8 codes and scales precomputed) under every candidate configuration, in a
-CUDA graph over rotating weight copies (cold L2, as :mod:`bitfx.bench`), checks each result
-against the default configuration's exactly (the int32 product is exact, so any config that
-differs is wrong), and prints the fastest few per shape.
+CUDA graph over rotating weight copies (cold L2, :func:`bitfx.bench.timing.time_graph`), checks
+each result against the default configuration's exactly (the int32 product is exact, so any
+config that differs is wrong), and prints the fastest few per shape. Every candidate reaches the
+kernel through its launcher's own override keywords (``path=``, ``split_k=``, ``config=`` of
+``ternary_matmul``; ``num_warps=`` of ``norm_quant``); nothing of the kernels is patched.
 """
 
 from __future__ import annotations
 
-import argparse
+import inspect
 import itertools
-import json
 import sys
 
 import torch
-import triton
 
-from bitfx.bench import _copies_for, time_graph
+import bitfx  # noqa: F401  (registers torch.ops.bitfx)
+from bitfx.bench import report
+from bitfx.bench.timing import copies_for, time_graph
 
 ops = torch.ops.bitfx
 
@@ -33,6 +35,8 @@ def _candidates(M: int):
                 continue
             out.append(("gemv", split, dict(BLOCK_N=bn, BLOCK_KQ=bkq, num_warps=warps, num_stages=4)))
         if M <= 4:
+            import triton
+
             bms = sorted({min(triton.next_power_of_2(M), 4)})
             for bm, bn, bw, warps, hint in itertools.product(
                 bms, (1, 2, 4, 8, 16), (128, 256, 512, 1024), (1, 2, 4, 8), (True,)
@@ -64,7 +68,7 @@ def sweep(M: int, K: int, N: int, top: int = 5, paths: tuple | None = None, site
     q, s_x = ops.norm_quant(x, gamma, 1e-6, False, True, torch.bfloat16)
     w = torch.randn(N, K, device="cuda", generator=g).to(torch.bfloat16)
     packed, s_w = ops.weight_quant(w, False)
-    copies = [packed.clone() for _ in range(_copies_for(packed.numel()))]
+    copies = [packed.clone() for _ in range(copies_for(packed.numel()))]
 
     def run(p, path, split, cfg):
         if site:
@@ -103,29 +107,38 @@ def sweep(M: int, K: int, N: int, top: int = 5, paths: tuple | None = None, site
     return dict(M=M, K=K, N=N, site=site, default_us=default, rows=rows)
 
 
+def takes_num_warps(launcher) -> bool:
+    """Whether a launcher takes a ``num_warps=`` override (the norm_quant sweep needs it)."""
+    try:
+        return "num_warps" in inspect.signature(launcher).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def sweep_norm_quant(M: int, K: int):
-    """Time ``norm_quant`` with each warp count (the launcher's ``_num_warps`` replaced)."""
+    """Time ``norm_quant`` with each warp count, passed to its launcher as ``num_warps=``."""
     from bitfx.kernels import norm_quant as nq
 
+    if not takes_num_warps(nq.norm_quant):
+        print(f"norm_quant M={M} K={K}: skipped: this norm_quant launcher takes no num_warps= override", flush=True)
+        return
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     g = torch.randn(K, device="cuda", dtype=torch.bfloat16)
     want = nq.norm_quant(x, g, 1e-6, False, True, torch.bfloat16)
-    saved = nq._num_warps
     nbytes = M * K * 3 + M * 4
-    try:
-        for warps in (1, 2, 4, 8, 16, 32):
-            nq._num_warps = lambda block, w=warps: w
-            got = nq.norm_quant(x, g, 1e-6, False, True, torch.bfloat16)
-            same = all(torch.equal(a, b) for a, b in zip(got[:2], want[:2]))
-            t = time_graph([lambda: nq.norm_quant(x, g, 1e-6, False, True, torch.bfloat16)], reps=50)
-            print(f"norm_quant M={M} K={K} warps={warps}: {t * 1e6:.1f} us {nbytes / t / 1e12:.2f} TB/s "
-                  f"{'' if same else 'DIFFERENT'}", flush=True)
-    finally:
-        nq._num_warps = saved
+    for warps in (1, 2, 4, 8, 16, 32):
+        def run(w=warps):
+            return nq.norm_quant(x, g, 1e-6, False, True, torch.bfloat16, num_warps=w)
+
+        got = run()
+        same = all(torch.equal(a, b) for a, b in zip(got[:2], want[:2]))
+        t = time_graph([run], reps=50)
+        print(f"norm_quant M={M} K={K} warps={warps}: {t * 1e6:.1f} us {nbytes / t / 1e12:.2f} TB/s "
+              f"{'' if same else 'DIFFERENT'}", flush=True)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None) -> int:
+    p = report.parser("tune", __doc__)
     p.add_argument("--shapes", default="1x8192x8192,1x4096x4096,1x4096x14336,1x14336x4096",
                    help="comma-separated MxKxN")
     p.add_argument("--top", type=int, default=5)
@@ -135,7 +148,7 @@ def main(argv=None):
     p.add_argument("--site", action="store_true", help="time norm_quant + matmul, not the matmul alone")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        sys.exit("bitfx.tune needs a CUDA GPU")
+        sys.exit("python -m bitfx.bench tune needs a CUDA GPU")
     for s in filter(None, args.norm.split(",")):
         sweep_norm_quant(*(int(v) for v in s.split("x")))
     res = []
@@ -143,9 +156,9 @@ def main(argv=None):
         M, K, N = (int(v) for v in s.split("x"))
         res.append(sweep(M, K, N, args.top, tuple(args.paths.split(",")) if args.paths else None, args.site))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1, default=str)
+        report.write_json(args.json, res, default=str)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,9 +1,10 @@
 """Peak host memory of :func:`bitfx.load` at a real model's shape, against the float model's size.
 
-``python -m bitfx.bench_checkpoint`` builds a Llama of the given shape (default: Llama-3.2-1B's)
-with random bf16 weights, converts it with :func:`bitfx.quantize`, saves it, then, in a fresh
-process, builds the model's skeleton on the meta device, loads the checkpoint and reports the
-peak resident memory that loading added, next to the float model's size and the file's.
+``python -m bitfx.bench checkpoint`` builds a Llama of the given shape (default: Llama-3.2-1B's,
+from :mod:`bitfx.bench.model_shapes`) with random bf16 weights, converts it with
+:func:`bitfx.quantize`, saves it, then, in a fresh process, builds the model's skeleton on the
+meta device, loads the checkpoint and reports the peak resident memory that loading added,
+next to the float model's size and the file's.
 """
 
 from __future__ import annotations
@@ -17,15 +18,19 @@ import tempfile
 
 import torch
 
+from bitfx.bench import report
+from bitfx.bench.model_shapes import MODELS, make_config
+
+_FLAGS = {  # flag -> the config field it sets (defaults: Llama-3.2-1B)
+    "hidden": "hidden_size", "intermediate": "intermediate_size", "layers": "num_hidden_layers",
+    "heads": "num_attention_heads", "kv_heads": "num_key_value_heads", "vocab": "vocab_size",
+}
+
 
 def _config(args):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        tie_word_embeddings=True, use_cache=False,
-    )
+    """``llama-1b``'s config with the shape of the flags (head size: hidden / heads)."""
+    fields = {field: getattr(args, flag) for flag, field in _FLAGS.items()}
+    return make_config("llama-1b", head_dim=args.hidden // args.heads, use_cache=False, **fields)
 
 
 def _status_mib(field: str) -> float:
@@ -57,20 +62,17 @@ def _load_child(args) -> None:
     print(json.dumps({"peak_before_mib": before, "peak_after_mib": after, "ternary_layers": ternary}))
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--intermediate", type=int, default=8192)
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=128256)
+def main(argv=None) -> int:
+    p = report.parser("checkpoint", __doc__)
+    defaults = MODELS["llama-1b"][1]
+    for flag, field in _FLAGS.items():
+        p.add_argument(f"--{flag.replace('_', '-')}", type=int, default=defaults[field])
     p.add_argument("--path", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         _load_child(args)
-        return
+        return 0
 
     from transformers import LlamaForCausalLM
 
@@ -87,7 +89,7 @@ def main(argv=None) -> None:
         file_bytes = os.path.getsize(path)
         del model
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("path", "child")]
-        out = subprocess.run([sys.executable, "-m", "bitfx.bench_checkpoint", "--child", f"--path={path}", *flags],
+        out = subprocess.run([sys.executable, "-m", "bitfx.bench", "checkpoint", "--child", f"--path={path}", *flags],
                              check=True, capture_output=True, text=True).stdout
     r = json.loads(out.strip().splitlines()[-1])
     mib = 2**20
@@ -97,7 +99,8 @@ def main(argv=None) -> None:
     print(f"peak resident memory added by bitfx.load into a meta skeleton: "
           f"{r['peak_after_mib'] - r['peak_before_mib']:.0f} MiB (resident before {r['peak_before_mib']:.0f} MiB, "
           f"peak during the load {r['peak_after_mib']:.0f} MiB)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

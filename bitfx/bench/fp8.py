@@ -1,10 +1,12 @@
-"""Convergence of the FP8 backward: ``python -m bitfx.bench_fp8``.
+"""Convergence of the FP8 backward: ``python -m bitfx.bench fp8``.
 
 The same ternary model (every linear ternary, the ``bitfx`` backend) is trained twice from the
 same initial weights on the same batches: once with the exact straight-through backward
 (``BitfxConfig(backward="exact")``, the default) and once with the FP8 backward
 (``backward="fp8"``). The loss curves side by side, and the held-out loss at intervals, say
-whether the FP8 gradients change training.
+whether the FP8 gradients change training. The model is the main job's
+(:class:`bitfx.demo.example.ExampleLlama`), trained by its loss and schedule
+(:mod:`bitfx.demo.train`).
 
 Corpus: by default real text every Python installation carries and no download needs: the
 Python standard library's own modules (``*.py`` directly in ``sysconfig``'s ``stdlib`` folder,
@@ -17,17 +19,16 @@ Writes ``results.json`` (both curves, the held-out losses, the settings), ``tabl
 
 from __future__ import annotations
 
-import argparse
 import glob
-import json
-import math
 import os
 import statistics
 import sys
 import sysconfig
-import time
 
 import torch
+
+from bitfx.bench import report
+from bitfx.bench.timing import timed
 
 SIZES = {"small": (128, 352, 4, 4), "base": (512, 1408, 8, 8)}  # dim, hidden, layers, heads
 
@@ -45,7 +46,7 @@ def stdlib_text(limit: int) -> tuple[str, str]:
         if total >= limit:
             break
     if not parts:
-        raise SystemExit(f"bitfx.bench_fp8: no *.py files in {folder}; pass --text FILE")
+        raise SystemExit(f"python -m bitfx.bench fp8: no *.py files in {folder}; pass --text FILE")
     return "\n".join(parts)[:limit], f"the Python standard library's modules in {folder}"
 
 
@@ -63,8 +64,8 @@ def smooth(xs: list[float], window: int) -> list[float]:
 def train(mode: str, text, args, device: torch.device) -> dict:
     """One run: ``steps`` AdamW steps through ``torch.compile(backend="bitfx")`` with ``mode``."""
     import bitfx
-    from bitfx.example import ExampleConfig, ExampleLlama
-    from bitfx.train import _held_out, _loss
+    from bitfx.demo.example import ExampleConfig, ExampleLlama
+    from bitfx.demo.train import held_out_loss, lm_loss, lr_at
 
     dim, hidden, layers, heads = SIZES[args.size]
     torch.manual_seed(args.seed)
@@ -76,17 +77,21 @@ def train(mode: str, text, args, device: torch.device) -> dict:
     for step in range(1, args.steps + 1):
         x, y = text.batch(text.train, args.batch, args.seq, g)
         for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, step / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
-        t0 = time.perf_counter()
-        loss = _loss(compiled, x, y, autocast=False)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())  # synchronizes: the step's time is whole
-        times.append(time.perf_counter() - t0)
+            group["lr"] = lr_at(step, args.steps, args.lr, warmup=50)
+
+        def one_step() -> float:
+            loss = lm_loss(compiled, x, y, autocast=False)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return loss.item()  # synchronizes: the step's time is whole
+
+        loss, _, seconds = timed(one_step, cuda=False)
+        losses.append(loss)
+        times.append(seconds)
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
-            held.append((step, _held_out(compiled, text, args.batch, args.seq, 4, False)))
+            held.append((step, held_out_loss(compiled, text, args.batch, args.seq, 4, False)))
             model.train()
         if step % max(1, args.steps // 10) == 0:
             print(f"  {mode}: step {step}/{args.steps} loss {statistics.mean(losses[-50:]):.4f}"
@@ -117,7 +122,7 @@ def render(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = report.parser("fp8", __doc__)
     p.add_argument("--text", default=None, help="a text file (default: the Python standard library's modules)")
     p.add_argument("--chars", type=int, default=4_000_000, help="at most this many characters of the corpus")
     p.add_argument("--size", default=None, choices=sorted(SIZES), help="default: base on a GPU, small on the CPU")
@@ -139,20 +144,20 @@ def main(argv=None) -> int:
         args.seq = min(args.seq, 64)
         args.batch = min(args.batch, 8)
     import bitfx
-    from bitfx.plot import write_curves_png
-    from bitfx.train import _Text
+    from bitfx.demo.corpus import CharText
+    from bitfx.demo.plot import write_curves_png
 
     if args.text:
         with open(args.text, encoding="utf-8", errors="replace") as f:
             raw, source = f.read()[: args.chars], args.text
     else:
         raw, source = stdlib_text(args.chars)
-    text = _Text(raw, device)
+    text = CharText(raw, device)
     device_name = torch.cuda.get_device_name(device) if gpu else "cpu"
-    command = "python -m bitfx.bench_fp8" + ("" if not (argv or sys.argv[1:]) else " " + " ".join(argv or sys.argv[1:]))
-    header = (f"device: {device_name}; torch {torch.__version__}; bitfx {bitfx.__version__}; command: {command}; "
-              f"corpus: {source} ({len(raw):,} characters, {text.vocab} distinct); model: ExampleLlama {args.size} "
-              f"{SIZES[args.size]}, fp32 parameters, every linear ternary; {args.steps} steps of {args.batch}x{args.seq}")
+    header = report.header(device_name, {"torch": torch.__version__, "bitfx": bitfx.__version__},
+                           report.command("fp8", argv), f"corpus: {source} ({len(raw):,} characters, {text.vocab} distinct)",
+                           f"model: ExampleLlama {args.size} {SIZES[args.size]}, fp32 parameters, every linear ternary",
+                           f"{args.steps} steps of {args.batch}x{args.seq}")
     print(header, flush=True)
     results = {"header": header, "settings": {**vars(args), "window": max(1, args.steps // 40)}, "runs": {}}
     for mode in ("exact", "fp8"):
@@ -163,10 +168,7 @@ def main(argv=None) -> int:
         "exact STE backward": smooth(results["runs"]["exact"]["losses"], w),
         "fp8 backward": smooth(results["runs"]["fp8"]["losses"], w)})
     table = render(results)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(table + "\n")
+    report.write_results(args.out, results, table, indent=None)
     print("\n" + table, flush=True)
     return 0
 

@@ -1,4 +1,4 @@
-"""Whole-model quantization-aware training benchmark: ``python -m bitfx.bench_train``.
+"""Whole-model quantization-aware training benchmark: ``python -m bitfx.bench train``.
 
 A transformers Llama with random initialization and bf16 parameters takes training steps
 (``loss = model(ids, labels=ids).loss``, ``loss.backward()``, fused AdamW ``step()``,
@@ -9,14 +9,15 @@ A transformers Llama with random initialization and bf16 parameters takes traini
   trained with the straight-through estimator (``BitfxConfig(linears=...)`` via ``--linears``);
 * ``bitfx-fp8``: the same with the FP8 backward (``BitfxConfig(backward="fp8")``).
 
-Shapes: ``llama-1b`` (hidden 2048, 16 layers, 4 x 2048 tokens a step) and ``llama-350m``
-(hidden 1024, 12 layers, tied embeddings, 8 x 2048 tokens); ``--quick`` uses tiny ones.
-Measured per (model, method): the median step time over ``--steps`` steps after 3 warm-up
-steps (the first compiles), with CUDA events around each step; tokens/s; the peak memory
+Shapes (:mod:`bitfx.bench.model_shapes`): ``llama-1b`` (hidden 2048, 16 layers, 4 x 2048
+tokens a step) and ``llama-350m`` (hidden 1024, 12 layers, tied embeddings, 8 x 2048 tokens);
+``--quick`` uses their tiny twins. Measured per (model, method): the median step time over
+``--steps`` steps after 3 warm-up steps (the first compiles), with CUDA events around each step
+(:func:`bitfx.bench.timing.timed`; the wall clock on the CPU); tokens/s; the peak memory
 allocated during the timed steps; the loss of the first and last step (information: the two
 methods train different models).
 
-Sharded: launched with ``torchrun --nproc-per-node N python -m bitfx.bench_train --fsdp``, each
+Sharded: launched with ``torchrun --nproc-per-node N -m bitfx.bench train --fsdp``, each
 decoder layer and then the root are wrapped with torch's FSDP2 ``fully_shard`` before compiling;
 the batch is per GPU, so 1 and 2 processes at the same ``--batch`` measure scaling at a fixed
 per-GPU batch. Rank 0 prints and writes.
@@ -29,7 +30,6 @@ script without a GPU) runs the tiny shapes in fp32 for two steps.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -38,27 +38,18 @@ from typing import Any, Optional
 
 import torch
 
-SHAPES = {
-    # name: (hidden, intermediate, layers, heads, kv heads, tied, batch, seq)
-    "llama-1b": (2048, 8192, 16, 32, 8, True, 4, 2048),
-    "llama-350m": (1024, 4096, 12, 16, 4, True, 8, 2048),
-}
-TINY = (64, 128, 2, 4, 2, True, 2, 32)
-VOCAB, TINY_VOCAB = 128256, 256
+from bitfx.bench import report
+from bitfx.bench.model_shapes import make_config
+from bitfx.bench.profiling import profile, top_kernels
+from bitfx.bench.timing import sync, timed
+
+BATCH = {"llama-1b": (4, 2048), "llama-350m": (8, 2048)}  # (sequences per step, tokens per sequence)
+TINY_BATCH = (2, 32)
 METHODS = ("bf16-inductor", "bitfx", "bitfx-fp8")
 
 
-def make_config(name: str, quick: bool = False):
-    from transformers import LlamaConfig
-
-    hidden, inter, layers, heads, kv, tied, _, _ = TINY if quick else SHAPES[name]
-    return LlamaConfig(vocab_size=TINY_VOCAB if quick else VOCAB, hidden_size=hidden, intermediate_size=inter,
-                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                       tie_word_embeddings=tied, rms_norm_eps=1e-5, max_position_embeddings=4096)
-
-
 def batch_of(name: str, quick: bool, batch: Optional[int]) -> tuple[int, int]:
-    _, _, _, _, _, _, b, s = TINY if quick else SHAPES[name]
+    b, s = TINY_BATCH if quick else BATCH[name]
     return batch or b, s
 
 
@@ -74,7 +65,7 @@ def measure(name: str, method: str, args, device: str, dtype: torch.dtype, rank:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = make_config(name, args.quick)
+    config = make_config(name, tiny=args.quick)
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype).train()
     if args.fsdp:
         from torch.distributed.fsdp import fully_shard
@@ -98,8 +89,7 @@ def measure(name: str, method: str, args, device: str, dtype: torch.dtype, rank:
 
     t0 = time.perf_counter()
     first = step()
-    if cuda:
-        torch.cuda.synchronize()
+    sync(cuda)
     compile_s = time.perf_counter() - t0
     for _ in range(2):
         step()
@@ -108,17 +98,8 @@ def measure(name: str, method: str, args, device: str, dtype: torch.dtype, rank:
         torch.cuda.reset_peak_memory_stats()
     times, last = [], first
     for _ in range(args.steps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            last = step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            w = time.perf_counter()
-            last = step()
-            times.append((time.perf_counter() - w) * 1e3)
+        last, ms, _ = timed(step, cuda=cuda)
+        times.append(ms)
     ms = statistics.median(times)
     top = profile_step(step, cuda, args.profile) if args.profile else None
     row: dict[str, Any] = {
@@ -139,27 +120,7 @@ def measure(name: str, method: str, args, device: str, dtype: torch.dtype, rank:
 def profile_step(step, cuda: bool, top: int) -> dict:
     """One more (warm) step under ``torch.profiler``: the number of GPU kernels, their summed
     time, and the ``top`` kernel names by total time (CPU ops on a CPU run, a check of the path)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-    from bitfx.bench_models import _is_kernel_event
-
-    totals: dict[str, list] = {}
-    for e in prof.events():
-        if cuda and not _is_kernel_event(e):  # GPU kernels (annotations apart); all CPU ops on a CPU run
-            continue
-        t = totals.setdefault(e.name, [0, 0.0])
-        t[0] += 1
-        t[1] += e.time_range.end - e.time_range.start  # microseconds
-    ranked = sorted(totals.items(), key=lambda kv: -kv[1][1])
-    host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
-    return {"kernels": sum(c for c, _ in totals.values()), "us": sum(u for _, u in totals.values()),
-            "top": [{"name": k[:120], "calls": c, "us": u} for k, (c, u) in ranked[:top]],
-            "host_top": [{"name": e.key[:120], "calls": e.count, "us": e.self_cpu_time_total} for e in host[:top]]}
+    return top_kernels(profile(step, cuda), cuda, top)
 
 
 def render_profile(results: dict) -> str:
@@ -203,7 +164,7 @@ def render(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = report.parser("train", __doc__)
     p.add_argument("--models", default="llama-350m,llama-1b")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--linears", default="all", help="BitfxConfig.linears for the bitfx method")
@@ -220,7 +181,7 @@ def main(argv=None) -> int:
     if args.device == "cpu":
         args.quick, args.steps = True, min(args.steps, 2)
     elif not torch.cuda.is_available():
-        sys.exit("bitfx.bench_train needs a CUDA GPU (or --device cpu for a tiny smoke run)")
+        sys.exit("python -m bitfx.bench train needs a CUDA GPU (or --device cpu for a tiny smoke run)")
     if args.fsdp:
         import torch.distributed as dist
 
@@ -231,11 +192,10 @@ def main(argv=None) -> int:
     device = f"cuda:{torch.cuda.current_device()}" if args.device == "cuda" else "cpu"
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     import bitfx  # noqa: F401  (registers the backend's ops)
-    import transformers
 
-    header = (f"device: {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'} x {world}; "
-              f"torch {torch.__version__}; transformers {transformers.__version__}; command: python -m "
-              f"bitfx.bench_train {' '.join(argv if argv is not None else sys.argv[1:])}")
+    header = report.header(f"{report.device_name(args.device == 'cuda')} x {world}",
+                           {"torch": torch.__version__, "transformers": report.version("transformers")},
+                           report.command("train", argv))
     results: dict[str, Any] = {"header": header, "rows": []}
     if rank == 0:
         print(header, flush=True)
@@ -246,15 +206,11 @@ def main(argv=None) -> int:
             if rank == 0:
                 print(row, flush=True)
     if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
         table = render(results)
         prof = render_profile(results)
         if prof:
             table += "\n\nProfile of one step (GPU kernels by total time):\n\n" + prof
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
-        with open(os.path.join(args.out, "table.md"), "w") as f:
-            f.write(table + "\n")
+        report.write_results(args.out, results, table)
         print("\n" + table, flush=True)
     if args.fsdp:
         import torch.distributed as dist

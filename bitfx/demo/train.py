@@ -2,7 +2,7 @@
 ``bitfx`` backend, beside the same model trained in floating point, then convert, save,
 reload and use it.
 
-1. Text: the built-in corpus (:mod:`bitfx.corpus`, a probabilistic grammar made by the package)
+1. Text: the built-in corpus (:mod:`bitfx.demo.corpus`, a probabilistic grammar made by the package)
    or any text file (``--text``); characters are the tokens; 90% to train, 10% held out.
 2. Training: the same initial weights, the same batches, the same steps: once through
    ``torch.compile(model, backend="bitfx")`` (ternary weights, int8 activations at every
@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 import bitfx
-from bitfx.corpus import grammar_text
-from bitfx.example import ExampleConfig, ExampleLlama
-from bitfx.plot import write_curves_png
+from bitfx.demo.corpus import CharText, grammar_text
+from bitfx.demo.example import ExampleConfig, ExampleLlama
+from bitfx.demo.plot import write_curves_png
 
 # Model sizes: (dim, MLP hidden, heads, layers).
 SIZES = {"tiny": (64, 176, 4, 2), "small": (128, 352, 4, 2), "base": (256, 704, 8, 4), "large": (512, 1408, 8, 8)}
@@ -52,43 +52,23 @@ def _progress(step: int, total: int, losses: dict[str, float], t0: float) -> Non
     print(("\r" + line) if tty else line, end="\n" if step == total or not tty else "", flush=True)
 
 
-class _Text:
-    """Characters as tokens: ``encode``/``decode`` and random training windows."""
-
-    def __init__(self, text: str, device: torch.device):
-        self.chars = sorted(set(text))
-        self.index = {c: i for i, c in enumerate(self.chars)}
-        data = torch.tensor([self.index[c] for c in text], dtype=torch.long)
-        cut = int(0.9 * len(data))
-        self.train, self.val = data[:cut].to(device), data[cut:].to(device)
-
-    @property
-    def vocab(self) -> int:
-        return len(self.chars)
-
-    def encode(self, s: str) -> torch.Tensor:
-        return torch.tensor([self.index[c] for c in s if c in self.index], dtype=torch.long)
-
-    def decode(self, ids) -> str:
-        return "".join(self.chars[i] for i in ids)
-
-    def batch(self, split: torch.Tensor, batch: int, seq: int, g: torch.Generator):
-        starts = torch.randint(0, len(split) - seq - 1, (batch,), generator=g).tolist()
-        x = torch.stack([split[s:s + seq] for s in starts])
-        y = torch.stack([split[s + 1:s + seq + 1] for s in starts])
-        return x, y
+def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then a cosine decay to a tenth of ``lr`` at ``steps``."""
+    return lr * min(1.0, step / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
 
 
-def _loss(model, x, y, autocast: bool):
+def lm_loss(model, x, y, autocast: bool):
+    """Next-token cross entropy of ``model`` on ids ``x`` against ``y`` (bf16 autocast when asked)."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
         logits = model(x)
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
 
 
 @torch.no_grad()
-def _held_out(model, text: _Text, batch: int, seq: int, batches: int, autocast: bool) -> float:
+def held_out_loss(model, text: CharText, batch: int, seq: int, batches: int, autocast: bool) -> float:
+    """Mean loss over ``batches`` held-out batches, the same windows on every call."""
     g = torch.Generator().manual_seed(1234)
-    return sum(_loss(model, *text.batch(text.val, batch, seq, g), autocast).item() for _ in range(batches)) / batches
+    return sum(lm_loss(model, *text.batch(text.val, batch, seq, g), autocast).item() for _ in range(batches)) / batches
 
 
 @torch.no_grad()
@@ -132,7 +112,7 @@ def main(argv=None) -> int:
         source = args.text
     else:
         raw, source = grammar_text(), "the built-in grammar corpus"
-    text = _Text(raw, device)
+    text = CharText(raw, device)
     if len(text.val) <= args.seq + 1:
         print(f"bitfx: {source} is too short for --seq {args.seq}", file=sys.stderr)
         return 1
@@ -145,7 +125,7 @@ def main(argv=None) -> int:
           f"on {source} ({len(raw):,} characters, {text.vocab} distinct) for {steps} steps on {device}")
 
     batches = 8
-    first_val = _held_out(float_model, text, args.batch, args.seq, batches, False)  # the starting point
+    first_val = held_out_loss(float_model, text, args.batch, args.seq, batches, False)  # the starting point
     compiled = torch.compile(ternary_model, backend="bitfx")
     opts = {name: torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=0.0)
             for name, m in (("ternary", ternary_model), ("float", float_model))}
@@ -156,13 +136,13 @@ def main(argv=None) -> int:
     train_s = {"ternary": 0.0, "float": 0.0}
     for step in range(1, steps + 1):
         x, y = text.batch(text.train, args.batch, args.seq, g)
-        lr = args.lr * min(1.0, step / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        lr = lr_at(step, steps, args.lr, warmup=20)
         last = {}
         for name, model in runners.items():
             s0 = time.perf_counter()
             for group in opts[name].param_groups:
                 group["lr"] = lr
-            loss = _loss(model, x, y, autocast=gpu and name == "float")
+            loss = lm_loss(model, x, y, autocast=gpu and name == "float")
             opts[name].zero_grad(set_to_none=True)
             loss.backward()
             opts[name].step()
@@ -191,8 +171,8 @@ def main(argv=None) -> int:
         same = torch.equal(reloaded(sample), ternary_model(sample))
     ternary_bytes = sum(t.numel() * t.element_size() for t in reloaded.state_dict().values())
 
-    val_ternary = _held_out(reloaded, text, args.batch, args.seq, batches, False)
-    val_float = _held_out(float_model, text, args.batch, args.seq, batches, gpu)
+    val_ternary = held_out_loss(reloaded, text, args.batch, args.seq, batches, False)
+    val_float = held_out_loss(float_model, text, args.batch, args.seq, batches, gpu)
 
     print(f"\n-- sites (bitfx.explain): {len(report.sites)} RMSNorm -> Linear sites, "
           f"{len(report.converted)} ternary linear layers")
@@ -218,7 +198,7 @@ def main(argv=None) -> int:
             werr = [float((m.dequantize(torch.float32) - dense[n].weight.float()).norm() / dense[n].weight.float().norm())
                     for n, m in conv.named_modules() if isinstance(m, bitfx.BitfxLinear)]
         print(f"  k={k}, {bits}-bit activations: mean relative weight error {sum(werr) / len(werr):.3f}; held-out loss "
-              f"{_held_out(conv, text, args.batch, args.seq, batches, False):.3f}")
+              f"{held_out_loss(conv, text, args.batch, args.seq, batches, False):.3f}")
 
     gen = torch.Generator().manual_seed(args.seed)
     print("-- generated by the reloaded ternary model (prompt in [brackets]):")

@@ -1,6 +1,6 @@
-"""CPU checks of the whole-model benchmark (:mod:`bitfx.bench_models`), which itself needs a GPU:
-the table's ratios, the bytes-per-token count against a hand count from the config, and the
-model configs (tiny and full size) built on the meta device."""
+"""CPU checks of the whole-model benchmark (``python -m bitfx.bench models``), which itself needs
+a GPU: the table's ratios, the bytes-per-token count against a hand count from the config, and
+the model configs (tiny and full size, :mod:`bitfx.bench.model_shapes`) built on the meta device."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from bitfx import bench_models as bm  # noqa: E402
+from bitfx.bench import model_shapes as ms  # noqa: E402
+from bitfx.bench import models as bm  # noqa: E402
 
 
 def _row(model, method, **kw):
@@ -61,7 +62,7 @@ def test_bytes_per_token_tiny_llama_by_hand():
     Converted by bitfx.quantize: those linears at N * ceil(K/4) + 4 N bytes."""
     import bitfx
 
-    c = bm.make_config("llama-1b", tiny=True)
+    c = ms.make_config("llama-1b", tiny=True)
     assert c.tie_word_embeddings
     V, H, I, L = c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers
     q_out, kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
@@ -71,7 +72,7 @@ def test_bytes_per_token_tiny_llama_by_hand():
     norms_per_layer = 2 * H * 2
     fixed = L * norms_per_layer + H * 2 + H * 2 + V * H * 2  # layer norms, final norm, embedding row, head
 
-    model = bm.build_model(c, "cpu")
+    model = ms.build_model(c, "cpu")
     dense = fixed + L * sum(_dense_bytes(s) for s in linears.values())
     assert bm.bytes_per_token(model) == dense
     assert bm.count_linears(model) == (0, 7 * L + 1)
@@ -95,10 +96,10 @@ def test_bytes_per_token_tiny_llama_by_hand():
 
 
 def test_bytes_per_token_untied_head():
-    c = bm.make_config("llama-8b", tiny=True)
+    c = ms.make_config("llama-8b", tiny=True)
     assert not c.tie_word_embeddings
     with torch.device("meta"):
-        model = bm.model_class(c)(c).to(torch.bfloat16)
+        model = ms.model_class(c)(c).to(torch.bfloat16)
     total = sum(p.numel() for p in model.parameters()) * 2
     # every parameter once, except that the embedding reads one row instead of its matrix
     assert bm.bytes_per_token(model) == total - c.vocab_size * c.hidden_size * 2 + c.hidden_size * 2
@@ -106,15 +107,15 @@ def test_bytes_per_token_untied_head():
 
 @pytest.mark.parametrize("name", list(bm.MODELS))
 def test_configs_build(name):
-    tiny = bm.make_config(name, tiny=True)
-    model = bm.build_model(tiny, "meta")
+    tiny = ms.make_config(name, tiny=True)
+    model = ms.build_model(tiny, "meta")
     assert model.config.model_type == ("bitnet" if name.startswith("bitnet") else "llama")
     assert len(model.model.layers) == 2 and next(model.parameters()).dtype == torch.bfloat16
     assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tiny.tie_word_embeddings
 
-    full = bm.make_config(name)
+    full = ms.make_config(name)
     with torch.device("meta"):
-        big = bm.model_class(full)(full)
+        big = ms.model_class(full)(full)
     params = sum(p.numel() for p in big.parameters())
     published = {"llama-1b": 1_235_814_400, "llama-8b": 8_030_261_248}  # Llama-3.2-1B, Llama-3-8B
     if name in published:
@@ -126,13 +127,15 @@ def test_configs_build(name):
 
 
 def test_bench_dispatches_models(monkeypatch):
-    """``python -m bitfx.bench --models LIST ...`` runs this benchmark with the rest of the line."""
-    from bitfx import bench
+    """``python -m bitfx.bench models LIST ...`` runs this benchmark with the rest of the line, and
+    so does the earlier form ``python -m bitfx.bench --models LIST ...``."""
+    from bitfx.bench.__main__ import main
 
     seen = []
     monkeypatch.setattr(bm, "main", lambda argv: seen.append(argv) or 0)
-    bench.main(["--models", "llama-1b", "--quick"])
-    assert seen == [["llama-1b", "--quick"]]
+    assert main(["models", "llama-1b", "--quick"]) == 0
+    assert main(["--models", "llama-1b", "--quick"]) == 0
+    assert seen == [["llama-1b", "--quick"]] * 2
     args = bm.parse_args(seen[0])
     assert args.models == ["llama-1b"] and args.quick
     assert bm.parse_args(["--quick"]).models == list(bm.MODELS)

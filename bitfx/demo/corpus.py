@@ -1,5 +1,6 @@
 """A built-in training corpus, made by the package itself: sentences drawn from a small
-probabilistic grammar (no download, no one's text).
+probabilistic grammar (no download, no one's text); and :class:`CharText`, any text with its
+characters as the tokens.
 
 The grammar has the structure a small language model can learn well beyond letter
 frequencies: agreement of subject and verb (``the cat sleeps`` / ``the cats sleep``),
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import random
 
-__all__ = ["grammar_text"]
+import torch
+
+__all__ = ["grammar_text", "CharText"]
 
 _NOUNS = ["cat", "dog", "bird", "child", "farmer", "teacher", "robot", "river", "garden", "lamp", "horse", "baker"]
 _PLURAL = {"child": "children"}
@@ -65,3 +68,31 @@ def grammar_text(sentences: int = 20000, seed: int = 0) -> str:
     """``sentences`` sentences of the grammar, one per line, reproducible from ``seed``."""
     rng = random.Random(seed)
     return "\n".join(_sentence(rng) for _ in range(sentences)) + "\n"
+
+
+class CharText:
+    """Characters as tokens: ``encode``/``decode`` and random training windows; the first 90%
+    of ``text`` trains, the rest is held out."""
+
+    def __init__(self, text: str, device: torch.device):
+        self.chars = sorted(set(text))
+        self.index = {c: i for i, c in enumerate(self.chars)}
+        data = torch.tensor([self.index[c] for c in text], dtype=torch.long)
+        cut = int(0.9 * len(data))
+        self.train, self.val = data[:cut].to(device), data[cut:].to(device)
+
+    @property
+    def vocab(self) -> int:
+        return len(self.chars)
+
+    def encode(self, s: str) -> torch.Tensor:
+        return torch.tensor([self.index[c] for c in s if c in self.index], dtype=torch.long)
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def batch(self, split: torch.Tensor, batch: int, seq: int, g: torch.Generator):
+        starts = torch.randint(0, len(split) - seq - 1, (batch,), generator=g).tolist()
+        x = torch.stack([split[s:s + seq] for s in starts])
+        y = torch.stack([split[s + 1:s + seq + 1] for s in starts])
+        return x, y

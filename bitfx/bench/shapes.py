@@ -1,7 +1,7 @@
-"""Random shapes: ``python -m bitfx.bench_shapes`` (CUDA only).
+"""Random shapes: ``python -m bitfx.bench shapes`` (CUDA only).
 
 What is measured: for shapes ``(M, K, N)`` drawn at random, one RMSNorm -> Linear site three
-ways, as in :mod:`bitfx.bench`: bitfx (``torch.ops.bitfx.norm_quant`` then
+ways, as in :mod:`bitfx.bench.sites`: bitfx (``torch.ops.bitfx.norm_quant`` then
 ``torch.ops.bitfx.ternary_matmul``), bf16 ``F.rms_norm`` + ``F.linear`` in eager mode, and the
 same bf16 site under ``torch.compile(dynamic=True)`` (Inductor). The criterion checked is "no
 (M, K, N) slower than bf16 under Inductor": ``vs Inductor = bf16 Inductor µs / bitfx µs``
@@ -14,17 +14,17 @@ log-uniform over [1, 8192], stratified (one draw per equal slice of log M, slice
 order) so that every run covers small and large M. A seeded ``random.Random`` makes the list
 reproducible (``--seed``); ``--shapes`` gives an explicit list instead.
 
-Method (the building blocks of :mod:`bitfx.bench`, imported, not copied): each site is built
-by ``bench.Site`` (random normal inputs, rotating weight copies so that the weights stream from
-HBM, not from the 50 MB L2), its bitfx output is checked against the CPU reference
+Method (the building blocks of :mod:`bitfx.bench.sites`, imported, not copied): each site is
+built by ``sites.Site`` (random normal inputs, rotating weight copies so that the weights stream
+from HBM, not from the 50 MB L2), its bitfx output is checked against the CPU reference
 (``Site.check``: relative L2 error of the first 64 rows; a shape with error > 0.02 is an ERROR
-row), then each way is timed by ``bench.time_graph`` (a CUDA graph over the copies, median of
-30 replays). Unlike ``bench.measure_site`` the ``torch._int_mm`` baseline is not timed (it is
+row), then each way is timed by ``timing.time_graph`` (a CUDA graph over the copies, median of
+30 replays). Unlike ``sites.measure_site`` the ``torch._int_mm`` baseline is not timed (it is
 not the criterion, and at K = N = 32768 its int8 copies cost another 2 GiB and time).
 
 Memory: the bf16 weight copies of one shape are capped at ``MAX_BF16_WEIGHT_BYTES`` (16 GiB;
 down to one copy, two or more where the cap allows; within the shape space above
-``bench._copies_for`` never asks for more than two copies of a weight bigger than 100 MB, so
+``timing.copies_for`` never asks for more than two copies of a weight bigger than 100 MB, so
 the cap binds only for explicit shapes beyond it), and a shape whose estimated peak GPU memory
 exceeds ``MEMORY_GUARD_BYTES`` (40 GB) or 90% of the free memory is skipped and recorded with
 the reason.
@@ -41,9 +41,7 @@ whatever the ratios (this is a measurement); shapes below 1.0 are flagged in the
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
 import math
 import os
 import random
@@ -52,7 +50,10 @@ import time
 
 import torch
 
-from bitfx import bench
+from bitfx.bench import report
+from bitfx.bench.profiling import compile_count
+from bitfx.bench.sites import Site, compiled_bf16
+from bitfx.bench.timing import copies_for, time_graph
 
 KN_MIN, KN_MAX, KN_MULTIPLE = 1024, 32768, 128
 M_MAX = 8192
@@ -171,7 +172,7 @@ def _kernel_cell(r: dict) -> str:
 def plan_memory(M: int, K: int, N: int) -> dict:
     """Rotating copies and an upper estimate of the peak GPU bytes of one shape.
 
-    ``bench.Site`` holds the bf16 weight, ``_copies_for`` bf16 copies (trimmed to the cap by
+    ``sites.Site`` holds the bf16 weight, ``copies_for`` bf16 copies (trimmed to the cap by
     :class:`CappedSite`), the packed weight and its copies, and x; building it briefly holds
     two fp32 [N, K] temporaries (randn, then * 0.02). The calls add the norm output, the codes,
     the output, a split-K int32 workspace and the fp32 copy of the output that the check makes.
@@ -179,10 +180,10 @@ def plan_memory(M: int, K: int, N: int) -> dict:
     from bitfx.kernels.layout import packed_k
 
     w_bytes = 2 * N * K
-    n_bf16_built = bench._copies_for(w_bytes)
+    n_bf16_built = copies_for(w_bytes)
     n_bf16 = max(1, min(n_bf16_built, MAX_BF16_WEIGHT_BYTES // w_bytes))
     packed_bytes = N * packed_k(K)
-    n_packed = bench._copies_for(packed_bytes)
+    n_packed = copies_for(packed_bytes)
     x_bytes = 2 * M * K
     built = w_bytes * (1 + n_bf16_built) + packed_bytes * (1 + n_packed) + x_bytes
     transient = 8 * N * K + w_bytes + x_bytes
@@ -191,8 +192,8 @@ def plan_memory(M: int, K: int, N: int) -> dict:
     return dict(n_bf16=n_bf16, n_bf16_built=n_bf16_built, n_packed=n_packed, peak_bytes=peak)
 
 
-class CappedSite(bench.Site):
-    """``bench.Site`` with at most ``max_bf16_copies`` rotating bf16 weight copies (>= 1)."""
+class CappedSite(Site):
+    """``sites.Site`` with at most ``max_bf16_copies`` rotating bf16 weight copies (>= 1)."""
 
     def __init__(self, M, K, N, max_bf16_copies: int, seed: int = 0):
         super().__init__(M, K, N, seed=seed)
@@ -203,12 +204,6 @@ class CappedSite(bench.Site):
 
 
 # ------------------------------------------------------------------ one shape
-
-
-def _compiles() -> int:
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
 
 
 def _first_line(e: BaseException) -> str:
@@ -228,16 +223,16 @@ def measure_shape(M: int, K: int, N: int, mem_limit: int) -> dict:
                                             f"> the {mem_limit / 1e9:.1f} GB guard", seconds=0.0)
         return row
     t0 = time.time()
-    compiles0 = _compiles()
+    compiles0 = compile_count()
     site = None
     try:
         site = CappedSite(M, K, N, plan["n_bf16"])
         row["err"] = site.check()
         row["check_s"] = time.time() - t0
-        row["bitfx_us"] = bench.time_graph([site.bitfx_fn(p) for p in site.packed_copies]) * 1e6
-        row["bf16_us"] = bench.time_graph([site.bf16_fn(w) for w in site.w_copies]) * 1e6
-        compiled = bench.compiled_bf16()
-        row["bf16_compile_us"] = bench.time_graph([site.bf16_fn(w, compiled) for w in site.w_copies]) * 1e6
+        row["bitfx_us"] = time_graph([site.bitfx_fn(p) for p in site.packed_copies]) * 1e6
+        row["bf16_us"] = time_graph([site.bf16_fn(w) for w in site.w_copies]) * 1e6
+        compiled = compiled_bf16()
+        row["bf16_compile_us"] = time_graph([site.bf16_fn(w, compiled) for w in site.w_copies]) * 1e6
     except (torch.cuda.OutOfMemoryError, MemoryError) as e:
         row.update(status="skipped", reason=f"out of memory ({type(e).__name__}): {_first_line(e)}")
     except Exception as e:  # noqa: BLE001 (recorded as a failed shape; the run goes on)
@@ -246,7 +241,7 @@ def measure_shape(M: int, K: int, N: int, mem_limit: int) -> dict:
         site = None
         gc.collect()
         torch.cuda.empty_cache()
-    row["compiles"] = _compiles() - compiles0  # new Inductor graphs (the first shape, and M = 1)
+    row["compiles"] = compile_count() - compiles0  # new Inductor graphs (the first shape, and M = 1)
     row["seconds"] = time.time() - t0
     if row["status"] == "ok":
         row["vs_inductor"] = row["bf16_compile_us"] / row["bitfx_us"]
@@ -258,8 +253,8 @@ def measure_shape(M: int, K: int, N: int, mem_limit: int) -> dict:
 
 
 def _ratio(r: dict, key: str) -> float:
-    a, b = r.get("bitfx_us", float("nan")), r.get(key, float("nan"))
-    return b / a if a and not (math.isnan(a) or math.isnan(b)) else float("nan")
+    """The row's ``key`` time over its bitfx time (NaN where either is missing)."""
+    return report.ratio(r.get(key), r.get("bitfx_us"))
 
 
 def _sort_key(r: dict):
@@ -272,8 +267,8 @@ def _is_error(r: dict) -> bool:
     return math.isnan(err) or err > ERR_LIMIT
 
 
-def _fmt(x: float, spec: str) -> str:
-    return "n/a" if x is None or math.isnan(x) else format(x, spec)
+def _fmt_na(x: float, spec: str) -> str:
+    return report.fmt(x, spec, "n/a")
 
 
 def _shape(r: dict) -> str:
@@ -322,14 +317,14 @@ def render(results: dict) -> str:
     lines.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in ok:
         vs_ind = _ratio(r, "bf16_compile_us")
-        ind = _fmt(vs_ind, ".2f") + ("x" if not math.isnan(vs_ind) else "")
+        ind = _fmt_na(vs_ind, ".2f") + ("x" if not math.isnan(vs_ind) else "")
         if vs_ind < 1.0:
             ind = f"**{ind}**"
         vs_eager = _ratio(r, "bf16_us")
-        err = _fmt(r.get("err", float("nan")), ".1e") + (" ERROR" if _is_error(r) else "")
+        err = _fmt_na(r.get("err", float("nan")), ".1e") + (" ERROR" if _is_error(r) else "")
         lines.append(
-            f"| {r['M']} | {r['K']} | {r['N']} | {_fmt(r['bitfx_us'], '.1f')} | {_fmt(r['bf16_us'], '.1f')} | "
-            f"{_fmt(r['bf16_compile_us'], '.1f')} | {ind} | {_fmt(vs_eager, '.2f')}"
+            f"| {r['M']} | {r['K']} | {r['N']} | {_fmt_na(r['bitfx_us'], '.1f')} | {_fmt_na(r['bf16_us'], '.1f')} | "
+            f"{_fmt_na(r['bf16_compile_us'], '.1f')} | {ind} | {_fmt_na(vs_eager, '.2f')}"
             f"{'x' if not math.isnan(vs_eager) else ''} | {err} | {_kernel_cell(r)} |"
         )
     lines.append("")
@@ -341,7 +336,7 @@ def render(results: dict) -> str:
     errors = [r for r in ok if _is_error(r)]
     if errors:
         lines.append(f"ERROR (rel err > {ERR_LIMIT:g}): " + ", ".join(
-            f"{_shape(r)} ({_fmt(r.get('err', float('nan')), '.2e')})" for r in errors))
+            f"{_shape(r)} ({_fmt_na(r.get('err', float('nan')), '.2e')})" for r in errors))
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"{r['status']}: {_shape(r)}: {r.get('reason', '')}")
@@ -371,9 +366,9 @@ def _line(i: int, n: int, r: dict) -> str:
 # ------------------------------------------------------------------ main
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = report.parser("shapes", __doc__)
     p.add_argument("--n", type=int, default=None, help="number of random shapes (default 40; 8 with --quick)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget-s", type=float, default=None,
@@ -389,8 +384,7 @@ def main(argv=None):
     except ValueError as e:
         p.error(str(e))
     if not torch.cuda.is_available():
-        sys.exit("bitfx.bench_shapes needs a CUDA GPU")
-    import triton
+        sys.exit("python -m bitfx.bench shapes needs a CUDA GPU")
 
     t0 = time.time()
     # Dynamic shapes give one Inductor graph for M > 1 and one for M = 1; a higher recompile
@@ -400,13 +394,11 @@ def main(argv=None):
     if hasattr(dynamo_config, "recompile_limit"):
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
     os.makedirs(args.out, exist_ok=True)
-    dev = torch.cuda.get_device_name()
     free, _ = torch.cuda.mem_get_info()
     mem_limit = int(min(MEMORY_GUARD_BYTES, 0.9 * free))
     source = f"--shapes (explicit, {len(shapes)})" if args.shapes else f"{len(shapes)} random shapes, seed {args.seed}"
-    header = (f"device: {dev}; torch {torch.__version__}; triton {triton.__version__}; "
-              f"command: python -m bitfx.bench_shapes {' '.join(argv)}".rstrip()
-              + f"; {source}; budget {budget:g} s")
+    header = report.header(report.device_name(), {"torch": torch.__version__, "triton": report.version("triton")},
+                           report.command("shapes", argv), source, f"budget {budget:g} s")
     print(header, flush=True)
     results = {"header": header, "seed": args.seed, "shapes": [list(s) for s in shapes], "rows": [], "not_run": [],
                "memory_guard_gb": mem_limit / 1e9}
@@ -421,8 +413,7 @@ def main(argv=None):
             results["rows"].append(r)
             print(_line(i + 1, len(shapes), r), flush=True)
             results["elapsed_s"] = time.time() - t0
-            with open(json_path, "w") as f:
-                json.dump(results, f, indent=1)
+            report.write_json(json_path, results)
             if r["status"] == "failed" and any(s in r["reason"] for s in ("CUDA error", "[CUDA]", "illegal")):
                 results["not_run"] = [list(s) for s in shapes[i + 1:]]
                 print("a CUDA error leaves the context unusable: stopping", flush=True)
@@ -432,15 +423,12 @@ def main(argv=None):
         results["not_run"] = [list(s) for s in shapes[done:]]
         print("interrupted: reporting what was measured", flush=True)
     results["elapsed_s"] = time.time() - t0
-    with open(json_path, "w") as f:
-        json.dump(results, f, indent=1)
     table = render(results)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(table + "\n")
+    report.write_results(args.out, results, table)
     print(f"\n(total {results['elapsed_s']:.0f} s; {json_path}, {os.path.join(args.out, 'table.md')})\n")
     print(table, flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Whole-model decode benchmark: ``python -m bitfx.bench_models`` (or ``python -m bitfx.bench --models``).
+"""Whole-model decode benchmark: ``python -m bitfx.bench models [LIST]``.
 
 For each model (transformers architectures built from configs, random bf16 weights, eval
 mode, ``torch.no_grad()``) and each method, measured in the same run:
@@ -10,9 +10,9 @@ mode, ``torch.no_grad()``) and each method, measured in the same run:
 * ``bitfx-quantized`` (only with ``--methods``): the model converted once with
   ``bitfx.quantize(model, prompt)`` (the float weights released), then compiled with the backend.
 
-Models: ``llama-1b`` (Llama-3.2-1B shape), ``llama-8b`` (Llama-3-8B shape), ``bitnet-2b4t``
-(transformers' BitNet architecture at the BitNet b1.58 2B4T shape), and a tiny config of each
-for ``--quick`` and CPU runs. Which linears bitfx converts is bitfx's own decision (the one
+Models (:mod:`bitfx.bench.model_shapes`): ``llama-1b`` (Llama-3.2-1B shape), ``llama-8b``
+(Llama-3-8B shape), ``bitnet-2b4t`` (transformers' BitNet architecture at the BitNet b1.58 2B4T
+shape), and a tiny config of each for ``--quick`` and CPU runs. Which linears bitfx converts is bitfx's own decision (the one
 ``bitfx.explain`` reports, made by ``bitfx.quantize``); the table counts the layers it
 converted. The output head stays dense (``skip_output_head``).
 
@@ -22,8 +22,9 @@ What is measured, per model and method:
    then one single-token forward at a fixed position (the cache is rewound to it before every
    call, so every call is the same step and a CUDA graph replays) is compiled with
    ``mode="reduce-overhead"`` (CUDA graphs) and, separately, with the default mode (no CUDA
-   graphs). Each call is timed with CUDA events after a synchronize, so the time includes the
-   host's launch overhead; 3 warm-up calls, the median of ``--reps`` calls. The logits must be
+   graphs) (:mod:`bitfx.bench.decode`). Each call is timed with CUDA events after a synchronize,
+   so the time includes the host's launch overhead; 3 warm-up calls, the median of ``--reps``
+   calls; and ``--reps`` calls back to back between two events, as a decode loop runs. The logits must be
    finite; their relative difference from bf16 is reported as information only (the ternary
    model is a different model).
 2. Kernels and GPU time per step: one default-mode step under ``torch.profiler`` (CPU + CUDA):
@@ -34,8 +35,8 @@ What is measured, per model and method:
    tensors; a converted linear reads its packed codes (``N * Kq`` bytes, ``Kq = ceil(K/4)``
    rounded up to 16) and 4 bytes of scale per output row; the input embedding reads one row
    (``hidden * 2`` bytes); the head reads its whole matrix (the embedding's when tied). The KV
-   cache and activations are not counted. Floor time = bytes / 3.0 TB/s (the H100's measured
-   copy bandwidth); share of floor = floor time / decode time (CUDA graphs; default mode where
+   cache and activations are not counted. Floor time = bytes / ``BANDWIDTH`` (the H100's
+   device-to-device copy bandwidth, BENCHMARKS.md); share of floor = floor time / decode time (CUDA graphs; default mode where
    CUDA graphs were not run).
 4. ``generate()`` tokens/s: greedy ``model.generate(..., cache_implementation="static",
    compile_config=CompileConfig(backend=..., mode="reduce-overhead"))`` with
@@ -54,12 +55,8 @@ end on CPU: default mode only, no kernel counts.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
-import inspect
-import json
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -67,102 +64,21 @@ from typing import Any, Callable, Optional
 
 import torch
 
-BANDWIDTH = 3.0e12  # bytes/s: measured device-to-device copy bandwidth of the H100
-PROMPT_LEN = 16
-CACHE_LEN = 128  # slots of the decode benchmark's static cache (every step writes slot PROMPT_LEN)
+from bitfx.bench import report
+from bitfx.bench.decode import (CACHE_LEN, PROMPT_LEN, Decode, forget_generate_state, measure_generate,
+                                profile_decode, time_decode)
+from bitfx.bench.model_shapes import build_model, make_config
+
+BANDWIDTH = 3.0e12
+"""Bytes/s of the floor time: the H100's device-to-device copy bandwidth (BENCHMARKS.md, whole models)."""
 BASELINE = "bf16-inductor"
 METHODS = ("bf16-inductor", "bitfx")
 ALL_METHODS = ("bf16-inductor", "bitfx", "bitfx-quantized")  # the order they run in: quantize comes last
-
-# name -> (architecture, config fields). Only fields present in transformers' LlamaConfig and
-# BitNetConfig from 5.17 on; rope theta is set separately (its field was renamed across versions).
-MODELS: dict[str, tuple[str, dict[str, Any]]] = {
-    "llama-1b": ("llama", dict(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
-        rms_norm_eps=1e-5, max_position_embeddings=131072, rope_theta=500000.0,
-    )),
-    "llama-8b": ("llama", dict(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
-        rms_norm_eps=1e-5, max_position_embeddings=8192, rope_theta=500000.0,
-    )),
-    "bitnet-2b4t": ("bitnet", dict(
-        vocab_size=128256, hidden_size=2560, intermediate_size=6912, num_hidden_layers=30,
-        num_attention_heads=20, num_key_value_heads=5, hidden_act="relu2", tie_word_embeddings=True,
-        rms_norm_eps=1e-5, max_position_embeddings=4096, rope_theta=500000.0,
-    )),
-}
-
-# The same architectures at a size that compiles and runs in seconds on CPU.
-TINY: dict[str, tuple[str, dict[str, Any]]] = {
-    "llama-1b": ("llama", dict(
-        vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True,
-        rms_norm_eps=1e-5, max_position_embeddings=1024, rope_theta=500000.0,
-    )),
-    "llama-8b": ("llama", dict(
-        vocab_size=1024, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=1, head_dim=64, tie_word_embeddings=False,
-        rms_norm_eps=1e-5, max_position_embeddings=1024, rope_theta=500000.0,
-    )),
-    "bitnet-2b4t": ("bitnet", dict(
-        vocab_size=1024, hidden_size=256, intermediate_size=640, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, hidden_act="relu2", tie_word_embeddings=True,
-        rms_norm_eps=1e-5, max_position_embeddings=1024, rope_theta=500000.0,
-        bos_token_id=1, eos_token_id=2,  # inside the tiny vocabulary (BitNet's defaults are Llama-3's ids)
-    )),
-}
+MODELS = ("llama-1b", "llama-8b", "bitnet-2b4t")  # of bitfx.bench.model_shapes.MODELS
 
 
-# ------------------------------------------------------------------ models
 
-
-def _set_rope_theta(config, theta: float) -> None:
-    """Set the rotary base on a config of either generation of the field: transformers 5.x keeps
-    it in ``rope_parameters`` (a dict), older configs in ``rope_theta``. The decode speed does
-    not depend on it; it is set so that the configs are the published ones."""
-    rp = getattr(config, "rope_parameters", None)
-    if isinstance(rp, dict):
-        config.rope_parameters = {**rp, "rope_theta": theta}
-    else:
-        config.rope_theta = theta
-
-
-def make_config(name: str, tiny: bool = False):
-    """The transformers config of ``name`` (a key of :data:`MODELS`), or of its tiny twin."""
-    from transformers import BitNetConfig, LlamaConfig
-
-    table = TINY if tiny else MODELS
-    if name not in table:
-        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
-    arch, fields = table[name]
-    fields = dict(fields)
-    theta = fields.pop("rope_theta")
-    config = (LlamaConfig if arch == "llama" else BitNetConfig)(**fields)
-    _set_rope_theta(config, theta)
-    return config
-
-
-def model_class(config):
-    from transformers import BitNetForCausalLM, LlamaForCausalLM
-
-    return BitNetForCausalLM if config.model_type == "bitnet" else LlamaForCausalLM
-
-
-def build_model(config, device: str, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
-    """Random-weight model of ``config`` on ``device`` in ``dtype``, eval mode, no gradients.
-    Parameters are allocated directly on the device and in ``dtype`` (the 8B model never
-    exists in fp32)."""
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = model_class(config)(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+# ------------------------------------------------------------------ what a step reads
 
 
 def count_linears(model: torch.nn.Module) -> tuple[int, int]:
@@ -207,254 +123,6 @@ def bytes_per_token(model: torch.nn.Module, packed: tuple = ()) -> int:
     if head is not None and head.weight is emb:  # tied: the head reads the whole matrix
         total += emb.numel() * emb.element_size()
     return total
-
-
-# ------------------------------------------------------------------ decode step
-
-
-def make_static_cache(model: torch.nn.Module, max_cache_len: int, device, dtype):
-    """A transformers ``StaticCache`` for batch 1, built with the arguments this version's
-    constructor takes (5.x: ``config, max_cache_len`` and lazy allocation on first use; older:
-    also ``max_batch_size, device, dtype``)."""
-    from transformers import StaticCache
-
-    params = inspect.signature(StaticCache.__init__).parameters
-    kw: dict[str, Any] = {"config": model.config, "max_cache_len": max_cache_len}
-    for key, value in (("max_batch_size", 1), ("batch_size", 1), ("device", device), ("dtype", dtype)):
-        if key in params:
-            kw[key] = value
-    return StaticCache(**kw)
-
-
-def forward_kwargs(model: torch.nn.Module, cache, positions: torch.Tensor) -> dict[str, Any]:
-    """Keyword arguments of a cached forward at ``positions`` (1-D), in this version's names:
-    the cache is ``cache=`` where the forward takes it (newer 5.x) else ``past_key_values=``;
-    ``cache_position`` only where the forward still takes it. ``position_ids`` always."""
-    params = inspect.signature(model.forward).parameters
-    kw: dict[str, Any] = {"use_cache": True, "position_ids": positions[None]}
-    kw["cache" if "cache" in params else "past_key_values"] = cache
-    if "cache_position" in params:
-        kw["cache_position"] = positions
-    return kw
-
-
-def rewind(cache, position: int) -> None:
-    """Put the cache's write position back to ``position``. Versions whose static layers write
-    at ``cumulative_length`` (a tensor advanced in place by each call) would otherwise move on
-    with every timed call and run out of slots; versions that write at ``cache_position``
-    have no such counter and need nothing."""
-    for layer in getattr(cache, "layers", ()):
-        n = getattr(layer, "cumulative_length", None)
-        if isinstance(n, torch.Tensor):
-            n.fill_(position)
-        elif isinstance(n, int):
-            layer.cumulative_length = position
-
-
-class Decode:
-    """One model's decode step: a static cache prefilled eagerly with a random prompt, and the
-    next token's inputs at the fixed position ``PROMPT_LEN``."""
-
-    def __init__(self, model: torch.nn.Module, device: str, dtype: torch.dtype):
-        g = torch.Generator().manual_seed(1)
-        vocab = model.config.vocab_size
-        self.prompt = torch.randint(0, vocab, (1, PROMPT_LEN), generator=g).to(device)
-        self.cache = make_static_cache(model, CACHE_LEN, device, dtype)
-        kw = forward_kwargs(model, self.cache, torch.arange(PROMPT_LEN, device=device))
-        logits = model(input_ids=self.prompt, **kw).logits
-        self.token = logits[:, -1].argmax(-1)[:, None].contiguous()  # [1, 1]
-        self.kwargs = forward_kwargs(model, self.cache, torch.tensor([PROMPT_LEN], device=device))
-
-    def prepare(self, graphs: bool) -> None:
-        """Before each call, outside the timed region: rewind the cache; under CUDA graphs,
-        tell the cudagraph trees that a new step begins (the previous outputs may be reused)."""
-        rewind(self.cache, PROMPT_LEN)
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-
-    def run(self, fn: Callable) -> torch.Tensor:
-        return fn(input_ids=self.token, **self.kwargs).logits
-
-
-def _sync(cuda: bool) -> None:
-    if cuda:
-        torch.cuda.synchronize()
-
-
-def time_decode(dec: Decode, fn: Callable, *, cuda: bool, graphs: bool, reps: int, warmup: int = 3) -> dict:
-    """Median ms per decode call (CUDA events; wall clock on CPU) and median host wall us per
-    call up to a synchronize; the logits of the last call (a float CPU copy), the seconds the
-    first call took (the compile), the graphs Dynamo compiled for it, and whether anything
-    compiled during the timed calls (it should not)."""
-    count0, skips0 = _compile_count(), _counter("inductor", "cudagraph_skips")
-    t0 = time.perf_counter()
-    for i in range(max(warmup, 1)):
-        dec.prepare(graphs)
-        dec.run(fn)
-        _sync(cuda)
-        if i == 0:
-            first_s = time.perf_counter() - t0
-    graphs_compiled = _compile_count() - count0
-    count1 = _compile_count()
-    dev_ms, wall_us = [], []
-    logits = None
-    for _ in range(reps):
-        dec.prepare(graphs)
-        _sync(cuda)
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        w0 = time.perf_counter()
-        logits = dec.run(fn)
-        if cuda:
-            end.record()
-        _sync(cuda)
-        w1 = time.perf_counter()
-        dev_ms.append(start.elapsed_time(end) if cuda else (w1 - w0) * 1e3)
-        wall_us.append((w1 - w0) * 1e6)
-    # Back to back: ``reps`` steps between two events with no synchronize in between, as a
-    # decode loop runs; the host prepares step i+1 while the GPU runs step i, so this is the
-    # step time the GPU sets whenever the host keeps ahead of it.
-    piped_ms = None
-    if cuda:
-        _sync(cuda)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            dec.prepare(graphs)
-            logits = dec.run(fn)
-        end.record()
-        _sync(cuda)
-        piped_ms = start.elapsed_time(end) / reps
-    return {
-        "ms": piped_ms if piped_ms is not None else statistics.median(dev_ms),
-        "synced_ms": statistics.median(dev_ms),
-        "host_us": statistics.median(wall_us),
-        "logits": logits[0, -1].float().cpu().clone(),
-        "first_call_s": first_s,
-        "graphs_compiled": graphs_compiled,  # more than 1: graph breaks
-        "recompiled_while_timed": _compile_count() != count1,  # then the times include compiling
-        "cudagraph_skips": _counter("inductor", "cudagraph_skips") - skips0,  # graphs Inductor ran without CUDA graphs
-    }
-
-
-def _is_kernel_event(e) -> bool:
-    """A profiler event that ran on the GPU, not a user annotation (``record_function`` ranges,
-    which Inductor's compiled graphs open, also appear on the GPU timeline and span kernels)."""
-    if str(getattr(e, "device_type", "")).rsplit(".", 1)[-1] != "CUDA":
-        return False
-    if getattr(e, "is_user_annotation", False) or "annotation" in str(getattr(e, "activity_type", "")).lower():
-        return False
-    return True
-
-
-def profile_decode(dec: Decode, fn: Callable, cuda: bool = True) -> dict:
-    """One (already warm) default-mode decode step under ``torch.profiler``: CUDA kernels
-    (memcpy/memset apart) and the sum of their durations. On CPU (a check of this code path)
-    there are no kernels; the number of CPU op events is returned for information."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    dec.prepare(False)
-    _sync(cuda)
-    with profile(activities=activities) as prof:
-        dec.run(fn)
-        _sync(cuda)
-    events = prof.events()
-    kernels, memops, gpu_us = 0, 0, 0.0
-    for e in events:
-        if not _is_kernel_event(e):
-            continue
-        name = e.name.lower()
-        if "memcpy" in name or "memset" in name:
-            memops += 1
-            continue
-        kernels += 1
-        gpu_us += e.time_range.end - e.time_range.start  # microseconds
-    return {"kernels": kernels, "memops": memops, "gpu_us": gpu_us, "events": len(events)}
-
-
-# ------------------------------------------------------------------ generate
-
-
-def _counter(group: str, key: str) -> int:
-    """One of torch's compile counters (0 where this torch has no such counter)."""
-    try:
-        from torch._dynamo.utils import counters
-
-        return int(counters[group][key])
-    except Exception:  # noqa: BLE001  (a torch without the counter: no information)
-        return 0
-
-
-def _compile_count() -> int:
-    """Graphs Dynamo has compiled so far in this process (to see whether a call compiled)."""
-    return _counter("stats", "unique_graphs")
-
-
-def make_compile_config(backend: str, mode: Optional[str], cpu: bool):
-    """transformers' ``CompileConfig`` for generate's automatic compile, with only the fields
-    this version has. On CPU generate compiles only when ``_compile_all_devices`` is set (its
-    ``_valid_auto_compile_criteria`` checks the device type)."""
-    try:
-        from transformers import CompileConfig
-    except ImportError:
-        from transformers.generation.configuration_utils import CompileConfig
-    wanted = {"backend": backend, "mode": mode, "fullgraph": False}
-    if dataclasses.is_dataclass(CompileConfig):
-        names = {f.name for f in dataclasses.fields(CompileConfig)}
-    else:
-        names = set(inspect.signature(CompileConfig.__init__).parameters)
-    cc = CompileConfig(**{k: v for k, v in wanted.items() if k in names})
-    if cpu:
-        cc._compile_all_devices = True
-    return cc
-
-
-def measure_generate(model: torch.nn.Module, prompt: torch.Tensor, backend: str, *, cuda: bool,
-                     new_tokens: int) -> dict:
-    """tokens/s of greedy ``generate`` with a static cache and generate's own compile: the
-    first call compiles; then calls are timed until one compiles nothing new (at most 3)."""
-    cc = make_compile_config(backend, "reduce-overhead" if cuda else "default", cpu=not cuda)
-    kw = dict(
-        attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        do_sample=False, cache_implementation="static", compile_config=cc, pad_token_id=0,
-    )
-    before, skips = _compile_count(), _counter("inductor", "cudagraph_skips")
-    t0 = time.perf_counter()
-    model.generate(prompt, **kw)
-    _sync(cuda)
-    first_s = time.perf_counter() - t0
-    compiled = _compile_count() - before
-    skips = _counter("inductor", "cudagraph_skips") - skips
-    out: dict[str, Any] = {"first_call_s": first_s, "graphs_compiled": compiled}
-    if compiled == 0:
-        out["note"] = "generate compiled no graph on its first call (was the automatic compile triggered?)"
-    elif cuda and skips:
-        out["note"] = f"Inductor skipped CUDA graphs for {skips} of generate's graph(s)"
-    for attempt in range(3):
-        before = _compile_count()
-        _sync(cuda)
-        t0 = time.perf_counter()
-        ids = model.generate(prompt, **kw)
-        _sync(cuda)
-        seconds = time.perf_counter() - t0
-        if _compile_count() == before:
-            break
-        out["note"] = (out.get("note", "") + f"; timed call {attempt + 1} compiled again, timed another").lstrip("; ")
-    new = ids.shape[1] - prompt.shape[1]
-    out.update(tok_s=new / seconds, new_tokens=new, seconds=seconds)
-    return out
-
-
-def _forget_generate_state(model: torch.nn.Module) -> None:
-    """Drop what generate keeps on the model between calls (its compiled forward and cache)."""
-    for attr in ("_compiled_call", "_last_compile_config", "_cache"):
-        if attr in model.__dict__:
-            try:
-                delattr(model, attr)
-            except AttributeError:
-                pass
 
 
 # ------------------------------------------------------------------ one model
@@ -511,6 +179,20 @@ def _in_time(args, row: dict, stage: str) -> bool:
     return False
 
 
+def _decode_stage(row: dict, stage: str, model: torch.nn.Module, method: str, dec: Decode, *, cuda: bool,
+                  graphs: bool, reps: int) -> tuple[Optional[dict], Optional[Callable]]:
+    """Compile ``model`` for ``method`` (``mode="reduce-overhead"`` with ``graphs``, else the
+    default mode) and time its decode step: the timing and the compiled model, or ``(None,
+    None)`` after an error (recorded in ``row`` under ``stage``)."""
+    try:
+        _free(cuda)
+        fn = _compile(model, method, "reduce-overhead" if graphs else None)
+        return time_decode(dec, fn, cuda=cuda, graphs=graphs, reps=reps), fn
+    except Exception as e:  # noqa: BLE001  (recorded; the other stages still run)
+        _error(row, stage, e)
+        return None, None
+
+
 def measure_method(model: torch.nn.Module, method: str, args, cuda: bool, dtype: torch.dtype,
                    label: str, converted: Optional[int] = None,
                    generate: bool = True) -> tuple[dict, Optional[torch.Tensor]]:
@@ -535,26 +217,20 @@ def measure_method(model: torch.nn.Module, method: str, args, cuda: bool, dtype:
         _error(row, "prefill", e)
 
     if dec is not None and cuda and not args.no_graphs and _in_time(args, row, "decode_graphs"):
-        try:
-            _free(cuda)
-            fn = _compile(model, method, "reduce-overhead")
-            r = time_decode(dec, fn, cuda=True, graphs=True, reps=args.reps)
+        r, fn = _decode_stage(row, "decode_graphs", model, method, dec, cuda=True, graphs=True, reps=args.reps)
+        if r is not None:
             row.update(decode_ms_graphs=r["ms"], decode_ms_graphs_synced=r["synced_ms"],
                        compile_s_graphs=r["first_call_s"], graphs_graphs=r["graphs_compiled"])
             logits = r["logits"]
             _say(row, f"decode (CUDA graphs) {r['ms']:.3f} ms back to back, {r['synced_ms']:.3f} ms synced  [first call {r['first_call_s']:.1f} s, "
                       f"{r['graphs_compiled']} graph(s)]")
             _check_timing(row, "decode_graphs", r)
-        except Exception as e:  # noqa: BLE001
-            _error(row, "decode_graphs", e)
         fn = None
         _free(cuda)
 
     if dec is not None and not args.no_default_mode and _in_time(args, row, "decode_default"):
-        try:
-            _free(cuda)
-            fn = _compile(model, method, None)
-            r = time_decode(dec, fn, cuda=cuda, graphs=False, reps=args.reps_default)
+        r, fn = _decode_stage(row, "decode_default", model, method, dec, cuda=cuda, graphs=False, reps=args.reps_default)
+        if r is not None:
             row.update(decode_ms_default=r["ms"], decode_ms_default_synced=r["synced_ms"], host_us_per_step=r["host_us"], compile_s_default=r["first_call_s"],
                        graphs_default=r["graphs_compiled"])
             if logits is None:
@@ -562,9 +238,6 @@ def measure_method(model: torch.nn.Module, method: str, args, cuda: bool, dtype:
             _say(row, f"decode (default mode) {r['ms']:.3f} ms; host {r['host_us']:.0f} us/step  "
                       f"[first call {r['first_call_s']:.1f} s, {r['graphs_compiled']} graph(s)]")
             _check_timing(row, "decode_default", r)
-        except Exception as e:  # noqa: BLE001
-            _error(row, "decode_default", e)
-            fn = None
         if fn is not None:
             try:
                 p = profile_decode(dec, fn, cuda)
@@ -606,7 +279,7 @@ def measure_method(model: torch.nn.Module, method: str, args, cuda: bool, dtype:
                  + (f"  NOTE: {g['note']}" if "note" in g else ""))
         except Exception as e:  # noqa: BLE001
             _error(row, "generate", e)
-        _forget_generate_state(model)
+        forget_generate_state(model)
         _free(cuda)
     return row, logits
 
@@ -665,24 +338,13 @@ def measure_model(name: str, args, cuda: bool) -> list[dict]:
 # ------------------------------------------------------------------ table
 
 
-def _num(x, spec: str) -> str:
-    return "—" if x is None else format(x, spec)
-
-
-def _ratio(num, den) -> str:
-    """``num / den`` as ``1.85x``; a dash when either is missing."""
-    if not num or not den:
-        return "—"
-    return f"{num / den:.2f}x"
-
-
 def render_sites(results: dict) -> str:
-    """The site table of the run (as :func:`bitfx.bench.report` renders it), or ''."""
+    """The site table of the run (as :func:`bitfx.bench.sites.site_table` renders it), or ''."""
     if not results.get("sites"):
         return ""
-    from bitfx import bench
+    from bitfx.bench.sites import site_table
 
-    return bench.site_table(results["sites"])
+    return site_table(results["sites"])
 
 
 def render(results: dict) -> str:
@@ -695,7 +357,7 @@ def render(results: dict) -> str:
     lines = []
     if results.get("header"):
         lines += [results["header"], ""]
-    lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += report.md_head(head)
     rows = results.get("rows", [])
     base = {r["model"]: r for r in rows if r.get("method") == BASELINE}
     for r in rows:
@@ -709,17 +371,17 @@ def render(results: dict) -> str:
         cells = [
             r["model"], r["method"],
             "—" if conv is None else f"{conv}/{r.get('linears_total')}",
-            _num(g, ".3f"), _ratio(b.get("decode_ms_graphs"), g),
-            _num(r.get("decode_ms_graphs_synced"), ".3f"),
-            _ratio(b.get("decode_ms_graphs_synced"), r.get("decode_ms_graphs_synced")),
-            _num(d, ".3f"), _ratio(b.get("decode_ms_default"), d),
-            _num(r.get("kernels_per_step"), "d"), _num(r.get("gpu_us_per_step"), ".0f"),
-            _num(r.get("host_us_per_op"), ".2f"),
-            "—" if nbytes is None else f"{nbytes / 1e6:.1f}", _num(r.get("floor_ms"), ".3f"),
+            report.fmt(g, ".3f"), report.times(b.get("decode_ms_graphs"), g),
+            report.fmt(r.get("decode_ms_graphs_synced"), ".3f"),
+            report.times(b.get("decode_ms_graphs_synced"), r.get("decode_ms_graphs_synced")),
+            report.fmt(d, ".3f"), report.times(b.get("decode_ms_default"), d),
+            report.fmt(r.get("kernels_per_step"), "d"), report.fmt(r.get("gpu_us_per_step"), ".0f"),
+            report.fmt(r.get("host_us_per_op"), ".2f"),
+            "—" if nbytes is None else f"{nbytes / 1e6:.1f}", report.fmt(r.get("floor_ms"), ".3f"),
             "—" if share is None else f"{100 * share:.0f}%",
-            _num(t, ".1f"), _ratio(t, b.get("generate_tok_s")),
+            report.fmt(t, ".1f"), report.times(t, b.get("generate_tok_s")),
         ]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append(report.md_row(cells))
     lines += [
         "",
         f"Decode: one token at position {PROMPT_LEN} of a static cache (the cache rewound before each step); ms per "
@@ -744,22 +406,9 @@ def render(results: dict) -> str:
 # ------------------------------------------------------------------ main
 
 
-def _versions() -> dict:
-    import transformers
-
-    try:
-        import triton
-
-        tv = triton.__version__
-    except ImportError:
-        tv = None
-    return {"torch": torch.__version__, "triton": tv, "transformers": transformers.__version__,
-            "python": sys.version.split()[0]}
-
-
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("models_pos", nargs="?", default=None, help=argparse.SUPPRESS)  # `bench --models LIST`
+    p = report.parser("models", __doc__)
+    p.add_argument("models_pos", nargs="?", default=None, help=argparse.SUPPRESS)  # `models LIST`
     p.add_argument("--models", default=None, help=f"comma-separated, from {','.join(MODELS)} (default: all)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(ALL_METHODS)}")
     p.add_argument("--quick", action="store_true", help="tiny configs and few repetitions (a smoke run)")
@@ -777,7 +426,7 @@ def parse_args(argv):
     p.add_argument("--time-limit", type=float, default=540.0,
                    help="seconds into the run after which no new stage starts (0: none; default 540)")
     p.add_argument("--no-sites", action="store_true",
-                   help="leave out the site table (norm + ternary matmul per shape, as python -m bitfx.bench)")
+                   help="leave out the site table (norm + ternary matmul per shape, as python -m bitfx.bench sites)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.t_start = time.time()
@@ -809,15 +458,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cuda = args.device == "cuda"
     if cuda and not torch.cuda.is_available():
-        sys.exit("bitfx.bench_models needs a CUDA GPU (or --device cpu for a tiny smoke run)")
+        sys.exit("python -m bitfx.bench models needs a CUDA GPU (or --device cpu for a tiny smoke run)")
     import bitfx  # registers the bitfx ops
 
-    os.makedirs(args.out, exist_ok=True)
-    versions = {**_versions(), "bitfx": bitfx.__version__}
-    device_name = torch.cuda.get_device_name() if cuda else "cpu"
-    command = "python -m bitfx.bench_models" + ("" if not argv else " " + " ".join(argv))
-    header = (f"device: {device_name}; torch {versions['torch']}; triton {versions['triton']}; "
-              f"transformers {versions['transformers']}; command: {command}")
+    versions = {**report.versions("triton", "transformers"), "bitfx": bitfx.__version__}
+    device_name = report.device_name(cuda)
+    command = report.command("models", argv)
+    header = report.header(device_name, {k: versions[k] for k in ("torch", "triton", "transformers")}, command)
     print(header, flush=True)
     results: dict[str, Any] = {
         "header": header, "device": device_name, "versions": versions, "command": command,
@@ -827,6 +474,8 @@ def main(argv=None) -> int:
                      "generate_mode": "reduce-overhead" if cuda else "default"},
         "configs": {}, "rows": [],
     }
+    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, "results.json")
     t0 = time.time()
     for name in args.models:
         if args.time_limit and time.time() - args.t_start >= args.time_limit:
@@ -843,27 +492,23 @@ def main(argv=None) -> int:
             _error(row, "model", e)
             results["rows"].append(row)
             _free(cuda)
-        with open(os.path.join(args.out, "results.json"), "w") as f:  # after every model: a partial run keeps its rows
-            json.dump(results, f, indent=1)
-    if cuda and not args.no_sites:  # the site table of the same run (python -m bitfx.bench's first table)
-        from bitfx import bench
+        report.write_json(json_path, results)  # after every model: a partial run keeps its rows
+    if cuda and not args.no_sites:  # the site table of the same run (python -m bitfx.bench sites' first table)
+        from bitfx.bench.sites import TABLE_SITES, measure_site
 
         results["sites"] = []
-        shapes = [(M, K, N) for K, N in bench.SHAPES for M in (1, 16)] + [(4096, 8192, 8192), (4096, 4096, 14336)]
-        for M, K, N in (shapes[:2] if args.quick else shapes):
-            r = bench.measure_site(M, K, N)
+        for M, K, N in (TABLE_SITES[:2] if args.quick else TABLE_SITES):
+            r = measure_site(M, K, N)
             results["sites"].append(r)
             print(r, flush=True)
     results["elapsed_s"] = time.time() - t0
     table = render(results)
     sites = render_sites(results)
     if sites:
-        table += "\n\nSite table (RMSNorm + linear of shape [N, K] on M tokens, CUDA graphs, cold L2; as python -m bitfx.bench):\n\n" + sites
+        table += ("\n\nSite table (RMSNorm + linear of shape [N, K] on M tokens, CUDA graphs, cold L2; as "
+                  "python -m bitfx.bench sites):\n\n" + sites)
     print("\n" + table, flush=True)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(table + "\n")
+    report.write_results(args.out, results, table)
     print(f"\nwrote {args.out}/results.json and {args.out}/table.md in {results['elapsed_s']:.0f} s", flush=True)
     return 0
 

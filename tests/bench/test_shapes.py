@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from bitfx import bench_shapes as bs
+from bitfx.bench import shapes as bs
 
 
 def test_draw_shapes_bounds():

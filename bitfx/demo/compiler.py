@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
 import time
 
 import torch
 
 import bitfx
-from bitfx.example import ExampleConfig, ExampleLlama
+from bitfx.bench.timing import wall_median_s
+from bitfx.demo.example import ExampleConfig, ExampleLlama
 
 # Compiled vs eager reference (relative L2 of the logits): the fused norm rounds differently
 # from the eager one, so an int8 code may move by one where a value sits on a rounding
@@ -31,19 +31,9 @@ from bitfx.example import ExampleConfig, ExampleLlama
 _TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 3e-2, torch.float16: 3e-2}
 
 
-def _time(fn, ids, device, reps: int) -> float:
-    """Median seconds per call after one warm-up call."""
-    fn(ids)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn(ids)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _time(fn, ids, gpu: bool, reps: int) -> float:
+    """Median wall-clock seconds per call (synchronized) after one warm-up call."""
+    return wall_median_s(lambda: fn(ids), reps, warmup=1, cuda=gpu)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -88,23 +78,23 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         got = compiled(ids)
         compile_s = time.perf_counter() - t0
-        t_dense = _time(model, ids, device, args.reps)
-        t_bitfx = _time(compiled, ids, device, args.reps)
+        t_dense = _time(model, ids, gpu, args.reps)
+        t_bitfx = _time(compiled, ids, gpu, args.reps)
         # Deployment: the converted model (packed weights, nothing to quantize per call), compiled.
         deployed = torch.compile(reference, backend="bitfx")
         err_deployed = _rel(deployed(ids), want)
-        t_deployed = _time(deployed, ids, device, args.reps)
+        t_deployed = _time(deployed, ids, gpu, args.reps)
         inductor_err = _rel(torch.compile(model)(ids), dense)  # the floor: Inductor alone, dense model
         t_graphs = None
         if gpu:  # CUDA graphs take the per-op launch overhead away (what a decode loop would use)
             graphed = torch.compile(reference, backend="bitfx", mode="reduce-overhead")
             for _ in range(3):
                 graphed(ids)
-            t_graphs = _time(graphed, ids, device, args.reps)
+            t_graphs = _time(graphed, ids, gpu, args.reps)
             dense_graphed = torch.compile(model, mode="reduce-overhead")
             for _ in range(3):
                 dense_graphed(ids)
-            t_dense_graphs = _time(dense_graphed, ids, device, args.reps)
+            t_dense_graphs = _time(dense_graphed, ids, gpu, args.reps)
         if args.profile:
             with torch.profiler.profile() as prof:
                 deployed(ids)

@@ -1,17 +1,18 @@
-"""The FP8 convergence script's pieces, on the CPU (the comparison itself runs on a GPU)."""
+"""The FP8 convergence benchmark's pieces (``python -m bitfx.bench fp8``), on the CPU (the
+comparison itself runs on a GPU)."""
 
 from __future__ import annotations
 
-from bitfx import bench_fp8
+from bitfx.bench import fp8 as fp8
 
 
 def test_smooth_is_a_running_mean():
-    assert bench_fp8.smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
-    assert bench_fp8.smooth([2.0], 5) == [2.0]
+    assert fp8.smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert fp8.smooth([2.0], 5) == [2.0]
 
 
 def test_stdlib_corpus_is_real_text_of_the_asked_length():
-    text, source = bench_fp8.stdlib_text(20_000)
+    text, source = fp8.stdlib_text(20_000)
     assert len(text) == 20_000 and "standard library" in source
     assert "def " in text and "import " in text  # Python modules, read from this installation
 
@@ -27,7 +28,7 @@ def test_render_puts_the_two_runs_side_by_side():
             "fp8": {"losses": losses_f, "held_out": [(50, 3.6), (100, 3.1)], "step_ms": 8.0},
         },
     }
-    table = bench_fp8.render(results)
+    table = fp8.render(results)
     rows = {int(r.split("|")[1]): [c.strip() for c in r.strip("|").split("|")]
             for r in table.splitlines() if r.startswith("| ") and r.split("|")[1].strip().isdigit()}
     assert rows[100][1:4] == ["3.0100", "3.0600", "+0.0500"]  # step 100: the last losses and their gap

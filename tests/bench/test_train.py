@@ -1,10 +1,12 @@
-"""The training benchmark's table and shapes, on the CPU (the measurements need a GPU)."""
+"""The training benchmark's (``python -m bitfx.bench train``) table and shapes, on the CPU (the
+measurements need a GPU)."""
 
 from __future__ import annotations
 
 import pytest
 
-from bitfx import bench_train as bt
+from bitfx.bench import train as bt
+from bitfx.bench.model_shapes import make_config
 
 
 def test_render_ratios_per_world_size():
@@ -32,8 +34,8 @@ def test_shapes_are_the_named_sizes():
     from transformers import LlamaForCausalLM
 
     with torch.device("meta"):
-        n350 = sum(p.numel() for p in LlamaForCausalLM(bt.make_config("llama-350m")).parameters())
-        n1b = sum(p.numel() for p in LlamaForCausalLM(bt.make_config("llama-1b")).parameters())
+        n350 = sum(p.numel() for p in LlamaForCausalLM(make_config("llama-350m")).parameters())
+        n1b = sum(p.numel() for p in LlamaForCausalLM(make_config("llama-1b")).parameters())
     assert 3.0e8 < n350 < 4.0e8  # tied embeddings: 131M + 12 layers of 16.8M
     assert n1b == 1_235_814_400  # Llama-3.2-1B
     assert bt.batch_of("llama-1b", False, None) == (4, 2048)

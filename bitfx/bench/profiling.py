@@ -1,0 +1,79 @@
+"""Profiler and compile-counter helpers of the benchmarks: one call under ``torch.profiler``,
+its GPU kernels told apart from annotations, counted and ranked; Dynamo's graph counters."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from bitfx.bench.timing import sync
+
+
+def counter(group: str, key: str) -> int:
+    """One of torch's compile counters (0 where this torch has no such counter)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters[group][key])
+    except Exception:  # noqa: BLE001  (a torch without the counter: no information)
+        return 0
+
+
+def compile_count() -> int:
+    """Graphs Dynamo has compiled so far in this process (to see whether a call compiled)."""
+    return counter("stats", "unique_graphs")
+
+
+def is_kernel_event(e) -> bool:
+    """A profiler event that ran on the GPU, not a user annotation (``record_function`` ranges,
+    which Inductor's compiled graphs open, also appear on the GPU timeline and span kernels)."""
+    if str(getattr(e, "device_type", "")).rsplit(".", 1)[-1] != "CUDA":
+        return False
+    if getattr(e, "is_user_annotation", False) or "annotation" in str(getattr(e, "activity_type", "")).lower():
+        return False
+    return True
+
+
+def profile(fn: Callable[[], Any], cuda: bool):
+    """One call of ``fn`` (then a synchronize) under ``torch.profiler`` (CPU, and CUDA on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile as _profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with _profile(activities=activities) as prof:
+        fn()
+        sync(cuda)
+    return prof
+
+
+def kernel_summary(prof) -> dict:
+    """CUDA kernels of a profile (memcpy/memset counted apart) and the sum of their durations
+    (µs); ``events``: all events, for information on a CPU run (which has no kernels)."""
+    events = prof.events()
+    kernels, memops, gpu_us = 0, 0, 0.0
+    for e in events:
+        if not is_kernel_event(e):
+            continue
+        name = e.name.lower()
+        if "memcpy" in name or "memset" in name:
+            memops += 1
+            continue
+        kernels += 1
+        gpu_us += e.time_range.end - e.time_range.start  # microseconds
+    return {"kernels": kernels, "memops": memops, "gpu_us": gpu_us, "events": len(events)}
+
+
+def top_kernels(prof, cuda: bool, top: int) -> dict:
+    """The number of GPU kernels of a profile, their summed time (µs), the ``top`` kernel names
+    by total time (CPU ops on a CPU run, a check of the path), and the ``top`` host ops by self
+    CPU time."""
+    totals: dict[str, list] = {}
+    for e in prof.events():
+        if cuda and not is_kernel_event(e):  # GPU kernels (annotations apart); all CPU ops on a CPU run
+            continue
+        t = totals.setdefault(e.name, [0, 0.0])
+        t[0] += 1
+        t[1] += e.time_range.end - e.time_range.start  # microseconds
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1][1])
+    host = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    return {"kernels": sum(c for c, _ in totals.values()), "us": sum(u for _, u in totals.values()),
+            "top": [{"name": k[:120], "calls": c, "us": u} for k, (c, u) in ranked[:top]],
+            "host_top": [{"name": e.key[:120], "calls": e.count, "us": e.self_cpu_time_total} for e in host[:top]]}
