@@ -329,7 +329,8 @@ def prepack(gm: fx.GraphModule, example_inputs: list, naming: Naming
     input, appended after the graph's own (see the module docstring). Returns the graph to
     compile (a copy of ``gm``, which is left as it is, or ``gm`` itself when there is nothing to
     take out) and the :class:`Prepacked` whose :meth:`~Prepacked.guard` supplies the operands
-    (or None); ``example_inputs`` is extended by their values, for the compiler."""
+    (or None); ``example_inputs`` is extended by their examples (fake tensors of the graph's
+    mode, static shapes), for the compiler."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     index = {n: i for i, n in enumerate(placeholders)}
 
@@ -420,15 +421,20 @@ def prepack(gm: fx.GraphModule, example_inputs: list, naming: Naming
     fake_mode = next((v.fake_mode for n in placeholders
                       for v in [n.meta.get("val", n.meta.get("example_value"))] if hasattr(v, "fake_mode")), None)
     last = placeholders[-1] if placeholders else None
+    examples = []
     for k, (out, value) in enumerate(zip(outputs, values)):
         with graph.inserting_after(last) if last is not None else graph.inserting_before(next(iter(graph.nodes))):
             ph = graph.placeholder(f"{_PREFIX}{k}")
         last = ph
+        example = value
         if fake_mode is not None:
-            fake = fake_mode.from_tensor(value, static_shapes=True)
+            # Static shapes: the compiler takes this fake for the input rather than fakeify the
+            # real tensor, which under dynamic shapes would give its sizes symbols of no source.
+            example = fake_mode.from_tensor(value, static_shapes=True)
             for key in ("val", "example_value"):
                 if key in out.meta or key in placeholders[0].meta:
-                    ph.meta[key] = fake
+                    ph.meta[key] = example
+        examples.append(example)
         # A static input, as Dynamo marks a parameter: AOTAutograd then keeps its address fixed
         # under CUDA graphs instead of copying it in every call.
         ph.meta["tensor_dict"] = {_STATIC: "unguarded"}
@@ -439,7 +445,7 @@ def prepack(gm: fx.GraphModule, example_inputs: list, naming: Naming
             graph.erase_node(n)
     graph.lint()
     gm.recompile()
-    example_inputs.extend(values)
+    example_inputs.extend(examples)
     _LIVE.add(p)
     log.info("packed %d weight operand(s) once, from the model's weights", len(outputs))
     return gm, p

@@ -406,7 +406,8 @@ def bitfx_pass(gm: fx.GraphModule, config: Optional[BitfxConfig] = None, filter_
     naming = naming or Naming()
     computed = [_val(n) for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
     traced = [v for v in computed if isinstance(v, torch.Tensor)]
-    config = decide_training(config, traced if traced else list(gm.parameters()))
+    # A value computed with autograd recording has a grad_fn; traced under no_grad, none has.
+    config = decide_training(config, [v for v in traced if v.grad_fn is not None] if traced else list(gm.parameters()))
     training = bool(config.training)
     per_channel = config.per_channel
     fp8_backward = config.backward == "fp8"

@@ -6,7 +6,7 @@ mode, ``torch.no_grad()``) and each method, measured in the same run:
 * ``bf16-inductor``: the dense model, ``torch.compile(model, mode=...)`` (Inductor);
 * ``bitfx``: the dense model compiled with the backend as it is, ``torch.compile(model,
   backend="bitfx", mode=...)``: every linear but the head ternary, weights packed once when
-  the graph is compiled (:mod:`bitfx.prepack`), so a step reads 2-bit weights;
+  the graph is compiled (:mod:`bitfx.passes.prepack`), so a step reads 2-bit weights;
 * ``bitfx-quantized`` (only with ``--methods``): the model converted once with
   ``bitfx.quantize(model, prompt)`` (the float weights released), then compiled with the backend.
 
@@ -96,7 +96,7 @@ def bytes_per_token(model: torch.nn.Module, packed: tuple = ()) -> int:
     Works on a dense model (every linear dense; ``packed``: names of the ``nn.Linear`` layers
     the backend reads packed, as it packs them once) and on one converted by
     ``bitfx.quantize`` (its ``BitfxLinear`` layers read their packed codes and fp32 scales)."""
-    from bitfx.kernels.layout import packed_k
+    from bitfx.layout import packed_k
     from bitfx.modules import BitfxLinear
 
     emb = model.get_input_embeddings().weight

@@ -142,7 +142,7 @@ def kernel_choice(M: int, K: int, N: int, device: torch.device) -> dict:
     ``_config``), with no overrides. ``path`` is "?" if those private functions changed."""
     try:
         from bitfx.kernels import ternary_matmul as tm
-        from bitfx.kernels.layout import packed_k
+        from bitfx.layout import packed_k
 
         Kq = packed_k(K)
         path = tm._default_path(M)
@@ -177,7 +177,7 @@ def plan_memory(M: int, K: int, N: int) -> dict:
     two fp32 [N, K] temporaries (randn, then * 0.02). The calls add the norm output, the codes,
     the output, a split-K int32 workspace and the fp32 copy of the output that the check makes.
     """
-    from bitfx.kernels.layout import packed_k
+    from bitfx.layout import packed_k
 
     w_bytes = 2 * N * K
     n_bf16_built = copies_for(w_bytes)

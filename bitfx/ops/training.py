@@ -188,7 +188,7 @@ def _(x, norm_weight, weights, packed, w_scale, bias, eps, offset, cast_before_w
 def _(x, norm_weight, weights, packed, w_scale, bias, eps, offset, cast_before_weight, norm_dtype,
       normalize=True, fp8_backward=False):
     if not (x.dim() >= 1 and packed.dim() == 2 and packed.shape[1] == packed_k(x.shape[-1])
-            and w_scale.shape == packed.shape[:1]):
+            and w_scale.shape == packed.shape[:1] and all(w.dim() == 2 and w.shape[1] == x.shape[-1] for w in weights)):
         _check_stacked(x, norm_weight, weights, packed, w_scale, bias, norm_dtype, normalize)
     q, x_scale, rstd = cuda_front(x, norm_weight, eps, offset, cast_before_weight, norm_dtype, normalize)
     out = kernels("ternary_matmul").ternary_matmul(q, x_scale, packed, w_scale, bias, norm_dtype)
