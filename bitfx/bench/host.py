@@ -44,6 +44,11 @@ def main(argv=None) -> int:
         ("norm_quant launcher", lambda: nqk.norm_quant(x, g, 1e-6, False, True, torch.bfloat16)),
         ("bitfx.act_quant (op)", lambda: ops.act_quant(x)),
     ]
+    from bitfx.modules import BitfxLinear
+
+    linear = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
+    ternary = BitfxLinear.from_linear(linear)
+    cases += [("nn.Linear (eager module)", lambda: linear(x)), ("BitfxLinear (eager module)", lambda: ternary(x))]
     print(report.header(report.device_name(), {"torch": torch.__version__}, report.command("host", argv),
                         f"M=1, K=N={K}, bf16"))
     for name, fn in cases:

@@ -325,3 +325,38 @@ def test_deleting_a_compiled_model_frees_its_weights():
     del m, c
     gc.collect()
     assert weight() is None, "the compiled graph keeps the model's float weights alive"
+
+
+# The weight-quantization kernels (bitfx.kernels.weight_pack): none may run in a step.
+_WEIGHT_KERNELS = ("_abs_row_sum_kernel", "_tensor_scale_kernel", "_quantize_pack_kernel")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("quantized", [False, True], ids=["backend-alone", "quantize-then-backend"])
+def test_step_under_cuda_graphs_launches_no_weight_quantization(quantized):
+    """A compiled step (a closure over the model, mode="reduce-overhead"): the kernels its CUDA
+    graph replays include the ternary matmuls and no weight quantization, for the backend alone
+    and for a model converted by bitfx.quantize first."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    model, ids = models.tiny_llama()
+    model, ids = model.cuda().to(torch.bfloat16).eval(), ids.cuda()
+    if quantized:
+        bitfx.quantize(model, ids)
+
+    def step(t):
+        return model(t).logits
+
+    compiled = torch.compile(step, backend="bitfx", mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad():
+        for _ in range(3):  # warm up, record, replay
+            compiled(ids)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            compiled(ids)
+            torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
+    assert any("ternary" in k for k in kernels), kernels  # the replayed graph's kernels are seen
+    assert not [k for k in kernels if any(w in k for w in _WEIGHT_KERNELS)]
+    assert _op_calls(lambda: compiled(ids), "bitfx::weight_quant") == 0
