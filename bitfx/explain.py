@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from bitfx.config import BitfxConfig
+from bitfx.config import BitfxConfig, checked_filter_fn
 from bitfx.passes.naming import Naming
 from bitfx.passes.plan import FilterFn, check_filter_fn, graphs_of, plan_sites
 
@@ -262,7 +262,8 @@ def explain(model: nn.Module, *example_inputs, config: Optional[BitfxConfig] = N
     ``config.training`` says). Without example inputs a Hugging Face model gets a small batch
     of token ids.
     """
-    filter_fn = check_filter_fn(filter_fn)
+    # filter_fn must return a bool: its result is checked, naming the layer (not taken by truthiness).
+    filter_fn = checked_filter_fn(check_filter_fn(filter_fn))
     config = config or BitfxConfig()
     training = _trains(model, config)
     inputs = example_inputs_for(model, example_inputs, "explain", example_kwargs)
