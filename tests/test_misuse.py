@@ -95,3 +95,29 @@ def test_filter_fn_returning_bools_still_decides():
     from bitfx.config import filter_result
 
     assert filter_result(torch.tensor(True), "a") is True and filter_result(False, "a") is False
+
+
+# ---------------------------------------------------------------- quantize keeps the hooks
+
+
+def _double_input(module, args):
+    return (2 * args[0],)
+
+
+def test_quantize_keeps_forward_hooks_and_pre_hooks():
+    model, x = _net()
+    plain = bitfx.BitfxLinear.from_linear(model.up)  # what quantize makes of `up`, without hooks
+    model.up.register_forward_pre_hook(_double_input)
+    handle = model.up.register_forward_hook(lambda module, args, kwargs, out: out + 1, with_kwargs=True,
+                                            always_call=True)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="bitfx")(x)  # the backend traces the hooks
+        bitfx.quantize(model, x)
+        h = model.norm(x)
+        assert isinstance(model.up, bitfx.BitfxLinear)
+        assert torch.equal(model.up(h), plain(2 * h) + 1)
+        from tests.test_backend import assert_close_up_to_code_flips
+
+        assert_close_up_to_code_flips(model(x), compiled)
+        handle.remove()  # the user's handle still removes it from the replacement
+        assert torch.equal(model.up(h), plain(2 * h))
