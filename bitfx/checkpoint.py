@@ -203,9 +203,12 @@ def load(model: nn.Module, path: PathLike, *, device: Optional[Union[str, torch.
         got, want = loaded[src], expected[name]
         if tuple(got.shape) != tuple(want.shape):
             problems.append(f"{name}: shape {list(got.shape)} in the checkpoint, {list(want.shape)} in the model")
-        elif got.dtype != want.dtype and not (got.is_floating_point() and want.is_floating_point()):
+        elif got.dtype != want.dtype:
+            # No silent cast, float to float included: a model built in another dtype than the
+            # one saved is not the model the checkpoint was written from.
             problems.append(f"{name}: dtype {str(got.dtype).removeprefix('torch.')} in the checkpoint, "
-                            f"{str(want.dtype).removeprefix('torch.')} in the model")
+                            f"{str(want.dtype).removeprefix('torch.')} in the model (build the model in the "
+                            f"checkpoint's dtype)")
         else:
             state[name] = got
     for r, m in replacements.items():

@@ -184,3 +184,16 @@ def test_round_trip_on_cuda(tmp_path):
     skeleton.cuda()  # the non-persistent buffers (rotary frequencies) follow
     assert all(t.is_cuda for t in skeleton.state_dict().values())
     assert torch.equal(_logits(skeleton, ids.cuda()), _logits(model, ids.cuda()))
+
+
+def test_a_float_tensor_in_another_float_dtype_is_refused(saved, tmp_path):
+    with safe_open(str(saved), framework="pt") as f:
+        norm = f.get_tensor("norm.weight")
+        bias = f.get_tensor("up.bias")
+    _refused(_rewrite(saved, tmp_path / "d.safetensors", tensors={"norm.weight": norm.to(torch.bfloat16)}),
+             r"norm\.weight: dtype bfloat16 in the checkpoint, float32 in the model")
+    _refused(_rewrite(saved, tmp_path / "b.safetensors", tensors={"up.bias": bias.double()}),
+             r"up\.bias: dtype float64 in the checkpoint, float32 in the model")
+    # a skeleton built in another dtype than the one saved
+    _refused(saved, r"norm\.weight: dtype float32 in the checkpoint, bfloat16 in the model",
+             skeleton=_Net().to(torch.bfloat16))
