@@ -159,7 +159,7 @@ class ExplainReport:
             src = {"act": "<input quantized per token>", "inserted": "<inserted norm>"}.get(s.kind)
             lines.append(f"  {src or s.norm_module or '<functional norm>'} -> {linears}{tag}")
             lines.append(f"      {s.norm_kind}")
-            lines += [f"      not converted: {m}: {skipped[m]}" for m in s.linear_modules if m in skipped]
+            lines += [f"      not converted: {_name(m)}: {skipped[m]}" for m in s.linear_modules if m in skipped]
         if self.rejected:
             lines.append("rejected:")
         for r in self.rejected:
@@ -168,7 +168,14 @@ class ExplainReport:
 
 
 def _name(m: Optional[str]) -> str:
-    return m if m is not None else "<functional linear>"
+    return "<functional linear>" if m is None else m or "<the model itself>"
+
+
+# Why quantize leaves a model that is itself one nn.Linear as it is.
+ROOT_LINEAR_REASON = (
+    "the model itself is this nn.Linear: bitfx.quantize swaps layers inside the model in place and cannot replace "
+    "the model object; use bitfx.BitfxLinear.from_linear(model), or put the linear in a module"
+)
 
 
 def example_inputs_for(model: nn.Module, example_inputs: tuple, caller: str, example_kwargs: Optional[dict] = None) -> tuple:
@@ -275,15 +282,19 @@ def explain(model: nn.Module, *example_inputs, config: Optional[BitfxConfig] = N
         for g in graphs_of(gm, naming):
             plan = plan_sites(g, config, filter_fn, naming)
             for d in plan.decisions:
-                info = LinearInfo(d.name, d.node.name, d.convert, d.quantize, d.reason, d.replace_reason,
+                replace_reason = d.replace_reason
+                if d.name == "" and d.module is model and isinstance(model, nn.Linear) and replace_reason:
+                    replace_reason = ROOT_LINEAR_REASON  # not "a functional linear": the root module
+                quantized = d.convert and replace_reason is None
+                info = LinearInfo(d.name, d.node.name, d.convert, quantized, d.reason, replace_reason,
                                   d.site is not None or d.bare)
                 key = (info.module or info.node, info.converted, info.reason)
                 if key not in seen_linears:
                     seen_linears.add(key)
                     report.decisions.append(info)
-                if d.convert and d.replace_reason and d.name is not None and d.name not in seen_skipped:
+                if d.convert and replace_reason and d.name is not None and d.name not in seen_skipped:
                     seen_skipped.add(d.name)
-                    report.skipped.append(SkippedLinear(d.name, d.replace_reason))
+                    report.skipped.append(SkippedLinear(d.name, replace_reason))
             for s in plan.sites:
                 spec = s.norm
                 info = SiteInfo(

@@ -64,7 +64,7 @@ class QuantizeReport:
             f"(packed {_bytes(self.packed_bytes)} + scales {_bytes(self.scale_bytes)}): "
             f"saved {_bytes(self.saved_bytes)}{ratio}",
         ]
-        lines += [f"  not converted: {s.module}: {s.reason}" for s in self.skipped]
+        lines += [f"  not converted: {s.module or '<the model itself>'}: {s.reason}" for s in self.skipped]
         return "\n".join(lines)
 
 

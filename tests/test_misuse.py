@@ -121,3 +121,21 @@ def test_quantize_keeps_forward_hooks_and_pre_hooks():
         assert_close_up_to_code_flips(model(x), compiled)
         handle.remove()  # the user's handle still removes it from the replacement
         assert torch.equal(model.up(h), plain(2 * h))
+
+
+# ---------------------------------------------------------------- a model that is one nn.Linear
+
+
+def test_a_root_linear_is_reported_as_the_model_itself():
+    torch.manual_seed(0)
+    model, x = nn.Linear(64, 32), torch.randn(2, 64)
+    report = bitfx.explain(model, x)
+    (d,) = report.decisions
+    assert d.module == "" and d.converted and not d.quantized
+    assert "functional" not in d.replace_reason and "the model itself is this nn.Linear" in d.replace_reason
+    assert "BitfxLinear.from_linear(model)" in d.replace_reason
+    assert "<the model itself>" in str(report) and "functional" not in str(report)
+    with torch.no_grad():
+        assert bitfx.quantize(model, x) is model
+    assert [s.reason for s in model.bitfx_report.skipped] == [d.replace_reason]
+    assert "not converted: <the model itself>: the model itself is this nn.Linear" in str(model.bitfx_report)
