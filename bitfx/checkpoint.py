@@ -47,11 +47,26 @@ def _version() -> str:
     return __version__
 
 
+_COMPILED_PREFIX = "_orig_mod."
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model under ``torch.compile``'s wrapper (``OptimizedModule._orig_mod``), so that a
+    checkpoint names tensors as the plain model does, whichever of the two is saved or loaded."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    while isinstance(model, OptimizedModule):
+        model = model._orig_mod
+    return model
+
+
 def save(model: nn.Module, path: PathLike) -> None:
     """Write ``model``'s state (converted layers packed, the rest as it is) to ``path``, one
-    safetensors file with the format in its metadata. Tensors may be on any device."""
+    safetensors file with the format in its metadata. Tensors may be on any device. A
+    ``torch.compile``\ d model is saved as the model it wraps (no ``_orig_mod.`` names)."""
     from safetensors.torch import save_file
 
+    model = _unwrap(model)
     sd = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -140,8 +155,10 @@ def load(model: nn.Module, path: PathLike, *, device: Optional[Union[str, torch.
     ``"cpu"``) or copied to ``device``. Every problem (another format version, a truncated or
     corrupted file, a missing or unexpected tensor, a shape, dtype or code that does not fit)
     raises :class:`CheckpointError` naming it, before the model is changed. Buffers the
-    ``state_dict`` does not hold (non-persistent ones) stay as the skeleton has them.
+    ``state_dict`` does not hold (non-persistent ones) stay as the skeleton has them. A
+    ``torch.compile``\ d ``model`` is loaded through to the model it wraps.
     """
+    given, model = model, _unwrap(model)
     f, ternary, aliases = _read_header(path)
     where = os.fspath(path)
     problems: list[str] = []
@@ -188,6 +205,9 @@ def load(model: nn.Module, path: PathLike, *, device: Optional[Union[str, torch.
     if unexpected and strict:
         problems.append(f"in the checkpoint but not the model: {', '.join(unexpected[:8])}"
                         + (" ..." if len(unexpected) > 8 else ""))
+        if all(n.startswith(_COMPILED_PREFIX) for n in unexpected):
+            problems.append(f"(the names start with {_COMPILED_PREFIX!r}: the file was saved from a torch.compile "
+                            f"wrapper by an older bitfx; save the model again with this one)")
     bad_alias = [a for a, target in aliases.items() if target not in stored]
     if bad_alias:
         problems.append(f"aliases of tensors the file does not hold: {', '.join(bad_alias)}")
@@ -231,4 +251,4 @@ def load(model: nn.Module, path: PathLike, *, device: Optional[Union[str, torch.
             t_owner, _, t_attr = target.rpartition(".")
             tied = getattr(model.get_submodule(t_owner) if t_owner else model, t_attr)
             setattr(model.get_submodule(owner) if owner else model, attr, tied)
-    return model
+    return given

@@ -197,3 +197,28 @@ def test_a_float_tensor_in_another_float_dtype_is_refused(saved, tmp_path):
     # a skeleton built in another dtype than the one saved
     _refused(saved, r"norm\.weight: dtype float32 in the checkpoint, bfloat16 in the model",
              skeleton=_Net().to(torch.bfloat16))
+
+
+def test_save_and_load_see_through_torch_compile(tmp_path):
+    torch.manual_seed(0)
+    model, x = _Net(), torch.randn(2, 5, 64)
+    with torch.no_grad():
+        bitfx.quantize(model, x)
+        want = model(x)
+    compiled = torch.compile(model, backend="bitfx")
+    path = tmp_path / "c.safetensors"
+    bitfx.save(compiled, path)
+    with safe_open(str(path), framework="pt") as f:
+        assert not [k for k in f.keys() if k.startswith("_orig_mod")]
+        assert "up" in json.loads(f.metadata()["ternary"])
+    with torch.device("meta"):
+        plain = _Net()
+    assert bitfx.load(plain, path) is plain  # saved compiled, loaded plain
+    with torch.no_grad():
+        assert torch.equal(plain(x), want)
+    with torch.device("meta"):
+        wrapped = torch.compile(_Net(), backend="bitfx")
+    assert bitfx.load(wrapped, path) is wrapped  # and into a compiled skeleton
+    assert isinstance(wrapped._orig_mod.up, bitfx.BitfxLinear)
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        assert torch.equal(wrapped(x), want)
