@@ -120,22 +120,43 @@ def to_transformers(layer: BitfxLinear, dtype: torch.dtype | None = None) -> nn.
     return out
 
 
-def _swap(model: nn.Module, pick, make) -> list[str]:
+def _swap(model: nn.Module, pick, make, caller: str) -> list[str]:
+    """Build every replacement first, then swap: a layer that cannot convert raises (naming it
+    and every other such layer) with the model unchanged."""
     names = [n for n, m in model.named_modules() if n and pick(m)]
+    made: dict[str, nn.Module] = {}
+    problems: list[str] = []
     for name in names:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, make(model.get_submodule(name)))
+        try:
+            made[name] = make(model.get_submodule(name))
+        except (ValueError, TypeError) as e:
+            problems.append(f"{name}: {e}")
+    if problems:
+        more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
+        raise ValueError(f"{caller}: {len(problems)} of {len(names)} layers cannot be converted; the model is "
+                         f"unchanged:\n  " + "\n  ".join(problems[:8]) + more)
+    for name, new in made.items():
+        _set(model, name, new)
     return names
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def convert_transformers_bitnet(model: nn.Module) -> list[str]:
     """Swap every transformers ``BitLinear`` / offline ``AutoBitLinear`` of ``model`` for a
-    :class:`BitfxLinear`, in place; returns their names."""
+    :class:`BitfxLinear`, in place; returns their names. Every layer is converted before any is
+    swapped: one that cannot be raises a ValueError naming it, and the model is unchanged."""
     return _swap(model, lambda m: _is(m, "BitLinear") or (_is(m, "AutoBitLinear") and not m.online_quant),
-                 from_transformers)
+                 from_transformers, "convert_transformers_bitnet")
 
 
 def export_transformers_bitnet(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
     """Swap every :class:`BitfxLinear` of ``model`` for transformers' ``BitLinear``, in place;
-    returns their names."""
-    return _swap(model, lambda m: isinstance(m, BitfxLinear), lambda m: to_transformers(m, dtype))
+    returns their names. Every layer is converted before any is swapped: one that cannot be
+    (per-channel scales, ``out_features`` not a multiple of 4) raises a ValueError naming it, and
+    the model is unchanged."""
+    return _swap(model, lambda m: isinstance(m, BitfxLinear), lambda m: to_transformers(m, dtype),
+                 "export_transformers_bitnet")

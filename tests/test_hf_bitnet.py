@@ -108,3 +108,31 @@ def test_tiny_bitnet_model_round_trip():
     assert sorted(convert_transformers_bitnet(exported)) == converted
     with torch.no_grad():
         assert torch.equal(exported(ids).logits, want)
+
+
+def _kinds(model):
+    return {n: type(m).__name__ for n, m in model.named_modules() if n}
+
+
+def test_a_bad_layer_is_named_and_nothing_is_swapped():
+    model, ids = models.tiny_bitnet()
+    with torch.no_grad():
+        bitfx.quantize(model, ids)
+    bad = "model.layers.1.mlp.down_proj"  # the last converted layer: every other one comes first
+    good = copy.deepcopy(model)
+    model.set_submodule(bad, bitfx.BitfxLinear.from_linear(torch.nn.Linear(model.config.intermediate_size,
+                                                                            model.config.hidden_size),
+                                                           per_channel=True))
+    before = _kinds(model)
+    with pytest.raises(ValueError, match=rf"export_transformers_bitnet: 1 of 14 layers .* unchanged:\n  {bad}: "
+                                         r"to_transformers: .*one weight scale"):
+        export_transformers_bitnet(model)
+    assert _kinds(model) == before
+    # the other way: a transformers BitLinear whose packed weight holds the code 3
+    export_transformers_bitnet(good)
+    hf_layer = good.get_submodule(bad)
+    hf_layer.weight[0, 0] = 0xFF
+    before = _kinds(good)
+    with pytest.raises(ValueError, match=rf"convert_transformers_bitnet: 1 of 14 layers .*\n  {bad}: unpack_hf: .*code 3"):
+        convert_transformers_bitnet(good)
+    assert _kinds(good) == before
