@@ -63,7 +63,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 def save(model: nn.Module, path: PathLike) -> None:
     """Write ``model``'s state (converted layers packed, the rest as it is) to ``path``, one
     safetensors file with the format in its metadata. Tensors may be on any device. A
-    ``torch.compile``\ d model is saved as the model it wraps (no ``_orig_mod.`` names)."""
+    model wrapped by ``torch.compile`` is saved as the model it wraps (no ``_orig_mod.`` names)."""
     from safetensors.torch import save_file
 
     model = _unwrap(model)
@@ -154,11 +154,14 @@ def load(model: nn.Module, path: PathLike, *, device: Optional[Union[str, torch.
     :class:`BitfxLinear`. Tensors are memory-mapped from the file (``device=None`` or
     ``"cpu"``) or copied to ``device``. Every problem (another format version, a truncated or
     corrupted file, a missing or unexpected tensor, a shape, dtype or code that does not fit)
-    raises :class:`CheckpointError` naming it, before the model is changed. Buffers the
+    raises :class:`CheckpointError` naming it, before the model is changed; so does a ``device``
+    the tensors cannot be moved to (a ValueError for a device torch does not know, a RuntimeError
+    for one it cannot reach or fill). Buffers the
     ``state_dict`` does not hold (non-persistent ones) stay as the skeleton has them. A
-    ``torch.compile``\ d ``model`` is loaded through to the model it wraps.
+    ``model`` wrapped by ``torch.compile`` is loaded through to the model it wraps.
     """
     given, model = model, _unwrap(model)
+    target = _device(device)
     f, ternary, aliases = _read_header(path)
     where = os.fspath(path)
     problems: list[str] = []
@@ -237,18 +240,57 @@ def load(model: nn.Module, path: PathLike, *, device: Optional[Union[str, torch.
         raise CheckpointError(f"bitfx.load: {where} does not fit the model; nothing was loaded:\n  "
                               + "\n  ".join(problems))
 
-    for name, m in replacements.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, m)
-    if device is not None and torch.device(device).type != "cpu":
-        moved = {src: t.to(device) for src, t in loaded.items()}
+    if target is not None and target.type != "cpu":
+        # The last step that can fail (no such device, out of memory): before the model changes.
+        try:
+            moved = {src: t.to(target) for src, t in loaded.items()}
+        except Exception as e:  # noqa: BLE001  (whatever the device's runtime raises)
+            raise RuntimeError(f"bitfx.load: could not move {where}'s tensors to {target} "
+                               f"({type(e).__name__}: {_cut(str(e))}); nothing was loaded") from e
         state = {k: moved[aliases.get(k, k)] for k in state}
-    model.load_state_dict(state, strict=strict, assign=True)
-    # assign gives every name its own Parameter: make the tied ones one object again.
-    for alias, target in aliases.items():
-        if alias in state and target in state:
-            owner, _, attr = alias.rpartition(".")
-            t_owner, _, t_attr = target.rpartition(".")
-            tied = getattr(model.get_submodule(t_owner) if t_owner else model, t_attr)
-            setattr(model.get_submodule(owner) if owner else model, attr, tied)
+        del moved
+
+    undo = _snapshot(model)
+    try:
+        for name, m in replacements.items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, m)
+        model.load_state_dict(state, strict=strict, assign=True)
+        # assign gives every name its own Parameter: make the tied ones one object again.
+        for alias, target_name in aliases.items():
+            if alias in state and target_name in state:
+                owner, _, attr = alias.rpartition(".")
+                t_owner, _, t_attr = target_name.rpartition(".")
+                tied = getattr(model.get_submodule(t_owner) if t_owner else model, t_attr)
+                setattr(model.get_submodule(owner) if owner else model, attr, tied)
+    except BaseException:
+        _restore(undo)  # checked above, so not expected: still, never leave the model half loaded
+        raise
     return given
+
+
+def _device(device) -> Optional[torch.device]:
+    """``device`` as a ``torch.device``, checked before anything is read."""
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(f"bitfx.load: device={_cut(repr(device))} is not a device torch knows ({_cut(str(e))})") from None
+
+
+def _cut(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters, so that no error message grows with its input."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _snapshot(model: nn.Module) -> list:
+    """What ``load`` may change in ``model``: every module's parameters, buffers and children."""
+    return [(m, dict(m._parameters), dict(m._buffers), dict(m._modules)) for m in model.modules()]
+
+
+def _restore(snapshot: list) -> None:
+    for m, params, buffers, children in snapshot:
+        for store, saved in ((m._parameters, params), (m._buffers, buffers), (m._modules, children)):
+            store.clear()
+            store.update(saved)
