@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -204,10 +205,9 @@ def load(model: nn.Module, path: PathLike, *, device: Optional[Union[str, torch.
     missing = sorted(set(expected) - names)
     unexpected = sorted(names - set(expected))
     if missing and strict:
-        problems.append(f"missing from the checkpoint: {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+        problems.append(f"missing from the checkpoint: {_names(missing)}")
     if unexpected and strict:
-        problems.append(f"in the checkpoint but not the model: {', '.join(unexpected[:8])}"
-                        + (" ..." if len(unexpected) > 8 else ""))
+        problems.append(f"in the checkpoint but not the model: {_names(unexpected)}")
         if all(n.startswith(_COMPILED_PREFIX) for n in unexpected):
             problems.append(f"(the names start with {_COMPILED_PREFIX!r}: the file was saved from a torch.compile "
                             f"wrapper by an older bitfx; save the model again with this one)")
@@ -250,6 +250,8 @@ def load(model: nn.Module, path: PathLike, *, device: Optional[Union[str, torch.
         state = {k: moved[aliases.get(k, k)] for k in state}
         del moved
 
+    for name, m in replacements.items():
+        m._loaded_as = name  # named by its forward if strict=False left it without its tensors
     undo = _snapshot(model)
     try:
         for name, m in replacements.items():
@@ -266,7 +268,21 @@ def load(model: nn.Module, path: PathLike, *, device: Optional[Union[str, torch.
     except BaseException:
         _restore(undo)  # checked above, so not expected: still, never leave the model half loaded
         raise
+    if missing and not strict:
+        empty = sorted({r for r in replacements for n in missing if n.startswith(r + ".")})
+        warnings.warn(
+            f"bitfx.load(strict=False): {where} holds no tensor for {_names(missing)}; they are left as the model "
+            f"had them" + (f" (on the meta device for the ternary layers {_names(empty)}, which raise when called "
+                           f"until those are loaded)" if empty else ""),
+            stacklevel=2,
+        )
     return given
+
+
+def _names(names: list, limit: int = 8) -> str:
+    """The first ``limit`` of ``names``, and how many more."""
+    more = f" ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(_cut(str(n), 120) for n in names[:limit]) + more
 
 
 def _device(device) -> Optional[torch.device]:

@@ -82,3 +82,36 @@ def test_a_failure_while_assigning_leaves_the_model_as_it_was(saved):
     with pytest.raises(RuntimeError, match="a module of the user's that fails to load"):
         bitfx.load(model, path)
     _unchanged(model, before)
+
+
+# ---------------------------------------------------------------- strict=False
+
+
+def _without(path, out, names):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        ts = {k: f.get_tensor(k) for k in f.keys() if k not in names}
+    save_file(ts, str(out), metadata=meta)
+    return out
+
+
+def test_strict_false_names_what_is_missing_and_the_layer_raises_naming_itself(saved, tmp_path):
+    path, x, want = saved
+    lacking = _without(path, tmp_path / "lacking.safetensors", {"up.packed", "up.w_scale"})
+    with torch.device("meta"):
+        model = _Net()
+    with pytest.raises(CheckpointError, match=r"missing from the checkpoint: up\.packed, up\.w_scale"):
+        bitfx.load(model, lacking)
+    with pytest.warns(UserWarning, match=r"holds no tensor for up\.packed, up\.w_scale.*ternary layers up\b"):
+        bitfx.load(model, lacking, strict=False)
+    assert isinstance(model.up, bitfx.BitfxLinear) and model.up.packed.is_meta
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match=r"BitfxLinear 'up' \(in_features=64, out_features=96\) has no data "
+                                               r"for packed, w_scale .*strict=False"):
+            model(x)
+        assert not model.gate.packed.is_meta
+        model.gate(model.norm(x))  # the layers that were loaded run
+
