@@ -85,7 +85,7 @@ class BitfxConfig:
         if not isinstance(self.backward, str) or self.backward not in BACKWARD_MODES:
             raise ValueError(f"BitfxConfig: backward must be one of {BACKWARD_MODES}, got {_short(self.backward)}")
         if not isinstance(self.act_bits, int) or isinstance(self.act_bits, bool) or self.act_bits not in (4, 6, 8):
-            raise ValueError(f"BitfxConfig: act_bits must be the int 8, 6 or 4, got {_short(self.act_bits)}")
+            raise ValueError(f"BitfxConfig: act_bits must be 8, 6 or 4 (an int), got {_short(self.act_bits)}")
 
 
 def _short(value: Any, limit: int = 80) -> str:
