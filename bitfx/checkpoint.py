@@ -108,41 +108,142 @@ class CheckpointError(ValueError):
     """A checkpoint that does not fit the model, or is not a readable bitfx checkpoint."""
 
 
+# Bounds on what the metadata may say: no checkpoint bitfx writes comes near them, and an error
+# message about a malformed one stays short whatever the file holds.
+_MAX_NAME = 1024  # characters in a tensor or module name
+_MAX_FEATURES = 2**31 - 1
+_MAX_TERMS = 64
+_MAX_PROBLEMS = 20  # listed in one CheckpointError; the rest are counted
+# The float dtypes a BitfxLinear may stand for (its bias's dtype), by the names bitfx.save writes.
+_WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                  "float64": torch.float64}
+# Fields of one "ternary" entry: required ones, then optional ones with the value a file
+# written before them means.
+_SPEC_REQUIRED = ("in_features", "out_features", "bias", "per_channel", "weight_dtype")
+_SPEC_DEFAULTS = {"terms": 1, "act_bits": 8}
+
+
 def _read_header(path: PathLike):
+    """Open ``path`` and check its metadata against the format: ``(file, ternary, aliases)``,
+    ``ternary`` as {name: spec with every field}, or a :class:`CheckpointError` naming what is
+    wrong (bounded in length, whatever the file holds)."""
     from safetensors import safe_open
 
+    where = _cut(os.fspath(path))
     try:
         f = safe_open(os.fspath(path), framework="pt", device="cpu")
     except FileNotFoundError:
         raise
     except Exception as e:  # safetensors' own error type differs between releases
-        raise CheckpointError(f"bitfx.load: {os.fspath(path)} is not a readable safetensors file "
-                              f"(truncated or corrupted?): {e}") from None
-    meta = f.metadata() or {}
+        raise CheckpointError(f"bitfx.load: {where} is not a readable safetensors file "
+                              f"(truncated or corrupted?): {_cut(str(e))}") from None
+    meta = f.metadata() or {}  # safetensors holds str -> str
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
-            f"bitfx.load: {os.fspath(path)} is not a bitfx checkpoint (metadata format "
-            f"{meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}); bitfx.save writes one"
+            f"bitfx.load: {where} is not a bitfx checkpoint (metadata format "
+            f"{_cut(repr(meta.get('format')))}, expected {CHECKPOINT_FORMAT!r}); bitfx.save writes one"
         )
-    try:
-        version = int(meta.get("format_version", ""))
-    except ValueError:
-        version = -1
-    if version != CHECKPOINT_VERSION:
+    version = meta.get("format_version", "")
+    if version != str(CHECKPOINT_VERSION):
         raise CheckpointError(
-            f"bitfx.load: {os.fspath(path)} is format version {meta.get('format_version')!r} "
-            f"(written by bitfx {meta.get('bitfx_version')}); this bitfx {_version()} reads version {CHECKPOINT_VERSION}"
+            f"bitfx.load: {where} is format version {_cut(repr(version))} (written by bitfx "
+            f"{_cut(str(meta.get('bitfx_version')))}); this bitfx {_version()} reads version {CHECKPOINT_VERSION}"
         )
     if meta.get("layout") != FORMAT:
         raise CheckpointError(
-            f"bitfx.load: {os.fspath(path)} packs its weights as {meta.get('layout')!r}; this bitfx reads {FORMAT!r}"
+            f"bitfx.load: {where} packs its weights as {_cut(repr(meta.get('layout')))}; this bitfx reads {FORMAT!r}"
         )
-    try:
-        ternary = json.loads(meta.get("ternary", "{}"))
-        aliases = json.loads(meta.get("aliases", "{}"))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"bitfx.load: {os.fspath(path)} has a corrupted metadata header: {e}") from None
+    problems: list[str] = []
+    ternary = _json_field(meta, "ternary", problems)
+    aliases = _json_field(meta, "aliases", problems)
+    ternary = _check_ternary(ternary, problems)
+    aliases = _check_aliases(aliases, problems)
+    if problems:
+        raise CheckpointError(f"bitfx.load: {where} has malformed metadata; nothing was loaded:" + _listed(problems))
     return f, ternary, aliases
+
+
+def _json_field(meta: dict, key: str, problems: list) -> object:
+    try:
+        return json.loads(meta.get(key, "{}"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; nesting too deep
+        problems.append(f"{key}: not valid JSON ({_cut(str(e) or type(e).__name__)})")
+        return {}
+
+
+def _is_int(v, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _bad_name(name) -> Optional[str]:
+    if not isinstance(name, str):
+        return f"a name must be a string, got {_cut(repr(name), 80)}"
+    if not name or len(name) > _MAX_NAME:
+        return f"a name must hold 1 to {_MAX_NAME} characters, got {len(name)}: {_cut(repr(name), 80)}"
+    return None
+
+
+def _check_ternary(ternary, problems: list) -> dict:
+    """``ternary`` checked field by field: {name: {field: value}} with the optional fields filled in."""
+    if not isinstance(ternary, dict):
+        problems.append(f"ternary: must be a JSON object {{name: fields}}, got {type(ternary).__name__}")
+        return {}
+    out = {}
+    for name, spec in ternary.items():
+        bad = _bad_name(name)
+        if bad:
+            problems.append(f"ternary: {bad}")
+            continue
+        where = f"ternary[{_cut(repr(name), 120)}]"
+        if not isinstance(spec, dict):
+            problems.append(f"{where}: must be a JSON object of fields, got {type(spec).__name__}")
+            continue
+        unknown = sorted(set(spec) - set(_SPEC_REQUIRED) - set(_SPEC_DEFAULTS))
+        lacking = [k for k in _SPEC_REQUIRED if k not in spec]
+        if unknown or lacking:
+            problems.append(f"{where}: " + "; ".join(
+                ([f"fields missing: {', '.join(lacking)}"] if lacking else [])
+                + ([f"unknown fields: {_cut(', '.join(map(str, unknown)), 120)}"] if unknown else [])))
+            continue
+        spec = {**_SPEC_DEFAULTS, **spec}
+        checks = (
+            ("in_features", _is_int(spec["in_features"], 1, _MAX_FEATURES), f"an int in [1, {_MAX_FEATURES}]"),
+            ("out_features", _is_int(spec["out_features"], 1, _MAX_FEATURES), f"an int in [1, {_MAX_FEATURES}]"),
+            ("bias", isinstance(spec["bias"], bool), "true or false"),
+            ("per_channel", isinstance(spec["per_channel"], bool), "true or false"),
+            ("terms", _is_int(spec["terms"], 1, _MAX_TERMS), f"an int in [1, {_MAX_TERMS}]"),
+            ("act_bits", _is_int(spec["act_bits"], 4, 8) and spec["act_bits"] in (4, 6, 8), "8, 6 or 4"),
+            ("weight_dtype", isinstance(spec["weight_dtype"], str) and spec["weight_dtype"] in _WEIGHT_DTYPES,
+             f"one of {', '.join(_WEIGHT_DTYPES)}"),
+        )
+        wrong = [f"{k} must be {what}, got {_cut(json.dumps(spec[k]), 80)}" for k, ok, what in checks if not ok]
+        if wrong:
+            problems.append(f"{where}: " + "; ".join(wrong))
+            continue
+        out[name] = spec
+    return out
+
+
+def _check_aliases(aliases, problems: list) -> dict:
+    if not isinstance(aliases, dict):
+        problems.append(f"aliases: must be a JSON object {{alias: stored name}}, got {type(aliases).__name__}")
+        return {}
+    out = {}
+    for alias, target in aliases.items():
+        bad = _bad_name(alias) or _bad_name(target)
+        if bad or alias == target:
+            problems.append(f"aliases[{_cut(repr(alias), 120)}]: {bad or 'an alias of itself'}")
+            continue
+        out[alias] = target
+    return out
+
+
+def _listed(problems: list) -> str:
+    """``problems`` as indented lines: at most ``_MAX_PROBLEMS``, each cut, then a count of the rest."""
+    lines = [_cut(p, 400) for p in problems[:_MAX_PROBLEMS]]
+    if len(problems) > _MAX_PROBLEMS:
+        lines.append(f"... and {len(problems) - _MAX_PROBLEMS} more")
+    return "\n  " + "\n  ".join(lines)
 
 
 def load(model: nn.Module, path: PathLike, *, device: Optional[Union[str, torch.device]] = None,
@@ -164,7 +265,7 @@ def load(model: nn.Module, path: PathLike, *, device: Optional[Union[str, torch.
     given, model = model, _unwrap(model)
     target = _device(device)
     f, ternary, aliases = _read_header(path)
-    where = os.fspath(path)
+    where = _cut(os.fspath(path))
     problems: list[str] = []
     replacements: dict[str, BitfxLinear] = {}
     for name, spec in ternary.items():
@@ -182,15 +283,10 @@ def load(model: nn.Module, path: PathLike, *, device: Optional[Union[str, torch.
             problems.append(f"{name}: [out, in] = {list(shape)} in the model, "
                             f"{[spec['out_features'], spec['in_features']]} in the checkpoint")
             continue
-        try:
-            dtype = getattr(torch, spec["weight_dtype"])
-        except AttributeError:
-            problems.append(f"{name}: unknown weight dtype {spec['weight_dtype']!r}")
-            continue
         replacements[name] = BitfxLinear(spec["in_features"], spec["out_features"], spec["bias"],
-                                         per_channel=spec["per_channel"], terms=int(spec.get("terms", 1)),
-                                         act_bits=int(spec.get("act_bits", 8)),
-                                         device="meta", dtype=dtype)
+                                         per_channel=spec["per_channel"], terms=spec["terms"],
+                                         act_bits=spec["act_bits"], device="meta",
+                                         dtype=_WEIGHT_DTYPES[spec["weight_dtype"]])
 
     # The state the model will have once the linears are swapped: names, shapes, dtypes.
     expected: dict[str, torch.Tensor] = {}
@@ -211,9 +307,12 @@ def load(model: nn.Module, path: PathLike, *, device: Optional[Union[str, torch.
         if all(n.startswith(_COMPILED_PREFIX) for n in unexpected):
             problems.append(f"(the names start with {_COMPILED_PREFIX!r}: the file was saved from a torch.compile "
                             f"wrapper by an older bitfx; save the model again with this one)")
-    bad_alias = [a for a, target in aliases.items() if target not in stored]
+    bad_alias = sorted(a for a, target in aliases.items() if target not in stored)
     if bad_alias:
-        problems.append(f"aliases of tensors the file does not hold: {', '.join(bad_alias)}")
+        problems.append(f"aliases of tensors the file does not hold: {_names(bad_alias)}")
+    both = sorted(set(aliases) & stored)
+    if both:
+        problems.append(f"names both stored and aliased to another tensor: {_names(both)}")
 
     state: dict[str, torch.Tensor] = {}
     loaded: dict[str, torch.Tensor] = {}  # one tensor per stored name: aliases stay tied
@@ -237,8 +336,7 @@ def load(model: nn.Module, path: PathLike, *, device: Optional[Union[str, torch.
     for r, m in replacements.items():
         problems += [f"{r}.{p}" for p in m._check_state(state, r + ".", strict)]
     if problems:
-        raise CheckpointError(f"bitfx.load: {where} does not fit the model; nothing was loaded:\n  "
-                              + "\n  ".join(problems))
+        raise CheckpointError(f"bitfx.load: {where} does not fit the model; nothing was loaded:" + _listed(problems))
 
     if target is not None and target.type != "cpu":
         # The last step that can fail (no such device, out of memory): before the model changes.

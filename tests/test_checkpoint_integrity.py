@@ -115,3 +115,110 @@ def test_strict_false_names_what_is_missing_and_the_layer_raises_naming_itself(s
         assert not model.gate.packed.is_meta
         model.gate(model.norm(x))  # the layers that were loaded run
 
+
+
+# ---------------------------------------------------------------- malformed metadata
+
+
+def _refused(path, match):
+    model = _Net()
+    before = _state(model)
+    with pytest.raises(CheckpointError, match=match) as e:
+        bitfx.load(model, path)
+    _unchanged(model, before)
+    return str(e.value)
+
+
+def _meta(saved, tmp_path, **metadata):
+    from tests.test_checkpoint import _rewrite
+
+    return _rewrite(saved[0], tmp_path / "meta.safetensors", metadata=metadata)
+
+
+def _ternary(saved):
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(saved[0]), framework="pt") as f:
+        return json.loads(f.metadata()["ternary"])
+
+
+def test_deeply_nested_json_is_refused(saved, tmp_path):
+    _refused(_meta(saved, tmp_path, ternary="[" * 200_000 + "]" * 200_000), r"ternary: not valid JSON")
+    _refused(_meta(saved, tmp_path, aliases="{"), r"aliases: not valid JSON")
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("ternary", "[]", r"ternary: must be a JSON object \{name: fields\}, got list"),
+    ("ternary", '"up"', r"ternary: must be a JSON object .* got str"),
+    ("aliases", "[1, 2]", r"aliases: must be a JSON object .* got list"),
+    ("aliases", '{"a": 3}', r"aliases\['a'\]: a name must be a string, got 3"),
+    ("aliases", '{"up.bias": "up.bias"}', r"aliases\['up.bias'\]: an alias of itself"),
+])
+def test_metadata_of_the_wrong_shape_is_refused(saved, tmp_path, field, value, match):
+    _refused(_meta(saved, tmp_path, **{field: value}), match)
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"up": 5}, r"ternary\['up'\]: must be a JSON object of fields, got int"),
+    ({"up": {"in_features": 64}}, r"ternary\['up'\]: fields missing: out_features, bias, per_channel, weight_dtype"),
+    ({"up.extra": None}, r"ternary\['up.extra'\]: must be a JSON object"),
+    ({"": {}}, r"ternary: a name must hold 1 to 1024 characters, got 0"),
+])
+def test_a_malformed_ternary_entry_is_refused(saved, tmp_path, change, match):
+    import json
+
+    ternary = _ternary(saved)
+    ternary.update(change)
+    _refused(_meta(saved, tmp_path, ternary=json.dumps(ternary)), match)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("weight_dtype", "nn", r"weight_dtype must be one of float32, float16, bfloat16, float64, got \"nn\""),
+    ("weight_dtype", "int8", r"weight_dtype must be one of"),
+    ("weight_dtype", ["float32"], r"weight_dtype must be one of"),
+    ("in_features", "64", r"in_features must be an int in \[1, 2147483647\], got \"64\""),
+    ("out_features", 96.0, r"out_features must be an int"),
+    ("out_features", True, r"out_features must be an int"),
+    ("bias", "yes", r"bias must be true or false, got \"yes\""),
+    ("per_channel", 0, r"per_channel must be true or false, got 0"),
+    ("terms", "x", r"terms must be an int in \[1, 64\], got \"x\""),
+    ("terms", 10**9, r"terms must be an int in \[1, 64\]"),
+    ("act_bits", 5, r"act_bits must be 8, 6 or 4, got 5"),
+    ("act_bits", 8.0, r"act_bits must be 8, 6 or 4, got 8.0"),
+    ("colour", "red", r"unknown fields: colour"),
+])
+def test_every_field_of_a_ternary_entry_is_type_checked(saved, tmp_path, field, value, match):
+    import json
+
+    ternary = _ternary(saved)
+    ternary["up"][field] = value
+    _refused(_meta(saved, tmp_path, ternary=json.dumps(ternary)), rf"ternary\['up'\]: .*{match}")
+
+
+def test_a_huge_metadata_blob_gives_a_short_error(saved, tmp_path):
+    import json
+
+    ternary = _ternary(saved)
+    ternary.update({f"layer{i}.proj": {"in_features": "x" * 50} for i in range(200_000)})
+    text = _refused(_meta(saved, tmp_path, ternary=json.dumps(ternary)), r"malformed metadata")
+    assert len(text) < 10_000 and "... and 199980 more" in text
+    # and a long value is cut
+    ternary = _ternary(saved)
+    ternary["up"]["weight_dtype"] = "f" * 1_000_000
+    text = _refused(_meta(saved, tmp_path, ternary=json.dumps(ternary)), r"weight_dtype must be one of")
+    assert len(text) < 2_000
+    text = _refused(_meta(saved, tmp_path, format_version="9" * 1_000_000, bitfx_version="v" * 1_000_000),
+                    "format version")
+    assert len(text) < 2_000
+
+
+def test_a_checkpoint_that_lists_many_layers_the_model_lacks_gives_a_short_error(saved, tmp_path):
+    import json
+
+    ternary = _ternary(saved)
+    spec = ternary["up"]
+    ternary.update({f"layer{i}.proj": spec for i in range(200_000)})
+    text = _refused(_meta(saved, tmp_path, ternary=json.dumps(ternary)), r"does not fit the model")
+    assert len(text) < 10_000 and "more" in text
