@@ -222,3 +222,97 @@ def test_a_checkpoint_that_lists_many_layers_the_model_lacks_gives_a_short_error
     ternary.update({f"layer{i}.proj": spec for i in range(200_000)})
     text = _refused(_meta(saved, tmp_path, ternary=json.dumps(ternary)), r"does not fit the model")
     assert len(text) < 10_000 and "more" in text
+
+
+# ---------------------------------------------------------------- checksums
+
+
+def _layout(path):
+    """{tensor name: (first byte, end byte)} of each tensor's data in the file, from the safetensors header."""
+    import json
+    import struct
+
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1]) for k, v in header.items()
+            if k != "__metadata__"}
+
+
+def test_checksums_are_the_crc32_of_the_bytes_in_the_file(saved):
+    import json
+    import zlib
+
+    from safetensors import safe_open
+
+    path = saved[0]
+    with safe_open(str(path), framework="pt") as f:
+        recorded = json.loads(f.metadata()["checksums"])
+    raw = path.read_bytes()
+    layout = _layout(path)
+    assert set(recorded) == set(layout)
+    assert all(recorded[k] == f"crc32:{zlib.crc32(raw[b:e]):08x}" for k, (b, e) in layout.items())
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_a_flipped_bit_in_any_tensor_is_refused_naming_it(saved, tmp_path, where):
+    path = saved[0]
+    raw = path.read_bytes()
+    layout = _layout(path)
+    assert len(layout) == 13  # norm.weight; packed, w_scale, bias, ternary_format of up, gate, down
+    for name, (b, e) in sorted(layout.items()):
+        at, bit = (b, 0) if where == "first" else (e - 1, 7)  # the lowest bit; a float's sign bit
+        bad = bytearray(raw)
+        bad[at] ^= 1 << bit
+        out = tmp_path / "flipped.safetensors"
+        out.write_bytes(bytes(bad))
+        _refused(out, rf"(?m)^  {name}: checksum crc32:[0-9a-f]{{8}}, the file records crc32:[0-9a-f]{{8}}: its data "
+                      rf"changed after bitfx.save wrote it")
+
+
+@pytest.mark.parametrize("name", ["norm.weight", "up.w_scale", "down.bias"])
+@pytest.mark.parametrize("power", [64, -64])
+def test_a_tensor_scaled_by_a_power_of_two_is_refused(saved, tmp_path, name, power):
+    """Values that pass every other check (finite, positive scales): only the checksum sees them."""
+    from safetensors import safe_open
+
+    from tests.test_checkpoint import _rewrite
+
+    with safe_open(str(saved[0]), framework="pt") as f:
+        t = f.get_tensor(name)
+    scaled = _rewrite(saved[0], tmp_path / "scaled.safetensors", tensors={name: t * 2.0**power})
+    _refused(scaled, rf"{name}: checksum .* its data changed")
+
+
+def test_a_tensor_without_a_checksum_is_refused(saved, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    from tests.test_checkpoint import _rewrite
+
+    with safe_open(str(saved[0]), framework="pt") as f:
+        sums = json.loads(f.metadata()["checksums"])
+    del sums["up.bias"]
+    _refused(_meta(saved, tmp_path, checksums=json.dumps(sums)), r"no checksum recorded for up\.bias")
+    sums["up.bias"] = "md5:0"
+    _refused(_rewrite(saved[0], tmp_path / "c.safetensors", metadata={"checksums": json.dumps(sums)}),
+             r"checksums: not of the form 'crc32:<8 hex digits>' for 'up.bias'")
+    _refused(_meta(saved, tmp_path, checksums="[]"), r"checksums: must be a JSON object")
+
+
+def test_a_checkpoint_written_before_checksums_loads_with_a_warning(saved, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path, x, want = saved
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "checksums"}
+        ts = {k: f.get_tensor(k) for k in f.keys()}
+    old = tmp_path / "old.safetensors"
+    save_file(ts, str(old), metadata=meta)
+    model = _Net()
+    with pytest.warns(UserWarning, match=r"holds no checksums .* loaded without verification"):
+        bitfx.load(model, old)
+    with torch.no_grad():
+        assert torch.equal(model(x), want)
