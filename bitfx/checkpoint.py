@@ -316,7 +316,10 @@ def load(model: nn.Module, path: PathLike, *, device: Optional[Union[str, torch.
     raises :class:`CheckpointError` naming it, before the model is changed; so does a ``device``
     the tensors cannot be moved to (a ValueError for a device torch does not know, a RuntimeError
     for one it cannot reach or fill). Buffers the
-    ``state_dict`` does not hold (non-persistent ones) stay as the skeleton has them. A
+    ``state_dict`` does not hold (non-persistent ones) stay as the skeleton has them, except
+    those a meta skeleton has on the meta device: a module holding them that has no parameters
+    and is built from its ``config`` (transformers' rotary embeddings) is built again to compute
+    them (on ``device``); any other is named in a warning. A
     ``model`` wrapped by ``torch.compile`` is loaded through to the model it wraps.
     """
     given, model = model, _unwrap(model)
@@ -421,10 +424,16 @@ def load(model: nn.Module, path: PathLike, *, device: Optional[Union[str, torch.
         state = {k: moved[aliases.get(k, k)] for k in state}
         del moved
 
+    # Buffers no checkpoint holds (non-persistent: rotary frequencies) that a meta skeleton has on
+    # meta: computed again by their module's constructor where that is cheap and certain.
+    rebuilt, left_on_meta = _meta_buffers(model, replacements, target or torch.device("cpu"))
+
     for name, m in replacements.items():
         m._loaded_as = name  # named by its forward if strict=False left it without its tensors
     undo = _snapshot(model)
     try:
+        for (module, buffer), value in rebuilt.items():
+            module._buffers[buffer] = value
         for name, m in replacements.items():
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, m)
@@ -447,7 +456,44 @@ def load(model: nn.Module, path: PathLike, *, device: Optional[Union[str, torch.
                            f"until those are loaded)" if empty else ""),
             stacklevel=2,
         )
+    if left_on_meta:
+        warnings.warn(
+            f"bitfx.load: {_names(left_on_meta)} (non-persistent buffers: no checkpoint holds them) are still on the "
+            f"meta device, and bitfx cannot compute them again; set them (as the module's __init__ does) before running "
+            f"the model", stacklevel=2,
+        )
     return given
+
+
+def _meta_buffers(model: nn.Module, replacements: dict, device: torch.device) -> tuple[dict, list]:
+    """``({(module, buffer name): value}, [names left on meta])`` for the model's non-persistent
+    buffers on the meta device. A module with such buffers, no parameters (so that building it
+    again costs nothing) and a ``config`` its class is built from (transformers' rotary
+    embeddings: ``type(m)(m.config)``) is built again on the CPU and its buffers taken, in the
+    skeleton's dtypes, on ``device``; any other is left and named."""
+    values, left = {}, []
+    for prefix, m in model.named_modules():
+        if any(prefix == r or prefix.startswith(r + ".") for r in replacements):
+            continue
+        names = sorted(b for b in m._non_persistent_buffers_set if m._buffers.get(b) is not None and m._buffers[b].is_meta)
+        if not names:
+            continue
+        fresh = None
+        config = getattr(m, "config", None)
+        if config is not None and not any(True for _ in m.parameters()):
+            try:
+                with torch.device("cpu"):
+                    fresh = type(m)(config)
+            except Exception:  # noqa: BLE001  (a constructor that wants more: the buffers are named below)
+                fresh = None
+        for b in names:
+            want = m._buffers[b]
+            got = None if fresh is None else fresh._buffers.get(b)
+            if isinstance(got, torch.Tensor) and not got.is_meta and got.shape == want.shape:
+                values[(m, b)] = got.to(device=device, dtype=want.dtype)
+            else:
+                left.append(f"{prefix}.{b}" if prefix else b)
+    return values, left
 
 
 def _names(names: list, limit: int = 8) -> str:

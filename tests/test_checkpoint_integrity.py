@@ -316,3 +316,57 @@ def test_a_checkpoint_written_before_checksums_loads_with_a_warning(saved, tmp_p
         bitfx.load(model, old)
     with torch.no_grad():
         assert torch.equal(model(x), want)
+
+
+# ---------------------------------------------------------------- non-persistent buffers of a meta skeleton
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_transformers_model_loaded_into_a_meta_skeleton_runs(tmp_path, dtype):
+    """The README's recipe: the rotary embedding's inv_freq is in no state_dict; it was left on meta."""
+    import warnings
+
+    from transformers import LlamaForCausalLM
+
+    from tests import models
+
+    model, ids = models.tiny_llama(dtype=dtype)
+    with torch.no_grad():
+        bitfx.quantize(model, ids)
+        want = model(ids).logits
+    path = tmp_path / "llama.safetensors"
+    bitfx.save(model, path)
+    with torch.device("meta"):
+        skeleton = LlamaForCausalLM(model.config).to(dtype)
+    assert skeleton.model.rotary_emb.inv_freq.is_meta
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left to warn about
+        bitfx.load(skeleton, path)
+    assert not [n for n, b in skeleton.named_buffers() if b.is_meta]
+    rot, ref = skeleton.model.rotary_emb, model.model.rotary_emb
+    assert torch.equal(rot.inv_freq, ref.inv_freq) and torch.equal(rot.original_inv_freq, ref.original_inv_freq)
+    with torch.no_grad():
+        assert torch.equal(skeleton.eval()(ids).logits, want)
+
+
+class _Tabled(_Net):
+    """A non-persistent buffer no constructor call from a config can make again."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.arange(4.0), persistent=False)
+
+
+def test_meta_buffers_bitfx_cannot_compute_are_named(tmp_path):
+    torch.manual_seed(0)
+    model, x = _Tabled(), torch.randn(2, 5, 64)
+    with torch.no_grad():
+        bitfx.quantize(model, x)
+    path = tmp_path / "t.safetensors"
+    bitfx.save(model, path)
+    with torch.device("meta"):
+        skeleton = _Tabled()
+    with pytest.warns(UserWarning, match=r"bitfx.load: table \(non-persistent buffers: no checkpoint holds them\) "
+                                         r"are still on the meta device"):
+        bitfx.load(skeleton, path)
+    assert skeleton.table.is_meta and not skeleton.up.packed.is_meta
