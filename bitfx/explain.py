@@ -9,9 +9,12 @@ in plain data: a person reads ``print(report)``, a program reads ``report.sites`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import inspect
 import itertools
 import logging
+import threading
 import types
 from dataclasses import dataclass, field
 from typing import Optional
@@ -212,7 +215,9 @@ def capture_graphs(model: nn.Module, example_inputs: tuple, example_kwargs: Opti
                    *, training: bool = False) -> list[tuple[torch.fx.GraphModule, list]]:
     """The torch-level FX graphs Dynamo produces for ``model(*example_inputs, **example_kwargs)``
     (several where the model has graph breaks), each with the inputs it was called with. Traced
-    with grad mode ``training``. No global Dynamo state is reset."""
+    with grad mode ``training``. No global Dynamo state is reset, and the capture leaves no
+    cache entry behind (:func:`_dynamo_leaves_no_entries`): any number of calls keeps the
+    recompile limit of the model's own ``torch.compile`` untouched."""
     graphs: list[tuple[torch.fx.GraphModule, list]] = []
 
     def capture(gm: torch.fx.GraphModule, inputs):
@@ -220,12 +225,52 @@ def capture_graphs(model: nn.Module, example_inputs: tuple, example_kwargs: Opti
         return gm.forward
 
     try:
-        with torch.set_grad_enabled(training):
-            torch.compile(_fresh_caller(model), backend=capture, fullgraph=False)(*example_inputs, **(example_kwargs or {}))
+        with torch.set_grad_enabled(training), _dynamo_leaves_no_entries():
+            compiled = torch.compile(_fresh_caller(model), backend=capture, fullgraph=False, **_compile_options())
+            compiled(*example_inputs, **(example_kwargs or {}))
         return list(graphs)
     finally:
         # Dynamo may keep the backend (and so this closure) alive: hold no tensor in it.
         graphs.clear()
+
+
+@contextlib.contextmanager
+def _dynamo_leaves_no_entries():
+    """Remove the cache entries Dynamo adds to code objects while the block runs (in this thread).
+
+    A graph break inside the model makes Dynamo compile the model's own functions (its
+    ``forward``, every function on the way to the break, and their resume functions), whose
+    code objects every instance and every later ``torch.compile`` share: each capture would
+    add an entry there, and eight of them reach Dynamo's recompile limit, after which the
+    model's class runs uncompiled. Dynamo reports every code object it compiles to its
+    bytecode hooks; once the block is over, each one that held no cache entry before it is
+    reset (``reset_code``: as if never compiled). One that did (the model was compiled before)
+    keeps the capture's entries, since Dynamo cannot drop single entries (an invalidated one
+    still counts): torch versions with ``torch.compile(isolate_recompiles=True)`` keep them
+    apart (:func:`_compile_options`), so that the model's own compile does not count them."""
+    from torch._dynamo import convert_frame, eval_frame
+
+    thread = threading.get_ident()
+    fresh: dict[types.CodeType, bool] = {}  # code object -> held no entry before the block
+
+    def record(code, new_code):
+        if threading.get_ident() == thread and code not in fresh:
+            fresh[code] = not eval_frame._debug_get_cache_entry_list(code)
+        return None
+
+    handle = convert_frame.register_bytecode_hook(record)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for code, was_fresh in fresh.items():
+            if was_fresh:
+                torch._C._dynamo.eval_frame.reset_code(code)
+
+
+def _compile_options() -> dict:
+    """``torch.compile`` keywords for the capture: its own recompile region where torch has them."""
+    return {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
 
 
 def _check_integer_input(r, naming: Naming) -> None:
