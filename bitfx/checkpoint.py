@@ -32,10 +32,11 @@ Llama-3.2-1B-shaped checkpoint (its bf16 embedding, one 0.53 GB tensor on one th
 pace); at load 0.7 to 1.0 s with the memory-mapped file's pages faulted in, where reading it
 lazily takes 0.03 s. About 0.5 to 1 s per GB at save and again at load: about what reading the
 file once from disk costs, and a model's first run reads every byte anyway, so there is no
-switch to skip it. A checkpoint written without
-checksums (by bitfx before they were added; the format version is the same, since a reader
-that does not know them loads the file as before) loads with a warning that its tensors were
-not verified.
+switch to skip it.
+
+A checkpoint written without checksums (by bitfx before they were added; the format version
+is the same, since a reader that does not know them loads the file as before) loads with a
+warning that its tensors were not verified.
 """
 
 from __future__ import annotations
