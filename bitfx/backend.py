@@ -52,7 +52,7 @@ from torch import nn
 
 import bitfx.ops  # noqa: F401  (registers torch.ops.bitfx.*)
 from bitfx.cache_key import keyed
-from bitfx.config import BitfxConfig, decide_training
+from bitfx.config import BitfxConfig, checked_filter_fn, decide_training
 from bitfx.passes.naming import Naming
 from bitfx.passes.plan import check_filter_fn
 from bitfx.passes.rewrite import bitfx_pass
@@ -71,7 +71,7 @@ def _split_options(options: Optional[dict[str, Any]]) -> tuple[BitfxConfig, Any,
     config = options.pop("config", None) or BitfxConfig()
     if not isinstance(config, BitfxConfig):
         raise TypeError(f"bitfx backend: options['config'] must be a bitfx.BitfxConfig, got {type(config).__name__}")
-    filter_fn = check_filter_fn(options.pop("filter_fn", None))
+    filter_fn = checked_filter_fn(check_filter_fn(options.pop("filter_fn", None)))
     ours = {k: options.pop(k) for k in list(options) if k in _FIELDS}
     if ours:
         config = dataclasses.replace(config, **ours)

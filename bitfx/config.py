@@ -10,12 +10,14 @@ linears.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-__all__ = ["BitfxConfig", "QuantizeConfig", "LINEAR_MODES", "BACKWARD_MODES", "decide_training"]
+__all__ = ["BitfxConfig", "QuantizeConfig", "LINEAR_MODES", "BACKWARD_MODES", "decide_training", "filter_result",
+           "checked_filter_fn"]
 
 # What ``BitfxConfig.linears`` may say: every linear of the model (as BitNet b1.58), only those an
 # RMSNorm feeds, or every linear with an RMSNorm inserted in front of those that have none.
@@ -69,16 +71,59 @@ class BitfxConfig:
     backward: str = "exact"
 
     def __post_init__(self):
-        if self.linears not in LINEAR_MODES:
-            raise ValueError(f"BitfxConfig: linears must be one of {LINEAR_MODES}, got {self.linears!r}")
-        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
-            raise ValueError(f"BitfxConfig: norm_eps must be a positive number, got {self.norm_eps!r}")
+        # Every field is type-checked: a string where a bool belongs ("no" is truthy) or a float
+        # where an int belongs would otherwise configure something else than was asked.
+        if not isinstance(self.linears, str) or self.linears not in LINEAR_MODES:
+            raise ValueError(f"BitfxConfig: linears must be one of {LINEAR_MODES}, got {_short(self.linears)}")
+        eps = self.norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"BitfxConfig: norm_eps must be a finite positive number, got {_short(eps)}")
+        for name in ("per_channel", "skip_output_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"BitfxConfig: {name} must be True or False, got {_short(getattr(self, name))}")
+        if self.training is not None and not isinstance(self.training, bool):
+            raise TypeError(f"BitfxConfig: training must be True, False or None, got {_short(self.training)}")
         if not isinstance(self.terms, int) or isinstance(self.terms, bool) or self.terms < 1:
-            raise ValueError(f"BitfxConfig: terms must be a positive int, got {self.terms!r}")
-        if self.backward not in BACKWARD_MODES:
-            raise ValueError(f"BitfxConfig: backward must be one of {BACKWARD_MODES}, got {self.backward!r}")
-        if self.act_bits not in (4, 6, 8):
-            raise ValueError(f"BitfxConfig: act_bits must be 8, 6 or 4, got {self.act_bits!r}")
+            raise ValueError(f"BitfxConfig: terms must be a positive int, got {_short(self.terms)}")
+        if not isinstance(self.backward, str) or self.backward not in BACKWARD_MODES:
+            raise ValueError(f"BitfxConfig: backward must be one of {BACKWARD_MODES}, got {_short(self.backward)}")
+        if not isinstance(self.act_bits, int) or isinstance(self.act_bits, bool) or self.act_bits not in (4, 6, 8):
+            raise ValueError(f"BitfxConfig: act_bits must be 8, 6 or 4 (an int), got {_short(self.act_bits)}")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` with its type, cut to ``limit`` characters."""
+    r = repr(value)
+    r = r if len(r) <= limit else r[: limit - 3] + "..."
+    return f"{r} ({type(value).__name__})"
+
+
+def filter_result(value: Any, fqn: str) -> bool:
+    """What ``filter_fn(module, fqn)`` returned, checked: it must be a bool (``True``: convert,
+    ``False``: keep dense). ``None`` (a function that forgot its ``return``) or a string would
+    otherwise decide by truthiness; a TypeError names the layer instead. numpy's ``bool_`` and
+    0-d bool tensors count as bools."""
+    if isinstance(value, bool):
+        return value
+    if type(value).__name__ == "bool_" or (getattr(value, "dtype", None) is not None and getattr(value, "shape", None) == ()
+                                           and str(value.dtype) in ("torch.bool", "bool")):
+        return bool(value)
+    raise TypeError(
+        f"bitfx: filter_fn(module, {fqn!r}) returned {_short(value)}; it must return True (convert) or False "
+        f"(keep dense)"
+    )
+
+
+def checked_filter_fn(filter_fn: Optional[Callable[[Any, str], Any]]) -> Optional[Callable[[Any, str], bool]]:
+    """``filter_fn`` whose result goes through :func:`filter_result` (None stays None)."""
+    if filter_fn is None:
+        return None
+
+    def checked(module, fqn):
+        return filter_result(filter_fn(module, fqn), fqn)
+
+    checked.__wrapped__ = filter_fn
+    return checked
 
 
 def decide_training(config: Optional["BitfxConfig"], tensors: Iterable[Any]) -> "BitfxConfig":

@@ -9,9 +9,12 @@ in plain data: a person reads ``print(report)``, a program reads ``report.sites`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import inspect
 import itertools
 import logging
+import threading
 import types
 from dataclasses import dataclass, field
 from typing import Optional
@@ -19,7 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from bitfx.config import BitfxConfig, decide_training
+from bitfx.config import BitfxConfig, checked_filter_fn, decide_training
 from bitfx.passes.naming import Naming
 from bitfx.passes.plan import FilterFn, check_filter_fn, graphs_of, plan_sites
 
@@ -159,7 +162,7 @@ class ExplainReport:
             src = {"act": "<input quantized per token>", "inserted": "<inserted norm>"}.get(s.kind)
             lines.append(f"  {src or s.norm_module or '<functional norm>'} -> {linears}{tag}")
             lines.append(f"      {s.norm_kind}")
-            lines += [f"      not converted: {m}: {skipped[m]}" for m in s.linear_modules if m in skipped]
+            lines += [f"      not converted: {_name(m)}: {skipped[m]}" for m in s.linear_modules if m in skipped]
         if self.rejected:
             lines.append("rejected:")
         for r in self.rejected:
@@ -168,7 +171,14 @@ class ExplainReport:
 
 
 def _name(m: Optional[str]) -> str:
-    return m if m is not None else "<functional linear>"
+    return "<functional linear>" if m is None else m or "<the model itself>"
+
+
+# Why quantize leaves a model that is itself one nn.Linear as it is.
+ROOT_LINEAR_REASON = (
+    "the model itself is this nn.Linear: bitfx.quantize swaps layers inside the model in place and cannot replace "
+    "the model object; use bitfx.BitfxLinear.from_linear(model), or put the linear in a module"
+)
 
 
 def example_inputs_for(model: nn.Module, example_inputs: tuple, caller: str, example_kwargs: Optional[dict] = None) -> tuple:
@@ -205,7 +215,9 @@ def capture_graphs(model: nn.Module, example_inputs: tuple, example_kwargs: Opti
                    *, training: bool = False) -> list[tuple[torch.fx.GraphModule, list]]:
     """The torch-level FX graphs Dynamo produces for ``model(*example_inputs, **example_kwargs)``
     (several where the model has graph breaks), each with the inputs it was called with. Traced
-    with grad mode ``training``. No global Dynamo state is reset."""
+    with grad mode ``training``. No global Dynamo state is reset, and the capture leaves no
+    cache entry behind (:func:`_dynamo_leaves_no_entries`): any number of calls keeps the
+    recompile limit of the model's own ``torch.compile`` untouched."""
     graphs: list[tuple[torch.fx.GraphModule, list]] = []
 
     def capture(gm: torch.fx.GraphModule, inputs):
@@ -213,12 +225,52 @@ def capture_graphs(model: nn.Module, example_inputs: tuple, example_kwargs: Opti
         return gm.forward
 
     try:
-        with torch.set_grad_enabled(training):
-            torch.compile(_fresh_caller(model), backend=capture, fullgraph=False)(*example_inputs, **(example_kwargs or {}))
+        with torch.set_grad_enabled(training), _dynamo_leaves_no_entries():
+            compiled = torch.compile(_fresh_caller(model), backend=capture, fullgraph=False, **_compile_options())
+            compiled(*example_inputs, **(example_kwargs or {}))
         return list(graphs)
     finally:
         # Dynamo may keep the backend (and so this closure) alive: hold no tensor in it.
         graphs.clear()
+
+
+@contextlib.contextmanager
+def _dynamo_leaves_no_entries():
+    """Remove the cache entries Dynamo adds to code objects while the block runs (in this thread).
+
+    A graph break inside the model makes Dynamo compile the model's own functions (its
+    ``forward``, every function on the way to the break, and their resume functions), whose
+    code objects every instance and every later ``torch.compile`` share: each capture would
+    add an entry there, and eight of them reach Dynamo's recompile limit, after which the
+    model's class runs uncompiled. Dynamo reports every code object it compiles to its
+    bytecode hooks; once the block is over, each one that held no cache entry before it is
+    reset (``reset_code``: as if never compiled). One that did (the model was compiled before)
+    keeps the capture's entries, since Dynamo cannot drop single entries (an invalidated one
+    still counts): torch versions with ``torch.compile(isolate_recompiles=True)`` keep them
+    apart (:func:`_compile_options`), so that the model's own compile does not count them."""
+    from torch._dynamo import convert_frame, eval_frame
+
+    thread = threading.get_ident()
+    fresh: dict[types.CodeType, bool] = {}  # code object -> held no entry before the block
+
+    def record(code, new_code):
+        if threading.get_ident() == thread and code not in fresh:
+            fresh[code] = not eval_frame._debug_get_cache_entry_list(code)
+        return None
+
+    handle = convert_frame.register_bytecode_hook(record)
+    try:
+        yield
+    finally:
+        handle.remove()
+        for code, was_fresh in fresh.items():
+            if was_fresh:
+                torch._C._dynamo.eval_frame.reset_code(code)
+
+
+def _compile_options() -> dict:
+    """``torch.compile`` keywords for the capture: its own recompile region where torch has them."""
+    return {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
 
 
 def _check_integer_input(r, naming: Naming) -> None:
@@ -254,7 +306,8 @@ def explain(model: nn.Module, *example_inputs, config: Optional[BitfxConfig] = N
     ``config.training`` says). Without example inputs a Hugging Face model gets a small batch
     of token ids.
     """
-    filter_fn = check_filter_fn(filter_fn)
+    # filter_fn must return a bool: its result is checked, naming the layer (not taken by truthiness).
+    filter_fn = checked_filter_fn(check_filter_fn(filter_fn))
     # What the backend would decide for a call now (its inputs are the model's parameters and these).
     config = decide_training(config, [*model.parameters(), *example_inputs, *example_kwargs.values()])
     training = bool(config.training)
@@ -267,15 +320,19 @@ def explain(model: nn.Module, *example_inputs, config: Optional[BitfxConfig] = N
         for g in graphs_of(gm, naming):
             plan = plan_sites(g, config, filter_fn, naming)
             for d in plan.decisions:
-                info = LinearInfo(d.name, d.node.name, d.convert, d.quantize, d.reason, d.replace_reason,
+                replace_reason = d.replace_reason
+                if d.name == "" and d.module is model and isinstance(model, nn.Linear) and replace_reason:
+                    replace_reason = ROOT_LINEAR_REASON  # not "a functional linear": the root module
+                quantized = d.convert and replace_reason is None
+                info = LinearInfo(d.name, d.node.name, d.convert, quantized, d.reason, replace_reason,
                                   d.site is not None or d.bare)
                 key = (info.module or info.node, info.converted, info.reason)
                 if key not in seen_linears:
                     seen_linears.add(key)
                     report.decisions.append(info)
-                if d.convert and d.replace_reason and d.name is not None and d.name not in seen_skipped:
+                if d.convert and replace_reason and d.name is not None and d.name not in seen_skipped:
                     seen_skipped.add(d.name)
-                    report.skipped.append(SkippedLinear(d.name, d.replace_reason))
+                    report.skipped.append(SkippedLinear(d.name, replace_reason))
             for s in plan.sites:
                 spec = s.norm
                 info = SiteInfo(

@@ -11,6 +11,12 @@ transformers (``transformers.integrations.bitnet``) stores a ternary linear in o
   ``W ~= t * weight_scale``, bitfx's ``w_scale`` is its reciprocal and its bias is
   ``b * weight_scale``.
 
+Either may hold an RMSNorm of its own (``use_rms_norm=True``: transformers' ``LlamaRMSNorm``
+with ``rms_norm_eps``, applied to the input before the activation quantization, in online and
+offline mode alike): such a layer becomes a :class:`BitfxNormLinear`, its RMSNorm (the same
+module) followed by the ``BitfxLinear``, which the backend fuses into one ``norm_quant`` +
+``ternary_matmul`` as it does any RMSNorm -> Linear site.
+
 :func:`from_transformers` reads either into :class:`~bitfx.modules.BitfxLinear` (bitfx's own
 layout, :mod:`bitfx.layout`), :func:`to_transformers` writes a ``BitfxLinear`` back as
 a ``BitLinear`` (its format holds one scale per tensor), and :func:`convert_transformers_bitnet`
@@ -19,13 +25,15 @@ a ``BitLinear`` (its format holds one scale per tensor), and :func:`convert_tran
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
 from bitfx.modules import BitfxLinear
 
 __all__ = [
-    "pack_hf", "unpack_hf", "from_transformers", "to_transformers",
+    "pack_hf", "unpack_hf", "from_transformers", "to_transformers", "BitfxNormLinear",
     "convert_transformers_bitnet", "export_transformers_bitnet",
 ]
 
@@ -66,10 +74,42 @@ def _is(module: nn.Module, name: str) -> bool:
     return type(module).__name__ == name and type(module).__module__.startswith("transformers.")
 
 
-def from_transformers(module: nn.Module) -> BitfxLinear:
+class BitfxNormLinear(nn.Module):
+    """``linear(rms_norm(x))``: a transformers BitNet layer built with ``use_rms_norm=True``,
+    converted. ``rms_norm`` is the layer's own RMSNorm module (its weight, eps and casts), kept
+    as it is; ``linear`` the :class:`BitfxLinear`. The state_dict holds ``rms_norm.*`` as
+    transformers' layer does, and ``linear.*``."""
+
+    def __init__(self, rms_norm: nn.Module, linear: BitfxLinear) -> None:
+        super().__init__()
+        if not isinstance(linear, BitfxLinear):
+            raise TypeError(f"BitfxNormLinear: linear must be a BitfxLinear, got {type(linear).__name__}")
+        self.rms_norm = rms_norm
+        self.linear = linear
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(self.rms_norm(x))
+
+
+def from_transformers(module: nn.Module) -> nn.Module:
     """A transformers ``BitLinear``, or an offline ``AutoBitLinear``, as a :class:`BitfxLinear`
-    with the same numbers (an online ``AutoBitLinear`` holds float weights: use
-    :func:`bitfx.quantize` or the backend on it)."""
+    with the same numbers, or, when it holds an RMSNorm (``use_rms_norm=True``), as a
+    :class:`BitfxNormLinear` (that RMSNorm, then the ``BitfxLinear``). An online
+    ``AutoBitLinear`` holds float weights: use :func:`bitfx.quantize` or the backend on it."""
+    linear = _ternary_from_transformers(module)
+    norm = getattr(module, "rms_norm", None)
+    return linear if norm is None else BitfxNormLinear(norm, linear)
+
+
+def _ternary_from_transformers(module: nn.Module) -> BitfxLinear:
     bias = getattr(module, "bias", None)
     bias = None if bias is None else bias.detach()
     if _is(module, "BitLinear"):
@@ -95,12 +135,21 @@ def from_transformers(module: nn.Module) -> BitfxLinear:
     raise TypeError(f"from_transformers: expected transformers' BitLinear or AutoBitLinear, got {type(module).__name__}")
 
 
-def to_transformers(layer: BitfxLinear, dtype: torch.dtype | None = None) -> nn.Module:
-    """``layer`` as transformers' ``BitLinear`` (packed along the output dimension, one weight
-    scale). A per-channel ``layer`` (scales that differ) has no such form: ValueError."""
+def to_transformers(layer: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """``layer`` (a :class:`BitfxLinear`, or a :class:`BitfxNormLinear`, whose RMSNorm the result
+    holds as ``rms_norm``) as transformers' ``BitLinear`` (packed along the output dimension,
+    one weight scale). A per-channel ``layer`` (scales that differ) has no such form: ValueError."""
     from transformers.integrations.bitnet import BitLinear
 
     from bitfx.reference import unpack_ternary
+
+    if isinstance(layer, BitfxNormLinear):
+        out = to_transformers(layer.linear, dtype)
+        norm = copy.deepcopy(layer.rms_norm)  # its weight, eps and casts, as the layer had them
+        out.rms_norm = norm if dtype is None else norm.to(dtype)
+        return out
+    if not isinstance(layer, BitfxLinear):
+        raise TypeError(f"to_transformers: expected a BitfxLinear or BitfxNormLinear, got {type(layer).__name__}")
 
     s = layer.w_scale
     if not bool((s == s[0]).all()):
@@ -120,22 +169,44 @@ def to_transformers(layer: BitfxLinear, dtype: torch.dtype | None = None) -> nn.
     return out
 
 
-def _swap(model: nn.Module, pick, make) -> list[str]:
+def _swap(model: nn.Module, pick, make, caller: str) -> list[str]:
+    """Build every replacement first, then swap: a layer that cannot convert raises (naming it
+    and every other such layer) with the model unchanged."""
     names = [n for n, m in model.named_modules() if n and pick(m)]
+    made: dict[str, nn.Module] = {}
+    problems: list[str] = []
     for name in names:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, make(model.get_submodule(name)))
+        try:
+            made[name] = make(model.get_submodule(name))
+        except (ValueError, TypeError) as e:
+            problems.append(f"{name}: {e}")
+    if problems:
+        more = f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else ""
+        raise ValueError(f"{caller}: {len(problems)} of {len(names)} layers cannot be converted; the model is "
+                         f"unchanged:\n  " + "\n  ".join(problems[:8]) + more)
+    for name, new in made.items():
+        _set(model, name, new)
     return names
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def convert_transformers_bitnet(model: nn.Module) -> list[str]:
     """Swap every transformers ``BitLinear`` / offline ``AutoBitLinear`` of ``model`` for a
-    :class:`BitfxLinear`, in place; returns their names."""
+    :class:`BitfxLinear`, in place; returns their names. Every layer is converted before any is
+    swapped: one that cannot be raises a ValueError naming it, and the model is unchanged."""
     return _swap(model, lambda m: _is(m, "BitLinear") or (_is(m, "AutoBitLinear") and not m.online_quant),
-                 from_transformers)
+                 from_transformers, "convert_transformers_bitnet")
 
 
 def export_transformers_bitnet(model: nn.Module, dtype: torch.dtype | None = None) -> list[str]:
     """Swap every :class:`BitfxLinear` of ``model`` for transformers' ``BitLinear``, in place;
-    returns their names."""
-    return _swap(model, lambda m: isinstance(m, BitfxLinear), lambda m: to_transformers(m, dtype))
+    returns their names. Every layer is converted before any is swapped: one that cannot be
+    (per-channel scales, ``out_features`` not a multiple of 4) raises a ValueError naming it, and
+    the model is unchanged."""
+    wrapped = {id(m.linear) for m in model.modules() if isinstance(m, BitfxNormLinear)}
+    return _swap(model, lambda m: isinstance(m, BitfxNormLinear) or (isinstance(m, BitfxLinear) and id(m) not in wrapped),
+                 lambda m: to_transformers(m, dtype), "export_transformers_bitnet")

@@ -170,6 +170,8 @@ class BitfxLinear(nn.Module):
                 f"BitfxLinear: input has {x.shape[-1]} features (last dimension), expected {self.in_features}"
             )
         bias = self.bias
+        if (self.packed.is_meta or self.w_scale.is_meta or (bias is not None and bias.is_meta)) and not x.is_meta:
+            self._raise_unloaded()
         # Several terms: one matmul over the stacked [terms * N] rows (one pass over the
         # activations), in fp32, then the terms summed and the bias added.
         out_dtype = x.dtype if self.terms == 1 else torch.float32
@@ -192,6 +194,15 @@ class BitfxLinear(nn.Module):
         if bias is not None:
             out = out + bias.float()
         return out.to(x.dtype)
+
+    def _raise_unloaded(self):
+        missing = [n for n in ("packed", "w_scale", "bias") if getattr(self, n) is not None and getattr(self, n).is_meta]
+        name = getattr(self, "_loaded_as", None)
+        raise RuntimeError(
+            f"BitfxLinear{f' {name!r}' if name else ''} (in_features={self.in_features}, "
+            f"out_features={self.out_features}) has no data for {', '.join(missing)} (still on the meta device): the "
+            f"checkpoint loaded with bitfx.load(..., strict=False) did not hold them; load them before running it"
+        )
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The weight this layer multiplies by, ``sum_i t_i / w_scale_i``, as a dense ``[N, K]`` matrix."""

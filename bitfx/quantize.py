@@ -64,7 +64,7 @@ class QuantizeReport:
             f"(packed {_bytes(self.packed_bytes)} + scales {_bytes(self.scale_bytes)}): "
             f"saved {_bytes(self.saved_bytes)}{ratio}",
         ]
-        lines += [f"  not converted: {s.module}: {s.reason}" for s in self.skipped]
+        lines += [f"  not converted: {s.module or '<the model itself>'}: {s.reason}" for s in self.skipped]
         return "\n".join(lines)
 
 
@@ -75,7 +75,17 @@ def _bytes(n: int) -> str:
     return f"{n} B"
 
 
+# The hooks a call of the module runs: the backend traces them with the linear, so the swapped
+# module keeps them (the dicts themselves move, so the user's RemovableHandles still remove them).
+_CALL_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    old = model.get_submodule(name)
+    for attr in _CALL_HOOKS:
+        if hasattr(old, attr):
+            setattr(new, attr, getattr(old, attr))
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -96,7 +106,9 @@ def quantize(
     layer out when it returns False. The layers converted are those ``bitfx.explain`` reports
     (the same decision as the backend's), less those it cannot swap for a module. Linear layers whose weight is tied to another
     (an ``lm_head`` tied to the embeddings) are left alone. The float weights of converted
-    layers are released. The report (:class:`QuantizeReport`: layers, skipped layers and why,
+    layers are released. A replaced layer's forward (pre-)hooks, with their kwargs and always-call
+    flags, and its backward hooks move to its :class:`BitfxLinear` (the backend traces them too, and
+    the handles that registered them still remove them). The report (:class:`QuantizeReport`: layers, skipped layers and why,
     bytes saved) is stored on ``model.bitfx_report`` and logged to the ``bitfx`` logger.
     """
     config = dataclasses.replace(config or BitfxConfig(), training=False)  # converts for inference

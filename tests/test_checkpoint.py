@@ -184,3 +184,41 @@ def test_round_trip_on_cuda(tmp_path):
     skeleton.cuda()  # the non-persistent buffers (rotary frequencies) follow
     assert all(t.is_cuda for t in skeleton.state_dict().values())
     assert torch.equal(_logits(skeleton, ids.cuda()), _logits(model, ids.cuda()))
+
+
+def test_a_float_tensor_in_another_float_dtype_is_refused(saved, tmp_path):
+    with safe_open(str(saved), framework="pt") as f:
+        norm = f.get_tensor("norm.weight")
+        bias = f.get_tensor("up.bias")
+    _refused(_rewrite(saved, tmp_path / "d.safetensors", tensors={"norm.weight": norm.to(torch.bfloat16)}),
+             r"norm\.weight: dtype bfloat16 in the checkpoint, float32 in the model")
+    _refused(_rewrite(saved, tmp_path / "b.safetensors", tensors={"up.bias": bias.double()}),
+             r"up\.bias: dtype float64 in the checkpoint, float32 in the model")
+    # a skeleton built in another dtype than the one saved
+    _refused(saved, r"norm\.weight: dtype float32 in the checkpoint, bfloat16 in the model",
+             skeleton=_Net().to(torch.bfloat16))
+
+
+def test_save_and_load_see_through_torch_compile(tmp_path):
+    torch.manual_seed(0)
+    model, x = _Net(), torch.randn(2, 5, 64)
+    with torch.no_grad():
+        bitfx.quantize(model, x)
+        want = model(x)
+    compiled = torch.compile(model, backend="bitfx")
+    path = tmp_path / "c.safetensors"
+    bitfx.save(compiled, path)
+    with safe_open(str(path), framework="pt") as f:
+        assert not [k for k in f.keys() if k.startswith("_orig_mod")]
+        assert "up" in json.loads(f.metadata()["ternary"])
+    with torch.device("meta"):
+        plain = _Net()
+    assert bitfx.load(plain, path) is plain  # saved compiled, loaded plain
+    with torch.no_grad():
+        assert torch.equal(plain(x), want)
+    with torch.device("meta"):
+        wrapped = torch.compile(_Net(), backend="bitfx")
+    assert bitfx.load(wrapped, path) is wrapped  # and into a compiled skeleton
+    assert isinstance(wrapped._orig_mod.up, bitfx.BitfxLinear)
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        assert torch.equal(wrapped(x), want)

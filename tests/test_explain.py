@@ -134,3 +134,72 @@ def test_graph_breaks_and_plain_modules():
     assert [(s.norm_module, s.linear_modules) for s in report.sites] == [("norm1", ("fc1",)), ("norm2", ("fc2",))]
     with pytest.raises(ValueError, match=r"needs example inputs: call bitfx.explain\(model, \*example_inputs\)"):
         explain(model)
+
+
+class _Broken(nn.Module):
+    """RMSNorm -> Linear, a graph break, RMSNorm -> Linear: Dynamo compiles ``forward`` itself
+    (and its resume function), whose code object every instance shares."""
+
+    def __init__(self, K=32):
+        super().__init__()
+        self.n1, self.l1, self.n2, self.l2 = nn.RMSNorm(K), nn.Linear(K, K), nn.RMSNorm(K), nn.Linear(K, K)
+
+    def forward(self, x):
+        x = self.l1(self.n1(x))
+        torch._dynamo.graph_break()
+        return self.l2(self.n2(x))
+
+
+def _entries(fn) -> int:
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return len(_debug_get_cache_entry_list(fn.__code__))
+
+
+def test_repeated_explain_and_quantize_through_a_graph_break_leave_compile_working():
+    """Each capture used to leave a cache entry on ``_Broken.forward``: the 9th call met
+    Dynamo's recompile limit, and explain (and the backend, for every instance) converted
+    nothing from then on."""
+    import copy
+
+    from bitfx.quantize import quantize
+    from tests.test_backend import op_counts, recording_backend
+
+    torch.manual_seed(0)
+    model, x = _Broken(), torch.randn(2, 32)
+    assert _entries(_Broken.forward) == 0
+    counts = [len(explain(model, x).converted) for _ in range(12)]
+    for _ in range(3):
+        with torch.no_grad():
+            q = quantize(copy.deepcopy(model), x)
+        assert sorted(q.bitfx_report.converted) == ["l1", "l2"]
+    assert counts == [2] * 12
+    assert _entries(_Broken.forward) == 0  # nothing left for the user's compile to count
+    backend, graphs = recording_backend()
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(x)
+    assert sum(op_counts(g)["ternary_matmul"] for g in graphs) == 2  # the user's compile still converts both
+
+
+@pytest.mark.skipif("isolate_recompiles" not in __import__("inspect").signature(torch.compile).parameters,
+                    reason="this torch keeps no separate recompile regions")
+def test_repeated_explain_of_a_compiled_model_leaves_its_compile_working():
+    from torch._dynamo.eval_frame import _get_cache_entries_for_region
+
+    from tests.test_backend import op_counts, recording_backend
+
+    torch.manual_seed(0)
+    model, x = _Broken(), torch.randn(2, 32)
+    backend, graphs = recording_backend()
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        compiled(x)
+    own = len(_get_cache_entries_for_region(_Broken.forward.__code__, -1))
+    counts = [len(explain(model, x).converted) for _ in range(12)]
+    assert counts == [2] * 12
+    assert len(_get_cache_entries_for_region(_Broken.forward.__code__, -1)) == own  # the captures' are apart
+    graphs.clear()
+    with torch.no_grad():
+        for n in range(3, 6):  # new shapes: recompiles, within the limit
+            compiled(torch.randn(n, 7, 32))
+    assert graphs and all(op_counts(g)["ternary_matmul"] == 1 for g in graphs)
