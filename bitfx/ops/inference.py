@@ -137,12 +137,14 @@ def check_matmul_args(op, q, x_scale, packed, w_scale, bias, out_dtype, in_featu
     check_same_device(op, q, x_scale, packed, w_scale, bias)
 
 
-def matmul_guard(q: Tensor, packed: Tensor, w_scale: Tensor, in_features: int) -> bool:
+def matmul_guard(q: Tensor, x_scale: Tensor, packed: Tensor, w_scale: Tensor, out_dtype: torch.dtype,
+                 in_features: int) -> bool:
     """The cheap per-call guard of a ternary matmul on CUDA: codes int8 of ``in_features``
-    features, a packed uint8 ``[N, packed_k(K)]`` weight, its fp32 ``[N]`` scale."""
-    return (q.dtype == torch.int8 and q.dim() >= 1 and q.shape[-1] == in_features and packed.dtype == torch.uint8
-            and packed.dim() == 2 and packed.shape[1] == packed_k(in_features) and w_scale.dtype == torch.float32
-            and w_scale.shape == packed.shape[:1])
+    features with fp32 scales, a packed uint8 ``[N, packed_k(K)]`` weight, its fp32 ``[N]``
+    scale, a float output dtype."""
+    return (q.dtype == torch.int8 and q.dim() >= 1 and q.shape[-1] == in_features and x_scale.dtype == torch.float32
+            and packed.dtype == torch.uint8 and packed.dim() == 2 and packed.shape[1] == packed_k(in_features)
+            and w_scale.dtype == torch.float32 and w_scale.shape == packed.shape[:1] and out_dtype in FLOAT_DTYPES)
 
 
 @register("ternary_matmul", "reference")
@@ -155,7 +157,7 @@ def _(q, x_scale, packed, w_scale, bias, out_dtype, in_features):
 
 @register("ternary_matmul", "cuda")
 def _(q, x_scale, packed, w_scale, bias, out_dtype, in_features):
-    if not matmul_guard(q, packed, w_scale, in_features):
+    if not matmul_guard(q, x_scale, packed, w_scale, out_dtype, in_features):
         check_matmul_args("ternary_matmul", q, x_scale, packed, w_scale, bias, out_dtype, in_features)
     out = kernels("ternary_matmul").ternary_matmul(rows(q), x_scale.reshape(-1), packed, w_scale, bias, out_dtype)
     return out.view(*q.shape[:-1], packed.shape[0])
