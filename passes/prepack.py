@@ -331,30 +331,11 @@ def prepack(gm: fx.GraphModule, example_inputs: list, naming: Naming
     take out) and the :class:`Prepacked` whose :meth:`~Prepacked.guard` supplies the operands
     (or None); ``example_inputs`` is extended by their examples (fake tensors of the graph's
     mode, static shapes), for the compiler."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    index = {n: i for i, n in enumerate(placeholders)}
-
-    def source(n: fx.Node) -> Optional[torch.Tensor]:
-        """The model tensor ``n`` stands for (a weight), else None."""
-        if n.op == "get_attr":
-            t = getattr(gm, str(n.target), None)
-            return t if isinstance(t, torch.Tensor) else None
-        if n.op == "placeholder" and index[n] < len(example_inputs):
-            t = example_inputs[index[n]]
-            if is_weight(t, n) or (isinstance(t, torch.Tensor) and naming.param_names(n)):
-                return t
-        return None
-
     if not any(n.op == "call_function" and n.target is _ops.ternary_matmul.default
                for g in graphs_of(gm) for n in g.graph.nodes):
         return gm, None
-    # the same search on the copy: its nodes stand for the original's, one for one
-    originals = list(gm.graph.nodes)
     gm = _own_copy(gm)
-    mirror = dict(zip(gm.graph.nodes, originals))
     graph = gm.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    index = {n: index[mirror[n]] for n in placeholders}
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     index = {n: i for i, n in enumerate(placeholders)}
 

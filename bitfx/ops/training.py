@@ -19,7 +19,7 @@ from torch import Tensor
 
 from bitfx import reference as ref
 from bitfx.layout import CODE_OFFSET, PLANES, SCALE_FLOOR, packed_k
-from bitfx.ops import fp8
+import bitfx.ops.fp8 as fp8
 from bitfx.ops.inference import cuda_front, ref_front
 from bitfx.ops.library import (bias_list, check_float_dtype, check_in_features, check_linear_weight, check_norm_args,
                                check_normalize, check_packed_weight, check_same_device, kernels, register,
