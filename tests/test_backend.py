@@ -283,3 +283,19 @@ def test_bitfx_log_env(monkeypatch):
     finally:
         log.handlers[:] = old_handlers
         log.setLevel(old_level)
+
+
+def test_training_false_on_a_graph_traced_for_gradients_is_refused():
+    """The inference ops pass no gradient: training=False for a call in grad mode with parameters
+    requiring grad would leave every weight without one after backward(). Refused, naming it."""
+    torch.manual_seed(0)
+    norm, lin = nn.RMSNorm(32), nn.Linear(32, 16)
+
+    def fn(x):
+        return lin(norm(x))
+
+    compiled = torch.compile(fn, backend="bitfx", options={"training": False})
+    with pytest.raises(Exception, match="training=False"):
+        compiled(torch.randn(3, 32)).sum().backward()
+    with torch.no_grad():  # inference, as the option says: fine
+        assert compiled(torch.randn(3, 32)).shape == (3, 16)
