@@ -1,0 +1,29 @@
+"""A checkout's ``kernels/`` directory is ``bitfx.kernels``; run from the checkout's root
+(``python -m``, pytest put the root on sys.path), a top-level ``import kernels`` must reach the
+installed package of that name (transformers imports Hugging Face's ``kernels``), or fail
+with a message naming the clash, never return bitfx's kernels."""
+
+from __future__ import annotations
+
+import importlib.machinery
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_top_level_kernels_is_not_bitfx():
+    code = "import kernels, bitfx.kernels; print(kernels.__file__); print(bitfx.kernels.__name__)"
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    own = os.path.join(ROOT, "kernels")
+    elsewhere = [p for p in sys.path if p and os.path.abspath(p) != ROOT]
+    installed = importlib.machinery.PathFinder.find_spec("kernels", elsewhere) is not None
+    if installed:
+        assert run.returncode == 0, run.stderr
+        first, second = run.stdout.split()
+        assert not os.path.abspath(first).startswith(own + os.sep)
+        assert second == "bitfx.kernels"
+    else:
+        assert run.returncode != 0
+        assert "bitfx's own kernels" in run.stderr and "bitfx.kernels" in run.stderr
