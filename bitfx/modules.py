@@ -22,10 +22,41 @@ import torch
 from torch import Tensor, nn
 
 from bitfx import ops  # noqa: F401  (registers torch.ops.bitfx.*)
-from bitfx.layout import FORMAT, check_packed_shape, packed_k
+from bitfx.layout import FLOAT_DTYPES, FORMAT, check_packed_shape, packed_k
 from bitfx.reference import act_qmax, check_ternary_codes, pack_ternary, ternary_terms
 
 __all__ = ["BitfxLinear", "FORMAT_ID"]
+
+def _direct_launch(x: Tensor, packed: Tensor) -> bool:
+    """Whether an eager call may launch the CUDA kernels itself instead of through
+    ``torch.ops.bitfx``: a plain CUDA tensor of a float dtype on the weight's device, nothing
+    tracing or intercepting the call (``torch.compile``, a dispatch mode such as
+    ``FakeTensorMode``, a functorch transform such as ``vmap``), not the Triton interpreter."""
+    return (x.is_cuda and type(x) is Tensor and x.dtype in FLOAT_DTYPES and x.device == packed.device
+            and not torch.compiler.is_compiling() and _no_interception())
+
+
+def _no_interception() -> bool:
+    C = torch._C
+    stack = getattr(C, "_len_torch_dispatch_stack", None)
+    functorch = getattr(C, "_are_functorch_transforms_active", None)
+    if stack is None or functorch is None:
+        return False
+    return stack() == 0 and not functorch()
+
+
+def _launch_direct(x: Tensor, packed: Tensor, w_scale: Tensor, bias: Tensor | None, qmax: int) -> Tensor:
+    """``act_quant`` + ``ternary_matmul`` on CUDA through the kernels' cached launchers: the
+    same kernels and numbers as the ops."""
+    from bitfx.kernels import norm_quant as nq, ternary_matmul as tm
+
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[1] > 1 and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    q, x_scale, _ = nq._launch_quant(x2, None, 0.0, False, False, torch.float32, norm=False, qmax=qmax)
+    out = tm.run(q, x_scale, packed, w_scale, bias, x.dtype)
+    return out.view(*x.shape[:-1], packed.shape[0])
+
 
 # The packed layout's name as a number, so that the tag is a tensor: state_dicts then stay
 # plain tensors (torch.load(weights_only=True), safetensors).
@@ -177,7 +208,12 @@ class BitfxLinear(nn.Module):
         out_dtype = x.dtype if self.terms == 1 else torch.float32
         op_bias = bias if self.terms == 1 else None
         bits = () if self.act_bits == 8 else (self.act_bits,)  # the ops' default: 8
-        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+        if not grad and self.terms == 1 and _direct_launch(x, self.packed):
+            # Eager on CUDA: the op's two kernels launched directly (no dispatcher, no per-call
+            # checks: the buffers were checked when built or loaded, the input above).
+            return _launch_direct(x, self.packed, self.w_scale, bias, act_qmax(self.act_bits))
+        if grad:
             # A gradient must pass through (the packed weight stays frozen): the same two kernels,
             # with a straight-through backward.
             out = torch.ops.bitfx.ternary_linear_group(

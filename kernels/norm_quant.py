@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from bitfx.layout import SCALE_FLOOR
+from bitfx.kernels._launch import Launcher
 from bitfx.kernels._utils import (cdiv, next_pow2, FLOAT_DTYPES, check_device, check_dtype, interpreting,
                                   num_sms, pdl_enabled, rows)
 
@@ -245,41 +246,32 @@ def _norm_quant_kernel(
             tl.store(Q + c, _quantize(y, scale, bad, QMAX), mask=c < K)
 
 
+_NORM_QUANT = Launcher(_norm_quant_kernel)
+
+
 def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm, qmax=127):
     """Allocate ``(q, s_x, rstd)`` on x's device and launch one program per row."""
     M, K = x.shape
     q = torch.empty((M, K), dtype=torch.int8, device=x.device)
     scale = torch.empty((M,), dtype=torch.float32, device=x.device)
-    rstd = torch.empty((M,), dtype=torch.float32, device=x.device)
+    rstd = torch.empty((M,), dtype=torch.float32, device=x.device) if norm else None
     if M == 0:
         return q, scale, rstd
     if K == 0:
         # Empty rows: amax 0, so s_x = 127 / 1e-5 (computed as the reference does); rstd is
         # rsqrt of the mean of nothing, NaN.
         scale.fill_(SCALE_FLOOR).reciprocal_().mul_(float(qmax))
-        rstd.fill_(float("nan"))
+        if rstd is not None:
+            rstd.fill_(float("nan"))
         return q, scale, rstd
     block, one_block = _row_block(K, _MAX_ROW_BLOCK)
-    _norm_quant_kernel[(M,)](
-        x,
-        x if weight is None else weight,
-        q,
-        scale,
-        rstd,
-        x.stride(0),
-        K,
-        float(eps),
-        NORM=norm,
-        HAS_WEIGHT=weight is not None,
-        OFFSET=bool(offset),
-        CAST_BEFORE_WEIGHT=bool(cast_before_weight),
-        X_ROUND=_round_code(x.dtype),
-        Y_ROUND=_round_code(norm_dtype),
-        BLOCK_K=block,
-        ONE_BLOCK=one_block,
-        PDL_TRIGGER=pdl_enabled(x.device),
-        EARLY_G=M < num_sms(x.device),
-        QMAX=int(qmax),
+    _NORM_QUANT(
+        (M,),
+        (x, x if weight is None else weight, q, scale, scale if rstd is None else rstd, x.stride(0), K, float(eps)),
+        dict(NORM=norm, HAS_WEIGHT=weight is not None, OFFSET=bool(offset),
+             CAST_BEFORE_WEIGHT=bool(cast_before_weight), X_ROUND=_round_code(x.dtype),
+             Y_ROUND=_round_code(norm_dtype), BLOCK_K=block, ONE_BLOCK=one_block,
+             PDL_TRIGGER=pdl_enabled(x.device), EARLY_G=M < num_sms(x.device), QMAX=int(qmax)),
         num_warps=_num_warps(block),
         enable_fp_fusion=False,
     )

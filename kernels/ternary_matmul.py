@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from bitfx import layout
+from bitfx.kernels._launch import Launcher
 from bitfx.kernels._utils import cdiv, FLOAT_DTYPES, check_device, check_dtype, interpreting, rows
 # The launch rules (path per M, blocks, splits, measured tiles), re-exported for the benchmarks and tests.
 from bitfx.kernels.matmul_config import (  # noqa: F401
@@ -46,7 +47,7 @@ from bitfx.kernels.matmul_config import (  # noqa: F401
     _tuned_tile,
 )
 
-__all__ = ["ternary_matmul", "ternary_matmul_int32", "DP4A_MAX_M", "GEMV_MAX_M", "SIMT_MAX_M"]
+__all__ = ["ternary_matmul", "ternary_matmul_int32", "run", "DP4A_MAX_M", "GEMV_MAX_M", "SIMT_MAX_M"]
 
 
 @triton.jit
@@ -368,6 +369,10 @@ def _ternary_dp4a_kernel(
                  ws_ptr, lock_ptr + pid_m * tl.num_programs(0) + pid_n, SPLIT_K, FLOAT_OUT, HAS_BIAS)
 
 
+_MATMUL = Launcher(_ternary_matmul_kernel)
+_DP4A = Launcher(_ternary_dp4a_kernel)
+
+
 def _split_k_workspace(out: torch.Tensor, split_k: int, tiles: int, float_out: bool):
     """``(ws, lock)`` for :func:`_finish_tile`: a zeroed int32 workspace and per-tile arrival
     counters when K is split (the int32 output itself is the workspace); unused otherwise."""
@@ -399,14 +404,15 @@ def _launch_dp4a(q, x_scale, packed, w_scale, bias, out, float_out, split_k, con
     w32 = packed.view(torch.int32)
     ws, lock = _split_k_workspace(out, cfg["SPLIT_K"], cfg["tiles_n"] * cfg["tiles_m"], float_out)
     grid = (cfg["tiles_n"], cfg["SPLIT_K"], cfg["tiles_m"])
-    _ternary_dp4a_kernel[grid](
-        q32, x_scale, w32, w_scale, bias, out, ws, lock,
-        M, N, q32.shape[1], Kq // 4, cfg["words_per_split"],
-        q32.stride(0), w32.stride(0), out.stride(0),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_W=cfg["BLOCK_W"], SPLIT_K=cfg["SPLIT_K"],
-        USE_ASM=cfg["USE_ASM"], FLOAT_OUT=float_out, HAS_BIAS=bias is not None,
-        EVEN_W=(Kq // 4) % cfg["BLOCK_W"] == 0, EVEN_K=q32.shape[1] == Kq, STREAM_HINT=cfg["STREAM_HINT"],
-        PDL=cfg["PDL"], PREFETCH=cfg["PREFETCH"],
+    _DP4A(
+        grid,
+        (q32, x_scale, w32, w_scale, bias, out, ws, lock,
+         M, N, q32.shape[1], Kq // 4, cfg["words_per_split"],
+         q32.stride(0), w32.stride(0), out.stride(0)),
+        dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_W=cfg["BLOCK_W"], SPLIT_K=cfg["SPLIT_K"],
+             USE_ASM=cfg["USE_ASM"], FLOAT_OUT=float_out, HAS_BIAS=bias is not None,
+             EVEN_W=(Kq // 4) % cfg["BLOCK_W"] == 0, STREAM_HINT=cfg["STREAM_HINT"], EVEN_K=q32.shape[1] == Kq,
+             PDL=cfg["PDL"], PREFETCH=cfg["PREFETCH"]),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=cfg["PDL"],
     )
     return out
@@ -432,14 +438,27 @@ def _launch(name, q, x_scale, packed, w_scale, bias, out_dtype, float_out, path,
             check_dtype(name, "bias", bias, FLOAT_DTYPES)
             if tuple(bias.shape) != (N,):
                 raise ValueError(f"{name}: bias has shape {tuple(bias.shape)}, expected ({N},)")
-            bias = bias.contiguous()
         if out_dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name}: out_dtype must be one of float32, float16, bfloat16, got {out_dtype}")
+    return run(q, x_scale, packed, w_scale, bias, out_dtype, float_out, path, split_k, config)
+
+
+def run(q, x_scale, packed, w_scale, bias, out_dtype, float_out=True, path=None, split_k=None, config=None):
+    """The launch without the argument checks, for callers that made them (the op's guard,
+    ``BitfxLinear``'s buffers, checked when packed or loaded): ``q`` int8 ``[M, K]`` with a
+    contiguous last dimension, ``packed`` uint8 ``[N, packed_k(K)]`` likewise, fp32 scales
+    ``[M]`` and ``[N]``, a float bias ``[N]`` or None, one device."""
+    M, K = q.shape
+    N, Kq = packed.shape
+    device = q.device
+    if float_out:
         x_scale, w_scale = x_scale.contiguous(), w_scale.contiguous()
+        if bias is not None:
+            bias = bias.contiguous()
     if path is None:
         path = _default_path(M)
     elif path not in _PATHS:
-        raise ValueError(f"{name}: path must be one of {_PATHS} or None, got {path!r}")
+        raise ValueError(f"ternary_matmul: path must be one of {_PATHS} or None, got {path!r}")
 
     out = torch.empty((M, N), dtype=out_dtype, device=device)
     if M == 0 or N == 0:
@@ -452,16 +471,17 @@ def _launch(name, q, x_scale, packed, w_scale, bias, out_dtype, float_out, path,
     cfg = _config(M, N, Kq, device, path, split_k, config, tile)
     ws, lock = _split_k_workspace(out, cfg["SPLIT_K"], cfg["tiles"], float_out)
     grid = (cfg["tiles"], cfg["SPLIT_K"])
-    _ternary_matmul_kernel[grid](
-        q, x_scale, packed, w_scale, bias, out, ws, lock,
-        M, N, K, Kq, cfg["steps_per_split"],
-        q.stride(0), packed.stride(0), out.stride(0),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_KQ=cfg["BLOCK_KQ"],
-        GROUP_M=cfg["GROUP_M"], SPLIT_K=cfg["SPLIT_K"],
-        USE_DOT=cfg["USE_DOT"], OFFSET_TRICK=cfg["OFFSET_TRICK"], USE_ASM=cfg["USE_ASM"],
-        FLOAT_OUT=float_out, HAS_BIAS=bias is not None,
-        EVEN_KQ=Kq % cfg["BLOCK_KQ"] == 0, EVEN_K=K == layout.PLANES * Kq,
-        PDL=cfg["PDL"], PREFETCH=cfg["PREFETCH"],
+    _MATMUL(
+        grid,
+        (q, x_scale, packed, w_scale, bias, out, ws, lock,
+         M, N, K, Kq, cfg["steps_per_split"],
+         q.stride(0), packed.stride(0), out.stride(0)),
+        dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_KQ=cfg["BLOCK_KQ"],
+             GROUP_M=cfg["GROUP_M"], SPLIT_K=cfg["SPLIT_K"],
+             USE_DOT=cfg["USE_DOT"], OFFSET_TRICK=cfg["OFFSET_TRICK"], USE_ASM=cfg["USE_ASM"],
+             FLOAT_OUT=float_out, HAS_BIAS=bias is not None,
+             EVEN_KQ=Kq % cfg["BLOCK_KQ"] == 0, EVEN_K=K == layout.PLANES * Kq,
+             PDL=cfg["PDL"], PREFETCH=cfg["PREFETCH"]),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=cfg["PDL"],
     )
     return out

@@ -137,14 +137,21 @@ def check_matmul_args(op, q, x_scale, packed, w_scale, bias, out_dtype, in_featu
     check_same_device(op, q, x_scale, packed, w_scale, bias)
 
 
-def matmul_guard(q: Tensor, x_scale: Tensor, packed: Tensor, w_scale: Tensor, out_dtype: torch.dtype,
-                 in_features: int) -> bool:
-    """The cheap per-call guard of a ternary matmul on CUDA: codes int8 of ``in_features``
-    features with fp32 scales, a packed uint8 ``[N, packed_k(K)]`` weight, its fp32 ``[N]``
-    scale, a float output dtype."""
+def matmul_guard(q: Tensor, x_scale: Tensor, packed: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+                 out_dtype: torch.dtype, in_features: int) -> bool:
+    """The cheap per-call guard of a ternary matmul on CUDA (shapes, dtypes, devices; no read of
+    device memory): codes int8 of ``in_features`` features with fp32 scales of their leading
+    shape, a packed uint8 ``[N, packed_k(K)]`` weight with contiguous rows, its fp32 ``[N]``
+    scale, a float ``[N]`` bias or None, a float output dtype, one device. When it holds, the
+    kernel is launched without the launcher's own checks."""
+    device = q.device
     return (q.dtype == torch.int8 and q.dim() >= 1 and q.shape[-1] == in_features and x_scale.dtype == torch.float32
-            and packed.dtype == torch.uint8 and packed.dim() == 2 and packed.shape[1] == packed_k(in_features)
-            and w_scale.dtype == torch.float32 and w_scale.shape == packed.shape[:1] and out_dtype in FLOAT_DTYPES)
+            and x_scale.shape == q.shape[:-1] and packed.dtype == torch.uint8 and packed.dim() == 2
+            and packed.shape[1] == packed_k(in_features) and (packed.stride(1) == 1 or packed.shape[1] <= 1)
+            and w_scale.dtype == torch.float32 and w_scale.shape == packed.shape[:1] and out_dtype in FLOAT_DTYPES
+            and x_scale.device == device and packed.device == device and w_scale.device == device
+            and (bias is None or (bias.dtype in FLOAT_DTYPES and bias.shape == packed.shape[:1]
+                                  and bias.device == device)))
 
 
 @register("ternary_matmul", "reference")
@@ -157,9 +164,12 @@ def _(q, x_scale, packed, w_scale, bias, out_dtype, in_features):
 
 @register("ternary_matmul", "cuda")
 def _(q, x_scale, packed, w_scale, bias, out_dtype, in_features):
-    if not matmul_guard(q, x_scale, packed, w_scale, out_dtype, in_features):
+    if not matmul_guard(q, x_scale, packed, w_scale, bias, out_dtype, in_features):
         check_matmul_args("ternary_matmul", q, x_scale, packed, w_scale, bias, out_dtype, in_features)
-    out = kernels("ternary_matmul").ternary_matmul(rows(q), x_scale.reshape(-1), packed, w_scale, bias, out_dtype)
+    q2 = rows(q)
+    if q2.shape[1] > 1 and q2.stride(1) != 1:
+        q2 = q2.contiguous()
+    out = kernels("ternary_matmul").run(q2, x_scale.reshape(-1), packed, w_scale, bias, out_dtype)
     return out.view(*q.shape[:-1], packed.shape[0])
 
 

@@ -85,9 +85,15 @@ def register_autograd(name: str, backward: Callable, setup_context: Callable) ->
     torch.library.register_autograd(f"bitfx::{name}", backward, setup_context=setup_context, lib=LIB)
 
 
+_KERNEL_MODULES: dict = {}
+
+
 def kernels(name: str):
     """``bitfx.kernels.<name>``, imported when a CUDA kernel first runs (Triton stays unimported otherwise)."""
-    return importlib.import_module(f"bitfx.kernels.{name}")
+    module = _KERNEL_MODULES.get(name)
+    if module is None:
+        module = _KERNEL_MODULES[name] = importlib.import_module(f"bitfx.kernels.{name}")
+    return module
 
 
 def rows(t: Tensor) -> Tensor:

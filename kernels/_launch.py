@@ -1,0 +1,91 @@
+"""A cached launcher for the Triton kernels: the compiled kernel is looked up once per
+specialization and then launched directly, without Triton's per-call argument binding.
+
+``kernel[grid](*args, **constexprs)`` binds every argument, computes its specialization and a
+cache key, and checks the kernel's globals on every call: tens of microseconds of host time,
+more than a decode-sized kernel runs on the GPU. :class:`Launcher` keeps the compiled kernel
+per key and launches it through the compiled kernel's own launcher. The key is at least as
+fine as Triton's specialization, so a cached kernel is only reused for arguments Triton would
+have compiled it for:
+
+* a tensor: its dtype and whether its address is 16-byte aligned;
+* an int: whether it equals 1, is divisible by 16, and fits in int32 (Triton's ``i32``/``i64``);
+* a float, bool or None: its type (None and constexprs are part of the code);
+* every constexpr and launch option by value, and the current device.
+
+The first call with a key, and every call while Triton's launch hooks are set (a profiler
+such as proton) or in the interpreter, goes through ``kernel[grid]`` unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bitfx.kernels._utils import interpreting
+
+__all__ = ["Launcher"]
+
+
+def _triton_version() -> tuple[int, ...]:
+    import triton
+
+    out = []
+    for part in triton.__version__.split(".")[:2]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits or 0))
+    return tuple(out)
+
+
+def _arg_key(a):
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    if isinstance(a, bool) or a is None or isinstance(a, float):
+        return type(a)
+    if isinstance(a, int):
+        return (a == 1, a % 16 == 0, -(2 ** 31) <= a < 2 ** 31)
+    raise TypeError(f"bitfx launcher: unsupported kernel argument of type {type(a).__name__}")
+
+
+def _hooks_set() -> bool:
+    from triton import knobs
+
+    runtime = knobs.runtime
+    return runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None
+
+
+class Launcher:
+    """``Launcher(jit_fn)(grid, args, constexprs, **options)``: ``jit_fn[grid](*args, **constexprs,
+    **options)``, with the compiled kernel cached per specialization (module docstring).
+
+    ``args`` are the kernel's leading runtime arguments in order; ``constexprs`` name every
+    remaining parameter. Launches run on the current CUDA stream, as Triton's own do.
+    """
+
+    # Triton 3.3 and newer pass every argument, constexprs included, to the compiled launcher.
+    _direct = _triton_version() >= (3, 3)
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.names = tuple(fn.arg_names)
+        self._kernels: dict = {}
+
+    def __call__(self, grid: tuple, args: tuple, constexprs: dict, **options) -> None:
+        if not self._direct or interpreting() or _hooks_set():
+            self.fn[grid](*args, **constexprs, **options)
+            return
+        key = (tuple(_arg_key(a) for a in args), tuple(constexprs.values()), tuple(options.items()),
+               torch.cuda.current_device())
+        entry = self._kernels.get(key)
+        if entry is None:
+            kernel = self.fn[grid](*args, **constexprs, **options)
+            tail = self.names[len(args):]
+            if set(tail) != set(constexprs):
+                raise TypeError(f"bitfx launcher: {self.fn.__name__} takes {self.names}, got {len(args)} "
+                                f"arguments and constexprs {sorted(constexprs)}")
+            if hasattr(kernel, "run") and hasattr(kernel, "packed_metadata"):
+                self._kernels[key] = (kernel, tuple(constexprs[n] for n in tail))
+            return
+        kernel, tail_values = entry
+        if len(grid) < 3:
+            grid = (*grid, 1, 1)[:3]
+        kernel[grid](*args, *tail_values)
