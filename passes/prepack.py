@@ -161,13 +161,26 @@ class Prepacked:
                 if not any(s is q if isinstance(s, torch.Tensor) else s == q for q in self._positions):
                     self._positions.append(s)
         self.refreshes = 0  # calls that packed some operand again (a weight changed)
-        # The last call's sources (weakly) with their stamps, and its operands (weakly): a call
-        # whose sources are the same, unchanged tensors reuses them without a cache lookup.
-        self._last: Optional[tuple[list, list]] = None
+        inputs = [s for s in self._positions if isinstance(s, int)]
+        self._constants = tuple(s for s in self._positions if not isinstance(s, int))
+        # The sources of a call, as one tuple: the graph inputs picked in C, then the constants.
+        self._pick_inputs = (operator.itemgetter(*inputs) if len(inputs) > 1
+                             else (lambda args: (args[inputs[0]],)) if inputs else (lambda args: ()))
+        # The last call's sources (their version counters and data pointers, weakly the tensors)
+        # and its operands (weakly): a call whose sources hold the same memory, unchanged, reuses
+        # them without a cache lookup. A source's death clears the record (weakref callbacks),
+        # so while it stands no other storage can sit at a recorded address.
+        self._last: Optional[tuple] = None
 
     @staticmethod
     def _pick(args, s: Source) -> torch.Tensor:
         return args[s] if isinstance(s, int) else s
+
+    def _sources(self, args) -> tuple:
+        return self._pick_inputs(args) + self._constants
+
+    def _forget(self, _ref=None) -> None:
+        self._last = None
 
     def resolve(self, args) -> list[torch.Tensor]:
         """The operands for a call with graph inputs ``args``, packed where needed."""
@@ -184,9 +197,13 @@ class Prepacked:
         if packed_now:
             self.refreshes += 1
             log.info("packed %d weight operand(s) from the weights of this call", len(values))
+        self._last = None
         try:
-            seen = [(weakref.ref(t), _stamp(t)) for t in (pick(args, s) for s in self._positions)]
-            self._last = (seen, [weakref.ref(v) for v in values])
+            ts = self._sources(args)
+            forget = self._forget
+            record = ([t._version for t in ts], [t.data_ptr() for t in ts],
+                      [weakref.ref(t, forget) for t in ts], [weakref.ref(v, forget) for v in values])
+            self._last = record
         except RuntimeError:  # inference tensors keep no version counter: resolve every call
             self._last = None
         return values
@@ -196,13 +213,11 @@ class Prepacked:
         last = self._last
         if last is None:
             return None
-        seen, refs = last
-        pick = self._pick
+        versions, ptrs, _, refs = last
+        ts = self._sources(args)
         try:
-            for (r, stamp), s in zip(seen, self._positions):
-                t = pick(args, s)
-                if r() is not t or _stamp(t) != stamp:
-                    return None
+            if [t._version for t in ts] != versions or [t.data_ptr() for t in ts] != ptrs:
+                return None
         except RuntimeError:  # an inference tensor now
             return None
         values = [r() for r in refs]

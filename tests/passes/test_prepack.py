@@ -173,7 +173,18 @@ def _compile_style(style: str, model):
             for layer in model.model.layers:
                 h = torch.utils.checkpoint.checkpoint(layer, h, position_embeddings=emb, use_reentrant=False)
             return model.lm_head(model.model.norm(h))
-        return torch.compile(step, backend="bitfx")
+        compiled = torch.compile(step, backend="bitfx")
+        # Newer transformers route layers through Hugging Face's `kernels` package, whose forward
+        # sets a context variable: a side effect that Dynamo refuses inside a checkpoint unless
+        # told it need not be replayed in the backward (there is no backward here).
+        flag = "skip_fwd_side_effects_in_bwd_under_checkpoint"
+        if not hasattr(torch._dynamo.config, flag):
+            return compiled
+
+        def run(ids):
+            with torch._dynamo.config.patch(**{flag: True}):
+                return compiled(ids)
+        return run
     raise ValueError(style)
 
 
