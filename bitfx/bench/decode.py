@@ -194,6 +194,21 @@ def measure_generate(model: torch.nn.Module, prompt: torch.Tensor, backend: str,
     return out
 
 
+def measure_eager_generate(model: torch.nn.Module, prompt: torch.Tensor, *, cuda: bool, new_tokens: int) -> dict:
+    """tokens/s of greedy ``generate`` as a user runs it without compiling: the default cache,
+    no compile config (and generate's automatic compile turned off); one warm-up call."""
+    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+              do_sample=False, pad_token_id=0, disable_compile=True)
+    model.generate(prompt, **kw)
+    sync(cuda)
+    t0 = time.perf_counter()
+    ids = model.generate(prompt, **kw)
+    sync(cuda)
+    seconds = time.perf_counter() - t0
+    new = ids.shape[1] - prompt.shape[1]
+    return {"tok_s": new / seconds, "new_tokens": new, "seconds": seconds}
+
+
 def forget_generate_state(model: torch.nn.Module) -> None:
     """Drop what generate keeps on the model between calls (its compiled forward and cache)."""
     for attr in ("_compiled_call", "_last_compile_config", "_cache"):

@@ -65,7 +65,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from bitfx.bench import report
-from bitfx.bench.decode import (CACHE_LEN, PROMPT_LEN, Decode, forget_generate_state, measure_generate,
+from bitfx.bench.decode import (CACHE_LEN, PROMPT_LEN, Decode, forget_generate_state, measure_eager_generate,
+                                measure_generate,
                                 profile_decode, time_decode)
 from bitfx.bench.model_shapes import build_model, make_config
 
@@ -281,6 +282,18 @@ def measure_method(model: torch.nn.Module, method: str, args, cuda: bool, dtype:
             _error(row, "generate", e)
         forget_generate_state(model)
         _free(cuda)
+    if (prompt is not None and generate and not args.no_generate and method != "bitfx"
+            and _in_time(args, row, "generate_eager")):
+        # Eager: the dense model, or the model bitfx.quantize converted (the backend alone
+        # changes nothing without a compile).
+        try:
+            g = measure_eager_generate(model, prompt, cuda=cuda, new_tokens=args.new_tokens)
+            row.update(eager_generate_tok_s=g["tok_s"])
+            _say(row, f"eager generate {g['tok_s']:.1f} tok/s ({g['new_tokens']} tokens in {g['seconds']:.3f} s)")
+        except Exception as e:  # noqa: BLE001
+            _error(row, "generate_eager", e)
+        forget_generate_state(model)
+        _free(cuda)
     return row, logits
 
 
@@ -353,7 +366,7 @@ def render(results: dict) -> str:
     speed-up (bf16 ms / ms), generate as throughput ratio (tok/s / bf16 tok/s)."""
     head = ["model", "method", "linears converted", "decode ms (CUDA graphs)", "vs bf16", "synced ms", "vs bf16",
             "decode ms (default mode)", "vs bf16", "kernels/step", "GPU µs/step", "host µs/op", "MB read/token", "floor ms", "share of floor",
-            "generate tok/s", "vs bf16"]
+            "generate tok/s", "vs bf16", "eager generate tok/s", "vs bf16"]
     lines = []
     if results.get("header"):
         lines += [results["header"], ""]
@@ -380,6 +393,8 @@ def render(results: dict) -> str:
             "—" if nbytes is None else f"{nbytes / 1e6:.1f}", report.fmt(r.get("floor_ms"), ".3f"),
             "—" if share is None else f"{100 * share:.0f}%",
             report.fmt(t, ".1f"), report.times(t, b.get("generate_tok_s")),
+            report.fmt(r.get("eager_generate_tok_s"), ".1f"),
+            report.times(r.get("eager_generate_tok_s"), b.get("eager_generate_tok_s")),
         ]
         lines.append(report.md_row(cells))
     lines += [
@@ -392,7 +407,8 @@ def render(results: dict) -> str:
         f"(packed 2-bit + fp32 row scales for converted linears). Floor: MB / {BANDWIDTH / 1e12:.1f} TB/s; share of "
         "floor against the CUDA-graph decode time (default mode where absent). generate: greedy, static cache, "
         f"compiled by generate with mode={results.get('settings', {}).get('generate_mode', 'reduce-overhead')}, "
-        "whole call timed (prefill included).",
+        "whole call timed (prefill included). Eager generate: greedy, the default cache, no compile (generate's "
+        "automatic compile off): the dense bf16 model, or the model after bitfx.quantize.",
     ]
     errors = [(r["model"], r["method"], k, v) for r in rows for k, v in r.get("errors", {}).items()]
     if errors:

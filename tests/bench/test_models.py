@@ -25,11 +25,12 @@ def test_render_ratios():
         "rows": [
             _row("m", "bf16-inductor", linears_converted=0, linears_total=113, decode_ms_graphs=10.0,
                  decode_ms_graphs_synced=12.0, decode_ms_default=20.0, kernels_per_step=400, gpu_us_per_step=9000.0, host_us_per_op=50.0,
-                 bytes_per_token=30e6, floor_ms=0.01, share_of_floor=0.001, generate_tok_s=100.0),
+                 bytes_per_token=30e6, floor_ms=0.01, share_of_floor=0.001, generate_tok_s=100.0,
+                 eager_generate_tok_s=40.0),
             _row("m", "bitfx", linears_converted=112, linears_total=113, decode_ms_graphs=4.0,
                  decode_ms_graphs_synced=6.0, decode_ms_default=25.0, kernels_per_step=500, gpu_us_per_step=3000.0, host_us_per_op=50.0,
                  bytes_per_token=8e6, floor_ms=0.002, share_of_floor=0.5, generate_tok_s=250.0,
-                 errors={"generate": "RuntimeError: boom"}),
+                 eager_generate_tok_s=30.0, errors={"generate": "RuntimeError: boom"}),
             _row("other", "bitfx", decode_ms_graphs=1.0),  # no baseline for this model: no ratios
         ],
     }
@@ -39,9 +40,9 @@ def test_render_ratios():
     rows = {tuple(c.strip() for c in ln.strip("|").split("|")[:2]): [c.strip() for c in ln.strip("|").split("|")]
             for ln in lines if ln.startswith("| m ") or ln.startswith("| other ")}
     base, bit, other = rows[("m", "bf16-inductor")], rows[("m", "bitfx")], rows[("other", "bitfx")]
-    assert len(base) == len(bit) == 17
+    assert len(base) == len(bit) == 19
     # columns: 2 linears, 3 graphs ms, 4 vs, 5 synced ms, 6 vs, 7 default ms, 8 vs, ..., 12 MB, 14 share,
-    # 15 tok/s, 16 vs
+    # 15 tok/s, 16 vs, 17 eager tok/s, 18 vs
     assert base[2] == "0/113" and bit[2] == "112/113"
     assert base[4] == "1.00x" and base[6] == "1.00x" and base[8] == "1.00x" and base[16] == "1.00x"
     assert bit[3] == "4.000" and bit[4] == "2.50x"  # 10 ms / 4 ms
@@ -49,6 +50,7 @@ def test_render_ratios():
     assert bit[7] == "25.000" and bit[8] == "0.80x"  # 20 ms / 25 ms: slower
     assert bit[15] == "250.0" and bit[16] == "2.50x"  # 250 / 100 tok/s
     assert bit[12] == "8.0" and bit[14] == "50%"
+    assert bit[17] == "30.0" and bit[18] == "0.75x" and base[18] == "1.00x"  # 30 / 40 tok/s, eager
     assert other[4] == "—" and other[5] == "—"
     assert "m bitfx generate: RuntimeError: boom" in table
 
