@@ -131,6 +131,21 @@ def test_a_transformers_dir_loads_with_its_logits_and_saves_back(tmp_path, linea
     assert_close_up_to_code_flips(_logits(bitfx.from_pretrained(tmp_path / "bitfx"), ids), got)
 
 
+def test_dtype_and_device_are_the_callers(tmp_path):
+    names, ids = _transformers_dir(tmp_path, use_rms_norm=True)
+    model = bitfx.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cpu")
+    assert model.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.bfloat16
+    layer = model.get_submodule(names[0])
+    assert layer.linear.weight_dtype == torch.bfloat16 and layer.rms_norm.weight.dtype == torch.bfloat16
+    assert layer.linear.w_scale.dtype == torch.float32
+    logits = _logits(model, ids)
+    assert logits.dtype == torch.bfloat16 and bool(torch.isfinite(logits).all())
+    with pytest.raises(ValueError, match="dtype must be a float torch.dtype"):
+        bitfx.from_pretrained(tmp_path, dtype=torch.int8)
+    with pytest.raises(ValueError, match="not a device torch knows"):
+        bitfx.from_pretrained(tmp_path, device="gpu0")
+
+
 def test_modules_to_not_convert_keeps_those_linears_float(tmp_path):
     skip = ["lm_head", "mlp.down_proj"]  # a suffix, as transformers matches it
     names, ids = _transformers_dir(tmp_path, skip=skip)
@@ -199,7 +214,7 @@ def test_float_linears_are_named_in_modules_to_not_convert(tmp_path):
 
 def test_saving_again_replaces_the_earlier_files(tmp_path):
     model, ids = _quantized()
-    bitfx.save_pretrained(model, tmp_path, max_shard_size=20_000)
+    bitfx.save_pretrained(torch.compile(model, backend="bitfx"), tmp_path, max_shard_size=20_000)  # saved unwrapped
     assert (tmp_path / "model.safetensors.index.json").exists()
     assert bitfx.save_pretrained(model, tmp_path) == ["model.safetensors"]
     assert sorted(os.listdir(tmp_path)) == ["config.json", "generation_config.json", "model.safetensors"]
@@ -211,7 +226,8 @@ def test_what_the_format_cannot_hold_is_refused_before_writing(tmp_path):
     name = "model.layers.1.mlp.down_proj"
     lin = nn.Linear(models.INTERMEDIATE, models.HIDDEN, bias=False)
     model.set_submodule(name, bitfx.BitfxLinear.from_linear(lin, per_channel=True))
-    with pytest.raises(ValueError, match=rf"1 of 14 ternary layers .*nothing was written:\n  {name}: .*one weight scale"):
+    with pytest.raises(ValueError, match=rf"1 of 14 ternary layers .*nothing was written:\n  {name}: .*one weight "
+                                         rf"scale"):
         bitfx.save_pretrained(model, tmp_path / "out")
     model.set_submodule(name, bitfx.BitfxLinear.from_linear(lin, act_bits=4))
     with pytest.raises(ValueError, match=rf"{name}: .*8 bits"):
@@ -299,7 +315,7 @@ def test_a_misshapen_tensor_is_named(hf_dir):
 
     _edit_tensors(hf_dir, edit)
     with pytest.raises(CheckpointError, match=r"(?s)nothing was loaded:.*"
-                                              rf"{q}: packed uint8 \[8, 64\] in the checkpoint, the model's \[64, 64\] "
+                                              rf"{q}: uint8 \[8, 64\] in the checkpoint, the model's \[64, 64\] "
                                               rf"linear packs to \[16, 64\].*{norm}: shape \[32\] in the checkpoint, "
                                               rf"\[64\] in the model"):
         bitfx.from_pretrained(hf_dir)
