@@ -102,7 +102,8 @@ def _read_config(path: str, where: str) -> dict:
         with open(file, encoding="utf-8") as fh:
             raw = json.load(fh)
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise CheckpointError(f"bitfx.from_pretrained: {where}/{CONFIG_NAME} is not valid JSON ({_cut(str(e))})") from None
+        raise CheckpointError(f"bitfx.from_pretrained: {where}/{CONFIG_NAME} is not valid JSON "
+                              f"({_cut(str(e))})") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"bitfx.from_pretrained: {where}/{CONFIG_NAME} must hold a JSON object, got "
                               f"{type(raw).__name__}")
@@ -120,8 +121,9 @@ def read_spec(raw: dict, where: str = "config.json") -> BitNetSpec:
         raise CheckpointError(f"bitfx.from_pretrained: {where}: quantization_config must be a JSON object, got "
                               f"{type(q).__name__}")
     if q.get("quant_method") != "bitnet":
-        raise CheckpointError(f"bitfx.from_pretrained: {where}: quant_method is {_cut(repr(q.get('quant_method')), 60)}, "
-                              f"expected 'bitnet' (bitfx reads BitNet b1.58 checkpoints only)")
+        method = _cut(repr(q.get("quant_method")), 60)
+        raise CheckpointError(f"bitfx.from_pretrained: {where}: quant_method is {method}, expected 'bitnet' (bitfx "
+                              f"reads BitNet b1.58 checkpoints only)")
     problems = []
     linear_class = q.get("linear_class", "bitlinear")
     if linear_class not in _LINEAR_CLASSES:
@@ -211,6 +213,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _what(t: torch.Tensor) -> str:
+    return f"{_dtype_name(t.dtype)} {list(t.shape)}"
+
+
 def _config_dtype(config) -> torch.dtype:
     dtype = getattr(config, "dtype", None)
     if isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype):
@@ -233,31 +239,29 @@ def _build_ternary(name: str, linear: nn.Linear, spec: BitNetSpec, get, dtype: t
     bias = get(f"{name}.bias") if linear.bias is not None else None
     if bias is not None:
         if not bias.is_floating_point() or tuple(bias.shape) != (N,):
-            raise ValueError(f"{name}.bias: {_dtype_name(bias.dtype)} {list(bias.shape)} in the checkpoint, expected a float "
-                             f"[{N}]")
+            raise ValueError(f"{name}.bias: {_what(bias)} in the checkpoint, expected a float [{N}]")
         bias = bias.to(dtype)
-    packed_shape = (-(-N // _PER_BYTE), K)
+    packed_shape = [-(-N // _PER_BYTE), K]
     if spec.online:
         if not weight.is_floating_point() or tuple(weight.shape) != (N, K):
-            raise ValueError(f"{name}.weight: {_dtype_name(weight.dtype)} {list(weight.shape)} in the checkpoint, an online "
-                             f"layer holds its float weight [{N}, {K}]")
+            raise ValueError(f"{name}.weight: {_what(weight)} in the checkpoint, an online layer holds its float "
+                             f"weight [{N}, {K}]")
         w = weight.to(dtype)  # transformers quantizes the weight as the model holds it
         s = weight_scale(w)
         layer = BitfxLinear.from_ternary(ternarize(w, s), s, bias, weight_dtype=dtype)
     else:
-        if weight.dtype == torch.uint8 and tuple(weight.shape) != packed_shape:
-            raise ValueError(f"{name}.weight: packed uint8 {list(weight.shape)} in the checkpoint, the model's [{N}, {K}] "
-                             f"linear packs to {list(packed_shape)}")
+        if weight.dtype == torch.uint8 and list(weight.shape) != packed_shape:
+            raise ValueError(f"{name}.weight: {_what(weight)} in the checkpoint, the model's [{N}, {K}] linear packs "
+                             f"to {packed_shape}")
         if spec.linear_class == "bitlinear" and weight.dtype != torch.uint8:
-            raise ValueError(f"{name}.weight: {_dtype_name(weight.dtype)} in the checkpoint, a bitlinear layer stores packed "
-                             f"uint8 {list(packed_shape)}")
+            raise ValueError(f"{name}.weight: {_what(weight)} in the checkpoint, a bitlinear layer stores packed "
+                             f"uint8 {packed_shape}")
         if weight.dtype != torch.uint8 and (not weight.is_floating_point() or tuple(weight.shape) != (N, K)):
-            raise ValueError(f"{name}.weight: {_dtype_name(weight.dtype)} {list(weight.shape)} in the checkpoint, expected "
-                             f"the ternary values [{N}, {K}] or packed uint8 {list(packed_shape)}")
+            raise ValueError(f"{name}.weight: {_what(weight)} in the checkpoint, expected the ternary values "
+                             f"[{N}, {K}] or packed uint8 {packed_shape}")
         scale = get(f"{name}.weight_scale")
         if not scale.is_floating_point() or scale.numel() != 1:
-            raise ValueError(f"{name}.weight_scale: {_dtype_name(scale.dtype)} {list(scale.shape)} in the checkpoint, "
-                             f"expected one float value")
+            raise ValueError(f"{name}.weight_scale: {_what(scale)} in the checkpoint, expected one float value")
         scale = scale.to(dtype)  # transformers holds the scale in the model's dtype
         convert = from_bitlinear_tensors if spec.linear_class == "bitlinear" else from_autobitlinear_tensors
         layer = convert(weight, scale, bias, N, dtype, where=name)
@@ -265,8 +269,7 @@ def _build_ternary(name: str, linear: nn.Linear, spec: BitNetSpec, get, dtype: t
         return layer
     norm_weight = get(f"{name}.rms_norm.weight")
     if not norm_weight.is_floating_point() or tuple(norm_weight.shape) != (K,):
-        raise ValueError(f"{name}.rms_norm.weight: {_dtype_name(norm_weight.dtype)} {list(norm_weight.shape)} in the "
-                         f"checkpoint, expected a float [{K}]")
+        raise ValueError(f"{name}.rms_norm.weight: {_what(norm_weight)} in the checkpoint, expected a float [{K}]")
     with torch.device("meta"):
         norm = LlamaRMSNorm(K, eps=spec.rms_norm_eps)
     norm.weight = nn.Parameter(norm_weight.to(dtype), requires_grad=False)
