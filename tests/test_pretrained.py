@@ -361,3 +361,12 @@ def test_an_offline_autobitlinear_weight_must_be_ternary(tmp_path):
     _edit_tensors(tmp_path, edit)
     with pytest.raises(CheckpointError, match=r"model.layers.0.mlp.gate_proj: .*must hold ternary values"):
         bitfx.from_pretrained(tmp_path)
+
+
+def test_layers_whose_norms_one_config_cannot_say_are_refused(tmp_path):
+    names, _ = _transformers_dir(tmp_path / "hf", use_rms_norm=True)
+    model = bitfx.from_pretrained(tmp_path / "hf")
+    model.set_submodule(names[0], model.get_submodule(names[0]).linear)  # this one without its norm
+    with pytest.raises(ValueError, match=rf"an RMSNorm of its own or none; .* hold one, {names[0]} do not"):
+        bitfx.save_pretrained(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
