@@ -7,6 +7,8 @@ public API:
   but the head ternary by default (``BitfxConfig(linears=...)``), weights packed once;
 * :func:`bitfx.quantize` converts a model once to packed 2-bit ternary linear layers;
 * :func:`bitfx.save` / :func:`bitfx.load` write and read safetensors checkpoints of converted models;
+* :func:`bitfx.from_pretrained` / :func:`bitfx.save_pretrained` read and write BitNet checkpoint
+  directories in transformers' format (config.json with ``quant_method: "bitnet"``, safetensors);
 * :func:`bitfx.explain` reports every linear's decision, the sites (RMSNorm -> Linear, and
   linears that quantize their input alone) and what it rejects;
 * :func:`bitfx.bitlinear`, the differentiable BitLinear layer as a function.
@@ -19,5 +21,6 @@ from bitfx.modules import BitfxLinear  # noqa: F401
 from bitfx.explain import explain, ExplainReport  # noqa: F401,E402
 from bitfx.quantize import quantize, QuantizeConfig, QuantizeReport  # noqa: F401,E402
 from bitfx.checkpoint import save, load, CheckpointError  # noqa: F401,E402
+from bitfx.pretrained import from_pretrained, save_pretrained  # noqa: F401,E402
 
 __version__ = "0.1.0"

@@ -7,7 +7,8 @@ transformers (``transformers.integrations.bitnet``) stores a ternary linear in o
   ``2i..2i+1``, as code ``t + 1``; ``weight_scale`` (one value) divides:
   ``out = (q @ t^T) / (s_x * weight_scale)``, so it is bitfx's ``w_scale`` (``W ~= t / w_scale``).
 * ``AutoBitLinear`` (offline): ``weight`` holds the ternary values themselves in the float
-  dtype, and ``weight_scale`` multiplies: ``out = F.linear(aq(x), t, b) * weight_scale``, so
+  dtype (a checkpoint may store them packed as ``BitLinear``'s; transformers unpacks them at
+  load), and ``weight_scale`` multiplies: ``out = F.linear(aq(x), t, b) * weight_scale``, so
   ``W ~= t * weight_scale``, bitfx's ``w_scale`` is its reciprocal and its bias is
   ``b * weight_scale``.
 
@@ -34,7 +35,8 @@ from bitfx.modules import BitfxLinear
 
 __all__ = [
     "pack_hf", "unpack_hf", "from_transformers", "to_transformers", "BitfxNormLinear",
-    "convert_transformers_bitnet", "export_transformers_bitnet",
+    "convert_transformers_bitnet", "export_transformers_bitnet", "from_bitlinear_tensors",
+    "from_autobitlinear_tensors",
 ]
 
 _PER_BYTE = 4
@@ -113,26 +115,55 @@ def _ternary_from_transformers(module: nn.Module) -> BitfxLinear:
     bias = getattr(module, "bias", None)
     bias = None if bias is None else bias.detach()
     if _is(module, "BitLinear"):
-        t = unpack_hf(module.weight, module.out_features)
-        s = module.weight_scale.detach().float().reshape(-1)
-        if s.numel() != 1:
-            raise ValueError(f"from_transformers: BitLinear.weight_scale must hold one value, got {s.numel()}")
-        return BitfxLinear.from_ternary(t, s[0], bias, weight_dtype=module.weight_scale.dtype)
+        return from_bitlinear_tensors(module.weight, module.weight_scale.detach(), bias, module.out_features,
+                                      module.weight_scale.dtype, where="from_transformers: BitLinear")
     if _is(module, "AutoBitLinear"):
         if getattr(module, "online_quant", False):
             raise ValueError("from_transformers: an online AutoBitLinear holds float weights; convert its model "
                              "with bitfx.quantize or compile it with the bitfx backend")
         w = module.weight.detach()
-        t = w.round()
-        if not torch.equal(t, w) or bool((t.abs() > 1).any()):
-            raise ValueError("from_transformers: an offline AutoBitLinear's weight must hold ternary values")
-        s = module.weight_scale.detach().float().reshape(-1)
-        if s.numel() != 1:
-            raise ValueError(f"from_transformers: AutoBitLinear.weight_scale must hold one value, got {s.numel()}")
-        # Its bias is added before the scale multiplies: (x t^T + b) * weight_scale.
-        bias = None if bias is None else (bias.float() * s[0]).to(bias.dtype)
-        return BitfxLinear.from_ternary(t.to(torch.int8), 1.0 / s[0], bias, weight_dtype=w.dtype)
+        return from_autobitlinear_tensors(w, module.weight_scale.detach(), bias, module.out_features, w.dtype,
+                                          where="from_transformers: AutoBitLinear")
     raise TypeError(f"from_transformers: expected transformers' BitLinear or AutoBitLinear, got {type(module).__name__}")
+
+
+def _one_scale(weight_scale: Tensor, where: str) -> Tensor:
+    s = weight_scale.float().reshape(-1)
+    if s.numel() != 1:
+        raise ValueError(f"{where}.weight_scale must hold one value, got {s.numel()}")
+    return s[0]
+
+
+def from_bitlinear_tensors(weight: Tensor, weight_scale: Tensor, bias: Tensor | None, out_features: int,
+                           weight_dtype: torch.dtype, *, where: str = "BitLinear") -> BitfxLinear:
+    """A ``BitLinear``'s stored tensors as a :class:`BitfxLinear`: ``weight`` packed uint8
+    ``[ceil(N/4), K]``, ``weight_scale`` one value that divides (``W ~= t / weight_scale``, so
+    it is bitfx's ``w_scale``), ``bias`` ``[N]`` or None. ``where`` names the layer in errors."""
+    t = unpack_hf(weight, out_features)
+    return BitfxLinear.from_ternary(t, _one_scale(weight_scale, where), bias, weight_dtype=weight_dtype)
+
+
+def from_autobitlinear_tensors(weight: Tensor, weight_scale: Tensor, bias: Tensor | None, out_features: int,
+                               weight_dtype: torch.dtype, *, where: str = "AutoBitLinear") -> BitfxLinear:
+    """An offline ``AutoBitLinear``'s stored tensors as a :class:`BitfxLinear`: ``weight`` the
+    ternary values in a float dtype ``[N, K]`` or packed as a ``BitLinear``'s (uint8
+    ``[ceil(N/4), K]``, which transformers unpacks at load), ``weight_scale`` one value that
+    multiplies after the bias: ``(x t^T + b) * weight_scale``, so bitfx's ``w_scale`` is its
+    reciprocal and its bias ``b * weight_scale``. ``where`` names the layer in errors."""
+    if weight.dtype == torch.uint8:
+        t = unpack_hf(weight, out_features)
+    else:
+        if weight.dim() != 2 or weight.shape[0] != out_features:
+            raise ValueError(f"{where}.weight must be [out_features={out_features}, K] (ternary values) or packed uint8 "
+                             f"[{-(-out_features // _PER_BYTE)}, K], got {str(weight.dtype).removeprefix('torch.')} "
+                             f"{list(weight.shape)}")
+        t = weight.round()
+        if not torch.equal(t, weight) or bool((t.abs() > 1).any()):
+            raise ValueError(f"{where}: an offline AutoBitLinear's weight must hold ternary values (-1, 0, 1)")
+        t = t.to(torch.int8)
+    s = _one_scale(weight_scale, where)
+    bias = None if bias is None else (bias.float() * s).to(bias.dtype)
+    return BitfxLinear.from_ternary(t, 1.0 / s, bias, weight_dtype=weight_dtype)
 
 
 def to_transformers(layer: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
@@ -151,6 +182,12 @@ def to_transformers(layer: nn.Module, dtype: torch.dtype | None = None) -> nn.Mo
     if not isinstance(layer, BitfxLinear):
         raise TypeError(f"to_transformers: expected a BitfxLinear or BitfxNormLinear, got {type(layer).__name__}")
 
+    if layer.terms != 1:
+        raise ValueError(f"to_transformers: transformers' BitLinear holds one ternary matrix; this layer sums "
+                         f"{layer.terms} (terms={layer.terms})")
+    if layer.act_bits != 8:
+        raise ValueError(f"to_transformers: transformers' BitLinear quantizes activations to 8 bits; this layer to "
+                         f"{layer.act_bits} (act_bits={layer.act_bits})")
     s = layer.w_scale
     if not bool((s == s[0]).all()):
         raise ValueError("to_transformers: transformers' BitLinear holds one weight scale; this layer has one "
