@@ -36,14 +36,20 @@ def _triton_version() -> tuple[int, ...]:
     return tuple(out)
 
 
+_Tensor = torch.Tensor
+
+
 def _arg_key(a):
-    if isinstance(a, torch.Tensor):
+    cls = a.__class__
+    if cls is int:
+        return (a == 1, a % 16 == 0, -2147483648 <= a < 2147483648)
+    if isinstance(a, _Tensor):
         return (a.dtype, a.data_ptr() % 16 == 0)
-    if isinstance(a, bool) or a is None or isinstance(a, float):
-        return type(a)
-    if isinstance(a, int):
-        return (a == 1, a % 16 == 0, -(2 ** 31) <= a < 2 ** 31)
-    raise TypeError(f"bitfx launcher: unsupported kernel argument of type {type(a).__name__}")
+    if cls is bool or cls is float or a is None:
+        return cls
+    if isinstance(a, int):  # an int subclass (an enum member): Triton sees an int
+        return (a == 1, a % 16 == 0, -2147483648 <= a < 2147483648)
+    raise TypeError(f"bitfx launcher: unsupported kernel argument of type {cls.__name__}")
 
 
 def _hooks_set() -> bool:
@@ -73,7 +79,7 @@ class Launcher:
         if not self._direct or interpreting() or _hooks_set():
             self.fn[grid](*args, **constexprs, **options)
             return
-        key = (tuple(_arg_key(a) for a in args), tuple(constexprs.values()), tuple(options.items()),
+        key = (tuple(map(_arg_key, args)), tuple(constexprs.values()), tuple(options.items()),
                torch.cuda.current_device())
         entry = self._kernels.get(key)
         if entry is None:
