@@ -9,7 +9,8 @@ CPU tensors, which is how the test suite checks them without a GPU.
 if __name__ != "bitfx.kernels":
     # Imported as a top-level ``kernels``: a checkout's root is on sys.path (``python -m`` from
     # the checkout, pytest) and something asked for another package of that name (transformers
-    # asks for the Hugging Face ``kernels`` package). Hand the import over to that package.
+    # asks for the Hugging Face ``kernels`` package). Hand the import over to that package
+    # where one is installed.
     def _hand_over(name: str) -> None:
         import importlib.machinery
         import importlib.util
@@ -20,11 +21,9 @@ if __name__ != "bitfx.kernels":
         path = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != root]
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or spec.loader is None:
-            raise ImportError(
-                f"no module named {name!r}: the directory {os.path.join(root, 'kernels')} is bitfx's own "
-                f"kernels (import it as bitfx.kernels), and no other package named {name!r} is installed",
-                name=name,
-            )
+            # None installed: stay this empty package, as before (transformers probes for the
+            # name with import_module and reads the version from its metadata, which it lacks).
+            return
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)

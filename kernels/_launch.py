@@ -13,8 +13,9 @@ have compiled it for:
 * a float, bool or None: its type (None and constexprs are part of the code);
 * every constexpr and launch option by value, and the current device.
 
-The first call with a key, and every call while Triton's launch hooks are set (a profiler
-such as proton) or in the interpreter, goes through ``kernel[grid]`` unchanged.
+The first call with a key, and every call while a Triton launch hook is installed (a profiler
+such as proton) or in the interpreter, goes through ``kernel[grid]`` unchanged; the others
+call the compiled kernel's launcher with no launch metadata and no hooks.
 """
 
 from __future__ import annotations
@@ -53,10 +54,15 @@ def _arg_key(a):
 
 
 def _hooks_set() -> bool:
+    """Whether a launch hook is installed (Triton 3.4+ keeps an always-present, possibly empty
+    chain of them; older releases None or a callable)."""
     from triton import knobs
 
     runtime = knobs.runtime
-    return runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None
+    for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
+        if hook is not None and (getattr(hook, "calls", True)):
+            return True
+    return False
 
 
 class Launcher:
@@ -74,13 +80,14 @@ class Launcher:
         self.fn = fn
         self.names = tuple(fn.arg_names)
         self._kernels: dict = {}
+        self._stream = None
 
     def __call__(self, grid: tuple, args: tuple, constexprs: dict, **options) -> None:
         if not self._direct or interpreting() or _hooks_set():
             self.fn[grid](*args, **constexprs, **options)
             return
-        key = (tuple(map(_arg_key, args)), tuple(constexprs.values()), tuple(options.items()),
-               torch.cuda.current_device())
+        device = torch.cuda.current_device()
+        key = (tuple(map(_arg_key, args)), tuple(constexprs.values()), tuple(options.items()), device)
         entry = self._kernels.get(key)
         if entry is None:
             kernel = self.fn[grid](*args, **constexprs, **options)
@@ -88,10 +95,17 @@ class Launcher:
             if set(tail) != set(constexprs):
                 raise TypeError(f"bitfx launcher: {self.fn.__name__} takes {self.names}, got {len(args)} "
                                 f"arguments and constexprs {sorted(constexprs)}")
-            if hasattr(kernel, "run") and hasattr(kernel, "packed_metadata"):
-                self._kernels[key] = (kernel, tuple(constexprs[n] for n in tail))
+            run = getattr(kernel, "run", None)  # the compiled launcher, loaded by the launch above
+            function = getattr(kernel, "function", None)
+            if run is not None and function is not None and hasattr(kernel, "packed_metadata"):
+                self._kernels[key] = (run, function, kernel.packed_metadata, tuple(constexprs[n] for n in tail))
             return
-        kernel, tail_values = entry
-        if len(grid) < 3:
-            grid = (*grid, 1, 1)[:3]
-        kernel[grid](*args, *tail_values)
+        run, function, metadata, tail_values = entry
+        stream = self._stream
+        if stream is None:
+            from triton.runtime import driver
+
+            stream = self._stream = driver.active.get_current_stream
+        n = len(grid)
+        run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream(device), function, metadata,
+            None, None, None, *args, *tail_values)

@@ -10,6 +10,23 @@ import torch
 from bitfx.layout import FLOAT_DTYPES  # noqa: F401  (re-exported for the launchers)
 
 
+_ENV_DATA = getattr(os.environ, "_data", None)  # CPython on POSIX: the encoded mapping behind os.environ
+_ENV_KEYS: dict = {}
+
+
+def env(name: str) -> str | None:
+    """``os.environ.get(name)`` without the mapping's per-call encoding (a launch reads a few
+    settings; through ``os.environ.get`` each costs microseconds). Reads the live environment,
+    so a change made through ``os.environ`` (``monkeypatch.setenv``) is seen at once."""
+    if _ENV_DATA is None or os.name != "posix":
+        return os.environ.get(name)
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = os.fsencode(name)
+    value = _ENV_DATA.get(key)
+    return None if value is None else os.fsdecode(value)
+
+
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for host code (``triton.cdiv`` costs microseconds a call in recent Triton)."""
     return -(-a // b)
@@ -29,7 +46,7 @@ def pdl_enabled(device: torch.device) -> bool:
     """
     if device.type != "cuda" or torch.version.hip is not None or interpreting():
         return False
-    if os.environ.get("BITFX_PDL", "1") in ("0", ""):
+    if env("BITFX_PDL") in ("0", ""):
         return False
     return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
 
@@ -50,7 +67,7 @@ def num_sms(device: torch.device) -> int:
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return env("TRITON_INTERPRET") not in (None, "", "0")
 
 
 def check_device(name: str, *tensors: torch.Tensor | None) -> torch.device:

@@ -5,12 +5,10 @@ fixed rules are in BENCHMARKS.md ("Launch choices")."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from bitfx import layout
-from bitfx.kernels._utils import cdiv, interpreting, next_pow2, num_sms, pdl_enabled
+from bitfx.kernels._utils import cdiv, env, interpreting, next_pow2, num_sms, pdl_enabled
 
 DP4A_MAX_M = 1
 """Largest M that takes the CUDA-core ``"dp4a"`` GEMV by default (BENCHMARKS.md, "Launch choices")."""
@@ -42,7 +40,7 @@ def _memo(fn):
     def cached(*args):
         if any(isinstance(a, dict) for a in args):
             return fn(*args)
-        key = (fn.__name__, *args, os.environ.get("BITFX_PDL"), os.environ.get("TRITON_INTERPRET"))
+        key = (fn.__name__, *args, env("BITFX_PDL"), env("TRITON_INTERPRET"))
         cfg = _CONFIGS.get(key)
         if cfg is None:
             cfg = _CONFIGS[key] = fn(*args)

@@ -1,7 +1,7 @@
 """A checkout's ``kernels/`` directory is ``bitfx.kernels``; run from the checkout's root
 (``python -m``, pytest put the root on sys.path), a top-level ``import kernels`` must reach the
 installed package of that name (transformers imports Hugging Face's ``kernels``), or fail
-with a message naming the clash, never return bitfx's kernels."""
+(none installed) stay an empty package, never bitfx's kernels with their submodules."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ def test_top_level_kernels_is_not_bitfx():
         first, second = run.stdout.split()
         assert not os.path.abspath(first).startswith(own + os.sep)
         assert second == "bitfx.kernels"
-    else:
-        assert run.returncode != 0
-        assert "bitfx's own kernels" in run.stderr and "bitfx.kernels" in run.stderr
+    else:  # an empty package: transformers' probe finds no version and moves on
+        probe = "import kernels; print(sorted(n for n in vars(kernels) if not n.startswith('__')))"
+        run = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip() == "[]"
