@@ -218,7 +218,8 @@ def _llama_cpp_distance(ours, noise, theirs) -> tuple[float, float, float]:
     """llama.cpp's mean and largest |logit difference| from bitfx, each over the same of bitfx's own
     8-bit activation rounding (``noise``: the logits with float activations), and the argmax agreement."""
     d, e = (ours - theirs).abs(), (ours - noise).abs()
-    return float(d.mean() / e.mean()), float(d.max() / e.max()), float((ours.argmax(-1) == theirs.argmax(-1)).float().mean())
+    top1 = (ours.argmax(-1) == theirs.argmax(-1)).float().mean()
+    return float(d.mean() / e.mean()), float(d.max() / e.max()), float(top1)
 
 
 def _assert_logits_agree(ours, noise, theirs) -> None:
