@@ -22,5 +22,6 @@ from bitfx.explain import explain, ExplainReport  # noqa: F401,E402
 from bitfx.quantize import quantize, QuantizeConfig, QuantizeReport  # noqa: F401,E402
 from bitfx.checkpoint import save, load, CheckpointError  # noqa: F401,E402
 from bitfx.pretrained import from_pretrained, save_pretrained  # noqa: F401,E402
+from bitfx.gguf_export import export_gguf  # noqa: F401,E402
 
 __version__ = "0.1.0"

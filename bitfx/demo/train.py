@@ -88,6 +88,24 @@ def _bytes(n: int) -> str:
     return f"{n} B"
 
 
+def _gguf_problem(path: str, dim: int, size: str) -> str:
+    """Why ``--gguf PATH`` cannot be written for a model of width ``dim`` (empty when it can)."""
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        return "the gguf package is not installed: pip install gguf (or pip install -e '.[gguf]')"
+    if dim % bitfx.gguf_export.GGUF_BLOCK:
+        fits = sorted(k for k, v in SIZES.items() if v[0] % bitfx.gguf_export.GGUF_BLOCK == 0)
+        return (f"--size {size} has width {dim}, and llama.cpp's ternary type stores rows in blocks of "
+                f"{bitfx.gguf_export.GGUF_BLOCK} weights: use --size {' or '.join(fits)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"the folder {folder} does not exist"
+    if os.path.isdir(path):
+        return f"{path} is a folder; give a file name, e.g. {os.path.join(path, 'model.gguf')}"
+    return ""
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bitfx", description=__doc__.split("\n\n")[0])
     p.add_argument("--text", default=None, help="a text file to train on (default: the built-in grammar corpus)")
@@ -99,11 +117,19 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="bitfx-train", help="folder for loss.png and model.safetensors")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gguf", default=None, metavar="PATH",
+                   help="also write the trained ternary model as a GGUF file for llama.cpp (needs --size base or "
+                        "large: llama.cpp's ternary blocks hold 256 weights; pip install gguf)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     dim, hidden, heads, layers = SIZES[args.size or ("base" if gpu else "small")]
     steps = args.steps or (2000 if gpu else 1000)
+    if args.gguf:
+        problem = _gguf_problem(args.gguf, dim, args.size or ("base" if gpu else "small"))
+        if problem:
+            print(f"bitfx: --gguf: {problem}", file=sys.stderr)
+            return 1
     os.makedirs(args.out, exist_ok=True)
 
     if args.text:
@@ -218,6 +244,11 @@ def main(argv=None) -> int:
     print(f"-- tokens/s (generation, one sequence, no KV cache, eager): ternary {tokens / seconds:.1f}; "
           f"float {float_tps:.1f}" + ("" if gpu else "  (on the CPU the ternary ops run their plain-torch "
                                                     "reference: a check, not a speed-up)"))
+    if args.gguf:
+        # Characters are the tokens; a generation in llama.cpp ends at a newline.
+        bitfx.export_gguf(reloaded, args.gguf, vocab=text.chars, eos_token_id=text.index.get("\n"),
+                          context_length=args.seq, name="bitfx char-level Llama")
+        print(f"-- GGUF for llama.cpp (ternary layers in TQ2_0): {args.gguf} {_bytes(os.path.getsize(args.gguf))}")
     learned = val_ternary < 0.6 * first_val
     ok = learned and same
     print("OK" if ok else ("the ternary model did not learn" if not learned else "the reloaded model differs"))
