@@ -9,7 +9,9 @@ public API:
 * :func:`bitfx.save` / :func:`bitfx.load` write and read safetensors checkpoints of converted models;
 * :func:`bitfx.explain` reports every linear's decision, the sites (RMSNorm -> Linear, and
   linears that quantize their input alone) and what it rejects;
-* :func:`bitfx.bitlinear`, the differentiable BitLinear layer as a function.
+* :func:`bitfx.bitlinear`, the differentiable BitLinear layer as a function;
+* :func:`bitfx.finetune` trains a float model as a ternary one from its own weights, optionally
+  distilled from the frozen float model.
 """
 
 from bitfx import ops, reference  # noqa: F401  (registers torch.ops.bitfx.*)
@@ -19,5 +21,6 @@ from bitfx.modules import BitfxLinear  # noqa: F401
 from bitfx.explain import explain, ExplainReport  # noqa: F401,E402
 from bitfx.quantize import quantize, QuantizeConfig, QuantizeReport  # noqa: F401,E402
 from bitfx.checkpoint import save, load, CheckpointError  # noqa: F401,E402
+from bitfx.finetune import finetune, FinetuneResult, distillation_loss, load_float_model  # noqa: F401,E402
 
 __version__ = "0.1.0"
