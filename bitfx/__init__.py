@@ -9,9 +9,13 @@ public API:
 * :func:`bitfx.save` / :func:`bitfx.load` write and read safetensors checkpoints of converted models;
 * :func:`bitfx.from_pretrained` / :func:`bitfx.save_pretrained` read and write BitNet checkpoint
   directories in transformers' format (config.json with ``quant_method: "bitnet"``, safetensors);
+* :func:`bitfx.export_gguf` writes a converted Llama-style model as GGUF for llama.cpp (ternary
+  layers in ``TQ2_0``);
 * :func:`bitfx.explain` reports every linear's decision, the sites (RMSNorm -> Linear, and
   linears that quantize their input alone) and what it rejects;
-* :func:`bitfx.bitlinear`, the differentiable BitLinear layer as a function.
+* :func:`bitfx.bitlinear`, the differentiable BitLinear layer as a function;
+* :func:`bitfx.finetune` trains a float model as a ternary one from its own weights, optionally
+  distilled from the frozen float model.
 """
 
 from bitfx import ops, reference  # noqa: F401  (registers torch.ops.bitfx.*)
@@ -23,5 +27,6 @@ from bitfx.quantize import quantize, QuantizeConfig, QuantizeReport  # noqa: F40
 from bitfx.checkpoint import save, load, CheckpointError  # noqa: F401,E402
 from bitfx.pretrained import from_pretrained, save_pretrained  # noqa: F401,E402
 from bitfx.gguf_export import export_gguf  # noqa: F401,E402
+from bitfx.finetune import finetune, FinetuneResult, distillation_loss, load_float_model  # noqa: F401,E402
 
 __version__ = "0.1.0"

@@ -1,6 +1,7 @@
 """``python -m bitfx``: the main job (:mod:`bitfx.demo`): ``python -m bitfx [train] [options]``
 trains, converts, saves, reloads and generates; ``python -m bitfx compiler [options]`` shows the
-compiler at work. The benchmarks are ``python -m bitfx.bench``."""
+compiler at work; ``python -m bitfx finetune [options]`` fine-tunes a float model into a ternary
+one. The benchmarks are ``python -m bitfx.bench``."""
 
 from __future__ import annotations
 

@@ -5,6 +5,8 @@
   save, reload and generate with it (:mod:`bitfx.demo.train`).
 * ``python -m bitfx compiler [options]``: the compiler at work on a built-in model: the sites,
   the compiled output against the eager reference, the speed (:mod:`bitfx.demo.compiler`).
+* ``python -m bitfx finetune [options]``: fine-tune a float model (the main job's, or a local
+  transformers checkpoint) into a ternary one with :func:`bitfx.finetune` (:mod:`bitfx.demo.finetune`).
 
 Pieces: the built-in model (:mod:`bitfx.demo.example`), the built-in corpus and characters as
 tokens (:mod:`bitfx.demo.corpus`), the loss plot (:mod:`bitfx.demo.plot`). ``import bitfx`` does
@@ -17,10 +19,15 @@ import sys
 
 
 def main(argv=None) -> int:
-    """Run ``compiler`` when it is the first argument, else the training job (``train`` optional)."""
+    """Run ``compiler`` or ``finetune`` when it is the first argument, else the training job
+    (``train`` optional)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "compiler":
         from bitfx.demo.compiler import main as run
+
+        return run(argv[1:])
+    if argv and argv[0] == "finetune":
+        from bitfx.demo.finetune import main as run
 
         return run(argv[1:])
     if argv and argv[0] == "train":
