@@ -145,7 +145,7 @@ def main(argv=None) -> int:
         args.batch = min(args.batch, 8)
     import bitfx
     from bitfx.demo.corpus import CharText
-    from bitfx.demo.plot import write_curves_png
+    from bitfx.demo.plot import NO_PLOT, plot_losses
 
     if args.text:
         with open(args.text, encoding="utf-8", errors="replace") as f:
@@ -164,9 +164,12 @@ def main(argv=None) -> int:
         results["runs"][mode] = train(mode, text, args, device)
     os.makedirs(args.out, exist_ok=True)
     w = results["settings"]["window"]
-    write_curves_png(os.path.join(args.out, "loss.png"), {
-        "exact STE backward": smooth(results["runs"]["exact"]["losses"], w),
-        "fp8 backward": smooth(results["runs"]["fp8"]["losses"], w)})
+    if not plot_losses(os.path.join(args.out, "loss.png"), {
+            "exact straight-through backward": smooth(results["runs"]["exact"]["losses"], w),
+            "FP8 backward": smooth(results["runs"]["fp8"]["losses"], w)},
+            title=f"Ternary training, exact against FP8 backward ({args.size} model, {device_name})",
+            ylabel=f"training loss, running mean of {w} steps (log scale)"):
+        print(NO_PLOT, flush=True)
     table = render(results)
     report.write_results(args.out, results, table, indent=None)
     print("\n" + table, flush=True)

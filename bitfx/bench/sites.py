@@ -37,6 +37,7 @@ from bitfx import reference as ref
 from bitfx.bench import report
 from bitfx.bench.model_shapes import SITE_SHAPES as SHAPES
 from bitfx.bench.timing import copies_for, median_s, time_graph
+from bitfx.demo.plot import NO_PLOT, plot_lines
 
 SWEEP_M = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 TABLE_SITES = [(M, K, N) for K, N in SHAPES for M in (1, 16)] + [(4096, 8192, 8192), (4096, 4096, 14336)]
@@ -245,25 +246,16 @@ def render(results: dict, sweep_m: list[int]) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(results: dict, path: str, device: str) -> None:
-    """Speed-up over bf16 eager against M, one line per shape, as a PNG (needs matplotlib)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def plot_sweep(results: dict, path: str, device: str) -> bool:
+    """Speed-up over bf16 eager against M, one line per shape, as a PNG; False when matplotlib
+    is missing (nothing drawn)."""
+    lines = {}
     for K, N in SHAPES:
         rs = [r for r in results["sweep"] if r["K"] == K and r["N"] == N]
-        ax.plot([r["M"] for r in rs], [r["bf16_us"] / r["bitfx_us"] for r in rs], marker="o", label=f"K={K}, N={N}")
-    ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("M (tokens)")
-    ax.set_ylabel("speed-up over bf16 RMSNorm + F.linear")
-    ax.set_title(f"bitfx on {device}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+        lines[f"K={K}, N={N}"] = ([r["M"] for r in rs], [r["bf16_us"] / r["bitfx_us"] for r in rs])
+    return plot_lines(path, lines, title=f"bitfx RMSNorm + ternary Linear against bf16 on {device}",
+                      xlabel="M (tokens)", ylabel="speed-up over bf16 RMSNorm + F.linear", xlog=2, hline=1.0,
+                      marker="o")
 
 
 def _measured(results: list, r: dict) -> None:
@@ -298,10 +290,8 @@ def main(argv=None) -> int:
 
     table = render(results, sweep_m)
     report.write_results(args.out, results, table, table_name="tables.md")
-    try:
-        plot_sweep(results, os.path.join(args.out, "sweep.png"), dev)
-    except ImportError:
-        print("matplotlib not importable: no plot", flush=True)
+    if not plot_sweep(results, os.path.join(args.out, "sweep.png"), dev):
+        print(NO_PLOT, flush=True)
     print(f"\n(total {time.time() - t0:.0f} s)\n")
     print(table)
     return 0

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import bitfx
 from bitfx.demo.corpus import CharText, grammar_text
 from bitfx.demo.example import ExampleConfig, ExampleLlama
-from bitfx.demo.plot import write_curves_png
+from bitfx.demo.plot import NO_PLOT, plot_losses
 from bitfx.demo.train import SIZES, _progress, lm_loss, lr_at
 from bitfx.finetune import _logits, finetune, load_float_model
 
@@ -206,8 +206,10 @@ def main(argv=None) -> int:
         print("-- --scratch compares with the main job's model; a --from checkpoint has no from-scratch run here")
     longest = max(len(c) for c in curves.values())
     curves["float model, held-out"] = [val_float] * longest
-    legend = write_curves_png(os.path.join(args.out, "finetune.png"), curves)
-    print(f"-- loss curves: {os.path.join(args.out, 'finetune.png')} ({legend})")
+    plot_path = os.path.join(args.out, "finetune.png")
+    plotted = plot_losses(plot_path, curves, title="Fine-tuning a float model into ternary",
+                          ylabel="loss, nats per character (log scale)")
+    print(f"-- loss curves: {plot_path if plotted else NO_PLOT}")
     ok = curve[args.steps] < val_converted
     print("OK" if ok else "fine-tuning did not improve on the converted float model")
     return 0 if ok else 1

@@ -1,74 +1,63 @@
-"""A loss plot as a PNG, with nothing beyond the standard library (no plotting package).
+"""Line plots as PNG files, drawn with matplotlib (the optional ``plot`` extra).
 
-Curves are drawn as lines on a white canvas with a frame and horizontal grid lines; the
-legend and the axis ranges are returned as text for the caller to print beside the file.
+matplotlib is imported when a plot is drawn, not before. Without it nothing is drawn: the
+functions return False and the caller prints :data:`NO_PLOT`. A figure is rendered by the Agg
+canvas directly, so pyplot's global backend and figure list are left as they are.
 """
 
 from __future__ import annotations
 
-import struct
-import zlib
+import math
+from collections.abc import Sequence
 
-__all__ = ["write_curves_png", "COLORS"]
+__all__ = ["NO_PLOT", "plot_lines", "plot_losses"]
 
-# (name, RGB): the curves' colors in order.
-COLORS = [("blue", (31, 119, 180)), ("orange", (255, 127, 14)), ("green", (44, 160, 44)), ("red", (214, 39, 40))]
-
-
-def _png(path: str, width: int, height: int, pixels: bytearray) -> None:
-    raw = b"".join(b"\x00" + bytes(pixels[y * width * 3:(y + 1) * width * 3]) for y in range(height))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n")
-        f.write(chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)))
-        f.write(chunk(b"IDAT", zlib.compress(raw, 9)))
-        f.write(chunk(b"IEND", b""))
+NO_PLOT = "no plot: matplotlib is not installed (pip install 'bitfx[plot]' draws them)"
 
 
-def write_curves_png(path: str, curves: dict[str, list[float]], width: int = 720, height: int = 420) -> str:
-    """Draw ``curves`` (label -> values at steps 0, 1, ...) into a PNG at ``path``; returns the
-    legend and ranges in words (``"blue: ...; orange: ...; x: steps 0..N, y: a..b"``)."""
-    pixels = bytearray(b"\xff" * (width * height * 3))
-    left, right, top, bottom = 50, width - 20, 20, height - 40
-    values = [v for c in curves.values() for v in c if v == v]
-    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
-    if hi <= lo:
-        hi = lo + 1.0
-    steps = max((len(c) for c in curves.values()), default=1)
+def plot_lines(path: str, lines: dict[str, tuple[Sequence[float], Sequence[float]]], *, title: str, xlabel: str,
+               ylabel: str, xlog: float | None = None, ylog: float | None = None, hline: float | None = None,
+               marker: str | None = None) -> bool:
+    """Draw ``lines`` (legend label -> (x values, y values)) into a PNG at ``path``, with axis
+    labels, ticks, a legend and a title; ``xlog`` / ``ylog`` are log bases for the axes,
+    ``hline`` a grey reference line. Returns False, drawing nothing, when matplotlib is missing."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import FuncFormatter
+    except ImportError:
+        return False
+    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for label, (xs, ys) in lines.items():
+        ax.plot(list(xs), list(ys), label=label, lw=1.2, marker=marker)
+    if hline is not None:
+        ax.axhline(hline, color="grey", lw=0.8)
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 2, 3, 4 rather than 2x10^0 on a short log axis
+    if xlog:
+        ax.set_xscale("log", base=xlog)
+        ax.xaxis.set_major_formatter(plain)
+    if ylog:
+        ax.set_yscale("log", base=ylog)
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", color="0.9", lw=0.6)
+    ax.legend(loc="upper right")  # both kinds of curve here fall to the right; "best" is slow on long curves
+    fig.savefig(path, dpi=120)
+    return True
 
-    def put(x: int, y: int, rgb) -> None:
-        if 0 <= x < width and 0 <= y < height:
-            i = (y * width + x) * 3
-            pixels[i:i + 3] = bytes(rgb)
 
-    def line(x0, y0, x1, y1, rgb, thick=1) -> None:
-        n = max(abs(x1 - x0), abs(y1 - y0), 1)
-        for i in range(n + 1):
-            x, y = round(x0 + (x1 - x0) * i / n), round(y0 + (y1 - y0) * i / n)
-            for dx in range(thick):
-                for dy in range(thick):
-                    put(x + dx, y + dy, rgb)
-
-    for g in range(5):  # grid
-        y = round(top + (bottom - top) * g / 4)
-        line(left, y, right, y, (225, 225, 225))
-    for x0, y0, x1, y1 in ((left, top, left, bottom), (left, bottom, right, bottom), (right, top, right, bottom),
-                           (left, top, right, top)):
-        line(x0, y0, x1, y1, (0, 0, 0))
-
-    def px(i: int, v: float) -> tuple[int, int]:
-        x = left + (right - left) * i / max(steps - 1, 1)
-        y = bottom - (bottom - top) * (v - lo) / (hi - lo)
-        return round(x), round(y)
-
-    legend = []
-    for (label, c), (name, rgb) in zip(curves.items(), COLORS):
-        pts = [px(i, v) for i, v in enumerate(c) if v == v]
-        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-            line(x0, y0, x1, y1, rgb, thick=2)
-        legend.append(f"{name}: {label}")
-    _png(path, width, height, pixels)
-    return "; ".join(legend) + f"; x: steps 0..{steps - 1}, y: loss {lo:.2f}..{hi:.2f}"
+def plot_losses(path: str, curves: dict[str, Sequence[float]], *, title: str,
+                ylabel: str = "training loss (log scale)") -> bool:
+    """Loss curves (label -> the loss at steps 1, 2, ...; NaN where a step has none, e.g. a
+    held-out loss measured every few steps) on a log-scaled loss axis, each curve joining the
+    steps it has; returns False, drawing nothing, when matplotlib is missing."""
+    lines = {}
+    for label, ys in curves.items():
+        steps = [i for i, y in enumerate(ys, 1) if math.isfinite(y)]
+        lines[label] = (steps, [ys[i - 1] for i in steps])
+    return plot_lines(path, lines, title=title, xlabel="training step", ylabel=ylabel, ylog=10)

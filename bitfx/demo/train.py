@@ -7,7 +7,8 @@ reload and use it.
 2. Training: the same initial weights, the same batches, the same steps: once through
    ``torch.compile(model, backend="bitfx")`` (ternary weights, int8 activations at every
    RMSNorm -> Linear site, straight-through gradients), once in floating point (bf16 autocast
-   on a GPU, fp32 on the CPU). A progress bar, and the two loss curves in ``loss.png``.
+   on a GPU, fp32 on the CPU). A progress bar, and the two loss curves in ``loss.png`` (with
+   matplotlib, the ``plot`` extra).
 3. Then: ``bitfx.quantize`` converts the ternary-trained model (packed 2-bit weights),
    ``bitfx.save`` writes it, ``bitfx.load`` reads it into a fresh skeleton (checked bit for bit
    against the converted model), and it generates a few lines.
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 import bitfx
 from bitfx.demo.corpus import CharText, grammar_text
 from bitfx.demo.example import ExampleConfig, ExampleLlama
-from bitfx.demo.plot import write_curves_png
+from bitfx.demo.plot import NO_PLOT, plot_losses
 
 # Model sizes: (dim, MLP hidden, heads, layers).
 SIZES = {"tiny": (64, 176, 4, 2), "small": (128, 352, 4, 2), "base": (256, 704, 8, 4), "large": (512, 1408, 8, 8)}
@@ -177,8 +178,10 @@ def main(argv=None) -> int:
             train_s[name] += time.perf_counter() - s0
         if step == 1 or step % max(1, steps // 100) == 0 or step == steps:
             _progress(step, steps, last, t0)
-    legend = write_curves_png(os.path.join(args.out, "loss.png"), {
-        "ternary (bitfx backend)": curves["ternary"], "float" + (" (bf16)" if gpu else " (fp32)"): curves["float"]})
+    plot_path = os.path.join(args.out, "loss.png")
+    plotted = plot_losses(plot_path, {
+        "ternary (bitfx backend)": curves["ternary"], "float" + (" (bf16)" if gpu else " (fp32)"): curves["float"]},
+        title=f"Training loss, {layers}-layer model (dim {dim}) on {device}", ylabel="loss, nats per character (log scale)")
 
     # Convert, save, reload into a fresh skeleton that holds no float weight for the ternary layers.
     ternary_model.eval()
@@ -204,7 +207,7 @@ def main(argv=None) -> int:
           f"{len(report.converted)} ternary linear layers")
     for s in report.sites:
         print(f"  {s.norm_module} -> {', '.join(m.rsplit('.', 1)[-1] for m in s.linear_modules)}")
-    print(f"-- loss curves: {os.path.join(args.out, 'loss.png')} ({legend})")
+    print(f"-- loss curves: {plot_path if plotted else NO_PLOT}")
     print(f"-- training time: ternary {train_s['ternary']:.1f} s (compile included), float {train_s['float']:.1f} s")
     print(f"-- held-out loss (nats per character): at the start {first_val:.3f}; ternary (converted, saved, reloaded) "
           f"{val_ternary:.3f}; float {val_float:.3f}")
