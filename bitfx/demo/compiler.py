@@ -21,6 +21,7 @@ import torch
 
 import bitfx
 from bitfx.bench.timing import wall_median_s
+from bitfx.demo.args import default_device, device as device_arg, positive_int
 from bitfx.demo.example import ExampleConfig, ExampleLlama
 
 # Compiled vs eager reference (relative L2 of the logits): the fused norm rounds differently
@@ -43,21 +44,25 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bitfx compiler", description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=device_arg, default=default_device(), help="cpu, cuda or cuda:N "
+                   "(default: cuda when torch finds a GPU)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on a GPU, float32 on the CPU")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--dim", type=int, default=None, help="default: 4096 on a GPU, 512 on the CPU")
-    p.add_argument("--hidden", type=int, default=None, help="default: 11008 on a GPU, 1408 on the CPU")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--layers", type=positive_int, default=2)
+    p.add_argument("--dim", type=positive_int, default=None, help="default: 4096 on a GPU, 512 on the CPU")
+    p.add_argument("--hidden", type=positive_int, default=None, help="default: 11008 on a GPU, 1408 on the CPU")
+    p.add_argument("--batch", type=positive_int, default=2)
+    p.add_argument("--seq", type=positive_int, default=64)
+    p.add_argument("--reps", type=positive_int, default=5)
     p.add_argument("--profile", action="store_true", help="print the profiler's op table of one compiled call")
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = args.device
     gpu = device.type == "cuda"
     args.dim = args.dim or (4096 if gpu else 512)
     args.hidden = args.hidden or (11008 if gpu else 1408)
+    heads = ExampleConfig().heads
+    if args.dim % heads:
+        p.error(f"--dim {args.dim}: must be a multiple of the model's {heads} attention heads")
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
 
     torch.manual_seed(0)

@@ -16,7 +16,9 @@ reload and use it.
    model, the sizes before and after, and tokens per second of generation.
 
 Exit status 0 when the ternary model learned (its held-out loss fell to below 60% of where
-it started) and the reloaded model matches the converted one; 1 otherwise.
+it started) and the reloaded model matches the converted one; 1 otherwise; 2 for a bad
+argument (a missing or binary ``--text``, ``--device cuda`` without a GPU, ``--steps 0``, ...),
+checked before any work starts.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import bitfx
+from bitfx.demo.args import default_device, device as device_arg, positive_float, positive_int, read_text
 from bitfx.demo.corpus import CharText, grammar_text
 from bitfx.demo.example import ExampleConfig, ExampleLlama
 from bitfx.demo.plot import NO_PLOT, plot_losses
@@ -107,25 +110,54 @@ def _gguf_problem(path: str, dim: int, size: str) -> str:
     return ""
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bitfx", description=__doc__.split("\n\n")[0])
-    p.add_argument("--text", default=None, help="a text file to train on (default: the built-in grammar corpus)")
+EPILOG = """\
+subcommands:
+  python -m bitfx [train] [options]   this training job (the default)
+  python -m bitfx compiler [options]  the compiler on a built-in model: the sites bitfx.explain
+                                      finds, compiled output against the eager reference, speed
+                                      (python -m bitfx compiler --help)
+  python -m bitfx finetune [options]  a float model fine-tuned into a ternary one
+                                      (python -m bitfx finetune --help)
+benchmarks: python -m bitfx.bench
+"""
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bitfx", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--text", default=None, help="a UTF-8 text file to train on (default: the built-in grammar corpus)")
     p.add_argument("--size", default=None, choices=sorted(SIZES), help="default: small on the CPU, base on a GPU")
-    p.add_argument("--steps", type=int, default=None, help="default: 1000 on the CPU, 2000 on a GPU")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=positive_int, default=None, help="default: 1000 on the CPU, 2000 on a GPU")
+    p.add_argument("--batch", type=positive_int, default=32)
+    p.add_argument("--seq", type=positive_int, default=64, help="characters per training window")
+    p.add_argument("--lr", type=positive_float, default=3e-3)
+    p.add_argument("--device", type=device_arg, default=default_device(), help="cpu, cuda or cuda:N "
+                   "(default: cuda when torch finds a GPU)")
     p.add_argument("--out", default="bitfx-train", help="folder for loss.png and model.safetensors")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the initial weights and the batches")
     p.add_argument("--gguf", default=None, metavar="PATH",
                    help="also write the trained ternary model as a GGUF file for llama.cpp (needs --size base or "
                         "large: llama.cpp's ternary blocks hold 256 weights; pip install gguf)")
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    if args.text is not None:
+        raw, source = read_text(p, args.text), args.text
+    else:
+        raw, source = grammar_text(), "the built-in grammar corpus"
+    held_out = len(raw) - int(0.9 * len(raw))
+    if held_out <= args.seq + 1:
+        p.error(f"{source} is too short for --seq {args.seq}: its held-out last 10% has {held_out} characters, "
+                f"more than {args.seq + 1} are needed")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out}: is a file, not a folder")
+    device = args.device
     gpu = device.type == "cuda"
     dim, hidden, heads, layers = SIZES[args.size or ("base" if gpu else "small")]
-    steps = args.steps or (2000 if gpu else 1000)
+    steps = args.steps if args.steps is not None else (2000 if gpu else 1000)
     if args.gguf:
         problem = _gguf_problem(args.gguf, dim, args.size or ("base" if gpu else "small"))
         if problem:
@@ -133,16 +165,7 @@ def main(argv=None) -> int:
             return 1
     os.makedirs(args.out, exist_ok=True)
 
-    if args.text:
-        with open(args.text, encoding="utf-8") as f:
-            raw = f.read()
-        source = args.text
-    else:
-        raw, source = grammar_text(), "the built-in grammar corpus"
     text = CharText(raw, device)
-    if len(text.val) <= args.seq + 1:
-        print(f"bitfx: {source} is too short for --seq {args.seq}", file=sys.stderr)
-        return 1
     cfg = ExampleConfig(vocab=text.vocab, dim=dim, hidden=hidden, heads=heads, layers=layers)
     torch.manual_seed(args.seed)
     float_model = ExampleLlama(cfg).to(device)
