@@ -17,8 +17,8 @@ from tests import models
 from tests.helpers import KERNEL_DEVICE
 
 
-def _seed_codes(x, bits):
-    """The seed's activation quantizer (001: ``activation_quant(x, bits)``) as integer codes:
+def _absmax_codes(x, bits):
+    """BitNet b1.58's per-token absmax activation quantizer as integer codes:
     ``round(x / max|x| * Qmax)`` clamped to ``[-Qmax, Qmax]``, ``Qmax = 2^(bits-1) - 1``."""
     qmax = 2 ** (bits - 1) - 1
     scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-5)
@@ -32,9 +32,9 @@ def test_reference_codes(bits):
     q, s = ref.act_quant(x, bits)
     qmax = 2 ** (bits - 1) - 1
     assert q.dtype == torch.int8 and int(q.abs().max()) == qmax
-    # The same codes as the seed's formula, except where x * s sits on a rounding boundary
+    # The same codes as that formula, except where x * s sits on a rounding boundary
     # (qmax / amax and qmax * (1 / amax) can differ in the last bit).
-    assert (q.float() != _seed_codes(x, bits)).float().mean() < 1e-3
+    assert (q.float() != _absmax_codes(x, bits)).float().mean() < 1e-3
     torch.testing.assert_close(s, qmax / x.abs().amax(-1), rtol=2e-7, atol=0)
     with pytest.raises(ValueError, match="activation bits must be one of"):
         ref.act_quant(x, 5)

@@ -1,6 +1,6 @@
-"""k-term ternary conversion (seed 001's greedy decomposition): W ~= sum_i t_i / s_i, fitted on
-the residual with per-output-channel absmean scales, served by one matmul over the stacked
-terms."""
+"""k-term ternary conversion, a greedy decomposition: W ~= sum_i t_i / s_i, each term fitted to
+the residual the earlier ones leave, with per-output-channel absmean scales, served by one matmul
+over the stacked terms."""
 
 from __future__ import annotations
 

@@ -241,8 +241,9 @@ def main(argv=None) -> int:
 
     # The float model as a pretrained dense model, converted after training (no QAT): the error
     # falls with the number of ternary terms each weight is fitted with.
-    print("-- the float-trained model converted after training with k ternary terms per weight (seed 001's "
-          "greedy fit; no training in ternary) and activation codes of a given width:")
+    print("-- the float-trained model converted after training with k ternary terms per weight (each term "
+          "fitted greedily to the residual of the earlier ones; no training in ternary) and activation codes "
+          "of a given width:")
     dense = dict(float_model.named_modules())
     for k, bits in ((1, 8), (2, 8), (3, 8), (3, 6), (3, 4)):
         with torch.no_grad():
