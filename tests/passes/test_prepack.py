@@ -371,3 +371,35 @@ def test_step_under_cuda_graphs_launches_no_weight_quantization(quantized):
     assert any("ternary" in k for k in kernels), kernels  # the replayed graph's kernels are seen
     assert not [k for k in kernels if any(w in k for w in _WEIGHT_KERNELS)]
     assert _op_calls(lambda: compiled(ids), "bitfx::weight_quant") == 0
+
+
+def test_call_record_follows_versions_pointers_and_deaths():
+    """The per-call check: the last call's operands are reused only for the same memory,
+    unchanged; an in-place write, a rebinding and a source's death each drop the record."""
+    import gc
+
+    from torch import fx
+
+    from bitfx.passes.prepack import Prepacked, _Recipe
+
+    g = fx.Graph()
+    w_in = g.placeholder("w")
+    g.output((g.call_function(torch.mul, (w_in, 2.0)),))
+    packs = Prepacked([(_Recipe(g), [0])])
+    w = torch.randn(4, 4)
+    (op,) = packs.resolve((w,))
+    assert torch.equal(op, w * 2) and packs.current((w,))[0] is op
+    w.add_(1)  # in place: the version counter moves
+    assert packs.current((w,)) is None
+    (op,) = packs.resolve((w,))
+    assert torch.equal(op, w * 2) and packs.current((w,))[0] is op
+    w.data = torch.zeros(4, 4)  # rebound: another data pointer
+    assert packs.current((w,)) is None
+    (op,) = packs.resolve((w,))
+    assert torch.equal(op, torch.zeros(4, 4))
+    other = torch.ones(4, 4)
+    packs.resolve((other,))
+    assert packs._last is not None
+    del other
+    gc.collect()
+    assert packs._last is None  # the recorded source died: no other tensor can be taken for it
