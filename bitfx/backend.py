@@ -24,13 +24,13 @@ receive, which already contains the ``torch.ops.bitfx`` calls; the training ops'
 formulas are Python traced later, so the backend adds a no-op post-grad pass whose
 ``CustomGraphPass.uuid()`` is a hash of bitfx's sources (:mod:`bitfx.cache_key`).
 
-Determinism: a training step gives the same numbers on every run with the same seed (on the
-same machine and thread count: Inductor's CPU reductions add per-thread partial sums in thread
-order), as eager training does. Inductor decomposes an embedding's
-backward into an accumulating ``index_put``, which it generates as atomic adds from parallel
-threads: the order of the adds into one row, and so the rounding of the embedding gradient,
-changed from run to run. The backend keeps ``embedding_dense_backward`` whole (ATen's kernel,
-the one eager runs); see :func:`decompositions`.
+Determinism: Inductor generates an embedding's backward (an accumulating ``index_put``) as
+atomic adds from parallel threads, whose order, and so the rounding of the embedding gradient,
+changes from run to run; everything bitfx adds repeats bit for bit. For training that repeats
+exactly, turn on ``torch.use_deterministic_algorithms(True)``: Inductor then calls ATen's
+``index_put`` for it (the main job does so on the CPU). The backend does not change Inductor's
+decomposition table itself: a custom table cannot be pickled into the compile caches' keys, and
+every graph would compile afresh.
 
 Training or inference: :func:`bitfx.config.decide_training`, once per graph (``training`` in
 the options, or grad mode and inputs requiring grad). ``training=False`` for a graph traced to
@@ -128,27 +128,9 @@ def _frame_roots() -> list[tuple[str, nn.Module, str]]:
     return roots
 
 
-def decompositions() -> dict:
-    """Inductor's decomposition table without ``aten.embedding_dense_backward``.
-
-    Decomposed, ``grad_weight = zeros(V, D).index_put_((ids,), dy, accumulate=True)`` becomes
-    atomic float adds from parallel threads (OpenMP on the CPU, Triton atomics on a GPU), whose
-    order, and so the sum's rounding, differs between runs. Undecomposed, Inductor calls ATen's
-    kernel, the one eager training runs, which adds in a fixed order (at the price of one kernel
-    Inductor does not fuse with its neighbours). Everything else is Inductor's own table, as
-    ``select_decomp_table`` gives it under the current Inductor config."""
-    from torch._inductor.decomposition import select_decomp_table
-
-    table = dict(select_decomp_table())
-    for overload in torch.ops.aten.embedding_dense_backward.overloads():
-        table.pop(getattr(torch.ops.aten.embedding_dense_backward, overload), None)
-    return table
-
-
 def bitfx_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = None,
                   options: Optional[dict[str, Any]] = None):
     """Rewrite RMSNorm -> Linear sites to ``torch.ops.bitfx`` ops, then compile with Inductor."""
-    from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
     config, filter_fn, inductor_patches = _split_options(options)
@@ -173,9 +155,7 @@ def bitfx_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[st
     if not config.training:
         gm, packs = prepack(gm, inputs, naming)
     # bitfx's sources join the compile caches' keys (the backward formulas are Python: bitfx/cache_key.py)
-    with inductor_config.patch(inductor_patches):  # the table follows the options (fallback_random)
-        table = decompositions()
-    compiled = compile_fx(gm, inputs, config_patches=keyed(inductor_patches), decompositions=table)
+    compiled = compile_fx(gm, inputs, config_patches=keyed(inductor_patches))
     if packs is None:
         return compiled
     run = packs.guard(compiled)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bitfx.config import BitfxConfig
+from bitfx.explain import _compile_options
 
 __all__ = ["finetune", "FinetuneResult", "distillation_loss", "load_float_model"]
 
@@ -150,7 +151,9 @@ def finetune(
     options: dict[str, Any] = {"config": config or BitfxConfig()}
     if filter_fn is not None:
         options["filter_fn"] = filter_fn
-    compiled = torch.compile(model, backend="bitfx", options=options)
+    # Its own recompile region where torch has one: compiles of the same class elsewhere in the
+    # process do not count towards Dynamo's limit, past which the model would run uncompiled.
+    compiled = torch.compile(model, backend="bitfx", options=options, **_compile_options())
     opt = torch.optim.AdamW(params, lr=schedule(1), weight_decay=weight_decay)
     model.train()
     result = FinetuneResult(model, compiled, [], [], [])
@@ -167,6 +170,11 @@ def finetune(
             with torch.no_grad():
                 zt = _logits(teacher(x))
         loss, ce, kd = distillation_loss(_logits(compiled(x)), zt, y, alpha=alpha, temperature=temperature)
+        if step == 1 and not _through_compiled_graph(loss):
+            raise RuntimeError(
+                "bitfx.finetune: the model ran uncompiled (no compiled graph behind the loss), so it would train "
+                "in floating point, not as ternary; Dynamo skips a frame it cannot trace or whose recompile limit "
+                "is reached (TORCH_LOGS=recompiles,graph_breaks says which)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -176,6 +184,21 @@ def finetune(
         if callback is not None:
             callback(step, stats, compiled)
     return result
+
+
+def _through_compiled_graph(loss: torch.Tensor) -> bool:
+    """Whether ``loss``'s autograd graph passes through a graph ``torch.compile`` compiled (its
+    backward node is AOTAutograd's ``CompiledFunctionBackward``)."""
+    seen, todo = set(), [loss.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if "CompiledFunction" in type(fn).__name__:
+            return True
+        todo.extend(next_fn for next_fn, _ in fn.next_functions)
+    return False
 
 
 def load_float_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -1,16 +1,18 @@
-"""Ternary training through the backend is reproducible: the same seed gives the same losses
-and weights, bit for bit, as eager float training does.
+"""Ternary training through the backend is reproducible under
+``torch.use_deterministic_algorithms(True)``: the same seed gives the same losses and weights,
+bit for bit, as eager float training does; the main job trains so on the CPU.
 
 Inductor decomposes an embedding's backward into an accumulating ``index_put`` that it
 generates as atomic adds from parallel threads; their order changed the embedding gradient's
-rounding from run to run (two main-job runs ended at losses 0.525 and 0.534). The backend
-keeps ATen's ``embedding_dense_backward`` (:func:`bitfx.backend.decompositions`)."""
+rounding from run to run (two main-job runs ended at losses 0.525 and 0.534). In deterministic
+mode Inductor calls ATen's ``index_put`` instead; bitfx's own ops repeat bit for bit either way."""
 
 from __future__ import annotations
 
 import torch
 
 from bitfx.demo.example import ExampleConfig, ExampleLlama
+from bitfx.demo.train import deterministic
 
 VOCAB = 24
 
@@ -38,7 +40,8 @@ def _train(steps: int = 3):
 
 def test_ternary_training_repeats_bit_for_bit():
     # With torch.get_num_threads() == 1 unordered parallel adds cannot show; CI runs two.
-    runs = [_train() for _ in range(2)]
+    with deterministic():
+        runs = [_train() for _ in range(2)]
     losses, grads, weights = runs[0]
     for other_losses, other_grads, other_weights in runs[1:]:
         assert other_losses == losses
@@ -48,11 +51,8 @@ def test_ternary_training_repeats_bit_for_bit():
             assert torch.equal(value, other_weights[name]), name
 
 
-def test_embedding_backward_is_not_decomposed():
-    from torch._inductor.decomposition import select_decomp_table
-
-    from bitfx.backend import decompositions
-
-    dropped = set(select_decomp_table()) - set(decompositions())
-    assert dropped == {getattr(torch.ops.aten.embedding_dense_backward, name)
-                       for name in torch.ops.aten.embedding_dense_backward.overloads()}
+def test_deterministic_block_restores_the_callers_setting():
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    with deterministic():
+        assert torch.are_deterministic_algorithms_enabled()
+    assert (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) == before

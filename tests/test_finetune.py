@@ -89,7 +89,9 @@ def test_finetune_from_float_weights_lowers_the_loss_and_reports_its_terms():
         assert math.isclose(loss, 0.5 * ce + 0.5 * kd, rel_tol=1e-5)
     # The first step's terms, recomputed by hand from the same model and the frozen float copy.
     x, y = data[0]
-    zs = torch.compile(copy.deepcopy(float_copy), backend="bitfx")(x).detach()
+    from bitfx.explain import _compile_options
+
+    zs = torch.compile(copy.deepcopy(float_copy), backend="bitfx", **_compile_options())(x).detach()
     with torch.no_grad():
         zt = float_copy(x)
     assert math.isclose(result.kd[0], _kd_by_hand(zs, zt, y, 2.0), rel_tol=1e-4)
@@ -117,3 +119,12 @@ def test_finetune_rejects_bad_input():
     with pytest.raises(FileNotFoundError, match="no config.json"):
         bitfx.load_float_model(os.path.dirname(__file__))
 
+
+
+def test_finetune_refuses_a_model_that_runs_uncompiled():
+    """A frame Dynamo does not compile (skipped, or past its recompile limit) would train in
+    floating point: refused after the first step."""
+    model = _tiny()
+    model.forward = torch.compiler.disable(model.forward)
+    with pytest.raises(RuntimeError, match="ran uncompiled"):
+        bitfx.finetune(model, _repeated_batch(), steps=2, lr=1e-2)

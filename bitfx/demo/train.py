@@ -24,6 +24,7 @@ checked before any work starts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import math
 import os
@@ -141,6 +142,42 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _train_loop(runners, opts, text, args, steps, g, gpu, curves, train_s, t0) -> None:
+    """Both models, step by step on the same batches."""
+    for step in range(1, steps + 1):
+        x, y = text.batch(text.train, args.batch, args.seq, g)
+        lr = lr_at(step, steps, args.lr, warmup=20)
+        last = {}
+        for name, model in runners.items():
+            s0 = time.perf_counter()
+            for group in opts[name].param_groups:
+                group["lr"] = lr
+            loss = lm_loss(model, x, y, autocast=gpu and name == "float")
+            opts[name].zero_grad(set_to_none=True)
+            loss.backward()
+            opts[name].step()
+            last[name] = loss.item()
+            curves[name].append(last[name])
+            train_s[name] += time.perf_counter() - s0
+        if step == 1 or step % max(1, steps // 100) == 0 or step == steps:
+            _progress(step, steps, last, t0)
+
+
+@contextlib.contextmanager
+def deterministic():
+    """``torch.use_deterministic_algorithms(True, warn_only=True)`` for the block, restored after:
+    Inductor then generates the embedding's backward with ATen's ordered ``index_put`` instead of
+    atomic adds from parallel threads, so the compiled ternary run repeats bit for bit, as the
+    eager float run does."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+
+
 def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
@@ -184,23 +221,9 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
     train_s = {"ternary": 0.0, "float": 0.0}
-    for step in range(1, steps + 1):
-        x, y = text.batch(text.train, args.batch, args.seq, g)
-        lr = lr_at(step, steps, args.lr, warmup=20)
-        last = {}
-        for name, model in runners.items():
-            s0 = time.perf_counter()
-            for group in opts[name].param_groups:
-                group["lr"] = lr
-            loss = lm_loss(model, x, y, autocast=gpu and name == "float")
-            opts[name].zero_grad(set_to_none=True)
-            loss.backward()
-            opts[name].step()
-            last[name] = loss.item()
-            curves[name].append(last[name])
-            train_s[name] += time.perf_counter() - s0
-        if step == 1 or step % max(1, steps // 100) == 0 or step == steps:
-            _progress(step, steps, last, t0)
+    repeatable = contextlib.nullcontext() if gpu else deterministic()
+    with repeatable:
+        _train_loop(runners, opts, text, args, steps, g, gpu, curves, train_s, t0)
     plot_path = os.path.join(args.out, "loss.png")
     plotted = plot_losses(plot_path, {
         "ternary (bitfx backend)": curves["ternary"], "float" + (" (bf16)" if gpu else " (fp32)"): curves["float"]},
