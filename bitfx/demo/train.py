@@ -142,27 +142,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _train_loop(runners, opts, text, args, steps, g, gpu, curves, train_s, t0) -> None:
-    """Both models, step by step on the same batches."""
-    for step in range(1, steps + 1):
-        x, y = text.batch(text.train, args.batch, args.seq, g)
-        lr = lr_at(step, steps, args.lr, warmup=20)
-        last = {}
-        for name, model in runners.items():
-            s0 = time.perf_counter()
-            for group in opts[name].param_groups:
-                group["lr"] = lr
-            loss = lm_loss(model, x, y, autocast=gpu and name == "float")
-            opts[name].zero_grad(set_to_none=True)
-            loss.backward()
-            opts[name].step()
-            last[name] = loss.item()
-            curves[name].append(last[name])
-            train_s[name] += time.perf_counter() - s0
-        if step == 1 or step % max(1, steps // 100) == 0 or step == steps:
-            _progress(step, steps, last, t0)
-
-
 @contextlib.contextmanager
 def deterministic():
     """``torch.use_deterministic_algorithms(True, warn_only=True)`` for the block, restored after:
@@ -221,9 +200,24 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(args.seed)
     t0 = time.perf_counter()
     train_s = {"ternary": 0.0, "float": 0.0}
-    repeatable = contextlib.nullcontext() if gpu else deterministic()
-    with repeatable:
-        _train_loop(runners, opts, text, args, steps, g, gpu, curves, train_s, t0)
+    with contextlib.nullcontext() if gpu else deterministic():  # the CPU run repeats bit for bit
+        for step in range(1, steps + 1):
+            x, y = text.batch(text.train, args.batch, args.seq, g)
+            lr = lr_at(step, steps, args.lr, warmup=20)
+            last = {}
+            for name, model in runners.items():
+                s0 = time.perf_counter()
+                for group in opts[name].param_groups:
+                    group["lr"] = lr
+                loss = lm_loss(model, x, y, autocast=gpu and name == "float")
+                opts[name].zero_grad(set_to_none=True)
+                loss.backward()
+                opts[name].step()
+                last[name] = loss.item()
+                curves[name].append(last[name])
+                train_s[name] += time.perf_counter() - s0
+            if step == 1 or step % max(1, steps // 100) == 0 or step == steps:
+                _progress(step, steps, last, t0)
     plot_path = os.path.join(args.out, "loss.png")
     plotted = plot_losses(plot_path, {
         "ternary (bitfx backend)": curves["ternary"], "float" + (" (bf16)" if gpu else " (fp32)"): curves["float"]},
