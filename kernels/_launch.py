@@ -41,16 +41,14 @@ _Tensor = torch.Tensor
 
 
 def _arg_key(a):
-    cls = a.__class__
-    if cls is int:
-        return (a == 1, not a & 15, -2147483648 <= a < 2147483648)
+    """What Triton specializes on in one runtime argument (module docstring)."""
     if isinstance(a, _Tensor):
         return (a.dtype, not a.data_ptr() & 15)
-    if cls is bool or cls is float or a is None:
-        return cls
-    if isinstance(a, int):  # an int subclass (an enum member): Triton sees an int
+    if a is None or isinstance(a, (bool, float)):  # bool before int: True is an int too
+        return type(a)
+    if isinstance(a, int):
         return (a == 1, not a & 15, -2147483648 <= a < 2147483648)
-    raise TypeError(f"bitfx launcher: unsupported kernel argument of type {cls.__name__}")
+    raise TypeError(f"bitfx launcher: unsupported kernel argument of type {type(a).__name__}")
 
 
 def _hooks_set() -> bool:
@@ -87,10 +85,7 @@ class Launcher:
             self.fn[grid](*args, **constexprs, **options)
             return
         device = torch.cuda.current_device()
-        key = (tuple([(a.dtype, not a.data_ptr() & 15) if a.__class__ is _Tensor
-                      else (a == 1, not a & 15, -2147483648 <= a < 2147483648) if a.__class__ is int
-                      else _arg_key(a) for a in args]),
-               tuple(constexprs.values()), tuple(options.items()), device)
+        key = (tuple(map(_arg_key, args)), tuple(constexprs.values()), tuple(options.items()), device)
         entry = self._kernels.get(key)
         if entry is None:
             kernel = self.fn[grid](*args, **constexprs, **options)
