@@ -44,6 +44,12 @@ the memory of the float weights. With ``dynamic=True`` Dynamo first hands over f
 attributes (a norm's ``eps``) as symbolic inputs; the pass specializes the ones a norm uses,
 and Inductor restarts the trace with them constant, so a compile may run the pass twice.
 
+Who launches the kernels of an inference graph on CUDA (``BitfxConfig.launch``): outside CUDA
+graphs Inductor's own generated code (the ``triton_op`` forms of the ops,
+:mod:`bitfx.ops.inductor`), so that a default-mode call pays Inductor's host cost per kernel,
+not a custom op's; under CUDA graphs the custom ops, whose kernels use programmatic dependent
+launch.
+
 Logging: logger ``"bitfx"``. ``BITFX_LOG=1`` (or ``info``) prints what was rewritten,
 ``BITFX_LOG=debug`` also what was left out and why.
 """
@@ -128,6 +134,19 @@ def _frame_roots() -> list[tuple[str, nn.Module, str]]:
     return roots
 
 
+def _inductor_launches(config: BitfxConfig, inputs: list, inductor_patches: dict[str, Any]) -> bool:
+    """Whether the inference ops of a graph with these inputs become Triton kernels launched by
+    Inductor's code (``BitfxConfig.launch``): on CUDA only, and with ``"auto"`` only outside CUDA
+    graphs (the mode's options, the call's own, or Inductor's global setting)."""
+    if config.launch == "op" or not any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs):
+        return False
+    if config.launch == "inductor":
+        return True
+    from torch._inductor import config as inductor_config
+
+    return not inductor_patches.get("triton.cudagraphs", inductor_config.triton.cudagraphs)
+
+
 def bitfx_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = None,
                   options: Optional[dict[str, Any]] = None):
     """Rewrite RMSNorm -> Linear sites to ``torch.ops.bitfx`` ops, then compile with Inductor."""
@@ -154,6 +173,10 @@ def bitfx_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[st
     packs = None
     if not config.training:
         gm, packs = prepack(gm, inputs, naming)
+    if not config.training and _inductor_launches(config, inputs, inductor_patches):
+        from bitfx.ops.inductor import retarget
+
+        log.info("bitfx: %d inference op calls launched by Inductor's code", retarget(gm))
     # bitfx's sources join the compile caches' keys (the backward formulas are Python: bitfx/cache_key.py)
     compiled = compile_fx(gm, inputs, config_patches=keyed(inductor_patches))
     if packs is None:

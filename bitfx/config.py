@@ -16,14 +16,16 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-__all__ = ["BitfxConfig", "QuantizeConfig", "LINEAR_MODES", "BACKWARD_MODES", "decide_training", "filter_result",
-           "checked_filter_fn"]
+__all__ = ["BitfxConfig", "QuantizeConfig", "LINEAR_MODES", "BACKWARD_MODES", "LAUNCH_MODES", "decide_training",
+           "filter_result", "checked_filter_fn"]
 
 # What ``BitfxConfig.linears`` may say: every linear of the model (as BitNet b1.58), only those an
 # RMSNorm feeds, or every linear with an RMSNorm inserted in front of those that have none.
 LINEAR_MODES = ("all", "sites", "norm")
 # What ``BitfxConfig.backward`` may say: the straight-through matmuls in the gradient's dtype, or in FP8.
 BACKWARD_MODES = ("exact", "fp8")
+# What ``BitfxConfig.launch`` may say: who launches the inference kernels of a compiled CUDA graph.
+LAUNCH_MODES = ("auto", "inductor", "op")
 
 
 @dataclass
@@ -59,6 +61,14 @@ class BitfxConfig:
         activations are rounded to 3 mantissa bits. The forward is unchanged. Linears already
         converted by ``bitfx.quantize`` (frozen packed weights, no weight gradient) keep the
         exact input gradient.
+    launch: the backend's inference graphs on CUDA only: who launches the kernels.
+        ``"inductor"``: Inductor's generated code launches the Triton kernels itself
+        (``torch.library.triton_op`` forms of the ops, :mod:`bitfx.ops.inductor`), with the
+        host cost of its own kernels. ``"op"``: each call goes through the ``bitfx::`` custom
+        op, whose kernels use programmatic dependent launch (the matmul starts streaming its
+        weights while the norm before it runs). ``"auto"`` (the default): ``"op"`` under CUDA
+        graphs (``mode="reduce-overhead"``, ``"max-autotune"``, or Inductor's
+        ``triton.cudagraphs``), where no host time is spent per call; ``"inductor"`` otherwise.
     """
 
     linears: str = "all"
@@ -69,6 +79,7 @@ class BitfxConfig:
     act_bits: int = 8
     training: Optional[bool] = None
     backward: str = "exact"
+    launch: str = "auto"
 
     def __post_init__(self):
         # Every field is type-checked: a string where a bool belongs ("no" is truthy) or a float
@@ -87,6 +98,8 @@ class BitfxConfig:
             raise ValueError(f"BitfxConfig: terms must be a positive int, got {_short(self.terms)}")
         if not isinstance(self.backward, str) or self.backward not in BACKWARD_MODES:
             raise ValueError(f"BitfxConfig: backward must be one of {BACKWARD_MODES}, got {_short(self.backward)}")
+        if not isinstance(self.launch, str) or self.launch not in LAUNCH_MODES:
+            raise ValueError(f"BitfxConfig: launch must be one of {LAUNCH_MODES}, got {_short(self.launch)}")
         if not isinstance(self.act_bits, int) or isinstance(self.act_bits, bool) or self.act_bits not in (4, 6, 8):
             raise ValueError(f"BitfxConfig: act_bits must be 8, 6 or 4 (an int), got {_short(self.act_bits)}")
 

@@ -16,6 +16,10 @@ have compiled it for:
 The first call with a key, and every call while a Triton launch hook is installed (a profiler
 such as proton) or in the interpreter, goes through ``kernel[grid]`` unchanged; the others
 call the compiled kernel's launcher with no launch metadata and no hooks.
+
+:meth:`Launcher.traced` launches through ``torch.library.wrap_triton`` instead, for the
+``triton_op`` forms of the ops (:mod:`bitfx.ops.inductor`): traced by ``torch.compile``, the
+kernel becomes part of Inductor's generated code, which launches it itself.
 """
 
 from __future__ import annotations
@@ -51,12 +55,17 @@ def _arg_key(a):
     raise TypeError(f"bitfx launcher: unsupported kernel argument of type {type(a).__name__}")
 
 
+_RUNTIME = []
+
+
 def _hooks_set() -> bool:
     """Whether a launch hook is installed (Triton 3.4+ keeps an always-present, possibly empty
     chain of them; older releases None or a callable)."""
-    from triton import knobs
+    if not _RUNTIME:
+        from triton import knobs
 
-    runtime = knobs.runtime
+        _RUNTIME.append(knobs.runtime)
+    runtime = _RUNTIME[0]
     for hook in (runtime.launch_enter_hook, runtime.launch_exit_hook):
         if hook is not None and (getattr(hook, "calls", True)):
             return True
@@ -78,12 +87,23 @@ class Launcher:
         self.fn = fn
         self.names = tuple(fn.arg_names)
         self._kernels: dict = {}
-        self._stream = None
 
-    def __call__(self, grid: tuple, args: tuple, constexprs: dict, **options) -> None:
+    def traced(self, grid: tuple, args: tuple, constexprs: dict, num_warps: int, num_stages: int = 3) -> None:
+        """``wrap_triton(jit_fn)[grid](*args, **constexprs, num_warps=..., num_stages=...)``: a
+        launch that ``torch.compile`` traces into its graph (Inductor then launches the kernel
+        from its own code); outside a trace, a plain launch. Inductor takes the warps and stages
+        of a launch, not Triton's other options (programmatic dependent launch, FP fusion), so
+        the callers turn off the features that need them."""
+        from torch.library import wrap_triton
+
+        wrap_triton(self.fn)[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+
+    def __call__(self, grid: tuple, args: tuple, constexprs: dict, **options):
+        """Launch; returns the cached compiled launch ``(run, function, metadata, constexpr
+        values)`` it used or made (None where the launch went through ``kernel[grid]`` only)."""
         if not self._direct or interpreting() or _hooks_set():
             self.fn[grid](*args, **constexprs, **options)
-            return
+            return None
         device = torch.cuda.current_device()
         key = (tuple(map(_arg_key, args)), tuple(constexprs.values()), tuple(options.items()), device)
         entry = self._kernels.get(key)
@@ -96,14 +116,46 @@ class Launcher:
             run = getattr(kernel, "run", None)  # the compiled launcher, loaded by the launch above
             function = getattr(kernel, "function", None)
             if run is not None and function is not None and hasattr(kernel, "packed_metadata"):
-                self._kernels[key] = (run, function, kernel.packed_metadata, tuple(constexprs[n] for n in tail))
-            return
+                entry = self._kernels[key] = (run, function, kernel.packed_metadata,
+                                              tuple(constexprs[n] for n in tail))
+            return entry
         run, function, metadata, tail_values = entry
-        stream = self._stream
-        if stream is None:
-            from triton.runtime import driver
-
-            stream = self._stream = driver.active.get_current_stream
         n = len(grid)
-        run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream(device), function, metadata,
+        run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, _stream()(device), function, metadata,
             None, None, None, *args, *tail_values)
+        return entry
+
+    def bind(self, grid: tuple, args: tuple, constexprs: dict, **options):
+        """Launch as :meth:`__call__` does, and return ``again(*args)``: the same launch (grid,
+        constexprs, options) for new arguments that Triton would specialize as ``args`` (the
+        same dtypes, 16-byte alignment and int classes: the caller's promise), calling the
+        compiled launcher with no key to build; None where launches do not go through it (the
+        interpreter, an old Triton). ``again`` falls back on :meth:`__call__` while a launch hook
+        is installed."""
+        entry = self(grid, args, constexprs, **options)
+        if entry is None:
+            return None
+        run, function, metadata, tail_values = entry
+        g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
+        device = torch.cuda.current_device()
+        stream = _stream()
+
+        def again(*new_args):
+            if _hooks_set():
+                self(grid, new_args, constexprs, **options)
+            else:
+                run(g0, g1, g2, stream(device), function, metadata, None, None, None, *new_args, *tail_values)
+
+        return again
+
+
+_STREAM = []
+
+
+def _stream():
+    """Triton's ``get_current_stream(device)`` (the current CUDA stream's handle)."""
+    if not _STREAM:
+        from triton.runtime import driver
+
+        _STREAM.append(driver.active.get_current_stream)
+    return _STREAM[0]

@@ -19,6 +19,10 @@ chunks, reading ``x`` three times (sum of squares, absmax, codes).
 The launchers compile with ``enable_fp_fusion=False``: a multiply followed by an add must not
 become one fused multiply-add, or ``round_half_even(y * s_x)`` would round the exact product
 instead of its fp32 value, and the codes would differ from the reference at rounding boundaries.
+A launch traced into Inductor's code (``traced=True``) cannot pass that option; there the two
+products an add follows (``x * x`` of the sum of squares, ``y * s_x`` of the rounding) are
+PTX ``mul.rn.f32`` instructions (``RN_MUL``), which the compiler never fuses, so the numbers
+are the same as a launch with fusion off.
 """
 
 from __future__ import annotations
@@ -154,6 +158,16 @@ def _load_norm_chunk(X, W, c, K, rstd, NORM: tl.constexpr, HAS_WEIGHT: tl.conste
 
 
 @triton.jit
+def _mul(a, b, RN_MUL: tl.constexpr):
+    """``a * b`` in fp32; with ``RN_MUL`` as ``mul.rn.f32``, a product no later add is fused into."""
+    if RN_MUL:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return a * b
+
+
+@triton.jit
 def _abs_or_inf(y):
     """|y|, with NaN as +inf: its maximum over a row is +inf exactly when the row is bad (holds NaN
     or +-Inf), so one reduction gives both the absmax and the bad-row flag."""
@@ -161,9 +175,9 @@ def _abs_or_inf(y):
 
 
 @triton.jit
-def _quantize(y, scale, bad, QMAX: tl.constexpr):
+def _quantize(y, scale, bad, QMAX: tl.constexpr, RN_MUL: tl.constexpr):
     """clamp(round_half_even(y * scale), -QMAX - 1, QMAX) as int8; zero where the row is bad."""
-    v = y * scale
+    v = _mul(y, scale, RN_MUL)
     # 1.5 * 2^23: adding and subtracting it rounds |v| < 2^22 to an integer, ties to even.
     v = (v + 12582912.0) - 12582912.0
     v = tl.minimum(tl.maximum(v, -QMAX - 1.0), QMAX * 1.0)
@@ -192,6 +206,7 @@ def _norm_quant_kernel(
     PDL_TRIGGER: tl.constexpr,  # let the next kernel (launched with PDL) start now
     EARLY_G: tl.constexpr,  # load the norm weight before the first reduction (few rows)
     QMAX: tl.constexpr = 127,  # largest code: 2^(bits-1) - 1
+    RN_MUL: tl.constexpr = False,  # products an add follows as mul.rn (launches with FP fusion on)
 ):
     """One program per row: (optional) RMSNorm, then absmax quantization of that row to codes
     in [-QMAX - 1, QMAX] (int8 storage)."""
@@ -211,7 +226,7 @@ def _norm_quant_kernel(
         if EARLY_G:
             g = _g_eff(W, cols, mask, HAS_WEIGHT and NORM, OFFSET)
         if NORM:
-            rstd = _rstd(tl.sum(x * x, axis=0), K, eps)
+            rstd = _rstd(tl.sum(_mul(x, x, RN_MUL), axis=0), K, eps)
         if not EARLY_G:
             g = _g_eff(W, cols, mask, HAS_WEIGHT and NORM, OFFSET)
         y = _norm_chunk(x, g, rstd, X_ROUND, NORM, HAS_WEIGHT, CAST_BEFORE_WEIGHT, Y_ROUND)
@@ -222,7 +237,7 @@ def _norm_quant_kernel(
             for k0 in range(0, K, BLOCK_K):
                 c = k0 + cols
                 x = tl.load(X + c, mask=c < K, other=0.0).to(tl.float32)
-                acc += x * x
+                acc += _mul(x, x, RN_MUL)
             rstd = _rstd(tl.sum(acc, axis=0), K, eps)
         amax_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -238,44 +253,70 @@ def _norm_quant_kernel(
     if NORM:
         tl.store(RSTD + row, rstd)
     if ONE_BLOCK:
-        tl.store(Q + cols, _quantize(y, scale, bad, QMAX), mask=mask)
+        tl.store(Q + cols, _quantize(y, scale, bad, QMAX, RN_MUL), mask=mask)
     else:
         for k0 in range(0, K, BLOCK_K):
             c = k0 + cols
             y = _load_norm_chunk(X, W, c, K, rstd, NORM, HAS_WEIGHT, OFFSET, CAST_BEFORE_WEIGHT, X_ROUND, Y_ROUND)
-            tl.store(Q + c, _quantize(y, scale, bad, QMAX), mask=c < K)
+            tl.store(Q + c, _quantize(y, scale, bad, QMAX, RN_MUL), mask=c < K)
 
 
 _NORM_QUANT = Launcher(_norm_quant_kernel)
 
 
-def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm, qmax=127):
-    """Allocate ``(q, s_x, rstd)`` on x's device and launch one program per row."""
+def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm, qmax=127, traced=False, bind=False):
+    """Allocate ``(q, s_x, rstd)`` on x's device and launch one program per row.
+
+    ``traced``: launched through ``wrap_triton`` (:meth:`Launcher.traced`), for the
+    ``triton_op`` forms of the ops: shapes may be symbolic there (``M`` is), and the launch has
+    no PDL trigger (its inline PTX would count as a write to every argument in Inductor's
+    analysis of the kernel) and no FP-fusion option (``RN_MUL`` instead).
+
+    ``bind``: also return ``again(x) -> (q, s_x, rstd)``, the same launch for another ``x`` of
+    this one's shape, strides, dtype, device and 16-byte alignment (:meth:`Launcher.bind`;
+    None where it cannot be bound): an eager layer's launch plan."""
     M, K = x.shape
-    q = torch.empty((M, K), dtype=torch.int8, device=x.device)
-    scale = torch.empty((M,), dtype=torch.float32, device=x.device)
-    rstd = torch.empty((M,), dtype=torch.float32, device=x.device) if norm else None
-    if M == 0:
-        return q, scale, rstd
-    if K == 0:
-        # Empty rows: amax 0, so s_x = 127 / 1e-5 (computed as the reference does); rstd is
-        # rsqrt of the mean of nothing, NaN.
-        scale.fill_(SCALE_FLOOR).reciprocal_().mul_(float(qmax))
-        if rstd is not None:
-            rstd.fill_(float("nan"))
-        return q, scale, rstd
+    device = x.device
+    q = torch.empty((M, K), dtype=torch.int8, device=device)
+    scale = torch.empty((M,), dtype=torch.float32, device=device)
+    rstd = torch.empty((M,), dtype=torch.float32, device=device) if norm else None
+    if M == 0 or K == 0:
+        if K == 0 and M != 0:
+            # Empty rows: amax 0, so s_x = 127 / 1e-5 (computed as the reference does); rstd is
+            # rsqrt of the mean of nothing, NaN.
+            scale.fill_(SCALE_FLOOR).reciprocal_().mul_(float(qmax))
+            if rstd is not None:
+                rstd.fill_(float("nan"))
+        return (q, scale, rstd, None) if bind else (q, scale, rstd)
+    if traced:
+        K = int(K)  # the block covers the row: a graph holds for this K only (a guard when K is symbolic)
     block, one_block = _row_block(K, _MAX_ROW_BLOCK)
-    _NORM_QUANT(
-        (M,),
-        (x, x if weight is None else weight, q, scale, scale if rstd is None else rstd, x.stride(0), K, float(eps)),
-        dict(NORM=norm, HAS_WEIGHT=weight is not None, OFFSET=bool(offset),
-             CAST_BEFORE_WEIGHT=bool(cast_before_weight), X_ROUND=_round_code(x.dtype),
-             Y_ROUND=_round_code(norm_dtype), BLOCK_K=block, ONE_BLOCK=one_block,
-             PDL_TRIGGER=pdl_enabled(x.device), EARLY_G=M < num_sms(x.device), QMAX=int(qmax)),
-        num_warps=_num_warps(block),
-        enable_fp_fusion=False,
-    )
-    return q, scale, rstd
+    w = x if weight is None else weight
+    stride, eps = x.stride(0), float(eps)
+    args = (x, w, q, scale, scale if rstd is None else rstd, stride, K, eps)
+    constexprs = dict(NORM=norm, HAS_WEIGHT=weight is not None, OFFSET=bool(offset),
+                      CAST_BEFORE_WEIGHT=bool(cast_before_weight), X_ROUND=_round_code(x.dtype),
+                      Y_ROUND=_round_code(norm_dtype), BLOCK_K=block, ONE_BLOCK=one_block,
+                      PDL_TRIGGER=pdl_enabled(device) and not traced, EARLY_G=bool(M < num_sms(device)),
+                      QMAX=int(qmax), RN_MUL=traced and device.type == "cuda" and torch.version.hip is None)
+    if traced:
+        _NORM_QUANT.traced((M,), args, constexprs, num_warps=_num_warps(block))
+        return q, scale, rstd
+    if not bind:
+        _NORM_QUANT((M,), args, constexprs, num_warps=_num_warps(block), enable_fp_fusion=False)
+        return q, scale, rstd
+    launch = _NORM_QUANT.bind((M,), args, constexprs, num_warps=_num_warps(block), enable_fp_fusion=False)
+    if launch is None:
+        return q, scale, rstd, None
+    empty, i8, f32 = torch.empty, torch.int8, torch.float32
+
+    def again(x):
+        q, scale = empty((M, K), dtype=i8, device=device), empty((M,), dtype=f32, device=device)
+        r = empty((M,), dtype=f32, device=device) if norm else scale
+        launch(x, w if weight is not None else x, q, scale, r, stride, K, eps)
+        return q, scale, (r if norm else None)
+
+    return q, scale, rstd, again
 
 
 def norm_quant(

@@ -384,38 +384,79 @@ def _split_k_workspace(out: torch.Tensor, split_k: int, tiles: int, float_out: b
     return ws, torch.zeros(tiles, dtype=torch.int32, device=out.device)
 
 
-def _as_words(q: torch.Tensor) -> torch.Tensor:
-    """``q`` int8 ``[M, K]`` as int32 words ``[M, ceil(K/4)]``; zero-padded copy unless it can be viewed."""
+def _as_words(q: torch.Tensor, traced: bool = False) -> torch.Tensor:
+    """``q`` int8 ``[M, K]`` as int32 words ``[M, ceil(K/4)]``; zero-padded copy unless it can be
+    viewed (``traced``: no address to read, so the offset into an aligned allocation counts)."""
     M, K = q.shape
-    if K % 4 == 0 and q.stride(0) % 4 == 0 and q.stride(-1) == 1 and q.data_ptr() % 4 == 0:
+    start = q.storage_offset() if traced else q.data_ptr()
+    if K % 4 == 0 and q.stride(0) % 4 == 0 and q.stride(-1) == 1 and start % 4 == 0:
         return q.view(torch.int32)
     padded = torch.zeros((M, 4 * cdiv(K, 4)), dtype=torch.int8, device=q.device)
     padded[:, :K] = q
     return padded.view(torch.int32)
 
 
-def _launch_dp4a(q, x_scale, packed, w_scale, bias, out, float_out, split_k, config):
+def _hint(n) -> int:
+    """An int for the launch rules: ``n`` itself, or a symbolic size's example value (the
+    rules pick block sizes and splits; any choice computes the same numbers)."""
+    if isinstance(n, int):
+        return n
+    hint = getattr(getattr(n, "node", None), "hint", None)
+    return int(hint) if hint is not None else 1
+
+
+def _untraced_modes():
+    """A context without the dispatch modes of a trace (fake tensors, functionalization,
+    proxies): the tensor-core tile is measured on real tensors even while a graph is traced."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    return _disable_current_modes()
+
+
+def _launch_dp4a(q, x_scale, packed, w_scale, bias, out, float_out, split_k, config, traced=False, bind=False):
+    bindable = bind  # with bind, the caller takes (out, again); again is None where nothing can be bound
     M, K = q.shape
     N, Kq = packed.shape
-    cfg = _dp4a_config(M, N, Kq, out.device, split_k, config)
-    q32 = _as_words(q)
-    if packed.stride(0) % 4 or packed.data_ptr() % 4:
+    cfg = _dp4a_config(_hint(M), N, Kq, out.device, split_k, config)
+    q32 = _as_words(q, traced)
+    start = packed.storage_offset() if traced else packed.data_ptr()
+    if packed.stride(0) % 4 or start % 4:
         packed = packed.contiguous()
+        bindable = False  # a plan would keep the copy, blind to later writes into the layer's own weight
     w32 = packed.view(torch.int32)
-    ws, lock = _split_k_workspace(out, cfg["SPLIT_K"], cfg["tiles_n"] * cfg["tiles_m"], float_out)
-    grid = (cfg["tiles_n"], cfg["SPLIT_K"], cfg["tiles_m"])
-    _DP4A(
-        grid,
-        (q32, x_scale, w32, w_scale, bias, out, ws, lock,
-         M, N, q32.shape[1], Kq // 4, cfg["words_per_split"],
-         q32.stride(0), w32.stride(0), out.stride(0)),
-        dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_W=cfg["BLOCK_W"], SPLIT_K=cfg["SPLIT_K"],
-             USE_ASM=cfg["USE_ASM"], FLOAT_OUT=float_out, HAS_BIAS=bias is not None,
-             EVEN_W=(Kq // 4) % cfg["BLOCK_W"] == 0, STREAM_HINT=cfg["STREAM_HINT"], EVEN_K=q32.shape[1] == Kq,
-             PDL=cfg["PDL"], PREFETCH=cfg["PREFETCH"]),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=cfg["PDL"],
-    )
-    return out
+    tiles_m = cdiv(M, cfg["BLOCK_M"])
+    ws, lock = _split_k_workspace(out, cfg["SPLIT_K"], cfg["tiles_n"] * tiles_m, float_out)
+    grid = (cfg["tiles_n"], cfg["SPLIT_K"], tiles_m)
+    pdl = cfg["PDL"] and not traced
+    args = (q32, x_scale, w32, w_scale, bias, out, ws, lock,
+            M, N, q32.shape[1], Kq // 4, cfg["words_per_split"],
+            q32.stride(0), w32.stride(0), out.stride(0))
+    constexprs = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_W=cfg["BLOCK_W"], SPLIT_K=cfg["SPLIT_K"],
+                      USE_ASM=cfg["USE_ASM"], FLOAT_OUT=float_out, HAS_BIAS=bias is not None,
+                      EVEN_W=(Kq // 4) % cfg["BLOCK_W"] == 0, STREAM_HINT=cfg["STREAM_HINT"],
+                      EVEN_K=q32.shape[1] == Kq, PDL=pdl, PREFETCH=cfg["PREFETCH"] and pdl)
+    if traced:
+        _DP4A.traced(grid, args, constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return out
+    if not bindable:
+        _DP4A(grid, args, constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl)
+        return (out, None) if bind else out
+    launch = _DP4A.bind(grid, args, constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                        launch_pdl=pdl)
+    if launch is None:
+        return out, None
+    M, N = out.shape
+    _, K4, Kq4, words, sq, sw, so = args[8:]
+    split, tiles = cfg["SPLIT_K"], cfg["tiles_n"] * tiles_m
+    empty, dtype, device = torch.empty, out.dtype, out.device
+
+    def again(q, x_scale):
+        out = empty((M, N), dtype=dtype, device=device)
+        ws, lock = _split_k_workspace(out, split, tiles, float_out)
+        launch(_as_words(q), x_scale, w32, w_scale, bias, out, ws, lock, M, N, K4, Kq4, words, sq, sw, so)
+        return out
+
+    return out, again
 
 
 def _launch(name, q, x_scale, packed, w_scale, bias, out_dtype, float_out, path, split_k, config=None):
@@ -443,18 +484,34 @@ def _launch(name, q, x_scale, packed, w_scale, bias, out_dtype, float_out, path,
     return run(q, x_scale, packed, w_scale, bias, out_dtype, float_out, path, split_k, config)
 
 
-def run(q, x_scale, packed, w_scale, bias, out_dtype, float_out=True, path=None, split_k=None, config=None):
+def run(q, x_scale, packed, w_scale, bias, out_dtype, float_out=True, path=None, split_k=None, config=None,
+        traced=False, bind=False):
     """The launch without the argument checks, for callers that made them (the op's guard,
     ``BitfxLinear``'s buffers, checked when packed or loaded): ``q`` int8 ``[M, K]`` with a
     contiguous last dimension, ``packed`` uint8 ``[N, packed_k(K)]`` likewise, fp32 scales
-    ``[M]`` and ``[N]``, a float bias ``[N]`` or None, one device."""
+    ``[M]`` and ``[N]``, a float bias ``[N]`` or None, one device.
+
+    ``traced``: launched through ``wrap_triton`` for the ``triton_op`` form of the op
+    (:mod:`bitfx.ops.inductor`). ``M`` may be symbolic there: the path is chosen on it (a guard
+    of the graph), the blocks and splits on its example value, and the grid is computed from
+    it; the kernels launch without programmatic dependent launch (Inductor does not pass it).
+
+    ``bind``: return ``(out, again)``, ``again(q, x_scale) -> out`` the same launch for new
+    codes and scales of this call's shapes (fresh allocations, as the norm kernel's outputs
+    are), with the weight, its scale and the bias of this call (:meth:`Launcher.bind`; None
+    where it cannot be bound): an eager layer's launch plan."""
     M, K = q.shape
     N, Kq = packed.shape
     device = q.device
+    if traced:  # the row length and the weight's shape are the graph's: specialized on them
+        K, N, Kq = int(K), int(N), int(Kq)
+    given = (w_scale, bias)
     if float_out:
         x_scale, w_scale = x_scale.contiguous(), w_scale.contiguous()
         if bias is not None:
             bias = bias.contiguous()
+    # A plan would keep copies, blind to later writes into the layer's own tensors: none then.
+    bindable = bind and w_scale is given[0] and bias is given[1]
     if path is None:
         path = _default_path(M)
     elif path not in _PATHS:
@@ -462,29 +519,52 @@ def run(q, x_scale, packed, w_scale, bias, out_dtype, float_out=True, path=None,
 
     out = torch.empty((M, N), dtype=out_dtype, device=device)
     if M == 0 or N == 0:
-        return out
+        return (out, None) if bind else out
     if path == "dp4a":
-        return _launch_dp4a(q, x_scale, packed, w_scale, bias, out, float_out, split_k, config)
+        got = _launch_dp4a(q, x_scale, packed, w_scale, bias, out, float_out, split_k, config, traced, bindable)
+        return (got if bindable else (got, None)) if bind else got
+    Mh = _hint(M)
     tile = None
     if path == "tc" and config is None and device.type == "cuda" and not interpreting():
-        tile = _tuned_tile(M, N, Kq, device)
-    cfg = _config(M, N, Kq, device, path, split_k, config, tile)
-    ws, lock = _split_k_workspace(out, cfg["SPLIT_K"], cfg["tiles"], float_out)
-    grid = (cfg["tiles"], cfg["SPLIT_K"])
-    _MATMUL(
-        grid,
-        (q, x_scale, packed, w_scale, bias, out, ws, lock,
-         M, N, K, Kq, cfg["steps_per_split"],
-         q.stride(0), packed.stride(0), out.stride(0)),
-        dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_KQ=cfg["BLOCK_KQ"],
-             GROUP_M=cfg["GROUP_M"], SPLIT_K=cfg["SPLIT_K"],
-             USE_DOT=cfg["USE_DOT"], OFFSET_TRICK=cfg["OFFSET_TRICK"], USE_ASM=cfg["USE_ASM"],
-             FLOAT_OUT=float_out, HAS_BIAS=bias is not None,
-             EVEN_KQ=Kq % cfg["BLOCK_KQ"] == 0, EVEN_K=K == layout.PLANES * Kq,
-             PDL=cfg["PDL"], PREFETCH=cfg["PREFETCH"]),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=cfg["PDL"],
-    )
-    return out
+        if not traced:
+            tile = _tuned_tile(M, N, Kq, device)
+        elif isinstance(M, int):
+            with _untraced_modes():
+                tile = _tuned_tile(M, N, Kq, device)
+    cfg = _config(Mh, N, Kq, device, path, split_k, config, tile)
+    tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
+    ws, lock = _split_k_workspace(out, cfg["SPLIT_K"], tiles, float_out)
+    grid = (tiles, cfg["SPLIT_K"])
+    pdl = cfg["PDL"] and not traced
+    args = (q, x_scale, packed, w_scale, bias, out, ws, lock,
+            M, N, K, Kq, cfg["steps_per_split"],
+            q.stride(0), packed.stride(0), out.stride(0))
+    constexprs = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_KQ=cfg["BLOCK_KQ"],
+                      GROUP_M=cfg["GROUP_M"], SPLIT_K=cfg["SPLIT_K"],
+                      USE_DOT=cfg["USE_DOT"], OFFSET_TRICK=cfg["OFFSET_TRICK"], USE_ASM=cfg["USE_ASM"],
+                      FLOAT_OUT=float_out, HAS_BIAS=bias is not None,
+                      EVEN_KQ=Kq % cfg["BLOCK_KQ"] == 0, EVEN_K=K == layout.PLANES * Kq,
+                      PDL=pdl, PREFETCH=cfg["PREFETCH"] and pdl)
+    if traced:
+        _MATMUL.traced(grid, args, constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        return out
+    if not bindable:
+        _MATMUL(grid, args, constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl)
+        return (out, None) if bind else out
+    launch = _MATMUL.bind(grid, args, constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+                          launch_pdl=pdl)
+    if launch is None:
+        return out, None
+    split, steps, sq, sw, so = cfg["SPLIT_K"], cfg["steps_per_split"], q.stride(0), packed.stride(0), out.stride(0)
+    empty = torch.empty
+
+    def again(q, x_scale):
+        out = empty((M, N), dtype=out_dtype, device=device)
+        ws, lock = _split_k_workspace(out, split, tiles, float_out)
+        launch(q, x_scale, packed, w_scale, bias, out, ws, lock, M, N, K, Kq, steps, sq, sw, so)
+        return out
+
+    return out, again
 
 
 def ternary_matmul(

@@ -5,7 +5,9 @@ is more than the kernels run. This times, for M = 1 and K = N = 4096 (bf16), 200
 calls of each op with no synchronize between them (:func:`bitfx.bench.timing.host_s`: the
 host, not the GPU, sets the pace) and prints microseconds per call: the ops through
 ``torch.ops.bitfx`` (the dispatcher), their Triton launchers called directly, and ``F.linear``
-for scale.
+for scale; then one RMSNorm -> Linear site compiled in default mode (no CUDA graphs): bf16
+under Inductor, and the ``bitfx`` backend with the kernels launched by Inductor's code
+(``launch="auto"``) and by the custom ops (``launch="op"``).
 """
 
 from __future__ import annotations
@@ -49,11 +51,40 @@ def main(argv=None) -> int:
     linear = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
     ternary = BitfxLinear.from_linear(linear)
     cases += [("nn.Linear (eager module)", lambda: linear(x)), ("BitfxLinear (eager module)", lambda: ternary(x))]
+    cases += _compiled_sites(K, N)
     print(report.header(report.device_name(), {"torch": torch.__version__}, report.command("host", argv),
                         f"M=1, K=N={K}, bf16"))
     for name, fn in cases:
         print(f"{name:28s} host {host_s(fn, calls=args.calls) * 1e6:7.1f} us/call", flush=True)
     return 0
+
+
+def _compiled_sites(K: int, N: int) -> list:
+    """One RMSNorm -> Linear site (bf16, M = 1) compiled in default mode, three ways; each
+    compiled (and checked against the others) before it is timed."""
+    import copy
+
+    from torch import nn
+
+    site = nn.Sequential(nn.RMSNorm(K, eps=1e-6), nn.Linear(K, N, bias=False)).to("cuda", torch.bfloat16)
+    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    ways = [("site, bf16 Inductor", {}), ("site, bitfx (Inductor launches)", dict(backend="bitfx")),
+            ("site, bitfx (custom ops)", dict(backend="bitfx", options={"launch": "op"}))]
+    cases = []
+    outs = []
+    for name, kwargs in ways:
+        fn = torch.compile(copy.deepcopy(site), **kwargs)
+        with torch.no_grad():
+            outs.append(fn(x).float())
+
+        def call(fn=fn):
+            with torch.no_grad():
+                return fn(x)
+
+        cases.append((name, call))
+    if not torch.equal(outs[1], outs[2]):
+        raise RuntimeError("bench host: the two bitfx launches disagree")
+    return cases
 
 
 if __name__ == "__main__":

@@ -36,7 +36,11 @@ def _registered_bitfx_ops() -> set[str]:
 
 
 def test_catalogue_lists_exactly_the_registered_ops():
-    assert _registered_bitfx_ops() == set(SCHEMAS)
+    from bitfx.ops import inductor  # the ops' forms launched by Inductor (their schemas inferred)
+
+    forms = {op._schema.name.split("::")[1] for op in inductor.TRITON_FORMS.values()}
+    assert forms == {f"{op._schema.name.split('::')[1]}_triton" for op in inductor.TRITON_FORMS}
+    assert _registered_bitfx_ops() == set(SCHEMAS) | forms
     for name in SCHEMAS:
         packet = getattr(ops, name)
         assert isinstance(packet, torch._ops.OpOverloadPacket), name

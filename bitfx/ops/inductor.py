@@ -1,0 +1,107 @@
+"""The inference ops as Triton kernels that Inductor launches itself.
+
+``bitfx::norm_quant``, ``act_quant`` and ``ternary_matmul`` are custom ops: in a graph compiled
+by Inductor each call goes through the dispatcher into Python (the op's guard, the launch
+rules, the launcher), some 40 µs of host time per op against about 15 µs for a kernel of
+Inductor's own. Outside CUDA graphs, where host time is what a decode step waits on, the
+backend swaps them for the ``*_triton`` forms defined here (:func:`retarget`):
+``torch.library.triton_op`` ops whose bodies launch the same kernels through ``wrap_triton``.
+Inductor traces through them once, when it compiles, and its generated code then allocates the
+outputs and launches the kernels directly, like its own.
+
+The same kernels compute the same numbers: the launch rules are those of the custom ops (the
+path chosen on M, blocks and splits on its example value when M is symbolic), the kernels
+launch without programmatic dependent launch (Inductor passes no such option; under CUDA graphs
+the custom ops, which use it, are kept), and the norm's products that an add follows are
+``mul.rn`` instructions instead of a compile option (``bitfx.kernels.norm_quant``).
+
+Arguments are checked when the graph is traced (the bodies run once on fake tensors), not per
+call. This module imports Triton; the backend imports it only for a graph on a CUDA device.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from bitfx import reference as ref
+from bitfx.ops.inference import check_matmul_args
+from bitfx.ops.library import check_norm_args, kernels, rows
+
+__all__ = ["norm_quant_triton", "act_quant_triton", "ternary_matmul_triton", "retarget", "TRITON_FORMS"]
+
+
+def _rows(x: Tensor) -> Tensor:
+    """``x [..., K]`` as ``[M, K]`` with a contiguous last dimension (copied if it has none)."""
+    x2 = rows(x)
+    if x2.shape[-1] > 1 and x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return x2
+
+
+@torch.library.triton_op("bitfx::norm_quant_triton", mutates_args=())
+def norm_quant_triton(x: Tensor, weight: Optional[Tensor], eps: float, offset: bool, cast_before_weight: bool,
+                      norm_dtype: torch.dtype, bits: int = 8) -> tuple[Tensor, Tensor]:
+    """``bitfx::norm_quant`` launched by Inductor: ``(q int8 [..., K], x_scale f32 [...])``."""
+    check_norm_args("norm_quant", x, weight, norm_dtype)
+    q, scale, _ = kernels("norm_quant")._launch_quant(_rows(x), weight, eps, offset, cast_before_weight, norm_dtype,
+                                                      norm=True, qmax=ref.act_qmax(bits), traced=True)
+    return q.view(x.shape), scale.view(x.shape[:-1])
+
+
+@torch.library.triton_op("bitfx::act_quant_triton", mutates_args=())
+def act_quant_triton(y: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
+    """``bitfx::act_quant`` launched by Inductor: ``(q int8 [..., K], x_scale f32 [...])``."""
+    check_norm_args("act_quant", y, None, torch.float32)
+    q, scale, _ = kernels("norm_quant")._launch_quant(_rows(y), None, 0.0, False, False, torch.float32, norm=False,
+                                                      qmax=ref.act_qmax(bits), traced=True)
+    return q.view(y.shape), scale.view(y.shape[:-1])
+
+
+@torch.library.triton_op("bitfx::ternary_matmul_triton", mutates_args=())
+def ternary_matmul_triton(q: Tensor, x_scale: Tensor, packed: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+                          out_dtype: torch.dtype, in_features: int) -> Tensor:
+    """``bitfx::ternary_matmul`` launched by Inductor: ``out [..., N]`` in ``out_dtype``."""
+    check_matmul_args("ternary_matmul", q, x_scale, packed, w_scale, bias, out_dtype, in_features)
+    if packed.shape[-1] > 1 and packed.stride(-1) != 1:
+        packed = packed.contiguous()
+    out = kernels("ternary_matmul").run(_rows(q), x_scale.reshape(-1), packed, w_scale, bias, out_dtype, traced=True)
+    return out.view(*q.shape[:-1], packed.shape[0])
+
+
+# Each custom op and its form launched by Inductor: same arguments, same outputs.
+TRITON_FORMS = {
+    torch.ops.bitfx.norm_quant.default: torch.ops.bitfx.norm_quant_triton.default,
+    torch.ops.bitfx.act_quant.default: torch.ops.bitfx.act_quant_triton.default,
+    torch.ops.bitfx.ternary_matmul.default: torch.ops.bitfx.ternary_matmul_triton.default,
+}
+
+
+def _launchable(node: torch.fx.Node) -> bool:
+    """Whether the call ``node`` can take its form launched by Inductor: its activations' shape
+    is known to the graph (the example value Dynamo recorded) and has no unbacked size. The
+    launch rules choose a kernel from the number of rows, which a graph with an unbacked
+    length cannot decide once for all calls; the custom op decides per call."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    x = node.args[0]
+    val = x.meta.get("val", x.meta.get("example_value")) if isinstance(x, torch.fx.Node) else None
+    return isinstance(val, torch.Tensor) and not free_unbacked_symbols(val)
+
+
+def retarget(gm: torch.fx.GraphModule) -> int:
+    """Every call of an inference op in ``gm`` (and in the graphs it holds) to its form launched
+    by Inductor, where the shapes allow (:func:`_launchable`); returns how many were swapped."""
+    swapped = 0
+    for module in gm.modules():
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        changed = False
+        for node in module.graph.nodes:
+            if node.op == "call_function" and node.target in TRITON_FORMS and _launchable(node):
+                node.target = TRITON_FORMS[node.target]
+                changed = True
+                swapped += 1
+        if changed:
+            module.recompile()
+    return swapped

@@ -1,0 +1,254 @@
+"""The inference ops' forms launched by Inductor (:mod:`bitfx.ops.inductor`), and the backend's
+choice between them and the custom ops (``BitfxConfig.launch``).
+
+CPU (Triton's interpreter): each form computes what the kernels compute when launched by the
+custom ops, bit for bit; :func:`retarget` swaps exactly the inference ops, and leaves a call
+whose rows are an unbacked size to the custom op; the backend swaps on CUDA outside CUDA graphs
+only. CUDA: the forms traced into Inductor's code (no custom-op call left in it, no input of a
+kernel copied), equal to the custom ops' kernels for static and dynamic row counts, and whole
+models compiled both ways giving the same logits.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitfx import BitfxConfig
+from bitfx.backend import _inductor_launches
+from bitfx.kernels import norm_quant as nq, ternary_matmul as tm
+from bitfx.ops import inductor
+from tests.helpers import seeded_randn
+
+ops = torch.ops.bitfx
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _weight(N, K, seed=0, device=DEVICE):
+    w = seeded_randn((N, K), torch.float32, device, seed)
+    return ops.weight_quant(w, False)
+
+
+@pytest.mark.parametrize("M,K,dtype", [(1, 64, torch.float32), (5, 48, torch.bfloat16), (3, 40, torch.float16)])
+@pytest.mark.parametrize("offset,cbw,has_weight", [(False, True, True), (True, False, True), (False, False, False)])
+def test_norm_and_act_quant_forms_equal_the_kernels(M, K, dtype, offset, cbw, has_weight):
+    x = seeded_randn((2, M, K), dtype, DEVICE, 1) * 3
+    g = seeded_randn((K,), dtype, DEVICE, 2) if has_weight else None
+    q, s = ops.norm_quant_triton(x, g, 1e-5, offset, cbw, torch.float32)
+    q0, s0, _ = nq.norm_quant(x.reshape(-1, K), g, 1e-5, offset, cbw, torch.float32)
+    assert q.shape == x.shape and s.shape == x.shape[:-1]
+    assert torch.equal(q.reshape(-1, K), q0) and torch.equal(s.reshape(-1), s0)
+    q, s = ops.act_quant_triton(x, 6)
+    q0, s0 = nq.act_quant(x.reshape(-1, K), 31)
+    assert torch.equal(q.reshape(-1, K), q0) and torch.equal(s.reshape(-1), s0)
+
+
+@pytest.mark.parametrize("M", [1, 3, 70])
+@pytest.mark.parametrize("K,N", [(64, 48), (44, 20)])
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_ternary_matmul_form_equals_the_kernel(M, K, N, has_bias):
+    packed, w_scale = _weight(N, K)
+    q = torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=torch.Generator().manual_seed(M)).to(DEVICE)
+    x_scale = torch.rand(M, generator=torch.Generator().manual_seed(1)).to(DEVICE) + 0.5
+    bias = seeded_randn((N,), torch.bfloat16, DEVICE, 3) if has_bias else None
+    got = ops.ternary_matmul_triton(q.view(1, M, K), x_scale.view(1, M), packed, w_scale, bias, torch.bfloat16, K)
+    want = tm.ternary_matmul(q, x_scale, packed, w_scale, bias, torch.bfloat16)
+    assert got.shape == (1, M, N)
+    assert torch.equal(got.view(M, N), want)
+
+
+def test_forms_check_their_arguments():
+    packed, w_scale = _weight(8, 32)
+    q = torch.zeros(2, 32, dtype=torch.int8, device=DEVICE)
+    with pytest.raises(ValueError, match="in_features=16"):
+        ops.ternary_matmul_triton(q, torch.ones(2, device=DEVICE), packed, w_scale, None, torch.float32, 16)
+    with pytest.raises(TypeError, match="int8"):
+        ops.ternary_matmul_triton(q.float(), torch.ones(2, device=DEVICE), packed, w_scale, None, torch.float32, 32)
+    with pytest.raises(ValueError, match="norm weight has shape"):
+        ops.norm_quant_triton(torch.ones(2, 32, device=DEVICE), torch.ones(31, device=DEVICE), 1e-6, False, True,
+                              torch.float32)
+
+
+def _site_graph():
+    """A traced graph with the three inference ops and a dense op, with example values."""
+    packed, w_scale = _weight(16, 32)
+    g = torch.ones(32, device=DEVICE)
+
+    def f(x, y):
+        q, s = ops.norm_quant(x, g, 1e-6, False, True, torch.float32)
+        a = ops.ternary_matmul(q, s, packed, w_scale, None, torch.float32, 32)
+        q2, s2 = ops.act_quant(y)
+        return a + 1, ops.ternary_matmul(q2, s2, packed, w_scale, None, torch.float32, 32)
+
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x, y = seeded_randn((3, 32), torch.float32, DEVICE, 0), seeded_randn((3, 32), torch.float32, DEVICE, 1)
+    return make_fx(f)(x, y), (x, y)
+
+
+def test_retarget_swaps_the_inference_ops_only():
+    gm, args = _site_graph()
+    want = gm(*args)
+    assert inductor.retarget(gm) == 4
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(ops.norm_quant_triton.default) == 1
+    assert targets.count(ops.act_quant_triton.default) == 1
+    assert targets.count(ops.ternary_matmul_triton.default) == 2
+    assert not any(t in inductor.TRITON_FORMS for t in targets)
+    assert torch.ops.aten.add.Tensor in targets  # the dense op is left alone
+    got = gm(*args)  # the forms run eagerly too (Triton's interpreter on the CPU)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)  # CPU: the custom ops are the plain-torch reference
+
+
+def test_retarget_leaves_unbacked_rows_to_the_custom_op():
+    """Rows of an unbacked size: the launch rules cannot pick the kernel once for every call."""
+    gm, _ = _site_graph()
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode(shape_env=ShapeEnv())
+    u = mode.shape_env.create_unbacked_symint()
+    with mode:
+        unbacked = torch.empty((u, 32))
+    first = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    first.meta["val"] = unbacked
+    assert inductor.retarget(gm) == 3  # the norm on x stays; act_quant and both matmuls read backed shapes
+    norm = next(n for n in gm.graph.nodes if n.op == "call_function" and "norm_quant" in str(n.target))
+    assert norm.target is ops.norm_quant.default
+
+
+def _fake_cuda(shape=(2,)):
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    return FakeTensor(FakeTensorMode(), torch.empty(shape, device="meta"), torch.device("cuda"))
+
+
+def test_the_backend_launches_through_inductor_on_cuda_outside_cuda_graphs():
+    cuda, cpu = [_fake_cuda()], [torch.ones(2)]
+    auto, by_inductor, by_op = BitfxConfig(), BitfxConfig(launch="inductor"), BitfxConfig(launch="op")
+    assert _inductor_launches(auto, cuda, {})
+    assert not _inductor_launches(auto, cuda, {"triton.cudagraphs": True})  # reduce-overhead, max-autotune
+    assert _inductor_launches(by_inductor, cuda, {"triton.cudagraphs": True})
+    assert not _inductor_launches(by_op, cuda, {})
+    for config in (auto, by_inductor, by_op):
+        assert not _inductor_launches(config, cpu, {})  # Inductor launches no Triton kernel on the CPU
+    from torch._inductor import config as inductor_config
+
+    with inductor_config.patch({"triton.cudagraphs": True}):
+        assert not _inductor_launches(auto, cuda, {})
+
+
+def test_launch_option_is_checked():
+    with pytest.raises(ValueError, match="launch must be one of"):
+        BitfxConfig(launch="triton")
+    with pytest.raises(ValueError, match="launch must be one of"):
+        BitfxConfig(launch=True)
+
+
+# ------------------------------------------------------------------ CUDA: traced into Inductor's code
+
+
+@pytest.mark.cuda
+def test_opcheck_forms():
+    """The forms' registrations (schema, fake implementation from the body, dispatch) on the GPU."""
+    from torch.library import opcheck
+
+    packed, w_scale = _weight(96, 128)
+    x = seeded_randn((2, 3, 128), torch.bfloat16, "cuda", 0)
+    g = seeded_randn((128,), torch.bfloat16, "cuda", 1)
+    q, s = ops.norm_quant_triton(x, g, 1e-6, False, True, torch.bfloat16)
+    opcheck(ops.norm_quant_triton, (x, g, 1e-6, False, True, torch.bfloat16))
+    opcheck(ops.act_quant_triton, (x,))
+    opcheck(ops.ternary_matmul_triton, (q, s, packed, w_scale, None, torch.bfloat16, 128))
+
+
+def _record_clones():
+    """A post-grad pre-pass recording, for every user Triton kernel in the graph, which of its
+    arguments the functional form says must be copied before the launch (its mutated inputs)."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table, triton_kernel_wrapper_functional
+
+    seen = []
+
+    def record(graph):
+        for n in graph.nodes:
+            if n.target is triton_kernel_wrapper_functional:
+                name = kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__
+                seen.append((name, tuple(n.kwargs["tensors_to_clone"])))
+
+    return seen, record
+
+
+# What each kernel writes: its outputs (and a split-K workspace), never an input.
+_OUTPUTS = {"_norm_quant_kernel": {"Q", "SCALE", "RSTD"},
+            "_ternary_dp4a_kernel": {"out_ptr", "ws_ptr", "lock_ptr"},
+            "_ternary_matmul_kernel": {"out_ptr", "ws_ptr", "lock_ptr"}}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_forms_compile_into_inductors_code(dynamic):
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    K, N = 256, 384
+    packed, w_scale = _weight(N, K)
+    g = seeded_randn((K,), torch.bfloat16, "cuda", 5)
+
+    def f(x):
+        q, s = ops.norm_quant_triton(x, g, 1e-6, False, True, torch.bfloat16)
+        y = ops.ternary_matmul_triton(q, s, packed, w_scale, None, torch.bfloat16, K)
+        q2, s2 = ops.act_quant_triton(torch.relu(y))
+        return y, q2, s2
+
+    def eager(x):
+        q, s, _ = nq.norm_quant(x.reshape(-1, K), g, 1e-6, False, True, torch.bfloat16)
+        y = tm.ternary_matmul(q, s, packed, w_scale, None, torch.bfloat16)
+        q2, s2 = nq.act_quant(torch.relu(y))
+        return y, q2, s2
+
+    seen, record = _record_clones()
+    compiled = torch.compile(f, dynamic=dynamic)
+    with inductor_config.patch({"fx_graph_cache": False, "post_grad_custom_pre_pass": record}):
+        for M in (1, 7, 300, 2) if dynamic else (1,):
+            x = seeded_randn((M, K), torch.bfloat16, "cuda", M)
+            got, codes = run_and_get_code(compiled, x) if M == 1 else (compiled(x), None)
+            for a, b in zip(got, eager(x)):
+                assert torch.equal(a.reshape(b.shape), b), M
+            if codes is not None:
+                code = "\n".join(codes)
+                assert "bitfx." not in code  # no custom-op call: Inductor launches the kernels
+                assert "_norm_quant_kernel" in code and "_ternary_dp4a_kernel" in code
+    assert seen, "no user Triton kernel reached Inductor's graph"
+    for name, cloned in seen:
+        assert set(cloned) <= _OUTPUTS[name], (name, cloned)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_logits_the_same_whoever_launches(dtype):
+    """A Llama compiled in default mode (Inductor launches the kernels) and with
+    ``launch="op"`` (custom ops): the same kernels, the same logits; under
+    ``mode="reduce-overhead"`` the graph keeps the custom ops."""
+    from tests import models
+    from tests.test_backend import recording_backend
+
+    model, ids = models.tiny_llama(dtype=dtype)
+    model, ids = model.cuda(), ids.cuda()
+    logits, kinds = {}, {}
+    for launch, mode in (("auto", None), ("op", None), ("auto", "reduce-overhead")):
+        torch._dynamo.reset()
+        backend, graphs = recording_backend()
+        compiled = torch.compile(model, backend=backend, mode=mode, options={"launch": launch})
+        with torch.no_grad():
+            for _ in range(3):  # CUDA graphs: warm-up, record, replay
+                out = compiled(ids).logits.clone()
+        logits[launch, mode] = out
+        kinds[launch, mode] = {str(n.target) for n in graphs[0].graph.nodes if "bitfx." in str(n.target)}
+    assert kinds["auto", None] == {"bitfx.norm_quant_triton.default", "bitfx.act_quant_triton.default",
+                                   "bitfx.ternary_matmul_triton.default"}
+    assert kinds["op", None] == kinds["auto", "reduce-overhead"] == {
+        "bitfx.norm_quant.default", "bitfx.act_quant.default", "bitfx.ternary_matmul.default"}
+    assert torch.equal(logits["auto", None], logits["op", None])
+    assert torch.equal(logits["auto", None], logits["auto", "reduce-overhead"])
