@@ -45,16 +45,37 @@ def _no_interception() -> bool:
     return stack() == 0 and not functorch()
 
 
-def _launch_direct(x: Tensor, packed: Tensor, w_scale: Tensor, bias: Tensor | None, qmax: int) -> Tensor:
-    """``act_quant`` + ``ternary_matmul`` on CUDA through the kernels' cached launchers: the
-    same kernels and numbers as the ops."""
+_MAX_PLANS = 32  # launch plans kept per layer (input shapes); past that the oldest are dropped
+
+
+def _launch_direct(layer: "BitfxLinear", x: Tensor, bias: Tensor | None, qmax: int) -> Tensor:
+    """``act_quant`` + ``ternary_matmul`` on CUDA: the same kernels and numbers as the ops,
+    through the layer's launch plan for this input (shape, strides, dtype, 16-byte alignment,
+    device): the launch rules resolved and the compiled launchers bound on the first call
+    (:meth:`bitfx.kernels._launch.Launcher.bind`), so that a later call allocates its outputs
+    and launches the two kernels, nothing more. A plan holds the layer's tensors by identity:
+    a buffer replaced (``.to()``, assignment) gets new plans; a write into one is read by the
+    next launch as by any."""
     from bitfx.kernels import norm_quant as nq, ternary_matmul as tm
 
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[1] > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
-    q, x_scale, _ = nq._launch_quant(x2, None, 0.0, False, False, torch.float32, norm=False, qmax=qmax)
-    out = tm.run(q, x_scale, packed, w_scale, bias, x.dtype)
+    packed, w_scale = layer.packed, layer.w_scale
+    key = (x2.shape, x2.stride(), x2.dtype, not x2.data_ptr() & 15, x2.device, torch.cuda.current_device(), qmax)
+    plans = layer.__dict__.setdefault("_plans", {})
+    plan = plans.get(key)
+    if plan is not None and plan[0] is packed and plan[1] is w_scale and plan[2] is bias:
+        q, x_scale, _ = plan[3](x2)
+        out = plan[4](q, x_scale)
+    else:
+        q, x_scale, _, quant = nq._launch_quant(x2, None, 0.0, False, False, torch.float32, norm=False, qmax=qmax,
+                                                bind=True)
+        out, matmul = tm.run(q, x_scale, packed, w_scale, bias, x.dtype, bind=True)
+        if plan is not None or len(plans) >= _MAX_PLANS:
+            plans.clear()  # tensors replaced since (or too many shapes): drop what the old plans hold
+        if quant is not None and matmul is not None:
+            plans[key] = (packed, w_scale, bias, quant, matmul)
     return out.view(*x.shape[:-1], packed.shape[0])
 
 
@@ -212,7 +233,7 @@ class BitfxLinear(nn.Module):
         if not grad and self.terms == 1 and _direct_launch(x, self.packed):
             # Eager on CUDA: the op's two kernels launched directly (no dispatcher, no per-call
             # checks: the buffers were checked when built or loaded, the input above).
-            return _launch_direct(x, self.packed, self.w_scale, bias, act_qmax(self.act_bits))
+            return _launch_direct(self, x, bias, act_qmax(self.act_bits))
         if grad:
             # A gradient must pass through (the packed weight stays frozen): the same two kernels,
             # with a straight-through backward.
@@ -252,12 +273,19 @@ class BitfxLinear(nn.Module):
 
     # ------------------------------------------------------------------ module plumbing
 
+    def __getstate__(self):
+        # Launch plans are bound to this layer's tensors: a copy (deepcopy, pickle) makes its own.
+        state = self.__dict__.copy()
+        state.pop("_plans", None)
+        return state
+
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) / .half() cast every float buffer; the weight scales stay
         # fp32 (the ops require it), only following a change of device. The dtype of the weight
         # this layer stands for follows what ``fn`` does to a float tensor of that dtype (a
         # probe: .half().float() ends at float32; .to(device) alone keeps it).
         w_scale = self.w_scale
+        self.__dict__.pop("_plans", None)  # launch plans hold the tensors being replaced
         super()._apply(fn, recurse)
         moved = self.w_scale
         if moved.dtype != torch.float32:

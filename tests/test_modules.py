@@ -367,3 +367,41 @@ def test_compile_inductor_grad_mode(device):
     assert torch.equal(out.detach(), eager)
     torch.testing.assert_close(out.detach(), out_ref.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(xc.grad, xr.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("M", [1, 5, 200])
+def test_eager_launch_plan_follows_the_layer(M):
+    """Eager on CUDA a layer launches through a plan per input shape, bound on its first call:
+    later calls give the ops' numbers, a write into a buffer is read by the next call, a
+    replaced buffer gets a new plan, and a copy of the layer runs its own tensors."""
+    import copy
+
+    ops = torch.ops.bitfx
+    layer = BitfxLinear.from_linear(_linear(256, 96, True, torch.bfloat16).cuda())
+    other = BitfxLinear.from_linear(_linear(256, 96, True, torch.bfloat16, seed=1).cuda())
+    x = torch.randn(M, 256, dtype=torch.bfloat16, device="cuda")
+
+    def by_ops(lay):
+        with torch.no_grad():
+            q, s = ops.act_quant(x)
+            return ops.ternary_matmul(q, s, lay.packed, lay.w_scale, lay.bias, x.dtype, 256)
+
+    with torch.no_grad():
+        want = by_ops(layer)
+        for _ in range(3):
+            assert torch.equal(layer(x), want)
+        assert len(layer._plans) == 1
+        twin = copy.deepcopy(layer)
+        for name in ("packed", "w_scale", "bias"):
+            getattr(layer, name).copy_(getattr(other, name))  # written in place: the plan reads it
+        assert torch.equal(layer(x), by_ops(other))
+        assert torch.equal(twin(x), want)  # the copy kept its own tensors
+        layer.packed = twin.packed.clone()  # replaced: a new plan
+        layer.w_scale, layer.bias = twin.w_scale.clone(), twin.bias.clone()
+        assert torch.equal(layer(x), want)
+        assert len(layer._plans) == 1
+        layer.cpu()
+        assert "_plans" not in layer.__dict__  # moving drops the plans (and what they hold)
+        layer.cuda()
+        assert torch.equal(layer(x), want)
