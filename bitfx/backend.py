@@ -44,11 +44,10 @@ the memory of the float weights. With ``dynamic=True`` Dynamo first hands over f
 attributes (a norm's ``eps``) as symbolic inputs; the pass specializes the ones a norm uses,
 and Inductor restarts the trace with them constant, so a compile may run the pass twice.
 
-Who launches the kernels of an inference graph on CUDA (``BitfxConfig.launch``): outside CUDA
-graphs Inductor's own generated code (the ``triton_op`` forms of the ops,
-:mod:`bitfx.ops.inductor`), so that a default-mode call pays Inductor's host cost per kernel,
-not a custom op's; under CUDA graphs the custom ops, whose kernels use programmatic dependent
-launch.
+Who launches the kernels of an inference graph on CUDA (``BitfxConfig.launch``): the custom
+ops (the default), or Inductor's own generated code (``"inductor"``; ``"auto"``: outside CUDA
+graphs only), through the ``triton_op`` forms of the ops (:mod:`bitfx.ops.inductor`), so that a
+default-mode call pays Inductor's host cost per kernel, not a custom op's.
 
 Logging: logger ``"bitfx"``. ``BITFX_LOG=1`` (or ``info``) prints what was rewritten,
 ``BITFX_LOG=debug`` also what was left out and why.
@@ -136,8 +135,9 @@ def _frame_roots() -> list[tuple[str, nn.Module, str]]:
 
 def _inductor_launches(config: BitfxConfig, inputs: list, inductor_patches: dict[str, Any]) -> bool:
     """Whether the inference ops of a graph with these inputs become Triton kernels launched by
-    Inductor's code (``BitfxConfig.launch``): on CUDA only, and with ``"auto"`` only outside CUDA
-    graphs (the mode's options, the call's own, or Inductor's global setting)."""
+    Inductor's code (``BitfxConfig.launch``): on CUDA only, with ``"inductor"``, and with
+    ``"auto"`` outside CUDA graphs (the mode's options, the call's own, or Inductor's global
+    setting)."""
     if config.launch == "op" or not any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs):
         return False
     if config.launch == "inductor":

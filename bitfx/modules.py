@@ -62,7 +62,8 @@ def _launch_direct(layer: "BitfxLinear", x: Tensor, bias: Tensor | None, qmax: i
     if x2.shape[1] > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
     packed, w_scale = layer.packed, layer.w_scale
-    key = (x2.shape, x2.stride(), x2.dtype, not x2.data_ptr() & 15, x2.device, torch.cuda.current_device(), qmax)
+    current = torch.cuda.current_device() if x2.is_cuda else -1  # the device Triton launches on
+    key = (x2.shape, x2.stride(), x2.dtype, not x2.data_ptr() & 15, x2.device, current, qmax)
     plans = layer.__dict__.setdefault("_plans", {})
     plan = plans.get(key)
     if plan is not None and plan[0] is packed and plan[1] is w_scale and plan[2] is bias:

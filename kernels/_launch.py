@@ -128,13 +128,16 @@ class Launcher:
     def bind(self, grid: tuple, args: tuple, constexprs: dict, **options):
         """Launch as :meth:`__call__` does, and return ``again(*args)``: the same launch (grid,
         constexprs, options) for new arguments that Triton would specialize as ``args`` (the
-        same dtypes, 16-byte alignment and int classes: the caller's promise), calling the
-        compiled launcher with no key to build; None where launches do not go through it (the
-        interpreter, an old Triton). ``again`` falls back on :meth:`__call__` while a launch hook
-        is installed."""
+        same dtypes, 16-byte alignment and int classes: the caller's promise). ``again`` calls
+        the compiled launcher with no key to build; where launches do not go through it (the
+        interpreter, an old Triton) and while a launch hook is installed, it launches through
+        :meth:`__call__`."""
         entry = self(grid, args, constexprs, **options)
         if entry is None:
-            return None
+            def again(*new_args):
+                self(grid, new_args, constexprs, **options)
+
+            return again
         run, function, metadata, tail_values = entry
         g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
         device = torch.cuda.current_device()

@@ -273,8 +273,8 @@ def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm, 
     analysis of the kernel) and no FP-fusion option (``RN_MUL`` instead).
 
     ``bind``: also return ``again(x) -> (q, s_x, rstd)``, the same launch for another ``x`` of
-    this one's shape, strides, dtype, device and 16-byte alignment (:meth:`Launcher.bind`;
-    None where it cannot be bound): an eager layer's launch plan."""
+    this one's shape, strides, dtype, device and 16-byte alignment (:meth:`Launcher.bind`; None
+    for empty rows, which launch nothing): an eager layer's launch plan."""
     M, K = x.shape
     device = x.device
     q = torch.empty((M, K), dtype=torch.int8, device=device)
@@ -306,14 +306,12 @@ def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm, 
         _NORM_QUANT((M,), args, constexprs, num_warps=_num_warps(block), enable_fp_fusion=False)
         return q, scale, rstd
     launch = _NORM_QUANT.bind((M,), args, constexprs, num_warps=_num_warps(block), enable_fp_fusion=False)
-    if launch is None:
-        return q, scale, rstd, None
     empty, i8, f32 = torch.empty, torch.int8, torch.float32
 
     def again(x):
         q, scale = empty((M, K), dtype=i8, device=device), empty((M,), dtype=f32, device=device)
         r = empty((M,), dtype=f32, device=device) if norm else scale
-        launch(x, w if weight is not None else x, q, scale, r, stride, K, eps)
+        launch(x, x if weight is None else weight, q, scale, r, stride, K, eps)  # (holds no earlier x)
         return q, scale, (r if norm else None)
 
     return q, scale, rstd, again

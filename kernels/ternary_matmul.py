@@ -443,10 +443,8 @@ def _launch_dp4a(q, x_scale, packed, w_scale, bias, out, float_out, split_k, con
         return (out, None) if bind else out
     launch = _DP4A.bind(grid, args, constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                         launch_pdl=pdl)
-    if launch is None:
-        return out, None
     M, N = out.shape
-    _, K4, Kq4, words, sq, sw, so = args[8:]
+    K4, Kq4, words, sq, sw, so = args[10:]
     split, tiles = cfg["SPLIT_K"], cfg["tiles_n"] * tiles_m
     empty, dtype, device = torch.empty, out.dtype, out.device
 
@@ -498,8 +496,9 @@ def run(q, x_scale, packed, w_scale, bias, out_dtype, float_out=True, path=None,
 
     ``bind``: return ``(out, again)``, ``again(q, x_scale) -> out`` the same launch for new
     codes and scales of this call's shapes (fresh allocations, as the norm kernel's outputs
-    are), with the weight, its scale and the bias of this call (:meth:`Launcher.bind`; None
-    where it cannot be bound): an eager layer's launch plan."""
+    are), with the weight, its scale and the bias of this call (:meth:`Launcher.bind`); None
+    where a plan would hold copies of them (blind to later writes into the originals) or the
+    output is empty: an eager layer's launch plan."""
     M, K = q.shape
     N, Kq = packed.shape
     device = q.device
@@ -553,8 +552,6 @@ def run(q, x_scale, packed, w_scale, bias, out_dtype, float_out=True, path=None,
         return (out, None) if bind else out
     launch = _MATMUL.bind(grid, args, constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
                           launch_pdl=pdl)
-    if launch is None:
-        return out, None
     split, steps, sq, sw, so = cfg["SPLIT_K"], cfg["steps_per_split"], q.stride(0), packed.stride(0), out.stride(0)
     empty = torch.empty
 

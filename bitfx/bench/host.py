@@ -7,7 +7,7 @@ host, not the GPU, sets the pace) and prints microseconds per call: the ops thro
 ``torch.ops.bitfx`` (the dispatcher), their Triton launchers called directly, and ``F.linear``
 for scale; then one RMSNorm -> Linear site compiled in default mode (no CUDA graphs): bf16
 under Inductor, and the ``bitfx`` backend with the kernels launched by Inductor's code
-(``launch="auto"``) and by the custom ops (``launch="op"``).
+(``launch="inductor"``) and by the custom ops (``launch="op"``, the default).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _compiled_sites(K: int, N: int) -> list:
 
     site = nn.Sequential(nn.RMSNorm(K, eps=1e-6), nn.Linear(K, N, bias=False)).to("cuda", torch.bfloat16)
     x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-    ways = [("site, bf16 Inductor", {}), ("site, bitfx (Inductor launches)", dict(backend="bitfx")),
+    ways = [("site, bf16 Inductor", {}), ("site, bitfx (Inductor launches)", dict(backend="bitfx", options={"launch": "inductor"})),
             ("site, bitfx (custom ops)", dict(backend="bitfx", options={"launch": "op"}))]
     cases = []
     outs = []

@@ -3,8 +3,8 @@
 ``bitfx::norm_quant``, ``act_quant`` and ``ternary_matmul`` are custom ops: in a graph compiled
 by Inductor each call goes through the dispatcher into Python (the op's guard, the launch
 rules, the launcher), some 40 µs of host time per op against about 15 µs for a kernel of
-Inductor's own. Outside CUDA graphs, where host time is what a decode step waits on, the
-backend swaps them for the ``*_triton`` forms defined here (:func:`retarget`):
+Inductor's own. With ``BitfxConfig(launch="inductor")`` (or ``"auto"`` outside CUDA graphs)
+the backend swaps them for the ``*_triton`` forms defined here (:func:`retarget`):
 ``torch.library.triton_op`` ops whose bodies launch the same kernels through ``wrap_triton``.
 Inductor traces through them once, when it compiles, and its generated code then allocates the
 outputs and launches the kernels directly, like its own.

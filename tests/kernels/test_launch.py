@@ -92,3 +92,91 @@ def test_cached_launch_respecializes_on_alignment():
         expected[offset] = out
     keys = [k for k in tm._MATMUL._kernels if k[0][0][0] == torch.int8]
     assert {k[0][0][1] for k in keys} == {True, False}  # one compiled kernel per alignment
+
+
+# ------------------------------------------------------------------ launch plans (bind), on any device
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the CPU: Triton's interpreter
+
+
+@pytest.mark.parametrize("norm,has_weight,K", [(True, True, 40), (True, False, 64), (False, False, 36)])
+def test_bound_quant_launch_repeats_the_launch(norm, has_weight, K):
+    """``again(x)`` of a bound launch gives what a fresh launch gives for that ``x``."""
+    from bitfx.kernels import norm_quant as nq
+
+    g = torch.randn(K, device=DEVICE) if has_weight else None
+    x0, x1 = torch.randn(3, K, device=DEVICE), torch.randn(3, K, device=DEVICE) * 5
+    q, s, r, again = nq._launch_quant(x0, g, 1e-6, False, True, torch.float32, norm=norm, qmax=127, bind=True)
+    want0 = nq._launch_quant(x0, g, 1e-6, False, True, torch.float32, norm=norm, qmax=127)
+    want1 = nq._launch_quant(x1, g, 1e-6, False, True, torch.float32, norm=norm, qmax=127)
+    for got, want in ((q, s, r), want0), (again(x1), want1):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert (got[2] is None) == (not norm) and (not norm or torch.equal(got[2], want[2]))
+
+
+@pytest.mark.parametrize("M,K,split_k", [(1, 64, None), (1, 60, 2), (5, 128, None), (5, 128, 2), (70, 96, None)])
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_bound_matmul_launch_repeats_the_launch(M, K, split_k, has_bias):
+    """``again(q, x_scale)`` of a bound matmul: every path (dp4a, gemv, tensor cores), split K,
+    and codes padded to whole words (K % 4 != 0)."""
+    from bitfx.kernels import ternary_matmul as tm
+
+    N = 24
+    packed, w_scale = torch.ops.bitfx.weight_quant(torch.randn(N, K, device=DEVICE), True)
+    bias = torch.randn(N, device=DEVICE) if has_bias else None
+    q0, q1 = (torch.randint(-128, 128, (M, K), dtype=torch.int8, device=DEVICE) for _ in range(2))
+    s0, s1 = torch.rand(M, device=DEVICE) + 0.5, torch.rand(M, device=DEVICE) + 0.5
+    out, again = tm.run(q0, s0, packed, w_scale, bias, torch.float32, split_k=split_k, bind=True)
+    assert again is not None
+    assert torch.equal(out, tm.run(q0, s0, packed, w_scale, bias, torch.float32, split_k=split_k))
+    assert torch.equal(again(q1, s1), tm.run(q1, s1, packed, w_scale, bias, torch.float32, split_k=split_k))
+
+
+def test_no_plan_over_copies():
+    """A plan would keep a copy of a non-contiguous scale, blind to writes into the original."""
+    from bitfx.kernels import ternary_matmul as tm
+
+    packed, w_scale = torch.ops.bitfx.weight_quant(torch.randn(8, 32, device=DEVICE), True)
+    strided = torch.stack([w_scale, w_scale], 1)[:, 0]
+    q = torch.randint(-128, 128, (1, 32), dtype=torch.int8, device=DEVICE)
+    out, again = tm.run(q, torch.ones(1, device=DEVICE), packed, strided, None, torch.float32, bind=True)
+    assert again is None and out.shape == (1, 8)
+
+
+def test_eager_plan_logic(monkeypatch):
+    """The plans of ``BitfxLinear``'s eager path (run here on the device at hand; the module
+    takes this path on CUDA): one per input shape, reused, reading writes into the buffers,
+    replaced with a buffer, dropped by a move and by a copy of the module."""
+    import copy
+
+    from bitfx import modules
+
+    layer = BitfxLinear.from_linear(torch.nn.Linear(64, 16).to(DEVICE))
+    other = BitfxLinear.from_linear(torch.nn.Linear(64, 16).to(DEVICE))
+    x = torch.randn(2, 3, 64, device=DEVICE)
+    qmax = 127
+    with torch.no_grad():
+        want = _ops_forward(layer, x)
+        first = modules._launch_direct(layer, x, layer.bias, qmax)
+        plans = dict(layer._plans)
+        assert len(plans) == 1
+        torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-5)  # CPU: the ops are the reference
+        assert torch.equal(modules._launch_direct(layer, x, layer.bias, qmax), first)
+        assert layer._plans == plans  # reused, not rebuilt
+        modules._launch_direct(layer, x[:, :1], layer.bias, qmax)
+        assert len(layer._plans) == 2  # another shape, another plan
+        for name in ("packed", "w_scale", "bias"):
+            getattr(layer, name).copy_(getattr(other, name))
+        assert torch.equal(modules._launch_direct(layer, x, layer.bias, qmax),
+                           modules._launch_direct(other, x, other.bias, qmax))
+        layer.w_scale = layer.w_scale.clone()  # replaced: the plans go, a new one is made
+        modules._launch_direct(layer, x, layer.bias, qmax)
+        assert len(layer._plans) == 1
+        assert "_plans" not in copy.deepcopy(layer).__dict__
+        monkeypatch.setattr(modules, "_MAX_PLANS", 2)
+        for T in (4, 5, 6):
+            modules._launch_direct(layer, x[:, :1].expand(2, T, 64).contiguous(), layer.bias, qmax)
+        assert len(layer._plans) <= 2
+        layer.to(DEVICE, torch.float32)
+        assert "_plans" not in layer.__dict__
