@@ -65,6 +65,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from bitfx.bench import report
+from bitfx.config import LAUNCH_MODES
 from bitfx.bench.decode import (CACHE_LEN, PROMPT_LEN, Decode, forget_generate_state, measure_eager_generate,
                                 measure_generate,
                                 profile_decode, time_decode)
@@ -136,10 +137,10 @@ def _free(cuda: bool) -> None:
         torch.cuda.empty_cache()
 
 
-def _compile(model: torch.nn.Module, method: str, mode: Optional[str]):
+def _compile(model: torch.nn.Module, method: str, mode: Optional[str], launch: str = "op"):
     if method == BASELINE:
         return torch.compile(model, mode=mode)
-    return torch.compile(model, backend="bitfx", mode=mode)
+    return torch.compile(model, backend="bitfx", mode=mode, options={"launch": launch})
 
 
 def _error(row: dict, stage: str, exc: BaseException) -> None:
@@ -181,13 +182,13 @@ def _in_time(args, row: dict, stage: str) -> bool:
 
 
 def _decode_stage(row: dict, stage: str, model: torch.nn.Module, method: str, dec: Decode, *, cuda: bool,
-                  graphs: bool, reps: int) -> tuple[Optional[dict], Optional[Callable]]:
+                  graphs: bool, reps: int, launch: str = "op") -> tuple[Optional[dict], Optional[Callable]]:
     """Compile ``model`` for ``method`` (``mode="reduce-overhead"`` with ``graphs``, else the
     default mode) and time its decode step: the timing and the compiled model, or ``(None,
     None)`` after an error (recorded in ``row`` under ``stage``)."""
     try:
         _free(cuda)
-        fn = _compile(model, method, "reduce-overhead" if graphs else None)
+        fn = _compile(model, method, "reduce-overhead" if graphs else None, launch)
         return time_decode(dec, fn, cuda=cuda, graphs=graphs, reps=reps), fn
     except Exception as e:  # noqa: BLE001  (recorded; the other stages still run)
         _error(row, stage, e)
@@ -218,7 +219,8 @@ def measure_method(model: torch.nn.Module, method: str, args, cuda: bool, dtype:
         _error(row, "prefill", e)
 
     if dec is not None and cuda and not args.no_graphs and _in_time(args, row, "decode_graphs"):
-        r, fn = _decode_stage(row, "decode_graphs", model, method, dec, cuda=True, graphs=True, reps=args.reps)
+        r, fn = _decode_stage(row, "decode_graphs", model, method, dec, cuda=True, graphs=True, reps=args.reps,
+                              launch=args.launch)
         if r is not None:
             row.update(decode_ms_graphs=r["ms"], decode_ms_graphs_synced=r["synced_ms"],
                        compile_s_graphs=r["first_call_s"], graphs_graphs=r["graphs_compiled"])
@@ -230,7 +232,8 @@ def measure_method(model: torch.nn.Module, method: str, args, cuda: bool, dtype:
         _free(cuda)
 
     if dec is not None and not args.no_default_mode and _in_time(args, row, "decode_default"):
-        r, fn = _decode_stage(row, "decode_default", model, method, dec, cuda=cuda, graphs=False, reps=args.reps_default)
+        r, fn = _decode_stage(row, "decode_default", model, method, dec, cuda=cuda, graphs=False,
+                              reps=args.reps_default, launch=args.launch)
         if r is not None:
             row.update(decode_ms_default=r["ms"], decode_ms_default_synced=r["synced_ms"], host_us_per_step=r["host_us"], compile_s_default=r["first_call_s"],
                        graphs_default=r["graphs_compiled"])
@@ -443,6 +446,8 @@ def parse_args(argv):
                    help="seconds into the run after which no new stage starts (0: none; default 540)")
     p.add_argument("--no-sites", action="store_true",
                    help="leave out the site table (norm + ternary matmul per shape, as python -m bitfx.bench sites)")
+    p.add_argument("--launch", default="op", choices=list(LAUNCH_MODES),
+                   help="who launches bitfx's kernels in the compiled decode steps (BitfxConfig.launch; default op)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.t_start = time.time()

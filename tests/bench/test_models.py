@@ -141,3 +141,17 @@ def test_bench_dispatches_models(monkeypatch):
     args = bm.parse_args(seen[0])
     assert args.models == ["llama-1b"] and args.quick
     assert bm.parse_args(["--quick"]).models == list(bm.MODELS)
+
+
+def test_launch_option_reaches_the_backend(monkeypatch):
+    """``--launch`` picks who launches bitfx's kernels in the compiled steps (BitfxConfig.launch);
+    the baseline's compile is untouched; an unknown value is refused."""
+    assert bm.parse_args(["--quick"]).launch == "op"
+    assert bm.parse_args(["--quick", "--launch", "inductor"]).launch == "inductor"
+    with pytest.raises(SystemExit):
+        bm.parse_args(["--quick", "--launch", "triton"])
+    calls = []
+    monkeypatch.setattr(bm.torch, "compile", lambda model, **kw: calls.append(kw))
+    bm._compile(None, "bitfx", None, "auto")
+    bm._compile(None, bm.BASELINE, "reduce-overhead", "auto")
+    assert calls == [dict(backend="bitfx", mode=None, options={"launch": "auto"}), dict(mode="reduce-overhead")]
