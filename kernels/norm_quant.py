@@ -293,7 +293,13 @@ def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm, 
     block, one_block = _row_block(K, _MAX_ROW_BLOCK)
     w = x if weight is None else weight
     stride, eps = x.stride(0), float(eps)
-    args = (x, w, q, scale, scale if rstd is None else rstd, stride, K, eps)
+    if rstd is not None:
+        r = rstd
+    elif traced:  # not written; a kernel argument aliasing an output would cost Inductor a copy of it
+        r = torch.empty((1,), dtype=torch.float32, device=device)
+    else:
+        r = scale
+    args = (x, w, q, scale, r, stride, K, eps)
     constexprs = dict(NORM=norm, HAS_WEIGHT=weight is not None, OFFSET=bool(offset),
                       CAST_BEFORE_WEIGHT=bool(cast_before_weight), X_ROUND=_round_code(x.dtype),
                       Y_ROUND=_round_code(norm_dtype), BLOCK_K=block, ONE_BLOCK=one_block,

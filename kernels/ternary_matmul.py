@@ -303,6 +303,7 @@ def _ternary_dp4a_kernel(
     STREAM_HINT: tl.constexpr,  # evict-first loads of the weights
     EVEN_K: tl.constexpr,  # K4 == 4 Kq4: no padding words
     PDL: tl.constexpr, PREFETCH: tl.constexpr,  # programmatic dependent launch, L2 prefetch (_pdl_prologue)
+    BYTE_PTRS: tl.constexpr = False,  # q and the packed weight given as int8 / uint8: read as words
 ):
     """Small-M ternary GEMV on the CUDA cores with ``dp4a`` (4 int8 products per instruction).
 
@@ -313,6 +314,9 @@ def _ternary_dp4a_kernel(
     Program ``(pid_n, pid_k, pid_m)`` owns ``BLOCK_N`` weight rows, ``BLOCK_M`` rows of ``q``
     and one K split; everything stays in the blocked layout (no shared-memory shuffles).
     """
+    if BYTE_PTRS:  # the same addresses as words (rows start 4-byte aligned: the launcher checks)
+        q_ptr = q_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        w_ptr = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -373,10 +377,15 @@ _MATMUL = Launcher(_ternary_matmul_kernel)
 _DP4A = Launcher(_ternary_dp4a_kernel)
 
 
-def _split_k_workspace(out: torch.Tensor, split_k: int, tiles: int, float_out: bool):
+def _split_k_workspace(out: torch.Tensor, split_k: int, tiles: int, float_out: bool, traced: bool = False):
     """``(ws, lock)`` for :func:`_finish_tile`: a zeroed int32 workspace and per-tile arrival
-    counters when K is split (the int32 output itself is the workspace); unused otherwise."""
+    counters when K is split (the int32 output itself is the workspace); unused otherwise, and
+    then ``out`` itself, or (``traced``) one spare int32: a kernel argument Inductor sees
+    aliasing the output it writes would cost a copy of that output."""
     if split_k == 1:
+        if traced:
+            spare = torch.empty((1,), dtype=torch.int32, device=out.device)
+            return spare, spare
         return out, out
     if not float_out:
         return out.zero_(), out
@@ -386,14 +395,16 @@ def _split_k_workspace(out: torch.Tensor, split_k: int, tiles: int, float_out: b
 
 def _as_words(q: torch.Tensor, traced: bool = False) -> torch.Tensor:
     """``q`` int8 ``[M, K]`` as int32 words ``[M, ceil(K/4)]``; zero-padded copy unless it can be
-    viewed (``traced``: no address to read, so the offset into an aligned allocation counts)."""
+    viewed. ``traced``: the int8 rows themselves (padded likewise), for the kernel to read as
+    words (``BYTE_PTRS``): a dtype view of another width is a call into ATen per launch in
+    Inductor's code; with no address to read, the offset into an aligned allocation counts."""
     M, K = q.shape
     start = q.storage_offset() if traced else q.data_ptr()
-    if K % 4 == 0 and q.stride(0) % 4 == 0 and q.stride(-1) == 1 and start % 4 == 0:
-        return q.view(torch.int32)
-    padded = torch.zeros((M, 4 * cdiv(K, 4)), dtype=torch.int8, device=q.device)
-    padded[:, :K] = q
-    return padded.view(torch.int32)
+    if not (K % 4 == 0 and q.stride(0) % 4 == 0 and q.stride(-1) == 1 and start % 4 == 0):
+        padded = torch.zeros((M, 4 * cdiv(K, 4)), dtype=torch.int8, device=q.device)
+        padded[:, :K] = q
+        q = padded
+    return q if traced else q.view(torch.int32)
 
 
 def _hint(n) -> int:
@@ -423,18 +434,20 @@ def _launch_dp4a(q, x_scale, packed, w_scale, bias, out, float_out, split_k, con
     if packed.stride(0) % 4 or start % 4:
         packed = packed.contiguous()
         bindable = False  # a plan would keep the copy, blind to later writes into the layer's own weight
-    w32 = packed.view(torch.int32)
+    w32 = packed if traced else packed.view(torch.int32)
+    word = 4 if traced else 1  # traced: int8 / uint8 rows, read as words by the kernel (BYTE_PTRS)
     tiles_m = cdiv(M, cfg["BLOCK_M"])
-    ws, lock = _split_k_workspace(out, cfg["SPLIT_K"], cfg["tiles_n"] * tiles_m, float_out)
+    ws, lock = _split_k_workspace(out, cfg["SPLIT_K"], cfg["tiles_n"] * tiles_m, float_out, traced)
     grid = (cfg["tiles_n"], cfg["SPLIT_K"], tiles_m)
     pdl = cfg["PDL"] and not traced
+    K4 = q32.shape[1] // word
     args = (q32, x_scale, w32, w_scale, bias, out, ws, lock,
-            M, N, q32.shape[1], Kq // 4, cfg["words_per_split"],
-            q32.stride(0), w32.stride(0), out.stride(0))
+            M, N, K4, Kq // 4, cfg["words_per_split"],
+            q32.stride(0) // word, w32.stride(0) // word, out.stride(0))
     constexprs = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_W=cfg["BLOCK_W"], SPLIT_K=cfg["SPLIT_K"],
                       USE_ASM=cfg["USE_ASM"], FLOAT_OUT=float_out, HAS_BIAS=bias is not None,
                       EVEN_W=(Kq // 4) % cfg["BLOCK_W"] == 0, STREAM_HINT=cfg["STREAM_HINT"],
-                      EVEN_K=q32.shape[1] == Kq, PDL=pdl, PREFETCH=cfg["PREFETCH"] and pdl)
+                      EVEN_K=K4 == Kq, PDL=pdl, PREFETCH=cfg["PREFETCH"] and pdl, BYTE_PTRS=traced)
     if traced:
         _DP4A.traced(grid, args, constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         return out
@@ -532,7 +545,7 @@ def run(q, x_scale, packed, w_scale, bias, out_dtype, float_out=True, path=None,
                 tile = _tuned_tile(M, N, Kq, device)
     cfg = _config(Mh, N, Kq, device, path, split_k, config, tile)
     tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
-    ws, lock = _split_k_workspace(out, cfg["SPLIT_K"], tiles, float_out)
+    ws, lock = _split_k_workspace(out, cfg["SPLIT_K"], tiles, float_out, traced)
     grid = (tiles, cfg["SPLIT_K"])
     pdl = cfg["PDL"] and not traced
     args = (q, x_scale, packed, w_scale, bias, out, ws, lock,

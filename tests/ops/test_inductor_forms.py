@@ -44,7 +44,7 @@ def test_norm_and_act_quant_forms_equal_the_kernels(M, K, dtype, offset, cbw, ha
 
 
 @pytest.mark.parametrize("M", [1, 3, 70])
-@pytest.mark.parametrize("K,N", [(64, 48), (44, 20)])
+@pytest.mark.parametrize("K,N", [(64, 48), (44, 20), (42, 20)])
 @pytest.mark.parametrize("has_bias", [False, True])
 def test_ternary_matmul_form_equals_the_kernel(M, K, N, has_bias):
     packed, w_scale = _weight(N, K)
