@@ -547,3 +547,31 @@ def test_ternary_linear_group_weights_get_no_gradient():
     # dx = dout (t / s_w) with dout all ones: the column sums of the dequantized weight.
     want = ops.dequantize(packs[0], scales[0], K, torch.float32).sum(0).expand(3, K)
     torch.testing.assert_close(x.grad, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_what_a_ternary_linear_saves_for_backward(normalize):
+    """The activations ``bitlinear_stacked`` keeps for its backward: the int8 codes and fp32 row
+    scales of its input (the weight gradient's operand), never a float copy of the quantized
+    activations; with a norm also the norm's input and its ``rstd`` (the norm's own backward
+    needs them, as bf16's does), and the packed 2-bit weight with its scales."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    M, K, N = 6, 64, 48
+    x = torch.randn(2, M, K, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(K, dtype=torch.bfloat16, requires_grad=True) if normalize else None
+    w = torch.randn(N, K, dtype=torch.bfloat16, requires_grad=True)
+    packed, w_scale = torch.ops.bitfx.weight_quant_stacked([w.detach()], [False])
+    saved = []
+    with saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = torch.ops.bitfx.bitlinear_stacked(x, g, [w], packed, w_scale, None, 1e-6, False, True, torch.bfloat16,
+                                                normalize)[0]
+    out.float().sum().backward()
+    kinds = sorted((str(t.dtype).replace("torch.", ""), tuple(t.shape)) for t in saved)
+    want = [("float32", (2, M)), ("float32", (N,)), ("int8", (2, M, K)), ("uint8", tuple(packed.shape))]
+    if normalize:  # the norm's input, its weight (a parameter) and rstd
+        want += [("bfloat16", (2, M, K)), ("bfloat16", (K,)), ("float32", (2, M))]
+    else:  # rstd is zeros without a norm (kept so the backward's inputs have one form)
+        want += [("float32", (2, M))]
+    assert kinds == sorted(want)
+    assert w.grad is not None and x.grad is not None
