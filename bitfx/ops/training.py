@@ -8,9 +8,10 @@ Inductor fuses the activations' dequantization into the kernels around the matmu
 backward (:func:`bitfx.reference.rms_norm_backward`) into one reduction; run eagerly it computes
 the same numbers. The packed weight is dequantized by ``bitfx::dequantize`` (its codes unchecked:
 they were checked when packed): one node of the backward graph rather than a chain of shifts,
-masks and casts per 2-bit plane, each of which Inductor would trace and compile, and a Triton
-kernel on CUDA. Double backward (``create_graph=True``) is refused: the second derivative of a
-straight-through estimator is not defined by it.
+masks and casts per 2-bit plane, each of which Inductor would trace and compile. On CUDA it is a
+Triton kernel; on the CPU the reference runs eagerly, no longer fused by Inductor (BENCHMARKS.md
+weighs the compile time saved against that). Double backward (``create_graph=True``) is refused:
+the second derivative of a straight-through estimator is not defined by it.
 """
 
 from __future__ import annotations
