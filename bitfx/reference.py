@@ -257,8 +257,10 @@ def _codes(packed: torch.Tensor, K: int) -> torch.Tensor:
     if packed.dtype != torch.uint8:
         raise TypeError(f"packed ternary weight must be uint8, got {packed.dtype}")
     check_packed_shape(packed.shape, K)
-    b = packed.to(torch.int32)
-    return torch.cat([(b >> (2 * j)) & 3 for j in range(PLANES)], dim=1)
+    N, Kq = packed.shape
+    shifts = torch.arange(0, 2 * PLANES, 2, dtype=torch.int32, device=packed.device).view(1, PLANES, 1)
+    # plane j (bits 2j, 2j+1 of each byte) holds the columns [j Kq, (j + 1) Kq)
+    return ((packed.to(torch.int32).unsqueeze(1) >> shifts) & 3).reshape(N, PLANES * Kq)
 
 
 def unpacked_codes(packed: torch.Tensor, K: int) -> torch.Tensor:

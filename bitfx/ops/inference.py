@@ -189,19 +189,21 @@ def _check_dequantize(packed, w_scale, K, dtype) -> None:
 
 
 @register("dequantize", "reference")
-def _(packed, w_scale, K, dtype):
-    # t / s_w as a dense [N, K] matrix; invalid codes: a ValueError here, not checked on CUDA.
+def _(packed, w_scale, K, dtype, validate_codes=True):
+    # t / s_w as a dense [N, K] matrix; invalid codes: a ValueError here unless validate_codes is
+    # False (then the same numbers without the pass over the codes); never checked on CUDA.
     _check_dequantize(packed, w_scale, K, dtype)
-    return (ref.unpack_ternary(packed, K).float() / w_scale.float().unsqueeze(1)).to(dtype)
+    t = ref.unpack_ternary(packed, K) if validate_codes else ref.unpacked_codes(packed, K)
+    return (t.float() / w_scale.float().unsqueeze(1)).to(dtype)
 
 
 @register("dequantize", "cuda")
-def _(packed, w_scale, K, dtype):
+def _(packed, w_scale, K, dtype, validate_codes=True):
     _check_dequantize(packed, w_scale, K, dtype)
     return kernels("weight_pack").dequantize(packed, w_scale, K, dtype)
 
 
 @register("dequantize", "fake")
-def _(packed, w_scale, K, dtype):
+def _(packed, w_scale, K, dtype, validate_codes=True):
     _check_dequantize(packed, w_scale, K, dtype)
     return packed.new_empty((packed.shape[0], K), dtype=dtype)

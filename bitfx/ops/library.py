@@ -42,8 +42,9 @@ SCHEMAS = {
     # q @ t^T exact in int32, then / x_scale / w_scale + bias: -> out[..., N]
     "ternary_matmul": "(Tensor q, Tensor x_scale, Tensor packed, Tensor w_scale, Tensor? bias, "
                       "ScalarType out_dtype, SymInt in_features) -> Tensor",
-    # t / w_scale as a dense [N, K] matrix
-    "dequantize": "(Tensor packed, Tensor w_scale, SymInt K, ScalarType dtype) -> Tensor",
+    # t / w_scale as a dense [N, K] matrix; validate_codes=False: the codes trusted (checked when
+    # packed), no pass over them on the CPU (the training backward)
+    "dequantize": "(Tensor packed, Tensor w_scale, SymInt K, ScalarType dtype, bool validate_codes=True) -> Tensor",
     # frozen packed weights a gradient passes through: -> ([out_i[..., N_i]], q, x_scale, rstd)
     "ternary_linear_group": "(Tensor x, Tensor? norm_weight, Tensor[] packed, Tensor[] w_scale, Tensor[] biases, "
                             "SymInt in_features, float eps, bool offset, bool cast_before_weight, "

@@ -2,12 +2,16 @@
 the backend emits in training graphs), ``ternary_linear_group`` (frozen packed weights of a
 ``bitfx.quantize``d model, in grad mode), and :func:`bitlinear`, the BitLinear layer as a function.
 
-The backward is the straight-through estimator, written in plain torch (no bitfx op): under
-``torch.compile`` AOTAutograd traces it into the backward graph, where Inductor fuses the
-dequantization into the kernels around the matmuls and the norm's backward
-(:func:`bitfx.reference.rms_norm_backward`) into one reduction, with no Python per call; run
-eagerly it computes the same numbers. Double backward (``create_graph=True``) is refused: the
-second derivative of a straight-through estimator is not defined by it.
+The backward is the straight-through estimator, written in plain torch but for the weight's
+dequantization: under ``torch.compile`` AOTAutograd traces it into the backward graph, where
+Inductor fuses the activations' dequantization into the kernels around the matmuls and the norm's
+backward (:func:`bitfx.reference.rms_norm_backward`) into one reduction; run eagerly it computes
+the same numbers. The packed weight is dequantized by ``bitfx::dequantize`` (its codes unchecked:
+they were checked when packed): one node of the backward graph rather than a chain of shifts,
+masks and casts per 2-bit plane, each of which Inductor would trace and compile. On CUDA it is a
+Triton kernel; on the CPU the reference runs eagerly, no longer fused by Inductor (BENCHMARKS.md
+weighs the compile time saved against that). Double backward (``create_graph=True``) is refused:
+the second derivative of a straight-through estimator is not defined by it.
 """
 
 from __future__ import annotations
@@ -47,8 +51,7 @@ def _act_dequant(q: Tensor, x_scale: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _dequantize(packed: Tensor, w_scale: Tensor, K: int, dtype: torch.dtype) -> Tensor:
     """``(t / s_w).to(dtype) [N, K]`` (the codes unchecked: they were checked when packed)."""
-    t = ref.unpacked_codes(packed, K)
-    return (t.float() / w_scale.float().unsqueeze(1)).to(dtype)
+    return torch.ops.bitfx.dequantize(packed, w_scale, K, dtype, validate_codes=False)
 
 
 def _norm_tail(dy: Tensor, x: Optional[Tensor], norm_weight: Optional[Tensor], rstd: Tensor, offset: bool,

@@ -58,6 +58,27 @@ def test_cpu_inference_ops_are_the_reference(M, K, N, dtype, offset, cbw, has_we
     assert torch.equal(dq, (ref.unpack_ternary(packed_ref, K).float() / sw_ref[:, None]).to(dtype))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@given(
+    N=st.integers(0, 40),
+    K=st.integers(1, 300),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    per_channel=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@example(N=0, K=8, dtype=torch.float32, per_channel=False, seed=0)
+@example(N=1, K=1, dtype=torch.bfloat16, per_channel=True, seed=0)
+@example(N=5, K=257, dtype=torch.float16, per_channel=True, seed=1)  # prime K: padding columns
+def test_unvalidated_dequantize_is_the_reference(device, N, K, dtype, per_channel, seed):
+    """``dequantize(..., validate_codes=False)`` (the training backward's) gives the reference's
+    ``(t / s_w).to(dtype)`` bit for bit, as the validating default does, on every device."""
+    packed, sw = ref.weight_quant(_x((N, K), torch.float32, "cpu", seed), per_channel)
+    want = (ref.unpack_ternary(packed, K).float() / sw[:, None]).to(dtype)
+    for validate in (False, True):
+        got = ops.dequantize(packed.to(device), sw.to(device), K, dtype, validate_codes=validate)
+        assert got.dtype == dtype and torch.equal(got.cpu(), want)
+
+
 # ------------------------------------------------------------------ non-finite input
 
 

@@ -89,6 +89,7 @@ def _op_cases(device, M=5, K=40, N=24, dtype=torch.bfloat16):
         "ternary_matmul": ("ternary_matmul", (q, s, packed, sw, b, dtype, K)),
         "ternary_matmul_nobias": ("ternary_matmul", (q, s, packed, sw, None, torch.float32, K)),
         "dequantize": ("dequantize", (packed, sw, K, dtype)),
+        "dequantize_unvalidated": ("dequantize", (packed, sw, K, torch.float32, False)),
         "ternary_linear_group": (
             "ternary_linear_group",
             (leaf(x), leaf(g), [packed, packed[:7]], [sw, sw[:7]], [leaf(b), leaf(b[:7])],
@@ -325,6 +326,10 @@ def test_cpu_ops_refuse_invalid_codes():
         ops.ternary_matmul(q, s, bad, sw, None, torch.float32, 10)
     with pytest.raises(ValueError, match=r"invalid 2-bit code 3"):
         ops.dequantize(bad, sw, 10, torch.float32)
+    # Unvalidated (codes checked when packed): no pass over the codes; code 3 reads as 3 - 1 = 2,
+    # as the CUDA kernel reads it.
+    unchecked = ops.dequantize(bad, sw, 10, torch.float32, validate_codes=False)
+    assert unchecked[1, 0] == 2 / sw[1]
     pad = packed.clone()
     pad[0, 15] = 0  # columns 15, 31, 47, 63: all padding for K=10, now code 0
     with pytest.raises(ValueError, match=r"code 0 in a padding column \(k >= K=10 must hold code 1"):

@@ -2,7 +2,8 @@
 (what the backend emits in training graphs), ``ternary_linear_group`` (frozen packed weights in
 grad mode) and :func:`bitfx.bitlinear` (the BitLinear layer as a function, built on the first
 two): forward against the reference, gradients against the plain-torch straight-through
-reference (:mod:`bitfx.reference`), the norm's backward, and the refusal of double backward.
+reference (:mod:`bitfx.reference`), the norm's backward, the refusal of double backward, and
+the weight's dequantization in the traced backward graph (one ``bitfx::dequantize`` node).
 
 On CPU the ops run the reference; on CUDA they run the Triton kernels.
 """
@@ -575,3 +576,67 @@ def test_what_a_ternary_linear_saves_for_backward(normalize):
         want += [("float32", (2, M))]
     assert kinds == sorted(want)
     assert w.grad is not None and x.grad is not None
+
+
+# ------------------------------------------------------------------ the traced backward: one node per dequantized weight
+
+
+def _traced_backward(loss_fn, *args) -> torch.fx.Graph:
+    """The ATen graph AOTAutograd traces for the backward of ``loss_fn(*args)`` (a scalar), the
+    graph Inductor compiles under ``torch.compile``."""
+    from functorch.compile import aot_function, make_boxed_func
+
+    graphs = []
+
+    def keep(gm, _):
+        graphs.append(gm.graph)
+        return make_boxed_func(gm.forward)
+
+    aot_function(loss_fn, fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=keep)(*args).backward()
+    (graph,) = graphs
+    return graph
+
+
+def _assert_dequantized_by_the_op(graph: torch.fx.Graph, weights: int) -> None:
+    """Each packed weight dequantized by one ``bitfx::dequantize`` node with its codes unvalidated
+    (they were checked when packed), and no unpacking of 2-bit planes (shifts, masks) traced."""
+    calls = [n for n in graph.nodes if n.op == "call_function"]
+    dequantize = [n for n in calls if n.target is ops.dequantize.default]
+    assert len(dequantize) == weights
+    for n in dequantize:
+        args = {a.name: v for a, v in zip(n.target._schema.arguments, n.args)} | dict(n.kwargs)
+        assert args["validate_codes"] is False
+    unpacking = sorted({str(n.target) for n in calls if "shift" in str(n.target) or "bitwise" in str(n.target)})
+    assert unpacking == []
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_bitlinear_stacked_backward_dequantizes_the_stack_in_one_node(device, normalize):
+    """The input gradient ``dout (t / s_w)`` of a stack of two weights: one dequantization of the
+    whole packed stack in the traced backward graph."""
+    K, dtype = 40, torch.bfloat16
+    x, g, W0, W1 = (_x(s, dtype, device, i).requires_grad_() for i, s in enumerate([(3, K), (K,), (5, K), (4, K)]))
+
+    def loss(x, g, W0, W1):
+        packed, scale = ops.weight_quant_stacked([W0, W1], [False, True])
+        out = ops.bitlinear_stacked(x, g if normalize else None, [W0, W1], packed, scale, None, 1e-6, False, True,
+                                    dtype, normalize)[0]
+        return out.float().sum()
+
+    _assert_dequantized_by_the_op(_traced_backward(loss, x, g, W0, W1), 1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ternary_linear_group_backward_dequantizes_each_weight_in_one_node(device):
+    """``dy = sum_i dout_i (t_i / s_w_i)`` over two frozen packed weights: one dequantization node each."""
+    K, dtype = 48, torch.float32
+    packs, scales, _ = _frozen([20, 7], K, 12, device, per_channel=True)
+    x, g = _x((2, 6, K), dtype, device, 10).requires_grad_(), _x((K,), dtype, device, 11).requires_grad_()
+
+    def loss(x, g, *packed_and_scales):
+        packed, scale = list(packed_and_scales[:2]), list(packed_and_scales[2:])
+        outs = ops.ternary_linear_group(x, g, packed, scale, [], K, 1e-6, False, True, dtype, True, dtype)[0]
+        return sum(o.sum() for o in outs)
+
+    _assert_dequantized_by_the_op(_traced_backward(loss, x, g, *packs, *scales), 2)
