@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "train": "a whole-model training step (350M, 1B shapes) against bf16 Inductor (--fsdp under torchrun)",
     "fp8": "loss curves: the exact straight-through backward against the FP8 one",
     "checkpoint": "peak host memory of bitfx.load at a real model's shape",
+    "saved": "the activations a compiled training step keeps for backward, bitfx against Inductor",
     "tune": "sweep the ternary matmul's (and norm_quant's) launch configurations",
 }
 
