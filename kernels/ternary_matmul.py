@@ -424,6 +424,19 @@ def _untraced_modes():
     return _disable_current_modes()
 
 
+def _launch_with(launcher: Launcher, grid, args, constexprs, cfg, pdl: bool, traced: bool, bind: bool):
+    """One launch, the way the caller needs it: traced into a graph (``wrap_triton``), plain, or
+    bound for repeating (returns :meth:`Launcher.bind`'s ``again``; None otherwise)."""
+    options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    if traced:
+        launcher.traced(grid, args, constexprs, **options)
+        return None
+    if not bind:
+        launcher(grid, args, constexprs, launch_pdl=pdl, **options)
+        return None
+    return launcher.bind(grid, args, constexprs, launch_pdl=pdl, **options)
+
+
 def _launch_dp4a(q, x_scale, packed, w_scale, bias, out, float_out, split_k, config, traced=False, bind=False):
     bindable = bind  # with bind, the caller takes (out, again); again is None where nothing can be bound
     M, K = q.shape
@@ -448,14 +461,9 @@ def _launch_dp4a(q, x_scale, packed, w_scale, bias, out, float_out, split_k, con
                       USE_ASM=cfg["USE_ASM"], FLOAT_OUT=float_out, HAS_BIAS=bias is not None,
                       EVEN_W=(Kq // 4) % cfg["BLOCK_W"] == 0, STREAM_HINT=cfg["STREAM_HINT"],
                       EVEN_K=K4 == Kq, PDL=pdl, PREFETCH=cfg["PREFETCH"] and pdl, BYTE_PTRS=traced)
-    if traced:
-        _DP4A.traced(grid, args, constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        return out
-    if not bindable:
-        _DP4A(grid, args, constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl)
+    launch = _launch_with(_DP4A, grid, args, constexprs, cfg, pdl, traced, bindable)
+    if launch is None:
         return (out, None) if bind else out
-    launch = _DP4A.bind(grid, args, constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                        launch_pdl=pdl)
     M, N = out.shape
     K4, Kq4, words, sq, sw, so = args[10:]
     split, tiles = cfg["SPLIT_K"], cfg["tiles_n"] * tiles_m
@@ -557,14 +565,9 @@ def run(q, x_scale, packed, w_scale, bias, out_dtype, float_out=True, path=None,
                       FLOAT_OUT=float_out, HAS_BIAS=bias is not None,
                       EVEN_KQ=Kq % cfg["BLOCK_KQ"] == 0, EVEN_K=K == layout.PLANES * Kq,
                       PDL=pdl, PREFETCH=cfg["PREFETCH"] and pdl)
-    if traced:
-        _MATMUL.traced(grid, args, constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-        return out
-    if not bindable:
-        _MATMUL(grid, args, constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], launch_pdl=pdl)
+    launch = _launch_with(_MATMUL, grid, args, constexprs, cfg, pdl, traced, bindable)
+    if launch is None:
         return (out, None) if bind else out
-    launch = _MATMUL.bind(grid, args, constexprs, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-                          launch_pdl=pdl)
     split, steps, sq, sw, so = cfg["SPLIT_K"], cfg["steps_per_split"], q.stride(0), packed.stride(0), out.stride(0)
     empty = torch.empty
 
