@@ -11,12 +11,13 @@ outputs and launches the kernels directly, like its own.
 
 The same kernels compute the same numbers: the launch rules are those of the custom ops (the
 path chosen on M, blocks and splits on its example value when M is symbolic), the kernels
-launch without programmatic dependent launch (Inductor passes no such option; under CUDA graphs
-the custom ops, which use it, are kept), and the norm's products that an add follows are
+launch without programmatic dependent launch (Inductor passes no such option; with ``"auto"``
+the custom ops, which use it, are kept under CUDA graphs), and the norm's products that an add follows are
 ``mul.rn`` instructions instead of a compile option (``bitfx.kernels.norm_quant``).
 
 Arguments are checked when the graph is traced (the bodies run once on fake tensors), not per
-call. This module imports Triton; the backend imports it only for a graph on a CUDA device.
+call. The kernels (and Triton) are imported when a form first runs or is traced; the backend
+imports this module only for a graph it swaps.
 """
 
 from typing import Optional
