@@ -44,7 +44,7 @@ the memory of the float weights. With ``dynamic=True`` Dynamo first hands over f
 attributes (a norm's ``eps``) as symbolic inputs; the pass specializes the ones a norm uses,
 and Inductor restarts the trace with them constant, so a compile may run the pass twice.
 
-Who launches the kernels of an inference graph on CUDA (``BitfxConfig.launch``): the custom
+Who launches the kernels of a graph on CUDA (``BitfxConfig.launch``): the custom
 ops (the default), or Inductor's own generated code (``"inductor"``; ``"auto"``: outside CUDA
 graphs only), through the ``triton_op`` forms of the ops (:mod:`bitfx.ops.inductor`), so that a
 default-mode call pays Inductor's host cost per kernel, not a custom op's.
@@ -134,7 +134,8 @@ def _frame_roots() -> list[tuple[str, nn.Module, str]]:
 
 
 def _inductor_launches(config: BitfxConfig, inputs: list, inductor_patches: dict[str, Any]) -> bool:
-    """Whether the inference ops of a graph with these inputs become Triton kernels launched by
+    """Whether the bitfx ops of a graph with these inputs (the inference ops, and the training op
+    ``bitlinear_stacked``) become Triton kernels launched by
     Inductor's code (``BitfxConfig.launch``): on CUDA only, with ``"inductor"``, and with
     ``"auto"`` outside CUDA graphs (the mode's options, the call's own, or Inductor's global
     setting)."""
@@ -173,10 +174,10 @@ def bitfx_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[st
     packs = None
     if not config.training:
         gm, packs = prepack(gm, inputs, naming)
-    if not config.training and _inductor_launches(config, inputs, inductor_patches):
+    if _inductor_launches(config, inputs, inductor_patches):
         from bitfx.ops.inductor import retarget
 
-        log.info("bitfx: %d inference op calls launched by Inductor's code", retarget(gm))
+        log.info("bitfx: %d op calls launched by Inductor's code", retarget(gm))
     # bitfx's sources join the compile caches' keys (the backward formulas are Python: bitfx/cache_key.py)
     compiled = compile_fx(gm, inputs, config_patches=keyed(inductor_patches))
     if packs is None:

@@ -61,7 +61,8 @@ class BitfxConfig:
         activations are rounded to 3 mantissa bits. The forward is unchanged. Linears already
         converted by ``bitfx.quantize`` (frozen packed weights, no weight gradient) keep the
         exact input gradient.
-    launch: the backend's inference graphs on CUDA only: who launches the kernels.
+    launch: the backend's graphs on CUDA only: who launches the kernels (of the inference ops,
+        and of the training op ``bitlinear_stacked``'s forward).
         ``"op"`` (the default): each call goes through the ``bitfx::`` custom op, whose kernels
         use programmatic dependent launch (the matmul starts streaming its weights while the
         norm before it runs). ``"inductor"``: Inductor's generated code launches the Triton

@@ -1,6 +1,7 @@
 """The inference ops as Triton kernels that Inductor launches itself.
 
-``bitfx::norm_quant``, ``act_quant`` and ``ternary_matmul`` are custom ops: in a graph compiled
+``bitfx::norm_quant``, ``act_quant``, ``ternary_matmul`` and the training op
+``bitlinear_stacked`` are custom ops: in a graph compiled
 by Inductor each call goes through the dispatcher into Python (the op's guard, the launch
 rules, the launcher), some 40 µs of host time per op against about 15 µs for a kernel of
 Inductor's own. With ``BitfxConfig(launch="inductor")`` (or ``"auto"`` outside CUDA graphs)
@@ -28,8 +29,10 @@ from torch import Tensor
 from bitfx import reference as ref
 from bitfx.ops.inference import check_matmul_args
 from bitfx.ops.library import check_norm_args, kernels, rows
+from bitfx.ops.training import _check_stacked, _stacked_backward, _stacked_setup_context
 
-__all__ = ["norm_quant_triton", "act_quant_triton", "ternary_matmul_triton", "retarget", "TRITON_FORMS"]
+__all__ = ["norm_quant_triton", "act_quant_triton", "ternary_matmul_triton", "bitlinear_stacked_triton", "retarget",
+           "TRITON_FORMS"]
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -70,11 +73,32 @@ def ternary_matmul_triton(q: Tensor, x_scale: Tensor, packed: Tensor, w_scale: T
     return out.view(*q.shape[:-1], packed.shape[0])
 
 
+@torch.library.triton_op("bitfx::bitlinear_stacked_triton", mutates_args=())
+def bitlinear_stacked_triton(x: Tensor, norm_weight: Optional[Tensor], weights: list[Tensor], packed: Tensor,
+                             w_scale: Tensor, bias: Optional[Tensor], eps: float, offset: bool,
+                             cast_before_weight: bool, norm_dtype: torch.dtype, normalize: bool = True,
+                             fp8_backward: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``bitfx::bitlinear_stacked`` (training) with its forward's two kernels launched by
+    Inductor: ``(out [..., ΣN], q, x_scale, rstd)``; the same backward (the straight-through
+    formulas of :mod:`bitfx.ops.training`)."""
+    _check_stacked(x, norm_weight, weights, packed, w_scale, bias, norm_dtype, normalize)
+    lead = x.shape[:-1]
+    q, scale, rstd = kernels("norm_quant")._launch_quant(_rows(x), norm_weight, eps, offset, cast_before_weight,
+                                                         norm_dtype, norm=normalize, traced=True)
+    out = kernels("ternary_matmul").run(q, scale, packed, w_scale, bias, norm_dtype, traced=True)
+    rstd = x.new_zeros(lead, dtype=torch.float32) if rstd is None else rstd.view(lead)
+    return out.view(*lead, packed.shape[0]), q.view(x.shape), scale.view(lead), rstd
+
+
+bitlinear_stacked_triton.register_autograd(_stacked_backward, setup_context=_stacked_setup_context)
+
+
 # Each custom op and its form launched by Inductor: same arguments, same outputs.
 TRITON_FORMS = {
     torch.ops.bitfx.norm_quant.default: torch.ops.bitfx.norm_quant_triton.default,
     torch.ops.bitfx.act_quant.default: torch.ops.bitfx.act_quant_triton.default,
     torch.ops.bitfx.ternary_matmul.default: torch.ops.bitfx.ternary_matmul_triton.default,
+    torch.ops.bitfx.bitlinear_stacked.default: torch.ops.bitfx.bitlinear_stacked_triton.default,
 }
 
 

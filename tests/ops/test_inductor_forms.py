@@ -1,12 +1,13 @@
-"""The inference ops' forms launched by Inductor (:mod:`bitfx.ops.inductor`), and the backend's
-choice between them and the custom ops (``BitfxConfig.launch``).
+"""The ops' forms launched by Inductor (:mod:`bitfx.ops.inductor`), and the backend's choice
+between them and the custom ops (``BitfxConfig.launch``).
 
 CPU (Triton's interpreter): each form computes what the kernels compute when launched by the
-custom ops, bit for bit; :func:`retarget` swaps exactly the inference ops, and leaves a call
-whose rows are an unbacked size to the custom op; the backend swaps on CUDA outside CUDA graphs
-only. CUDA: the forms traced into Inductor's code (no custom-op call left in it, no input of a
-kernel copied), equal to the custom ops' kernels for static and dynamic row counts, and whole
-models compiled both ways giving the same logits.
+custom ops, bit for bit (the training op's form with the op's backward); :func:`retarget` swaps
+exactly the ops that have a form, and leaves a call whose rows are an unbacked size to the
+custom op; the backend swaps on CUDA only, with ``"auto"`` outside CUDA graphs only. CUDA: the
+forms traced into Inductor's code (no custom-op call left in it, no input of a kernel copied),
+equal to the custom ops' kernels for static and dynamic row counts, and whole models (a decode,
+a training step) compiled both ways giving the same numbers.
 """
 
 from __future__ import annotations
@@ -57,6 +58,32 @@ def test_ternary_matmul_form_equals_the_kernel(M, K, N, has_bias):
     assert torch.equal(got.view(M, N), want)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_bitlinear_stacked_form_is_the_kernels_with_the_ops_backward(normalize):
+    """The training op's form: its forward is the norm (or quantization) kernel and the matmul
+    kernel, bit for bit; its backward is the op's straight-through backward."""
+    K = 64
+    x = seeded_randn((2, 3, K), torch.float32, DEVICE, 0).requires_grad_()
+    g = seeded_randn((K,), torch.float32, DEVICE, 1).requires_grad_() if normalize else None
+    w1, w2 = (seeded_randn((n, K), torch.float32, DEVICE, n).requires_grad_() for n in (32, 16))
+    packed, w_scale = ops.weight_quant_stacked([w1.detach(), w2.detach()], [False, True])
+    args = (x, g, [w1, w2], packed, w_scale, None, 1e-6, False, True, torch.float32, normalize)
+    out, q, s, rstd = ops.bitlinear_stacked_triton(*args)
+    x2 = x.detach().reshape(-1, K)
+    q0, s0, r0 = nq._launch_quant(x2, None if g is None else g.detach(), 1e-6, False, True, torch.float32,
+                                  norm=normalize)
+    assert torch.equal(q.reshape(-1, K), q0) and torch.equal(s.reshape(-1), s0)
+    assert torch.equal(rstd.reshape(-1), r0) if normalize else not rstd.any()
+    assert torch.equal(out.reshape(-1, 48), tm.ternary_matmul(q0, s0, packed, w_scale, None, torch.float32))
+    want = ops.bitlinear_stacked(*args)[0]
+    dout = seeded_randn(out.shape, torch.float32, DEVICE, 7)
+    leaves = [x, w1, w2] + ([g] if normalize else [])
+    for got, ref_grad in zip(torch.autograd.grad(out, leaves, dout), torch.autograd.grad(want, leaves, dout)):
+        # the same formulas on the same codes; on the CPU the op's scales come from the
+        # reference (an ulp apart from the kernel's at most)
+        torch.testing.assert_close(got, ref_grad, rtol=1e-4, atol=1e-4)
+
+
 def test_forms_check_their_arguments():
     packed, w_scale = _weight(8, 32)
     q = torch.zeros(2, 32, dtype=torch.int8, device=DEVICE)
@@ -99,6 +126,25 @@ def test_retarget_swaps_the_inference_ops_only():
     got = gm(*args)  # the forms run eagerly too (Triton's interpreter on the CPU)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)  # CPU: the custom ops are the plain-torch reference
+
+
+def test_retarget_swaps_the_training_op():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    w = seeded_randn((16, 32), torch.float32, DEVICE, 0)
+    packed, w_scale = ops.weight_quant_stacked([w], [False])
+
+    def f(x):
+        return ops.bitlinear_stacked(x, None, [w], packed, w_scale, None, 1e-6, False, True, torch.float32,
+                                     False)[0]
+
+    x = seeded_randn((3, 32), torch.float32, DEVICE, 1)
+    gm = make_fx(f)(x)
+    want = gm(x)
+    assert inductor.retarget(gm) == 1
+    assert [n.target for n in gm.graph.nodes if n.op == "call_function"].count(
+        ops.bitlinear_stacked_triton.default) == 1
+    torch.testing.assert_close(gm(x), want, rtol=1e-5, atol=1e-4)
 
 
 def test_retarget_leaves_unbacked_rows_to_the_custom_op():
@@ -224,6 +270,34 @@ def test_forms_compile_into_inductors_code(dynamic):
     assert seen, "no user Triton kernel reached Inductor's graph"
     for name, cloned in seen:
         assert set(cloned) <= _OUTPUTS[name], (name, cloned)
+
+
+@pytest.mark.cuda
+def test_training_step_the_same_whoever_launches():
+    """A Llama's training step compiled with ``launch="inductor"`` (the training op's forward
+    kernels in Inductor's code) and with the custom ops: the same loss and gradients."""
+    import copy
+
+    from tests import models
+    from tests.test_backend import op_counts, recording_backend
+
+    base, ids = models.tiny_llama()
+    base, ids = base.cuda().train(), ids.cuda()
+    results = {}
+    for launch in ("inductor", "op"):
+        torch._dynamo.reset()
+        model = copy.deepcopy(base)
+        backend, graphs = recording_backend()
+        loss = torch.compile(model, backend=backend, options={"launch": launch})(ids, labels=ids).loss
+        loss.backward()
+        targets = {str(n.target) for n in graphs[0].graph.nodes}
+        assert ("bitfx.bitlinear_stacked_triton.default" in targets) == (launch == "inductor")
+        assert op_counts(graphs[0])["bitlinear_stacked"] > 0
+        results[launch] = (loss.detach(), [p.grad for p in model.parameters()])
+    (loss_a, grads_a), (loss_b, grads_b) = results["inductor"], results["op"]
+    assert torch.equal(loss_a, loss_b)
+    for a, b in zip(grads_a, grads_b):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.cuda
