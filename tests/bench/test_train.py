@@ -39,3 +39,12 @@ def test_shapes_are_the_named_sizes():
     assert 3.0e8 < n350 < 4.0e8  # tied embeddings: 131M + 12 layers of 16.8M
     assert n1b == 1_235_814_400  # Llama-3.2-1B
     assert bt.batch_of("llama-1b", False, None) == (4, 2048)
+
+
+def test_launch_option_reaches_the_backend(monkeypatch):
+    """``--launch`` sets BitfxConfig.launch for both bitfx methods; the baseline is untouched."""
+    calls = []
+    monkeypatch.setattr(bt.torch, "compile", lambda model, **kw: calls.append(kw))
+    bt._compile(None, "bitfx-fp8", "all", "inductor")
+    bt._compile(None, "bf16-inductor", "all", "inductor")
+    assert calls == [dict(backend="bitfx", options={"linears": "all", "backward": "fp8", "launch": "inductor"}), {}]
