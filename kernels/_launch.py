@@ -98,6 +98,19 @@ class Launcher:
 
         wrap_triton(self.fn)[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
 
+    def launch(self, grid: tuple, args: tuple, constexprs: dict, *, traced: bool = False, bind: bool = False,
+               **options):
+        """One launch the way the caller needs it: traced into a graph (:meth:`traced`, which
+        takes the warps and stages of ``options`` only), bound for repeating (returns
+        :meth:`bind`'s ``again``), or plain (returns None)."""
+        if traced:
+            self.traced(grid, args, constexprs, num_warps=options["num_warps"], num_stages=options.get("num_stages", 3))
+            return None
+        if bind:
+            return self.bind(grid, args, constexprs, **options)
+        self(grid, args, constexprs, **options)
+        return None
+
     def __call__(self, grid: tuple, args: tuple, constexprs: dict, **options):
         """Launch; returns the cached compiled launch ``(run, function, metadata, constexpr
         values)`` it used or made (None where the launch went through ``kernel[grid]`` only)."""
@@ -120,9 +133,7 @@ class Launcher:
                                               tuple(constexprs[n] for n in tail))
             return entry
         run, function, metadata, tail_values = entry
-        n = len(grid)
-        run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, _stream()(device), function, metadata,
-            None, None, None, *args, *tail_values)
+        run(*_grid3(grid), _stream()(device), function, metadata, None, None, None, *args, *tail_values)
         return entry
 
     def bind(self, grid: tuple, args: tuple, constexprs: dict, **options):
@@ -139,7 +150,7 @@ class Launcher:
 
             return again
         run, function, metadata, tail_values = entry
-        g0, g1, g2 = (tuple(grid) + (1, 1))[:3]
+        g0, g1, g2 = _grid3(grid)
         device = torch.cuda.current_device()
         stream = _stream()
 
@@ -150,6 +161,11 @@ class Launcher:
                 run(g0, g1, g2, stream(device), function, metadata, None, None, None, *new_args, *tail_values)
 
         return again
+
+
+def _grid3(grid: tuple) -> tuple:
+    """A grid of one to three dimensions as three (the missing ones 1)."""
+    return (tuple(grid) + (1, 1))[:3]
 
 
 _STREAM = []

@@ -305,13 +305,10 @@ def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm, 
                       Y_ROUND=_round_code(norm_dtype), BLOCK_K=block, ONE_BLOCK=one_block,
                       PDL_TRIGGER=pdl_enabled(device) and not traced, EARLY_G=bool(M < num_sms(device)),
                       QMAX=int(qmax), RN_MUL=traced and device.type == "cuda" and torch.version.hip is None)
-    if traced:
-        _NORM_QUANT.traced((M,), args, constexprs, num_warps=_num_warps(block))
-        return q, scale, rstd
+    launch = _NORM_QUANT.launch((M,), args, constexprs, traced=traced, bind=bind, num_warps=_num_warps(block),
+                                enable_fp_fusion=False)
     if not bind:
-        _NORM_QUANT((M,), args, constexprs, num_warps=_num_warps(block), enable_fp_fusion=False)
         return q, scale, rstd
-    launch = _NORM_QUANT.bind((M,), args, constexprs, num_warps=_num_warps(block), enable_fp_fusion=False)
     empty, i8, f32 = torch.empty, torch.int8, torch.float32
 
     def again(x):

@@ -424,19 +424,6 @@ def _untraced_modes():
     return _disable_current_modes()
 
 
-def _launch_with(launcher: Launcher, grid, args, constexprs, cfg, pdl: bool, traced: bool, bind: bool):
-    """One launch, the way the caller needs it: traced into a graph (``wrap_triton``), plain, or
-    bound for repeating (returns :meth:`Launcher.bind`'s ``again``; None otherwise)."""
-    options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if traced:
-        launcher.traced(grid, args, constexprs, **options)
-        return None
-    if not bind:
-        launcher(grid, args, constexprs, launch_pdl=pdl, **options)
-        return None
-    return launcher.bind(grid, args, constexprs, launch_pdl=pdl, **options)
-
-
 def _launch_dp4a(q, x_scale, packed, w_scale, bias, out, float_out, split_k, config, traced=False, bind=False):
     bindable = bind  # with bind, the caller takes (out, again); again is None where nothing can be bound
     M, K = q.shape
@@ -461,18 +448,17 @@ def _launch_dp4a(q, x_scale, packed, w_scale, bias, out, float_out, split_k, con
                       USE_ASM=cfg["USE_ASM"], FLOAT_OUT=float_out, HAS_BIAS=bias is not None,
                       EVEN_W=(Kq // 4) % cfg["BLOCK_W"] == 0, STREAM_HINT=cfg["STREAM_HINT"],
                       EVEN_K=K4 == Kq, PDL=pdl, PREFETCH=cfg["PREFETCH"] and pdl, BYTE_PTRS=traced)
-    launch = _launch_with(_DP4A, grid, args, constexprs, cfg, pdl, traced, bindable)
+    launch = _DP4A.launch(grid, args, constexprs, traced=traced, bind=bindable, num_warps=cfg["num_warps"],
+                          num_stages=cfg["num_stages"], launch_pdl=pdl)
     if launch is None:
         return (out, None) if bind else out
-    M, N = out.shape
-    K4, Kq4, words, sq, sw, so = args[10:]
-    split, tiles = cfg["SPLIT_K"], cfg["tiles_n"] * tiles_m
+    split, tiles, sizes = cfg["SPLIT_K"], cfg["tiles_n"] * tiles_m, args[8:]  # sizes: the launch's ints
     empty, dtype, device = torch.empty, out.dtype, out.device
 
     def again(q, x_scale):
         out = empty((M, N), dtype=dtype, device=device)
         ws, lock = _split_k_workspace(out, split, tiles, float_out)
-        launch(_as_words(q), x_scale, w32, w_scale, bias, out, ws, lock, M, N, K4, Kq4, words, sq, sw, so)
+        launch(_as_words(q), x_scale, w32, w_scale, bias, out, ws, lock, *sizes)
         return out
 
     return out, again
@@ -565,16 +551,16 @@ def run(q, x_scale, packed, w_scale, bias, out_dtype, float_out=True, path=None,
                       FLOAT_OUT=float_out, HAS_BIAS=bias is not None,
                       EVEN_KQ=Kq % cfg["BLOCK_KQ"] == 0, EVEN_K=K == layout.PLANES * Kq,
                       PDL=pdl, PREFETCH=cfg["PREFETCH"] and pdl)
-    launch = _launch_with(_MATMUL, grid, args, constexprs, cfg, pdl, traced, bindable)
+    launch = _MATMUL.launch(grid, args, constexprs, traced=traced, bind=bindable, num_warps=cfg["num_warps"],
+                            num_stages=cfg["num_stages"], launch_pdl=pdl)
     if launch is None:
         return (out, None) if bind else out
-    split, steps, sq, sw, so = cfg["SPLIT_K"], cfg["steps_per_split"], q.stride(0), packed.stride(0), out.stride(0)
-    empty = torch.empty
+    split, sizes, empty = cfg["SPLIT_K"], args[8:], torch.empty  # sizes: the launch's ints
 
     def again(q, x_scale):
         out = empty((M, N), dtype=out_dtype, device=device)
         ws, lock = _split_k_workspace(out, split, tiles, float_out)
-        launch(q, x_scale, packed, w_scale, bias, out, ws, lock, M, N, K, Kq, steps, sq, sw, so)
+        launch(q, x_scale, packed, w_scale, bias, out, ws, lock, *sizes)
         return out
 
     return out, again

@@ -29,7 +29,7 @@ from torch import Tensor
 from bitfx import reference as ref
 from bitfx.ops.inference import check_matmul_args
 from bitfx.ops.library import check_norm_args, kernels, rows
-from bitfx.ops.training import _check_stacked, _stacked_backward, _stacked_setup_context
+from bitfx.ops.training import _check_stacked, _front_outputs, _stacked_backward, _stacked_setup_context
 
 __all__ = ["norm_quant_triton", "act_quant_triton", "ternary_matmul_triton", "bitlinear_stacked_triton", "retarget",
            "TRITON_FORMS"]
@@ -67,9 +67,8 @@ def ternary_matmul_triton(q: Tensor, x_scale: Tensor, packed: Tensor, w_scale: T
                           out_dtype: torch.dtype, in_features: int) -> Tensor:
     """``bitfx::ternary_matmul`` launched by Inductor: ``out [..., N]`` in ``out_dtype``."""
     check_matmul_args("ternary_matmul", q, x_scale, packed, w_scale, bias, out_dtype, in_features)
-    if packed.shape[-1] > 1 and packed.stride(-1) != 1:
-        packed = packed.contiguous()
-    out = kernels("ternary_matmul").run(_rows(q), x_scale.reshape(-1), packed, w_scale, bias, out_dtype, traced=True)
+    out = kernels("ternary_matmul").run(_rows(q), x_scale.reshape(-1), _rows(packed), w_scale, bias, out_dtype,
+                                        traced=True)
     return out.view(*q.shape[:-1], packed.shape[0])
 
 
@@ -82,12 +81,10 @@ def bitlinear_stacked_triton(x: Tensor, norm_weight: Optional[Tensor], weights: 
     Inductor: ``(out [..., ΣN], q, x_scale, rstd)``; the same backward (the straight-through
     formulas of :mod:`bitfx.ops.training`)."""
     _check_stacked(x, norm_weight, weights, packed, w_scale, bias, norm_dtype, normalize)
-    lead = x.shape[:-1]
     q, scale, rstd = kernels("norm_quant")._launch_quant(_rows(x), norm_weight, eps, offset, cast_before_weight,
                                                          norm_dtype, norm=normalize, traced=True)
     out = kernels("ternary_matmul").run(q, scale, packed, w_scale, bias, norm_dtype, traced=True)
-    rstd = x.new_zeros(lead, dtype=torch.float32) if rstd is None else rstd.view(lead)
-    return out.view(*lead, packed.shape[0]), q.view(x.shape), scale.view(lead), rstd
+    return (out.view(*x.shape[:-1], packed.shape[0]), *_front_outputs(x, q, scale, rstd))
 
 
 bitlinear_stacked_triton.register_autograd(_stacked_backward, setup_context=_stacked_setup_context)
@@ -115,8 +112,9 @@ def _launchable(node: torch.fx.Node) -> bool:
 
 
 def retarget(gm: torch.fx.GraphModule) -> int:
-    """Every call of an inference op in ``gm`` (and in the graphs it holds) to its form launched
-    by Inductor, where the shapes allow (:func:`_launchable`); returns how many were swapped."""
+    """Every call of an op that has a form launched by Inductor (:data:`TRITON_FORMS`), in ``gm`` and
+    the graphs it holds, to that form where the shapes allow (:func:`_launchable`); returns how many
+    were swapped."""
     swapped = 0
     for module in gm.modules():
         if not isinstance(module, torch.fx.GraphModule):
