@@ -47,7 +47,9 @@ and Inductor restarts the trace with them constant, so a compile may run the pas
 Who launches the kernels of a graph on CUDA (``BitfxConfig.launch``): the custom
 ops (the default), or Inductor's own generated code (``"inductor"``; ``"auto"``: outside CUDA
 graphs only), through the ``triton_op`` forms of the ops (:mod:`bitfx.ops.inductor`), so that a
-default-mode call pays Inductor's host cost per kernel, not a custom op's.
+default-mode call pays Inductor's host cost per kernel, not a custom op's. With the custom ops,
+each site's front and matmul become one ``ternary_linear`` call (:mod:`bitfx.passes.fronts`),
+one kernel for a decode-sized call.
 
 Logging: logger ``"bitfx"``. ``BITFX_LOG=1`` (or ``info``) prints what was rewritten,
 ``BITFX_LOG=debug`` also what was left out and why.
@@ -69,6 +71,7 @@ from bitfx.config import BitfxConfig, checked_filter_fn, decide_training
 from bitfx.passes.naming import Naming
 from bitfx.passes.plan import check_filter_fn
 from bitfx.passes.rewrite import bitfx_pass
+from bitfx.passes.fronts import fuse_fronts
 from bitfx.passes.prepack import prepack
 
 __all__ = ["BitfxConfig", "bitfx_backend"]
@@ -174,6 +177,9 @@ def bitfx_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[st
     packs = None
     if not config.training:
         gm, packs = prepack(gm, inputs, naming)
+    if not config.training and any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs):
+        # CUDA inference: each site's front and matmul as one op (one kernel for decode rows)
+        log.info("bitfx: %d ternary linears as one op each", fuse_fronts(gm))
     if _inductor_launches(config, inputs, inductor_patches):
         from bitfx.ops.inductor import retarget
 

@@ -22,6 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from bitfx import ops  # noqa: F401  (registers torch.ops.bitfx.*)
+from bitfx.ops.inference import fused_front
+from bitfx.ops.library import kernels
 from bitfx.layout import FLOAT_DTYPES, FORMAT, check_packed_shape, packed_k
 from bitfx.reference import act_qmax, check_ternary_codes, pack_ternary, ternary_terms
 
@@ -49,11 +51,13 @@ _MAX_PLANS = 32  # launch plans kept per layer (input shapes); past that the old
 
 
 def _launch_direct(layer: "BitfxLinear", x: Tensor, bias: Tensor | None, qmax: int) -> Tensor:
-    """``act_quant`` + ``ternary_matmul`` on CUDA: the same kernels and numbers as the ops,
+    """``act_quant`` + ``ternary_matmul`` on CUDA (for few rows the two in one kernel,
+    :mod:`bitfx.kernels.front_gemv`, whose codes and output are the two kernels' bit for bit:
+    the absmax scale is order-free): the same numbers as the ops,
     through the layer's launch plan for this input (shape, strides, dtype, 16-byte alignment,
     device): the launch rules resolved and the compiled launchers bound on the first call
     (:meth:`bitfx.kernels._launch.Launcher.bind`), so that a later call allocates its outputs
-    and launches the two kernels, nothing more. A plan holds the layer's tensors by identity:
+    and launches its kernels, nothing more. A plan holds the layer's tensors by identity:
     a buffer replaced (``.to()``, assignment) gets new plans; a write into one is read by the
     next launch as by any."""
     from bitfx.kernels import norm_quant as nq, ternary_matmul as tm
@@ -67,17 +71,30 @@ def _launch_direct(layer: "BitfxLinear", x: Tensor, bias: Tensor | None, qmax: i
     plans = layer.__dict__.setdefault("_plans", {})
     plan = plans.get(key)
     if plan is not None and plan[0] is packed and plan[1] is w_scale and plan[2] is bias:
-        q, x_scale, _ = plan[3](x2)
-        out = plan[4](q, x_scale)
+        out = plan[3](x2)
     else:
-        q, x_scale, _, quant = nq._launch_quant(x2, None, 0.0, False, False, torch.float32, norm=False, qmax=qmax,
-                                                bind=True)
-        out, matmul = tm.run(q, x_scale, packed, w_scale, bias, x.dtype, bind=True)
+        if fused_front(x2, packed):  # few rows: quantization and matmul in one kernel, the same numbers
+            out, _, run = kernels("front_gemv").front_gemv(x2, None, 0.0, False, False, torch.float32, False, qmax,
+                                                           packed, w_scale, bias, x.dtype, bind=True)
+        else:
+            q, x_scale, _, quant = nq._launch_quant(x2, None, 0.0, False, False, torch.float32, norm=False,
+                                                    qmax=qmax, bind=True)
+            out, matmul = tm.run(q, x_scale, packed, w_scale, bias, x.dtype, bind=True)
+            run = None if quant is None or matmul is None else _two_launches(quant, matmul)
         if plan is not None or len(plans) >= _MAX_PLANS:
             plans.clear()  # tensors replaced since (or too many shapes): drop what the old plans hold
-        if quant is not None and matmul is not None:
-            plans[key] = (packed, w_scale, bias, quant, matmul)
+        if run is not None:
+            plans[key] = (packed, w_scale, bias, run)
     return out.view(*x.shape[:-1], packed.shape[0])
+
+
+def _two_launches(quant, matmul):
+    """A plan's launches for many rows: the quantization kernel, then the matmul on its outputs."""
+    def run(x2):
+        q, x_scale, _ = quant(x2)
+        return matmul(q, x_scale)
+
+    return run
 
 
 # The packed layout's name as a number, so that the tag is a tensor: state_dicts then stay

@@ -91,11 +91,17 @@ def assert_prepacked(gm) -> None:
     """Every ternary matmul of an inference graph reads weights packed at compile time: its
     packed weight and scale operands are graph inputs (packed by the prepack guard, or a
     ``bitfx.quantize``d layer's own buffers), never computed in the graph."""
-    matmuls = (torch.ops.bitfx.ternary_matmul, getattr(torch.ops.bitfx, "ternary_matmul_triton", None))
-    mms = [n for n in gm.graph.nodes if getattr(n.target, "overloadpacket", None) in matmuls]
+    import bitfx.ops.inductor  # noqa: F401  (the forms launched by Inductor: registered)
+
+    ops = torch.ops.bitfx
+    # where each op takes its packed weight and scale: the matmuls, and the whole linears of CUDA graphs
+    operands = {ops.ternary_matmul: slice(2, 4), ops.ternary_matmul_triton: slice(2, 4),
+                ops.ternary_linear: slice(8, 10), ops.ternary_linear_triton: slice(8, 10)}
+    mms = [n for n in gm.graph.nodes if n.op == "call_function" and getattr(n.target, "overloadpacket", None)
+           in operands]
     assert mms, "no ternary matmul in the graph"
     for n in mms:
-        for a in n.args[2:4]:
+        for a in n.args[operands[n.target.overloadpacket]]:
             assert a.op == "placeholder", n.format_node()  # nothing computes it in the graph
 
 

@@ -8,6 +8,8 @@ decode step under ``mode="reduce-overhead"`` replays a CUDA graph.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -44,7 +46,8 @@ def test_transformers_inference_fullgraph_cuda(name):
         got = compiled(ids).logits
         want = models.reference_quantized(model, converted_linears(model))(ids).logits  # all but lm_head
     assert len(graphs) == 1
-    assert op_counts(graphs[0]) == ops
+    # On CUDA each front and the matmuls reading it become ternary_linear calls (passes/fronts.py).
+    assert op_counts(graphs[0]) == Counter(ternary_linear=ops["ternary_matmul"], linear=ops["linear"])
     assert_prepacked(graphs[0])
     assert_close_up_to_code_flips(got, want)
 
@@ -111,6 +114,6 @@ def test_reduce_overhead_decode_step_replays_a_cuda_graph():
     names = {e.name for e in prof.events()}
     assert "cudaGraphLaunch" in names, sorted(n for n in names if "Graph" in n or "graph" in n)
     # The bitfx kernels ran (inside the replayed graph: the step made no other launch of them).
-    launched = [n for n in names if n.startswith(("_norm_quant_kernel", "_ternary_"))]
+    launched = [n for n in names if n.startswith(("_norm_quant_kernel", "_ternary_", "_front_gemv_kernel"))]
     assert launched, sorted(names)
     assert_close_up_to_code_flips(out, want)

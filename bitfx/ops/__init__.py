@@ -3,7 +3,8 @@
 * :mod:`bitfx.ops.library`: the catalogue of schemas (:data:`~bitfx.ops.library.SCHEMAS`),
   the one registration helper and the input checks;
 * :mod:`bitfx.ops.inference`: ``norm_quant``, ``act_quant``, ``weight_quant``,
-  ``ternary_matmul``, ``dequantize``, and the one CUDA front (norm or activation quantization);
+  ``ternary_matmul``, ``ternary_linear`` (the two in one), ``dequantize``, and the one CUDA
+  front (norm or activation quantization);
 * :mod:`bitfx.ops.training`: ``weight_quant_stacked``, ``bitlinear_stacked`` (what the backend
   emits in training), ``ternary_linear_group`` (frozen packed weights in grad mode), and
   :func:`bitlinear`, the differentiable BitLinear layer as a function;
@@ -24,6 +25,7 @@ norm_quant = torch.ops.bitfx.norm_quant
 act_quant = torch.ops.bitfx.act_quant
 weight_quant = torch.ops.bitfx.weight_quant
 ternary_matmul = torch.ops.bitfx.ternary_matmul
+ternary_linear = torch.ops.bitfx.ternary_linear
 dequantize = torch.ops.bitfx.dequantize
 ternary_linear_group = torch.ops.bitfx.ternary_linear_group
 weight_quant_stacked = torch.ops.bitfx.weight_quant_stacked

@@ -1,7 +1,7 @@
 """The inference ops as Triton kernels that Inductor launches itself.
 
-``bitfx::norm_quant``, ``act_quant``, ``ternary_matmul`` and the training op
-``bitlinear_stacked`` are custom ops: in a graph compiled
+``bitfx::norm_quant``, ``act_quant``, ``ternary_matmul``, ``ternary_linear`` and the training
+op ``bitlinear_stacked`` are custom ops: in a graph compiled
 by Inductor each call goes through the dispatcher into Python (the op's guard, the launch
 rules, the launcher), some 40 µs of host time per op against about 15 µs for a kernel of
 Inductor's own. With ``BitfxConfig(launch="inductor")`` (or ``"auto"`` outside CUDA graphs)
@@ -27,12 +27,12 @@ import torch
 from torch import Tensor
 
 from bitfx import reference as ref
-from bitfx.ops.inference import check_matmul_args
+from bitfx.ops.inference import _check_linear, check_matmul_args
 from bitfx.ops.library import check_norm_args, kernels, rows
 from bitfx.ops.training import _check_stacked, _front_outputs, _stacked_backward, _stacked_setup_context
 
-__all__ = ["norm_quant_triton", "act_quant_triton", "ternary_matmul_triton", "bitlinear_stacked_triton", "retarget",
-           "TRITON_FORMS"]
+__all__ = ["norm_quant_triton", "act_quant_triton", "ternary_matmul_triton", "ternary_linear_triton",
+           "bitlinear_stacked_triton", "retarget", "TRITON_FORMS"]
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -72,6 +72,27 @@ def ternary_matmul_triton(q: Tensor, x_scale: Tensor, packed: Tensor, w_scale: T
     return out.view(*q.shape[:-1], packed.shape[0])
 
 
+@torch.library.triton_op("bitfx::ternary_linear_triton", mutates_args=())
+def ternary_linear_triton(x: Tensor, norm_weight: Optional[Tensor], eps: float, offset: bool, cast_before_weight: bool,
+                          norm_dtype: torch.dtype, normalize: bool, bits: int, packed: Tensor, w_scale: Tensor,
+                          bias: Optional[Tensor], out_dtype: torch.dtype, in_features: int) -> Tensor:
+    """``bitfx::ternary_linear`` launched by Inductor: one kernel for few rows (chosen on the
+    rows' count, a guard where it is symbolic), else the norm (or quantization) kernel and the
+    matmul kernel."""
+    _check_linear(x, norm_weight, norm_dtype, normalize, bits, packed, w_scale, bias, out_dtype, in_features)
+    x2, packed2, qmax = _rows(x), _rows(packed), ref.act_qmax(bits)
+    M, fg = x2.shape[0], kernels("front_gemv")
+    if (0 < M <= fg.FRONT_MAX_M and int(packed2.shape[0]) > 0 and packed2.stride(0) % 4 == 0
+            and packed2.storage_offset() % 4 == 0 and fg.enabled()):
+        out, _ = fg.front_gemv(x2, norm_weight, eps, offset, cast_before_weight, norm_dtype, normalize, qmax, packed2,
+                               w_scale, bias, out_dtype, traced=True)
+    else:
+        q, scale, _ = kernels("norm_quant")._launch_quant(x2, norm_weight, eps, offset, cast_before_weight,
+                                                          norm_dtype, norm=normalize, qmax=qmax, traced=True)
+        out = kernels("ternary_matmul").run(q, scale, packed2, w_scale, bias, out_dtype, traced=True)
+    return out.view(*x.shape[:-1], packed.shape[0])
+
+
 @torch.library.triton_op("bitfx::bitlinear_stacked_triton", mutates_args=())
 def bitlinear_stacked_triton(x: Tensor, norm_weight: Optional[Tensor], weights: list[Tensor], packed: Tensor,
                              w_scale: Tensor, bias: Optional[Tensor], eps: float, offset: bool,
@@ -95,6 +116,7 @@ TRITON_FORMS = {
     torch.ops.bitfx.norm_quant.default: torch.ops.bitfx.norm_quant_triton.default,
     torch.ops.bitfx.act_quant.default: torch.ops.bitfx.act_quant_triton.default,
     torch.ops.bitfx.ternary_matmul.default: torch.ops.bitfx.ternary_matmul_triton.default,
+    torch.ops.bitfx.ternary_linear.default: torch.ops.bitfx.ternary_linear_triton.default,
     torch.ops.bitfx.bitlinear_stacked.default: torch.ops.bitfx.bitlinear_stacked_triton.default,
 }
 

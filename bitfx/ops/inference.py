@@ -1,5 +1,5 @@
 """The inference ops: ``norm_quant``, ``act_quant``, ``weight_quant``, ``ternary_matmul``,
-``dequantize`` (schemas in :data:`bitfx.ops.library.SCHEMAS`), and the one CUDA front that
+``ternary_linear``, ``dequantize`` (schemas in :data:`bitfx.ops.library.SCHEMAS`), and the one CUDA front that
 every op quantizing activations uses (:func:`cuda_front`).
 
 No autograd: these ops read no float weight a gradient could reach (the backend emits them in
@@ -17,9 +17,10 @@ from torch import Tensor
 from bitfx import reference as ref
 from bitfx.layout import FLOAT_DTYPES, packed_k
 from bitfx.ops.library import (check_codes, check_float_dtype, check_in_features, check_linear_weight,
-                               check_norm_args, check_packed_weight, check_same_device, kernels, register, rows)
+                               check_norm_args, check_normalize, check_packed_weight, check_same_device, kernels,
+                               register, rows)
 
-__all__ = ["cuda_front", "ref_front", "check_matmul_args", "matmul_guard"]
+__all__ = ["cuda_front", "ref_front", "check_matmul_args", "matmul_guard", "fused_front"]
 
 
 # ---------------------------------------------------------------- the activation front (norm or not)
@@ -177,6 +178,75 @@ def _(q, x_scale, packed, w_scale, bias, out_dtype, in_features):
 def _(q, x_scale, packed, w_scale, bias, out_dtype, in_features):
     check_matmul_args("ternary_matmul", q, x_scale, packed, w_scale, bias, out_dtype, in_features)
     return q.new_empty((*q.shape[:-1], packed.shape[0]), dtype=out_dtype)
+
+
+# ---------------------------------------------------------------- ternary_linear (front + matmul)
+
+
+def _check_linear(x, norm_weight, norm_dtype, normalize, bits, packed, w_scale, bias, out_dtype, in_features) -> None:
+    op = "ternary_linear"
+    check_norm_args(op, x, norm_weight, norm_dtype)
+    check_normalize(op, norm_weight, normalize)
+    ref.act_qmax(bits)
+    check_packed_weight(op, packed, w_scale, bias, in_features)
+    check_in_features(op, x, in_features)
+    check_float_dtype(op, "out_dtype", out_dtype)
+    check_same_device(op, x, norm_weight, packed, w_scale, bias)
+
+
+def _linear_guard(x, norm_weight, norm_dtype, normalize, packed, w_scale, bias, out_dtype, in_features) -> bool:
+    """The cheap per-call guard of ``ternary_linear`` on CUDA (no read of device memory)."""
+    device = x.device
+    return (_guard_front(x, norm_weight, norm_dtype) and x.shape[-1] == in_features
+            and (normalize or norm_weight is None) and (norm_weight is None or norm_weight.device == device)
+            and packed.dtype == torch.uint8 and packed.dim() == 2 and packed.shape[1] == packed_k(in_features)
+            and (packed.stride(1) == 1 or packed.shape[1] <= 1) and w_scale.dtype == torch.float32
+            and w_scale.shape == packed.shape[:1] and out_dtype in FLOAT_DTYPES
+            and packed.device == device and w_scale.device == device
+            and (bias is None or (bias.dtype in FLOAT_DTYPES and bias.shape == packed.shape[:1]
+                                  and bias.device == device)))
+
+
+def fused_front(x2: Tensor, packed: Tensor) -> bool:
+    """Whether the rows ``x2 [M, K]`` against ``packed`` take the one-kernel form
+    (:mod:`bitfx.kernels.front_gemv`): few rows (``FRONT_MAX_M``), nothing empty, packed rows the
+    kernel can read as words, and not turned off (``BITFX_FRONT_GEMV=0``)."""
+    M, K = x2.shape
+    fg = kernels("front_gemv")
+    return (0 < M <= fg.FRONT_MAX_M and K > 0 and packed.shape[0] > 0 and packed.stride(0) % 4 == 0
+            and packed.data_ptr() % 4 == 0 and fg.enabled())
+
+
+@register("ternary_linear", "reference")
+def _(x, norm_weight, eps, offset, cast_before_weight, norm_dtype, normalize, bits, packed, w_scale, bias, out_dtype,
+      in_features):
+    _check_linear(x, norm_weight, norm_dtype, normalize, bits, packed, w_scale, bias, out_dtype, in_features)
+    q, x_scale, _ = ref_front(x, norm_weight, eps, offset, cast_before_weight, norm_dtype, normalize, bits)
+    return ref.ternary_matmul(q, x_scale, packed, w_scale, bias, out_dtype)
+
+
+@register("ternary_linear", "cuda")
+def _(x, norm_weight, eps, offset, cast_before_weight, norm_dtype, normalize, bits, packed, w_scale, bias, out_dtype,
+      in_features):
+    if not _linear_guard(x, norm_weight, norm_dtype, normalize, packed, w_scale, bias, out_dtype, in_features):
+        _check_linear(x, norm_weight, norm_dtype, normalize, bits, packed, w_scale, bias, out_dtype, in_features)
+    x2 = rows(x)
+    if x2.shape[1] > 1 and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    if fused_front(x2, packed):
+        out, _ = kernels("front_gemv").front_gemv(x2, norm_weight, eps, offset, cast_before_weight, norm_dtype,
+                                                  normalize, ref.act_qmax(bits), packed, w_scale, bias, out_dtype)
+    else:
+        q, x_scale, _ = cuda_front(x2, norm_weight, eps, offset, cast_before_weight, norm_dtype, normalize, bits)
+        out = kernels("ternary_matmul").run(q, x_scale, packed, w_scale, bias, out_dtype)
+    return out.view(*x.shape[:-1], packed.shape[0])
+
+
+@register("ternary_linear", "fake")
+def _(x, norm_weight, eps, offset, cast_before_weight, norm_dtype, normalize, bits, packed, w_scale, bias, out_dtype,
+      in_features):
+    _check_linear(x, norm_weight, norm_dtype, normalize, bits, packed, w_scale, bias, out_dtype, in_features)
+    return x.new_empty((*x.shape[:-1], packed.shape[0]), dtype=out_dtype)
 
 
 # ---------------------------------------------------------------- dequantize

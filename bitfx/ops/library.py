@@ -42,6 +42,11 @@ SCHEMAS = {
     # q @ t^T exact in int32, then / x_scale / w_scale + bias: -> out[..., N]
     "ternary_matmul": "(Tensor q, Tensor x_scale, Tensor packed, Tensor w_scale, Tensor? bias, "
                       "ScalarType out_dtype, SymInt in_features) -> Tensor",
+    # the whole ternary linear of x: norm (or not) + quantization + matmul, one kernel for few
+    # rows on CUDA (what the backend's inference graphs run per site): -> out[..., N]
+    "ternary_linear": "(Tensor x, Tensor? norm_weight, float eps, bool offset, bool cast_before_weight, "
+                      "ScalarType norm_dtype, bool normalize, SymInt bits, Tensor packed, Tensor w_scale, "
+                      "Tensor? bias, ScalarType out_dtype, SymInt in_features) -> Tensor",
     # t / w_scale as a dense [N, K] matrix; validate_codes=False: the codes trusted (checked when
     # packed), no pass over them on the CPU (the training backward)
     "dequantize": "(Tensor packed, Tensor w_scale, SymInt K, ScalarType dtype, bool validate_codes=True) -> Tensor",

@@ -208,6 +208,9 @@ def test_opcheck_forms():
     opcheck(ops.norm_quant_triton, (x, g, 1e-6, False, True, torch.bfloat16))
     opcheck(ops.act_quant_triton, (x,))
     opcheck(ops.ternary_matmul_triton, (q, s, packed, w_scale, None, torch.bfloat16, 128))
+    for rows in (x[:1, :1], x):  # one row (the fused kernel), and several
+        opcheck(ops.ternary_linear_triton, (rows, g, 1e-6, False, True, torch.bfloat16, True, 8, packed, w_scale,
+                                            None, torch.bfloat16, 128))
 
 
 def _record_clones():
@@ -229,7 +232,8 @@ def _record_clones():
 # What each kernel writes: its outputs (and a split-K workspace), never an input.
 _OUTPUTS = {"_norm_quant_kernel": {"Q", "SCALE", "RSTD"},
             "_ternary_dp4a_kernel": {"out_ptr", "ws_ptr", "lock_ptr"},
-            "_ternary_matmul_kernel": {"out_ptr", "ws_ptr", "lock_ptr"}}
+            "_ternary_matmul_kernel": {"out_ptr", "ws_ptr", "lock_ptr"},
+            "_front_gemv_kernel": {"out_ptr", "SX"}}
 
 
 @pytest.mark.cuda
@@ -268,6 +272,47 @@ def test_forms_compile_into_inductors_code(dynamic):
                 assert "bitfx." not in code  # no custom-op call: Inductor launches the kernels
                 assert "_norm_quant_kernel" in code and "_ternary_dp4a_kernel" in code
     assert seen, "no user Triton kernel reached Inductor's graph"
+    for name, cloned in seen:
+        assert set(cloned) <= _OUTPUTS[name], (name, cloned)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_ternary_linear_form_compiles_into_inductors_code(dynamic):
+    """The whole linear's form in Inductor's code: one row, the fused kernel (no custom-op
+    call, no input copied); more rows, the two kernels; the eager kernels' numbers bit for bit."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    from bitfx.kernels import front_gemv as fg
+
+    torch._dynamo.reset()
+    K, N = 2560, 3840
+    packed, w_scale = _weight(N, K)
+    g = seeded_randn((K,), torch.bfloat16, "cuda", 5)
+
+    def f(x):
+        return ops.ternary_linear_triton(x, g, 1e-6, False, True, torch.bfloat16, True, 8, packed, w_scale, None,
+                                         torch.bfloat16, K)
+
+    def eager(x):
+        if x.shape[0] == 1:
+            return fg.front_gemv(x, g, 1e-6, False, True, torch.bfloat16, True, 127, packed, w_scale, None,
+                                 torch.bfloat16)[0]
+        q, s, _ = nq.norm_quant(x, g, 1e-6, False, True, torch.bfloat16)
+        return tm.ternary_matmul(q, s, packed, w_scale, None, torch.bfloat16)
+
+    seen, record = _record_clones()
+    compiled = torch.compile(f, dynamic=dynamic)
+    with inductor_config.patch({"fx_graph_cache": False, "post_grad_custom_pre_pass": record}):
+        for M in (1, 7, 300) if dynamic else (1,):
+            x = seeded_randn((M, K), torch.bfloat16, "cuda", M)
+            got, codes = run_and_get_code(compiled, x) if M == 1 else (compiled(x), None)
+            assert torch.equal(got, eager(x)), M
+            if codes is not None:
+                code = "\n".join(codes)
+                assert "bitfx." not in code and "_front_gemv_kernel" in code
+    assert any(name == "_front_gemv_kernel" for name, _ in seen)
     for name, cloned in seen:
         assert set(cloned) <= _OUTPUTS[name], (name, cloned)
 
@@ -321,9 +366,31 @@ def test_model_logits_the_same_whoever_launches(dtype):
                 out = compiled(ids).logits.clone()
         logits[launch, mode] = out
         kinds[launch, mode] = {str(n.target) for n in graphs[0].graph.nodes if "bitfx." in str(n.target)}
-    assert kinds["auto", None] == {"bitfx.norm_quant_triton.default", "bitfx.act_quant_triton.default",
-                                   "bitfx.ternary_matmul_triton.default"}
-    assert kinds["op", None] == kinds["auto", "reduce-overhead"] == {
-        "bitfx.norm_quant.default", "bitfx.act_quant.default", "bitfx.ternary_matmul.default"}
+    # (each front and its matmuls are one ternary_linear on CUDA: bitfx.passes.fronts)
+    assert kinds["auto", None] == {"bitfx.ternary_linear_triton.default"}
+    assert kinds["op", None] == kinds["auto", "reduce-overhead"] == {"bitfx.ternary_linear.default"}
     assert torch.equal(logits["auto", None], logits["op", None])
     assert torch.equal(logits["auto", None], logits["auto", "reduce-overhead"])
+
+
+@pytest.mark.parametrize("M", [1, 4])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ternary_linear_form_equals_the_op(M, normalize):
+    """One row: the fused kernel; more: the two kernels; either way the kernels' numbers bit for
+    bit (these integer-valued rows have exact sums of squares), and on CUDA the custom op's."""
+    K, N = 40, 24
+    packed, w_scale = _weight(N, K)
+    gen = torch.Generator().manual_seed(M)
+    x = torch.randint(-9, 10, (1, M, K), generator=gen).to(torch.bfloat16).to(DEVICE)
+    g = (torch.rand(K, generator=gen) + 0.5).to(torch.bfloat16).to(DEVICE) if normalize else None
+    bias = seeded_randn((N,), torch.bfloat16, DEVICE, 3)
+    args = (x, g, 1e-6, False, True, torch.bfloat16, normalize, 8, packed, w_scale, bias, torch.bfloat16, K)
+    got = ops.ternary_linear_triton(*args)
+    if normalize:
+        q, s, _ = nq.norm_quant(x.reshape(M, K), g, 1e-6, False, True, torch.bfloat16)
+    else:
+        q, s = nq.act_quant(x.reshape(M, K))
+    want = tm.ternary_matmul(q, s, packed, w_scale, bias, torch.bfloat16, path="dp4a" if M == 1 else None)
+    assert got.shape == (1, M, N) and torch.equal(got.reshape(M, N), want)
+    if DEVICE == "cuda":  # (on the CPU the op is the reference, whose epilogue divides)
+        assert torch.equal(got, ops.ternary_linear(*args))

@@ -88,6 +88,10 @@ def _op_cases(device, M=5, K=40, N=24, dtype=torch.bfloat16):
         "weight_quant_per_channel": ("weight_quant", (W, True)),
         "ternary_matmul": ("ternary_matmul", (q, s, packed, sw, b, dtype, K)),
         "ternary_matmul_nobias": ("ternary_matmul", (q, s, packed, sw, None, torch.float32, K)),
+        "ternary_linear": ("ternary_linear", (x, g, 1e-6, False, True, dtype, True, 8, packed, sw, b, dtype, K)),
+        "ternary_linear_one_row_nonorm": (
+            "ternary_linear", (x[:1, :1], None, 0.0, False, False, torch.float32, False, 6, packed, sw, None,
+                               torch.float32, K)),
         "dequantize": ("dequantize", (packed, sw, K, dtype)),
         "dequantize_unvalidated": ("dequantize", (packed, sw, K, torch.float32, False)),
         "ternary_linear_group": (

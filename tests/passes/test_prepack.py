@@ -368,7 +368,7 @@ def test_step_under_cuda_graphs_launches_no_weight_quantization(quantized):
             compiled(ids)
             torch.cuda.synchronize()
     kernels = [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
-    assert any("ternary" in k for k in kernels), kernels  # the replayed graph's kernels are seen
+    assert any("ternary" in k or "front_gemv" in k for k in kernels), kernels  # the replayed graph's kernels
     assert not [k for k in kernels if any(w in k for w in _WEIGHT_KERNELS)]
     assert _op_calls(lambda: compiled(ids), "bitfx::weight_quant") == 0
 

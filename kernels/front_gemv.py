@@ -1,0 +1,225 @@
+"""The whole ternary linear of one token in one kernel: RMSNorm (or none), per-token int8
+quantization and the dp4a GEMV.
+
+A decode step runs every site as two kernels, ``norm_quant`` (a few microseconds, most of it
+the launch) and the ternary GEMV. Here each program of the GEMV computes the row's statistics
+itself (``rstd`` and the absmax scale ``s_x``, by the formulas and helpers of
+:mod:`bitfx.kernels.norm_quant`), then makes the activation codes of each K step as it needs
+them, packed four to a 32-bit word, and meets them with its weight rows in ``dp4a``
+instructions as :func:`bitfx.kernels.ternary_matmul._ternary_dp4a_kernel` does::
+
+    program (pid_n, m):  rstd, s_x of row m          (every program of the row, the same numbers)
+                         for each K step:  codes q[m, k] of the step -> words -> dp4a with
+                                           BLOCK_N weight rows
+                         out[m, n] = (sum q c - sum q) * (1 / s_x) * (1 / s_w) + b
+
+The codes never reach memory, and a site is one launch. The price is that every program
+quantizes the whole row (a few thousand elements, read from L1/L2), which is cheap next to a
+launch for one row and grows with the rows: :data:`FRONT_MAX_M` bounds where it is used.
+
+Numbers: given the row's ``rstd`` and ``s_x``, the codes are those of ``norm_quant``
+(the same elementwise helpers, the products an add follows as ``mul.rn``) and the epilogue
+is the GEMV's, so the output equals ``norm_quant`` followed by the GEMV bit for bit whenever the
+row's sum of squares is exact (any order of an exact sum gives it); otherwise ``rstd`` may differ
+in its last bit from ``norm_quant``'s (another reduction order, as SPEC allows for the norm).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from bitfx.kernels._launch import Launcher
+from bitfx.kernels._utils import cdiv, env, next_pow2, interpreting, num_sms, pdl_enabled
+from bitfx.kernels.norm_quant import _abs_or_inf, _load_norm_chunk, _mul, _quantize, _round_code, _rstd
+from bitfx.kernels.ternary_matmul import _dp4a, _dp4a_plane, _pdl_prologue
+
+__all__ = ["front_gemv", "FRONT_MAX_M", "front_config", "enabled"]
+
+# Rows up to this many take the fused kernel (one program row per token; each row re-reads the
+# weights, from L2 after the first). More rows: norm_quant and the GEMV, which reads them once.
+FRONT_MAX_M = 1
+# Elements per chunk of the row passes (32 per thread of the one warp).
+_ROW_CHUNK = 1024
+# Weight words held per program and step: BLOCK_N x BLOCK_W (the dp4a GEMV's 4 x 256).
+_TILE_WORDS = 1024
+
+
+def enabled() -> bool:
+    """Whether ``bitfx::ternary_linear`` takes this kernel for few rows: unless ``BITFX_FRONT_GEMV=0``
+    (then ``norm_quant`` and the GEMV, for comparison)."""
+    return env("BITFX_FRONT_GEMV") not in ("0", "")
+
+
+@triton.jit
+def _code_words(X, W, idx, live, K, rstd, scale, bad, NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                OFFSET: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr, X_ROUND: tl.constexpr,
+                Y_ROUND: tl.constexpr, QMAX: tl.constexpr, RN_MUL: tl.constexpr, EVEN_W: tl.constexpr):
+    """The int8 codes of columns ``idx + b`` (b = 0..3) of the row at ``X``, packed into int32
+    words (byte b: column idx + b); columns past K, and words not ``live``, are 0."""
+    word = tl.zeros(idx.shape, dtype=tl.int32)
+    for b in tl.static_range(4):
+        c = idx + b
+        if not EVEN_W:
+            c = tl.where(live, c, K)  # a word past the row: a column no load reads
+        y = _load_norm_chunk(X, W, c, K, rstd, NORM, HAS_WEIGHT, OFFSET, CAST_BEFORE_WEIGHT, X_ROUND, Y_ROUND)
+        code = _quantize(y, scale, bad, QMAX, RN_MUL).to(tl.int32)
+        word = word | ((code & 0xFF) << (8 * b))
+    return word
+
+
+@triton.jit
+def _front_gemv_kernel(
+    X,  # [M, K] float activations, row stride stride_x
+    W,  # [K] norm weight (unused unless HAS_WEIGHT)
+    w_ptr,  # packed weight as int32 words [N, Kq4] (uint8 rows with BYTE_PTRS)
+    sw_ptr, bias_ptr, out_ptr,  # s_w fp32 [N], bias [N], out [M, N]
+    SX,  # [M] fp32 out: s_x (written by the first program of each row)
+    N, K, Kq4, stride_x, stride_wn, stride_om, eps,
+    NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, OFFSET: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr,
+    X_ROUND: tl.constexpr, Y_ROUND: tl.constexpr, QMAX: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # chunk of the row passes
+    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    EVEN_W: tl.constexpr,  # BLOCK_W divides Kq4
+    USE_ASM: tl.constexpr, HAS_BIAS: tl.constexpr, STREAM_HINT: tl.constexpr,
+    PDL: tl.constexpr, PREFETCH: tl.constexpr, RN_MUL: tl.constexpr, BYTE_PTRS: tl.constexpr,
+):
+    """Program ``(pid_n, m)``: ``out[m, BLOCK_N rows]`` of the ternary linear of row ``m`` of X
+    (module docstring)."""
+    if BYTE_PTRS:
+        w_ptr = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    pid_n = tl.program_id(0)
+    row = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    if PDL:  # weights into L2 while the kernel that wrote X finishes; X read after it has
+        _pdl_prologue(w_ptr, offs_n, N, stride_wn, 0, Kq4, 4, PREFETCH)
+    X += row * stride_x
+
+    # The row's statistics, as norm_quant's chunked passes compute them.
+    cols = tl.arange(0, BLOCK_K)
+    rstd = 0.0
+    if NORM:
+        sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            c = k0 + cols
+            x = tl.load(X + c, mask=c < K, other=0.0).to(tl.float32)
+            sq += _mul(x, x, RN_MUL)
+        rstd = _rstd(tl.sum(sq, axis=0), K, eps)
+    amax_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        y = _load_norm_chunk(X, W, k0 + cols, K, rstd, NORM, HAS_WEIGHT, OFFSET, CAST_BEFORE_WEIGHT, X_ROUND,
+                             Y_ROUND)
+        amax_acc = tl.maximum(amax_acc, _abs_or_inf(y))
+    amax = tl.max(amax_acc, axis=0)
+    bad = amax == float("inf")
+    one = tl.full([], 1.0, tl.float32)
+    scale = QMAX * tl.math.div_rn(one, tl.maximum(amax, 1e-5))
+    scale = tl.where(bad, float("nan"), scale)
+    if pid_n == 0:
+        tl.store(SX + row, scale)
+
+    # The product: codes made per K step, four planes of BLOCK_W words each.
+    acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)
+    qsum = tl.zeros((1, BLOCK_W), dtype=tl.int32)
+    ones = tl.full((1, BLOCK_W), 0x01010101, tl.int32)
+    Kq = 4 * Kq4  # columns per plane
+    for w0 in range(0, Kq4, BLOCK_W):
+        widx = w0 + tl.arange(0, BLOCK_W)
+        live = (widx < Kq4)[None, :]
+        if EVEN_W:
+            wmask = n_mask[:, None]
+        else:
+            wmask = n_mask[:, None] & live
+        if STREAM_HINT:
+            wt = tl.load(w_rows + widx[None, :], mask=wmask, other=0, eviction_policy="evict_first")
+        else:
+            wt = tl.load(w_rows + widx[None, :], mask=wmask, other=0)
+        for j in tl.static_range(4):
+            qj = _code_words(X, W, (j * Kq + 4 * widx)[None, :], live, K, rstd, scale, bad, NORM, HAS_WEIGHT,
+                             OFFSET, CAST_BEFORE_WEIGHT, X_ROUND, Y_ROUND, QMAX, RN_MUL, EVEN_W)
+            acc = _dp4a_plane(wt, qj, j, acc, BLOCK_N, 1, BLOCK_W, USE_ASM)
+            qsum = _dp4a(ones, qj, qsum, USE_ASM)
+    total = tl.sum(acc, axis=1)[:, None] - tl.sum(qsum, axis=1)[None, :]  # [BLOCK_N, 1]
+
+    # The GEMV's epilogue (_store_tile), with s_x from registers.
+    inv_x = tl.math.div_rn(1.0, tl.zeros([1], dtype=tl.float32) + scale)
+    inv_w = tl.math.div_rn(1.0, tl.load(sw_ptr + offs_n, mask=n_mask, other=1.0))
+    out = total.to(tl.float32) * inv_x[None, :] * inv_w[:, None]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+    tl.store(out_ptr + row * stride_om + offs_n[:, None], out.to(out_ptr.dtype.element_ty), mask=n_mask[:, None])
+
+
+_FRONT = Launcher(_front_gemv_kernel)
+
+
+def front_config(N: int, Kq: int, device: torch.device) -> dict:
+    """Blocks of the fused kernel for ``N`` weight rows of ``Kq`` packed bytes.
+
+    One warp per program, as the dp4a GEMV. Every program quantizes its whole row, so a program
+    takes more weight rows than the GEMV's 4 where N leaves enough programs for the GPU (about
+    four per SM): ``BLOCK_N`` from 4 to 16, and ``BLOCK_W`` such that a step holds
+    :data:`_TILE_WORDS` weight words."""
+    block_n = 4
+    while block_n < 16 and N >= 2 * block_n * 4 * num_sms(device):
+        block_n *= 2
+    kq4 = Kq // 4
+    block_w = max(1, min(_TILE_WORDS // block_n, next_pow2(kq4)))
+    if interpreting():
+        block_n, block_w = min(block_n, 8), min(block_w, 8)
+    return dict(BLOCK_N=block_n, BLOCK_W=block_w, EVEN_W=kq4 % block_w == 0)
+
+
+def front_gemv(x, weight, eps, offset, cast_before_weight, norm_dtype, normalize, qmax, packed, w_scale, bias,
+               out_dtype, traced=False, bind=False):
+    """``(out [M, N], s_x [M])``: the ternary linear of ``x``'s rows, RMSNorm'd (``normalize``)
+    or not, in one launch (module docstring). The caller checked the arguments (the op's guard):
+    ``x [M, K]`` float with a contiguous last dimension, ``weight [K]`` or None, ``packed`` uint8
+    ``[N, packed_k(K)]`` with contiguous rows starting 4-byte aligned, ``w_scale`` fp32 ``[N]``,
+    ``bias [N]`` or None, ``out_dtype`` fp32/fp16/bf16, ``norm_dtype`` as ``norm_quant`` takes it.
+
+    ``traced``: launched through ``wrap_triton`` (no programmatic dependent launch), for a form
+    Inductor launches. ``bind``: also return ``again(x) -> out``, the same launch for another
+    ``x`` of this one's shape, strides, dtype, device and 16-byte alignment, with this call's
+    weights (:meth:`Launcher.bind`): an eager layer's launch plan."""
+    M, K = x.shape
+    N, Kq = packed.shape
+    device = x.device
+    if not traced and (M == 0 or N == 0 or K == 0):
+        raise ValueError(f"front_gemv: empty operands (M={M}, N={N}, K={K}); the two-kernel path takes them")
+    out = torch.empty((M, N), dtype=out_dtype, device=device)
+    s_x = torch.empty((M,), dtype=torch.float32, device=device)
+    if traced:
+        K, N, Kq = int(K), int(N), int(Kq)
+    cfg = front_config(N, Kq, device)
+    pdl = pdl_enabled(device) and not traced
+    w = packed if traced else packed.view(torch.int32)
+    stride_wn = packed.stride(0) // 4
+    args = (x, x if weight is None else weight, w, w_scale, bias, out, s_x,
+            N, K, Kq // 4, x.stride(0), stride_wn, out.stride(0), float(eps))
+    constexprs = dict(NORM=bool(normalize), HAS_WEIGHT=weight is not None and bool(normalize), OFFSET=bool(offset),
+                      CAST_BEFORE_WEIGHT=bool(cast_before_weight), X_ROUND=_round_code(x.dtype),
+                      Y_ROUND=_round_code(norm_dtype), QMAX=int(qmax),
+                      BLOCK_K=min(_ROW_CHUNK, next_pow2(max(K, 16))) if not interpreting() else 16,
+                      BLOCK_N=cfg["BLOCK_N"], BLOCK_W=cfg["BLOCK_W"], EVEN_W=cfg["EVEN_W"],
+                      USE_ASM=device.type == "cuda" and torch.version.hip is None and not interpreting(),
+                      HAS_BIAS=bias is not None, STREAM_HINT=True, PDL=pdl, PREFETCH=pdl,
+                      RN_MUL=device.type == "cuda" and torch.version.hip is None and not interpreting(),
+                      BYTE_PTRS=traced)
+    launch = _FRONT.launch((cdiv(N, cfg["BLOCK_N"]), M), args, constexprs, traced=traced, bind=bind, num_warps=1,
+                           num_stages=1, launch_pdl=pdl)
+    if not bind:
+        return out, s_x
+    empty, sizes = torch.empty, args[7:]
+
+    def again(x):
+        out = empty((M, N), dtype=out_dtype, device=device)
+        launch(x, x if weight is None else weight, w, w_scale, bias, out, empty((M,), dtype=torch.float32,
+                                                                                 device=device), *sizes)
+        return out
+
+    return out, s_x, again
+

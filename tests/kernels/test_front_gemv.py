@@ -1,0 +1,127 @@
+"""The one-kernel ternary linear for few rows (bitfx.kernels.front_gemv) against the two
+kernels it replaces: ``norm_quant`` (or ``act_quant``) then the dp4a GEMV.
+
+Exact: where the row's sum of squares is exact in fp32 (integer-valued activations: any
+summation order gives the same sum), the row's ``rstd`` and ``s_x`` are the norm kernel's, the
+codes are made by the same elementwise helpers, and the epilogue is the GEMV's: the scales and
+every output element must be equal bit for bit, NaN rows included.
+
+Otherwise the sum of squares may be added in another order than the norm kernel's (SPEC: the
+norm is compared with a tolerance): ``rstd`` may move by an ulp or two, ``s_x`` likewise (rtol
+1e-6, a few fp32 ulps), and a code may move by one where a value lies on a rounding boundary
+(``assert_close_up_to_code_flips``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitfx import reference as ref
+from bitfx.kernels import front_gemv as fg
+from bitfx.kernels import norm_quant as nq
+from bitfx.kernels import ternary_matmul as tm
+from tests.helpers import KERNEL_DEVICE, assert_close_up_to_code_flips
+
+DEV = KERNEL_DEVICE
+CUDA = DEV.type == "cuda"
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+
+
+def _operands(M, N, K, dtype, seed, integer=True, bias=False, per_channel=False):
+    g = torch.Generator().manual_seed(seed)
+    if integer:
+        x = torch.randint(-9, 10, (M, K), generator=g).to(dtype)
+    else:
+        x = (torch.randn(M, K, generator=g) * 3).to(dtype)
+    gw = (torch.randn(K, generator=g) * 0.5 + 1).to(dtype)
+    W = torch.randn(N, K, generator=g)
+    packed, s_w = ref.weight_quant(W, per_channel)
+    b = torch.randn(N, generator=g).to(dtype) if bias else None
+    to = lambda t: None if t is None else t.to(DEV)  # noqa: E731
+    return to(x), to(gw), to(packed), to(s_w), to(b)
+
+
+def _two_kernels(x, gw, eps, offset, cbw, norm_dtype, normalize, qmax, packed, s_w, b, out_dtype):
+    if normalize:
+        q, s, _ = nq.norm_quant(x, gw, eps, offset, cbw, norm_dtype, qmax)
+    else:
+        q, s = nq.act_quant(x, qmax)
+    return tm.ternary_matmul(q, s, packed, s_w, b, out_dtype, path="dp4a"), s
+
+
+# (K, N): K past one row chunk and not a multiple of 4 or of the packed width; N past a block.
+SHAPES_CPU = [(5, 3), (37, 20), (64, 9), (130, 33)]
+SHAPES_CUDA = SHAPES_CPU + [(2560, 3840), (2560, 13824), (6912, 2560), (4095, 1000), (16384, 64)]
+CASES = [  # (x dtype, normalize, offset, cast_before_weight, norm_dtype, bias, qmax)
+    (torch.bfloat16, True, False, True, torch.bfloat16, False, 127),
+    (torch.float32, True, True, False, torch.float32, True, 127),
+    (torch.float16, True, False, False, torch.float32, False, 31),
+    (torch.bfloat16, False, False, False, torch.float32, True, 127),
+    (torch.float32, False, False, False, torch.float32, False, 7),
+]
+
+
+@pytest.mark.parametrize("K,N", SHAPES_CUDA if CUDA else SHAPES_CPU)
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_equals_the_two_kernels_bit_for_bit(K, N, case):
+    dtype, normalize, offset, cbw, norm_dtype, bias, qmax = CASES[case]
+    x, gw, packed, s_w, b = _operands(1, N, K, dtype, seed=K + N + case, bias=bias)
+    gw = gw if normalize else None
+    for out_dtype in (torch.float32, dtype):
+        want, s_want = _two_kernels(x, gw, 1e-6, offset, cbw, norm_dtype, normalize, qmax, packed, s_w, b, out_dtype)
+        got, s_got = fg.front_gemv(x, gw, 1e-6, offset, cbw, norm_dtype, normalize, qmax, packed, s_w, b, out_dtype)
+        assert torch.equal(s_got, s_want)
+        assert got.dtype == out_dtype and torch.equal(got, want), (got - want).abs().max()
+
+
+def test_rows_of_a_wider_buffer_and_several_rows():
+    """Rows with a stride (a slice of a wider activation) and M > 1 (one program row each)."""
+    K, N = (40, 24) if not CUDA else (2560, 2560)
+    wide, gw, packed, s_w, _ = _operands(3, N, K + 8, torch.bfloat16, seed=5)
+    x = wide[:, :K]
+    gw = gw[:K]
+    packed, s_w = ref.weight_quant(torch.randn(N, K), False)
+    packed, s_w = packed.to(DEV), s_w.to(DEV)
+    want, s_want = _two_kernels(x, gw, 1e-5, False, True, torch.bfloat16, True, 127, packed, s_w, None, torch.bfloat16)
+    got, s_got = fg.front_gemv(x, gw, 1e-5, False, True, torch.bfloat16, True, 127, packed, s_w, None, torch.bfloat16)
+    assert torch.equal(s_got, s_want) and torch.equal(got, want)
+
+
+def test_bad_rows_give_nan_like_the_two_kernels():
+    K, N = (33, 12) if not CUDA else (2560, 512)
+    for bad in (float("nan"), float("inf")):
+        x, gw, packed, s_w, b = _operands(1, N, K, torch.float32, seed=3, bias=True)
+        x[0, K // 2] = bad
+        want, s_want = _two_kernels(x, gw, 1e-6, False, True, torch.float32, True, 127, packed, s_w, b, torch.float32)
+        got, s_got = fg.front_gemv(x, gw, 1e-6, False, True, torch.float32, True, 127, packed, s_w, b, torch.float32)
+        assert torch.isnan(s_got).all() and torch.isnan(s_want).all()
+        assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(got).all()
+
+
+def test_random_activations_agree_up_to_the_norms_rounding():
+    K, N = (200, 40) if not CUDA else (6912, 2560)
+    for seed in range(3):
+        x, gw, packed, s_w, _ = _operands(1, N, K, torch.bfloat16, seed=seed, integer=False)
+        want, s_want = _two_kernels(x, gw, 1e-6, False, True, torch.bfloat16, True, 127, packed, s_w, None,
+                                    torch.float32)
+        got, s_got = fg.front_gemv(x, gw, 1e-6, False, True, torch.bfloat16, True, 127, packed, s_w, None,
+                                   torch.float32)
+        torch.testing.assert_close(s_got, s_want, rtol=1e-6, atol=0)
+        assert_close_up_to_code_flips(got.cpu(), want.cpu())
+
+
+def test_empty_operands_are_refused():
+    x, gw, packed, s_w, _ = _operands(1, 8, 16, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="empty"):
+        fg.front_gemv(x[:0], gw, 1e-6, False, False, torch.float32, True, 127, packed, s_w, None, torch.float32)
+
+
+def test_blocks_follow_the_gpu_not_a_table():
+    """More weight rows per program only where N leaves at least two waves of four programs per SM."""
+    dev = torch.device("cpu")
+    sms = fg.num_sms(dev)
+    small = fg.front_config(8, 64, dev)
+    large = fg.front_config(64 * 8 * sms, 640, dev)
+    assert small["BLOCK_N"] == 4 and large["BLOCK_N"] > 4
+    assert large["BLOCK_N"] * large["BLOCK_W"] <= fg._TILE_WORDS
