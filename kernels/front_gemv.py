@@ -197,7 +197,7 @@ def front_gemv(x, weight, eps, offset, cast_before_weight, norm_dtype, normalize
     cfg = front_config(N, Kq, device)
     pdl = pdl_enabled(device) and not traced
     w = packed if traced else packed.view(torch.int32)
-    stride_wn = packed.stride(0) // 4
+    stride_wn = int(packed.stride(0)) // 4
     args = (x, x if weight is None else weight, w, w_scale, bias, out, s_x,
             N, K, Kq // 4, x.stride(0), stride_wn, out.stride(0), float(eps))
     constexprs = dict(NORM=bool(normalize), HAS_WEIGHT=weight is not None and bool(normalize), OFFSET=bool(offset),

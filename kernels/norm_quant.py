@@ -109,7 +109,8 @@ def _rstd(sum_sq, K, eps):
     """1 / sqrt(sum_sq / K + eps), each step correctly rounded, as torch's CPU rsqrt (and no
     flush of subnormals, which the GPU's approximate rsqrt does)."""
     mean = tl.math.div_rn(sum_sq, K * 1.0)
-    return tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.math.sqrt_rn(mean + eps))
+    # eps arrives as fp32 from a plain launch, as fp64 from Inductor's code: fp32 either way
+    return tl.math.div_rn(tl.full([], 1.0, tl.float32), tl.math.sqrt_rn(mean + tl.cast(eps, tl.float32)))
 
 
 @triton.jit

@@ -428,6 +428,8 @@ def _launch_dp4a(q, x_scale, packed, w_scale, bias, out, float_out, split_k, con
     bindable = bind  # with bind, the caller takes (out, again); again is None where nothing can be bound
     M, K = q.shape
     N, Kq = packed.shape
+    if traced:  # the weight's shape is the graph's (it may be handed over as symbolic): specialized on it
+        N, Kq = int(N), int(Kq)
     cfg = _dp4a_config(_hint(M), N, Kq, out.device, split_k, config)
     q32 = _as_words(q, traced)
     start = packed.storage_offset() if traced else packed.data_ptr()
@@ -440,7 +442,7 @@ def _launch_dp4a(q, x_scale, packed, w_scale, bias, out, float_out, split_k, con
     ws, lock = _split_k_workspace(out, cfg["SPLIT_K"], cfg["tiles_n"] * tiles_m, float_out, traced)
     grid = (cfg["tiles_n"], cfg["SPLIT_K"], tiles_m)
     pdl = cfg["PDL"] and not traced
-    K4 = q32.shape[1] // word
+    K4 = int(q32.shape[1]) // word if traced else q32.shape[1] // word
     args = (q32, x_scale, w32, w_scale, bias, out, ws, lock,
             M, N, K4, Kq // 4, cfg["words_per_split"],
             q32.stride(0) // word, w32.stride(0) // word, out.stride(0))
