@@ -140,7 +140,15 @@ def _free(cuda: bool) -> None:
 def _compile(model: torch.nn.Module, method: str, mode: Optional[str], launch: str = "op"):
     if method == BASELINE:
         return torch.compile(model, mode=mode)
-    return torch.compile(model, backend="bitfx", mode=mode, options={"launch": launch})
+    if launch == "op":  # the default: nothing to pass but the mode
+        return torch.compile(model, backend="bitfx", mode=mode)
+    # torch.compile takes a mode or options, never both: the mode's Inductor settings join the options
+    options = {"launch": launch}
+    if mode is not None:
+        from torch._inductor import list_mode_options
+
+        options.update(list_mode_options(mode))
+    return torch.compile(model, backend="bitfx", options=options)
 
 
 def _error(row: dict, stage: str, exc: BaseException) -> None:

@@ -151,7 +151,17 @@ def test_launch_option_reaches_the_backend(monkeypatch):
     with pytest.raises(SystemExit):
         bm.parse_args(["--quick", "--launch", "triton"])
     calls = []
-    monkeypatch.setattr(bm.torch, "compile", lambda model, **kw: calls.append(kw))
+
+    def compile_(model, **kw):  # torch.compile's own rule: a mode or options, not both
+        if kw.get("mode") is not None and kw.get("options") is not None:
+            raise RuntimeError("Either mode or options can be specified, but both can't be specified at the same time.")
+        calls.append(kw)
+
+    monkeypatch.setattr(bm.torch, "compile", compile_)
     bm._compile(None, "bitfx", None, "auto")
+    bm._compile(None, "bitfx", "reduce-overhead", "auto")
+    bm._compile(None, "bitfx", "reduce-overhead", "op")
     bm._compile(None, bm.BASELINE, "reduce-overhead", "auto")
-    assert calls == [dict(backend="bitfx", mode=None, options={"launch": "auto"}), dict(mode="reduce-overhead")]
+    assert calls == [dict(backend="bitfx", options={"launch": "auto"}),
+                     dict(backend="bitfx", options={"launch": "auto", "triton.cudagraphs": True}),
+                     dict(backend="bitfx", mode="reduce-overhead"), dict(mode="reduce-overhead")]

@@ -340,9 +340,13 @@ def test_training_step_the_same_whoever_launches():
         assert op_counts(graphs[0])["bitlinear_stacked"] > 0
         results[launch] = (loss.detach(), [p.grad for p in model.parameters()])
     (loss_a, grads_a), (loss_b, grads_b) = results["inductor"], results["op"]
-    assert torch.equal(loss_a, loss_b)
+    assert torch.equal(loss_a, loss_b)  # the forward: the same kernels, the same numbers
     for a, b in zip(grads_a, grads_b):
-        assert torch.equal(a, b)
+        # The backward: the same formulas, but not bit for bit between two compiles on a GPU: the
+        # embedding's gradient adds rows with atomics in no fixed order, and Inductor may cut the
+        # kernels around a user Triton kernel otherwise than around a custom-op call (another
+        # fp32 summation order). Equal to fp32 rounding, relative to each gradient's size.
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item())
 
 
 @pytest.mark.cuda
@@ -360,7 +364,9 @@ def test_model_logits_the_same_whoever_launches(dtype):
     for launch, mode in (("auto", None), ("op", None), ("auto", "reduce-overhead")):
         torch._dynamo.reset()
         backend, graphs = recording_backend()
-        compiled = torch.compile(model, backend=backend, mode=mode, options={"launch": launch})
+        # (torch.compile takes a mode or options, not both: reduce-overhead is its cudagraphs setting)
+        options = {"launch": launch, **({"triton.cudagraphs": True} if mode == "reduce-overhead" else {})}
+        compiled = torch.compile(model, backend=backend, options=options)
         with torch.no_grad():
             for _ in range(3):  # CUDA graphs: warm-up, record, replay
                 out = compiled(ids).logits.clone()
