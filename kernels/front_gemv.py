@@ -32,7 +32,7 @@ import triton.language as tl
 
 from bitfx.kernels._launch import Launcher
 from bitfx.kernels._utils import cdiv, env, next_pow2, interpreting, num_sms, pdl_enabled
-from bitfx.kernels.norm_quant import _abs_or_inf, _load_norm_chunk, _mul, _quantize, _round_code, _rstd
+from bitfx.kernels.norm_quant import _absmax_scale, _load_norm_chunk, _quantize, _round_code, _row_stats
 from bitfx.kernels.ternary_matmul import _dp4a, _dp4a_plane, _pdl_prologue
 
 __all__ = ["front_gemv", "FRONT_MAX_M", "front_config", "enabled"]
@@ -40,10 +40,14 @@ __all__ = ["front_gemv", "FRONT_MAX_M", "front_config", "enabled"]
 # Rows up to this many take the fused kernel (one program row per token; each row re-reads the
 # weights, from L2 after the first). More rows: norm_quant and the GEMV, which reads them once.
 FRONT_MAX_M = 1
-# Elements per chunk of the row passes (32 per thread of the one warp).
-_ROW_CHUNK = 1024
-# Weight words held per program and step: BLOCK_N x BLOCK_W (the dp4a GEMV's 4 x 256).
-_TILE_WORDS = 1024
+# Warps per program: every program quantizes its whole row, which with one warp (the dp4a
+# GEMV's choice) costs a few thousand instructions per thread (about 3.7k in the sm_90 SASS of
+# the loop for 4 x 256 words); spread over 8 warps, about 1.1k for 4096 weight words.
+_NUM_WARPS = 8
+# The row passes read chunks of up to this many elements (16 per thread).
+_ROW_CHUNK = 4096
+# Weight words held per program and step: BLOCK_N x BLOCK_W (16 per thread).
+_TILE_WORDS = 4096
 
 
 def enabled() -> bool:
@@ -53,19 +57,20 @@ def enabled() -> bool:
 
 
 @triton.jit
-def _code_words(X, W, idx, live, K, rstd, scale, bad, NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+def _code_words(X, W, start, live, K, rstd, scale, bad, NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
                 OFFSET: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr, X_ROUND: tl.constexpr,
                 Y_ROUND: tl.constexpr, QMAX: tl.constexpr, RN_MUL: tl.constexpr, EVEN_W: tl.constexpr):
-    """The int8 codes of columns ``idx + b`` (b = 0..3) of the row at ``X``, packed into int32
-    words (byte b: column idx + b); columns past K, and words not ``live``, are 0."""
-    word = tl.zeros(idx.shape, dtype=tl.int32)
-    for b in tl.static_range(4):
-        c = idx + b
-        if not EVEN_W:
-            c = tl.where(live, c, K)  # a word past the row: a column no load reads
-        y = _load_norm_chunk(X, W, c, K, rstd, NORM, HAS_WEIGHT, OFFSET, CAST_BEFORE_WEIGHT, X_ROUND, Y_ROUND)
-        code = _quantize(y, scale, bad, QMAX, RN_MUL).to(tl.int32)
-        word = word | ((code & 0xFF) << (8 * b))
+    """The int8 codes of columns ``start .. start + 3`` of the row at ``X``, packed into one int32
+    word each (byte b: column start + b): ``[BLOCK_W]`` from ``start [BLOCK_W]``. The four
+    columns of a word are adjacent, so they are read as one ``[BLOCK_W, 4]`` tile (vector
+    loads); columns past K read 0, and words not ``live`` (past the packed row) are 0."""
+    b = tl.arange(0, 4)
+    y = _load_norm_chunk(X, W, start[:, None] + b[None, :], K, rstd, NORM, HAS_WEIGHT, OFFSET, CAST_BEFORE_WEIGHT,
+                         X_ROUND, Y_ROUND)
+    code = _quantize(y, scale, bad, QMAX, RN_MUL).to(tl.int32)
+    word = tl.sum((code & 0xFF) << (8 * b)[None, :], axis=1)  # disjoint bytes: the sum is their OR
+    if not EVEN_W:
+        word = tl.where(live, word, 0)
     return word
 
 
@@ -99,25 +104,9 @@ def _front_gemv_kernel(
     X += row * stride_x
 
     # The row's statistics, as norm_quant's chunked passes compute them.
-    cols = tl.arange(0, BLOCK_K)
-    rstd = 0.0
-    if NORM:
-        sq = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            c = k0 + cols
-            x = tl.load(X + c, mask=c < K, other=0.0).to(tl.float32)
-            sq += _mul(x, x, RN_MUL)
-        rstd = _rstd(tl.sum(sq, axis=0), K, eps)
-    amax_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        y = _load_norm_chunk(X, W, k0 + cols, K, rstd, NORM, HAS_WEIGHT, OFFSET, CAST_BEFORE_WEIGHT, X_ROUND,
-                             Y_ROUND)
-        amax_acc = tl.maximum(amax_acc, _abs_or_inf(y))
-    amax = tl.max(amax_acc, axis=0)
-    bad = amax == float("inf")
-    one = tl.full([], 1.0, tl.float32)
-    scale = QMAX * tl.math.div_rn(one, tl.maximum(amax, 1e-5))
-    scale = tl.where(bad, float("nan"), scale)
+    rstd, amax = _row_stats(X, W, K, eps, tl.arange(0, BLOCK_K), NORM, HAS_WEIGHT, OFFSET, CAST_BEFORE_WEIGHT,
+                            X_ROUND, Y_ROUND, RN_MUL)
+    scale, bad = _absmax_scale(amax, QMAX)
     if pid_n == 0:
         tl.store(SX + row, scale)
 
@@ -128,18 +117,18 @@ def _front_gemv_kernel(
     Kq = 4 * Kq4  # columns per plane
     for w0 in range(0, Kq4, BLOCK_W):
         widx = w0 + tl.arange(0, BLOCK_W)
-        live = (widx < Kq4)[None, :]
+        live = widx < Kq4
         if EVEN_W:
             wmask = n_mask[:, None]
         else:
-            wmask = n_mask[:, None] & live
+            wmask = n_mask[:, None] & live[None, :]
         if STREAM_HINT:
             wt = tl.load(w_rows + widx[None, :], mask=wmask, other=0, eviction_policy="evict_first")
         else:
             wt = tl.load(w_rows + widx[None, :], mask=wmask, other=0)
         for j in tl.static_range(4):
-            qj = _code_words(X, W, (j * Kq + 4 * widx)[None, :], live, K, rstd, scale, bad, NORM, HAS_WEIGHT,
-                             OFFSET, CAST_BEFORE_WEIGHT, X_ROUND, Y_ROUND, QMAX, RN_MUL, EVEN_W)
+            qj = _code_words(X, W, j * Kq + 4 * widx, live, K, rstd, scale, bad, NORM, HAS_WEIGHT, OFFSET,
+                             CAST_BEFORE_WEIGHT, X_ROUND, Y_ROUND, QMAX, RN_MUL, EVEN_W)[None, :]
             acc = _dp4a_plane(wt, qj, j, acc, BLOCK_N, 1, BLOCK_W, USE_ASM)
             qsum = _dp4a(ones, qj, qsum, USE_ASM)
     total = tl.sum(acc, axis=1)[:, None] - tl.sum(qsum, axis=1)[None, :]  # [BLOCK_N, 1]
@@ -159,13 +148,13 @@ _FRONT = Launcher(_front_gemv_kernel)
 def front_config(N: int, Kq: int, device: torch.device) -> dict:
     """Blocks of the fused kernel for ``N`` weight rows of ``Kq`` packed bytes.
 
-    One warp per program, as the dp4a GEMV. Every program quantizes its whole row, so a program
-    takes more weight rows than the GEMV's 4 where N leaves enough programs for the GPU (about
-    four per SM): ``BLOCK_N`` from 4 to 16, and ``BLOCK_W`` such that a step holds
-    :data:`_TILE_WORDS` weight words."""
-    block_n = 4
-    while block_n < 16 and N >= 2 * block_n * 4 * num_sms(device):
-        block_n *= 2
+    Every program quantizes its whole row (K elements, whatever its share of the weights), so
+    the programs are few and large: about one per SM, ``BLOCK_N`` the power of two from 16 to
+    128 nearest above ``N / SMs``; ``BLOCK_W`` such that a step holds :data:`_TILE_WORDS`
+    weight words (the whole packed row where it is shorter). The weights stream through L2
+    ahead of the loads (the prefetch of :func:`_pdl_prologue`), so few programs still keep
+    the memory busy."""
+    block_n = min(128, max(16, next_pow2(cdiv(N, num_sms(device)))))
     kq4 = Kq // 4
     block_w = max(1, min(_TILE_WORDS // block_n, next_pow2(kq4)))
     if interpreting():
@@ -203,14 +192,14 @@ def front_gemv(x, weight, eps, offset, cast_before_weight, norm_dtype, normalize
     constexprs = dict(NORM=bool(normalize), HAS_WEIGHT=weight is not None and bool(normalize), OFFSET=bool(offset),
                       CAST_BEFORE_WEIGHT=bool(cast_before_weight), X_ROUND=_round_code(x.dtype),
                       Y_ROUND=_round_code(norm_dtype), QMAX=int(qmax),
-                      BLOCK_K=min(_ROW_CHUNK, next_pow2(max(K, 16))) if not interpreting() else 16,
+                      BLOCK_K=min(_ROW_CHUNK, next_pow2(max(K, 256))) if not interpreting() else 16,
                       BLOCK_N=cfg["BLOCK_N"], BLOCK_W=cfg["BLOCK_W"], EVEN_W=cfg["EVEN_W"],
                       USE_ASM=device.type == "cuda" and torch.version.hip is None and not interpreting(),
                       HAS_BIAS=bias is not None, STREAM_HINT=True, PDL=pdl, PREFETCH=pdl,
                       RN_MUL=device.type == "cuda" and torch.version.hip is None and not interpreting(),
                       BYTE_PTRS=traced)
-    launch = _FRONT.launch((cdiv(N, cfg["BLOCK_N"]), M), args, constexprs, traced=traced, bind=bind, num_warps=1,
-                           num_stages=1, launch_pdl=pdl)
+    launch = _FRONT.launch((cdiv(N, cfg["BLOCK_N"]), M), args, constexprs, traced=traced, bind=bind,
+                           num_warps=_NUM_WARPS, num_stages=1, launch_pdl=pdl)
     if not bind:
         return out, s_x
     empty, sizes = torch.empty, args[7:]

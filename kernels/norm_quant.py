@@ -187,6 +187,37 @@ def _quantize(y, scale, bad, QMAX: tl.constexpr, RN_MUL: tl.constexpr):
 
 
 @triton.jit
+def _row_stats(X, W, K, eps, cols, NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, OFFSET: tl.constexpr,
+               CAST_BEFORE_WEIGHT: tl.constexpr, X_ROUND: tl.constexpr, Y_ROUND: tl.constexpr,
+               RN_MUL: tl.constexpr):
+    """``(rstd, amax)`` of the row at ``X`` (``rstd`` 0 without the norm; ``amax`` +inf for a bad
+    row), walking it in chunks of ``cols``' length: one pass for the sum of squares, one for
+    the absmax of ``y``."""
+    rstd = tl.full([], 0.0, tl.float32)
+    if NORM:
+        acc = tl.zeros(cols.shape, dtype=tl.float32)
+        for k0 in range(0, K, cols.shape[0]):
+            c = k0 + cols
+            x = tl.load(X + c, mask=c < K, other=0.0).to(tl.float32)
+            acc += _mul(x, x, RN_MUL)
+        rstd = _rstd(tl.sum(acc, axis=0), K, eps)
+    amax_acc = tl.zeros(cols.shape, dtype=tl.float32)
+    for k0 in range(0, K, cols.shape[0]):
+        y = _load_norm_chunk(X, W, k0 + cols, K, rstd, NORM, HAS_WEIGHT, OFFSET, CAST_BEFORE_WEIGHT, X_ROUND, Y_ROUND)
+        amax_acc = tl.maximum(amax_acc, _abs_or_inf(y))
+    return rstd, tl.max(amax_acc, axis=0)
+
+
+@triton.jit
+def _absmax_scale(amax, QMAX: tl.constexpr):
+    """``(s_x, bad)``: ``QMAX * rn(1 / max(amax, 1e-5))``, NaN for a bad row (``amax`` +inf)."""
+    bad = amax == float("inf")
+    one = tl.full([], 1.0, tl.float32)
+    scale = QMAX * tl.math.div_rn(one, tl.maximum(amax, 1e-5))
+    return tl.where(bad, float("nan"), scale), bad
+
+
+@triton.jit
 def _norm_quant_kernel(
     X,  # [M, K] fp32/fp16/bf16 (fp64 too when not NORM), row stride stride_x
     W,  # [K] norm weight (unused unless HAS_WEIGHT)
@@ -233,23 +264,9 @@ def _norm_quant_kernel(
         y = _norm_chunk(x, g, rstd, X_ROUND, NORM, HAS_WEIGHT, CAST_BEFORE_WEIGHT, Y_ROUND)
         amax = tl.max(_abs_or_inf(y), axis=0)
     else:
-        if NORM:
-            acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                c = k0 + cols
-                x = tl.load(X + c, mask=c < K, other=0.0).to(tl.float32)
-                acc += _mul(x, x, RN_MUL)
-            rstd = _rstd(tl.sum(acc, axis=0), K, eps)
-        amax_acc = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            y = _load_norm_chunk(X, W, k0 + cols, K, rstd, NORM, HAS_WEIGHT, OFFSET, CAST_BEFORE_WEIGHT, X_ROUND,
-                                 Y_ROUND)
-            amax_acc = tl.maximum(amax_acc, _abs_or_inf(y))
-        amax = tl.max(amax_acc, axis=0)
-    bad = amax == float("inf")
-    one = tl.full([], 1.0, tl.float32)
-    scale = QMAX * tl.math.div_rn(one, tl.maximum(amax, 1e-5))
-    scale = tl.where(bad, float("nan"), scale)
+        rstd, amax = _row_stats(X, W, K, eps, cols, NORM, HAS_WEIGHT, OFFSET, CAST_BEFORE_WEIGHT, X_ROUND, Y_ROUND,
+                                RN_MUL)
+    scale, bad = _absmax_scale(amax, QMAX)
     tl.store(SCALE + row, scale)
     if NORM:
         tl.store(RSTD + row, rstd)

@@ -117,11 +117,14 @@ def test_empty_operands_are_refused():
         fg.front_gemv(x[:0], gw, 1e-6, False, False, torch.float32, True, 127, packed, s_w, None, torch.float32)
 
 
-def test_blocks_follow_the_gpu_not_a_table():
-    """More weight rows per program only where N leaves at least two waves of four programs per SM."""
+def test_blocks_follow_the_gpu_not_a_table(monkeypatch):
+    """About one program per SM: the rows per program follow N / SMs (16 to 128), and a step
+    holds at most the tile's words, no more than the packed row has."""
+    monkeypatch.setattr(fg, "interpreting", lambda: False)  # the GPU's rule (the interpreter shrinks blocks)
     dev = torch.device("cpu")
     sms = fg.num_sms(dev)
-    small = fg.front_config(8, 64, dev)
-    large = fg.front_config(64 * 8 * sms, 640, dev)
-    assert small["BLOCK_N"] == 4 and large["BLOCK_N"] > 4
-    assert large["BLOCK_N"] * large["BLOCK_W"] <= fg._TILE_WORDS
+    for N, Kq, want_n in [(8, 64, 16), (40 * sms, 640, 64), (1000 * sms, 640, 128), (3000, 3584, 128)]:
+        cfg = fg.front_config(N, Kq, dev)
+        assert cfg["BLOCK_N"] == min(want_n, 128)
+        assert cfg["BLOCK_N"] * cfg["BLOCK_W"] <= fg._TILE_WORDS and cfg["BLOCK_W"] <= fg.next_pow2(Kq // 4)
+        assert cfg["EVEN_W"] == ((Kq // 4) % cfg["BLOCK_W"] == 0)
