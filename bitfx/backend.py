@@ -48,8 +48,8 @@ Who launches the kernels of a graph on CUDA (``BitfxConfig.launch``): the custom
 ops (the default), or Inductor's own generated code (``"inductor"``; ``"auto"``: outside CUDA
 graphs only), through the ``triton_op`` forms of the ops (:mod:`bitfx.ops.inductor`), so that a
 default-mode call pays Inductor's host cost per kernel, not a custom op's. With the custom ops,
-each site's front and matmul become one ``ternary_linear`` call (:mod:`bitfx.passes.fronts`),
-one kernel for a decode-sized call.
+each site's front and matmul become one ``ternary_linear`` call (:mod:`bitfx.passes.fronts`):
+one op call per site instead of two (with ``BITFX_FRONT_GEMV=1``, one kernel for a decode row).
 
 Logging: logger ``"bitfx"``. ``BITFX_LOG=1`` (or ``info``) prints what was rewritten,
 ``BITFX_LOG=debug`` also what was left out and why.

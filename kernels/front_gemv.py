@@ -14,8 +14,10 @@ instructions as :func:`bitfx.kernels.ternary_matmul._ternary_dp4a_kernel` does::
                          out[m, n] = (sum q c - sum q) * (1 / s_x) * (1 / s_w) + b
 
 The codes never reach memory, and a site is one launch. The price is that every program
-quantizes the whole row (a few thousand elements, read from L1/L2), which is cheap next to a
-launch for one row and grows with the rows: :data:`FRONT_MAX_M` bounds where it is used.
+quantizes the whole row (a few thousand elements, read from L1/L2), so programs are few and
+wide (:func:`front_config`), and the cost grows with the rows: :data:`FRONT_MAX_M` bounds
+where it is used. It is opt-in (``BITFX_FRONT_GEMV=1``, :func:`enabled`) until it has run and
+been timed against the two kernels on a GPU.
 
 Numbers: given the row's ``rstd`` and ``s_x``, the codes are those of ``norm_quant``
 (the same elementwise helpers, the products an add follows as ``mul.rn``) and the epilogue
@@ -51,9 +53,10 @@ _TILE_WORDS = 4096
 
 
 def enabled() -> bool:
-    """Whether ``bitfx::ternary_linear`` takes this kernel for few rows: unless ``BITFX_FRONT_GEMV=0``
-    (then ``norm_quant`` and the GEMV, for comparison)."""
-    return env("BITFX_FRONT_GEMV") not in ("0", "")
+    """Whether ``bitfx::ternary_linear`` (and an eager ``BitfxLinear``) takes this kernel for few
+    rows: with ``BITFX_FRONT_GEMV=1``. Opt-in until its speed against ``norm_quant`` + the GEMV
+    is measured on a GPU; otherwise the op runs those two kernels."""
+    return env("BITFX_FRONT_GEMV") == "1"
 
 
 @triton.jit

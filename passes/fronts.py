@@ -3,8 +3,9 @@
 After the rewrite a site is ``norm_quant`` (``act_quant`` without a norm) and one
 ``ternary_matmul`` per set of stacked weights reading its codes. Where the codes and scales feed
 nothing else, :func:`fuse_fronts` makes each matmul a ``ternary_linear`` of the site's input:
-on CUDA a decode-sized call is then one kernel (:mod:`bitfx.kernels.front_gemv`) and one op
-call, where it was two; a call with many rows runs the same two kernels as before, inside the op.
+on CUDA a call is then one op call where it was two (the host cost of a custom op, in default
+mode), running the same two kernels; with ``BITFX_FRONT_GEMV=1`` a decode-sized call is one
+kernel (:mod:`bitfx.kernels.front_gemv`).
 """
 
 from __future__ import annotations

@@ -210,7 +210,8 @@ def _linear_guard(x, norm_weight, norm_dtype, normalize, packed, w_scale, bias, 
 def fused_front(x2: Tensor, packed: Tensor) -> bool:
     """Whether the rows ``x2 [M, K]`` against ``packed`` take the one-kernel form
     (:mod:`bitfx.kernels.front_gemv`): few rows (``FRONT_MAX_M``), nothing empty, packed rows the
-    kernel can read as words, and not turned off (``BITFX_FRONT_GEMV=0``)."""
+    kernel can read as words, and the kernel turned on (``BITFX_FRONT_GEMV=1``; an eager layer's
+    launch plan reads it when the plan is made)."""
     M, K = x2.shape
     fg = kernels("front_gemv")
     return (0 < M <= fg.FRONT_MAX_M and K > 0 and packed.shape[0] > 0 and packed.stride(0) % 4 == 0

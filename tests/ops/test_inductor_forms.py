@@ -278,9 +278,10 @@ def test_forms_compile_into_inductors_code(dynamic):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_ternary_linear_form_compiles_into_inductors_code(dynamic):
+def test_ternary_linear_form_compiles_into_inductors_code(dynamic, monkeypatch):
     """The whole linear's form in Inductor's code: one row, the fused kernel (no custom-op
     call, no input copied); more rows, the two kernels; the eager kernels' numbers bit for bit."""
+    monkeypatch.setenv("BITFX_FRONT_GEMV", "1")
     from torch._inductor import config as inductor_config
     from torch._inductor.utils import run_and_get_code
 
@@ -381,9 +382,10 @@ def test_model_logits_the_same_whoever_launches(dtype):
 
 @pytest.mark.parametrize("M", [1, 4])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_ternary_linear_form_equals_the_op(M, normalize):
+def test_ternary_linear_form_equals_the_op(M, normalize, monkeypatch):
     """One row: the fused kernel; more: the two kernels; either way the kernels' numbers bit for
     bit (these integer-valued rows have exact sums of squares), and on CUDA the custom op's."""
+    monkeypatch.setenv("BITFX_FRONT_GEMV", "1")
     K, N = 40, 24
     packed, w_scale = _weight(N, K)
     gen = torch.Generator().manual_seed(M)

@@ -125,10 +125,13 @@ def test_opcheck():
 
 
 @pytest.mark.cuda
-def test_cuda_op_takes_one_kernel_for_one_row_and_two_for_many():
-    """On CUDA: one row, the fused kernel; several rows, norm_quant and the GEMV; both equal the
-    ops run one after the other up to the norm's rounding, and, for integer activations, exactly."""
+@pytest.mark.parametrize("fused_on", [True, False])
+def test_cuda_op_takes_one_kernel_for_one_row_and_two_for_many(fused_on, monkeypatch):
+    """On CUDA: one row, the fused kernel (when BITFX_FRONT_GEMV=1); several rows, or without it,
+    norm_quant and the GEMV; for these integer activations exactly the ops run one after the other."""
     from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.setenv("BITFX_FRONT_GEMV", "1" if fused_on else "0")
 
     gen = torch.Generator().manual_seed(1)
     K, N = 2560, 6912
@@ -145,4 +148,4 @@ def test_cuda_op_takes_one_kernel_for_one_row_and_two_for_many():
         q, sx = _ops.norm_quant(x, w, 1e-6, False, True, torch.bfloat16)
         assert torch.equal(got, _ops.ternary_matmul(q, sx, p, s, None, torch.bfloat16, K))
         fused = any("_front_gemv_kernel" in n for n in names)
-        assert fused == (M == 1), names
+        assert fused == (fused_on and M == 1), names
