@@ -148,7 +148,7 @@ def _front_gemv_kernel(
 _FRONT = Launcher(_front_gemv_kernel)
 
 
-def front_config(N: int, Kq: int, device: torch.device) -> dict:
+def front_config(N: int, Kq: int, device: torch.device, sms: int | None = None) -> dict:
     """Blocks of the fused kernel for ``N`` weight rows of ``Kq`` packed bytes.
 
     Every program quantizes its whole row (K elements, whatever its share of the weights), so
@@ -157,7 +157,8 @@ def front_config(N: int, Kq: int, device: torch.device) -> dict:
     weight words (the whole packed row where it is shorter). The weights stream through L2
     ahead of the loads (the prefetch of :func:`_pdl_prologue`), so few programs still keep
     the memory busy."""
-    block_n = min(128, max(16, next_pow2(cdiv(N, num_sms(device)))))
+    sms = num_sms(device) if sms is None else sms  # (sms given: the rule for another GPU, bench sass)
+    block_n = min(128, max(16, next_pow2(cdiv(N, sms))))
     kq4 = Kq // 4
     block_w = max(1, min(_TILE_WORDS // block_n, next_pow2(kq4)))
     if interpreting():

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "checkpoint": "peak host memory of bitfx.load at a real model's shape",
     "saved": "the activations a compiled training step keeps for backward, bitfx against Inductor",
     "tune": "sweep the ternary matmul's (and norm_quant's) launch configurations",
+    "sass": "registers, spills and instructions of the decode kernels, compiled for a GPU without one",
 }
 
 
