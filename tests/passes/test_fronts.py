@@ -53,6 +53,25 @@ def test_every_matmul_of_a_llama_becomes_one_op():
         assert torch.equal(compiled(ids), before)
 
 
+@pytest.mark.parametrize("builder", ["tiny_llama", "tiny_gemma", "tiny_qwen3", "tiny_olmo2", "tiny_bitnet",
+                                     "tiny_deepseek_v3", "tiny_mamba2"])
+def test_transformers_models_keep_their_outputs(builder):
+    """Every matmul of each model family's rewritten graph becomes one op, nothing else changes:
+    the graph's outputs stay the same, exactly (the op's reference is the two ops)."""
+    pytest.importorskip("transformers")
+    model, ids = getattr(models, builder)()
+    model.eval()
+    gm, compiled = models.capture_graph(lambda t: model(t).logits, ids)
+    bitfx_pass(gm, None)
+    with torch.no_grad():
+        before = compiled(ids)
+    matmuls = _counts(gm)["ternary_matmul"]
+    assert matmuls > 0 and fuse_fronts(gm) == matmuls
+    assert _counts(gm)["ternary_linear"] == matmuls and _counts(gm)["ternary_matmul"] == 0
+    with torch.no_grad():
+        assert torch.equal(compiled(ids), before)
+
+
 def _front_graph(extra_use: str):
     """x -> norm_quant -> two matmuls, and (extra_use) the codes or scales read by something else."""
     g = torch.fx.Graph()
