@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from bitfx import reference as ref
 from bitfx.kernels import front_gemv as fg
@@ -73,6 +75,22 @@ def test_equals_the_two_kernels_bit_for_bit(K, N, case):
         got, s_got = fg.front_gemv(x, gw, 1e-6, offset, cbw, norm_dtype, normalize, qmax, packed, s_w, b, out_dtype)
         assert torch.equal(s_got, s_want)
         assert got.dtype == out_dtype and torch.equal(got, want), (got - want).abs().max()
+
+
+@given(K=st.integers(1, 300 if CUDA else 90), N=st.integers(1, 300 if CUDA else 40),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), normalize=st.booleans(),
+       offset=st.booleans(), cbw=st.booleans(), bias=st.booleans(), bits=st.sampled_from([8, 6, 4]),
+       seed=st.integers(0, 2**16))
+def test_fuzzed_shapes_equal_the_two_kernels(K, N, dtype, normalize, offset, cbw, bias, bits, seed):
+    """Any K (padding columns, partial words), any N (partial row blocks), every flag: the same
+    scale and output as the two kernels, bit for bit (integer-valued rows: exact sums of squares)."""
+    x, gw, packed, s_w, b = _operands(1, N, K, dtype, seed=seed, bias=bias)
+    gw = gw if normalize else None
+    qmax = 2 ** (bits - 1) - 1
+    args = (x, gw, 1e-6, offset, cbw, dtype, normalize, qmax, packed, s_w, b, dtype)
+    want, s_want = _two_kernels(*args)
+    got, s_got = fg.front_gemv(*args)
+    assert torch.equal(s_got, s_want) and torch.equal(got, want), (got - want).abs().max()
 
 
 def test_rows_of_a_wider_buffer_and_several_rows():
