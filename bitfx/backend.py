@@ -136,13 +136,18 @@ def _frame_roots() -> list[tuple[str, nn.Module, str]]:
     return roots
 
 
+def _on_cuda(inputs: list) -> bool:
+    """Whether a graph with these inputs runs on CUDA (some input is a CUDA tensor)."""
+    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs)
+
+
 def _inductor_launches(config: BitfxConfig, inputs: list, inductor_patches: dict[str, Any]) -> bool:
     """Whether the bitfx ops of a graph with these inputs (the inference ops, and the training op
     ``bitlinear_stacked``) become Triton kernels launched by
     Inductor's code (``BitfxConfig.launch``): on CUDA only, with ``"inductor"``, and with
     ``"auto"`` outside CUDA graphs (the mode's options, the call's own, or Inductor's global
     setting)."""
-    if config.launch == "op" or not any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs):
+    if config.launch == "op" or not _on_cuda(inputs):
         return False
     if config.launch == "inductor":
         return True
@@ -177,7 +182,7 @@ def bitfx_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[st
     packs = None
     if not config.training:
         gm, packs = prepack(gm, inputs, naming)
-    if not config.training and any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs):
+    if not config.training and _on_cuda(inputs):
         # CUDA inference: each site's front and matmul as one op (one kernel for decode rows)
         log.info("bitfx: %d ternary linears as one op each", fuse_fronts(gm))
     if _inductor_launches(config, inputs, inductor_patches):

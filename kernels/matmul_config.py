@@ -178,8 +178,10 @@ def _default_path(M: int) -> str:
 
 
 @_memo
-def _dp4a_config(M: int, N: int, Kq: int, device: torch.device, split_k: int | None, override: dict | None) -> dict:
-    """Block sizes and K split of the dp4a GEMV (see ``_config``)."""
+def _dp4a_config(M: int, N: int, Kq: int, device: torch.device, split_k: int | None, override: dict | None,
+                 sms: int | None = None) -> dict:
+    """Block sizes and K split of the dp4a GEMV (see ``_config``); ``sms``: size the split for
+    that many SMs instead of ``device``'s (``python -m bitfx.bench sass``)."""
     # M = 1: one warp per program, 4 weight rows x 256 words (1 KB each) per step, loaded
     # evict-first, launched with programmatic dependent launch and an L2 prefetch of the
     # program's weights: within 3% of each swept shape's best (BENCHMARKS.md, "Launch choices").
@@ -198,7 +200,7 @@ def _dp4a_config(M: int, N: int, Kq: int, device: torch.device, split_k: int | N
     tiles_m = cdiv(M, cfg["BLOCK_M"])
     steps = cdiv(kq4, cfg["BLOCK_W"])
     if split_k is None:  # split K only while the output tiles alone leave the SMs short of two waves
-        split_k = max(1, 2 * num_sms(device) // (tiles_n * tiles_m))
+        split_k = max(1, 2 * (num_sms(device) if sms is None else sms) // (tiles_n * tiles_m))
     split_k = max(1, min(int(split_k), steps))
     steps_per_split = cdiv(steps, split_k)
     split_k = cdiv(steps, steps_per_split)

@@ -442,7 +442,7 @@ def _launch_dp4a(q, x_scale, packed, w_scale, bias, out, float_out, split_k, con
     ws, lock = _split_k_workspace(out, cfg["SPLIT_K"], cfg["tiles_n"] * tiles_m, float_out, traced)
     grid = (cfg["tiles_n"], cfg["SPLIT_K"], tiles_m)
     pdl = cfg["PDL"] and not traced
-    K4 = int(q32.shape[1]) // word if traced else q32.shape[1] // word
+    K4 = int(q32.shape[1]) // word  # (traced: a graph's K, specialized)
     args = (q32, x_scale, w32, w_scale, bias, out, ws, lock,
             M, N, K4, Kq // 4, cfg["words_per_split"],
             q32.stride(0) // word, w32.stride(0) // word, out.stride(0))

@@ -93,7 +93,6 @@ def site_kernels(K: int, N: int, sms: int, dtype=torch.bfloat16) -> list:
     (a Llama-style bf16 norm with a weight), as the launch rules choose it on a GPU of ``sms`` SMs."""
     from bitfx import layout
     from bitfx.kernels import front_gemv as fg, norm_quant as nq, ternary_matmul as tm
-    from bitfx.kernels._utils import cdiv
 
     Kq = layout.packed_k(K)
     x, code = _POINTER[dtype], {torch.bfloat16: 3, torch.float16: 1, torch.float32: 0}[dtype]
@@ -104,8 +103,7 @@ def site_kernels(K: int, N: int, sms: int, dtype=torch.bfloat16) -> list:
             dict(norm, BLOCK_K=block, ONE_BLOCK=one_block, PDL_TRIGGER=True, EARLY_G=True, RN_MUL=False),
             nq._num_warps(block), dict(enable_fp_fusion=False))]
     device = torch.device("cpu")
-    tiles_n = cdiv(N, 4)
-    cfg = tm._dp4a_config(1, N, Kq, device, max(1, 2 * sms // tiles_n), None)  # the rule's own split for `sms`
+    cfg = tm._dp4a_config(1, N, Kq, device, None, None, sms)
     out.append(("dp4a GEMV", tm._ternary_dp4a_kernel,
                 dict(q_ptr="*i32", sx_ptr="*fp32", w_ptr="*i32", sw_ptr="*fp32", bias_ptr=x, out_ptr=x, ws_ptr="*i32",
                      lock_ptr="*i32", M="i32", N="i32", K4="i32", Kq4="i32", words_per_split="i32", stride_qm="i32",

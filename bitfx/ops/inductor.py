@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from bitfx import reference as ref
-from bitfx.ops.inference import _check_linear, check_matmul_args
+from bitfx.ops.inference import _check_linear, check_matmul_args, fused_front
 from bitfx.ops.library import check_norm_args, kernels, rows
 from bitfx.ops.training import _check_stacked, _front_outputs, _stacked_backward, _stacked_setup_context
 
@@ -81,16 +81,22 @@ def ternary_linear_triton(x: Tensor, norm_weight: Optional[Tensor], eps: float, 
     matmul kernel."""
     _check_linear(x, norm_weight, norm_dtype, normalize, bits, packed, w_scale, bias, out_dtype, in_features)
     x2, packed2, qmax = _rows(x), _rows(packed), ref.act_qmax(bits)
-    M, fg = x2.shape[0], kernels("front_gemv")
-    if (0 < M <= fg.FRONT_MAX_M and int(packed2.shape[0]) > 0 and packed2.stride(0) % 4 == 0
-            and packed2.storage_offset() % 4 == 0 and fg.enabled()):
-        out, _ = fg.front_gemv(x2, norm_weight, eps, offset, cast_before_weight, norm_dtype, normalize, qmax, packed2,
-                               w_scale, bias, out_dtype, traced=True)
+    if fused_front(x2, packed2, traced=True):
+        out, _ = kernels("front_gemv").front_gemv(x2, norm_weight, eps, offset, cast_before_weight, norm_dtype,
+                                                  normalize, qmax, packed2, w_scale, bias, out_dtype, traced=True)
     else:
-        q, scale, _ = kernels("norm_quant")._launch_quant(x2, norm_weight, eps, offset, cast_before_weight,
-                                                          norm_dtype, norm=normalize, qmax=qmax, traced=True)
-        out = kernels("ternary_matmul").run(q, scale, packed2, w_scale, bias, out_dtype, traced=True)
+        out, _, _, _ = _traced_front_matmul(x2, norm_weight, eps, offset, cast_before_weight, norm_dtype, normalize,
+                                            qmax, packed2, w_scale, bias, out_dtype)
     return out.view(*x.shape[:-1], packed.shape[0])
+
+
+def _traced_front_matmul(x2, norm_weight, eps, offset, cast_before_weight, norm_dtype, normalize, qmax, packed,
+                         w_scale, bias, out_dtype):
+    """``(out, q, x_scale, rstd)``: the norm (or quantization) kernel and the matmul kernel,
+    launched through ``wrap_triton``, for rows ``x2 [M, K]``."""
+    q, scale, rstd = kernels("norm_quant")._launch_quant(x2, norm_weight, eps, offset, cast_before_weight, norm_dtype,
+                                                         norm=normalize, qmax=qmax, traced=True)
+    return kernels("ternary_matmul").run(q, scale, packed, w_scale, bias, out_dtype, traced=True), q, scale, rstd
 
 
 @torch.library.triton_op("bitfx::bitlinear_stacked_triton", mutates_args=())
@@ -102,9 +108,8 @@ def bitlinear_stacked_triton(x: Tensor, norm_weight: Optional[Tensor], weights: 
     Inductor: ``(out [..., ΣN], q, x_scale, rstd)``; the same backward (the straight-through
     formulas of :mod:`bitfx.ops.training`)."""
     _check_stacked(x, norm_weight, weights, packed, w_scale, bias, norm_dtype, normalize)
-    q, scale, rstd = kernels("norm_quant")._launch_quant(_rows(x), norm_weight, eps, offset, cast_before_weight,
-                                                         norm_dtype, norm=normalize, traced=True)
-    out = kernels("ternary_matmul").run(q, scale, packed, w_scale, bias, norm_dtype, traced=True)
+    out, q, scale, rstd = _traced_front_matmul(_rows(x), norm_weight, eps, offset, cast_before_weight, norm_dtype,
+                                               normalize, 127, packed, w_scale, bias, norm_dtype)
     return (out.view(*x.shape[:-1], packed.shape[0]), *_front_outputs(x, q, scale, rstd))
 
 
