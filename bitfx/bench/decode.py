@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from bitfx.bench.profiling import compile_count, counter, kernel_summary, profile
+from bitfx.bench.profiling import compile_count, counter, kernel_summary, profile, top_kernels
 from bitfx.bench.timing import back_to_back_ms, sync, timed
 
 PROMPT_LEN = 16
@@ -130,13 +130,18 @@ def time_decode(dec: Decode, fn: Callable, *, cuda: bool, graphs: bool, reps: in
     }
 
 
-def profile_decode(dec: Decode, fn: Callable, cuda: bool = True) -> dict:
+def profile_decode(dec: Decode, fn: Callable, cuda: bool = True, top: int = 0) -> dict:
     """One (already warm) default-mode decode step under ``torch.profiler``: CUDA kernels
-    (memcpy/memset apart) and the sum of their durations. On CPU (a check of this code path)
-    there are no kernels; the number of CPU op events is returned for information."""
+    (memcpy/memset apart) and the sum of their durations; with ``top``, also the ``top`` kernels
+    by total GPU time (``"top"``). On CPU (a check of this code path) there are no kernels; the
+    number of CPU op events is returned for information."""
     dec.prepare(False)
     sync(cuda)
-    return kernel_summary(profile(lambda: dec.run(fn), cuda))
+    prof = profile(lambda: dec.run(fn), cuda)
+    out = kernel_summary(prof)
+    if top:
+        out["top"] = top_kernels(prof, cuda, top)["top"]
+    return out
 
 
 def make_compile_config(backend: str, mode: Optional[str], cpu: bool):

@@ -35,9 +35,10 @@ What is measured, per model and method:
    tensors; a converted linear reads its packed codes (``N * Kq`` bytes, ``Kq = ceil(K/4)``
    rounded up to 16) and 4 bytes of scale per output row; the input embedding reads one row
    (``hidden * 2`` bytes); the head reads its whole matrix (the embedding's when tied). The KV
-   cache and activations are not counted. Floor time = bytes / ``BANDWIDTH`` (the H100's
-   device-to-device copy bandwidth, BENCHMARKS.md); share of floor = floor time / decode time (CUDA graphs; default mode where
-   CUDA graphs were not run).
+   cache and activations are not counted. Floor time = bytes / the GPU's device-to-device copy
+   bandwidth, measured at the start of the run (1 GiB copies); share of floor = floor time /
+   decode time (CUDA graphs; default mode where CUDA graphs were not run). With ``--profile
+   TOP``, the TOP kernels of the profiled default-mode step by GPU time are kept too.
 4. ``generate()`` tokens/s: greedy ``model.generate(..., cache_implementation="static",
    compile_config=CompileConfig(backend=..., mode="reduce-overhead"))`` with
    ``min_new_tokens = max_new_tokens`` so that every call makes the same number of tokens;
@@ -72,7 +73,8 @@ from bitfx.bench.decode import (CACHE_LEN, PROMPT_LEN, Decode, forget_generate_s
 from bitfx.bench.model_shapes import build_model, make_config
 
 BANDWIDTH = 3.0e12
-"""Bytes/s of the floor time: the H100's device-to-device copy bandwidth (BENCHMARKS.md, whole models)."""
+"""Bytes/s of the floor time where it is not measured (a CPU run): the H100's device-to-device
+copy bandwidth (BENCHMARKS.md). On a GPU the run measures its own (:func:`copy_bandwidth`)."""
 BASELINE = "bf16-inductor"
 METHODS = ("bf16-inductor", "bitfx")
 ALL_METHODS = ("bf16-inductor", "bitfx", "bitfx-quantized")  # the order they run in: quantize comes last
@@ -215,7 +217,7 @@ def measure_method(model: torch.nn.Module, method: str, args, cuda: bool, dtype:
     conv = conv if converted is None else len(converted)
     row.update(linears_converted=conv, linears_total=total)
     nbytes = bytes_per_token(model, converted or ())
-    floor_ms = nbytes / BANDWIDTH * 1e3
+    floor_ms = nbytes / getattr(args, "bandwidth", BANDWIDTH) * 1e3
     row.update(bytes_per_token=nbytes, floor_ms=floor_ms)
     _say(row, f"linears converted {conv}/{total}; {nbytes / 1e6:.1f} MB read/token; floor {floor_ms:.3f} ms")
     logits = None
@@ -252,7 +254,7 @@ def measure_method(model: torch.nn.Module, method: str, args, cuda: bool, dtype:
             _check_timing(row, "decode_default", r)
         if fn is not None:
             try:
-                p = profile_decode(dec, fn, cuda)
+                p = profile_decode(dec, fn, cuda, top=getattr(args, "profile", 0))
                 if not cuda:
                     _say(row, f"profiled one step on CPU: {p['events']} profiler events (no kernel counts on CPU)")
                 else:
@@ -261,6 +263,10 @@ def measure_method(model: torch.nn.Module, method: str, args, cuda: bool, dtype:
                         row["host_us_per_op"] = row["host_us_per_step"] / p["kernels"]
                     _say(row, f"{p['kernels']} kernels/step (+{p['memops']} memcpy/memset), GPU {p['gpu_us']:.0f} "
                               f"us/step, host {row.get('host_us_per_op', float('nan')):.2f} us/op")
+                    if p.get("top"):
+                        row["top_kernels"] = p["top"]
+                        for k in p["top"]:
+                            _say(row, f"  {k['us']:8.1f} us {k['calls']:4d}x  {k['name']}")
             except Exception as e:  # noqa: BLE001
                 _error(row, "profile", e)
         fn = None
@@ -415,7 +421,8 @@ def render(results: dict) -> str:
         "host prepares the next step while the GPU runs one, as in a decode loop); synced ms: the median of "
         "single steps each started after a synchronize (host time before the first kernel included). Kernels and GPU µs: one default-mode step under torch.profiler (memcpy/memset not "
         "counted). Host µs/op: default-mode wall time per step / kernels per step. MB read/token: weights only "
-        f"(packed 2-bit + fp32 row scales for converted linears). Floor: MB / {BANDWIDTH / 1e12:.1f} TB/s; share of "
+        f"(packed 2-bit + fp32 row scales for converted linears). Floor: MB / "
+        f"{results.get('settings', {}).get('bandwidth', BANDWIDTH) / 1e12:.2f} TB/s (the GPU's copy bandwidth, measured at the start of the run; on a CPU run the H100's); share of "
         "floor against the CUDA-graph decode time (default mode where absent). generate: greedy, static cache, "
         f"compiled by generate with mode={results.get('settings', {}).get('generate_mode', 'reduce-overhead')}, "
         "whole call timed (prefill included). Eager generate: greedy, the default cache, no compile (generate's "
@@ -456,6 +463,8 @@ def parse_args(argv):
                    help="leave out the site table (norm + ternary matmul per shape, as python -m bitfx.bench sites)")
     p.add_argument("--launch", default="op", choices=list(LAUNCH_MODES),
                    help="who launches bitfx's kernels in the compiled decode steps (BitfxConfig.launch; default op)")
+    p.add_argument("--profile", type=int, default=0, metavar="TOP",
+                   help="keep the TOP kernels (by GPU time) of the profiled default-mode step")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.t_start = time.time()
@@ -503,6 +512,13 @@ def main(argv=None) -> int:
                      "generate_mode": "reduce-overhead" if cuda else "default"},
         "configs": {}, "rows": [],
     }
+    args.bandwidth = BANDWIDTH
+    if cuda:
+        from bitfx.bench.timing import copy_bandwidth
+
+        args.bandwidth = copy_bandwidth()
+        print(f"device-to-device copy bandwidth {args.bandwidth / 1e12:.2f} TB/s (the floor's)", flush=True)
+    results["settings"]["bandwidth"] = args.bandwidth
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "results.json")
     t0 = time.time()

@@ -125,3 +125,17 @@ def host_s(fn: Callable[[], Any], calls: int = 2000, warmup: int = 50) -> float:
     dt = (time.perf_counter() - t) / calls
     torch.cuda.synchronize()
     return dt
+
+
+def copy_bandwidth(nbytes: int = 2**30, reps: int = 10) -> float:
+    """Bytes/s of this GPU's device-to-device copy (each copy reads and writes ``nbytes``): the
+    bandwidth a bytes floor is measured against, taken on the device the benchmark runs on."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(2):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    ms = statistics.median(timed(lambda: dst.copy_(src), cuda=True)[1] for _ in range(reps))
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / (ms / 1e3)
