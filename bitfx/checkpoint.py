@@ -12,6 +12,9 @@ once and named as aliases), and a metadata header that names and versions the fo
 ``ternary``         JSON: for every ternary linear, its name, ``in_features``,
                     ``out_features``, ``bias``, ``per_channel``, ``terms`` (ternary matrices
                     summed), ``act_bits`` and the float dtype it stands for
+``int8``            JSON: for every int8 output head (``BitfxConfig(head="int8")``), its name,
+                    ``in_features``, ``out_features``, ``bias`` and float dtype (absent in files
+                    written before int8 heads: none)
 ``aliases``         JSON: a tied tensor's name -> the name it is stored under
 ``checksums``       JSON: every stored tensor's name -> ``"crc32:<8 hex digits>"``, the CRC-32
                     of its raw bytes as the file holds them
@@ -54,7 +57,7 @@ import torch
 from torch import nn
 
 from bitfx.layout import FORMAT
-from bitfx.modules import BitfxLinear
+from bitfx.modules import BitfxLinear, Int8Linear
 
 __all__ = ["save", "load", "CheckpointError", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
 
@@ -115,6 +118,12 @@ def save(model: nn.Module, path: PathLike) -> None:
         for name, m in model.named_modules()
         if isinstance(m, BitfxLinear)
     }
+    int8 = {
+        name: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
+               "weight_dtype": str(m.weight_dtype).removeprefix("torch.")}
+        for name, m in model.named_modules()
+        if isinstance(m, Int8Linear)
+    }
     metadata = {
         "format": CHECKPOINT_FORMAT,
         "format_version": str(CHECKPOINT_VERSION),
@@ -122,6 +131,7 @@ def save(model: nn.Module, path: PathLike) -> None:
         "layout": FORMAT,
         "scale": _SCALE,
         "ternary": json.dumps(ternary, sort_keys=True),
+        "int8": json.dumps(int8, sort_keys=True),
         "aliases": json.dumps(aliases, sort_keys=True),
         "checksums": json.dumps(_checksums(tensors), sort_keys=True),
     }
@@ -199,13 +209,49 @@ def _read_header(path: PathLike):
     ternary = _json_field(meta, "ternary", problems)
     aliases = _json_field(meta, "aliases", problems)
     ternary = _check_ternary(ternary, problems)
+    int8 = _check_int8(_json_field(meta, "int8", problems), problems)
+    for name in sorted(set(int8) & set(ternary)):
+        problems.append(f"int8: {_cut(repr(name), 120)} is listed as ternary too")
     aliases = _check_aliases(aliases, problems)
     checksums = None
     if "checksums" in meta:
         checksums = _check_checksums(_json_field(meta, "checksums", problems), problems)
     if problems:
         raise CheckpointError(f"bitfx.load: {where} has malformed metadata; nothing was loaded:" + _listed(problems))
-    return f, ternary, aliases, checksums
+    return f, ternary, int8, aliases, checksums
+
+
+def _check_int8(int8, problems: list) -> dict:
+    """``int8`` (the int8 output heads) checked field by field: {name: {field: value}}."""
+    if not isinstance(int8, dict):
+        problems.append(f"int8: must be a JSON object {{name: fields}}, got {type(int8).__name__}")
+        return {}
+    fields = ("in_features", "out_features", "bias", "weight_dtype")
+    out = {}
+    for name, spec in int8.items():
+        bad = _bad_name(name)
+        if bad:
+            problems.append(f"int8: {bad}")
+            continue
+        where = f"int8[{_cut(repr(name), 120)}]"
+        if not isinstance(spec, dict) or set(spec) != set(fields):
+            got = sorted(map(str, spec)) if isinstance(spec, dict) else type(spec).__name__
+            problems.append(f"{where}: must be a JSON object with the fields {', '.join(fields)}, got "
+                            f"{_cut(str(got), 120)}")
+            continue
+        checks = (
+            ("in_features", _is_int(spec["in_features"], 1, _MAX_FEATURES), f"an int in [1, {_MAX_FEATURES}]"),
+            ("out_features", _is_int(spec["out_features"], 1, _MAX_FEATURES), f"an int in [1, {_MAX_FEATURES}]"),
+            ("bias", isinstance(spec["bias"], bool), "true or false"),
+            ("weight_dtype", isinstance(spec["weight_dtype"], str) and spec["weight_dtype"] in _WEIGHT_DTYPES,
+             f"one of {', '.join(_WEIGHT_DTYPES)}"),
+        )
+        wrong = [f"{k} must be {what}, got {_cut(json.dumps(spec[k]), 80)}" for k, ok, what in checks if not ok]
+        if wrong:
+            problems.append(f"{where}: " + "; ".join(wrong))
+            continue
+        out[name] = spec
+    return out
 
 
 def _check_checksums(checksums, problems: list) -> dict:
@@ -325,33 +371,38 @@ def load(model: nn.Module, path: PathLike, *, device: Optional[Union[str, torch.
     """
     given, model = model, _unwrap(model)
     target = _device(device)
-    f, ternary, aliases, checksums = _read_header(path)
+    f, ternary, int8, aliases, checksums = _read_header(path)
     where = _cut(os.fspath(path))
     if checksums is None:
         warnings.warn(f"bitfx.load: {where} holds no checksums (written by bitfx "
                       f"{_cut(str(f.metadata().get('bitfx_version')), 40)} before they were added): its tensors are "
                       f"loaded without verification; bitfx.save writes them", stacklevel=2)
     problems: list[str] = []
-    replacements: dict[str, BitfxLinear] = {}
-    for name, spec in ternary.items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            problems.append(f"{name}: the checkpoint holds a ternary linear the model does not have")
-            continue
-        if isinstance(old, (nn.Linear, BitfxLinear)):
-            shape = (old.out_features, old.in_features)
-        else:
-            problems.append(f"{name}: the checkpoint holds a ternary linear, the model a {type(old).__name__}")
-            continue
-        if shape != (spec["out_features"], spec["in_features"]):
-            problems.append(f"{name}: [out, in] = {list(shape)} in the model, "
-                            f"{[spec['out_features'], spec['in_features']]} in the checkpoint")
-            continue
-        replacements[name] = BitfxLinear(spec["in_features"], spec["out_features"], spec["bias"],
-                                         per_channel=spec["per_channel"], terms=spec["terms"],
-                                         act_bits=spec["act_bits"], device="meta",
-                                         dtype=_WEIGHT_DTYPES[spec["weight_dtype"]])
+    replacements: dict[str, Union[BitfxLinear, Int8Linear]] = {}
+    for kind, specs in (("a ternary linear", ternary), ("an int8 output head", int8)):
+        for name, spec in specs.items():
+            try:
+                old = model.get_submodule(name)
+            except AttributeError:
+                problems.append(f"{name}: the checkpoint holds {kind} the model does not have")
+                continue
+            if isinstance(old, (nn.Linear, BitfxLinear, Int8Linear)):
+                shape = (old.out_features, old.in_features)
+            else:
+                problems.append(f"{name}: the checkpoint holds {kind}, the model a {type(old).__name__}")
+                continue
+            if shape != (spec["out_features"], spec["in_features"]):
+                problems.append(f"{name}: [out, in] = {list(shape)} in the model, "
+                                f"{[spec['out_features'], spec['in_features']]} in the checkpoint")
+                continue
+            dtype = _WEIGHT_DTYPES[spec["weight_dtype"]]
+            if specs is int8:
+                replacements[name] = Int8Linear(spec["in_features"], spec["out_features"], spec["bias"],
+                                                device="meta", dtype=dtype)
+                continue
+            replacements[name] = BitfxLinear(spec["in_features"], spec["out_features"], spec["bias"],
+                                             per_channel=spec["per_channel"], terms=spec["terms"],
+                                             act_bits=spec["act_bits"], device="meta", dtype=dtype)
 
     # The state the model will have once the linears are swapped: names, shapes, dtypes.
     expected: dict[str, torch.Tensor] = {}

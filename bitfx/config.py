@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-__all__ = ["BitfxConfig", "QuantizeConfig", "LINEAR_MODES", "BACKWARD_MODES", "LAUNCH_MODES", "decide_training",
+__all__ = ["BitfxConfig", "QuantizeConfig", "LINEAR_MODES", "BACKWARD_MODES", "LAUNCH_MODES", "HEAD_MODES", "decide_training",
            "filter_result", "checked_filter_fn"]
 
 # What ``BitfxConfig.linears`` may say: every linear of the model (as BitNet b1.58), only those an
@@ -24,6 +24,8 @@ __all__ = ["BitfxConfig", "QuantizeConfig", "LINEAR_MODES", "BACKWARD_MODES", "L
 LINEAR_MODES = ("all", "sites", "norm")
 # What ``BitfxConfig.backward`` may say: the straight-through matmuls in the gradient's dtype, or in FP8.
 BACKWARD_MODES = ("exact", "fp8")
+# What ``BitfxConfig.head`` may say: the output head as it is, or int8 weights per output row.
+HEAD_MODES = ("dense", "int8")
 # What ``BitfxConfig.launch`` may say: who launches the inference kernels of a compiled CUDA graph.
 LAUNCH_MODES = ("op", "inductor", "auto")
 
@@ -44,6 +46,14 @@ class BitfxConfig:
     per_channel: one weight scale per output channel instead of one per tensor.
     skip_output_head: leave the output head (the model's ``get_output_embeddings()``, or a
         ``lm_head``-like projection into the vocabulary) dense.
+    head: what becomes of the output head that ``skip_output_head`` keeps out of the ternary
+        conversion. ``"dense"`` (the default): left as it is. ``"int8"``: inference only
+        (``bitfx.quantize``, and the backend's inference graphs): int8 weights with one fp32
+        scale per output row (symmetric, ``scale = max|W[n]| / 127``), the activations left in
+        their float dtype (:mod:`bitfx.ops.head`): half a bf16 head's bytes, which a decode step
+        reads whole (the largest single weight of a small model), for a rounding of each weight
+        by at most ``scale / 2``. Training graphs keep the head dense. Needs
+        ``skip_output_head=True`` (with False the head is ternary).
     terms: ``bitfx.quantize`` only. Fit each weight as a sum of that many ternary matrices with
         per-output-channel scales, greedily on the residual (``1``: plain BitNet); the layer
         serves them in one matmul over the activations. A conversion done once from a
@@ -78,6 +88,7 @@ class BitfxConfig:
     norm_eps: float = 1e-6
     per_channel: bool = False
     skip_output_head: bool = True
+    head: str = "dense"
     terms: int = 1
     act_bits: int = 8
     training: Optional[bool] = None
@@ -101,6 +112,13 @@ class BitfxConfig:
             raise ValueError(f"BitfxConfig: terms must be a positive int, got {_short(self.terms)}")
         if not isinstance(self.backward, str) or self.backward not in BACKWARD_MODES:
             raise ValueError(f"BitfxConfig: backward must be one of {BACKWARD_MODES}, got {_short(self.backward)}")
+        if not isinstance(self.head, str) or self.head not in HEAD_MODES:
+            raise ValueError(f"BitfxConfig: head must be one of {HEAD_MODES}, got {_short(self.head)}")
+        if self.head != "dense" and not self.skip_output_head:
+            raise ValueError(
+                f"BitfxConfig: head={self.head!r} is what becomes of the output head that skip_output_head=True "
+                f"keeps out of the ternary conversion; with skip_output_head=False the head is converted to ternary"
+            )
         if not isinstance(self.launch, str) or self.launch not in LAUNCH_MODES:
             raise ValueError(f"BitfxConfig: launch must be one of {LAUNCH_MODES}, got {_short(self.launch)}")
         if not isinstance(self.act_bits, int) or isinstance(self.act_bits, bool) or self.act_bits not in (4, 6, 8):

@@ -103,6 +103,7 @@ class LinearInfo:
     reason: Optional[str]  # why it stays dense, None when converted
     replace_reason: Optional[str]  # why bitfx.quantize cannot swap it, None when it can
     at_site: bool = False  # it belongs to a site (an RMSNorm's, or one without a norm)
+    head: bool = False  # the output head skip_output_head keeps dense (int8 with head="int8")
 
 
 @dataclass
@@ -325,7 +326,7 @@ def explain(model: nn.Module, *example_inputs, config: Optional[BitfxConfig] = N
                     replace_reason = ROOT_LINEAR_REASON  # not "a functional linear": the root module
                 quantized = d.convert and replace_reason is None
                 info = LinearInfo(d.name, d.node.name, d.convert, quantized, d.reason, replace_reason,
-                                  d.site is not None or d.bare)
+                                  d.site is not None or d.bare, d.head)
                 key = (info.module or info.node, info.converted, info.reason)
                 if key not in seen_linears:
                     seen_linears.add(key)

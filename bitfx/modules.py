@@ -27,7 +27,7 @@ from bitfx.ops.library import kernels
 from bitfx.layout import FLOAT_DTYPES, FORMAT, check_packed_shape, packed_k
 from bitfx.reference import act_qmax, check_ternary_codes, pack_ternary, ternary_terms
 
-__all__ = ["BitfxLinear", "FORMAT_ID"]
+__all__ = ["BitfxLinear", "Int8Linear", "FORMAT_ID"]
 
 def _direct_launch(x: Tensor, packed: Tensor) -> bool:
     """Whether an eager call may launch the CUDA kernels itself instead of through
@@ -382,3 +382,114 @@ class BitfxLinear(nn.Module):
             f"per_channel={self.per_channel}, " + (f"terms={self.terms}, " if self.terms > 1 else "")
             + (f"act_bits={self.act_bits}, " if self.act_bits != 8 else "") + f"format={FORMAT}"
         )
+
+
+class Int8Linear(nn.Module):
+    """The int8 output head (``BitfxConfig(head="int8")``): a drop-in for an inference
+    ``nn.Linear``, ``x [..., in_features] -> [..., out_features]`` in ``x.dtype``, computing
+    ``x @ (qweight * scale)^T + bias`` with fp32 accumulation (``torch.ops.bitfx.int8_linear``).
+    The activations are not quantized.
+
+    Buffers (all in the state_dict): ``qweight`` int8 ``[N, K]`` (symmetric codes in
+    [-127, 127]), ``scale`` fp32 ``[N]`` (``W ~= qweight * scale``, one per output row), ``bias``
+    ``[N]`` (the replaced layer's dtype) or None. Checked on load: dtypes, shapes, codes within
+    [-127, 127] and finite scales. No parameters: it is not trainable; a gradient passes through
+    it to its input.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight_dtype = dtype or torch.get_default_dtype()
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=self.weight_dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+        """Round ``linear.weight`` to int8 per output row (``bitfx::int8_rows``); the bias is kept
+        as it is (shared, not copied)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"Int8Linear.from_linear expects an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach()
+        qweight, scale = torch.ops.bitfx.int8_rows(w)
+        m = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta", dtype=w.dtype)
+        m.qweight, m.scale = qweight, scale
+        m.bias = None if linear.bias is None else linear.bias.detach()
+        return m
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.in_features:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"Int8Linear: input must be a tensor [..., {self.in_features}] (features last), got {shape}")
+        if (self.qweight.is_meta or self.scale.is_meta) and not x.is_meta:
+            raise RuntimeError(
+                f"Int8Linear (in_features={self.in_features}, out_features={self.out_features}) has no data for its "
+                f"weight (still on the meta device): load its qweight and scale before running it"
+            )
+        return torch.ops.bitfx.int8_linear(x, self.qweight, self.scale, self.bias)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The weight this layer multiplies by, ``qweight * scale``, as a dense ``[N, K]`` matrix."""
+        return (self.qweight.float() * self.scale[:, None]).to(dtype or self.weight_dtype)
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of the int8 weight and its scales (the bias is not counted)."""
+        return self.qweight.numel() + 4 * self.scale.numel()
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) casts float buffers: the scales stay fp32 (following a change
+        # of device only), and the dtype the layer stands for follows a float tensor's.
+        scale = self.scale
+        super()._apply(fn, recurse)
+        if self.scale.dtype != torch.float32:
+            self.scale = scale.to(device=self.scale.device)
+        probe = fn(torch.empty(0, dtype=self.weight_dtype, device=scale.device))
+        if isinstance(probe, Tensor) and probe.is_floating_point():
+            self.weight_dtype = probe.dtype
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
+        problems = self._check_state(state_dict, prefix, strict)
+        if problems:
+            error_msgs.extend(f"bitfx: {prefix or '<root>.'}{p}" for p in problems)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs)
+
+    def _check_state(self, sd, prefix, strict=True) -> list[str]:
+        """What is wrong with ``sd`` for this layer, in words (empty when it loads): a float
+        ``weight`` in place of codes, dtypes and shapes (``load_state_dict`` would cast a float
+        tensor into the int8 buffer without a word), codes outside [-127, 127], scales that are
+        not finite and positive."""
+        N, K = self.out_features, self.in_features
+        if prefix + "qweight" not in sd and prefix + "weight" in sd:
+            return ["weight: the checkpoint holds a float weight, not an int8 head; load it into the float model "
+                    "and convert that with bitfx.quantize(..., config=BitfxConfig(head='int8'))"]
+        out = []
+        q = sd.get(prefix + "qweight")
+        if q is not None:
+            if q.dtype != torch.int8 or tuple(q.shape) != (N, K):
+                out.append(f"qweight: expected int8 of shape {(N, K)}, got {str(q.dtype).removeprefix('torch.')} of "
+                           f"shape {tuple(q.shape)}")
+            elif not q.is_meta and q.numel() and int(q.min()) < -127:
+                out.append("qweight: holds the code -128; int8 head codes are symmetric, in [-127, 127]")
+        s = sd.get(prefix + "scale")
+        if s is not None:
+            if s.dtype != torch.float32 or tuple(s.shape) != (N,):
+                out.append(f"scale: expected float32 of shape ({N},), got {str(s.dtype).removeprefix('torch.')} of "
+                           f"shape {tuple(s.shape)}")
+            elif not s.is_meta:
+                bad = ~(torch.isfinite(s) & (s > 0))
+                if bool(bad.any()):
+                    n = int(bad.nonzero()[0, 0])
+                    out.append(f"scale: must be finite and positive, got {float(s[n])} for output {n}")
+        bias = sd.get(prefix + "bias")
+        if bias is not None and self.bias is not None and (not bias.is_floating_point() or tuple(bias.shape) != (N,)):
+            out.append(f"bias: expected a float tensor of shape ({N},), got {bias.dtype} of shape {tuple(bias.shape)}")
+        return out
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"

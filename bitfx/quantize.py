@@ -20,7 +20,7 @@ from torch import nn
 
 from bitfx.config import BitfxConfig, QuantizeConfig
 from bitfx.explain import ExplainReport, SkippedLinear, explain
-from bitfx.modules import BitfxLinear
+from bitfx.modules import BitfxLinear, Int8Linear
 from bitfx.passes.plan import FilterFn
 
 __all__ = ["QuantizeConfig", "QuantizeReport", "quantize"]
@@ -39,6 +39,9 @@ class QuantizeReport:
     float_bytes: int = 0  # the replaced float weights, in their own dtype
     packed_bytes: int = 0  # 2-bit ternary codes
     scale_bytes: int = 0  # fp32 weight scales
+    int8_head: list[str] = field(default_factory=list)  # output heads made int8 (head="int8")
+    head_float_bytes: int = 0  # their float weights, in their own dtype
+    head_int8_bytes: int = 0  # their int8 codes and fp32 row scales
     explain_report: Optional[ExplainReport] = None  # the sites it acted on
 
     @property
@@ -64,6 +67,9 @@ class QuantizeReport:
             f"(packed {_bytes(self.packed_bytes)} + scales {_bytes(self.scale_bytes)}): "
             f"saved {_bytes(self.saved_bytes)}{ratio}",
         ]
+        if self.int8_head:
+            lines.append(f"  int8 output head: {', '.join(self.int8_head)} ({_bytes(self.head_float_bytes)} -> "
+                         f"{_bytes(self.head_int8_bytes)})")
         lines += [f"  not converted: {s.module or '<the model itself>'}: {s.reason}" for s in self.skipped]
         return "\n".join(lines)
 
@@ -110,6 +116,11 @@ def quantize(
     flags, and its backward hooks move to its :class:`BitfxLinear` (the backend traces them too, and
     the handles that registered them still remove them). The report (:class:`QuantizeReport`: layers, skipped layers and why,
     bytes saved) is stored on ``model.bitfx_report`` and logged to the ``bitfx`` logger.
+
+    ``BitfxConfig(head="int8")`` also swaps the output head (the linear ``skip_output_head``
+    keeps out of the ternary conversion) for an :class:`~bitfx.modules.Int8Linear`: int8 weights
+    with one scale per output row. A head tied to the input embedding gets its own int8 copy; the
+    embedding keeps its float weight.
     """
     config = dataclasses.replace(config or BitfxConfig(), training=False)  # converts for inference
     if config.linears == "norm":
@@ -138,8 +149,29 @@ def quantize(
             report.packed_bytes += new.packed.numel() * new.packed.element_size()
             report.scale_bytes += new.w_scale.numel() * new.w_scale.element_size()
             del linear, w
+        if config.head == "int8":
+            _int8_heads(model, plan, report)
     model.bitfx_report = report
     if not plan.sites:
         logger.warning("bitfx.quantize found no RMSNorm -> Linear site; bitfx.explain(model, ...) says why")
     logger.info("%s", report)
     return model
+
+
+def _int8_heads(model: nn.Module, plan: ExplainReport, report: QuantizeReport) -> None:
+    """Swap each output head ``plan`` names (an ``nn.Linear`` module) for an :class:`Int8Linear`."""
+    heads = []
+    for d in plan.decisions:
+        if d.head and d.module and d.replace_reason is None and d.module not in heads:
+            heads.append(d.module)
+    if not heads:
+        logger.warning("bitfx.quantize: head='int8' but no output head was found to convert (bitfx.explain says "
+                       "which linears are what)")
+    for name in heads:
+        linear = model.get_submodule(name)
+        new = Int8Linear.from_linear(linear)
+        _replace(model, name, new)
+        report.int8_head.append(name)
+        report.skipped = [s for s in report.skipped if s.module != name]
+        report.head_float_bytes += linear.weight.numel() * linear.weight.element_size()
+        report.head_int8_bytes += new.memory_bytes

@@ -53,6 +53,8 @@ __all__ = [
     "bitlinear_ste",
     "ternary_linear_ste",
     "rms_norm_backward",
+    "int8_rows",
+    "int8_linear_reference",
 ]
 
 
@@ -450,3 +452,66 @@ def ternary_linear_ste(
     w = t.float() / w_scale.float().unsqueeze(1)
     out = F.linear(yq, w, None if bias is None else bias.float())
     return out.to(out_dtype)
+
+
+INT8_QMAX = 127  # int8 weight codes are symmetric: [-127, 127] (-128 is never produced)
+
+
+def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-output-row symmetric int8 quantization of a float weight ``W [N, K]`` (the int8 head).
+
+    ``scale[n] = max(max_k |W[n, k]|, 1e-5) / 127`` and
+    ``q = clamp(round_half_even(W / scale), -127, 127)``, both in fp32, so that
+    ``W ~= q * scale[:, None]`` with an error of at most ``scale / 2`` per element. A row of
+    zeros (or of magnitudes below the floor) gets the floor's scale and small codes. Returns
+    ``(q int8 [N, K] contiguous, scale fp32 [N])``. Raises a ValueError for a weight that is
+    not a 2-D float tensor or holds NaN or Inf (no scale represents it).
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"int8 weight quantization needs a 2-D [N, K] weight, got shape {tuple(weight.shape)}")
+    if not weight.is_floating_point():
+        raise ValueError(f"int8 weight quantization needs a float weight, got {weight.dtype}")
+    wf = weight.float()
+    bad = ~torch.isfinite(wf)
+    if bool(bad.any()):
+        n, k = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"int8 weight quantization needs finite values: the weight holds {int(bad.sum())} NaN/Inf "
+            f"value(s), the first at row {n}, column {k} ({wf[n, k].item()})"
+        )
+    N, K = wf.shape
+    amax = wf.abs().amax(dim=1) if K > 0 else wf.new_zeros(N)
+    scale = amax.clamp(min=SCALE_FLOOR) / INT8_QMAX
+    q = torch.round(wf / scale.unsqueeze(1)).clamp(-INT8_QMAX, INT8_QMAX).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def int8_linear_reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The int8 weight-only linear: ``out = (x @ q^T) * scale + b`` in fp32, cast to ``x.dtype``.
+
+    ``x [..., K]`` float (activations are not quantized), ``qweight`` int8 ``[N, K]`` and
+    ``scale`` fp32 ``[N]`` as :func:`int8_rows` makes them, ``bias [N]`` or None; the result
+    has shape ``[..., N]``. The CPU implementation of the int8 head and the oracle of
+    ``bitfx.kernels.int8_gemv``.
+    """
+    if not x.is_floating_point():
+        raise TypeError(f"activations must be a float tensor, got {x.dtype}")
+    if qweight.dtype != torch.int8:
+        raise TypeError(f"int8 weight must be int8, got {qweight.dtype}")
+    if qweight.dim() != 2 or x.dim() < 1 or x.shape[-1] != qweight.shape[1]:
+        raise ValueError(f"int8 weight has shape {tuple(qweight.shape)}, activations {tuple(x.shape)}: "
+                         f"expected [N, K] with K = x.shape[-1]")
+    N = qweight.shape[0]
+    if scale.shape != (N,):
+        raise ValueError(f"weight scale has shape {tuple(scale.shape)}, expected ({N},)")
+    if bias is not None and bias.shape != (N,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({N},)")
+    out = (x.float() @ qweight.float().t()) * scale.float()
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)

@@ -69,6 +69,9 @@ class LinearDecision:
     # a linear no RMSNorm feeds that can quantize its input alone (a site without a norm when
     # converted; it still counts as one when a later check keeps it dense)
     bare: bool = False
+    # the model's output head, kept out of the ternary conversion (skip_output_head); with
+    # BitfxConfig(head="int8") it becomes an int8 head instead
+    head: bool = False
 
     @property
     def quantize(self) -> bool:
@@ -236,9 +239,13 @@ def plan_sites(gm: fx.GraphModule, config: Optional[BitfxConfig] = None, filter_
             d.convert = True  # the model quantizes here itself: fusing changes no number
             d = _filtered(d, filter_fn, module, name)
         elif skip_head and (id(naming.tensor(w)) in head_ids or lin in heads_by_shape):
+            d.head = kind == "linear"
             d.reason = "output head (skip_output_head=True)" if lin not in heads_by_shape else (
                 "output head, guessed by shape: the model declares none (get_output_embeddings) and this is the "
                 "graph's last and widest linear, feeding the output alone (skip_output_head=True)")
+            if d.head and config.head == "int8":
+                d.reason += "; int8 weights per output row (head='int8'" + (
+                    ", inference only)" if config.training is not False else ")")
             if lin in heads_by_shape:
                 log.warning("bitfx: %s left dense as the output head, guessed by shape (the model declares no "
                             "get_output_embeddings()); pass skip_output_head=False or a filter_fn to decide it",

@@ -57,10 +57,12 @@ log = logging.getLogger("bitfx")
 _ops = torch.ops.bitfx
 # What may compute a matmul's weight operands from the model's tensors: quantize-and-pack,
 # taking its outputs apart, stacking siblings, casts.
-_FOLDABLE = {_ops.weight_quant.default, operator.getitem, torch.cat, torch.ops.aten.cat.default}
+_FOLDABLE = {_ops.weight_quant.default, _ops.int8_rows.default, operator.getitem, torch.cat,
+             torch.ops.aten.cat.default}
 _METHODS = {"contiguous", "to", "float", "half", "bfloat16"}
-# The weight operands of a ternary_matmul call: packed, w_scale, bias.
-_OPERANDS = (2, 3, 4)
+# The weight operands of the ops that read prepacked weights: a ternary_matmul's packed, w_scale,
+# bias; an int8 head's qweight, scale, bias.
+_OPERANDS = {_ops.ternary_matmul.default: (2, 3, 4), _ops.int8_linear.default: (1, 2, 3)}
 _PREFIX = "bitfx_packed_"
 
 # first source tensor -> {(recipe, ids of the other sources): _Entry}
@@ -251,10 +253,10 @@ def refresh_all() -> int:
 
 
 def _matmul_operands(graph: fx.Graph):
-    """The weight operands (packed codes, scales, bias) of the graph's ternary matmuls."""
+    """The weight operands (packed codes, scales, bias) of the graph's ternary matmuls and int8 heads."""
     for n in graph.nodes:
-        if n.op == "call_function" and n.target is _ops.ternary_matmul.default:
-            for k in _OPERANDS:
+        if n.op == "call_function" and n.target in _OPERANDS:
+            for k in _OPERANDS[n.target]:
                 a = n.args[k] if k < len(n.args) else None
                 if isinstance(a, fx.Node):
                     yield a
@@ -346,8 +348,7 @@ def prepack(gm: fx.GraphModule, example_inputs: list, naming: Naming
     take out) and the :class:`Prepacked` whose :meth:`~Prepacked.guard` supplies the operands
     (or None); ``example_inputs`` is extended by their examples (fake tensors of the graph's
     mode, static shapes), for the compiler."""
-    if not any(n.op == "call_function" and n.target is _ops.ternary_matmul.default
-               for g in graphs_of(gm) for n in g.graph.nodes):
+    if not any(n.op == "call_function" and n.target in _OPERANDS for g in graphs_of(gm) for n in g.graph.nodes):
         return gm, None
     gm = _own_copy(gm)
     graph = gm.graph
@@ -376,12 +377,9 @@ def prepack(gm: fx.GraphModule, example_inputs: list, naming: Naming
         return constant[n]
 
     outputs: list[fx.Node] = _hoist_from_bodies(gm, is_constant)
-    for n in graph.nodes:
-        if n.op == "call_function" and n.target is _ops.ternary_matmul.default:
-            for k in _OPERANDS:
-                a = n.args[k] if k < len(n.args) else None
-                if isinstance(a, fx.Node) and a not in outputs and source(a) is None and is_constant(a):
-                    outputs.append(a)
+    for a in _matmul_operands(graph):
+        if a not in outputs and source(a) is None and is_constant(a):
+            outputs.append(a)
     if not outputs:
         return gm, None
 

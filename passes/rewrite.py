@@ -425,6 +425,10 @@ def bitfx_pass(gm: fx.GraphModule, config: Optional[BitfxConfig] = None, filter_
             log.debug("left %s (%s): %s", r.module or r.node.name, r.node.name, r.reason)
         n = rewrite_sites(g, plan.sites, training=training, per_channel=per_channel, fp8_backward=fp8_backward)
         total += n
+        if not training and config.head == "int8":
+            from bitfx.passes.head import int8_heads
+
+            int8_heads(g, plan)
         if plan.sites or plan.rejected:
             log.info(
                 "rewrote %d site(s), %d linear(s) (%s)%s; left %d norm(s)/linear(s) as they were",

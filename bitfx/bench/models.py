@@ -94,37 +94,39 @@ def count_linears(model: torch.nn.Module) -> tuple[int, int]:
     return converted, converted + dense
 
 
-def bytes_per_token(model: torch.nn.Module, packed: tuple = ()) -> int:
+def bytes_per_token(model: torch.nn.Module, packed: tuple = (), int8: tuple = ()) -> int:
     """Bytes of weights one decode step reads (see the module docstring, item 3).
 
     Works on a dense model (every linear dense; ``packed``: names of the ``nn.Linear`` layers
-    the backend reads packed, as it packs them once) and on one converted by
-    ``bitfx.quantize`` (its ``BitfxLinear`` layers read their packed codes and fp32 scales)."""
+    the backend reads packed, as it packs them once; ``int8``: those it reads as an int8 head)
+    and on one converted by ``bitfx.quantize`` (its ``BitfxLinear`` layers read their packed
+    codes and fp32 scales, an ``Int8Linear`` head its int8 codes and scales)."""
     from bitfx.layout import packed_k
-    from bitfx.modules import BitfxLinear
+    from bitfx.modules import BitfxLinear, Int8Linear
 
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     total = 0
     counted: set[int] = set()
-    for name in packed:
-        m = model.get_submodule(name)
-        N, K = m.weight.shape
-        total += N * packed_k(K) + 4 * N
-        counted.add(id(m.weight))
+    for names, row_bytes in ((packed, packed_k), (int8, lambda K: K)):
+        for name in names:
+            m = model.get_submodule(name)
+            N, K = m.weight.shape
+            total += N * row_bytes(K) + 4 * N
+            counted.add(id(m.weight))
     for m in model.modules():
-        if isinstance(m, BitfxLinear):
-            rows, row_bytes = m.packed.shape  # rows = N (times terms), row_bytes = Kq
-            total += rows * row_bytes + 4 * rows
-            if m.bias is not None:
-                total += m.bias.numel() * m.bias.element_size()
+        if isinstance(m, (BitfxLinear, Int8Linear)):
+            for name, b in m.named_buffers(recurse=False):  # codes, scales, bias (not the format tag)
+                if name != "ternary_format":
+                    total += b.numel() * b.element_size()
             counted.update(id(b) for b in m.buffers(recurse=False))
     for p in model.parameters():  # each tensor once: a tied weight is one parameter
         if id(p) in counted or p is emb:
             continue
         total += p.numel() * p.element_size()
     total += emb.shape[1] * emb.element_size()  # the embedding: one row per token
-    if head is not None and head.weight is emb:  # tied: the head reads the whole matrix
+    head_weight = getattr(head, "weight", None)
+    if head_weight is emb and id(emb) not in counted:  # tied and read dense: the head reads the whole matrix
         total += emb.numel() * emb.element_size()
     return total
 
@@ -139,13 +141,13 @@ def _free(cuda: bool) -> None:
         torch.cuda.empty_cache()
 
 
-def _compile(model: torch.nn.Module, method: str, mode: Optional[str], launch: str = "op"):
+def _compile(model: torch.nn.Module, method: str, mode: Optional[str], launch: str = "op", head: str = "dense"):
     if method == BASELINE:
         return torch.compile(model, mode=mode)
-    if launch == "op":  # the default: nothing to pass but the mode
+    if launch == "op" and head == "dense":  # the defaults: nothing to pass but the mode
         return torch.compile(model, backend="bitfx", mode=mode)
     # torch.compile takes a mode or options, never both: the mode's Inductor settings join the options
-    options = {"launch": launch}
+    options = {k: v for k, v in (("launch", launch), ("head", head)) if v != {"launch": "op", "head": "dense"}[k]}
     if mode is not None:
         from torch._inductor import list_mode_options
 
@@ -192,13 +194,13 @@ def _in_time(args, row: dict, stage: str) -> bool:
 
 
 def _decode_stage(row: dict, stage: str, model: torch.nn.Module, method: str, dec: Decode, *, cuda: bool,
-                  graphs: bool, reps: int, launch: str = "op") -> tuple[Optional[dict], Optional[Callable]]:
+                  graphs: bool, reps: int, launch: str = "op", head: str = "dense") -> tuple[Optional[dict], Optional[Callable]]:
     """Compile ``model`` for ``method`` (``mode="reduce-overhead"`` with ``graphs``, else the
     default mode) and time its decode step: the timing and the compiled model, or ``(None,
     None)`` after an error (recorded in ``row`` under ``stage``)."""
     try:
         _free(cuda)
-        fn = _compile(model, method, "reduce-overhead" if graphs else None, launch)
+        fn = _compile(model, method, "reduce-overhead" if graphs else None, launch, head)
         return time_decode(dec, fn, cuda=cuda, graphs=graphs, reps=reps), fn
     except Exception as e:  # noqa: BLE001  (recorded; the other stages still run)
         _error(row, stage, e)
@@ -216,7 +218,10 @@ def measure_method(model: torch.nn.Module, method: str, args, cuda: bool, dtype:
     conv, total = count_linears(model)
     conv = conv if converted is None else len(converted)
     row.update(linears_converted=conv, linears_total=total)
-    nbytes = bytes_per_token(model, converted or ())
+    head = model.get_output_embeddings()
+    int8 = tuple(n for n, m in model.named_modules() if m is head and isinstance(m, torch.nn.Linear)) \
+        if converted is not None and getattr(args, "head", "dense") == "int8" else ()
+    nbytes = bytes_per_token(model, converted or (), int8)
     floor_ms = nbytes / getattr(args, "bandwidth", BANDWIDTH) * 1e3
     row.update(bytes_per_token=nbytes, floor_ms=floor_ms)
     _say(row, f"linears converted {conv}/{total}; {nbytes / 1e6:.1f} MB read/token; floor {floor_ms:.3f} ms")
@@ -230,7 +235,7 @@ def measure_method(model: torch.nn.Module, method: str, args, cuda: bool, dtype:
 
     if dec is not None and cuda and not args.no_graphs and _in_time(args, row, "decode_graphs"):
         r, fn = _decode_stage(row, "decode_graphs", model, method, dec, cuda=True, graphs=True, reps=args.reps,
-                              launch=args.launch)
+                              launch=args.launch, head=args.head)
         if r is not None:
             row.update(decode_ms_graphs=r["ms"], decode_ms_graphs_synced=r["synced_ms"],
                        compile_s_graphs=r["first_call_s"], graphs_graphs=r["graphs_compiled"])
@@ -243,7 +248,7 @@ def measure_method(model: torch.nn.Module, method: str, args, cuda: bool, dtype:
 
     if dec is not None and not args.no_default_mode and _in_time(args, row, "decode_default"):
         r, fn = _decode_stage(row, "decode_default", model, method, dec, cuda=cuda, graphs=False,
-                              reps=args.reps_default, launch=args.launch)
+                              reps=args.reps_default, launch=args.launch, head=args.head)
         if r is not None:
             row.update(decode_ms_default=r["ms"], decode_ms_default_synced=r["synced_ms"], host_us_per_step=r["host_us"], compile_s_default=r["first_call_s"],
                        graphs_default=r["graphs_compiled"])
@@ -337,7 +342,7 @@ def measure_model(name: str, args, cuda: bool) -> list[dict]:
             if method == "bitfx-quantized":
                 try:
                     q0 = time.time()
-                    bitfx.quantize(model, ids, use_cache=False)
+                    bitfx.quantize(model, ids, use_cache=False, config=bitfx.BitfxConfig(head=args.head))
                     print(f"{label:>18} {'bitfx':>14}  bitfx.quantize: {len(model.bitfx_report.converted)} linears "
                           f"in {time.time() - q0:.1f} s", flush=True)
                 except Exception as e:  # noqa: BLE001
@@ -463,6 +468,8 @@ def parse_args(argv):
                    help="leave out the site table (norm + ternary matmul per shape, as python -m bitfx.bench sites)")
     p.add_argument("--launch", default="op", choices=list(LAUNCH_MODES),
                    help="who launches bitfx's kernels in the compiled decode steps (BitfxConfig.launch; default op)")
+    p.add_argument("--head", default="dense", choices=["dense", "int8"],
+                   help="BitfxConfig.head for the bitfx methods: the output head dense (default) or int8 per row")
     p.add_argument("--profile", type=int, default=0, metavar="TOP",
                    help="keep the TOP kernels (by GPU time) of the profiled default-mode step")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help=argparse.SUPPRESS)

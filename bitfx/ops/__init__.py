@@ -8,6 +8,8 @@
 * :mod:`bitfx.ops.training`: ``weight_quant_stacked``, ``bitlinear_stacked`` (what the backend
   emits in training), ``ternary_linear_group`` (frozen packed weights in grad mode), and
   :func:`bitlinear`, the differentiable BitLinear layer as a function;
+* :mod:`bitfx.ops.head`: ``int8_rows`` and ``int8_linear``, the int8 output head
+  (``BitfxConfig(head="int8")``);
 * :mod:`bitfx.ops.fp8`: the FP8 matmuls of the training ops' optional FP8 backward.
 
 Every op has a plain-torch implementation (the reference, :mod:`bitfx.reference`: the CPU and
@@ -17,7 +19,7 @@ any device without a kernel), a Triton one on CUDA (:mod:`bitfx.kernels`), and a
 
 import torch
 
-from bitfx.ops import inference, training  # noqa: F401  (registers the ops)
+from bitfx.ops import head, inference, training  # noqa: F401  (registers the ops)
 from bitfx.ops.library import SCHEMAS
 from bitfx.ops.training import bitlinear
 
@@ -30,5 +32,7 @@ dequantize = torch.ops.bitfx.dequantize
 ternary_linear_group = torch.ops.bitfx.ternary_linear_group
 weight_quant_stacked = torch.ops.bitfx.weight_quant_stacked
 bitlinear_stacked = torch.ops.bitfx.bitlinear_stacked
+int8_rows = torch.ops.bitfx.int8_rows
+int8_linear = torch.ops.bitfx.int8_linear
 
 __all__ = ["SCHEMAS", "bitlinear", *SCHEMAS]

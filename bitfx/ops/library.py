@@ -62,6 +62,11 @@ SCHEMAS = {
     "bitlinear_stacked": "(Tensor x, Tensor? norm_weight, Tensor[] weights, Tensor packed, Tensor w_scale, "
                          "Tensor? bias, float eps, bool offset, bool cast_before_weight, ScalarType norm_dtype, "
                          "bool normalize=True, bool fp8_backward=False) -> (Tensor, Tensor, Tensor, Tensor)",
+    # the int8 output head (BitfxConfig(head="int8")): per-row symmetric int8 codes of a float
+    # weight: w[N, K] -> (qweight i8[N, K], scale f32[N]), W ~= qweight * scale
+    "int8_rows": "(Tensor w) -> (Tensor, Tensor)",
+    # x (float, not quantized) @ (qweight * scale)^T + bias, fp32 accumulation: -> out[..., N]
+    "int8_linear": "(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor",
 }
 
 for _name, _schema in SCHEMAS.items():

@@ -97,6 +97,26 @@ def test_bytes_per_token_tiny_llama_by_hand():
     assert bm.count_linears(model) == (len(converted), 7 * L + 1)
 
 
+def test_bytes_per_token_int8_head():
+    """An int8 head (tied to the embedding before): V * H codes + 4 V bytes of scales, and the
+    embedding one row; the same whether bitfx.quantize made it or the backend reads it."""
+    import bitfx
+
+    c = ms.make_config("llama-1b", tiny=True)
+    V, H = c.vocab_size, c.hidden_size
+    model = ms.build_model(c, "cpu")
+    dense = bm.bytes_per_token(model)
+    backend = bm.bytes_per_token(model, int8=("lm_head",))
+    assert backend == dense - V * H * 2 + V * H + 4 * V
+    with torch.no_grad():
+        bitfx.quantize(model, torch.arange(1, 9)[None], use_cache=False, config=bitfx.BitfxConfig(head="int8"))
+    packed = sum(m.packed.numel() + 4 * m.w_scale.numel() for m in model.modules() if isinstance(m, bitfx.BitfxLinear))
+    dense_linears = sum(m.weight.numel() * 2 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert dense_linears == 0  # every linear ternary, the head int8
+    norms = sum(p.numel() * 2 for n, p in model.named_parameters() if "norm" in n)
+    assert bm.bytes_per_token(model) == packed + norms + H * 2 + V * H + 4 * V
+
+
 def test_bytes_per_token_untied_head():
     c = ms.make_config("llama-8b", tiny=True)
     assert not c.tie_word_embeddings

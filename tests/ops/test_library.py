@@ -120,6 +120,9 @@ def _op_cases(device, M=5, K=40, N=24, dtype=torch.bfloat16):
             (leaf(x.float()), None, [leaf(W.float())], *ops.weight_quant_stacked([W], [True]), None, 0.0, False,
              False, torch.float32, False, False),
         ),
+        "int8_rows": ("int8_rows", (W,)),
+        "int8_linear": ("int8_linear", (leaf(x), *ops.int8_rows(W), leaf(b))),
+        "int8_linear_fp32_nobias": ("int8_linear", (x.float(), *ops.int8_rows(W.float()), None)),
         "bitlinear_stacked_noweight_gemma_fp8": (
             "bitlinear_stacked",
             (leaf(x.float()), None, [leaf(W.float())], *ops.weight_quant_stacked([W], [False]), leaf(b.float()),
