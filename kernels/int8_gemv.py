@@ -36,11 +36,12 @@ from bitfx.kernels._utils import FLOAT_DTYPES, cdiv, check_device, check_dtype, 
 
 __all__ = ["int8_linear", "GEMV_MAX_M", "gemv_config", "matmul_config"]
 
-GEMV_MAX_M = 4
+GEMV_MAX_M = 2
 """Largest M (rows of x) that takes the CUDA-core GEMV; larger M take the tensor-core kernel.
-Each row more costs the GEMV a reduction per step: its sm_90 SASS per 32-byte step grows from
-336 instructions at M=1 to 632 at M=4 and 1856 at M=16, past what streams the weights at HBM
-speed, where the tensor-core kernel reads them once whatever M is."""
+Each row more costs the GEMV a reduction per step (its sm_90 SASS per 32-byte step: 336
+instructions at M=1, 632 at M=4), and on the H200 at the 2B4T head (N=128256, K=2560) it
+streams 3.4 TB/s at M=1, 2.6 at M=2 and 1.6 at M=4, where the tensor-core kernel reads
+2.1 TB/s at M=5 (BENCHMARKS.md)."""
 
 # Bytes of int8 weight a thread loads per step and row of its tile: one 16-byte vector load.
 _VEC = 16

@@ -137,8 +137,8 @@ def test_int8_rows_refuses_bad_weights(weight, match):
 # ----------------------------------------------------------------------------------------------
 
 # M -> the leading dimensions of x: 2-D and 3-D, zero rows among more dimensions too. M <= GEMV_MAX_M
-# (4) takes the GEMV, more rows the tensor-core kernel.
-LEAD = {0: (2, 0), 1: (1,), 3: (3, 1), 4: (2, 2), 5: (5,), 16: (4, 4), 17: (17,), 40: (2, 20)}
+# (2) takes the GEMV, more rows the tensor-core kernel.
+LEAD = {0: (2, 0), 1: (1,), 2: (1, 2), 3: (3, 1), 4: (2, 2), 5: (5,), 16: (4, 4), 17: (17,), 40: (2, 20)}
 
 
 @pytest.mark.parametrize("M", sorted(LEAD))

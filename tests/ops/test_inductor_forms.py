@@ -19,7 +19,7 @@ from bitfx import BitfxConfig
 from bitfx.backend import _inductor_launches
 from bitfx.kernels import norm_quant as nq, ternary_matmul as tm
 from bitfx.ops import inductor
-from tests.helpers import seeded_randn
+from tests.helpers import assert_close_up_to_code_flips, seeded_randn
 
 ops = torch.ops.bitfx
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -354,8 +354,14 @@ def test_training_step_the_same_whoever_launches():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_model_logits_the_same_whoever_launches(dtype):
     """A Llama compiled in default mode (Inductor launches the kernels) and with
-    ``launch="op"`` (custom ops): the same kernels, the same logits; under
-    ``mode="reduce-overhead"`` the graph keeps the custom ops."""
+    ``launch="op"`` (custom ops): the same kernels, the same logits up to code flips; under
+    ``mode="reduce-overhead"`` the graph keeps the custom ops.
+
+    Not bit for bit (the first H200 run of this test found it): Inductor cuts and fuses the float
+    code around a user Triton kernel otherwise than around a custom-op call, so the norms'
+    inputs and the residual adds may differ in their last bits, and an int8 code on a rounding
+    boundary moves by one. The kernels themselves are compared bit for bit by
+    ``test_ternary_linear_form_equals_the_op`` and the other form tests."""
     from tests import models
     from tests.test_backend import recording_backend
 
@@ -376,8 +382,10 @@ def test_model_logits_the_same_whoever_launches(dtype):
     # (each front and its matmuls are one ternary_linear on CUDA: bitfx.passes.fronts)
     assert kinds["auto", None] == {"bitfx.ternary_linear_triton.default"}
     assert kinds["op", None] == kinds["auto", "reduce-overhead"] == {"bitfx.ternary_linear.default"}
-    assert torch.equal(logits["auto", None], logits["op", None])
-    assert torch.equal(logits["auto", None], logits["auto", "reduce-overhead"])
+    rtol = 1e-5 if dtype == torch.float32 else 2**-7  # bf16 logits: one bf16 step where they differ
+    assert_close_up_to_code_flips(logits["auto", None].float(), logits["op", None].float(), rtol=rtol)
+    # reduce-overhead keeps the custom ops: the graph of launch="op", replayed
+    assert_close_up_to_code_flips(logits["auto", "reduce-overhead"].float(), logits["op", None].float(), rtol=rtol)
 
 
 @pytest.mark.parametrize("M", [1, 4])
