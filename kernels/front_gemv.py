@@ -16,8 +16,10 @@ instructions as :func:`bitfx.kernels.ternary_matmul._ternary_dp4a_kernel` does::
 The codes never reach memory, and a site is one launch. The price is that every program
 quantizes the whole row (a few thousand elements, read from L1/L2), so programs are few and
 wide (:func:`front_config`), and the cost grows with the rows: :data:`FRONT_MAX_M` bounds
-where it is used. It is opt-in (``BITFX_FRONT_GEMV=1``, :func:`enabled`) until it has run and
-been timed against the two kernels on a GPU.
+where it is used. It is opt-in (``BITFX_FRONT_GEMV=1``, :func:`enabled`): timed on the H200 in
+the BitNet 2B4T decode step under CUDA graphs it is slower than the two kernels, 2.115 ms per
+step against 1.657 ms (120 sites; about 4 µs more per site): every program's pass over the
+whole row costs more than the launch it saves (BENCHMARKS.md).
 
 Numbers: given the row's ``rstd`` and ``s_x``, the codes are those of ``norm_quant``
 (the same elementwise helpers, the products an add follows as ``mul.rn``) and the epilogue
@@ -54,8 +56,8 @@ _TILE_WORDS = 4096
 
 def enabled() -> bool:
     """Whether ``bitfx::ternary_linear`` (and an eager ``BitfxLinear``) takes this kernel for few
-    rows: with ``BITFX_FRONT_GEMV=1``. Opt-in until its speed against ``norm_quant`` + the GEMV
-    is measured on a GPU; otherwise the op runs those two kernels."""
+    rows: with ``BITFX_FRONT_GEMV=1``. Opt-in: measured slower than ``norm_quant`` + the GEMV in
+    a whole decode step (module docstring); otherwise the op runs those two kernels."""
     return env("BITFX_FRONT_GEMV") == "1"
 
 

@@ -86,12 +86,13 @@ MODELS = ("llama-1b", "llama-8b", "bitnet-2b4t")  # of bitfx.bench.model_shapes.
 
 
 def count_linears(model: torch.nn.Module) -> tuple[int, int]:
-    """``(converted, total)``: bitfx ternary linears, and all linear layers (the head included)."""
-    from bitfx.modules import BitfxLinear
+    """``(converted, total)``: bitfx ternary linears, and all linear layers (the head included,
+    dense or int8)."""
+    from bitfx.modules import BitfxLinear, Int8Linear
 
     converted = sum(isinstance(m, BitfxLinear) for m in model.modules())
-    dense = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
-    return converted, converted + dense
+    others = sum(isinstance(m, (torch.nn.Linear, Int8Linear)) for m in model.modules())
+    return converted, converted + others
 
 
 def bytes_per_token(model: torch.nn.Module, packed: tuple = (), int8: tuple = ()) -> int:
@@ -141,17 +142,21 @@ def _free(cuda: bool) -> None:
         torch.cuda.empty_cache()
 
 
-def _compile(model: torch.nn.Module, method: str, mode: Optional[str], launch: str = "op", head: str = "dense"):
+def _compile(model: torch.nn.Module, method: str, mode: Optional[str], launch: str = "op", head: str = "dense",
+             extra: Optional[dict] = None):
+    """``model`` compiled for ``method``: bf16 Inductor, or the bitfx backend with ``launch``,
+    ``head`` and the ``extra`` options (``--option``: the backend's or Inductor's)."""
     if method == BASELINE:
         return torch.compile(model, mode=mode)
-    if launch == "op" and head == "dense":  # the defaults: nothing to pass but the mode
+    options = {k: v for k, v in (("launch", launch), ("head", head)) if v != {"launch": "op", "head": "dense"}[k]}
+    options.update(extra or {})
+    if not options:  # the defaults: nothing to pass but the mode
         return torch.compile(model, backend="bitfx", mode=mode)
     # torch.compile takes a mode or options, never both: the mode's Inductor settings join the options
-    options = {k: v for k, v in (("launch", launch), ("head", head)) if v != {"launch": "op", "head": "dense"}[k]}
     if mode is not None:
         from torch._inductor import list_mode_options
 
-        options.update(list_mode_options(mode))
+        options = {**list_mode_options(mode), **options}
     return torch.compile(model, backend="bitfx", options=options)
 
 
@@ -194,13 +199,13 @@ def _in_time(args, row: dict, stage: str) -> bool:
 
 
 def _decode_stage(row: dict, stage: str, model: torch.nn.Module, method: str, dec: Decode, *, cuda: bool,
-                  graphs: bool, reps: int, launch: str = "op", head: str = "dense") -> tuple[Optional[dict], Optional[Callable]]:
+                  graphs: bool, reps: int, launch: str = "op", head: str = "dense", extra: Optional[dict] = None) -> tuple[Optional[dict], Optional[Callable]]:
     """Compile ``model`` for ``method`` (``mode="reduce-overhead"`` with ``graphs``, else the
     default mode) and time its decode step: the timing and the compiled model, or ``(None,
     None)`` after an error (recorded in ``row`` under ``stage``)."""
     try:
         _free(cuda)
-        fn = _compile(model, method, "reduce-overhead" if graphs else None, launch, head)
+        fn = _compile(model, method, "reduce-overhead" if graphs else None, launch, head, extra)
         return time_decode(dec, fn, cuda=cuda, graphs=graphs, reps=reps), fn
     except Exception as e:  # noqa: BLE001  (recorded; the other stages still run)
         _error(row, stage, e)
@@ -235,7 +240,7 @@ def measure_method(model: torch.nn.Module, method: str, args, cuda: bool, dtype:
 
     if dec is not None and cuda and not args.no_graphs and _in_time(args, row, "decode_graphs"):
         r, fn = _decode_stage(row, "decode_graphs", model, method, dec, cuda=True, graphs=True, reps=args.reps,
-                              launch=args.launch, head=args.head)
+                              launch=args.launch, head=args.head, extra=args.option)
         if r is not None:
             row.update(decode_ms_graphs=r["ms"], decode_ms_graphs_synced=r["synced_ms"],
                        compile_s_graphs=r["first_call_s"], graphs_graphs=r["graphs_compiled"])
@@ -248,7 +253,7 @@ def measure_method(model: torch.nn.Module, method: str, args, cuda: bool, dtype:
 
     if dec is not None and not args.no_default_mode and _in_time(args, row, "decode_default"):
         r, fn = _decode_stage(row, "decode_default", model, method, dec, cuda=cuda, graphs=False,
-                              reps=args.reps_default, launch=args.launch, head=args.head)
+                              reps=args.reps_default, launch=args.launch, head=args.head, extra=args.option)
         if r is not None:
             row.update(decode_ms_default=r["ms"], decode_ms_default_synced=r["synced_ms"], host_us_per_step=r["host_us"], compile_s_default=r["first_call_s"],
                        graphs_default=r["graphs_compiled"])
@@ -445,6 +450,22 @@ def render(results: dict) -> str:
 # ------------------------------------------------------------------ main
 
 
+def _option(p, text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of ``--option``: the value as a bool, an int, a float, or the string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        p.error(f"--option takes KEY=VALUE, got {text!r}")
+    low = value.lower()
+    if low in ("true", "false"):
+        return key, low == "true"
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, value
+
+
 def parse_args(argv):
     p = report.parser("models", __doc__)
     p.add_argument("models_pos", nargs="?", default=None, help=argparse.SUPPRESS)  # `models LIST`
@@ -470,6 +491,9 @@ def parse_args(argv):
                    help="who launches bitfx's kernels in the compiled decode steps (BitfxConfig.launch; default op)")
     p.add_argument("--head", default="dense", choices=["dense", "int8"],
                    help="BitfxConfig.head for the bitfx methods: the output head dense (default) or int8 per row")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="one more option of the bitfx methods' torch.compile (the backend's, or an Inductor "
+                        "setting such as static_launch_user_defined_triton_kernels=true); repeatable")
     p.add_argument("--profile", type=int, default=0, metavar="TOP",
                    help="keep the TOP kernels (by GPU time) of the profiled default-mode step")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help=argparse.SUPPRESS)
@@ -485,6 +509,7 @@ def parse_args(argv):
     for n in args.generate_models:
         if n not in MODELS:
             p.error(f"unknown model {n!r} in --generate-models; choose from {', '.join(MODELS)} or 'all'")
+    args.option = dict(_option(p, o) for o in args.option)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for m in args.methods:
         if m not in ALL_METHODS:

@@ -113,6 +113,7 @@ def test_bytes_per_token_int8_head():
     packed = sum(m.packed.numel() + 4 * m.w_scale.numel() for m in model.modules() if isinstance(m, bitfx.BitfxLinear))
     dense_linears = sum(m.weight.numel() * 2 for m in model.modules() if isinstance(m, torch.nn.Linear))
     assert dense_linears == 0  # every linear ternary, the head int8
+    assert bm.count_linears(model) == (7 * c.num_hidden_layers, 7 * c.num_hidden_layers + 1)
     norms = sum(p.numel() * 2 for n, p in model.named_parameters() if "norm" in n)
     assert bm.bytes_per_token(model) == packed + norms + H * 2 + V * H + 4 * V
 
@@ -185,3 +186,22 @@ def test_launch_option_reaches_the_backend(monkeypatch):
     assert calls == [dict(backend="bitfx", options={"launch": "auto"}),
                      dict(backend="bitfx", options={"launch": "auto", "triton.cudagraphs": True}),
                      dict(backend="bitfx", mode="reduce-overhead"), dict(mode="reduce-overhead")]
+
+
+def test_head_and_extra_options_reach_the_backend(monkeypatch):
+    """``--head`` and ``--option KEY=VALUE`` (typed: bools, ints, floats, strings) join the bitfx
+    methods' compile options, never the baseline's; a malformed option is refused."""
+    a = bm.parse_args(["--quick", "--head", "int8", "--option", "static_launch_user_defined_triton_kernels=true",
+                       "--option", "k=3", "--option", "x=0.5", "--option", "s=abc"])
+    assert a.head == "int8"
+    assert a.option == {"static_launch_user_defined_triton_kernels": True, "k": 3, "x": 0.5, "s": "abc"}
+    with pytest.raises(SystemExit):
+        bm.parse_args(["--quick", "--option", "novalue"])
+    calls = []
+    monkeypatch.setattr(bm.torch, "compile", lambda model, **kw: calls.append(kw))
+    bm._compile(None, "bitfx", None, "op", "int8", {"k": 3})
+    bm._compile(None, "bitfx", "reduce-overhead", "op", "dense", {"k": 3})
+    bm._compile(None, bm.BASELINE, None, "auto", "int8", {"k": 3})
+    assert calls == [dict(backend="bitfx", options={"head": "int8", "k": 3}),
+                     dict(backend="bitfx", options={"k": 3, "triton.cudagraphs": True}),
+                     dict(mode=None)]
