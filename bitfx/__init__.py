@@ -23,7 +23,7 @@ public API:
 from bitfx import ops, reference  # noqa: F401  (registers torch.ops.bitfx.*)
 from bitfx.ops import bitlinear  # noqa: F401
 from bitfx.config import BitfxConfig  # noqa: F401
-from bitfx.modules import BitfxLinear  # noqa: F401
+from bitfx.modules import BitfxLinear, Int8Linear  # noqa: F401
 from bitfx.explain import explain, ExplainReport  # noqa: F401,E402
 from bitfx.quantize import quantize, QuantizeConfig, QuantizeReport  # noqa: F401,E402
 from bitfx.checkpoint import save, load, CheckpointError  # noqa: F401,E402

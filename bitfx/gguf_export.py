@@ -19,7 +19,12 @@ activation codes narrower than 8 bits (llama.cpp quantizes to 8), a weight scale
 NaN or does not fit fp16, and a ternary layer whose input width is not a multiple of 256 (the
 block; the MLP's hidden width is padded with zero weights instead, which changes no output).
 Embeddings, norms, biases and float linear layers (the output head by default) are written in
-F16 (``float_type="f32"``: F32); norms and biases always in F32.
+F16 (``float_type="f32"``: F32); norms and biases always in F32. An int8 output head
+(:class:`bitfx.modules.Int8Linear`, ``BitfxConfig(head="int8")``) is written as the float
+weight it multiplies by, ``qweight * scale``, in the same float type: llama.cpp's own 8-bit type,
+``Q8_0`` (blocks of 32 weights, an fp16 scale each), would hold its codes exactly, but the
+llama.cpp build the tests run (llama-cpp-python 0.3.36, a CPU with AMX) crashes evaluating a
+batch of tokens through a ``Q8_0`` head, also with ``gguf``'s own ``Q8_0`` bytes.
 
 The architectures: transformers' ``LlamaForCausalLM`` (RoPE in the rotate-half convention; the
 q and k rows are permuted into llama.cpp's interleaved pairs, codes, scales and biases alike;
@@ -46,7 +51,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from bitfx.modules import BitfxLinear
+from bitfx.modules import BitfxLinear, Int8Linear
 from bitfx.reference import unpack_ternary
 
 __all__ = ["export_gguf", "GGUF_BLOCK"]
@@ -126,10 +131,14 @@ def _weight(module: nn.Module, name: str) -> _Weight:
         codes = unpack_ternary(module.packed.detach().cpu(), module.in_features)
         bias = None if module.bias is None else module.bias.detach().float().cpu()
         return _Weight(name, codes, d, bias)
+    if isinstance(module, Int8Linear):
+        bias = None if module.bias is None else module.bias.detach().float().cpu()
+        return _Weight(name, module.dequantize(torch.float32).detach().cpu(), None, bias)
     if isinstance(module, nn.Linear):
         bias = None if module.bias is None else module.bias.detach().float().cpu()
         return _Weight(name, module.weight.detach().float().cpu(), None, bias)
-    raise TypeError(f"bitfx.export_gguf: {name} is a {type(module).__name__}; expected nn.Linear or bitfx.BitfxLinear")
+    raise TypeError(f"bitfx.export_gguf: {name} is a {type(module).__name__}; expected nn.Linear, bitfx.BitfxLinear "
+                    f"or bitfx.Int8Linear")
 
 
 def _tq2_0_blocks(codes: Tensor, d: Tensor) -> Tensor:

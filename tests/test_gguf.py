@@ -258,3 +258,42 @@ def test_llama_cpp_runs_the_built_in_model(tmp_path):
     with torch.no_grad():
         ours, noise = (m(ids)[0].float() for m in (model, _float_activations(model)))
     _assert_logits_agree(ours, noise, _llama_cpp_logits(path, ids))
+
+
+# ------------------------------------------------------------------------------ the int8 head
+
+
+@functools.lru_cache(maxsize=None)
+def _hf_llama_int8_head():
+    """``_hf_llama``'s model with the int8 output head (``BitfxConfig(head="int8")``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests import models
+
+    model, _ = models._hf(LlamaConfig, LlamaForCausalLM, 0, torch.float32, hidden_size=256, intermediate_size=704,
+                          head_dim=64)
+    ids = torch.randint(0, model.config.vocab_size, (1, SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        bitfx.quantize(model, ids, config=bitfx.BitfxConfig(head="int8"))
+    return model, ids
+
+
+def test_int8_head_is_written_as_the_weight_it_multiplies_by(tmp_path):
+    model, _ = _hf_llama_int8_head()
+    head = model.lm_head
+    assert isinstance(head, bitfx.Int8Linear)
+    path = tmp_path / "m.gguf"
+    bitfx.export_gguf(model, path)
+    out = _tensors(path)["output.weight"]
+    assert out.tensor_type == gguf.GGMLQuantizationType.F16
+    want = (head.qweight.float() * head.scale[:, None]).half().float()  # codes x row scale, in F16
+    assert torch.equal(_dequantized(out).reshape(want.shape), want)
+
+
+def test_llama_cpp_runs_an_int8_head(tmp_path):
+    model, ids = _hf_llama_int8_head()
+    path = tmp_path / "m.gguf"
+    bitfx.export_gguf(model, path)
+    with torch.no_grad():
+        ours, noise = (m(ids).logits[0].float() for m in (model, _float_activations(model)))
+    _assert_logits_agree(ours, noise, _llama_cpp_logits(path, ids))
