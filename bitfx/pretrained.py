@@ -50,7 +50,7 @@ from torch import nn
 
 from bitfx.checkpoint import CheckpointError, _cut, _listed, _meta_buffers, _names, _unwrap
 from bitfx.hf_bitnet import BitfxNormLinear, from_autobitlinear_tensors, from_bitlinear_tensors, to_transformers
-from bitfx.modules import BitfxLinear
+from bitfx.modules import BitfxLinear, Int8Linear
 from bitfx.reference import ternarize, weight_scale
 
 __all__ = ["from_pretrained", "save_pretrained"]
@@ -517,6 +517,10 @@ def save_pretrained(model: nn.Module, path: PathLike, *, max_shard_size: Union[i
     or a size such as ``"5GB"``) listed by ``model.safetensors.index.json``; an earlier save's
     weight files there are removed. Returns the weight files' names.
 
+    An int8 output head (``BitfxConfig(head="int8")``) is written as the float weight it multiplies
+    by (``qweight * scale`` in the model's dtype) and listed in ``modules_to_not_convert``; a head
+    that was tied to the embedding is untied in the written config (its weight is its own now).
+
     The format holds one ternary matrix and one scale per layer, 8-bit activations and
     ``out_features`` a multiple of 4: a layer that is not so (``per_channel``, ``terms > 1``,
     ``act_bits != 8``) raises a ValueError naming every such layer, before anything is written.
@@ -557,9 +561,16 @@ def save_pretrained(model: nn.Module, path: PathLike, *, max_shard_size: Union[i
     if problems:
         raise ValueError(f"bitfx.save_pretrained: {len(problems)} of {len(ternary)} ternary layers have no form in "
                          f"transformers' BitNet format; nothing was written:" + _listed(problems))
-    float_linears = sorted(n for n, m in model.named_modules() if n and isinstance(m, nn.Linear))
+    # An int8 head (BitfxConfig(head="int8")) has no form of its own there: it is written as the
+    # float weight it multiplies by, a float linear transformers loads as it is.
+    int8 = {n: m for n, m in model.named_modules() if n and isinstance(m, Int8Linear)}
+    float_linears = sorted(n for n, m in model.named_modules() if n and isinstance(m, (nn.Linear, Int8Linear)))
     _check_decision(model, ternary, float_linears)
-    tensors.update(_float_tensors(model, ternary))
+    tensors.update(_float_tensors(model, {**ternary, **int8}))
+    for name, head in int8.items():
+        tensors[f"{name}.weight"] = head.dequantize(dtype).detach().to("cpu").contiguous()
+        if head.bias is not None:
+            tensors[f"{name}.bias"] = head.bias.detach().to("cpu", dtype).contiguous()
 
     out_config = copy.deepcopy(config)
     out_config.quantization_config = BitNetQuantConfig(
@@ -568,6 +579,8 @@ def save_pretrained(model: nn.Module, path: PathLike, *, max_shard_size: Union[i
     )
     out_config.dtype = dtype
     out_config.architectures = [type(model).__name__]
+    if int8 and getattr(out_config, "tie_word_embeddings", False):
+        out_config.tie_word_embeddings = False  # the head's own (int8-rounded) weight, not the embedding's
     os.makedirs(path, exist_ok=True)
     files = _write_shards(tensors, path, limit)
     out_config.save_pretrained(path)

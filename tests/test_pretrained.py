@@ -198,6 +198,25 @@ def test_a_quantized_model_saves_sharded_and_transformers_loads_it(tmp_path, lin
         assert_close_up_to_code_flips(mine, want)
 
 
+def test_an_int8_head_saves_as_the_float_weight_it_multiplies_by(tmp_path):
+    """BitfxConfig(head="int8"): transformers' format has no int8 head, so the head is written as
+    qweight * scale, untied from the embedding it was tied to; transformers' logits then are the
+    bitfx model's (up to the ternary layers' code flips), not those of the float head."""
+    model, ids = _llama_with_bias(tie=True)
+    with torch.no_grad():
+        bitfx.quantize(model, ids, config=bitfx.BitfxConfig(head="int8"))
+    assert isinstance(model.lm_head, bitfx.Int8Linear)
+    want = _logits(model, ids)
+    bitfx.save_pretrained(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False
+    assert "lm_head" in config["quantization_config"]["modules_to_not_convert"]
+    theirs, got = _transformers_logits(tmp_path, ids)
+    assert type(theirs.lm_head) is nn.Linear and theirs.lm_head.weight is not theirs.model.embed_tokens.weight
+    assert torch.equal(theirs.lm_head.weight.float(), model.lm_head.dequantize(theirs.lm_head.weight.dtype).float())
+    assert_close_up_to_code_flips(got, want)
+
+
 def test_float_linears_are_named_in_modules_to_not_convert(tmp_path):
     model, ids = models.tiny_llama()
     with torch.no_grad():
