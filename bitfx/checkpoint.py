@@ -208,8 +208,8 @@ def _read_header(path: PathLike):
     problems: list[str] = []
     ternary = _json_field(meta, "ternary", problems)
     aliases = _json_field(meta, "aliases", problems)
-    ternary = _check_ternary(ternary, problems)
-    int8 = _check_int8(_json_field(meta, "int8", problems), problems)
+    ternary = _check_layers("ternary", ternary, problems, _SPEC_REQUIRED, _SPEC_DEFAULTS)
+    int8 = _check_layers("int8", _json_field(meta, "int8", problems), problems, _INT8_FIELDS, {})
     for name in sorted(set(int8) & set(ternary)):
         problems.append(f"int8: {_cut(repr(name), 120)} is listed as ternary too")
     aliases = _check_aliases(aliases, problems)
@@ -219,39 +219,6 @@ def _read_header(path: PathLike):
     if problems:
         raise CheckpointError(f"bitfx.load: {where} has malformed metadata; nothing was loaded:" + _listed(problems))
     return f, ternary, int8, aliases, checksums
-
-
-def _check_int8(int8, problems: list) -> dict:
-    """``int8`` (the int8 output heads) checked field by field: {name: {field: value}}."""
-    if not isinstance(int8, dict):
-        problems.append(f"int8: must be a JSON object {{name: fields}}, got {type(int8).__name__}")
-        return {}
-    fields = ("in_features", "out_features", "bias", "weight_dtype")
-    out = {}
-    for name, spec in int8.items():
-        bad = _bad_name(name)
-        if bad:
-            problems.append(f"int8: {bad}")
-            continue
-        where = f"int8[{_cut(repr(name), 120)}]"
-        if not isinstance(spec, dict) or set(spec) != set(fields):
-            got = sorted(map(str, spec)) if isinstance(spec, dict) else type(spec).__name__
-            problems.append(f"{where}: must be a JSON object with the fields {', '.join(fields)}, got "
-                            f"{_cut(str(got), 120)}")
-            continue
-        checks = (
-            ("in_features", _is_int(spec["in_features"], 1, _MAX_FEATURES), f"an int in [1, {_MAX_FEATURES}]"),
-            ("out_features", _is_int(spec["out_features"], 1, _MAX_FEATURES), f"an int in [1, {_MAX_FEATURES}]"),
-            ("bias", isinstance(spec["bias"], bool), "true or false"),
-            ("weight_dtype", isinstance(spec["weight_dtype"], str) and spec["weight_dtype"] in _WEIGHT_DTYPES,
-             f"one of {', '.join(_WEIGHT_DTYPES)}"),
-        )
-        wrong = [f"{k} must be {what}, got {_cut(json.dumps(spec[k]), 80)}" for k, ok, what in checks if not ok]
-        if wrong:
-            problems.append(f"{where}: " + "; ".join(wrong))
-            continue
-        out[name] = spec
-    return out
 
 
 def _check_checksums(checksums, problems: list) -> dict:
@@ -286,40 +253,51 @@ def _bad_name(name) -> Optional[str]:
     return None
 
 
-def _check_ternary(ternary, problems: list) -> dict:
-    """``ternary`` checked field by field: {name: {field: value}} with the optional fields filled in."""
-    if not isinstance(ternary, dict):
-        problems.append(f"ternary: must be a JSON object {{name: fields}}, got {type(ternary).__name__}")
+# What each field of a layer's metadata may hold: (test, the words for it).
+_FIELD_CHECKS = {
+    "in_features": (lambda v: _is_int(v, 1, _MAX_FEATURES), f"an int in [1, {_MAX_FEATURES}]"),
+    "out_features": (lambda v: _is_int(v, 1, _MAX_FEATURES), f"an int in [1, {_MAX_FEATURES}]"),
+    "bias": (lambda v: isinstance(v, bool), "true or false"),
+    "per_channel": (lambda v: isinstance(v, bool), "true or false"),
+    "terms": (lambda v: _is_int(v, 1, _MAX_TERMS), f"an int in [1, {_MAX_TERMS}]"),
+    "act_bits": (lambda v: _is_int(v, 4, 8) and v in (4, 6, 8), "8, 6 or 4"),
+    "weight_dtype": (lambda v: isinstance(v, str) and v in _WEIGHT_DTYPES, f"one of {', '.join(_WEIGHT_DTYPES)}"),
+}
+# The fields of an int8 head's metadata (all required).
+_INT8_FIELDS = ("in_features", "out_features", "bias", "weight_dtype")
+
+
+def _wrong_fields(spec: dict) -> list[str]:
+    """What is wrong with each field of ``spec`` (one layer's metadata), in words."""
+    return [f"{k} must be {what}, got {_cut(json.dumps(v), 80)}" for k, v in spec.items()
+            for ok, what in [_FIELD_CHECKS[k]] if not ok(v)]
+
+
+def _check_layers(key: str, specs, problems: list, required: tuple, defaults: dict) -> dict:
+    """The ``key`` metadata (``ternary`` or ``int8``: {name: fields} of each such layer) checked
+    field by field: every ``required`` field, those of ``defaults`` optional (filled in), no other."""
+    if not isinstance(specs, dict):
+        problems.append(f"{key}: must be a JSON object {{name: fields}}, got {type(specs).__name__}")
         return {}
     out = {}
-    for name, spec in ternary.items():
+    for name, spec in specs.items():
         bad = _bad_name(name)
         if bad:
-            problems.append(f"ternary: {bad}")
+            problems.append(f"{key}: {bad}")
             continue
-        where = f"ternary[{_cut(repr(name), 120)}]"
+        where = f"{key}[{_cut(repr(name), 120)}]"
         if not isinstance(spec, dict):
             problems.append(f"{where}: must be a JSON object of fields, got {type(spec).__name__}")
             continue
-        unknown = sorted(set(spec) - set(_SPEC_REQUIRED) - set(_SPEC_DEFAULTS))
-        lacking = [k for k in _SPEC_REQUIRED if k not in spec]
+        unknown = sorted(set(spec) - set(required) - set(defaults))
+        lacking = [k for k in required if k not in spec]
         if unknown or lacking:
             problems.append(f"{where}: " + "; ".join(
                 ([f"fields missing: {', '.join(lacking)}"] if lacking else [])
                 + ([f"unknown fields: {_cut(', '.join(map(str, unknown)), 120)}"] if unknown else [])))
             continue
-        spec = {**_SPEC_DEFAULTS, **spec}
-        checks = (
-            ("in_features", _is_int(spec["in_features"], 1, _MAX_FEATURES), f"an int in [1, {_MAX_FEATURES}]"),
-            ("out_features", _is_int(spec["out_features"], 1, _MAX_FEATURES), f"an int in [1, {_MAX_FEATURES}]"),
-            ("bias", isinstance(spec["bias"], bool), "true or false"),
-            ("per_channel", isinstance(spec["per_channel"], bool), "true or false"),
-            ("terms", _is_int(spec["terms"], 1, _MAX_TERMS), f"an int in [1, {_MAX_TERMS}]"),
-            ("act_bits", _is_int(spec["act_bits"], 4, 8) and spec["act_bits"] in (4, 6, 8), "8, 6 or 4"),
-            ("weight_dtype", isinstance(spec["weight_dtype"], str) and spec["weight_dtype"] in _WEIGHT_DTYPES,
-             f"one of {', '.join(_WEIGHT_DTYPES)}"),
-        )
-        wrong = [f"{k} must be {what}, got {_cut(json.dumps(spec[k]), 80)}" for k, ok, what in checks if not ok]
+        spec = {**defaults, **spec}
+        wrong = _wrong_fields(spec)
         if wrong:
             problems.append(f"{where}: " + "; ".join(wrong))
             continue

@@ -103,7 +103,39 @@ FORMAT_ID = zlib.crc32(FORMAT.encode())
 _ZERO_CODES = 0b01010101  # four codes "1", i.e. four zero weights
 
 
-class BitfxLinear(nn.Module):
+def _apply_keeping_fp32(module: nn.Module, scale: str, apply, fn, recurse):
+    """``module._apply(fn)`` (``apply``: the parent class's) for a layer of quantized weights:
+    ``model.to(torch.bfloat16)`` / ``.half()`` cast every float buffer, but its scales (the buffer
+    ``scale``) stay fp32, which the ops require, following a change of device only. The dtype of
+    the weight the layer stands for (``weight_dtype``) follows what ``fn`` does to a float tensor
+    of that dtype (a probe: ``.half().float()`` ends at float32; ``.to(device)`` alone keeps it)."""
+    before = getattr(module, scale)
+    apply(fn, recurse)
+    moved = getattr(module, scale)
+    if moved.dtype != torch.float32:
+        setattr(module, scale, before.to(device=moved.device))
+    probe = fn(torch.empty(0, dtype=module.weight_dtype, device=before.device))
+    if isinstance(probe, Tensor) and probe.is_floating_point():
+        module.weight_dtype = probe.dtype
+    return module
+
+
+class _CheckedState(nn.Module):
+    """A layer whose ``load_state_dict`` refuses a state its ``_check_state(sd, prefix, strict)``
+    finds wrong (a list of problems in words), naming each, before anything is copied."""
+
+    def _check_state(self, sd, prefix, strict) -> list[str]:
+        raise NotImplementedError
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
+        problems = self._check_state(state_dict, prefix, strict)
+        if problems:
+            error_msgs.extend(f"bitfx: {prefix or '<root>.'}{p}" for p in problems)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs)
+
+
+class BitfxLinear(_CheckedState):
     """Drop-in for an inference ``nn.Linear``: ``x [..., in_features] -> [..., out_features]``
     in ``x.dtype``.
 
@@ -298,27 +330,9 @@ class BitfxLinear(nn.Module):
         return state
 
     def _apply(self, fn, recurse=True):
-        # model.to(torch.bfloat16) / .half() cast every float buffer; the weight scales stay
-        # fp32 (the ops require it), only following a change of device. The dtype of the weight
-        # this layer stands for follows what ``fn`` does to a float tensor of that dtype (a
-        # probe: .half().float() ends at float32; .to(device) alone keeps it).
-        w_scale = self.w_scale
         self.__dict__.pop("_plans", None)  # launch plans hold the tensors being replaced
-        super()._apply(fn, recurse)
-        moved = self.w_scale
-        if moved.dtype != torch.float32:
-            self.w_scale = w_scale.to(device=moved.device)
-        probe = fn(torch.empty(0, dtype=self.weight_dtype, device=w_scale.device))
-        if isinstance(probe, Tensor) and probe.is_floating_point():
-            self.weight_dtype = probe.dtype
-        return self
+        return _apply_keeping_fp32(self, "w_scale", super()._apply, fn, recurse)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
-        problems = self._check_state(state_dict, prefix, strict)
-        if problems:
-            error_msgs.extend(f"bitfx: {prefix or '<root>.'}{p}" for p in problems)
-            return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs)
 
     def _check_state(self, sd, prefix, strict) -> list[str]:
         """What is wrong with ``sd`` for this layer, in words (empty when it loads)."""
@@ -384,7 +398,7 @@ class BitfxLinear(nn.Module):
         )
 
 
-class Int8Linear(nn.Module):
+class Int8Linear(_CheckedState):
     """The int8 output head (``BitfxConfig(head="int8")``): a drop-in for an inference
     ``nn.Linear``, ``x [..., in_features] -> [..., out_features]`` in ``x.dtype``, computing
     ``x @ (qweight * scale)^T + bias`` with fp32 accumulation (``torch.ops.bitfx.int8_linear``).
@@ -441,23 +455,8 @@ class Int8Linear(nn.Module):
         return self.qweight.numel() + 4 * self.scale.numel()
 
     def _apply(self, fn, recurse=True):
-        # model.to(torch.bfloat16) casts float buffers: the scales stay fp32 (following a change
-        # of device only), and the dtype the layer stands for follows a float tensor's.
-        scale = self.scale
-        super()._apply(fn, recurse)
-        if self.scale.dtype != torch.float32:
-            self.scale = scale.to(device=self.scale.device)
-        probe = fn(torch.empty(0, dtype=self.weight_dtype, device=scale.device))
-        if isinstance(probe, Tensor) and probe.is_floating_point():
-            self.weight_dtype = probe.dtype
-        return self
+        return _apply_keeping_fp32(self, "scale", super()._apply, fn, recurse)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
-        problems = self._check_state(state_dict, prefix, strict)
-        if problems:
-            error_msgs.extend(f"bitfx: {prefix or '<root>.'}{p}" for p in problems)
-            return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs)
 
     def _check_state(self, sd, prefix, strict=True) -> list[str]:
         """What is wrong with ``sd`` for this layer, in words (empty when it loads): a float

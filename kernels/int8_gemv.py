@@ -33,6 +33,7 @@ import triton.language as tl
 
 from bitfx.kernels._launch import Launcher
 from bitfx.kernels._utils import FLOAT_DTYPES, cdiv, check_device, check_dtype, interpreting, next_pow2, num_sms
+from bitfx.kernels.ternary_matmul import grouped_tile
 
 __all__ = ["int8_linear", "GEMV_MAX_M", "gemv_config", "matmul_config"]
 
@@ -177,14 +178,7 @@ def _int8_matmul_kernel(
     """``acc^T [BLOCK_N, BLOCK_M] = q x^T`` per tile (the codes converted to x's dtype are the
     left operand, which Hopper's wgmma takes from registers), tiles in grouped (``GROUP_M``)
     order for L2 reuse, then ``acc * scale + b`` in x's dtype."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -167,6 +167,21 @@ def _pdl_prologue(w_ptr, offs_n, N, stride_wn, begin, end, ELEM_BYTES: tl.conste
 
 
 @triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(pid_m, pid_n)``: the output tile of program ``pid`` of an ``[M, N]`` output in tiles of
+    ``BLOCK_M x BLOCK_N``, in grouped order (``GROUP_M`` row tiles down each column of tiles
+    before the next column), so that programs running together share their operands in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
 def _ternary_matmul_kernel(
     q_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr,  # q int8 [M, K], s_x [M], packed uint8 [N, Kq], s_w [N], b [N], out [M, N]
     ws_ptr, lock_ptr,  # split-K: zeroed int32 [M, N] workspace and [tiles] arrival counters
@@ -190,13 +205,7 @@ def _ternary_matmul_kernel(
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // num_pid_in_group) * GROUP_M
-    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -252,7 +261,7 @@ def _ternary_matmul_kernel(
     out_offs = offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
     mask = n_mask[:, None] & m_mask[None, :]
     _finish_tile(acc, out_ptr, out_offs, mask, sx_ptr, sw_ptr, bias_ptr, offs_m, offs_n, m_mask, n_mask,
-                 ws_ptr, lock_ptr + pid_m * num_pid_n + pid_n, SPLIT_K, FLOAT_OUT, HAS_BIAS)
+                 ws_ptr, lock_ptr + pid_m * tl.cdiv(N, BLOCK_N) + pid_n, SPLIT_K, FLOAT_OUT, HAS_BIAS)
 
 
 @triton.jit

@@ -28,3 +28,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches emptied before and after a test (``pytestmark =
+    pytest.mark.usefixtures("fresh_dynamo")`` for a whole module): a test that counts graphs,
+    recompiles or op calls sees only its own compiles."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -25,11 +25,7 @@ def _layer_names(prefix: str, layers: int) -> list[str]:
     return [f"{prefix}.layers.{i}.{p}" for i in range(layers) for p in PER_LAYER]
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def test_llama_explain_and_quantize_report_seven_of_seven():

@@ -22,11 +22,7 @@ from tests import models
 from tests.helpers import assert_close_up_to_code_flips
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def recording_backend():

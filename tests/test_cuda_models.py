@@ -25,14 +25,7 @@ from tests.test_backend import (
     recording_backend,
 )
 
-pytestmark = pytest.mark.cuda
-
-
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("fresh_dynamo")]
 
 
 @pytest.mark.parametrize("name", list(TRANSFORMERS))

@@ -21,11 +21,7 @@ pytest.importorskip("transformers")
 INT8 = BitfxConfig(head="int8")
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _op_calls(fn, name: str) -> int:
@@ -167,3 +163,30 @@ def test_bad_state_is_refused_by_name():
         head.load_state_dict({"weight": torch.randn(8, 16)}, strict=False)
     with pytest.raises(ValueError, match="features"):
         head(torch.randn(2, 15))
+
+
+def test_malformed_int8_metadata_is_named(tmp_path):
+    """A checkpoint whose int8-head metadata is not what bitfx.save writes is refused, naming it."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model, ids = models.tiny_llama()
+    bitfx.quantize(model, ids, config=INT8)
+    path = tmp_path / "m.safetensors"
+    bitfx.save(model, path)
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    cases = {
+        "in_features must be an int": {"lm_head": {**json.loads(meta["int8"])["lm_head"], "in_features": "64"}},
+        "fields missing: bias": {"lm_head": {k: v for k, v in json.loads(meta["int8"])["lm_head"].items() if k != "bias"}},
+        "is listed as ternary too": {**json.loads(meta["int8"]), "model.layers.0.mlp.up_proj": {
+            **json.loads(meta["int8"])["lm_head"]}},
+    }
+    for match, int8 in cases.items():
+        bad = tmp_path / "bad.safetensors"
+        save_file(tensors, str(bad), metadata={**meta, "int8": json.dumps(int8)})
+        fresh, _ = models.tiny_llama()
+        with pytest.raises(bitfx.CheckpointError, match=match):
+            bitfx.load(fresh, bad)

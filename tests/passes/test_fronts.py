@@ -19,11 +19,7 @@ from tests import models
 _ops = torch.ops.bitfx
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _counts(gm) -> Counter:

@@ -18,11 +18,7 @@ from tests.helpers import assert_close_up_to_code_flips
 pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _op_calls(fn, name: str) -> int:

@@ -18,11 +18,7 @@ from bitfx.passes.plan import find_sites
 from tests import models
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def op_counts(gm: torch.fx.GraphModule) -> Counter:

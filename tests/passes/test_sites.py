@@ -20,11 +20,7 @@ from tests import models
 from tests.helpers import ULP
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def _find(model, *args, **kw) -> FindResult:
