@@ -89,6 +89,11 @@ def test_backend_int8_head_matches_quantize_and_packs_once():
     # The same int8_linear on the same codes; the rest is the same ternary model, compiled (Inductor
     # may fuse the float ops around the ops differently from eager: fp32 rounding only).
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # quantize then the backend: the Int8Linear's op goes through the graph as it is
+    compiled_q = torch.compile(quantized, backend="bitfx", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled_q(ids).logits, want, rtol=1e-5, atol=1e-5)
+        assert _op_calls(lambda: compiled_q(ids), "bitfx::int8_linear") == 1
 
 
 def test_backend_dense_head_by_default():
