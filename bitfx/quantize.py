@@ -162,8 +162,14 @@ def _int8_heads(model: nn.Module, plan: ExplainReport, report: QuantizeReport) -
     """Swap each output head ``plan`` names (an ``nn.Linear`` module) for an :class:`Int8Linear`."""
     heads = []
     for d in plan.decisions:
-        if d.head and d.module and d.replace_reason is None and d.module not in heads:
-            heads.append(d.module)
+        if not d.head:
+            continue
+        if d.module and d.replace_reason is None:
+            if d.module not in heads:
+                heads.append(d.module)
+        else:
+            logger.warning("bitfx.quantize: head='int8', but the output head %s stays as it is: %s",
+                           d.module or d.node, d.replace_reason or "it belongs to no module")
     if not heads:
         logger.warning("bitfx.quantize: head='int8' but no output head was found to convert (bitfx.explain says "
                        "which linears are what)")

@@ -195,3 +195,24 @@ def test_malformed_int8_metadata_is_named(tmp_path):
         fresh, _ = models.tiny_llama()
         with pytest.raises(bitfx.CheckpointError, match=match):
             bitfx.load(fresh, bad)
+
+
+def test_a_model_without_a_head_module_says_so(caplog):
+    """head='int8' on a model whose last linear is no module of its own: nothing converted, and a
+    warning instead of silence."""
+
+    class Functional(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.RMSNorm(16)
+            self.up = torch.nn.Linear(16, 16)
+            self.out = torch.nn.Parameter(torch.randn(40, 16))
+
+        def forward(self, x):
+            return torch.nn.functional.linear(self.up(self.norm(x)), self.out)
+
+    model = Functional()
+    with caplog.at_level("WARNING", logger="bitfx"):
+        bitfx.quantize(model, torch.randn(2, 16), config=INT8)
+    assert model.bitfx_report.int8_head == []
+    assert "head='int8'" in caplog.text
