@@ -216,3 +216,15 @@ def test_a_model_without_a_head_module_says_so(caplog):
         bitfx.quantize(model, torch.randn(2, 16), config=INT8)
     assert model.bitfx_report.int8_head == []
     assert "head='int8'" in caplog.text
+
+
+def test_an_already_converted_model_gets_the_int8_head():
+    """A model whose linears are ternary already (an earlier quantize, bitfx.from_pretrained):
+    quantize with head='int8' converts the head alone and leaves the ternary layers as they are."""
+    model, ids = models.tiny_llama()
+    bitfx.quantize(model, ids)
+    packed = {n: m.packed for n, m in model.named_modules() if isinstance(m, BitfxLinear)}
+    bitfx.quantize(model, ids, config=INT8)
+    assert isinstance(model.lm_head, Int8Linear) and model.bitfx_report.int8_head == ["lm_head"]
+    now = {n: m.packed for n, m in model.named_modules() if isinstance(m, BitfxLinear)}
+    assert now.keys() == packed.keys() and all(now[n] is packed[n] for n in now)  # the same buffers
