@@ -54,7 +54,7 @@ __all__ = [
     "ternary_linear_ste",
     "rms_norm_backward",
     "int8_rows",
-    "int8_linear_reference",
+    "int8_linear",
 ]
 
 
@@ -486,7 +486,7 @@ def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale.contiguous()
 
 
-def int8_linear_reference(
+def int8_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
     scale: torch.Tensor,

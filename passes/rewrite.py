@@ -52,6 +52,7 @@ from torch import fx
 import bitfx.ops  # noqa: F401  (registers torch.ops.bitfx.*, whatever imported this module)
 from bitfx import reference as ref
 from bitfx.config import BitfxConfig, decide_training
+from bitfx.passes.head import int8_heads
 from bitfx.passes.naming import Naming
 from bitfx.passes.plan import FilterFn, graphs_of, plan_sites
 from bitfx.passes.records import LinearUse, Site
@@ -426,8 +427,6 @@ def bitfx_pass(gm: fx.GraphModule, config: Optional[BitfxConfig] = None, filter_
         n = rewrite_sites(g, plan.sites, training=training, per_channel=per_channel, fp8_backward=fp8_backward)
         total += n
         if not training and config.head == "int8":
-            from bitfx.passes.head import int8_heads
-
             int8_heads(g, plan)
         if plan.sites or plan.rejected:
             log.info(

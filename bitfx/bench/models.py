@@ -148,8 +148,11 @@ def _compile(model: torch.nn.Module, method: str, mode: Optional[str], launch: s
     ``head`` and the ``extra`` options (``--option``: the backend's or Inductor's)."""
     if method == BASELINE:
         return torch.compile(model, mode=mode)
-    options = {k: v for k, v in (("launch", launch), ("head", head)) if v != {"launch": "op", "head": "dense"}[k]}
-    options.update(extra or {})
+    options = dict(extra or {})
+    if launch != "op":
+        options["launch"] = launch
+    if head != "dense":
+        options["head"] = head
     if not options:  # the defaults: nothing to pass but the mode
         return torch.compile(model, backend="bitfx", mode=mode)
     # torch.compile takes a mode or options, never both: the mode's Inductor settings join the options

@@ -14,39 +14,10 @@ head to the layers before it); the codes and scales are buffers, not trained.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-from torch import Tensor
 
 from bitfx import reference as ref
-from bitfx.ops.library import check_float, check_linear_weight, check_same_device, dtype_name, kernels, register, register_autograd
-
-__all__ = ["check_int8_linear"]
-
-
-def check_int8_linear(op: str, x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor]) -> None:
-    """``x [..., K]`` float, ``qweight`` int8 ``[N, K]``, ``scale`` fp32 ``[N]``, ``bias`` float ``[N]`` or None."""
-    check_float(op, "input", x)
-    if x.dim() < 1:
-        raise ValueError(f"bitfx.{op}: input must have at least one dimension (the features), got a 0-D tensor")
-    if qweight.dtype != torch.int8:
-        raise TypeError(f"bitfx.{op}: the weight codes must be int8 (from bitfx int8_rows), got {dtype_name(qweight.dtype)}")
-    if qweight.dim() != 2:
-        raise ValueError(f"bitfx.{op}: the weight codes must be 2-D [N, K], got shape {tuple(qweight.shape)}")
-    N, K = qweight.shape
-    torch._check_with(ValueError, x.shape[-1] == K,
-                      lambda: f"bitfx.{op}: the input has K={x.shape[-1]} features (last dimension) but the weight "
-                              f"has {K}")
-    if scale.dtype != torch.float32:
-        raise TypeError(f"bitfx.{op}: the weight scale must be float32, got {dtype_name(scale.dtype)}")
-    if scale.dim() != 1 or scale.shape[0] != N:
-        raise ValueError(f"bitfx.{op}: the weight scale has shape {tuple(scale.shape)}, expected ({N},)")
-    if bias is not None:
-        check_float(op, "bias", bias)
-        if bias.dim() != 1 or bias.shape[0] != N:
-            raise ValueError(f"bitfx.{op}: bias has shape {tuple(bias.shape)}, expected ({N},)")
-    check_same_device(op, x, qweight, scale, bias)
+from bitfx.ops.library import check_int8_linear, check_linear_weight, kernels, register, register_autograd
 
 
 # ---------------------------------------------------------------- int8_rows
@@ -70,12 +41,12 @@ def _(w):
 @register("int8_linear", "reference")
 def _(x, qweight, scale, bias):
     check_int8_linear("int8_linear", x, qweight, scale, bias)
-    return ref.int8_linear_reference(x, qweight, scale, bias)
+    return ref.int8_linear(x, qweight, scale, bias)
 
 
 @register("int8_linear", "cuda")
 def _(x, qweight, scale, bias):
-    check_int8_linear("int8_linear", x, qweight, scale, bias)  # shapes and dtypes only: no device read
+    # The launcher checks dtypes, shapes, devices and the weight's layout itself (no device read).
     return kernels("int8_gemv").int8_linear(x, qweight, scale, bias)
 
 

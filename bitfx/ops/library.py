@@ -182,10 +182,37 @@ def check_packed_weight(op: str, packed: Tensor, w_scale: Tensor, bias: Optional
         raise TypeError(f"bitfx.{op}: weight scale must be float32, got {dtype_name(w_scale.dtype)}")
     if w_scale.dim() != 1 or w_scale.shape[0] != N:
         raise ValueError(f"bitfx.{op}: weight scale has shape {tuple(w_scale.shape)}, expected ({N},)")
+    check_bias(op, bias, N)
+
+
+def check_bias(op: str, bias: Optional[Tensor], N) -> None:
+    """A float bias ``[N]``, or None."""
     if bias is not None:
         check_float(op, "bias", bias)
         if bias.dim() != 1 or bias.shape[0] != N:
             raise ValueError(f"bitfx.{op}: bias has shape {tuple(bias.shape)}, expected ({N},)")
+
+
+def check_int8_linear(op: str, x: Tensor, qweight: Tensor, scale: Tensor, bias: Optional[Tensor]) -> None:
+    """``x [..., K]`` float, ``qweight`` int8 ``[N, K]``, ``scale`` fp32 ``[N]``, ``bias`` float ``[N]`` or None
+    (the int8 head's operands)."""
+    check_float(op, "input", x)
+    if x.dim() < 1:
+        raise ValueError(f"bitfx.{op}: input must have at least one dimension (the features), got a 0-D tensor")
+    if qweight.dtype != torch.int8:
+        raise TypeError(f"bitfx.{op}: the weight codes must be int8 (from bitfx int8_rows), got {dtype_name(qweight.dtype)}")
+    if qweight.dim() != 2:
+        raise ValueError(f"bitfx.{op}: the weight codes must be 2-D [N, K], got shape {tuple(qweight.shape)}")
+    N, K = qweight.shape
+    torch._check_with(ValueError, x.shape[-1] == K,
+                      lambda: f"bitfx.{op}: the input has K={x.shape[-1]} features (last dimension) but the weight "
+                              f"has {K}")
+    if scale.dtype != torch.float32:
+        raise TypeError(f"bitfx.{op}: the weight scale must be float32, got {dtype_name(scale.dtype)}")
+    if scale.dim() != 1 or scale.shape[0] != N:
+        raise ValueError(f"bitfx.{op}: the weight scale has shape {tuple(scale.shape)}, expected ({N},)")
+    check_bias(op, bias, N)
+    check_same_device(op, x, qweight, scale, bias)
 
 
 def check_in_features(op: str, x: Tensor, in_features) -> None:

@@ -1,5 +1,5 @@
 """The int8 head: per-row int8 weight quantization (bitfx.reference.int8_rows) and the int8
-weight-only linear kernels (bitfx.kernels.int8_gemv) against int8_linear_reference.
+weight-only linear kernels (bitfx.kernels.int8_gemv) against int8_linear.
 
 Tolerance. Both sides compute ``out = rn_d(fl(sum_k x_k q_k) * s + b)`` with every operation
 in fp32 and ``rn_d`` the final rounding to the output dtype ``d``; they differ in the order of
@@ -58,7 +58,7 @@ def _operands(lead, N, K, dtype, seed, bias=False, device=DEV):
 def assert_matches_reference(got, x, q, s, b):
     """The bound of the module docstring, element by element."""
     x, q, s, b = (None if t is None else t.cpu() for t in (x, q, s, b))
-    want = ref.int8_linear_reference(x, q, s, b)
+    want = ref.int8_linear(x, q, s, b)
     assert got.dtype == want.dtype == x.dtype and got.shape == want.shape, (got.dtype, got.shape, want.shape)
     K = q.shape[1]
     S = (x.double().abs().reshape(-1, K) @ q.double().abs().t()) * s.double()
