@@ -46,7 +46,7 @@ def _(x, qweight, scale, bias):
 
 @register("int8_linear", "cuda")
 def _(x, qweight, scale, bias):
-    # The launcher checks dtypes, shapes, devices and the weight's layout itself (no device read).
+    check_int8_linear("int8_linear", x, qweight, scale, bias)  # shapes and dtypes only: no device read
     return kernels("int8_gemv").int8_linear(x, qweight, scale, bias)
 
 
