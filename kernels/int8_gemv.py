@@ -247,7 +247,7 @@ def int8_linear(
     ``qweight`` int8 ``[N, K]``, contiguous; ``scale`` fp32 ``[N]``; ``bias [N]`` (a float
     dtype, x's as a rule) or None; all on one CUDA device (or the CPU under
     ``TRITON_INTERPRET=1``). Within fp32 summation order and the final rounding of
-    :func:`bitfx.reference.int8_linear_reference`.
+    :func:`bitfx.reference.int8_linear`.
     """
     name = "int8_linear"
     device = check_device(name, x, qweight, scale, bias)
