@@ -73,7 +73,7 @@ def _launch_direct(layer: "BitfxLinear", x: Tensor, bias: Tensor | None, qmax: i
     if plan is not None and plan[0] is packed and plan[1] is w_scale and plan[2] is bias:
         out = plan[3](x2)
     else:
-        if fused_front(x2, packed):  # few rows: quantization and matmul in one kernel, the same numbers
+        if fused_front(x2, packed, eager=True):  # few rows: quantization and matmul in one kernel, the same numbers
             out, _, run = kernels("front_gemv").front_gemv(x2, None, 0.0, False, False, torch.float32, False, qmax,
                                                            packed, w_scale, bias, x.dtype, bind=True)
         else:

@@ -16,10 +16,11 @@ instructions as :func:`bitfx.kernels.ternary_matmul._ternary_dp4a_kernel` does::
 The codes never reach memory, and a site is one launch. The price is that every program
 quantizes the whole row (a few thousand elements, read from L1/L2), so programs are few and
 wide (:func:`front_config`), and the cost grows with the rows: :data:`FRONT_MAX_M` bounds
-where it is used. It is opt-in (``BITFX_FRONT_GEMV=1``, :func:`enabled`): timed on the H200 in
-the BitNet 2B4T decode step under CUDA graphs it is slower than the two kernels, 2.115 ms per
-step against 1.657 ms (120 sites; about 4 µs more per site): every program's pass over the
-whole row costs more than the launch it saves (BENCHMARKS.md).
+where it is used. Compiled steps take it only with ``BITFX_FRONT_GEMV=1`` (:func:`enabled`): timed on
+the H200 in the BitNet 2B4T decode step under CUDA graphs it is slower than the two kernels,
+2.115 ms per step against 1.657 ms (120 sites; about 4 µs more per site): every program's pass
+over the whole row costs more than the launch it saves (BENCHMARKS.md). An eager ``BitfxLinear``
+takes it by default: there each launch costs the host more than the kernels run.
 
 Numbers: given the row's ``rstd`` and ``s_x``, the codes are those of ``norm_quant``
 (the same elementwise helpers, the products an add follows as ``mul.rn``) and the epilogue
@@ -54,11 +55,18 @@ _ROW_CHUNK = 4096
 _TILE_WORDS = 4096
 
 
-def enabled() -> bool:
+def enabled(eager: bool = False) -> bool:
     """Whether ``bitfx::ternary_linear`` (and an eager ``BitfxLinear``) takes this kernel for few
-    rows: with ``BITFX_FRONT_GEMV=1``. Opt-in: measured slower than ``norm_quant`` + the GEMV in
-    a whole decode step (module docstring); otherwise the op runs those two kernels."""
-    return env("BITFX_FRONT_GEMV") == "1"
+    rows. ``BITFX_FRONT_GEMV=1``: everywhere; ``=0``: nowhere; unset: for an ``eager`` call only.
+    Eager, the host sets the pace (two launches cost it more than either kernel runs), so one
+    launch wins; in a compiled step, and above all under CUDA graphs, launches are cheap and the
+    two kernels measured faster (module docstring)."""
+    value = env("BITFX_FRONT_GEMV")
+    if value is None or value == "":
+        return eager
+    if value not in ("0", "1"):
+        raise ValueError(f"BITFX_FRONT_GEMV must be 0 or 1 (or unset), got {value!r}")
+    return value == "1"
 
 
 @triton.jit

@@ -207,17 +207,18 @@ def _linear_guard(x, norm_weight, norm_dtype, normalize, packed, w_scale, bias, 
                                   and bias.device == device)))
 
 
-def fused_front(x2: Tensor, packed: Tensor, traced: bool = False) -> bool:
+def fused_front(x2: Tensor, packed: Tensor, traced: bool = False, eager: bool = False) -> bool:
     """Whether the rows ``x2 [M, K]`` against ``packed`` take the one-kernel form
     (:mod:`bitfx.kernels.front_gemv`): few rows (``FRONT_MAX_M``), nothing empty, packed rows the
-    kernel can read as words, and the kernel turned on (``BITFX_FRONT_GEMV=1``; an eager layer's
-    launch plan reads it when the plan is made). ``traced`` (a form Inductor launches): the
-    packed weight's alignment from its offset into an aligned allocation, not its address."""
+    kernel can read as words, and the kernel turned on (:func:`bitfx.kernels.front_gemv.enabled`:
+    by default for an ``eager`` layer's call only; an eager layer's launch plan reads it when the
+    plan is made). ``traced`` (a form Inductor launches): the packed weight's alignment from its
+    offset into an aligned allocation, not its address."""
     M, K = x2.shape
     fg = kernels("front_gemv")
     start = packed.storage_offset() if traced else packed.data_ptr()
     return (0 < M <= fg.FRONT_MAX_M and K > 0 and packed.shape[0] > 0 and packed.stride(0) % 4 == 0
-            and start % 4 == 0 and fg.enabled())
+            and start % 4 == 0 and fg.enabled(eager))
 
 
 @register("ternary_linear", "reference")

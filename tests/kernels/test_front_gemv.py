@@ -146,3 +146,49 @@ def test_blocks_follow_the_gpu_not_a_table(monkeypatch):
         assert cfg["BLOCK_N"] == min(want_n, 128)
         assert cfg["BLOCK_N"] * cfg["BLOCK_W"] <= fg._TILE_WORDS and cfg["BLOCK_W"] <= fg.next_pow2(Kq // 4)
         assert cfg["EVEN_W"] == ((Kq // 4) % cfg["BLOCK_W"] == 0)
+
+
+def test_switch_reads_the_environment(monkeypatch):
+    """Unset: the one-kernel form for eager calls only; 1: everywhere; 0: nowhere; else an error."""
+    monkeypatch.delenv("BITFX_FRONT_GEMV", raising=False)
+    assert (fg.enabled(), fg.enabled(eager=True)) == (False, True)
+    monkeypatch.setenv("BITFX_FRONT_GEMV", "1")
+    assert (fg.enabled(), fg.enabled(eager=True)) == (True, True)
+    monkeypatch.setenv("BITFX_FRONT_GEMV", "0")
+    assert (fg.enabled(), fg.enabled(eager=True)) == (False, False)
+    monkeypatch.setenv("BITFX_FRONT_GEMV", "yes")
+    with pytest.raises(ValueError, match="BITFX_FRONT_GEMV must be 0 or 1"):
+        fg.enabled()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("setting,kernels", [(None, 1), ("0", 2), ("1", 1)])
+@pytest.mark.parametrize("act_bits", [8, 4])
+def test_eager_layer_launches_once_per_decode_row(monkeypatch, setting, kernels, act_bits):
+    """An eager ``BitfxLinear`` on one row: one kernel by default (the host is the limit there),
+    two with ``BITFX_FRONT_GEMV=0``; the output is the ops' (two kernels) bit for bit either way."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bitfx.modules import BitfxLinear
+
+    if setting is None:
+        monkeypatch.delenv("BITFX_FRONT_GEMV", raising=False)
+    else:
+        monkeypatch.setenv("BITFX_FRONT_GEMV", setting)
+    torch.manual_seed(act_bits)
+    layer = BitfxLinear.from_linear(torch.nn.Linear(2560, 640, device="cuda", dtype=torch.bfloat16))
+    layer.act_bits = act_bits
+    x = torch.randn(1, 1, 2560, device="cuda", dtype=torch.bfloat16)
+    bits = () if act_bits == 8 else (act_bits,)
+    with torch.no_grad():
+        q, s = torch.ops.bitfx.act_quant(x, *bits)
+        want = torch.ops.bitfx.ternary_matmul(q, s, layer.packed, layer.w_scale, layer.bias, x.dtype, 2560)
+        assert torch.equal(layer(x), want)  # the first call makes the plan
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            got = layer(x)
+            torch.cuda.synchronize()
+    assert torch.equal(got, want)
+    launched = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                and "memset" not in e.name.lower() and "memcpy" not in e.name.lower()]
+    assert len(launched) == kernels, [e.name for e in launched]
