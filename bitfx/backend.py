@@ -47,7 +47,9 @@ and Inductor restarts the trace with them constant, so a compile may run the pas
 Who launches the kernels of a graph on CUDA (``BitfxConfig.launch``): the custom
 ops (the default), or Inductor's own generated code (``"inductor"``; ``"auto"``: outside CUDA
 graphs only), through the ``triton_op`` forms of the ops (:mod:`bitfx.ops.inductor`), so that a
-default-mode call pays Inductor's host cost per kernel, not a custom op's. With the custom ops,
+default-mode call pays Inductor's host cost per kernel, not a custom op's; the backend then turns
+on Inductor's static launch of user-defined Triton kernels (``static_launch_user_defined_triton_kernels``,
+unless the options set it), which Inductor's own kernels have by default. With the custom ops,
 each site's front and matmul become one ``ternary_linear`` call (:mod:`bitfx.passes.fronts`):
 one op call per site instead of two (with ``BITFX_FRONT_GEMV=1``, one kernel for a decode row).
 
@@ -156,6 +158,23 @@ def _inductor_launches(config: BitfxConfig, inputs: list, inductor_patches: dict
     return not inductor_patches.get("triton.cudagraphs", inductor_config.triton.cudagraphs)
 
 
+# Inductor's setting that lets its static launcher (a C++ launch with no Python per argument)
+# launch user-defined Triton kernels too; off by default, where Inductor's own kernels get it.
+_STATIC_USER_LAUNCH = "static_launch_user_defined_triton_kernels"
+
+
+def _static_launch(inductor_patches: dict[str, Any]) -> dict[str, Any]:
+    """``inductor_patches`` with Inductor's static launcher turned on for the bitfx kernels its
+    code launches (where this torch has the setting, and the caller did not set it): without
+    it, each goes through Triton's Python launcher, several times the host cost of Inductor's
+    own kernels, and a default-mode decode step waits on the host."""
+    from torch._inductor import config as inductor_config
+
+    if _STATIC_USER_LAUNCH in inductor_patches or not hasattr(inductor_config, _STATIC_USER_LAUNCH):
+        return inductor_patches
+    return {**inductor_patches, _STATIC_USER_LAUNCH: True}
+
+
 def bitfx_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = None,
                   options: Optional[dict[str, Any]] = None):
     """Rewrite RMSNorm -> Linear sites to ``torch.ops.bitfx`` ops, then compile with Inductor."""
@@ -189,6 +208,7 @@ def bitfx_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[st
         from bitfx.ops.inductor import retarget
 
         log.info("bitfx: %d op calls launched by Inductor's code", retarget(gm))
+        inductor_patches = _static_launch(inductor_patches)
     # bitfx's sources join the compile caches' keys (the backward formulas are Python: bitfx/cache_key.py)
     compiled = compile_fx(gm, inputs, config_patches=keyed(inductor_patches))
     if packs is None:

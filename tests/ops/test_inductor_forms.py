@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from bitfx import BitfxConfig
-from bitfx.backend import _inductor_launches
+from bitfx.backend import _inductor_launches, _static_launch
 from bitfx.kernels import norm_quant as nq, ternary_matmul as tm
 from bitfx.ops import inductor
 from tests.helpers import assert_close_up_to_code_flips, seeded_randn
@@ -184,6 +184,20 @@ def test_the_backend_launches_through_inductor_on_cuda_outside_cuda_graphs():
 
     with inductor_config.patch({"triton.cudagraphs": True}):
         assert not _inductor_launches(auto, cuda, {})
+
+
+def test_inductor_launches_bitfx_kernels_statically_unless_told_otherwise():
+    """Where Inductor launches the kernels, its static launcher takes them (the setting Inductor
+    leaves off for user-defined kernels), unless the caller's options say otherwise."""
+    from torch._inductor import config as inductor_config
+
+    name = "static_launch_user_defined_triton_kernels"
+    if not hasattr(inductor_config, name):
+        assert _static_launch({"a": 1}) == {"a": 1}  # an older torch: nothing to turn on
+        return
+    assert _static_launch({}) == {name: True}
+    assert _static_launch({"max_autotune": True}) == {"max_autotune": True, name: True}
+    assert _static_launch({name: False}) == {name: False}
 
 
 def test_launch_option_is_checked():
