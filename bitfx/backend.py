@@ -73,7 +73,7 @@ from bitfx.config import BitfxConfig, checked_filter_fn, decide_training
 from bitfx.passes.naming import Naming
 from bitfx.passes.plan import check_filter_fn
 from bitfx.passes.rewrite import bitfx_pass
-from bitfx.passes.fronts import fusable_fronts, fuse_fronts
+from bitfx.passes.fronts import fuse_fronts
 from bitfx.passes.prepack import prepack
 
 __all__ = ["BitfxConfig", "bitfx_backend"]
@@ -175,17 +175,6 @@ def _static_launch(inductor_patches: dict[str, Any]) -> dict[str, Any]:
     return {**inductor_patches, _STATIC_USER_LAUNCH: True}
 
 
-def _emulated_casts(inductor_patches: dict[str, Any]) -> dict[str, Any]:
-    """``inductor_patches`` with Inductor's ``emulate_precision_casts`` on (unless the caller set
-    it): the fusable fronts round to fp16/bf16 where the model's norm does, which Inductor by
-    default skips inside a fused kernel, and the codes would then differ from the kernel's."""
-    from torch._inductor import config as inductor_config
-
-    if "emulate_precision_casts" in inductor_patches or not hasattr(inductor_config, "emulate_precision_casts"):
-        return inductor_patches
-    return {**inductor_patches, "emulate_precision_casts": True}
-
-
 def bitfx_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = None,
                   options: Optional[dict[str, Any]] = None):
     """Rewrite RMSNorm -> Linear sites to ``torch.ops.bitfx`` ops, then compile with Inductor."""
@@ -212,11 +201,7 @@ def bitfx_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[st
     packs = None
     if not config.training:
         gm, packs = prepack(gm, inputs, naming)
-    if not config.training and config.front == "inductor":
-        # the fronts in plain torch ops, which Inductor fuses with their neighbours
-        log.info("bitfx: %d fronts left to Inductor", fusable_fronts(gm))
-        inductor_patches = _emulated_casts(inductor_patches)
-    elif not config.training and _on_cuda(inputs):
+    if not config.training and _on_cuda(inputs):
         # CUDA inference: each site's front and matmul as one op (one kernel for decode rows)
         log.info("bitfx: %d ternary linears as one op each", fuse_fronts(gm))
     if _inductor_launches(config, inputs, inductor_patches):

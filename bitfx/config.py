@@ -16,8 +16,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-__all__ = ["BitfxConfig", "QuantizeConfig", "LINEAR_MODES", "BACKWARD_MODES", "LAUNCH_MODES", "HEAD_MODES", "FRONT_MODES",
-           "decide_training",
+__all__ = ["BitfxConfig", "QuantizeConfig", "LINEAR_MODES", "BACKWARD_MODES", "LAUNCH_MODES", "HEAD_MODES", "decide_training",
            "filter_result", "checked_filter_fn"]
 
 # What ``BitfxConfig.linears`` may say: every linear of the model (as BitNet b1.58), only those an
@@ -29,9 +28,6 @@ BACKWARD_MODES = ("exact", "fp8")
 HEAD_MODES = ("dense", "int8")
 # What ``BitfxConfig.launch`` may say: who launches the inference kernels of a compiled CUDA graph.
 LAUNCH_MODES = ("op", "inductor", "auto")
-# What ``BitfxConfig.front`` may say: who computes a linear's norm and activation quantization in
-# the backend's inference graphs: bitfx's own kernel, or Inductor with the ops around it.
-FRONT_MODES = ("kernel", "inductor")
 
 
 @dataclass
@@ -88,16 +84,6 @@ class BitfxConfig:
         tests pass and a site's host time is bf16 Inductor's, 142 against 143 µs, where custom
         ops take 366 µs; the whole 2B4T decode step in default mode reaches 0.71x bf16 with it.
         The default follows once the CUDA suite has run with it as the default; BENCHMARKS.md.)
-    front: the backend's inference graphs only. Who computes each linear's front (the RMSNorm
-        and the per-token int8 quantization, or the quantization alone). ``"kernel"`` (the
-        default): bitfx's ``norm_quant`` kernel, one launch per site (on CUDA in one op with the
-        matmul). ``"inductor"``: the same numbers written in plain torch ops
-        (``bitfx::norm_quant_fusable``, ``act_quant_fusable``), which Inductor compiles into the
-        kernels around them: a decode step's residual add and norm, the SiLU·mul before a down
-        projection, then no kernel of its own. The quantizer is exact either way; the norm's
-        sum of squares is added in Inductor's order; Inductor keeps the model's casts to
-        fp16/bf16 (``emulate_precision_casts``, turned on for such graphs unless the options say
-        otherwise), as the kernel and eager PyTorch do.
     """
 
     linears: str = "all"
@@ -110,7 +96,6 @@ class BitfxConfig:
     training: Optional[bool] = None
     backward: str = "exact"
     launch: str = "op"
-    front: str = "kernel"
 
     def __post_init__(self):
         # Every field is type-checked: a string where a bool belongs ("no" is truthy) or a float
@@ -138,8 +123,6 @@ class BitfxConfig:
             )
         if not isinstance(self.launch, str) or self.launch not in LAUNCH_MODES:
             raise ValueError(f"BitfxConfig: launch must be one of {LAUNCH_MODES}, got {_short(self.launch)}")
-        if not isinstance(self.front, str) or self.front not in FRONT_MODES:
-            raise ValueError(f"BitfxConfig: front must be one of {FRONT_MODES}, got {_short(self.front)}")
         if not isinstance(self.act_bits, int) or isinstance(self.act_bits, bool) or self.act_bits not in (4, 6, 8):
             raise ValueError(f"BitfxConfig: act_bits must be 8, 6 or 4 (an int), got {_short(self.act_bits)}")
 

@@ -6,10 +6,6 @@ nothing else, :func:`fuse_fronts` makes each matmul a ``ternary_linear`` of the 
 on CUDA a call is then one op call where it was two (the host cost of a custom op, in default
 mode), running the same two kernels; with ``BITFX_FRONT_GEMV=1`` a decode-sized call is one
 kernel (:mod:`bitfx.kernels.front_gemv`).
-
-With ``BitfxConfig(front="inductor")``, :func:`fusable_fronts` instead makes each front the
-plain-torch form of the same op (``norm_quant_fusable``, ``act_quant_fusable``), which Inductor
-compiles together with the ops around it.
 """
 
 from __future__ import annotations
@@ -21,7 +17,7 @@ from torch import fx
 
 import bitfx.ops  # noqa: F401  (registers torch.ops.bitfx.*)
 
-__all__ = ["fuse_fronts", "fusable_fronts"]
+__all__ = ["fuse_fronts"]
 
 _ops = torch.ops.bitfx
 _NORM_ARGS = ("x", "weight", "eps", "offset", "cast_before_weight", "norm_dtype", "bits")
@@ -106,26 +102,3 @@ def fuse_fronts(gm: fx.GraphModule) -> int:
             graph.lint()
             module.recompile()
     return fused
-
-
-_FUSABLE = {_ops.norm_quant.default: _ops.norm_quant_fusable.default,
-            _ops.act_quant.default: _ops.act_quant_fusable.default}
-
-
-def fusable_fronts(gm: fx.GraphModule) -> int:
-    """Each ``norm_quant`` / ``act_quant`` call in ``gm`` and the graphs it holds as its
-    plain-torch form (the same arguments, the same numbers; Inductor fuses it with its
-    neighbours); returns how many."""
-    swapped = 0
-    for module in gm.modules():
-        if not isinstance(module, fx.GraphModule):
-            continue
-        changed = False
-        for node in module.graph.nodes:
-            if node.op == "call_function" and node.target in _FUSABLE:
-                node.target = _FUSABLE[node.target]
-                swapped += 1
-                changed = True
-        if changed:
-            module.recompile()
-    return swapped

@@ -3,9 +3,8 @@
 * :mod:`bitfx.ops.library`: the catalogue of schemas (:data:`~bitfx.ops.library.SCHEMAS`),
   the one registration helper and the input checks;
 * :mod:`bitfx.ops.inference`: ``norm_quant``, ``act_quant``, ``weight_quant``,
-  ``ternary_matmul``, ``ternary_linear`` (the two in one), ``dequantize``, the one CUDA
-  front (norm or activation quantization), and ``norm_quant_fusable`` / ``act_quant_fusable``,
-  the fronts in plain torch ops for Inductor to fuse;
+  ``ternary_matmul``, ``ternary_linear`` (the two in one), ``dequantize``, and the one CUDA
+  front (norm or activation quantization);
 * :mod:`bitfx.ops.training`: ``weight_quant_stacked``, ``bitlinear_stacked`` (what the backend
   emits in training), ``ternary_linear_group`` (frozen packed weights in grad mode), and
   :func:`bitlinear`, the differentiable BitLinear layer as a function;
@@ -26,8 +25,6 @@ from bitfx.ops.training import bitlinear
 
 norm_quant = torch.ops.bitfx.norm_quant
 act_quant = torch.ops.bitfx.act_quant
-norm_quant_fusable = torch.ops.bitfx.norm_quant_fusable
-act_quant_fusable = torch.ops.bitfx.act_quant_fusable
 weight_quant = torch.ops.bitfx.weight_quant
 ternary_matmul = torch.ops.bitfx.ternary_matmul
 ternary_linear = torch.ops.bitfx.ternary_linear

@@ -105,52 +105,6 @@ def _(y, bits=8):
     return y.new_empty(y.shape, dtype=torch.int8), y.new_empty(y.shape[:-1], dtype=torch.float32)
 
 
-# ---------------------------------------------------------------- the fusable fronts
-#
-# norm_quant and act_quant written in plain torch ops (CompositeImplicitAutograd): AOTAutograd
-# decomposes them, and Inductor compiles them into the kernels around them (a decode step's
-# residual add and norm, the SiLU·mul before a down projection) instead of a kernel of their own.
-# The numbers are the kernels': every division and square root goes through fp64, where they are
-# correctly rounded on every backend (Triton's fp32 division and rsqrt are approximate), and the
-# one rounding back to fp32 is innocuous (53 >= 2 * 24 + 2 bits), so each step is the correctly
-# rounded fp32 result that the kernel's div_rn and sqrt_rn give; no product is followed by an add
-# that could fuse with it. The quantizer given its fp32 input is exact; the norm differs only by
-# the summation order of its sum of squares.
-
-
-def _exact_quant(y: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """``ref.act_quant`` with its reciprocal correctly rounded in any compiler's code."""
-    qmax = ref.act_qmax(bits)
-    yf = y.float()
-    finite = torch.isfinite(yf).all(dim=-1)
-    amax = yf.abs().amax(dim=-1) if yf.shape[-1] > 0 else yf.new_zeros(yf.shape[:-1])
-    scale = (1.0 / amax.clamp(min=ref.SCALE_FLOOR).double()).float() * float(qmax)
-    q = torch.round(yf * scale.unsqueeze(-1)).clamp(-qmax - 1, qmax)
-    q = torch.where(finite.unsqueeze(-1), q, 0.0).to(torch.int8)
-    return q, torch.where(finite, scale, float("nan"))
-
-
-@register("act_quant_fusable", "composite")
-def _(y, bits=8):
-    check_norm_args("act_quant", y, None, torch.float32)
-    return _exact_quant(y, bits)
-
-
-@register("norm_quant_fusable", "composite")
-def _(x, weight, eps, offset, cast_before_weight, norm_dtype, bits=8):
-    check_norm_args("norm_quant", x, weight, norm_dtype)
-    xf = x.float()
-    mean = ((xf * xf).sum(dim=-1, keepdim=True).double() / x.shape[-1]).float()
-    root = torch.sqrt((mean + eps).double()).float()  # mean + eps in fp32, as the kernel adds them
-    r = xf * (1.0 / root.double()).float()
-    if cast_before_weight:
-        r = r.to(x.dtype).float()
-    if weight is not None:
-        g = weight.float()
-        r = r * (1.0 + g if offset else g)
-    return _exact_quant(r.to(norm_dtype), bits)
-
-
 # ---------------------------------------------------------------- weight_quant
 
 

@@ -37,12 +37,6 @@ SCHEMAS = {
                   "ScalarType norm_dtype, SymInt bits=8) -> (Tensor, Tensor)",
     # per-token quantization alone: y[..., K] -> (q, x_scale)
     "act_quant": "(Tensor y, SymInt bits=8) -> (Tensor, Tensor)",
-    # norm_quant and act_quant in plain torch ops (the same numbers: the quantizer exact, the norm
-    # rounded step by step as the kernel does), which AOTAutograd decomposes and Inductor fuses
-    # with their neighbours (BitfxConfig(front="inductor"))
-    "norm_quant_fusable": "(Tensor x, Tensor? weight, float eps, bool offset, bool cast_before_weight, "
-                          "ScalarType norm_dtype, SymInt bits=8) -> (Tensor, Tensor)",
-    "act_quant_fusable": "(Tensor y, SymInt bits=8) -> (Tensor, Tensor)",
     # absmean ternary + 2-bit packing: w[N, K] -> (packed u8[N, Kq], w_scale f32[N])
     "weight_quant": "(Tensor w, bool per_channel) -> (Tensor, Tensor)",
     # q @ t^T exact in int32, then / x_scale / w_scale + bias: -> out[..., N]

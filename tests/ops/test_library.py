@@ -84,8 +84,6 @@ def _op_cases(device, M=5, K=40, N=24, dtype=torch.bfloat16):
         "norm_quant_gemma": ("norm_quant", (x, g, 1e-6, True, False, dtype)),
         "norm_quant_noweight": ("norm_quant", (x, None, 1e-5, False, True, torch.float32)),
         "act_quant": ("act_quant", (x,)),
-        "norm_quant_fusable": ("norm_quant_fusable", (x, g, 1e-6, True, False, torch.float32)),
-        "act_quant_fusable": ("act_quant_fusable", (x, 4)),
         "weight_quant": ("weight_quant", (W, False)),
         "weight_quant_per_channel": ("weight_quant", (W, True)),
         "ternary_matmul": ("ternary_matmul", (q, s, packed, sw, b, dtype, K)),
