@@ -43,3 +43,11 @@ def assert_close_up_to_code_flips(got, want, max_fraction=0.01, rtol=1e-5):
     off = ~torch.isclose(got, want, rtol=rtol, atol=rtol * scale)
     assert off.float().mean().item() <= max_fraction, f"{off.sum().item()} of {off.numel()} outputs differ"
     torch.testing.assert_close(got, want, rtol=0, atol=0.03 * scale)
+
+
+def ops_forward(layer, x: torch.Tensor) -> torch.Tensor:
+    """A ``BitfxLinear``'s output through ``torch.ops.bitfx`` (the dispatcher path: ``act_quant``
+    then ``ternary_matmul``), against which its eager direct launches are compared."""
+    bits = () if layer.act_bits == 8 else (layer.act_bits,)
+    q, s = torch.ops.bitfx.act_quant(x, *bits)
+    return torch.ops.bitfx.ternary_matmul(q, s, layer.packed, layer.w_scale, layer.bias, x.dtype, layer.in_features)

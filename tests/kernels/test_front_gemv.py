@@ -23,7 +23,7 @@ from bitfx import reference as ref
 from bitfx.kernels import front_gemv as fg
 from bitfx.kernels import norm_quant as nq
 from bitfx.kernels import ternary_matmul as tm
-from tests.helpers import KERNEL_DEVICE, assert_close_up_to_code_flips
+from tests.helpers import KERNEL_DEVICE, assert_close_up_to_code_flips, ops_forward
 
 DEV = KERNEL_DEVICE
 CUDA = DEV.type == "cuda"
@@ -179,10 +179,8 @@ def test_eager_layer_launches_once_per_decode_row(monkeypatch, setting, kernels,
     layer = BitfxLinear.from_linear(torch.nn.Linear(2560, 640, device="cuda", dtype=torch.bfloat16))
     layer.act_bits = act_bits
     x = torch.randn(1, 1, 2560, device="cuda", dtype=torch.bfloat16)
-    bits = () if act_bits == 8 else (act_bits,)
     with torch.no_grad():
-        q, s = torch.ops.bitfx.act_quant(x, *bits)
-        want = torch.ops.bitfx.ternary_matmul(q, s, layer.packed, layer.w_scale, layer.bias, x.dtype, 2560)
+        want = ops_forward(layer, x)
         assert torch.equal(layer(x), want)  # the first call makes the plan
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -14,6 +14,7 @@ import torch
 from bitfx import reference as ref
 from bitfx.kernels._launch import _arg_key
 from bitfx.modules import BitfxLinear
+from tests.helpers import ops_forward
 
 
 def test_key_separates_triton_specializations():
@@ -32,13 +33,6 @@ def test_key_refuses_unknown_arguments():
         _arg_key("x")
 
 
-def _ops_forward(layer: BitfxLinear, x: torch.Tensor) -> torch.Tensor:
-    """The layer's output through torch.ops.bitfx (the dispatcher path)."""
-    bits = () if layer.act_bits == 8 else (layer.act_bits,)
-    q, s = torch.ops.bitfx.act_quant(x, *bits)
-    return torch.ops.bitfx.ternary_matmul(q, s, layer.packed, layer.w_scale, layer.bias, x.dtype, layer.in_features)
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("M", [1, 3, 40, 300])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -50,10 +44,10 @@ def test_direct_path_matches_the_ops(M, dtype, bias):
     x = torch.randn(M, 200, device="cuda", dtype=dtype)
     with torch.no_grad():
         direct = layer(x)
-    torch.testing.assert_close(direct, _ops_forward(layer, x), rtol=0, atol=0)
+    torch.testing.assert_close(direct, ops_forward(layer, x), rtol=0, atol=0)
     # Leading dims and a non-contiguous last dimension take the same path.
     xt = torch.randn(200, 2, M, device="cuda", dtype=dtype).permute(1, 2, 0)
-    torch.testing.assert_close(layer(xt), _ops_forward(layer, xt.contiguous()), rtol=0, atol=0)
+    torch.testing.assert_close(layer(xt), ops_forward(layer, xt.contiguous()), rtol=0, atol=0)
 
 
 @pytest.mark.cuda
@@ -62,7 +56,7 @@ def test_direct_path_with_four_bit_activations_and_under_fake_mode():
     layer = BitfxLinear.from_linear(linear)
     layer.act_bits = 4
     x = torch.randn(5, 96, device="cuda", dtype=torch.bfloat16)
-    torch.testing.assert_close(layer(x), _ops_forward(layer, x), rtol=0, atol=0)
+    torch.testing.assert_close(layer(x), ops_forward(layer, x), rtol=0, atol=0)
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
@@ -157,7 +151,7 @@ def test_eager_plan_logic(monkeypatch):
     x = torch.randn(2, 3, 64, device=DEVICE)
     qmax = 127
     with torch.no_grad():
-        want = _ops_forward(layer, x)
+        want = ops_forward(layer, x)
         first = modules._launch_direct(layer, x, layer.bias, qmax)
         plans = dict(layer._plans)
         assert len(plans) == 1
