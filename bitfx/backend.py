@@ -45,8 +45,8 @@ attributes (a norm's ``eps``) as symbolic inputs; the pass specializes the ones 
 and Inductor restarts the trace with them constant, so a compile may run the pass twice.
 
 Who launches the kernels of a graph on CUDA (``BitfxConfig.launch``): the custom
-ops (the default), or Inductor's own generated code (``"inductor"``; ``"auto"``: outside CUDA
-graphs only), through the ``triton_op`` forms of the ops (:mod:`bitfx.ops.inductor`), so that a
+ops (``"op"``), or Inductor's own generated code (``"inductor"``; ``"auto"``, the default:
+outside CUDA graphs only), through the ``triton_op`` forms of the ops (:mod:`bitfx.ops.inductor`), so that a
 default-mode call pays Inductor's host cost per kernel, not a custom op's; the backend then turns
 on Inductor's static launch of user-defined Triton kernels (``static_launch_user_defined_triton_kernels``,
 unless the options set it), which Inductor's own kernels have by default. With the custom ops,

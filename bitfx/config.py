@@ -73,17 +73,15 @@ class BitfxConfig:
         exact input gradient.
     launch: the backend's graphs on CUDA only: who launches the kernels (of the inference ops,
         and of the training op ``bitlinear_stacked``'s forward).
-        ``"op"`` (the default): each call goes through the ``bitfx::`` custom op, whose kernels
-        use programmatic dependent launch (the matmul starts streaming its weights while the
-        norm before it runs). ``"inductor"``: Inductor's generated code launches the Triton
-        kernels itself (``torch.library.triton_op`` forms of the ops, :mod:`bitfx.ops.inductor`),
-        with the host cost of its own kernels instead of a custom op's, for default-mode
-        compiles, where host time is what a decode step waits on. ``"auto"``: ``"op"`` under
-        CUDA graphs (``mode="reduce-overhead"``, ``"max-autotune"``, or Inductor's
-        ``triton.cudagraphs``), ``"inductor"`` otherwise. (Opt-in for now: on the H200 its
-        tests pass and a site's host time is bf16 Inductor's, 142 against 143 µs, where custom
-        ops take 366 µs; the whole 2B4T decode step in default mode reaches 0.71x bf16 with it.
-        The default follows once the CUDA suite has run with it as the default; BENCHMARKS.md.)
+        ``"op"``: each call goes through the ``bitfx::`` custom op, whose kernels use
+        programmatic dependent launch (the matmul starts streaming its weights while the norm
+        before it runs). ``"inductor"``: Inductor's generated code launches the Triton kernels
+        itself (``torch.library.triton_op`` forms of the ops, :mod:`bitfx.ops.inductor`), through
+        Inductor's static launcher, with the host cost of its own kernels instead of a custom
+        op's: what a default-mode step waits on. ``"auto"`` (the default): ``"op"`` under CUDA
+        graphs (``mode="reduce-overhead"``, ``"max-autotune"``, or Inductor's
+        ``triton.cudagraphs``), where the host cost is paid once at capture and the custom ops'
+        programmatic dependent launch saves GPU time, ``"inductor"`` otherwise.
     """
 
     linears: str = "all"
@@ -95,7 +93,7 @@ class BitfxConfig:
     act_bits: int = 8
     training: Optional[bool] = None
     backward: str = "exact"
-    launch: str = "op"
+    launch: str = "auto"
 
     def __post_init__(self):
         # Every field is type-checked: a string where a bool belongs ("no" is truthy) or a float

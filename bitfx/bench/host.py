@@ -7,7 +7,8 @@ host, not the GPU, sets the pace) and prints microseconds per call: the ops thro
 ``torch.ops.bitfx`` (the dispatcher), their Triton launchers called directly, and ``F.linear``
 for scale; then one RMSNorm -> Linear site compiled in default mode (no CUDA graphs): bf16
 under Inductor, and the ``bitfx`` backend with the kernels launched by Inductor's code
-(``launch="inductor"``) and by the custom ops (``launch="op"``, the default).
+(``launch="inductor"``, what the default ``"auto"`` does outside CUDA graphs) and by the custom ops
+(``launch="op"``).
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from bitfx.bench import report
-from bitfx.config import LAUNCH_MODES
+from bitfx.config import LAUNCH_MODES, BitfxConfig
 from bitfx.bench.decode import (CACHE_LEN, PROMPT_LEN, Decode, forget_generate_state, measure_eager_generate,
                                 measure_generate,
                                 profile_decode, time_decode)
@@ -142,14 +142,14 @@ def _free(cuda: bool) -> None:
         torch.cuda.empty_cache()
 
 
-def _compile(model: torch.nn.Module, method: str, mode: Optional[str], launch: str = "op", head: str = "dense",
+def _compile(model: torch.nn.Module, method: str, mode: Optional[str], launch: str = "auto", head: str = "dense",
              extra: Optional[dict] = None):
     """``model`` compiled for ``method``: bf16 Inductor, or the bitfx backend with ``launch``,
     ``head`` and the ``extra`` options (``--option``: the backend's or Inductor's)."""
     if method == BASELINE:
         return torch.compile(model, mode=mode)
     options = dict(extra or {})
-    if launch != "op":
+    if launch != BitfxConfig().launch:
         options["launch"] = launch
     if head != "dense":
         options["head"] = head
@@ -202,7 +202,7 @@ def _in_time(args, row: dict, stage: str) -> bool:
 
 
 def _decode_stage(row: dict, stage: str, model: torch.nn.Module, method: str, dec: Decode, *, cuda: bool,
-                  graphs: bool, reps: int, launch: str = "op", head: str = "dense", extra: Optional[dict] = None) -> tuple[Optional[dict], Optional[Callable]]:
+                  graphs: bool, reps: int, launch: str = "auto", head: str = "dense", extra: Optional[dict] = None) -> tuple[Optional[dict], Optional[Callable]]:
     """Compile ``model`` for ``method`` (``mode="reduce-overhead"`` with ``graphs``, else the
     default mode) and time its decode step: the timing and the compiled model, or ``(None,
     None)`` after an error (recorded in ``row`` under ``stage``)."""
@@ -490,8 +490,9 @@ def parse_args(argv):
                    help="seconds into the run after which no new stage starts (0: none; default 540)")
     p.add_argument("--no-sites", action="store_true",
                    help="leave out the site table (norm + ternary matmul per shape, as python -m bitfx.bench sites)")
-    p.add_argument("--launch", default="op", choices=list(LAUNCH_MODES),
-                   help="who launches bitfx's kernels in the compiled decode steps (BitfxConfig.launch; default op)")
+    p.add_argument("--launch", default=BitfxConfig().launch, choices=list(LAUNCH_MODES),
+                   help="who launches bitfx's kernels in the compiled decode steps (BitfxConfig.launch; "
+                        f"default {BitfxConfig().launch})")
     p.add_argument("--head", default="dense", choices=["dense", "int8"],
                    help="BitfxConfig.head for the bitfx methods: the output head dense (default) or int8 per row")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",

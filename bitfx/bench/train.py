@@ -42,7 +42,7 @@ from bitfx.bench import report
 from bitfx.bench.model_shapes import make_config
 from bitfx.bench.profiling import profile, top_kernels
 from bitfx.bench.timing import sync, timed
-from bitfx.config import LAUNCH_MODES
+from bitfx.config import LAUNCH_MODES, BitfxConfig
 
 BATCH = {"llama-1b": (4, 2048), "llama-350m": (8, 2048)}  # (sequences per step, tokens per sequence)
 TINY_BATCH = (2, 32)
@@ -54,7 +54,7 @@ def batch_of(name: str, quick: bool, batch: Optional[int]) -> tuple[int, int]:
     return batch or b, s
 
 
-def _compile(model: torch.nn.Module, method: str, linears: str, launch: str = "op"):
+def _compile(model: torch.nn.Module, method: str, linears: str, launch: str = "auto"):
     if method in ("bitfx", "bitfx-fp8"):
         backward = "fp8" if method == "bitfx-fp8" else "exact"
         return torch.compile(model, backend="bitfx", options={"linears": linears, "backward": backward,
@@ -77,7 +77,7 @@ def measure(name: str, method: str, args, device: str, dtype: torch.dtype, rank:
         fully_shard(model)
     cuda = device.startswith("cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
-    compiled = _compile(model, method, args.linears, getattr(args, "launch", "op"))
+    compiled = _compile(model, method, args.linears, getattr(args, "launch", BitfxConfig().launch))
     batch, seq = batch_of(name, args.quick, args.batch)
     g = torch.Generator().manual_seed(1 + rank)
     ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device)
@@ -170,8 +170,9 @@ def main(argv=None) -> int:
     p.add_argument("--models", default="llama-350m,llama-1b")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--linears", default="all", help="BitfxConfig.linears for the bitfx method")
-    p.add_argument("--launch", default="op", choices=list(LAUNCH_MODES),
-                   help="BitfxConfig.launch for the bitfx methods: who launches the training op's kernels (default op)")
+    p.add_argument("--launch", default=BitfxConfig().launch, choices=list(LAUNCH_MODES),
+                   help="BitfxConfig.launch for the bitfx methods: who launches the training op's kernels "
+                        f"(default {BitfxConfig().launch})")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=None, help="sequences per step (per GPU with --fsdp)")
     p.add_argument("--quick", action="store_true", help="tiny shapes")

@@ -167,7 +167,7 @@ def test_bench_dispatches_models(monkeypatch):
 def test_launch_option_reaches_the_backend(monkeypatch):
     """``--launch`` picks who launches bitfx's kernels in the compiled steps (BitfxConfig.launch);
     the baseline's compile is untouched; an unknown value is refused."""
-    assert bm.parse_args(["--quick"]).launch == "op"
+    assert bm.parse_args(["--quick"]).launch == "auto"  # BitfxConfig's default
     assert bm.parse_args(["--quick", "--launch", "inductor"]).launch == "inductor"
     with pytest.raises(SystemExit):
         bm.parse_args(["--quick", "--launch", "triton"])
@@ -183,9 +183,13 @@ def test_launch_option_reaches_the_backend(monkeypatch):
     bm._compile(None, "bitfx", "reduce-overhead", "auto")
     bm._compile(None, "bitfx", "reduce-overhead", "op")
     bm._compile(None, bm.BASELINE, "reduce-overhead", "auto")
-    assert calls == [dict(backend="bitfx", options={"launch": "auto"}),
-                     dict(backend="bitfx", options={"launch": "auto", "triton.cudagraphs": True}),
-                     dict(backend="bitfx", mode="reduce-overhead"), dict(mode="reduce-overhead")]
+    bm._compile(None, "bitfx", None, "inductor")
+    # the default launch passes nothing; another one joins the options, with the mode's settings
+    assert calls == [dict(backend="bitfx", mode=None),
+                     dict(backend="bitfx", mode="reduce-overhead"),
+                     dict(backend="bitfx", options={"launch": "op", "triton.cudagraphs": True}),
+                     dict(mode="reduce-overhead"),
+                     dict(backend="bitfx", options={"launch": "inductor"})]
 
 
 def test_head_and_extra_options_reach_the_backend(monkeypatch):
@@ -199,8 +203,8 @@ def test_head_and_extra_options_reach_the_backend(monkeypatch):
         bm.parse_args(["--quick", "--option", "novalue"])
     calls = []
     monkeypatch.setattr(bm.torch, "compile", lambda model, **kw: calls.append(kw))
-    bm._compile(None, "bitfx", None, "op", "int8", {"k": 3})
-    bm._compile(None, "bitfx", "reduce-overhead", "op", "dense", {"k": 3})
+    bm._compile(None, "bitfx", None, "auto", "int8", {"k": 3})
+    bm._compile(None, "bitfx", "reduce-overhead", "auto", "dense", {"k": 3})
     bm._compile(None, bm.BASELINE, None, "auto", "int8", {"k": 3})
     assert calls == [dict(backend="bitfx", options={"head": "int8", "k": 3}),
                      dict(backend="bitfx", options={"k": 3, "triton.cudagraphs": True}),

@@ -172,8 +172,8 @@ def _fake_cuda(shape=(2,)):
 
 def test_the_backend_launches_through_inductor_on_cuda_outside_cuda_graphs():
     cuda, cpu = [_fake_cuda()], [torch.ones(2)]
-    assert BitfxConfig().launch == "op"  # the default: the custom ops
-    auto, by_inductor, by_op = BitfxConfig(launch="auto"), BitfxConfig(launch="inductor"), BitfxConfig()
+    assert BitfxConfig().launch == "auto"  # the default: Inductor launches outside CUDA graphs
+    auto, by_inductor, by_op = BitfxConfig(), BitfxConfig(launch="inductor"), BitfxConfig(launch="op")
     assert _inductor_launches(auto, cuda, {})
     assert not _inductor_launches(auto, cuda, {"triton.cudagraphs": True})  # reduce-overhead, max-autotune
     assert _inductor_launches(by_inductor, cuda, {"triton.cudagraphs": True})
