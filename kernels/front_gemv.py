@@ -53,6 +53,16 @@ _NUM_WARPS = 8
 _ROW_CHUNK = 4096
 # Weight words held per program and step: BLOCK_N x BLOCK_W (16 per thread).
 _TILE_WORDS = 4096
+# Registers a thread may take (Triton's ``maxnreg``; direct CUDA launches: Inductor's launches of
+# the traced form take warps and stages only). The programs are about one per SM, so occupancy
+# gains little from fewer. Left to itself, the ptxas of Triton 3.6 holds an 8-warp program to 64
+# registers and spills at K=2048, N=3072 (8 stack bytes, sm_90); with this bound it takes 115-120
+# and spills nowhere (Triton 3.9: 72-74 without it, 115-120 with it, no spills either way).
+# Timed on an H100 (Triton 3.6, M=1, bf16; BENCHMARKS.md), in us without / with the bound:
+# 17.9 / 9.5 (2048 x 3072), 11.9 / 10.8, 29.3 / 16.5 (2560 x 13824), 16.4 / 16.9, 15.2 / 29.3
+# (4096 x 6144, the one tile of 64 rows), 41.1 / 44.0, 28.9 / 28.4: 8% less time over the seven
+# shapes (geometric mean), one of them slower.
+_MAX_REGS = 128
 
 
 def enabled(eager: bool = False) -> bool:
@@ -212,8 +222,9 @@ def front_gemv(x, weight, eps, offset, cast_before_weight, norm_dtype, normalize
                       HAS_BIAS=bias is not None, STREAM_HINT=True, PDL=pdl, PREFETCH=pdl,
                       RN_MUL=device.type == "cuda" and torch.version.hip is None and not interpreting(),
                       BYTE_PTRS=traced)
+    regs = {"maxnreg": _MAX_REGS} if constexprs["USE_ASM"] and _MAX_REGS else {}  # CUDA (not HIP, not the interpreter)
     launch = _FRONT.launch((cdiv(N, cfg["BLOCK_N"]), M), args, constexprs, traced=traced, bind=bind,
-                           num_warps=_NUM_WARPS, num_stages=1, launch_pdl=pdl)
+                           num_warps=_NUM_WARPS, num_stages=1, launch_pdl=pdl, **regs)
     if not bind:
         return out, s_x
     empty, sizes = torch.empty, args[7:]

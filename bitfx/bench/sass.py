@@ -119,7 +119,7 @@ def site_kernels(K: int, N: int, sms: int, dtype=torch.bfloat16) -> list:
                 dict(norm, BLOCK_K=min(fg._ROW_CHUNK, fg.next_pow2(max(K, 256))), BLOCK_N=fcfg["BLOCK_N"],
                      BLOCK_W=fcfg["BLOCK_W"], EVEN_W=fcfg["EVEN_W"], USE_ASM=True, HAS_BIAS=False, STREAM_HINT=True,
                      PDL=True, PREFETCH=True, RN_MUL=True, BYTE_PTRS=False),
-                fg._NUM_WARPS, {}))
+                fg._NUM_WARPS, dict(maxnreg=fg._MAX_REGS)))
     return out
 
 
