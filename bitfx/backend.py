@@ -46,7 +46,7 @@ and Inductor restarts the trace with them constant, so a compile may run the pas
 
 Who launches the kernels of a graph on CUDA (``BitfxConfig.launch``): the custom
 ops (``"op"``), or Inductor's own generated code (``"inductor"``; ``"auto"``, the default:
-outside CUDA graphs only), through the ``triton_op`` forms of the ops (:mod:`bitfx.ops.inductor`), so that a
+inference graphs outside CUDA graphs), through the ``triton_op`` forms of the ops (:mod:`bitfx.ops.inductor`), so that a
 default-mode call pays Inductor's host cost per kernel, not a custom op's; the backend then turns
 on Inductor's static launch of user-defined Triton kernels (``static_launch_user_defined_triton_kernels``,
 unless the options set it), which Inductor's own kernels have by default. With the custom ops,
@@ -147,12 +147,14 @@ def _inductor_launches(config: BitfxConfig, inputs: list, inductor_patches: dict
     """Whether the bitfx ops of a graph with these inputs (the inference ops, and the training op
     ``bitlinear_stacked``) become Triton kernels launched by
     Inductor's code (``BitfxConfig.launch``): on CUDA only, with ``"inductor"``, and with
-    ``"auto"`` outside CUDA graphs (the mode's options, the call's own, or Inductor's global
-    setting)."""
+    ``"auto"`` for inference graphs outside CUDA graphs (the mode's options, the call's own, or
+    Inductor's global setting). ``config.training`` is decided already."""
     if config.launch == "op" or not _on_cuda(inputs):
         return False
     if config.launch == "inductor":
         return True
+    if config.training:  # "auto": a training step keeps the custom ops (the training figures' path)
+        return False
     from torch._inductor import config as inductor_config
 
     return not inductor_patches.get("triton.cudagraphs", inductor_config.triton.cudagraphs)

@@ -78,10 +78,11 @@ class BitfxConfig:
         before it runs). ``"inductor"``: Inductor's generated code launches the Triton kernels
         itself (``torch.library.triton_op`` forms of the ops, :mod:`bitfx.ops.inductor`), through
         Inductor's static launcher, with the host cost of its own kernels instead of a custom
-        op's: what a default-mode step waits on. ``"auto"`` (the default): ``"op"`` under CUDA
-        graphs (``mode="reduce-overhead"``, ``"max-autotune"``, or Inductor's
-        ``triton.cudagraphs``), where the host cost is paid once at capture and the custom ops'
-        programmatic dependent launch saves GPU time, ``"inductor"`` otherwise.
+        op's: what a default-mode step waits on, at the price of a longer first compile.
+        ``"auto"`` (the default): ``"inductor"`` for inference graphs outside CUDA graphs;
+        ``"op"`` under CUDA graphs (``mode="reduce-overhead"``, ``"max-autotune"``, or
+        Inductor's ``triton.cudagraphs``), where the host cost is paid once at capture and the
+        custom ops' programmatic dependent launch saves GPU time, and for training graphs.
     """
 
     linears: str = "all"

@@ -184,6 +184,10 @@ def test_the_backend_launches_through_inductor_on_cuda_outside_cuda_graphs():
 
     with inductor_config.patch({"triton.cudagraphs": True}):
         assert not _inductor_launches(auto, cuda, {})
+    # a training graph: the custom ops unless told "inductor"
+    assert not _inductor_launches(BitfxConfig(training=True), cuda, {})
+    assert _inductor_launches(BitfxConfig(training=False), cuda, {})
+    assert _inductor_launches(BitfxConfig(training=True, launch="inductor"), cuda, {})
 
 
 def test_inductor_launches_bitfx_kernels_statically_unless_told_otherwise():
