@@ -15,6 +15,8 @@ SUBCOMMANDS = {
     "models": "whole transformers models: decode step, kernels, generate(); and the site table",
     "shapes": "random (M, K, N) site shapes against bf16 under Inductor",
     "host": "host time per op outside CUDA graphs",
+    "launch": "a default-mode decode step per launch choice against bf16, interleaved in one process",
+    "front": "the one-kernel decode linear with and without its register bound",
     "train": "a whole-model training step (350M, 1B shapes) against bf16 Inductor (--fsdp under torchrun)",
     "fp8": "loss curves: the exact straight-through backward against the FP8 one",
     "checkpoint": "peak host memory of bitfx.load at a real model's shape",
