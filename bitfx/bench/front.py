@@ -29,8 +29,7 @@ def main(argv=None) -> int:
     unknown = [m for m in names if m not in SHAPES]
     if unknown:
         p.error(f"unknown model(s) {unknown}; choose from {list(SHAPES)}")
-    if not torch.cuda.is_available():
-        sys.exit("python -m bitfx.bench front needs a CUDA GPU")
+    report.need_cuda("front")
     from triton.testing import do_bench
 
     from bitfx.kernels import front_gemv as fg

@@ -26,8 +26,7 @@ def main(argv=None) -> int:
     p = report.parser("host", __doc__)
     p.add_argument("--calls", type=int, default=2000, help="back-to-back calls timed per op (default 2000)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("python -m bitfx.bench host needs a CUDA GPU")
+    report.need_cuda("host")
     import bitfx  # noqa: F401  (registers the ops)
     from bitfx.kernels import norm_quant as nqk
     from bitfx.kernels import ternary_matmul as tmk

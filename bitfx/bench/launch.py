@@ -71,9 +71,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    cuda = args.device == "cuda"
-    if cuda and not torch.cuda.is_available():
-        sys.exit("python -m bitfx.bench launch needs a CUDA GPU (or --device cpu for a tiny smoke run)")
+    cuda = report.need_cuda("launch", args.device, smoke=True)
     import bitfx  # noqa: F401  (registers the backend and the ops)
     from bitfx.bench.decode import Decode, time_decode
     from bitfx.bench.model_shapes import build_model, make_config

@@ -530,9 +530,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    cuda = args.device == "cuda"
-    if cuda and not torch.cuda.is_available():
-        sys.exit("python -m bitfx.bench models needs a CUDA GPU (or --device cpu for a tiny smoke run)")
+    cuda = report.need_cuda("models", args.device, smoke=True)
     import bitfx  # registers the bitfx ops
 
     versions = {**report.versions("triton", "transformers"), "bitfx": bitfx.__version__}

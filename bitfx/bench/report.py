@@ -41,6 +41,16 @@ def versions(*packages: str) -> dict[str, Optional[str]]:
     return out
 
 
+def need_cuda(sub: str, device: str = "cuda", smoke: bool = False) -> bool:
+    """Whether ``python -m bitfx.bench <sub>`` runs on CUDA (``device == "cuda"``); exits with a
+    message where it asks for CUDA and none is there (``smoke``: the subcommand also has a
+    ``--device cpu`` smoke run, which the message offers)."""
+    cuda = device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        sys.exit(f"python -m bitfx.bench {sub} needs a CUDA GPU" + (" (or --device cpu for a tiny smoke run)" if smoke else ""))
+    return cuda
+
+
 def device_name(cuda: bool = True) -> str:
     return torch.cuda.get_device_name() if cuda else "cpu"
 

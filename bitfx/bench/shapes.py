@@ -383,8 +383,7 @@ def main(argv=None) -> int:
         shapes = parse_shapes(args.shapes) if args.shapes else draw_shapes(n, args.seed)
     except ValueError as e:
         p.error(str(e))
-    if not torch.cuda.is_available():
-        sys.exit("python -m bitfx.bench shapes needs a CUDA GPU")
+    report.need_cuda("shapes")
 
     t0 = time.time()
     # Dynamic shapes give one Inductor graph for M > 1 and one for M = 1; a higher recompile

@@ -268,8 +268,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench_out")
     p.add_argument("--quick", action="store_true", help="fewer sweep points (for a smoke run)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("python -m bitfx.bench sites needs a CUDA GPU")
+    report.need_cuda("sites")
     dev = report.device_name()
     header = report.header(dev, {"torch": torch.__version__, "triton": report.version("triton")},
                            report.command("sites", argv))

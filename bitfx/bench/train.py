@@ -185,8 +185,7 @@ def main(argv=None) -> int:
     rank, world = 0, 1
     if args.device == "cpu":
         args.quick, args.steps = True, min(args.steps, 2)
-    elif not torch.cuda.is_available():
-        sys.exit("python -m bitfx.bench train needs a CUDA GPU (or --device cpu for a tiny smoke run)")
+    report.need_cuda("train", args.device, smoke=True)
     if args.fsdp:
         import torch.distributed as dist
 

@@ -147,8 +147,7 @@ def main(argv=None) -> int:
     p.add_argument("--norm", default="", help="comma-separated MxK for norm_quant warp sweeps")
     p.add_argument("--site", action="store_true", help="time norm_quant + matmul, not the matmul alone")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("python -m bitfx.bench tune needs a CUDA GPU")
+    report.need_cuda("tune")
     for s in filter(None, args.norm.split(",")):
         sweep_norm_quant(*(int(v) for v in s.split("x")))
     res = []
