@@ -87,7 +87,7 @@ def main(argv=None) -> int:
             for v in args.variants:
                 t0 = time.perf_counter()
                 fns[v] = compile_variant(model, v)
-                r = time_decode(dec, fns[v], cuda=cuda, graphs=False, reps=1, warmup=1)
+                time_decode(dec, fns[v], cuda=cuda, graphs=False, reps=1, warmup=1)  # the compile
                 first[v] = time.perf_counter() - t0
                 print(f"{name} {v:>15}: first call {first[v]:.1f} s", flush=True)
             times: dict[str, list[float]] = {v: [] for v in args.variants}

@@ -148,11 +148,9 @@ def _compile(model: torch.nn.Module, method: str, mode: Optional[str], launch: s
     ``head`` and the ``extra`` options (``--option``: the backend's or Inductor's)."""
     if method == BASELINE:
         return torch.compile(model, mode=mode)
-    options = dict(extra or {})
-    if launch != BitfxConfig().launch:
-        options["launch"] = launch
-    if head != "dense":
-        options["head"] = head
+    defaults = BitfxConfig()
+    options = {k: v for k, v in (("launch", launch), ("head", head)) if v != getattr(defaults, k)}
+    options.update(extra or {})
     if not options:  # the defaults: nothing to pass but the mode
         return torch.compile(model, backend="bitfx", mode=mode)
     # torch.compile takes a mode or options, never both: the mode's Inductor settings join the options
