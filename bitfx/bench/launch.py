@@ -11,12 +11,14 @@ and the table gives each variant's median over the rounds, and its ratio to bf16
 Variants (``--variants``): ``bf16`` (the baseline, always timed), ``auto`` (the default:
 Inductor's code launches the kernels, through its static launcher), ``auto-no-static`` (the
 same with ``static_launch_user_defined_triton_kernels=False``), ``op`` (each call through the
-``bitfx::`` custom op), ``inductor`` (as ``auto`` outside CUDA graphs). Also printed: each
-variant's first call (the compile).
+``bitfx::`` custom op), ``inductor`` (as ``auto`` outside CUDA graphs), ``quantized`` (a copy
+of the model converted once by ``bitfx.quantize``, then compiled as ``auto``: the backend alone
+against quantize + backend). Also printed: each variant's first call (the compile).
 """
 
 from __future__ import annotations
 
+import copy
 import statistics
 import sys
 import time
@@ -32,7 +34,9 @@ VARIANTS = {
     "auto-no-static": {"static_launch_user_defined_triton_kernels": False},
     "op": {"launch": "op"},
     "inductor": {"launch": "inductor"},
+    "quantized": {},
 }
+QUANTIZED = ("quantized",)  # variants run on a copy of the model that bitfx.quantize converted
 
 
 def compile_variant(model: torch.nn.Module, name: str):
@@ -72,7 +76,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     cuda = report.need_cuda("launch", args.device, smoke=True)
-    import bitfx  # noqa: F401  (registers the backend and the ops)
+    import bitfx
     from bitfx.bench.decode import Decode, time_decode
     from bitfx.bench.model_shapes import build_model, make_config
 
@@ -82,18 +86,23 @@ def main(argv=None) -> int:
     for name in args.models:
         model = build_model(make_config(name, tiny=not cuda), args.device)
         with torch.no_grad():
-            dec = Decode(model, args.device, torch.bfloat16)
-            fns, first = {}, {}
+            dense = Decode(model, args.device, torch.bfloat16)
+            fns, decs, first = {}, {}, {}
             for v in args.variants:
+                target, decs[v] = model, dense
+                if v in QUANTIZED:
+                    target = copy.deepcopy(model)
+                    bitfx.quantize(target, dense.prompt, use_cache=False)
+                    decs[v] = Decode(target, args.device, torch.bfloat16)
                 t0 = time.perf_counter()
-                fns[v] = compile_variant(model, v)
-                time_decode(dec, fns[v], cuda=cuda, graphs=False, reps=1, warmup=1)  # the compile
+                fns[v] = compile_variant(target, v)
+                time_decode(decs[v], fns[v], cuda=cuda, graphs=False, reps=1, warmup=1)  # the compile
                 first[v] = time.perf_counter() - t0
                 print(f"{name} {v:>15}: first call {first[v]:.1f} s", flush=True)
             times: dict[str, list[float]] = {v: [] for v in args.variants}
             for _ in range(args.rounds):
                 for v in args.variants:
-                    r = time_decode(dec, fns[v], cuda=cuda, graphs=False, reps=args.reps)
+                    r = time_decode(decs[v], fns[v], cuda=cuda, graphs=False, reps=args.reps)
                     if r["recompiled_while_timed"]:
                         raise RuntimeError(f"bench launch: {v} compiled again while timed")
                     times[v].append(r["ms"])
@@ -103,7 +112,7 @@ def main(argv=None) -> int:
             rows.append((name, v, ms, base / ms, times[v], first[v]))
             print(f"{name} {v:>15}: {ms:.3f} ms (rounds {', '.join(f'{t:.3f}' for t in times[v])}), "
                   f"{base / ms:.2f}x bf16", flush=True)
-        del fns, dec, model
+        del fns, decs, dense, model
         torch._dynamo.reset()
         if cuda:
             torch.cuda.empty_cache()

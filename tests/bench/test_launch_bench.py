@@ -10,12 +10,12 @@ from bitfx.bench import launch as bl
 def test_variants_compile_as_named(monkeypatch):
     calls = []
     monkeypatch.setattr(bl.torch, "compile", lambda model, **kw: calls.append(kw))
-    for name in ("bf16", "auto", "auto-no-static", "op", "inductor"):
+    for name in ("bf16", "auto", "auto-no-static", "op", "inductor", "quantized"):
         bl.compile_variant(None, name)
     assert calls == [{}, {"backend": "bitfx"},
                      {"backend": "bitfx", "options": {"static_launch_user_defined_triton_kernels": False}},
                      {"backend": "bitfx", "options": {"launch": "op"}},
-                     {"backend": "bitfx", "options": {"launch": "inductor"}}]
+                     {"backend": "bitfx", "options": {"launch": "inductor"}}, {"backend": "bitfx"}]
     assert bl.VARIANTS["op"] == {"launch": "op"}  # the options given were copies
 
 
