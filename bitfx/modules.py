@@ -47,15 +47,39 @@ def _no_interception() -> bool:
     return stack() == 0 and not functorch()
 
 
-_MAX_PLANS = 32  # launch plans kept per layer (input shapes); past that the oldest are dropped
+_MAX_PLANS = 32  # launch plans kept per layer (input layouts and row classes); past that all are dropped
+_ROW_CLASSES: dict = {}  # (M, N, Kq, device) -> _row_class(...)
+_MAX_ROW_CLASSES = 4096
+
+
+def _row_class(M: int, N: int, Kq: int, device: torch.device):
+    """The class of ``M`` rows for a launch plan: the launches of two row counts of one class
+    differ in their grids and ``M`` alone (:func:`bitfx.kernels.ternary_matmul.launch_class`,
+    :func:`bitfx.kernels.norm_quant.launch_class`), so that one plan serves them all, and a
+    prompt that grows by a token per call (generation without a KV cache) does not build a
+    plan per call. Up to ``FRONT_MAX_M`` rows (the one-kernel form), the count itself."""
+    key = (M, N, Kq, device)
+    got = _ROW_CLASSES.get(key)
+    if got is None:
+        if M <= kernels("front_gemv").FRONT_MAX_M:
+            got = M
+        else:
+            got = (kernels("norm_quant").launch_class(M, device),
+                   kernels("ternary_matmul").launch_class(M, N, Kq, device))
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):  # a measured tile may be missing
+            if len(_ROW_CLASSES) >= _MAX_ROW_CLASSES:
+                _ROW_CLASSES.clear()
+            _ROW_CLASSES[key] = got
+    return got
 
 
 def _launch_direct(layer: "BitfxLinear", x: Tensor, bias: Tensor | None, qmax: int) -> Tensor:
     """``act_quant`` + ``ternary_matmul`` on CUDA (for few rows the two in one kernel,
     :mod:`bitfx.kernels.front_gemv`, whose codes and output are the two kernels' bit for bit:
     the absmax scale is order-free): the same numbers as the ops,
-    through the layer's launch plan for this input (shape, strides, dtype, 16-byte alignment,
-    device): the launch rules resolved and the compiled launchers bound on the first call
+    through the layer's launch plan for this input (row length, strides, dtype, 16-byte
+    alignment, device, and the class of its row count: :func:`_row_class`): the launch rules
+    resolved and the compiled launchers bound on the first call
     (:meth:`bitfx.kernels._launch.Launcher.bind`), so that a later call allocates its outputs
     and launches its kernels, nothing more. A plan holds the layer's tensors by identity:
     a buffer replaced (``.to()``, assignment) gets new plans; a write into one is read by the
@@ -67,7 +91,9 @@ def _launch_direct(layer: "BitfxLinear", x: Tensor, bias: Tensor | None, qmax: i
         x2 = x2.contiguous()
     packed, w_scale = layer.packed, layer.w_scale
     current = torch.cuda.current_device() if x2.is_cuda else -1  # the device Triton launches on
-    key = (x2.shape, x2.stride(), x2.dtype, not x2.data_ptr() & 15, x2.device, current, qmax)
+    M, K = x2.shape
+    row_class = _row_class(M, packed.shape[0], packed.shape[1], x2.device)
+    key = (K, x2.stride(), x2.dtype, not x2.data_ptr() & 15, x2.device, current, qmax, row_class)
     plans = layer.__dict__.setdefault("_plans", {})
     plan = plans.get(key)
     if plan is not None and plan[0] is packed and plan[1] is w_scale and plan[2] is bias:

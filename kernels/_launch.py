@@ -137,28 +137,31 @@ class Launcher:
         return entry
 
     def bind(self, grid: tuple, args: tuple, constexprs: dict, **options):
-        """Launch as :meth:`__call__` does, and return ``again(*args)``: the same launch (grid,
-        constexprs, options) for new arguments that Triton would specialize as ``args`` (the
-        same dtypes, 16-byte alignment and int classes: the caller's promise). ``again`` calls
-        the compiled launcher with no key to build; where launches do not go through it (the
-        interpreter, an old Triton) and while a launch hook is installed, it launches through
-        :meth:`__call__`."""
+        """Launch as :meth:`__call__` does, and return ``again(*args, grid=None)``: the same
+        launch (constexprs, options; this grid unless another is given) for new arguments that
+        Triton would specialize as ``args`` (the same dtypes, 16-byte alignment and int classes:
+        the caller's promise). ``again`` calls the compiled launcher with no key to build; where
+        launches do not go through it (the interpreter, an old Triton) and while a launch hook is
+        installed, it launches through :meth:`__call__`."""
         entry = self(grid, args, constexprs, **options)
         if entry is None:
-            def again(*new_args):
+            def again(*new_args, grid=grid):
                 self(grid, new_args, constexprs, **options)
 
             return again
         run, function, metadata, tail_values = entry
+        bound = grid
         g0, g1, g2 = _grid3(grid)
         device = torch.cuda.current_device()
         stream = _stream()
 
-        def again(*new_args):
+        def again(*new_args, grid=None):
             if _hooks_set():
-                self(grid, new_args, constexprs, **options)
-            else:
+                self(bound if grid is None else grid, new_args, constexprs, **options)
+            elif grid is None:
                 run(g0, g1, g2, stream(device), function, metadata, None, None, None, *new_args, *tail_values)
+            else:
+                run(*_grid3(grid), stream(device), function, metadata, None, None, None, *new_args, *tail_values)
 
         return again
 

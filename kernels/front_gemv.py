@@ -196,8 +196,9 @@ def front_gemv(x, weight, eps, offset, cast_before_weight, norm_dtype, normalize
 
     ``traced``: launched through ``wrap_triton`` (no programmatic dependent launch), for a form
     Inductor launches. ``bind``: also return ``again(x) -> out``, the same launch for another
-    ``x`` of this one's shape, strides, dtype, device and 16-byte alignment, with this call's
-    weights (:meth:`Launcher.bind`): an eager layer's launch plan."""
+    ``x`` of this one's row length, strides, dtype, device and 16-byte alignment (any number of
+    rows: the rows are the grid's, not a kernel argument), with this call's weights
+    (:meth:`Launcher.bind`): an eager layer's launch plan."""
     M, K = x.shape
     N, Kq = packed.shape
     device = x.device
@@ -227,12 +228,14 @@ def front_gemv(x, weight, eps, offset, cast_before_weight, norm_dtype, normalize
                            num_warps=_NUM_WARPS, num_stages=1, launch_pdl=pdl, **regs)
     if not bind:
         return out, s_x
-    empty, sizes = torch.empty, args[7:]
+    empty, sizes, tiles_n = torch.empty, args[7:], cdiv(N, cfg["BLOCK_N"])
 
     def again(x):
+        M = x.shape[0]
         out = empty((M, N), dtype=out_dtype, device=device)
         launch(x, x if weight is None else weight, w, w_scale, bias, out, empty((M,), dtype=torch.float32,
-                                                                                 device=device), *sizes)
+                                                                                 device=device), *sizes,
+               grid=(tiles_n, M))
         return out
 
     return out, s_x, again

@@ -291,8 +291,9 @@ def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm, 
     analysis of the kernel) and no FP-fusion option (``RN_MUL`` instead).
 
     ``bind``: also return ``again(x) -> (q, s_x, rstd)``, the same launch for another ``x`` of
-    this one's shape, strides, dtype, device and 16-byte alignment (:meth:`Launcher.bind`; None
-    for empty rows, which launch nothing): an eager layer's launch plan."""
+    this one's row length, strides, dtype, device and 16-byte alignment, with any number of
+    rows of the same :func:`launch_class` (:meth:`Launcher.bind`; None for empty rows, which
+    launch nothing): an eager layer's launch plan."""
     M, K = x.shape
     device = x.device
     q = torch.empty((M, K), dtype=torch.int8, device=device)
@@ -330,12 +331,20 @@ def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm, 
     empty, i8, f32 = torch.empty, torch.int8, torch.float32
 
     def again(x):
+        M = x.shape[0]
         q, scale = empty((M, K), dtype=i8, device=device), empty((M,), dtype=f32, device=device)
         r = empty((M,), dtype=f32, device=device) if norm else scale
-        launch(x, x if weight is None else weight, q, scale, r, stride, K, eps)  # (holds no earlier x)
+        launch(x, x if weight is None else weight, q, scale, r, stride, K, eps, grid=(M,))  # (holds no earlier x)
         return q, scale, (r if norm else None)
 
     return q, scale, rstd, again
+
+
+def launch_class(M: int, device: torch.device) -> bool:
+    """What the launch of :func:`_launch_quant` for ``M`` rows depends on besides ``M`` itself
+    (the grid): a bound launch (``bind``) serves every ``M`` of its class. The rows are not a
+    kernel argument, so Triton's specialization does not depend on them."""
+    return bool(M < num_sms(device))  # EARLY_G
 
 
 def norm_quant(

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from bitfx import layout
-from bitfx.kernels._launch import Launcher
+from bitfx.kernels._launch import Launcher, _arg_key
 from bitfx.kernels._utils import cdiv, FLOAT_DTYPES, check_device, check_dtype, interpreting, rows
 # The launch rules (path per M, blocks, splits, measured tiles), re-exported for the benchmarks and tests.
 from bitfx.kernels.matmul_config import (  # noqa: F401
@@ -47,7 +47,7 @@ from bitfx.kernels.matmul_config import (  # noqa: F401
     _tuned_tile,
 )
 
-__all__ = ["ternary_matmul", "ternary_matmul_int32", "run", "DP4A_MAX_M", "GEMV_MAX_M", "SIMT_MAX_M"]
+__all__ = ["ternary_matmul", "ternary_matmul_int32", "run", "launch_class", "DP4A_MAX_M", "GEMV_MAX_M", "SIMT_MAX_M"]
 
 
 @triton.jit
@@ -463,13 +463,15 @@ def _launch_dp4a(q, x_scale, packed, w_scale, bias, out, float_out, split_k, con
                           num_stages=cfg["num_stages"], launch_pdl=pdl)
     if launch is None:
         return (out, None) if bind else out
-    split, tiles, sizes = cfg["SPLIT_K"], cfg["tiles_n"] * tiles_m, args[8:]  # sizes: the launch's ints
+    split, tiles_n, block_m, sizes = cfg["SPLIT_K"], cfg["tiles_n"], cfg["BLOCK_M"], args[9:]  # the ints after M
     empty, dtype, device = torch.empty, out.dtype, out.device
 
     def again(q, x_scale):
+        M = q.shape[0]
+        tiles_m = cdiv(M, block_m)
         out = empty((M, N), dtype=dtype, device=device)
-        ws, lock = _split_k_workspace(out, split, tiles, float_out)
-        launch(_as_words(q), x_scale, w32, w_scale, bias, out, ws, lock, *sizes)
+        ws, lock = _split_k_workspace(out, split, tiles_n * tiles_m, float_out)
+        launch(_as_words(q), x_scale, w32, w_scale, bias, out, ws, lock, M, *sizes, grid=(tiles_n, split, tiles_m))
         return out
 
     return out, again
@@ -566,15 +568,35 @@ def run(q, x_scale, packed, w_scale, bias, out_dtype, float_out=True, path=None,
                             num_stages=cfg["num_stages"], launch_pdl=pdl)
     if launch is None:
         return (out, None) if bind else out
-    split, sizes, empty = cfg["SPLIT_K"], args[8:], torch.empty  # sizes: the launch's ints
+    split, sizes, empty = cfg["SPLIT_K"], args[9:], torch.empty  # sizes: the launch's ints after M
+    block_m, tiles_n = cfg["BLOCK_M"], cdiv(N, cfg["BLOCK_N"])
 
     def again(q, x_scale):
+        M = q.shape[0]
+        tiles = cdiv(M, block_m) * tiles_n
         out = empty((M, N), dtype=out_dtype, device=device)
         ws, lock = _split_k_workspace(out, split, tiles, float_out)
-        launch(q, x_scale, packed, w_scale, bias, out, ws, lock, *sizes)
+        launch(q, x_scale, packed, w_scale, bias, out, ws, lock, M, *sizes, grid=(tiles, split))
         return out
 
     return out, again
+
+
+def launch_class(M: int, N: int, Kq: int, device: torch.device) -> tuple:
+    """What :func:`run`'s launch for ``M`` rows (the default path, split and blocks) depends on
+    besides ``M`` itself: the path, its configuration (less the tile count, which the grid
+    takes from ``M``) and Triton's specialization of the int ``M`` (equal to 1, divisible by 16,
+    beyond int32). A bound launch (``run(..., bind=True)``) serves every ``M`` of its class:
+    its ``again`` takes the rows from the codes it is given."""
+    path = _default_path(M)
+    if path == "dp4a":
+        cfg, derived = _dp4a_config(M, N, Kq, device, None, None), "tiles_m"
+    else:
+        tile = None
+        if path == "tc" and device.type == "cuda" and not interpreting():
+            tile = _tuned_tile(M, N, Kq, device)
+        cfg, derived = _config(M, N, Kq, device, path, None, None, tile), "tiles"
+    return path, tuple(item for item in cfg.items() if item[0] != derived), _arg_key(M)
 
 
 def ternary_matmul(

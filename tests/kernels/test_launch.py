@@ -101,10 +101,14 @@ def test_bound_quant_launch_repeats_the_launch(norm, has_weight, K):
 
     g = torch.randn(K, device=DEVICE) if has_weight else None
     x0, x1 = torch.randn(3, K, device=DEVICE), torch.randn(3, K, device=DEVICE) * 5
+    x2 = torch.randn(2, K, device=DEVICE)  # fewer rows, the same class: the same bound launch serves them
+    assert nq.launch_class(2, x0.device) == nq.launch_class(3, x0.device)
     q, s, r, again = nq._launch_quant(x0, g, 1e-6, False, True, torch.float32, norm=norm, qmax=127, bind=True)
     want0 = nq._launch_quant(x0, g, 1e-6, False, True, torch.float32, norm=norm, qmax=127)
     want1 = nq._launch_quant(x1, g, 1e-6, False, True, torch.float32, norm=norm, qmax=127)
-    for got, want in ((q, s, r), want0), (again(x1), want1):
+    want2 = nq._launch_quant(x2, g, 1e-6, False, True, torch.float32, norm=norm, qmax=127)
+    for got, want in ((q, s, r), want0), (again(x1), want1), (again(x2), want2):
+        assert got[0].shape == want[0].shape and got[1].shape == want[1].shape
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         assert (got[2] is None) == (not norm) and (not norm or torch.equal(got[2], want[2]))
 
@@ -125,6 +129,20 @@ def test_bound_matmul_launch_repeats_the_launch(M, K, split_k, has_bias):
     assert again is not None
     assert torch.equal(out, tm.run(q0, s0, packed, w_scale, bias, torch.float32, split_k=split_k))
     assert torch.equal(again(q1, s1), tm.run(q1, s1, packed, w_scale, bias, torch.float32, split_k=split_k))
+    # Another row count of the same class (the same path, blocks and Triton specialization of M):
+    # the bound launch takes the rows from the codes, and its grid from them.
+    Kq = packed.shape[1]
+    same = [m for m in range(M + 1, M + 40) if tm.launch_class(m, N, Kq, packed.device) == tm.launch_class(M, N, Kq, packed.device)]
+    if M > 1:  # M = 1 is a class of its own (Triton specializes an int equal to 1)
+        assert same, "no other row count shares the class"
+        M2 = same[-1]
+        q2 = torch.randint(-128, 128, (M2, K), dtype=torch.int8, device=DEVICE)
+        s2 = torch.rand(M2, device=DEVICE) + 0.5
+        got = again(q2, s2)
+        assert got.shape == (M2, N)
+        assert torch.equal(got, tm.run(q2, s2, packed, w_scale, bias, torch.float32, split_k=split_k))
+    else:
+        assert not same
 
 
 def test_no_plan_over_copies():
@@ -159,7 +177,15 @@ def test_eager_plan_logic(monkeypatch):
         assert torch.equal(modules._launch_direct(layer, x, layer.bias, qmax), first)
         assert layer._plans == plans  # reused, not rebuilt
         modules._launch_direct(layer, x[:, :1], layer.bias, qmax)
-        assert len(layer._plans) == 2  # another shape, another plan
+        assert len(layer._plans) == 2  # another row class (2 rows against 6; the interpreter's 4 SMs), another plan
+        for T in (4, 5):  # 8 and 10 rows: the class of the first 6, so its plan, each with its own output
+            xt = torch.randn(2, T, 64, device=DEVICE)
+            got = modules._launch_direct(layer, xt, layer.bias, qmax)
+            assert got.shape == (2, T, 16)
+            torch.testing.assert_close(got, ops_forward(layer, xt), rtol=1e-5, atol=1e-5)
+        assert len(layer._plans) == 2
+        modules._launch_direct(layer, torch.randn(16, 64, device=DEVICE), layer.bias, qmax)
+        assert len(layer._plans) == 3  # 16 rows: Triton specializes an int divisible by 16, so a class of its own
         for name in ("packed", "w_scale", "bias"):
             getattr(layer, name).copy_(getattr(other, name))
         assert torch.equal(modules._launch_direct(layer, x, layer.bias, qmax),
