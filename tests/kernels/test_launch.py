@@ -200,3 +200,30 @@ def test_eager_plan_logic(monkeypatch):
         assert len(layer._plans) <= 2
         layer.to(DEVICE, torch.float32)
         assert "_plans" not in layer.__dict__
+
+
+@pytest.mark.parametrize("K,bias", [(36, True), (64, False)])
+def test_eager_plans_across_growing_and_shrinking_row_counts(K, bias):
+    """A prompt that grows by a row per call (generation without a KV cache), then shorter
+    ones again: every call equals the ops (the CPU: their reference, the interpreter's kernels;
+    CUDA: the same kernels, so the same bits), and the layer keeps one plan per row class, not
+    per row count. K = 36 is not a whole number of 4-code words (the codes are padded)."""
+    from bitfx import modules
+
+    torch.manual_seed(K)
+    layer = BitfxLinear.from_linear(torch.nn.Linear(K, 24, bias=bias).to(DEVICE))
+    counts = list(range(2, 20)) + [33, 17, 3, 2, 48]
+    N, Kq = layer.packed.shape
+    classes = {modules._row_class(m, N, Kq, layer.packed.device) for m in counts}
+    exact = DEVICE == "cuda"
+    with torch.no_grad():
+        for m in counts:
+            x = torch.randn(1, m, K, device=DEVICE)
+            got = modules._launch_direct(layer, x, layer.bias, 127)
+            want = ops_forward(layer, x)
+            assert got.shape == (1, m, 24)
+            if exact:
+                assert torch.equal(got, want), f"{m} rows"
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert len(layer._plans) == len(classes) < len(set(counts))
