@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     from triton.testing import do_bench
 
     from bitfx.kernels import front_gemv as fg
-    from bitfx.layout import packed_k
+    from bitfx.reference import pack_ternary
 
     bound = fg._MAX_REGS
     print(report.header(report.device_name(), report.versions("triton"), report.command("front", argv)))
@@ -45,8 +45,7 @@ def main(argv=None) -> int:
             for K, N in SHAPES[model]:
                 x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16, generator=g)
                 w = torch.randn(K, device="cuda", dtype=torch.bfloat16, generator=g)
-                codes = torch.randint(0, 3, (N, packed_k(K) * 4), device="cuda", dtype=torch.uint8, generator=g)
-                packed = (codes[:, 0::4] | codes[:, 1::4] << 2 | codes[:, 2::4] << 4 | codes[:, 3::4] << 6).contiguous()
+                packed = pack_ternary(torch.randint(-1, 2, (N, K), device="cuda", dtype=torch.int8, generator=g))
                 s_w = torch.rand(N, device="cuda", generator=g) + 0.5
                 best, outs = {}, {}
                 for _ in range(args.repeats):

@@ -36,7 +36,6 @@ VARIANTS = {
     "inductor": {"launch": "inductor"},
     "quantized": {},
 }
-QUANTIZED = ("quantized",)  # variants run on a copy of the model that bitfx.quantize converted
 
 
 def compile_variant(model: torch.nn.Module, name: str):
@@ -90,7 +89,7 @@ def main(argv=None) -> int:
             fns, decs, first = {}, {}, {}
             for v in args.variants:
                 target, decs[v] = model, dense
-                if v in QUANTIZED:
+                if v == "quantized":  # a copy of the model, converted by bitfx.quantize
                     target = copy.deepcopy(model)
                     bitfx.quantize(target, dense.prompt, use_cache=False)
                     decs[v] = Decode(target, args.device, torch.bfloat16)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import bitfx
+from bitfx.bench.timing import sync
 from bitfx.demo.args import default_device, device as device_arg, positive_float, positive_int, read_text
 from bitfx.demo.corpus import CharText, grammar_text
 from bitfx.demo.example import ExampleConfig, ExampleLlama
@@ -87,11 +88,6 @@ def _generate(model, prompt: torch.Tensor, n: int, seq: int, g: torch.Generator,
         probs = torch.softmax(logits / temperature, -1).cpu()
         ids = torch.cat([ids, torch.multinomial(probs, 1, generator=g).to(ids.device)])
     return ids
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _bytes(n: int) -> str:
@@ -289,10 +285,10 @@ def main(argv=None) -> int:
         warm = torch.Generator().manual_seed(args.seed + 1)
         for prompt in prompts:
             _generate(model, prompt, GEN_TOKENS, args.seq, warm)
-        _sync(device)
+        sync(gpu)
         t1 = time.perf_counter()
         outs = [_generate(model, prompt, GEN_TOKENS, args.seq, gen) for prompt in prompts]
-        _sync(device)
+        sync(gpu)
         speed[name] = GEN_TOKENS * len(prompts) / (time.perf_counter() - t1)
         if name == "ternary":
             for prompt, out in zip(prompts, outs):
