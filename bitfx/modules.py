@@ -22,7 +22,6 @@ import torch
 from torch import Tensor, nn
 
 from bitfx import ops  # noqa: F401  (registers torch.ops.bitfx.*)
-from bitfx.ops.inference import fused_front
 from bitfx.ops.library import kernels
 from bitfx.layout import FLOAT_DTYPES, FORMAT, check_packed_shape, packed_k
 from bitfx.reference import act_qmax, check_ternary_codes, pack_ternary, ternary_terms
@@ -34,8 +33,8 @@ def _direct_launch(x: Tensor, packed: Tensor) -> bool:
     ``torch.ops.bitfx``: a plain CUDA tensor of a float dtype on the weight's device, nothing
     tracing or intercepting the call (``torch.compile``, a dispatch mode such as
     ``FakeTensorMode``, a functorch transform such as ``vmap``), not the Triton interpreter."""
-    return (x.is_cuda and type(x) is Tensor and x.dtype in FLOAT_DTYPES and x.device == packed.device
-            and not torch.compiler.is_compiling() and _no_interception())
+    return (x.is_cuda and type(x) is Tensor and x.dtype in FLOAT_DTYPES and packed.is_cuda
+            and x.get_device() == packed.get_device() and not torch.compiler.is_compiling() and _no_interception())
 
 
 def _no_interception() -> bool:
@@ -48,21 +47,24 @@ def _no_interception() -> bool:
 
 
 _MAX_PLANS = 32  # launch plans kept per layer (input layouts and row classes); past that all are dropped
-_ROW_CLASSES: dict = {}  # (M, N, Kq, device) -> _row_class(...)
+_ROW_CLASSES: dict = {}  # (M, N, Kq, K, x bytes, one kernel possible, device) -> _row_class(...)
 _MAX_ROW_CLASSES = 4096
 
 
-def _row_class(M: int, N: int, Kq: int, device: torch.device):
+def _row_class(M: int, N: int, Kq: int, K: int, x_bytes: int, front: bool, device: torch.device) -> tuple:
     """The class of ``M`` rows for a launch plan: the launches of two row counts of one class
-    differ in their grids and ``M`` alone (:func:`bitfx.kernels.ternary_matmul.launch_class`,
-    :func:`bitfx.kernels.norm_quant.launch_class`), so that one plan serves them all, and a
-    prompt that grows by a token per call (generation without a KV cache) does not build a
-    plan per call. Up to ``FRONT_MAX_M`` rows (the one-kernel form), the count itself."""
-    key = (M, N, Kq, device)
+    differ in their grids and ``M`` alone, so that one plan serves them all, and a prompt that
+    grows by a token per call (generation without a KV cache) does not build a plan per call.
+    ``("front", blocks...)`` where the rows take the one-kernel form (``front``: the layer and
+    the settings allow it; :func:`bitfx.kernels.front_gemv.takes_rows`, its
+    :func:`~bitfx.kernels.front_gemv.launch_class`); else the classes of the two kernels
+    (:func:`bitfx.kernels.norm_quant.launch_class`, :func:`bitfx.kernels.ternary_matmul.launch_class`)."""
+    key = (M, N, Kq, K, x_bytes, front, device)
     got = _ROW_CLASSES.get(key)
     if got is None:
-        if M <= kernels("front_gemv").FRONT_MAX_M:
-            got = M
+        fg = kernels("front_gemv")
+        if front and M > 0 and fg.takes_rows(M, N, Kq, K, x_bytes, device, eager=True):
+            got = ("front",) + fg.launch_class(M, N, Kq, device)
         else:
             got = (kernels("norm_quant").launch_class(M, device),
                    kernels("ternary_matmul").launch_class(M, N, Kq, device))
@@ -74,9 +76,9 @@ def _row_class(M: int, N: int, Kq: int, device: torch.device):
 
 
 def _launch_direct(layer: "BitfxLinear", x: Tensor, bias: Tensor | None, qmax: int) -> Tensor:
-    """``act_quant`` + ``ternary_matmul`` on CUDA (for few rows the two in one kernel,
-    :mod:`bitfx.kernels.front_gemv`, whose codes and output are the two kernels' bit for bit:
-    the absmax scale is order-free): the same numbers as the ops,
+    """``act_quant`` + ``ternary_matmul`` on CUDA (for few rows, or a small layer, the two in one
+    kernel, :mod:`bitfx.kernels.front_gemv`, whose codes and output are the two kernels' bit for
+    bit: the absmax scale is order-free): the same numbers as the ops,
     through the layer's launch plan for this input (row length, strides, dtype, 16-byte
     alignment, device, and the class of its row count: :func:`_row_class`): the launch rules
     resolved and the compiled launchers bound on the first call
@@ -89,17 +91,21 @@ def _launch_direct(layer: "BitfxLinear", x: Tensor, bias: Tensor | None, qmax: i
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[1] > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
-    packed, w_scale = layer.packed, layer.w_scale
+    buffers = layer._buffers
+    packed, w_scale = buffers["packed"], buffers["w_scale"]
     current = torch.cuda.current_device() if x2.is_cuda else -1  # the device Triton launches on
     M, K = x2.shape
-    row_class = _row_class(M, packed.shape[0], packed.shape[1], x2.device)
+    N, Kq = packed.shape
+    front = (K > 0 and N > 0 and packed.stride(0) % 4 == 0 and not packed.data_ptr() & 3
+             and kernels("front_gemv").enabled(eager=True))
+    row_class = _row_class(M, N, Kq, K, x2.element_size(), front, x2.device)
     key = (K, x2.stride(), x2.dtype, not x2.data_ptr() & 15, x2.device, current, qmax, row_class)
     plans = layer.__dict__.setdefault("_plans", {})
     plan = plans.get(key)
     if plan is not None and plan[0] is packed and plan[1] is w_scale and plan[2] is bias:
         out = plan[3](x2)
     else:
-        if fused_front(x2, packed, eager=True):  # few rows: quantization and matmul in one kernel, the same numbers
+        if row_class[0] == "front":  # quantization and matmul in one kernel, the same numbers
             out, _, run = kernels("front_gemv").front_gemv(x2, None, 0.0, False, False, torch.float32, False, qmax,
                                                            packed, w_scale, bias, x.dtype, bind=True)
         else:
@@ -111,7 +117,7 @@ def _launch_direct(layer: "BitfxLinear", x: Tensor, bias: Tensor | None, qmax: i
             plans.clear()  # tensors replaced since (or too many shapes): drop what the old plans hold
         if run is not None:
             plans[key] = (packed, w_scale, bias, run)
-    return out.view(*x.shape[:-1], packed.shape[0])
+    return out.view(*x.shape[:-1], N)
 
 
 def _two_launches(quant, matmul):
@@ -297,8 +303,9 @@ class BitfxLinear(_CheckedState):
             raise ValueError(
                 f"BitfxLinear: input has {x.shape[-1]} features (last dimension), expected {self.in_features}"
             )
-        bias = self.bias
-        if (self.packed.is_meta or self.w_scale.is_meta or (bias is not None and bias.is_meta)) and not x.is_meta:
+        buffers = self._buffers  # (three reads through nn.Module.__getattr__ cost the host a microsecond or two)
+        packed, w_scale, bias = buffers["packed"], buffers["w_scale"], buffers["bias"]
+        if (packed.is_meta or w_scale.is_meta or (bias is not None and bias.is_meta)) and not x.is_meta:
             self._raise_unloaded()
         # Several terms: one matmul over the stacked [terms * N] rows (one pass over the
         # activations), in fp32, then the terms summed and the bias added.
@@ -306,7 +313,7 @@ class BitfxLinear(_CheckedState):
         op_bias = bias if self.terms == 1 else None
         bits = () if self.act_bits == 8 else (self.act_bits,)  # the ops' default: 8
         grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-        if not grad and self.terms == 1 and _direct_launch(x, self.packed):
+        if not grad and self.terms == 1 and _direct_launch(x, packed):
             # Eager on CUDA: the op's two kernels launched directly (no dispatcher, no per-call
             # checks: the buffers were checked when built or loaded, the input above).
             return _launch_direct(self, x, bias, act_qmax(self.act_bits))

@@ -20,7 +20,8 @@ where it is used. Compiled steps take it only with ``BITFX_FRONT_GEMV=1`` (:func
 the H200 in the BitNet 2B4T decode step under CUDA graphs it is slower than the two kernels,
 2.115 ms per step against 1.657 ms (120 sites; about 4 µs more per site): every program's pass
 over the whole row costs more than the launch it saves (BENCHMARKS.md). An eager ``BitfxLinear``
-takes it by default: there each launch costs the host more than the kernels run.
+takes it by default: there each launch costs the host more than the kernels run, so it takes it
+for more rows too, while their re-reads stay small (:func:`takes_rows`).
 
 Numbers: given the row's ``rstd`` and ``s_x``, the codes are those of ``norm_quant``
 (the same elementwise helpers, the products an add follows as ``mul.rn``) and the epilogue
@@ -40,11 +41,18 @@ from bitfx.kernels._utils import cdiv, env, next_pow2, interpreting, num_sms, pd
 from bitfx.kernels.norm_quant import _absmax_scale, _load_norm_chunk, _quantize, _round_code, _row_stats
 from bitfx.kernels.ternary_matmul import _dp4a, _dp4a_plane, _pdl_prologue
 
-__all__ = ["front_gemv", "FRONT_MAX_M", "front_config", "enabled"]
+__all__ = ["front_gemv", "FRONT_MAX_M", "EAGER_BYTES", "front_config", "takes_rows", "launch_class", "enabled"]
 
 # Rows up to this many take the fused kernel (one program row per token; each row re-reads the
 # weights, from L2 after the first). More rows: norm_quant and the GEMV, which reads them once.
 FRONT_MAX_M = 1
+# An eager call takes it for more rows while the bytes its programs read, every row's pass over
+# the packed weight and each program's two passes over its row, stay within this many: about
+# 1.5-3 us of an H100's or H200's L2 bandwidth, less than the host spends on the second launch
+# it saves (the host sets an eager call's pace). A small layer (the main job's 256 x 704) takes
+# it for about a hundred rows, a 2560 x 2560 one for two.
+EAGER_BYTES = 8 << 20
+_MAX_GRID_ROWS = 65535  # the grid's second dimension: one program row per token
 # Warps per program: every program quantizes its whole row, which with one warp (the dp4a
 # GEMV's choice) costs a few thousand instructions per thread (about 3.7k in the sm_90 SASS of
 # the loop for 4 x 256 words); spread over 8 warps, about 1.1k for 4096 weight words.
@@ -168,22 +176,44 @@ def _front_gemv_kernel(
 _FRONT = Launcher(_front_gemv_kernel)
 
 
-def front_config(N: int, Kq: int, device: torch.device, sms: int | None = None) -> dict:
-    """Blocks of the fused kernel for ``N`` weight rows of ``Kq`` packed bytes.
+def front_config(N: int, Kq: int, device: torch.device, sms: int | None = None, M: int = 1) -> dict:
+    """Blocks of the fused kernel for ``M`` rows against ``N`` weight rows of ``Kq`` packed bytes.
 
     Every program quantizes its whole row (K elements, whatever its share of the weights), so
     the programs are few and large: about one per SM, ``BLOCK_N`` the power of two from 16 to
-    128 nearest above ``N / SMs``; ``BLOCK_W`` such that a step holds :data:`_TILE_WORDS`
+    128 nearest above ``M * N / SMs`` (several rows: fewer programs per row, so fewer passes over
+    each row); ``BLOCK_W`` such that a step holds :data:`_TILE_WORDS`
     weight words (the whole packed row where it is shorter). The weights stream through L2
     ahead of the loads (the prefetch of :func:`_pdl_prologue`), so few programs still keep
     the memory busy."""
     sms = num_sms(device) if sms is None else sms  # (sms given: the rule for another GPU, bench sass)
-    block_n = min(128, max(16, next_pow2(cdiv(N, sms))))
+    block_n = min(128, max(16, next_pow2(cdiv(N * max(M, 1), sms))))
     kq4 = Kq // 4
     block_w = max(1, min(_TILE_WORDS // block_n, next_pow2(kq4)))
     if interpreting():
         block_n, block_w = min(block_n, 8), min(block_w, 8)
     return dict(BLOCK_N=block_n, BLOCK_W=block_w, EVEN_W=kq4 % block_w == 0)
+
+
+def takes_rows(M: int, N: int, Kq: int, K: int, x_bytes: int, device: torch.device, eager: bool) -> bool:
+    """Whether ``M`` rows of ``K`` elements of ``x_bytes`` bytes each, against ``N`` packed rows
+    of ``Kq`` bytes, take the fused kernel (where it is turned on and the operands suit it): up
+    to :data:`FRONT_MAX_M` rows; an ``eager`` call more while its programs read at most
+    :data:`EAGER_BYTES` (``M`` passes over the packed weight, two passes over a row per
+    program)."""
+    if M <= FRONT_MAX_M:
+        return True
+    if not eager or M > _MAX_GRID_ROWS:
+        return False
+    tiles = cdiv(N, front_config(N, Kq, device, M=M)["BLOCK_N"])
+    return M * (N * Kq + 2 * tiles * K * x_bytes) <= EAGER_BYTES
+
+
+def launch_class(M: int, N: int, Kq: int, device: torch.device) -> tuple:
+    """What the launch for ``M`` rows depends on besides ``M`` (its grid's rows; ``M`` is no
+    kernel argument): the blocks of :func:`front_config`. A bound launch (``bind=True``) serves
+    every row count of its class."""
+    return tuple(front_config(N, Kq, device, M=M).items())
 
 
 def front_gemv(x, weight, eps, offset, cast_before_weight, norm_dtype, normalize, qmax, packed, w_scale, bias,
@@ -197,8 +227,8 @@ def front_gemv(x, weight, eps, offset, cast_before_weight, norm_dtype, normalize
     ``traced``: launched through ``wrap_triton`` (no programmatic dependent launch), for a form
     Inductor launches. ``bind``: also return ``again(x) -> out``, the same launch for another
     ``x`` of this one's row length, strides, dtype, device and 16-byte alignment (any number of
-    rows: the rows are the grid's, not a kernel argument), with this call's weights
-    (:meth:`Launcher.bind`): an eager layer's launch plan."""
+    rows of its :func:`launch_class`: the rows are the grid's, not a kernel argument), with this
+    call's weights (:meth:`Launcher.bind`): an eager layer's launch plan."""
     M, K = x.shape
     N, Kq = packed.shape
     device = x.device
@@ -208,7 +238,7 @@ def front_gemv(x, weight, eps, offset, cast_before_weight, norm_dtype, normalize
     s_x = torch.empty((M,), dtype=torch.float32, device=device)
     if traced:
         K, N, Kq = int(K), int(N), int(Kq)
-    cfg = front_config(N, Kq, device)
+    cfg = front_config(N, Kq, device, M=1 if traced else M)  # (traced: M may be symbolic; few rows there)
     pdl = pdl_enabled(device) and not traced
     w = packed if traced else packed.view(torch.int32)
     stride_wn = int(packed.stride(0)) // 4

@@ -2,13 +2,14 @@
 
 Outside CUDA graphs every op costs the host its dispatch and its kernel launch; at decode that
 is more than the kernels run. This times, for M = 1 and K = N = 4096 (bf16), 2000 back-to-back
-calls of each op with no synchronize between them (:func:`bitfx.bench.timing.host_s`: the
-host, not the GPU, sets the pace) and prints microseconds per call: the ops through
-``torch.ops.bitfx`` (the dispatcher), their Triton launchers called directly, and ``F.linear``
-for scale; then one RMSNorm -> Linear site compiled in default mode (no CUDA graphs): bf16
-under Inductor, and the ``bitfx`` backend with the kernels launched by Inductor's code
-(``launch="inductor"``, what the default ``"auto"`` does outside CUDA graphs) and by the custom ops
-(``launch="op"``).
+calls of each op with no synchronize between them, under ``torch.no_grad()``
+(:func:`bitfx.bench.timing.host_s`: the host, not the GPU, sets the pace) and prints
+microseconds per call: the ops through ``torch.ops.bitfx`` (the dispatcher), their Triton
+launchers called directly, and ``F.linear`` for scale; the eager modules, there and at the main
+job's GPU layer (256 -> 704, fp32, a prompt of 64 rows); then one RMSNorm -> Linear site
+compiled in default mode (no CUDA graphs): bf16 under Inductor, and the ``bitfx`` backend with
+the kernels launched by Inductor's code (``launch="inductor"``, what the default ``"auto"``
+does outside CUDA graphs) and by the custom ops (``launch="op"``).
 """
 
 from __future__ import annotations
@@ -51,11 +52,18 @@ def main(argv=None) -> int:
     linear = torch.nn.Linear(K, N, bias=False, device="cuda", dtype=torch.bfloat16)
     ternary = BitfxLinear.from_linear(linear)
     cases += [("nn.Linear (eager module)", lambda: linear(x)), ("BitfxLinear (eager module)", lambda: ternary(x))]
+    # The main job's generation: its GPU model's 256 -> 704 layer, fp32, on a prompt of 64 rows
+    # (the one-kernel form, bitfx.kernels.front_gemv.takes_rows).
+    small = torch.nn.Linear(256, 704, bias=False, device="cuda")
+    small_t = BitfxLinear.from_linear(small)
+    xs = torch.randn(64, 256, device="cuda")
+    cases += [("nn.Linear 256x704, M=64", lambda: small(xs)), ("BitfxLinear 256x704, M=64", lambda: small_t(xs))]
     cases += _compiled_sites(K, N)
     print(report.header(report.device_name(), {"torch": torch.__version__}, report.command("host", argv),
                         f"M=1, K=N={K}, bf16"))
-    for name, fn in cases:
-        print(f"{name:28s} host {host_s(fn, calls=args.calls) * 1e6:7.1f} us/call", flush=True)
+    with torch.no_grad():  # inference, as a generation loop runs it (no autograd graph for nn.Linear)
+        for name, fn in cases:
+            print(f"{name:28s} host {host_s(fn, calls=args.calls) * 1e6:7.1f} us/call", flush=True)
     return 0
 
 

@@ -209,16 +209,17 @@ def _linear_guard(x, norm_weight, norm_dtype, normalize, packed, w_scale, bias, 
 
 def fused_front(x2: Tensor, packed: Tensor, traced: bool = False, eager: bool = False) -> bool:
     """Whether the rows ``x2 [M, K]`` against ``packed`` take the one-kernel form
-    (:mod:`bitfx.kernels.front_gemv`): few rows (``FRONT_MAX_M``), nothing empty, packed rows the
-    kernel can read as words, and the kernel turned on (:func:`bitfx.kernels.front_gemv.enabled`:
-    by default for an ``eager`` layer's call only; an eager layer's launch plan reads it when the
-    plan is made). ``traced`` (a form Inductor launches): the packed weight's alignment from its
-    offset into an aligned allocation, not its address."""
+    (:mod:`bitfx.kernels.front_gemv`): few rows (``FRONT_MAX_M``; an ``eager`` call more, as
+    :func:`bitfx.kernels.front_gemv.takes_rows` says), nothing empty, packed rows the kernel can
+    read as words, and the kernel turned on (:func:`bitfx.kernels.front_gemv.enabled`: by default
+    for an ``eager`` layer's call only). ``traced`` (a form Inductor launches): the packed
+    weight's alignment from its offset into an aligned allocation, not its address."""
     M, K = x2.shape
+    N, Kq = packed.shape
     fg = kernels("front_gemv")
     start = packed.storage_offset() if traced else packed.data_ptr()
-    return (0 < M <= fg.FRONT_MAX_M and K > 0 and packed.shape[0] > 0 and packed.stride(0) % 4 == 0
-            and start % 4 == 0 and fg.enabled(eager))
+    return (0 < M and K > 0 and N > 0 and packed.stride(0) % 4 == 0 and start % 4 == 0 and fg.enabled(eager)
+            and fg.takes_rows(M, N, Kq, K, x2.element_size(), x2.device, eager))
 
 
 @register("ternary_linear", "reference")

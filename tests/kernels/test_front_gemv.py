@@ -20,6 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bitfx import reference as ref
+from bitfx.layout import packed_k
 from bitfx.kernels import front_gemv as fg
 from bitfx.kernels import norm_quant as nq
 from bitfx.kernels import ternary_matmul as tm
@@ -148,6 +149,29 @@ def test_blocks_follow_the_gpu_not_a_table(monkeypatch):
         assert cfg["EVEN_W"] == ((Kq // 4) % cfg["BLOCK_W"] == 0)
 
 
+def test_eager_rows_follow_the_byte_budget(monkeypatch):
+    """One row always takes the fused kernel; more rows only for an eager call, and only while
+    ``M`` passes over the packed weight plus two passes over a row per program fit
+    ``EAGER_BYTES``: the last row count that fits is the one the formula gives."""
+    monkeypatch.setattr(fg, "interpreting", lambda: False)
+    dev = torch.device("cpu")
+    for N, K, x_bytes in [(704, 256, 4), (256, 704, 2), (2560, 2560, 2), (6912, 2560, 2), (20000, 8192, 2)]:
+        Kq = packed_k(K)
+        assert fg.takes_rows(1, N, Kq, K, x_bytes, dev, eager=False)
+        assert fg.takes_rows(1, N, Kq, K, x_bytes, dev, eager=True)
+        assert not fg.takes_rows(2, N, Kq, K, x_bytes, dev, eager=False)
+
+        def read(M):
+            tiles = -(-N // fg.front_config(N, Kq, dev, M=M)["BLOCK_N"])
+            return M * (N * Kq + 2 * tiles * K * x_bytes)
+
+        fits = [M for M in range(2, 2000) if fg.takes_rows(M, N, Kq, K, x_bytes, dev, eager=True)]
+        assert fits == [M for M in range(2, 2000) if read(M) <= fg.EAGER_BYTES]
+        if N * Kq * 2 > fg.EAGER_BYTES:
+            assert not fits  # a large weight: two rows already read more than the budget
+    assert fg.takes_rows(100, 704, packed_k(256), 256, 4, dev, eager=True)  # the main job's GPU model, a prompt
+
+
 def test_switch_reads_the_environment(monkeypatch):
     """Unset: the one-kernel form for eager calls only; 1: everywhere; 0: nowhere; else an error."""
     monkeypatch.delenv("BITFX_FRONT_GEMV", raising=False)
@@ -182,6 +206,34 @@ def test_eager_layer_launches_once_per_decode_row(monkeypatch, setting, kernels,
     with torch.no_grad():
         want = ops_forward(layer, x)
         assert torch.equal(layer(x), want)  # the first call makes the plan
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            got = layer(x)
+            torch.cuda.synchronize()
+    assert torch.equal(got, want)
+    launched = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                and "memset" not in e.name.lower() and "memcpy" not in e.name.lower()]
+    assert len(launched) == kernels, [e.name for e in launched]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("K,N,M,kernels", [(256, 704, 2, 1), (256, 704, 37, 1), (704, 256, 100, 1),
+                                           (2560, 2560, 8, 2)])
+def test_eager_layer_launches_once_for_rows_within_the_budget(monkeypatch, K, N, M, kernels):
+    """Several rows through a small eager layer: one kernel while the re-reads fit the budget
+    (``takes_rows``), two beyond it; the output is the ops' (two kernels) bit for bit."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bitfx.modules import BitfxLinear
+
+    monkeypatch.delenv("BITFX_FRONT_GEMV", raising=False)
+    torch.manual_seed(M)
+    layer = BitfxLinear.from_linear(torch.nn.Linear(K, N, device="cuda", dtype=torch.bfloat16))
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    assert fg.takes_rows(M, N, layer.packed.shape[1], K, 2, x.device, eager=True) == (kernels == 1)
+    with torch.no_grad():
+        want = ops_forward(layer, x)
+        assert torch.equal(layer(x), want)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             got = layer(x)

@@ -159,10 +159,13 @@ def test_no_plan_over_copies():
 def test_eager_plan_logic(monkeypatch):
     """The plans of ``BitfxLinear``'s eager path (run here on the device at hand; the module
     takes this path on CUDA): one per input shape, reused, reading writes into the buffers,
-    replaced with a buffer, dropped by a move and by a copy of the module."""
+    replaced with a buffer, dropped by a move and by a copy of the module. The two-kernel form
+    (the one-kernel form off), whose row classes are finer."""
     import copy
 
     from bitfx import modules
+
+    monkeypatch.setenv("BITFX_FRONT_GEMV", "0")
 
     layer = BitfxLinear.from_linear(torch.nn.Linear(64, 16).to(DEVICE))
     other = BitfxLinear.from_linear(torch.nn.Linear(64, 16).to(DEVICE))
@@ -202,19 +205,26 @@ def test_eager_plan_logic(monkeypatch):
         assert "_plans" not in layer.__dict__
 
 
+@pytest.mark.parametrize("front", [True, False])
 @pytest.mark.parametrize("K,bias", [(36, True), (64, False)])
-def test_eager_plans_across_growing_and_shrinking_row_counts(K, bias):
+def test_eager_plans_across_growing_and_shrinking_row_counts(monkeypatch, K, bias, front):
     """A prompt that grows by a row per call (generation without a KV cache), then shorter
     ones again: every call equals the ops (the CPU: their reference, the interpreter's kernels;
     CUDA: the same kernels, so the same bits), and the layer keeps one plan per row class, not
-    per row count. K = 36 is not a whole number of 4-code words (the codes are padded)."""
+    per row count. K = 36 is not a whole number of 4-code words (the codes are padded). With
+    the one-kernel form (a layer this small takes it for all these rows) and without."""
     from bitfx import modules
 
+    if front:
+        monkeypatch.delenv("BITFX_FRONT_GEMV", raising=False)
+    else:
+        monkeypatch.setenv("BITFX_FRONT_GEMV", "0")
     torch.manual_seed(K)
     layer = BitfxLinear.from_linear(torch.nn.Linear(K, 24, bias=bias).to(DEVICE))
     counts = list(range(2, 20)) + [33, 17, 3, 2, 48]
     N, Kq = layer.packed.shape
-    classes = {modules._row_class(m, N, Kq, layer.packed.device) for m in counts}
+    classes = {modules._row_class(m, N, Kq, K, 4, front, layer.packed.device) for m in counts}
+    assert all((c[0] == "front") == front for c in classes)
     exact = DEVICE == "cuda"
     with torch.no_grad():
         for m in counts:
@@ -227,3 +237,34 @@ def test_eager_plans_across_growing_and_shrinking_row_counts(K, bias):
             else:
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert len(layer._plans) == len(classes) < len(set(counts))
+
+
+def test_eager_one_kernel_form_within_its_byte_budget(monkeypatch):
+    """Row counts whose passes fit ``EAGER_BYTES`` take the one-kernel form (class "front", one
+    kernel's plan), the others the two kernels; both equal the ops, and a layer moving between
+    them keeps a plan for each class."""
+    from bitfx import modules
+    from bitfx.kernels import front_gemv as fg
+
+    monkeypatch.delenv("BITFX_FRONT_GEMV", raising=False)
+    monkeypatch.setattr(modules, "_ROW_CLASSES", {})  # classes made under this budget only
+    torch.manual_seed(0)
+    K, N = 40, 24
+    layer = BitfxLinear.from_linear(torch.nn.Linear(K, N).to(DEVICE))
+    Kq = layer.packed.shape[1]
+    dev = layer.packed.device
+    per_row = N * Kq + 2 * -(-N // fg.front_config(N, Kq, dev, M=5)["BLOCK_N"]) * K * 4
+    monkeypatch.setattr(fg, "EAGER_BYTES", 5 * per_row)
+    fronts = {m: modules._row_class(m, N, Kq, K, 4, True, dev)[0] == "front" for m in range(1, 12)}
+    assert fronts[1] and fronts[5], fronts
+    assert not any(fronts[m] for m in range(6, 12)), fronts  # 6 rows read more than the budget
+    with torch.no_grad():
+        for m in (3, 9, 4, 10, 5, 6):
+            x = torch.randn(m, K, device=DEVICE)
+            got = modules._launch_direct(layer, x, layer.bias, 127)
+            if DEVICE == "cuda":
+                assert torch.equal(got, ops_forward(layer, x)), f"{m} rows"
+            else:
+                torch.testing.assert_close(got, ops_forward(layer, x), rtol=1e-5, atol=1e-5)
+    kinds = sorted(k[-1][0] == "front" for k in layer._plans)
+    assert kinds[-1] and not kinds[0], layer._plans.keys()
