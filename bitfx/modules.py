@@ -82,36 +82,41 @@ def _launch_direct(layer: "BitfxLinear", x: Tensor, bias: Tensor | None, qmax: i
     through the layer's launch plan for this input (row length, strides, dtype, 16-byte
     alignment, device, and the class of its row count: :func:`_row_class`): the launch rules
     resolved and the compiled launchers bound on the first call
-    (:meth:`bitfx.kernels._launch.Launcher.bind`), so that a later call allocates its outputs
+    (:meth:`bitfx.kernels._launch.Launcher.bind`), so that a later call allocates its output
     and launches its kernels, nothing more. A plan holds the layer's tensors by identity:
     a buffer replaced (``.to()``, assignment) gets new plans; a write into one is read by the
-    next launch as by any."""
-    from bitfx.kernels import norm_quant as nq, ternary_matmul as tm
-
+    next launch as by any. Whether the one-kernel form may serve the layer (its packed rows
+    readable as words, ``BITFX_FRONT_GEMV``) is decided once per packed weight."""
     x2 = x.reshape(-1, x.shape[-1])
     if x2.shape[1] > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
-    buffers = layer._buffers
+    state, buffers = layer.__dict__, layer._buffers
     packed, w_scale = buffers["packed"], buffers["w_scale"]
-    current = torch.cuda.current_device() if x2.is_cuda else -1  # the device Triton launches on
     M, K = x2.shape
     N, Kq = packed.shape
-    front = (K > 0 and N > 0 and packed.stride(0) % 4 == 0 and not packed.data_ptr() & 3
-             and kernels("front_gemv").enabled(eager=True))
-    row_class = _row_class(M, N, Kq, K, x2.element_size(), front, x2.device)
-    key = (K, x2.stride(), x2.dtype, not x2.data_ptr() & 15, x2.device, current, qmax, row_class)
-    plans = layer.__dict__.setdefault("_plans", {})
+    front = state.get("_front")
+    if front is None or front[0] is not packed:
+        ok = (K > 0 and N > 0 and packed.stride(0) % 4 == 0 and not packed.data_ptr() & 3
+              and kernels("front_gemv").enabled(eager=True))
+        front = state["_front"] = (packed, ok)
+    device = x2.device
+    row_class = _row_class(M, N, Kq, K, x2.element_size(), front[1], device)
+    current = torch.cuda.current_device() if x2.is_cuda else -1  # the device Triton launches on
+    key = (K, x2.stride(), x2.dtype, not x2.data_ptr() & 15, device, current, qmax, row_class)
+    plans = state.get("_plans")
+    if plans is None:
+        plans = state["_plans"] = {}
     plan = plans.get(key)
     if plan is not None and plan[0] is packed and plan[1] is w_scale and plan[2] is bias:
         out = plan[3](x2)
     else:
         if row_class[0] == "front":  # quantization and matmul in one kernel, the same numbers
             out, _, run = kernels("front_gemv").front_gemv(x2, None, 0.0, False, False, torch.float32, False, qmax,
-                                                           packed, w_scale, bias, x.dtype, bind=True)
+                                                           packed, w_scale, bias, x.dtype, bind=True, scale=False)
         else:
-            q, x_scale, _, quant = nq._launch_quant(x2, None, 0.0, False, False, torch.float32, norm=False,
-                                                    qmax=qmax, bind=True)
-            out, matmul = tm.run(q, x_scale, packed, w_scale, bias, x.dtype, bind=True)
+            q, x_scale, _, quant = kernels("norm_quant")._launch_quant(x2, None, 0.0, False, False, torch.float32,
+                                                                       norm=False, qmax=qmax, bind=True)
+            out, matmul = kernels("ternary_matmul").run(q, x_scale, packed, w_scale, bias, x.dtype, bind=True)
             run = None if quant is None or matmul is None else _two_launches(quant, matmul)
         if plan is not None or len(plans) >= _MAX_PLANS:
             plans.clear()  # tensors replaced since (or too many shapes): drop what the old plans hold
@@ -360,10 +365,12 @@ class BitfxLinear(_CheckedState):
         # Launch plans are bound to this layer's tensors: a copy (deepcopy, pickle) makes its own.
         state = self.__dict__.copy()
         state.pop("_plans", None)
+        state.pop("_front", None)
         return state
 
     def _apply(self, fn, recurse=True):
         self.__dict__.pop("_plans", None)  # launch plans hold the tensors being replaced
+        self.__dict__.pop("_front", None)
         return _apply_keeping_fp32(self, "w_scale", super()._apply, fn, recurse)
 
 

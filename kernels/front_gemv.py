@@ -111,7 +111,7 @@ def _front_gemv_kernel(
     W,  # [K] norm weight (unused unless HAS_WEIGHT)
     w_ptr,  # packed weight as int32 words [N, Kq4] (uint8 rows with BYTE_PTRS)
     sw_ptr, bias_ptr, out_ptr,  # s_w fp32 [N], bias [N], out [M, N]
-    SX,  # [M] fp32 out: s_x (written by the first program of each row)
+    SX,  # [M] fp32 out: s_x (written by the first program of each row, if WRITE_SX)
     N, K, Kq4, stride_x, stride_wn, stride_om, eps,
     NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, OFFSET: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr,
     X_ROUND: tl.constexpr, Y_ROUND: tl.constexpr, QMAX: tl.constexpr,
@@ -120,6 +120,7 @@ def _front_gemv_kernel(
     EVEN_W: tl.constexpr,  # BLOCK_W divides Kq4
     USE_ASM: tl.constexpr, HAS_BIAS: tl.constexpr, STREAM_HINT: tl.constexpr,
     PDL: tl.constexpr, PREFETCH: tl.constexpr, RN_MUL: tl.constexpr, BYTE_PTRS: tl.constexpr,
+    WRITE_SX: tl.constexpr,
 ):
     """Program ``(pid_n, m)``: ``out[m, BLOCK_N rows]`` of the ternary linear of row ``m`` of X
     (module docstring)."""
@@ -138,8 +139,9 @@ def _front_gemv_kernel(
     rstd, amax = _row_stats(X, W, K, eps, tl.arange(0, BLOCK_K), NORM, HAS_WEIGHT, OFFSET, CAST_BEFORE_WEIGHT,
                             X_ROUND, Y_ROUND, RN_MUL)
     scale, bad = _absmax_scale(amax, QMAX)
-    if pid_n == 0:
-        tl.store(SX + row, scale)
+    if WRITE_SX:
+        if pid_n == 0:
+            tl.store(SX + row, scale)
 
     # The product: codes made per K step, four planes of BLOCK_W words each.
     acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)
@@ -217,8 +219,8 @@ def launch_class(M: int, N: int, Kq: int, device: torch.device) -> tuple:
 
 
 def front_gemv(x, weight, eps, offset, cast_before_weight, norm_dtype, normalize, qmax, packed, w_scale, bias,
-               out_dtype, traced=False, bind=False):
-    """``(out [M, N], s_x [M])``: the ternary linear of ``x``'s rows, RMSNorm'd (``normalize``)
+               out_dtype, traced=False, bind=False, scale=True):
+    """``(out [M, N], s_x [M])`` (``s_x`` None unless ``scale``): the ternary linear of ``x``'s rows, RMSNorm'd (``normalize``)
     or not, in one launch (module docstring). The caller checked the arguments (the op's guard):
     ``x [M, K]`` float with a contiguous last dimension, ``weight [K]`` or None, ``packed`` uint8
     ``[N, packed_k(K)]`` with contiguous rows starting 4-byte aligned, ``w_scale`` fp32 ``[N]``,
@@ -235,14 +237,14 @@ def front_gemv(x, weight, eps, offset, cast_before_weight, norm_dtype, normalize
     if not traced and (M == 0 or N == 0 or K == 0):
         raise ValueError(f"front_gemv: empty operands (M={M}, N={N}, K={K}); the two-kernel path takes them")
     out = torch.empty((M, N), dtype=out_dtype, device=device)
-    s_x = torch.empty((M,), dtype=torch.float32, device=device)
+    s_x = torch.empty((M,), dtype=torch.float32, device=device) if scale else None
     if traced:
         K, N, Kq = int(K), int(N), int(Kq)
     cfg = front_config(N, Kq, device, M=1 if traced else M)  # (traced: M may be symbolic; few rows there)
     pdl = pdl_enabled(device) and not traced
     w = packed if traced else packed.view(torch.int32)
     stride_wn = int(packed.stride(0)) // 4
-    args = (x, x if weight is None else weight, w, w_scale, bias, out, s_x,
+    args = (x, x if weight is None else weight, w, w_scale, bias, out, out if s_x is None else s_x,
             N, K, Kq // 4, x.stride(0), stride_wn, out.stride(0), float(eps))
     constexprs = dict(NORM=bool(normalize), HAS_WEIGHT=weight is not None and bool(normalize), OFFSET=bool(offset),
                       CAST_BEFORE_WEIGHT=bool(cast_before_weight), X_ROUND=_round_code(x.dtype),
@@ -252,7 +254,7 @@ def front_gemv(x, weight, eps, offset, cast_before_weight, norm_dtype, normalize
                       USE_ASM=device.type == "cuda" and torch.version.hip is None and not interpreting(),
                       HAS_BIAS=bias is not None, STREAM_HINT=True, PDL=pdl, PREFETCH=pdl,
                       RN_MUL=device.type == "cuda" and torch.version.hip is None and not interpreting(),
-                      BYTE_PTRS=traced)
+                      BYTE_PTRS=traced, WRITE_SX=bool(scale))
     regs = {"maxnreg": _MAX_REGS} if constexprs["USE_ASM"] and _MAX_REGS else {}  # CUDA (not HIP, not the interpreter)
     launch = _FRONT.launch((cdiv(N, cfg["BLOCK_N"]), M), args, constexprs, traced=traced, bind=bind,
                            num_warps=_NUM_WARPS, num_stages=1, launch_pdl=pdl, **regs)
@@ -263,9 +265,8 @@ def front_gemv(x, weight, eps, offset, cast_before_weight, norm_dtype, normalize
     def again(x):
         M = x.shape[0]
         out = empty((M, N), dtype=out_dtype, device=device)
-        launch(x, x if weight is None else weight, w, w_scale, bias, out, empty((M,), dtype=torch.float32,
-                                                                                 device=device), *sizes,
-               grid=(tiles_n, M))
+        sx = empty((M,), dtype=torch.float32, device=device) if scale else out
+        launch(x, x if weight is None else weight, w, w_scale, bias, out, sx, *sizes, grid=(tiles_n, M))
         return out
 
     return out, s_x, again

@@ -130,6 +130,22 @@ def test_random_activations_agree_up_to_the_norms_rounding():
         assert_close_up_to_code_flips(got.cpu(), want.cpu())
 
 
+def test_without_the_scale_the_same_output():
+    """``scale=False`` (an eager layer's launches: nobody reads ``s_x``) writes no scales and
+    gives the same output bit for bit, bound or not, for any rows of the bound class."""
+    x, gw, packed, s_w, b = _operands(6, 40, 72, torch.float32, seed=3, integer=False, bias=True)
+    args = (x, None, 0.0, False, False, torch.float32, False, 127, packed, s_w, b, torch.float32)
+    want, s_want = fg.front_gemv(*args)
+    got, s_got = fg.front_gemv(*args, scale=False)
+    assert s_got is None and s_want.shape == (6,)
+    assert torch.equal(got, want)
+    out, s_none, again = fg.front_gemv(*args, bind=True, scale=False)
+    assert s_none is None and torch.equal(out, want)
+    x2 = torch.randn(4, 72, device=x.device) * 3
+    assert fg.launch_class(4, 40, packed.shape[1], x.device) == fg.launch_class(6, 40, packed.shape[1], x.device)
+    assert torch.equal(again(x2), fg.front_gemv(x2, *args[1:])[0])
+
+
 def test_empty_operands_are_refused():
     x, gw, packed, s_w, _ = _operands(1, 8, 16, torch.float32, seed=0)
     with pytest.raises(ValueError, match="empty"):
