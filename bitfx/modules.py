@@ -87,7 +87,8 @@ def _launch_direct(layer: "BitfxLinear", x: Tensor, bias: Tensor | None, qmax: i
     a buffer replaced (``.to()``, assignment) gets new plans; a write into one is read by the
     next launch as by any. Whether the one-kernel form may serve the layer (its packed rows
     readable as words, ``BITFX_FRONT_GEMV``) is decided once per packed weight."""
-    x2 = x.reshape(-1, x.shape[-1])
+    flat = x.dim() == 2
+    x2 = x if flat else x.reshape(-1, x.shape[-1])
     if x2.shape[1] > 1 and x2.stride(1) != 1:
         x2 = x2.contiguous()
     state, buffers = layer.__dict__, layer._buffers
@@ -101,7 +102,7 @@ def _launch_direct(layer: "BitfxLinear", x: Tensor, bias: Tensor | None, qmax: i
         front = state["_front"] = (packed, ok)
     device = x2.device
     row_class = _row_class(M, N, Kq, K, x2.element_size(), front[1], device)
-    current = torch.cuda.current_device() if x2.is_cuda else -1  # the device Triton launches on
+    current = _current_device() if x2.is_cuda else -1  # the device Triton launches on
     key = (K, x2.stride(), x2.dtype, not x2.data_ptr() & 15, device, current, qmax, row_class)
     plans = state.get("_plans")
     if plans is None:
@@ -122,7 +123,13 @@ def _launch_direct(layer: "BitfxLinear", x: Tensor, bias: Tensor | None, qmax: i
             plans.clear()  # tensors replaced since (or too many shapes): drop what the old plans hold
         if run is not None:
             plans[key] = (packed, w_scale, bias, run)
-    return out.view(*x.shape[:-1], N)
+    return out if flat else out.view(*x.shape[:-1], N)
+
+
+def _current_device() -> int:
+    """``torch.cuda.current_device()`` where CUDA is initialized (a CUDA tensor exists), without
+    its per-call initialization check."""
+    return torch._C._cuda_getDevice()
 
 
 def _two_launches(quant, matmul):
@@ -310,6 +317,13 @@ class BitfxLinear(_CheckedState):
             )
         buffers = self._buffers  # (three reads through nn.Module.__getattr__ cost the host a microsecond or two)
         packed, w_scale, bias = buffers["packed"], buffers["w_scale"], buffers["bias"]
+        grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+        if (not grad and self.terms == 1 and not w_scale.is_meta and (bias is None or not bias.is_meta)
+                and _direct_launch(x, packed)):
+            # Eager on CUDA (a CUDA weight is loaded): the op's kernels launched directly (no
+            # dispatcher, no per-call checks: the buffers were checked when built or loaded, the
+            # input above).
+            return _launch_direct(self, x, bias, act_qmax(self.act_bits))
         if (packed.is_meta or w_scale.is_meta or (bias is not None and bias.is_meta)) and not x.is_meta:
             self._raise_unloaded()
         # Several terms: one matmul over the stacked [terms * N] rows (one pass over the
@@ -317,11 +331,6 @@ class BitfxLinear(_CheckedState):
         out_dtype = x.dtype if self.terms == 1 else torch.float32
         op_bias = bias if self.terms == 1 else None
         bits = () if self.act_bits == 8 else (self.act_bits,)  # the ops' default: 8
-        grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-        if not grad and self.terms == 1 and _direct_launch(x, packed):
-            # Eager on CUDA: the op's two kernels launched directly (no dispatcher, no per-call
-            # checks: the buffers were checked when built or loaded, the input above).
-            return _launch_direct(self, x, bias, act_qmax(self.act_bits))
         if grad:
             # A gradient must pass through (the packed weight stays frozen): the same two kernels,
             # with a straight-through backward.
