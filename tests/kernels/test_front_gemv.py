@@ -201,14 +201,29 @@ def test_switch_reads_the_environment(monkeypatch):
         fg.enabled()
 
 
+def _kernels_of_a_planned_call(layer, x) -> list[str]:
+    """The CUDA kernels (no copies or fills) of an eager call of ``layer`` on ``x`` once its
+    launch plan exists; both calls equal the ops (two kernels) bit for bit."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        want = ops_forward(layer, x)
+        assert torch.equal(layer(x), want)  # the first call makes the plan
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            got = layer(x)
+            torch.cuda.synchronize()
+    assert torch.equal(got, want)
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+            and "memset" not in e.name.lower() and "memcpy" not in e.name.lower()]
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("setting,kernels", [(None, 1), ("0", 2), ("1", 1)])
 @pytest.mark.parametrize("act_bits", [8, 4])
 def test_eager_layer_launches_once_per_decode_row(monkeypatch, setting, kernels, act_bits):
     """An eager ``BitfxLinear`` on one row: one kernel by default (the host is the limit there),
     two with ``BITFX_FRONT_GEMV=0``; the output is the ops' (two kernels) bit for bit either way."""
-    from torch.profiler import ProfilerActivity, profile
-
     from bitfx.modules import BitfxLinear
 
     if setting is None:
@@ -219,17 +234,8 @@ def test_eager_layer_launches_once_per_decode_row(monkeypatch, setting, kernels,
     layer = BitfxLinear.from_linear(torch.nn.Linear(2560, 640, device="cuda", dtype=torch.bfloat16))
     layer.act_bits = act_bits
     x = torch.randn(1, 1, 2560, device="cuda", dtype=torch.bfloat16)
-    with torch.no_grad():
-        want = ops_forward(layer, x)
-        assert torch.equal(layer(x), want)  # the first call makes the plan
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            got = layer(x)
-            torch.cuda.synchronize()
-    assert torch.equal(got, want)
-    launched = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                and "memset" not in e.name.lower() and "memcpy" not in e.name.lower()]
-    assert len(launched) == kernels, [e.name for e in launched]
+    launched = _kernels_of_a_planned_call(layer, x)
+    assert len(launched) == kernels, launched
 
 
 @pytest.mark.cuda
@@ -238,8 +244,6 @@ def test_eager_layer_launches_once_per_decode_row(monkeypatch, setting, kernels,
 def test_eager_layer_launches_once_for_rows_within_the_budget(monkeypatch, K, N, M, kernels):
     """Several rows through a small eager layer: one kernel while the re-reads fit the budget
     (``takes_rows``), two beyond it; the output is the ops' (two kernels) bit for bit."""
-    from torch.profiler import ProfilerActivity, profile
-
     from bitfx.modules import BitfxLinear
 
     monkeypatch.delenv("BITFX_FRONT_GEMV", raising=False)
@@ -247,14 +251,5 @@ def test_eager_layer_launches_once_for_rows_within_the_budget(monkeypatch, K, N,
     layer = BitfxLinear.from_linear(torch.nn.Linear(K, N, device="cuda", dtype=torch.bfloat16))
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     assert fg.takes_rows(M, N, layer.packed.shape[1], K, 2, x.device, eager=True) == (kernels == 1)
-    with torch.no_grad():
-        want = ops_forward(layer, x)
-        assert torch.equal(layer(x), want)
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            got = layer(x)
-            torch.cuda.synchronize()
-    assert torch.equal(got, want)
-    launched = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                and "memset" not in e.name.lower() and "memcpy" not in e.name.lower()]
-    assert len(launched) == kernels, [e.name for e in launched]
+    launched = _kernels_of_a_planned_call(layer, x)
+    assert len(launched) == kernels, launched
