@@ -78,14 +78,16 @@ def test_equals_the_two_kernels_bit_for_bit(K, N, case):
         assert got.dtype == out_dtype and torch.equal(got, want), (got - want).abs().max()
 
 
-@given(K=st.integers(1, 300 if CUDA else 90), N=st.integers(1, 300 if CUDA else 40),
+@given(M=st.integers(1, 80 if CUDA else 4), K=st.integers(1, 300 if CUDA else 90),
+       N=st.integers(1, 300 if CUDA else 40),
        dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), normalize=st.booleans(),
        offset=st.booleans(), cbw=st.booleans(), bias=st.booleans(), bits=st.sampled_from([8, 6, 4]),
        seed=st.integers(0, 2**16))
-def test_fuzzed_shapes_equal_the_two_kernels(K, N, dtype, normalize, offset, cbw, bias, bits, seed):
-    """Any K (padding columns, partial words), any N (partial row blocks), every flag: the same
-    scale and output as the two kernels, bit for bit (integer-valued rows: exact sums of squares)."""
-    x, gw, packed, s_w, b = _operands(1, N, K, dtype, seed=seed, bias=bias)
+def test_fuzzed_shapes_equal_the_two_kernels(M, K, N, dtype, normalize, offset, cbw, bias, bits, seed):
+    """Any rows (an eager call takes the kernel for several; their count sets the blocks), any K
+    (padding columns, partial words), any N (partial row blocks), every flag: the same scale and
+    output as the two kernels, bit for bit (integer-valued rows: exact sums of squares)."""
+    x, gw, packed, s_w, b = _operands(M, N, K, dtype, seed=seed, bias=bias)
     gw = gw if normalize else None
     qmax = 2 ** (bits - 1) - 1
     args = (x, gw, 1e-6, offset, cbw, dtype, normalize, qmax, packed, s_w, b, dtype)
