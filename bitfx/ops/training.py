@@ -113,22 +113,25 @@ def _(weights: list[Tensor], per_channel: list[bool]) -> tuple[Tensor, Tensor]:
     parts = [w.detach().float() for w in weights]
     wf = torch.cat(parts) if len(parts) > 1 else parts[0]
     N, K = wf.shape
-    row_sum = wf.abs().sum(dim=1)
-    row_finite = torch.isfinite(wf).all(dim=1)
-    means, finite, at = [], [], 0
+    a = wf.abs()
+    row_sum = a.sum(dim=1)
+    # A group holds NaN or Inf exactly where its largest |w| is not finite (max propagates NaN):
+    # one test on the groups' maxima, not an all() over every element per group (fewer nodes).
+    row_max = a.amax(dim=1)
+    means, maxima, at = [], [], 0
     for w, pc in zip(weights, per_channel):
         n = w.shape[0]
         if pc:
             means.append(row_sum[at:at + n].double() / K)
-            finite.append(row_finite[at:at + n])
+            maxima.append(row_max[at:at + n])
         else:
             means.append(row_sum[at:at + n].sum(0, keepdim=True).double() / (n * K))
-            finite.append(row_finite[at:at + n].all(0, keepdim=True))
+            maxima.append(row_max[at:at + n].amax(0, keepdim=True))
         at += n
     mean = (torch.cat(means) if len(means) > 1 else means[0]).float()
-    group_finite = torch.cat(finite) if len(finite) > 1 else finite[0]
+    group_max = torch.cat(maxima) if len(maxima) > 1 else maxima[0]
     group_scale = (1.0 / mean.clamp(min=SCALE_FLOOR).double()).float()
-    group_scale = torch.where(group_finite, group_scale, float("nan"))
+    group_scale = torch.where(torch.isfinite(group_max), group_scale, float("nan"))
     if all(per_channel):
         scale = group_scale
     else:  # each per-tensor scale repeated over its block's rows
