@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from bitfx import ops  # noqa: F401  (registers torch.ops.bitfx.*)
+from bitfx.kernels._utils import current_cuda_device
 from bitfx.ops.library import kernels
 from bitfx.layout import FLOAT_DTYPES, FORMAT, check_packed_shape, packed_k
 from bitfx.reference import act_qmax, check_ternary_codes, pack_ternary, ternary_terms
@@ -86,7 +87,8 @@ def _launch_direct(layer: "BitfxLinear", x: Tensor, bias: Tensor | None, qmax: i
     and launches its kernels, nothing more. A plan holds the layer's tensors by identity:
     a buffer replaced (``.to()``, assignment) gets new plans; a write into one is read by the
     next launch as by any. Whether the one-kernel form may serve the layer (its packed rows
-    readable as words, ``BITFX_FRONT_GEMV``) is decided once per packed weight."""
+    readable as words, ``BITFX_FRONT_GEMV``) is decided once per packed weight. The kernels run
+    on the input's device, made current for the call where another is (``device_map``)."""
     flat = x.dim() == 2
     x2 = x if flat else x.reshape(-1, x.shape[-1])
     if x2.shape[1] > 1 and x2.stride(1) != 1:
@@ -101,8 +103,11 @@ def _launch_direct(layer: "BitfxLinear", x: Tensor, bias: Tensor | None, qmax: i
               and kernels("front_gemv").enabled(eager=True))
         front = state["_front"] = (packed, ok)
     device = x2.device
+    current = current_cuda_device() if x2.is_cuda else -1  # the device Triton launches on
+    if current != -1 and device.index != current:  # a model spread over GPUs: launch on the input's
+        with torch.cuda.device(device):
+            return _launch_direct(layer, x, bias, qmax)
     row_class = _row_class(M, N, Kq, K, x2.element_size(), front[1], device)
-    current = _current_device() if x2.is_cuda else -1  # the device Triton launches on
     key = (K, x2.stride(), x2.dtype, not x2.data_ptr() & 15, device, current, qmax, row_class)
     plans = state.get("_plans")
     if plans is None:
@@ -124,12 +129,6 @@ def _launch_direct(layer: "BitfxLinear", x: Tensor, bias: Tensor | None, qmax: i
         if run is not None:
             plans[key] = (packed, w_scale, bias, run)
     return out if flat else out.view(*x.shape[:-1], N)
-
-
-def _current_device() -> int:
-    """``torch.cuda.current_device()`` where CUDA is initialized (a CUDA tensor exists), without
-    its per-call initialization check."""
-    return torch._C._cuda_getDevice()
 
 
 def _two_launches(quant, matmul):

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from bitfx.kernels._utils import interpreting
+from bitfx.kernels._utils import current_cuda_device, interpreting
 
 __all__ = ["Launcher"]
 
@@ -114,6 +114,12 @@ class Launcher:
     def __call__(self, grid: tuple, args: tuple, constexprs: dict, **options):
         """Launch; returns the cached compiled launch ``(run, function, metadata, constexpr
         values)`` it used or made (None where the launch went through ``kernel[grid]`` only)."""
+        first = args[0]  # every bitfx kernel's first argument is a tensor
+        if isinstance(first, _Tensor) and first.is_cuda:
+            device = first.get_device()
+            if device != current_cuda_device():  # Triton launches on the current device: make it the tensors'
+                with torch.cuda.device(device):
+                    return self(grid, args, constexprs, **options)
         if not self._direct or interpreting() or _hooks_set():
             self.fn[grid](*args, **constexprs, **options)
             return None
@@ -142,7 +148,12 @@ class Launcher:
         Triton would specialize as ``args`` (the same dtypes, 16-byte alignment and int classes:
         the caller's promise). ``again`` calls the compiled launcher with no key to build; where
         launches do not go through it (the interpreter, an old Triton) and while a launch hook is
-        installed, it launches through :meth:`__call__`."""
+        installed, it launches through :meth:`__call__`; so does a call while another device
+        than the bound launch's is current (which :meth:`__call__` makes the tensors')."""
+        first = args[0]
+        if isinstance(first, _Tensor) and first.is_cuda and first.get_device() != current_cuda_device():
+            with torch.cuda.device(first.get_device()):
+                return self.bind(grid, args, constexprs, **options)
         entry = self(grid, args, constexprs, **options)
         if entry is None:
             def again(*new_args, grid=grid):
@@ -156,7 +167,7 @@ class Launcher:
         stream = _stream()
 
         def again(*new_args, grid=None):
-            if _hooks_set():
+            if _hooks_set() or current_cuda_device() != device:
                 self(bound if grid is None else grid, new_args, constexprs, **options)
             elif grid is None:
                 run(g0, g1, g2, stream(device), function, metadata, None, None, None, *new_args, *tail_values)

@@ -27,6 +27,41 @@ def env(name: str) -> str | None:
     return None if value is None else os.fsdecode(value)
 
 
+def current_cuda_device() -> int:
+    """The current CUDA device's index (``torch.cuda.current_device()`` without its per-call
+    initialization check: call it where a CUDA tensor exists)."""
+    return torch._C._cuda_getDevice()
+
+
+def cuda_index(args) -> int:
+    """The device index of the first CUDA tensor among ``args`` (a tensor, or a list or tuple
+    whose first item is one), -1 if there is none."""
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            a = a[0] if a else None
+        if isinstance(a, torch.Tensor):
+            return a.get_device() if a.is_cuda else -1
+    return -1
+
+
+def on_input_device(fn):
+    """``fn`` run with the current CUDA device set to its inputs' (the first CUDA tensor among
+    its positional arguments) where they differ. A Triton kernel launches on the current
+    device, whatever device its tensors are on: a model spread over GPUs (``device_map``) calls
+    layers on ``cuda:1`` while ``cuda:0`` is current, and the launch would read another GPU's
+    addresses (an error at best). Costs a comparison where the devices agree."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        index = cuda_index(args)
+        if index < 0 or index == current_cuda_device():
+            return fn(*args, **kwargs)
+        with torch.cuda.device(index):
+            return fn(*args, **kwargs)
+
+    return run
+
+
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for host code (``triton.cdiv`` costs microseconds a call in recent Triton)."""
     return -(-a // b)

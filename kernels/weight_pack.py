@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from bitfx import layout
-from bitfx.kernels._utils import cdiv, next_pow2, FLOAT_DTYPES, check_device, check_dtype, interpreting
+from bitfx.kernels._utils import cdiv, next_pow2, FLOAT_DTYPES, check_device, check_dtype, interpreting, on_input_device
 
 __all__ = ["weight_scale", "quantize_pack", "weight_quant", "unpack_ternary", "dequantize"]
 
@@ -77,6 +77,7 @@ def _abs_row_sum_kernel(
     tl.store(out_ptr + rows, tl.where(nonfinite, float("nan"), total), mask=row_mask)
 
 
+@on_input_device
 def weight_scale(w: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
     """Absmean scale ``s_w = 1 / max(mean(|W|), 1e-5)``: fp32 ``[N]`` for ``w [N, K]``.
 
@@ -152,6 +153,7 @@ def _quantize_pack_kernel(
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * Kq + idx[None, :], packed.to(tl.uint8), mask=out_mask)
 
 
+@on_input_device
 def quantize_pack(w: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
     """Ternarize ``w [N, K]`` with the scales ``s_w`` fp32 ``[N]`` and pack: uint8 ``[N, Kq]``.
 
@@ -176,6 +178,7 @@ def quantize_pack(w: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@on_input_device
 def weight_quant(w: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Absmean ternary quantization and packing: ``(packed uint8 [N, Kq], s_w fp32 [N])``."""
     s_w = weight_scale(w, per_channel)
@@ -244,11 +247,13 @@ def _unpack_launch(name: str, packed: torch.Tensor, s_w: torch.Tensor | None, K:
     return out
 
 
+@on_input_device
 def unpack_ternary(packed: torch.Tensor, K: int) -> torch.Tensor:
     """Unpack uint8 ``[N, Kq]`` to the ternary codes ``t`` int8 ``[N, K]`` in {-1, 0, 1}."""
     return _unpack_launch("unpack_ternary", packed, None, K, torch.int8)
 
 
+@on_input_device
 def dequantize(packed: torch.Tensor, s_w: torch.Tensor, K: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The dequantized weight ``t / s_w`` (fp32 division, then cast to ``dtype``): ``[N, K]``.
 

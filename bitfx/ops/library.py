@@ -23,6 +23,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from bitfx.kernels._utils import on_input_device
 from bitfx.layout import FLOAT_DTYPES, packed_k
 
 __all__ = ["LIB", "SCHEMAS", "register", "kernels", "rows", "dtype_name"]
@@ -77,13 +78,16 @@ _KEYS = {"reference": "CompositeExplicitAutograd", "composite": "CompositeImplic
 
 def register(name: str, key: str) -> Callable:
     """Decorator: ``fn`` as the implementation of ``bitfx::name`` for ``key`` (``"reference"``,
-    ``"composite"``, ``"cuda"``, ``"fake"``)."""
+    ``"composite"``, ``"cuda"``, ``"fake"``). A ``"cuda"`` implementation runs on its inputs'
+    device (:func:`bitfx.kernels._utils.on_input_device`)."""
     if name not in SCHEMAS:
         raise KeyError(f"bitfx: no op {name!r} in the catalogue")
 
     def add(fn: Callable) -> Callable:
         if key == "fake":
             torch.library.register_fake(f"bitfx::{name}", fn, lib=LIB)
+        elif key == "cuda":  # Triton launches on the current device: make it the inputs'
+            LIB.impl(name, on_input_device(fn), _KEYS[key])
         else:
             LIB.impl(name, fn, _KEYS[key])
         return fn
