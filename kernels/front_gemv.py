@@ -220,9 +220,10 @@ def launch_class(M: int, N: int, Kq: int, device: torch.device) -> tuple:
 
 def front_gemv(x, weight, eps, offset, cast_before_weight, norm_dtype, normalize, qmax, packed, w_scale, bias,
                out_dtype, traced=False, bind=False, scale=True):
-    """``(out [M, N], s_x [M])`` (``s_x`` None unless ``scale``): the ternary linear of ``x``'s rows, RMSNorm'd (``normalize``)
-    or not, in one launch (module docstring). The caller checked the arguments (the op's guard):
-    ``x [M, K]`` float with a contiguous last dimension, ``weight [K]`` or None, ``packed`` uint8
+    """``(out [M, N], s_x [M])`` (``s_x`` None unless ``scale``): the ternary linear of ``x``'s
+    rows, RMSNorm'd (``normalize``) or not, in one launch (module docstring). The caller checked
+    the arguments (the op's guard): ``x [M, K]`` float with a contiguous last dimension,
+    ``weight [K]`` or None, ``packed`` uint8
     ``[N, packed_k(K)]`` with contiguous rows starting 4-byte aligned, ``w_scale`` fp32 ``[N]``,
     ``bias [N]`` or None, ``out_dtype`` fp32/fp16/bf16, ``norm_dtype`` as ``norm_quant`` takes it.
 
