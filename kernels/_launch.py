@@ -150,10 +150,6 @@ class Launcher:
         launches do not go through it (the interpreter, an old Triton) and while a launch hook is
         installed, it launches through :meth:`__call__`; so does a call while another device
         than the bound launch's is current (which :meth:`__call__` makes the tensors')."""
-        first = args[0]
-        if isinstance(first, _Tensor) and first.is_cuda and first.get_device() != current_cuda_device():
-            with torch.cuda.device(first.get_device()):
-                return self.bind(grid, args, constexprs, **options)
         entry = self(grid, args, constexprs, **options)
         if entry is None:
             def again(*new_args, grid=grid):
@@ -163,7 +159,7 @@ class Launcher:
         run, function, metadata, tail_values = entry
         bound = grid
         g0, g1, g2 = _grid3(grid)
-        device = torch.cuda.current_device()
+        device = args[0].get_device()  # the device __call__ launched on (a launch through the compiled launcher: CUDA)
         stream = _stream()
 
         def again(*new_args, grid=None):

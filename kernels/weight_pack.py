@@ -178,9 +178,9 @@ def quantize_pack(w: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@on_input_device
 def weight_quant(w: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Absmean ternary quantization and packing: ``(packed uint8 [N, Kq], s_w fp32 [N])``."""
+    """Absmean ternary quantization and packing: ``(packed uint8 [N, Kq], s_w fp32 [N])`` (each
+    launcher on ``w``'s device)."""
     s_w = weight_scale(w, per_channel)
     return quantize_pack(w, s_w), s_w
 
