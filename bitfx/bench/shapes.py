@@ -11,8 +11,12 @@ The shape space: K and N multiples of 128 in [1024, 32768], M in [1, 8192]. K an
 log-uniform and rounded to a multiple of 128. One draw in four is a decode / small-batch shape
 (M = 1 on every other such draw, else M log-uniform in [2, 16]); the other draws spread M
 log-uniform over [1, 8192], stratified (one draw per equal slice of log M, slices in random
-order) so that every run covers small and large M. A seeded ``random.Random`` makes the list
-reproducible (``--seed``); ``--shapes`` gives an explicit list instead.
+order) so that every run covers small and large M. Each run draws a fresh list (a seed taken
+from the operating system, printed in the header and written to results.json); ``--seed``
+repeats a run's list, ``--shapes`` gives an explicit list instead.
+
+Targets, reported in the summary line: every shape with M >= 128 at least as fast as bf16 under
+Inductor (``PREFILL_TARGET``), and M = 1 with K * N >= 2^24 at least 3x (``DECODE_TARGET``).
 
 Method (the building blocks of :mod:`bitfx.bench.sites`, imported, not copied): each site is
 built by ``sites.Site`` (random normal inputs, rotating weight copies so that the weights stream
@@ -60,7 +64,9 @@ M_MAX = 8192
 SMALL_M_MAX = 16  # decode / small batch
 SMALL_EVERY = 4  # one draw in SMALL_EVERY is a decode / small-batch shape
 DECODE_KN = 2**24  # "large" decode shapes: K * N >= 4096 * 4096
-DECODE_TARGET = 4.0
+DECODE_TARGET = 3.0  # M = 1 with K * N >= DECODE_KN: bitfx at least this many times bf16 Inductor
+PREFILL_M = 128  # M >= PREFILL_M: bitfx at least as fast as bf16 Inductor (PREFILL_TARGET)
+PREFILL_TARGET = 1.0
 ERR_LIMIT = 0.02
 MAX_BF16_WEIGHT_BYTES = 16 * 2**30
 MEMORY_GUARD_BYTES = 40 * 10**9
@@ -116,6 +122,11 @@ def draw_shapes(n: int, seed: int, *, m_max: int = M_MAX, kn_min: int = KN_MIN, 
         seen.add((M, K, N))
         shapes.append((M, K, N))
     return shapes
+
+
+def fresh_seed() -> int:
+    """A seed for this run's shapes from the operating system's entropy (each run a new draw)."""
+    return random.SystemRandom().randrange(2**31)
 
 
 def parse_shapes(text: str) -> list[tuple[int, int, int]]:
@@ -292,6 +303,16 @@ def summary(results: dict) -> str:
         parts.append(f"{sum(_ratio(r, 'bf16_compile_us') < 1.0 for r in ratios)} below 1.0")
     else:
         parts.append("no ratio measured")
+    prefill = [r for r in ratios if r["M"] >= PREFILL_M]
+    if prefill:
+        low = prefill[0]
+        x = _ratio(low, "bf16_compile_us")
+        below = sum(_ratio(r, "bf16_compile_us") < PREFILL_TARGET for r in prefill)
+        met = "met" if below == 0 else "NOT met"
+        parts.append(f"M >= {PREFILL_M}: lowest {x:.2f}x at {_shape(low)}, {below} of {len(prefill)} below "
+                     f"{PREFILL_TARGET:g}x (target >= {PREFILL_TARGET:g}x: {met})")
+    else:
+        parts.append(f"M >= {PREFILL_M}: none measured")
     decode = [r for r in ratios if r["M"] == 1 and r["K"] * r["N"] >= DECODE_KN]
     if decode:
         d = decode[0]
@@ -370,13 +391,16 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     p = report.parser("shapes", __doc__)
     p.add_argument("--n", type=int, default=None, help="number of random shapes (default 40; 8 with --quick)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="repeat the shapes of the run with this seed (default: a fresh seed each run, printed)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="stop starting new shapes after this many seconds (default 240; 90 with --quick)")
     p.add_argument("--out", default=os.path.join("bench_out", "shapes"))
     p.add_argument("--shapes", default=None, help="explicit shapes 'M,K,N;M,K,N' instead of random ones")
     p.add_argument("--quick", action="store_true", help="a smoke run: 8 shapes, 90 s budget")
     args = p.parse_args(argv)
+    if args.seed is None:
+        args.seed = fresh_seed()
     n = args.n if args.n is not None else (8 if args.quick else 40)
     budget = args.budget_s if args.budget_s is not None else (90.0 if args.quick else 240.0)
     try:

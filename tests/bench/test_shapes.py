@@ -41,6 +41,22 @@ def test_draw_shapes_covers_small_and_large_m():
         assert min(ks) < 4096 < max(ks)  # K spread too, not stuck at one end
 
 
+def test_each_run_draws_fresh_shapes_and_names_its_seed(monkeypatch, capsys):
+    """No --seed: a new seed each run, printed so that the run can be repeated with --seed."""
+    seeds = {bs.fresh_seed() for _ in range(8)}
+    assert len(seeds) > 1 and all(0 <= s < 2**31 for s in seeds)
+    drawn = []
+    monkeypatch.setattr(bs, "draw_shapes", lambda n, seed: drawn.append(seed) or [(1, 1024, 1024)])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # stops after drawing
+    for _ in range(2):
+        with pytest.raises(SystemExit):
+            bs.main([])
+    assert len(drawn) == 2 and drawn[0] != drawn[1]  # (equal with probability 2^-31)
+    with pytest.raises(SystemExit):
+        bs.main(["--seed", "5"])
+    assert drawn[-1] == 5
+
+
 def test_parse_shapes():
     assert bs.parse_shapes("1,4096,4096;16, 8192,8192;") == [(1, 4096, 4096), (16, 8192, 8192)]
     with pytest.raises(ValueError):
@@ -108,7 +124,9 @@ def test_render_sorted_by_ratio_with_summary():
     assert "lowest vs Inductor 0.90x at M=512 K=2048 N=1024" in summary
     assert "; 2 below 1.0;" in summary
     assert "decode (M=1, K*N >= 2^24): lowest 5.50x at M=1 K=8192 N=8192" in summary
-    assert "target >= 4x: met" in summary
+    assert "target >= 3x: met" in summary
+    # M >= 128: 512 (0.90x), 8192 (0.97x), 4096 (1.50x)
+    assert "M >= 128: lowest 0.90x at M=512 K=2048 N=1024, 2 of 3 below 1x (target >= 1x: NOT met)" in summary
     assert "1 with rel err > 0.02" in summary
     assert any(line.startswith("skipped: M=2 K=40960 N=40960") for line in lines)
     assert any(line.startswith("Slower than bf16 under Inductor:") and "M=8192 K=1024 N=1024" in line
@@ -120,7 +138,12 @@ def test_render_without_decode_or_slow_shapes():
     summary = bs.summary(results)
     assert summary.startswith("Summary: 2 shapes measured;")
     assert "; 0 below 1.0;" in summary
-    assert "decode (M=1, K*N >= 2^24): lowest 3.00x" in summary and "NOT met" in summary
+    assert "M >= 128: none measured" in summary
+    assert "decode (M=1, K*N >= 2^24): lowest 3.00x" in summary and "target >= 3x: met" in summary
+    results = {"rows": [_row(256, 4096, 4096, 10.0, 30.0, 20.0), _row(1, 4096, 4096, 8.0, 20.0, 20.0)]}
+    summary = bs.summary(results)
+    assert "M >= 128: lowest 2.00x at M=256 K=4096 N=4096, 0 of 1 below 1x (target >= 1x: met)" in summary
+    assert "decode (M=1, K*N >= 2^24): lowest 2.50x" in summary and "NOT met" in summary
     assert "Slower than" not in bs.render(results)
     results = {"rows": [_row(64, 4096, 4096, 10.0, 30.0, 20.0)]}
     assert "decode (M=1, K*N >= 2^24): none measured" in bs.summary(results)
