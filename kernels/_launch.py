@@ -143,8 +143,9 @@ class Launcher:
         return entry
 
     def bind(self, grid: tuple, args: tuple, constexprs: dict, **options):
-        """Launch as :meth:`__call__` does, and return ``again(*args, grid=None)``: the same
-        launch (constexprs, options; this grid unless another is given) for new arguments that
+        """Launch as :meth:`__call__` does, and return ``again(*args, grid=None, rows=None)``: the
+        same launch (constexprs, options; this grid unless another is given, or this grid with
+        ``rows`` as its second dimension) for new arguments that
         Triton would specialize as ``args`` (the same dtypes, 16-byte alignment and int classes:
         the caller's promise). ``again`` calls the compiled launcher with no key to build; where
         launches do not go through it (the interpreter, an old Triton) and while a launch hook is
@@ -152,7 +153,9 @@ class Launcher:
         than the bound launch's is current (which :meth:`__call__` makes the tensors')."""
         entry = self(grid, args, constexprs, **options)
         if entry is None:
-            def again(*new_args, grid=grid):
+            def again(*new_args, grid=grid, rows=None):
+                if rows is not None:
+                    grid = (tuple(grid) + (1, 1))[:1] + (rows,) + (tuple(grid) + (1, 1))[2:3]
                 self(grid, new_args, constexprs, **options)
 
             return again
@@ -162,9 +165,13 @@ class Launcher:
         device = args[0].get_device()  # the device __call__ launched on (a launch through the compiled launcher: CUDA)
         stream = _stream()
 
-        def again(*new_args, grid=None):
+        def again(*new_args, grid=None, rows=None):
             if _hooks_set() or current_cuda_device() != device:
+                if rows is not None:
+                    grid = (g0, rows, g2)
                 self(bound if grid is None else grid, new_args, constexprs, **options)
+            elif rows is not None:
+                run(g0, rows, g2, stream(device), function, metadata, None, None, None, *new_args, *tail_values)
             elif grid is None:
                 run(g0, g1, g2, stream(device), function, metadata, None, None, None, *new_args, *tail_values)
             else:
@@ -179,6 +186,12 @@ def _grid3(grid: tuple) -> tuple:
 
 
 _STREAM = []
+
+
+def stream_handle(device) -> int:
+    """The handle of the CUDA stream current on ``device`` (an index or ``torch.device``): the
+    stream a launch there runs on."""
+    return _stream()(device.index if isinstance(device, torch.device) else device)
 
 
 def _stream():

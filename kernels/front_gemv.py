@@ -41,7 +41,8 @@ from bitfx.kernels._utils import cdiv, env, next_pow2, interpreting, num_sms, pd
 from bitfx.kernels.norm_quant import _absmax_scale, _load_norm_chunk, _quantize, _round_code, _row_stats
 from bitfx.kernels.ternary_matmul import _dp4a, _dp4a_plane, _pdl_prologue
 
-__all__ = ["front_gemv", "FRONT_MAX_M", "EAGER_BYTES", "front_config", "takes_rows", "launch_class", "enabled"]
+__all__ = ["front_gemv", "front_gemv_parts", "MAX_PARTS", "FRONT_MAX_M", "EAGER_BYTES", "front_config", "takes_rows",
+           "launch_class", "enabled"]
 
 # Rows up to this many take the fused kernel (one program row per token; each row re-reads the
 # weights, from L2 after the first). More rows: norm_quant and the GEMV, which reads them once.
@@ -112,6 +113,10 @@ def _front_gemv_kernel(
     w_ptr,  # packed weight as int32 words [N, Kq4] (uint8 rows with BYTE_PTRS)
     sw_ptr, bias_ptr, out_ptr,  # s_w fp32 [N], bias [N], out [M, N]
     SX,  # [M] fp32 out: s_x (written by the first program of each row, if WRITE_SX)
+    # Parts 1..3 (PARTS > 1): the packed words, s_w and bias of further linears of the same rows,
+    # N1..N3 their output rows, T1..T3 the first program (along axis 0) of each, C1..C3 the
+    # first column of each in the concatenated output.
+    w1, w2, w3, sw1, sw2, sw3, b1, b2, b3, N1, N2, N3, T1, T2, T3, C1, C2, C3,
     N, K, Kq4, stride_x, stride_wn, stride_om, eps,
     NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, OFFSET: tl.constexpr, CAST_BEFORE_WEIGHT: tl.constexpr,
     X_ROUND: tl.constexpr, Y_ROUND: tl.constexpr, QMAX: tl.constexpr,
@@ -121,13 +126,38 @@ def _front_gemv_kernel(
     USE_ASM: tl.constexpr, HAS_BIAS: tl.constexpr, STREAM_HINT: tl.constexpr,
     PDL: tl.constexpr, PREFETCH: tl.constexpr, RN_MUL: tl.constexpr, BYTE_PTRS: tl.constexpr,
     WRITE_SX: tl.constexpr,
+    PARTS: tl.constexpr,  # linears sharing the rows: 1 (w_ptr ...) to 4 (and w1 .. w3 ...)
 ):
     """Program ``(pid_n, m)``: ``out[m, BLOCK_N rows]`` of the ternary linear of row ``m`` of X
-    (module docstring)."""
+    (module docstring). With ``PARTS`` > 1, several linears of the same rows in one launch: the
+    programs from ``T_p`` on compute part ``p`` (its own weights, scales, bias and ``N_p`` rows),
+    and part ``p`` of the output is its own contiguous ``[M, N_p]`` block at element ``M * C_p``
+    (``C_p`` the parts' rows before it), so that each linear's output is a plain tensor."""
     if BYTE_PTRS:
         w_ptr = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
     pid_n = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
+    if PARTS > 1:  # the part of this program: the last whose first program it has reached
+        first = tl.zeros((), tl.int32)
+        col = tl.zeros((), tl.int64)
+        for p in tl.static_range(1, PARTS):
+            wp = w1 if p == 1 else (w2 if p == 2 else w3)
+            swp = sw1 if p == 1 else (sw2 if p == 2 else sw3)
+            bp = b1 if p == 1 else (b2 if p == 2 else b3)
+            np_ = N1 if p == 1 else (N2 if p == 2 else N3)
+            tp = T1 if p == 1 else (T2 if p == 2 else T3)
+            cp = C1 if p == 1 else (C2 if p == 2 else C3)
+            here = pid_n >= tp
+            w_ptr = tl.where(here, wp, w_ptr)
+            sw_ptr = tl.where(here, swp, sw_ptr)
+            if HAS_BIAS:
+                bias_ptr = tl.where(here, bp, bias_ptr)
+            N = tl.where(here, np_, N)
+            first = tl.where(here, tp, first)
+            col = tl.where(here, cp, col)
+        out_ptr += col * tl.num_programs(1).to(tl.int64)  # part p's block: [M, N_p] after M * C_p elements
+        stride_om = N
+        pid_n -= first
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
@@ -218,6 +248,94 @@ def launch_class(M: int, N: int, Kq: int, device: torch.device) -> tuple:
     return tuple(front_config(N, Kq, device, M=M).items())
 
 
+MAX_PARTS = 4  # linears of one launch of :func:`front_gemv_parts`
+
+
+_NO_PARTS = (None,) * 9 + (0,) * 9
+"""The kernel's part arguments in a direct launch of one linear (PARTS=1: read by nothing).
+None, not tensors: the compiled launcher reads each tensor argument's address on the host, per
+launch, and specializes None away. A traced launch (Inductor's generated code) passes the
+linear's own tensors there instead (:func:`_traced_parts`), the form its kernel signatures were
+built and tested with."""
+
+
+def _traced_parts(w, w_scale, bias) -> tuple:
+    b = w_scale if bias is None else bias
+    return (w, w, w, w_scale, w_scale, w_scale, b, b, b) + (0,) * 9
+
+
+def front_gemv_parts(x, qmax, parts, out_dtype, bind=False):
+    """The ternary linears ``parts`` (``[(packed, w_scale, bias), ...]``, 1 to :data:`MAX_PARTS`,
+    all of ``x``'s row length, all with a bias or none) of the same rows ``x [M, K]``, in one
+    launch: the rows quantized once per program as :func:`front_gemv` does (no norm), each
+    part's programs against its own weights. Returns ``(outs, again)``: ``outs[p]`` the
+    ``[M, N_p]`` output of part ``p``, bit for bit :func:`front_gemv`'s for that linear alone (the
+    same codes, the same integer sums and epilogue); the parts are contiguous blocks of one
+    allocation. ``again(x)`` (``bind``; else None) repeats the launch for another ``x`` of the
+    same row length, strides, dtype, device and 16-byte alignment, any number of rows of this
+    one's :func:`launch_class` for the parts' total rows, and returns the parts' outputs flat
+    (``[M * N_p]``, for the caller to view in the shape it returns). The operands are the caller's to
+    check, as for :func:`front_gemv` (the packed rows of every part contiguous, with one row
+    stride, starting 4-byte aligned)."""
+    P = len(parts)
+    if not 1 <= P <= MAX_PARTS:
+        raise ValueError(f"front_gemv_parts: 1 to {MAX_PARTS} linears, got {P}")
+    M, K = x.shape
+    device = x.device
+    Kq = parts[0][0].shape[1]
+    stride_w = parts[0][0].stride(0)
+    has_bias = parts[0][2] is not None
+    for packed, w_scale, bias in parts:
+        if packed.shape[1] != Kq or packed.stride(0) != stride_w or (bias is not None) != has_bias:
+            raise ValueError("front_gemv_parts: the linears differ in packed row length, row stride or having a bias")
+    ns = [p[0].shape[0] for p in parts]
+    N = sum(ns)
+    if M == 0 or K == 0 or min(ns) == 0:
+        raise ValueError(f"front_gemv_parts: empty operands (M={M}, K={K}, N={ns})")
+    cfg = front_config(N, Kq, device, M=M)
+    block_n = cfg["BLOCK_N"]
+    tiles = [cdiv(n, block_n) for n in ns]
+    firsts = [sum(tiles[:p]) for p in range(P)]
+    cols = [sum(ns[:p]) for p in range(P)]
+    ws = [p[0].view(torch.int32) for p in parts]
+    pad = MAX_PARTS - P
+    rest = lambda seq, fill: list(seq[1:]) + [fill] * pad  # noqa: E731 (parts 1..3)
+    part_args = (*rest(ws, ws[0]), *rest([p[1] for p in parts], parts[0][1]),
+                 *rest([p[2] if has_bias else p[1] for p in parts], parts[0][2] if has_bias else parts[0][1]),
+                 *rest(ns, 0), *rest(firsts, 0), *rest(cols, 0))
+    pdl = pdl_enabled(device)
+    flat = torch.empty(M * N, dtype=out_dtype, device=device)
+    args = (x, x, ws[0], parts[0][1], parts[0][2], flat, flat, *part_args,
+            ns[0], K, Kq // 4, x.stride(0), stride_w // 4, ns[0], 0.0)
+    constexprs = dict(NORM=False, HAS_WEIGHT=False, OFFSET=False, CAST_BEFORE_WEIGHT=False,
+                      X_ROUND=_round_code(x.dtype), Y_ROUND=_round_code(torch.float32), QMAX=int(qmax),
+                      BLOCK_K=min(_ROW_CHUNK, next_pow2(max(K, 256))) if not interpreting() else 16,
+                      BLOCK_N=block_n, BLOCK_W=cfg["BLOCK_W"], EVEN_W=cfg["EVEN_W"],
+                      USE_ASM=device.type == "cuda" and torch.version.hip is None and not interpreting(),
+                      HAS_BIAS=has_bias, STREAM_HINT=True, PDL=pdl, PREFETCH=pdl,
+                      RN_MUL=device.type == "cuda" and torch.version.hip is None and not interpreting(),
+                      BYTE_PTRS=False, WRITE_SX=False, PARTS=P)
+    regs = {"maxnreg": _MAX_REGS} if constexprs["USE_ASM"] and _MAX_REGS else {}
+    grid_n = sum(tiles)
+    launch = _FRONT.launch((grid_n, M), args, constexprs, bind=bind, num_warps=_NUM_WARPS, num_stages=1,
+                           launch_pdl=pdl, **regs)
+
+    outs = [t.view(M, n) for t, n in zip(flat.split([M * n for n in ns]), ns)]
+    if not bind:
+        return outs, None
+    empty, tail, w0, s0, b0 = torch.empty, args[7:], ws[0], parts[0][1], parts[0][2]
+
+    def again(x):
+        """The parts' outputs flat (``[M * N_p]`` each, the rows of part p one after another:
+        ``.view(M, N_p)`` or any shape of those elements); one split, no views per part."""
+        M = x.shape[0]
+        flat = empty(M * N, dtype=out_dtype, device=device)
+        launch(x, x, w0, s0, b0, flat, flat, *tail, rows=M)
+        return flat.split([M * n for n in ns])
+
+    return outs, again
+
+
 def front_gemv(x, weight, eps, offset, cast_before_weight, norm_dtype, normalize, qmax, packed, w_scale, bias,
                out_dtype, traced=False, bind=False, scale=True):
     """``(out [M, N], s_x [M])`` (``s_x`` None unless ``scale``): the ternary linear of ``x``'s
@@ -246,7 +364,7 @@ def front_gemv(x, weight, eps, offset, cast_before_weight, norm_dtype, normalize
     w = packed if traced else packed.view(torch.int32)
     stride_wn = int(packed.stride(0)) // 4
     args = (x, x if weight is None else weight, w, w_scale, bias, out, out if s_x is None else s_x,
-            N, K, Kq // 4, x.stride(0), stride_wn, out.stride(0), float(eps))
+            *(_traced_parts(w, w_scale, bias) if traced else _NO_PARTS), N, K, Kq // 4, x.stride(0), stride_wn, out.stride(0), float(eps))
     constexprs = dict(NORM=bool(normalize), HAS_WEIGHT=weight is not None and bool(normalize), OFFSET=bool(offset),
                       CAST_BEFORE_WEIGHT=bool(cast_before_weight), X_ROUND=_round_code(x.dtype),
                       Y_ROUND=_round_code(norm_dtype), QMAX=int(qmax),
@@ -255,7 +373,7 @@ def front_gemv(x, weight, eps, offset, cast_before_weight, norm_dtype, normalize
                       USE_ASM=device.type == "cuda" and torch.version.hip is None and not interpreting(),
                       HAS_BIAS=bias is not None, STREAM_HINT=True, PDL=pdl, PREFETCH=pdl,
                       RN_MUL=device.type == "cuda" and torch.version.hip is None and not interpreting(),
-                      BYTE_PTRS=traced, WRITE_SX=bool(scale))
+                      BYTE_PTRS=traced, WRITE_SX=bool(scale), PARTS=1)
     regs = {"maxnreg": _MAX_REGS} if constexprs["USE_ASM"] and _MAX_REGS else {}  # CUDA (not HIP, not the interpreter)
     launch = _FRONT.launch((cdiv(N, cfg["BLOCK_N"]), M), args, constexprs, traced=traced, bind=bind,
                            num_warps=_NUM_WARPS, num_stages=1, launch_pdl=pdl, **regs)
@@ -263,11 +381,13 @@ def front_gemv(x, weight, eps, offset, cast_before_weight, norm_dtype, normalize
         return out, s_x
     empty, sizes, tiles_n = torch.empty, args[7:], cdiv(N, cfg["BLOCK_N"])
 
+    same_dtype = out_dtype == x.dtype
+
     def again(x):
         M = x.shape[0]
-        out = empty((M, N), dtype=out_dtype, device=device)
+        out = x.new_empty((M, N)) if same_dtype else empty((M, N), dtype=out_dtype, device=device)
         sx = empty((M,), dtype=torch.float32, device=device) if scale else out
-        launch(x, x if weight is None else weight, w, w_scale, bias, out, sx, *sizes, grid=(tiles_n, M))
+        launch(x, x if weight is None else weight, w, w_scale, bias, out, sx, *sizes, rows=M)
         return out
 
     return out, s_x, again

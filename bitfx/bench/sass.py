@@ -114,11 +114,13 @@ def site_kernels(K: int, N: int, sms: int, dtype=torch.bfloat16) -> list:
                 cfg["num_warps"], {}))
     fcfg = fg.front_config(N, Kq, device, sms=sms)
     out.append(("front_gemv", fg._front_gemv_kernel,
-                dict(X=x, W=x, w_ptr="*i32", sw_ptr="*fp32", bias_ptr=x, out_ptr=x, SX="*fp32", N="i32", K="i32",
+                dict(X=x, W=x, w_ptr="*i32", sw_ptr="*fp32", bias_ptr=x, out_ptr=x, SX="*fp32",
+                     **{f"{a}{p}": "i32" for a in "NTC" for p in (1, 2, 3)}, N="i32", K="i32",
                      Kq4="i32", stride_x="i32", stride_wn="i32", stride_om="i32", eps="fp32"),
                 dict(norm, BLOCK_K=min(fg._ROW_CHUNK, fg.next_pow2(max(K, 256))), BLOCK_N=fcfg["BLOCK_N"],
                      BLOCK_W=fcfg["BLOCK_W"], EVEN_W=fcfg["EVEN_W"], USE_ASM=True, HAS_BIAS=False, STREAM_HINT=True,
-                     PDL=True, PREFETCH=True, RN_MUL=True, BYTE_PTRS=False, WRITE_SX=True),
+                     PDL=True, PREFETCH=True, RN_MUL=True, BYTE_PTRS=False, WRITE_SX=True, PARTS=1,
+                     **{f"{a}{p}": None for a in ("w", "sw", "b") for p in (1, 2, 3)}),  # one linear: no parts
                 fg._NUM_WARPS, dict(maxnreg=fg._MAX_REGS)))
     return out
 

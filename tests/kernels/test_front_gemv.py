@@ -255,3 +255,47 @@ def test_eager_layer_launches_once_for_rows_within_the_budget(monkeypatch, K, N,
     assert fg.takes_rows(M, N, layer.packed.shape[1], K, 2, x.device, eager=True) == (kernels == 1)
     launched = _kernels_of_a_planned_call(layer, x)
     assert len(launched) == kernels, launched
+
+
+# (K, [N_p per part], bias): parts of unequal rows, blocks split across parts, one to four parts.
+PARTS_CPU = [(37, [20, 9, 9], False), (64, [8, 8], True), (130, [33], False), (16, [5, 17, 3, 11], True)]
+PARTS_CUDA = PARTS_CPU + [(2560, [2560, 512, 512], False), (256, [704, 704], True), (4096, [4096, 1024, 1024, 7], False)]
+
+
+@pytest.mark.parametrize("K,ns,bias", PARTS_CUDA if CUDA else PARTS_CPU)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_parts_equal_each_linear_alone(K, ns, bias, dtype):
+    """Several linears of the same rows in one launch (``front_gemv_parts``): each part's
+    output is bit for bit what :func:`front_gemv` gives for that linear alone, a contiguous
+    ``[M, N_p]`` tensor, bound or not, for other row counts of the bound class too."""
+    g = torch.Generator().manual_seed(K + sum(ns))
+    parts = []
+    for i, n in enumerate(ns):
+        _, _, packed, s_w, b = _operands(1, n, K, dtype, seed=K * 7 + i, bias=bias)
+        parts.append((packed, s_w, b))
+    for M in (1, 3):
+        x = ((torch.randn(M, K, generator=g) * 3).to(dtype)).to(DEV)
+        outs, again = fg.front_gemv_parts(x, 127, parts, dtype, bind=True)
+        plain, _ = fg.front_gemv_parts(x, 127, parts, dtype)
+        assert len(outs) == len(ns)
+        for out, same, (packed, s_w, b), n in zip(outs, plain, parts, ns):
+            want, _ = fg.front_gemv(x, None, 0.0, False, False, torch.float32, False, 127, packed, s_w, b, dtype)
+            assert out.shape == (M, n) and out.is_contiguous() and out.dtype == dtype
+            assert torch.equal(out, want) and torch.equal(same, want)
+        if M == 3:
+            x2 = ((torch.randn(2, K, generator=g) * 3).to(dtype)).to(DEV)
+            for out, (packed, s_w, b) in zip(again(x2), parts):  # flat: [2 * N_p] each
+                want, _ = fg.front_gemv(x2, None, 0.0, False, False, torch.float32, False, 127, packed, s_w, b, dtype)
+                assert out.shape == (want.numel(),) and torch.equal(out.view(want.shape), want)
+
+
+def test_parts_refuse_what_one_launch_cannot_take():
+    _, _, p1, s1, _ = _operands(1, 8, 16, torch.float32, seed=0)
+    _, _, p2, s2, b2 = _operands(1, 8, 32, torch.float32, seed=1, bias=True)
+    x = torch.randn(2, 16, device=DEV)
+    with pytest.raises(ValueError, match="1 to 4"):
+        fg.front_gemv_parts(x, 127, [(p1, s1, None)] * 5, torch.float32)
+    with pytest.raises(ValueError, match="differ"):
+        fg.front_gemv_parts(x, 127, [(p1, s1, None), (p2, s2, b2)], torch.float32)
+    with pytest.raises(ValueError, match="empty"):
+        fg.front_gemv_parts(x[:0], 127, [(p1, s1, None)], torch.float32)
