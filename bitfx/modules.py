@@ -16,13 +16,16 @@ check them per call.
 
 from __future__ import annotations
 
+import operator
+import threading
+import weakref
 import zlib
 
 import torch
 from torch import Tensor, nn
 
 from bitfx import ops  # noqa: F401  (registers torch.ops.bitfx.*)
-from bitfx.kernels._utils import current_cuda_device
+from bitfx.kernels._utils import current_cuda_device, env
 from bitfx.ops.library import kernels
 from bitfx.layout import FLOAT_DTYPES, FORMAT, check_packed_shape, packed_k
 from bitfx.reference import act_qmax, check_ternary_codes, pack_ternary, ternary_terms
@@ -76,7 +79,204 @@ def _row_class(M: int, N: int, Kq: int, K: int, x_bytes: int, front: bool, devic
     return got
 
 
+# ------------------------------------------------------------------ siblings: one launch for the linears of one input
+#
+# A model calls the linears that read one tensor one after the other: q, k and v on the attention's
+# normed input, gate and up on the MLP's. Eagerly each is a launch, and the host's launches set an
+# eager step's pace. So an eager layer learns its siblings as the model calls them: a layer called
+# on the very tensor the thread's previous direct call read, unchanged since (the same object and
+# version counter), with the same row length and activation codes, joins that layer's group. From
+# then on the group's first layer launches the whole group (``front_gemv_parts``: the rows
+# quantized once, each linear against its own weights) and leaves each sibling its output; the
+# sibling returns it when it is called on that same tensor, still unchanged, with its weights the
+# ones used and the same CUDA stream current. Anything else (another input, a write into it or
+# into the weights, a sibling not called before the group launches again) and the sibling
+# computes its own output as before, and the group is dissolved (it forms again where the calls
+# repeat the pattern). The outputs are the layers' own bit for bit: the same codes and sums.
+
+_LAST = threading.local()  # .call: (weakref to x, x's version, layer) of this thread's last direct launch
+
+
+class _Group:
+    """Layers of one input, in call order (the first launches for all; held by weak references,
+    so that a group keeps no layer alive); their launch plans."""
+
+    __slots__ = ("refs", "plans", "sig")
+
+    def __init__(self, first: "BitfxLinear"):
+        self.refs = [weakref.ref(first)]
+        self.plans: dict = {}  # input layout and row class -> the bound launch
+        self.sig = None  # _group_signature of the weights the plans hold
+
+
+def groups_enabled() -> bool:
+    """``BITFX_EAGER_GROUPS``: unset or 1, eager layers of one input launch together; 0, never.
+    Read when a group would form."""
+    value = env("BITFX_EAGER_GROUPS")
+    if value in (None, "", "1"):
+        return True
+    if value == "0":
+        return False
+    raise ValueError(f"BITFX_EAGER_GROUPS must be 0 or 1 (or unset), got {value!r}")
+
+
+def _dissolve(group: "_Group | None") -> None:
+    if group is None:
+        return
+    for ref in group.refs:
+        m = ref()
+        if m is not None and m.__dict__.get("_group") is group:
+            m.__dict__.pop("_group", None)
+            m.__dict__.pop("_stash", None)
+    group.refs = []
+    group.plans.clear()
+    group.sig = None
+
+
+def _weights(layer: "BitfxLinear") -> tuple:
+    b = layer._buffers
+    return b["packed"], b["w_scale"], b["bias"]
+
+
+def _learn(layer: "BitfxLinear", x: Tensor, qmax: int, front_ok: bool) -> None:
+    """After a direct launch of ``layer`` on ``x``: join the group of the previous direct launch's
+    layer if that one read this very tensor, unchanged; then note this launch."""
+    if x.is_inference():  # no version counter: a write into it between the calls could not be seen
+        _LAST.call = None
+        return
+    last = getattr(_LAST, "call", None)
+    version = x._version
+    if (last is not None and last[0]() is x and last[1] == version and front_ok
+            and layer.__dict__.get("_group") is None):
+        prev = last[2]()
+        if prev is None:
+            _LAST.call = (weakref.ref(x), version, weakref.ref(layer))
+            return
+        pd = prev.__dict__
+        pb, lb = _weights(prev), _weights(layer)
+        if (prev is not layer and act_qmax(prev.act_bits) == qmax and prev.in_features == layer.in_features
+                and prev.terms == 1 and pd.get("_front", (None, False))[1]
+                and pb[0].stride(0) == lb[0].stride(0) and pb[0].device == lb[0].device
+                and (pb[2] is None) == (lb[2] is None) and groups_enabled()):
+            group = pd.get("_group")
+            if group is None:
+                group = pd["_group"] = _Group(prev)
+            if group.refs[-1]() is prev and len(group.refs) < kernels("front_gemv").MAX_PARTS:
+                group.refs.append(weakref.ref(layer))
+                group.plans.clear()
+                layer.__dict__["_group"] = group
+    _LAST.call = (weakref.ref(x), version, weakref.ref(layer))
+
+
+def _stream_of(x: Tensor) -> int:
+    """The handle of the stream current on ``x``'s GPU (0 for a tensor elsewhere)."""
+    return kernels("_launch").stream_handle(x.get_device()) if x.is_cuda else 0
+
+
+def _group_signature(weights: list) -> tuple:
+    """``(flat weights, N, Kq)`` of a group's layers' weights (``N`` their rows together), with
+    ``N`` None where they cannot launch as one: on different devices, packed rows of different
+    lengths or strides or not readable as words, some with a bias and some without, the one-kernel
+    form turned off."""
+    first = weights[0][0]
+    ok = kernels("front_gemv").enabled(eager=True)
+    for packed, _, bias in weights:
+        ok = (ok and packed.device == first.device and packed.shape[1] == first.shape[1]
+              and packed.stride(0) == first.stride(0) and packed.stride(0) % 4 == 0 and not packed.data_ptr() & 3
+              and (bias is None) == (weights[0][2] is None))
+    flat = tuple(t for w in weights for t in w)
+    return flat, (sum(w[0].shape[0] for w in weights) if ok else None), first.shape[1]
+
+
+def _launch_group(group: _Group, members: list, x2: Tensor, qmax: int, device: torch.device, current: int,
+                  out_dtype):
+    """The group's outputs for the rows ``x2`` in one launch (flat: ``[M * N_p]`` per layer), or
+    None where the launch does not suit them (more rows than the one-kernel form takes for the
+    group's weights together, weights that cannot launch together)."""
+    flat = tuple(t for m in members for t in _weights(m))
+    sig = group.sig
+    if sig is None or len(sig[0]) != len(flat) or not all(map(operator.is_, flat, sig[0])):
+        sig = group.sig = _group_signature([flat[i:i + 3] for i in range(0, len(flat), 3)])
+        group.plans.clear()
+    _, N, Kq = sig
+    if N is None:
+        return None
+    M, K = x2.shape
+    row_class = _row_class(M, N, Kq, K, x2.element_size(), True, device)
+    if row_class[0] != "front":
+        return None
+    key = (K, x2.stride(), x2.dtype, not x2.data_ptr() & 15, device, current, qmax, row_class)
+    again = group.plans.get(key)
+    if again is not None:
+        return again(x2)
+    weights = [flat[i:i + 3] for i in range(0, len(flat), 3)]
+    outs, again = kernels("front_gemv").front_gemv_parts(x2, qmax, weights, out_dtype, bind=True)
+    if len(group.plans) >= _MAX_PLANS:
+        group.plans.clear()
+    group.plans[key] = again
+    return [o.view(-1) for o in outs]
+
+
 def _launch_direct(layer: "BitfxLinear", x: Tensor, bias: Tensor | None, qmax: int) -> Tensor:
+    """An eager direct launch: a sibling's output left for this call (module notes above), the
+    group's launch where ``layer`` leads one, else the layer's own (:func:`_launch_one`)."""
+    state = layer.__dict__
+    stash = state.get("_stash")
+    if stash is not None:
+        # The output a sibling left for this call, if it holds: the same tensor, unchanged; this
+        # layer's weights the ones used (the same tensors, unchanged); the same stream current.
+        state["_stash"] = None
+        xref, version, stream, out, packed, pv, w_scale, sv, b, bv = stash
+        buffers = layer._buffers
+        if (xref() is x and x._version == version and buffers["packed"] is packed and packed._version == pv
+                and buffers["w_scale"] is w_scale and w_scale._version == sv and buffers["bias"] is b
+                and (b is None or b._version == bv) and _stream_of(x) == stream):
+            _LAST.call = (xref, version, weakref.ref(layer))  # a later sibling of the same input may join
+            return out.view(*x.shape[:-1], -1)
+        _dissolve(state.get("_group"))  # called on another input than its siblings' (or a write): no pattern
+    group = state.get("_group")
+    if group is not None and group.refs and group.refs[0]() is layer:
+        out = _group_call(layer, group, x, qmax)
+        if out is not None:
+            return out
+    out = _launch_one(layer, x, bias, qmax)
+    _learn(layer, x, qmax, state["_front"][1])
+    return out
+
+
+def _group_call(layer: "BitfxLinear", group: _Group, x: Tensor, qmax: int) -> Tensor | None:
+    """The leader's call: the whole group launched, each sibling's output left for it (its
+    ``_stash``: the input's weak reference and version, the stream, the output, and the weights
+    used with their versions)."""
+    if x.is_inference():  # (no version counter: see _learn)
+        return None
+    members = [ref() for ref in group.refs]
+    for m in members[1:]:
+        if m is None or m.__dict__.get("_stash") is not None:  # gone, or did not come for its last output
+            _dissolve(group)
+            return None
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    if x2.shape[1] > 1 and x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    device = x2.device
+    current = current_cuda_device() if x2.is_cuda else -1  # the device Triton launches on
+    if current != -1 and device.index != current:
+        with torch.cuda.device(device):
+            return _group_call(layer, group, x, qmax)
+    outs = _launch_group(group, members, x2, qmax, device, current, x.dtype)
+    if outs is None:
+        return None
+    version, xref, stream = x._version, weakref.ref(x), _stream_of(x)
+    for m, out in zip(members[1:], outs[1:]):
+        b = m._buffers
+        packed, w_scale, bias = b["packed"], b["w_scale"], b["bias"]
+        m.__dict__["_stash"] = (xref, version, stream, out, packed, packed._version, w_scale, w_scale._version,
+                                bias, None if bias is None else bias._version)
+    _LAST.call = (xref, version, weakref.ref(layer))
+    return outs[0].view(*x.shape[:-1], -1)
+
+
+def _launch_one(layer: "BitfxLinear", x: Tensor, bias: Tensor | None, qmax: int) -> Tensor:
     """``act_quant`` + ``ternary_matmul`` on CUDA (for few rows, or a small layer, the two in one
     kernel, :mod:`bitfx.kernels.front_gemv`, whose codes and output are the two kernels' bit for
     bit: the absmax scale is order-free): the same numbers as the ops,
@@ -106,7 +306,7 @@ def _launch_direct(layer: "BitfxLinear", x: Tensor, bias: Tensor | None, qmax: i
     current = current_cuda_device() if x2.is_cuda else -1  # the device Triton launches on
     if current != -1 and device.index != current:  # a model spread over GPUs: launch on the input's
         with torch.cuda.device(device):
-            return _launch_direct(layer, x, bias, qmax)
+            return _launch_one(layer, x, bias, qmax)
     row_class = _row_class(M, N, Kq, K, x2.element_size(), front[1], device)
     key = (K, x2.stride(), x2.dtype, not x2.data_ptr() & 15, device, current, qmax, row_class)
     plans = state.get("_plans")
@@ -372,13 +572,14 @@ class BitfxLinear(_CheckedState):
     def __getstate__(self):
         # Launch plans are bound to this layer's tensors: a copy (deepcopy, pickle) makes its own.
         state = self.__dict__.copy()
-        state.pop("_plans", None)
-        state.pop("_front", None)
+        for key in ("_plans", "_front", "_group", "_stash"):  # (a copy learns its own siblings)
+            state.pop(key, None)
         return state
 
     def _apply(self, fn, recurse=True):
-        self.__dict__.pop("_plans", None)  # launch plans hold the tensors being replaced
-        self.__dict__.pop("_front", None)
+        for key in ("_plans", "_front", "_stash"):  # launch plans hold the tensors being replaced
+            self.__dict__.pop(key, None)
+        _dissolve(self.__dict__.get("_group"))
         return _apply_keeping_fp32(self, "w_scale", super()._apply, fn, recurse)
 
 
