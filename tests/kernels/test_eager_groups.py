@@ -283,3 +283,42 @@ def test_eager_model_with_siblings_equals_each_layer_alone(launches, monkeypatch
             got = model(ids)
         s.synchronize()
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("arch", ["Llama", "Qwen3", "BitNet"])
+def test_transformers_models_group_their_siblings(launches, monkeypatch, arch):
+    """Models the tests do not write: transformers' Llama (grouped-query attention: k and v
+    narrower than q), Qwen3 (q and k normed after their projections) and BitNet, converted by
+    ``bitfx.quantize`` and run eagerly. Each layer's q, k and v form one group and gate and up
+    another, and the logits equal those of a copy with groups off, bit for bit. (On the CPU the
+    eager direct path is opened to the interpreter's kernels, which run every program in Python:
+    hence one small layer and three tokens; on a GPU it is the module's own path.)"""
+    import transformers
+
+    from bitfx import quantize
+    from tests import models
+
+    model, ids = models._hf(getattr(transformers, f"{arch}Config"), getattr(transformers, f"{arch}ForCausalLM"), 0,
+                            torch.float32, hidden_size=32, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=False)
+    ids = ids[:1, :3]
+    with torch.no_grad():
+        quantize(model, ids)
+    model, ids = model.to(DEV), ids.to(DEV)
+    twin = copy.deepcopy(model)
+    if not CUDA:
+        monkeypatch.setattr(modules, "_direct_launch", lambda x, packed: (
+            x.dtype.is_floating_point and x.device == packed.device and not torch.compiler.is_compiling()))
+    with torch.no_grad():
+        monkeypatch.setenv("BITFX_EAGER_GROUPS", "0")
+        want = twin(ids).logits
+        monkeypatch.delenv("BITFX_EAGER_GROUPS")
+        model(ids)  # the calls that learn the groups
+        got, launched = launches(lambda: model(ids).logits)
+    assert torch.equal(got, want)
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        assert _members(attn.q_proj) == [attn.q_proj, attn.k_proj, attn.v_proj]
+        assert _members(mlp.gate_proj) == [mlp.gate_proj, mlp.up_proj]
+        assert _members(attn.o_proj) is None and _members(mlp.down_proj) is None
+    assert launched == 4 * len(model.model.layers)  # q/k/v, o_proj, gate/up, down_proj: one kernel each
