@@ -176,14 +176,15 @@ def _stream_of(x: Tensor) -> int:
 def _group_signature(weights: list) -> tuple:
     """``(flat weights, N, Kq)`` of a group's layers' weights (``N`` their rows together), with
     ``N`` None where they cannot launch as one: on different devices, packed rows of different
-    lengths or strides or not readable as words, some with a bias and some without, the one-kernel
-    form turned off."""
-    first = weights[0][0]
+    lengths or strides or not readable as words, scales or biases of different dtypes, some with a
+    bias and some without, the one-kernel form turned off."""
+    first, scale0, bias0 = weights[0]
     ok = kernels("front_gemv").enabled(eager=True)
-    for packed, _, bias in weights:
+    for packed, w_scale, bias in weights:
         ok = (ok and packed.device == first.device and packed.shape[1] == first.shape[1]
               and packed.stride(0) == first.stride(0) and packed.stride(0) % 4 == 0 and not packed.data_ptr() & 3
-              and (bias is None) == (weights[0][2] is None))
+              and w_scale.dtype == scale0.dtype and (bias is None) == (bias0 is None)
+              and (bias is None or bias.dtype == bias0.dtype))
     flat = tuple(t for w in weights for t in w)
     return flat, (sum(w[0].shape[0] for w in weights) if ok else None), first.shape[1]
 

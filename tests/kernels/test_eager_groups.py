@@ -207,6 +207,20 @@ def test_what_does_not_group(launches, monkeypatch):
         assert _members(q) is None and _members(k) is None
 
 
+def test_weights_that_cannot_launch_together(launches):
+    """Biases of different dtypes (one kernel loads every part's bias through one pointer type):
+    the layers group, but each launches its own kernel, with its own outputs."""
+    q, k = _layers(ns=(24, 8), bias=True)
+    k.bias = k.bias.to(torch.float64)
+    with torch.no_grad():
+        h = torch.randn(3, 40, device=DEV)
+        for _ in range(2):
+            outs, launched = launches(lambda: [_call(layer, h) for layer in (q, k)])
+        assert _members(q) == [q, k] and launched == 2
+        for layer, out in zip((q, k), outs):
+            assert torch.equal(out, _alone(layer, h))
+
+
 def test_rows_beyond_the_one_kernel_budget(launches, monkeypatch):
     """Where the group's rows would read more than the one-kernel form's budget, each layer
     launches its own kernels (the two-kernel form), with the same outputs."""
