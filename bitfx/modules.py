@@ -173,20 +173,25 @@ def _stream_of(x: Tensor) -> int:
     return kernels("_launch").stream_handle(x.get_device()) if x.is_cuda else 0
 
 
-def _group_signature(weights: list) -> tuple:
-    """``(flat weights, N, Kq)`` of a group's layers' weights (``N`` their rows together), with
+def _group_signature(flat: tuple) -> tuple:
+    """``(flat, N, Kq)`` for a group's layers' weights ``flat`` (``packed, w_scale, bias`` of each
+    layer in turn; ``N`` their rows together), with
     ``N`` None where they cannot launch as one: on different devices, packed rows of different
     lengths or strides or not readable as words, scales or biases of different dtypes, some with a
     bias and some without, the one-kernel form turned off."""
-    first, scale0, bias0 = weights[0]
+    first, scale0, bias0 = flat[:3]
     ok = kernels("front_gemv").enabled(eager=True)
-    for packed, w_scale, bias in weights:
+    for packed, w_scale, bias in _by_layer(flat):
         ok = (ok and packed.device == first.device and packed.shape[1] == first.shape[1]
               and packed.stride(0) == first.stride(0) and packed.stride(0) % 4 == 0 and not packed.data_ptr() & 3
               and w_scale.dtype == scale0.dtype and (bias is None) == (bias0 is None)
               and (bias is None or bias.dtype == bias0.dtype))
-    flat = tuple(t for w in weights for t in w)
-    return flat, (sum(w[0].shape[0] for w in weights) if ok else None), first.shape[1]
+    return flat, (sum(t.shape[0] for t in flat[::3]) if ok else None), first.shape[1]
+
+
+def _by_layer(flat: tuple) -> list:
+    """``[(packed, w_scale, bias), ...]`` from the flat tuple of a group's weights."""
+    return [flat[i:i + 3] for i in range(0, len(flat), 3)]
 
 
 def _launch_group(group: _Group, members: list, x2: Tensor, qmax: int, device: torch.device, current: int,
@@ -197,7 +202,7 @@ def _launch_group(group: _Group, members: list, x2: Tensor, qmax: int, device: t
     flat = tuple(t for m in members for t in _weights(m))
     sig = group.sig
     if sig is None or len(sig[0]) != len(flat) or not all(map(operator.is_, flat, sig[0])):
-        sig = group.sig = _group_signature([flat[i:i + 3] for i in range(0, len(flat), 3)])
+        sig = group.sig = _group_signature(flat)
         group.plans.clear()
     _, N, Kq = sig
     if N is None:
@@ -210,8 +215,7 @@ def _launch_group(group: _Group, members: list, x2: Tensor, qmax: int, device: t
     again = group.plans.get(key)
     if again is not None:
         return again(x2)
-    weights = [flat[i:i + 3] for i in range(0, len(flat), 3)]
-    outs, again = kernels("front_gemv").front_gemv_parts(x2, qmax, weights, out_dtype, bind=True)
+    outs, again = kernels("front_gemv").front_gemv_parts(x2, qmax, _by_layer(flat), out_dtype, bind=True)
     if len(group.plans) >= _MAX_PLANS:
         group.plans.clear()
     group.plans[key] = again
@@ -256,9 +260,7 @@ def _group_call(layer: "BitfxLinear", group: _Group, x: Tensor, qmax: int) -> Te
         if m is None or m.__dict__.get("_stash") is not None:  # gone, or did not come for its last output
             _dissolve(group)
             return None
-    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-    if x2.shape[1] > 1 and x2.stride(1) != 1:
-        x2 = x2.contiguous()
+    x2 = _as_rows(x)
     device = x2.device
     current = current_cuda_device() if x2.is_cuda else -1  # the device Triton launches on
     if current != -1 and device.index != current:
@@ -277,6 +279,12 @@ def _group_call(layer: "BitfxLinear", group: _Group, x: Tensor, qmax: int) -> Te
     return outs[0].view(*x.shape[:-1], -1)
 
 
+def _as_rows(x: Tensor) -> Tensor:
+    """``x [..., K]`` as ``[M, K]`` rows with a contiguous last dimension (the kernels' layout)."""
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+    return x2.contiguous() if x2.shape[1] > 1 and x2.stride(1) != 1 else x2
+
+
 def _launch_one(layer: "BitfxLinear", x: Tensor, bias: Tensor | None, qmax: int) -> Tensor:
     """``act_quant`` + ``ternary_matmul`` on CUDA (for few rows, or a small layer, the two in one
     kernel, :mod:`bitfx.kernels.front_gemv`, whose codes and output are the two kernels' bit for
@@ -291,9 +299,7 @@ def _launch_one(layer: "BitfxLinear", x: Tensor, bias: Tensor | None, qmax: int)
     readable as words, ``BITFX_FRONT_GEMV``) is decided once per packed weight. The kernels run
     on the input's device, made current for the call where another is (``device_map``)."""
     flat = x.dim() == 2
-    x2 = x if flat else x.reshape(-1, x.shape[-1])
-    if x2.shape[1] > 1 and x2.stride(1) != 1:
-        x2 = x2.contiguous()
+    x2 = _as_rows(x)
     state, buffers = layer.__dict__, layer._buffers
     packed, w_scale = buffers["packed"], buffers["w_scale"]
     M, K = x2.shape
