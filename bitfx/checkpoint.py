@@ -56,6 +56,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from bitfx import fused_norm
 from bitfx.layout import FORMAT
 from bitfx.modules import BitfxLinear, Int8Linear
 
@@ -133,6 +134,7 @@ def save(model: nn.Module, path: PathLike) -> None:
         "ternary": json.dumps(ternary, sort_keys=True),
         "int8": json.dumps(int8, sort_keys=True),
         "aliases": json.dumps(aliases, sort_keys=True),
+        "norms": json.dumps(fused_norm.fused_norms(model), sort_keys=True),
         "checksums": json.dumps(_checksums(tensors), sort_keys=True),
     }
     save_file(tensors, os.fspath(path), metadata=metadata)
@@ -213,12 +215,29 @@ def _read_header(path: PathLike):
     for name in sorted(set(int8) & set(ternary)):
         problems.append(f"int8: {_cut(repr(name), 120)} is listed as ternary too")
     aliases = _check_aliases(aliases, problems)
+    norms = _check_norms(_json_field(meta, "norms", problems), problems)
     checksums = None
     if "checksums" in meta:
         checksums = _check_checksums(_json_field(meta, "checksums", problems), problems)
     if problems:
         raise CheckpointError(f"bitfx.load: {where} has malformed metadata; nothing was loaded:" + _listed(problems))
-    return f, ternary, int8, aliases, checksums
+    return f, ternary, int8, aliases, checksums, norms
+
+
+def _check_norms(norms, problems: list) -> dict:
+    """``{module name: fused norm spec}`` (:mod:`bitfx.fused_norm`; a file written before them
+    holds none); whether the model has those modules is checked against it."""
+    if not isinstance(norms, dict):
+        problems.append("norms: not a JSON object")
+        return {}
+    out = {}
+    for name, spec in norms.items():
+        bad = _bad_name(name)
+        found = [f"norms: {bad}"] if bad else fused_norm.check_spec(f"norms: {_cut(repr(name), 120)}", spec, None)
+        problems += found
+        if not found:
+            out[name] = spec
+    return out
 
 
 def _check_checksums(checksums, problems: list) -> dict:
@@ -349,7 +368,7 @@ def load(model: nn.Module, path: PathLike, *, device: Optional[Union[str, torch.
     """
     given, model = model, _unwrap(model)
     target = _device(device)
-    f, ternary, int8, aliases, checksums = _read_header(path)
+    f, ternary, int8, aliases, checksums, norms = _read_header(path)
     where = _cut(os.fspath(path))
     if checksums is None:
         warnings.warn(f"bitfx.load: {where} holds no checksums (written by bitfx "
@@ -381,6 +400,15 @@ def load(model: nn.Module, path: PathLike, *, device: Optional[Union[str, torch.
             replacements[name] = BitfxLinear(spec["in_features"], spec["out_features"], spec["bias"],
                                              per_channel=spec["per_channel"], terms=spec["terms"],
                                              act_bits=spec["act_bits"], device="meta", dtype=dtype)
+
+    norm_modules = {}
+    for name, spec in norms.items():
+        try:
+            norm_modules[name] = model.get_submodule(name)
+        except AttributeError:
+            problems.append(f"{name}: the checkpoint holds a fused RMSNorm the model does not have")
+            continue
+        problems += fused_norm.check_spec(name, spec, norm_modules[name])
 
     # The state the model will have once the linears are swapped: names, shapes, dtypes.
     expected: dict[str, torch.Tensor] = {}
@@ -475,6 +503,8 @@ def load(model: nn.Module, path: PathLike, *, device: Optional[Union[str, torch.
                 t_owner, _, t_attr = target_name.rpartition(".")
                 tied = getattr(model.get_submodule(t_owner) if t_owner else model, t_attr)
                 setattr(model.get_submodule(owner) if owner else model, attr, tied)
+        for name, spec in norms.items():
+            fused_norm.install(norm_modules[name], spec)
     except BaseException:
         _restore(undo)  # checked above, so not expected: still, never leave the model half loaded
         raise

@@ -114,6 +114,9 @@ class ExplainReport:
     graphs: int = 0  # graphs Dynamo produced; more than one means graph breaks
     decisions: list[LinearInfo] = field(default_factory=list)  # every linear call traced
     training: bool = False  # traced as the backend sees a training call
+    # RMSNorm modules whose whole forward is the norm of a site, by name: the spec an eager run
+    # of them in one kernel needs (bitfx.fused_norm; None where two traces of one disagree)
+    norm_modules: dict = field(default_factory=dict)
 
     @property
     def converted(self) -> list[str]:
@@ -143,6 +146,7 @@ class ExplainReport:
             "decisions": [dataclasses.asdict(d) for d in self.decisions],
             "graphs": self.graphs,
             "training": self.training,
+            "norm_modules": {k: v for k, v in self.norm_modules.items() if v is not None},
         }
 
     def __str__(self) -> str:
@@ -269,6 +273,69 @@ def _dynamo_leaves_no_entries():
                 torch._C._dynamo.eval_frame.reset_code(code)
 
 
+def _whole_module_norm(g, s, naming: Naming, model: nn.Module) -> Optional[dict]:
+    """The spec of :class:`bitfx.fused_norm.FusedNormForward` for the site's norm module when its
+    whole forward is that norm, else None: every node traced inside the module (or a module in
+    it) is a node of the matched norm chain, the chain's input comes from outside, its output is
+    the only value that leaves the module and has the input's shape, the weight is a parameter
+    (or buffer) of the module itself, and the dtypes are ones the kernel computes in, the output
+    dtype the one the norm's cast order gives."""
+    from bitfx.passes.fx_utils import tensor_meta
+    from bitfx.passes.naming import module_fqn
+    from bitfx.reference import norm_dtype_for
+
+    name, spec = s.norm_module, s.norm
+    if spec is None or not s.norm_nodes:
+        return None
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    chain = set(s.norm_nodes)
+    out = s.norm_nodes[-1]
+    def within(node) -> bool:
+        fqn = module_fqn(node)
+        return fqn is not None and (fqn == name or fqn.startswith(name + "."))
+
+    inside = [n for n in g.graph.nodes if n.op in ("call_function", "call_method", "call_module") and within(n)]
+    if out not in inside or s.norm_input in inside or any(n not in chain for n in inside):
+        return None
+    for n in inside:
+        if n is not out and any(u not in chain for u in n.users):
+            return None
+    if any(u in chain for u in out.users):
+        return None
+    xm, om = tensor_meta(s.norm_input), tensor_meta(out)
+    if xm is None or om is None or tuple(xm.shape) != tuple(om.shape) or not len(xm.shape):
+        return None
+    K = xm.shape[-1]
+    if not isinstance(K, int):
+        return None
+    weight, w_dtype = None, None
+    if s.norm_weight is not None:
+        if s.norm_weight.op not in ("placeholder", "get_attr"):
+            return None  # a weight the model computes (``weight + 1`` rounded): not a tensor of the module
+        leaves = [p[len(name) + 1:] for p in naming.param_names(s.norm_weight) if p.startswith(name + ".")]
+        leaves = [leaf for leaf in leaves if "." not in leaf]
+        t = naming.tensor(s.norm_weight)
+        if not leaves or t is None:
+            return None
+        weight = leaves[0]
+        held = module._parameters.get(weight, module._buffers.get(weight))
+        if held is not t or tuple(t.shape) != (K,):
+            return None
+        w_dtype = t.dtype
+    floats = (torch.float32, torch.float16, torch.bfloat16)
+    if xm.dtype not in floats or om.dtype not in floats or (w_dtype is not None and w_dtype not in floats):
+        return None
+    if (spec.norm_dtype or norm_dtype_for(xm.dtype, w_dtype, spec.cast_before_weight)) != om.dtype:
+        return None
+    names = lambda d: None if d is None else str(d).removeprefix("torch.")  # noqa: E731
+    return {"weight": weight, "eps": float(spec.eps), "offset": bool(spec.offset),
+            "cast_before_weight": bool(spec.cast_before_weight), "K": int(K), "x_dtype": names(xm.dtype),
+            "weight_dtype": names(w_dtype), "out_dtype": names(om.dtype)}
+
+
 def _compile_options() -> dict:
     """``torch.compile`` keywords for the capture: its own recompile region where torch has them."""
     return {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
@@ -335,6 +402,10 @@ def explain(model: nn.Module, *example_inputs, config: Optional[BitfxConfig] = N
                     seen_skipped.add(d.name)
                     report.skipped.append(SkippedLinear(d.name, replace_reason))
             for s in plan.sites:
+                if s.norm_module is not None and s.norm_nodes:
+                    whole = _whole_module_norm(g, s, naming, model)
+                    known = report.norm_modules.get(s.norm_module, whole)
+                    report.norm_modules[s.norm_module] = whole if known == whole else None
                 spec = s.norm
                 info = SiteInfo(
                     norm_module=s.norm_module,

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from bitfx import fused_norm
 from bitfx.config import BitfxConfig, QuantizeConfig
 from bitfx.explain import ExplainReport, SkippedLinear, explain
 from bitfx.modules import BitfxLinear, Int8Linear
@@ -42,6 +43,7 @@ class QuantizeReport:
     int8_head: list[str] = field(default_factory=list)  # output heads made int8 (head="int8")
     head_float_bytes: int = 0  # their float weights, in their own dtype
     head_int8_bytes: int = 0  # their int8 codes and fp32 row scales
+    fused_norms: list[str] = field(default_factory=list)  # RMSNorm modules run eagerly as one kernel
     explain_report: Optional[ExplainReport] = None  # the sites it acted on
 
     @property
@@ -70,6 +72,8 @@ class QuantizeReport:
         if self.int8_head:
             lines.append(f"  int8 output head: {', '.join(self.int8_head)} ({_bytes(self.head_float_bytes)} -> "
                          f"{_bytes(self.head_int8_bytes)})")
+        if self.fused_norms:
+            lines.append(f"  RMSNorm modules run eagerly (CUDA, inference) as one kernel: {len(self.fused_norms)}")
         lines += [f"  not converted: {s.module or '<the model itself>'}: {s.reason}" for s in self.skipped]
         return "\n".join(lines)
 
@@ -151,11 +155,23 @@ def quantize(
             del linear, w
         if config.head == "int8":
             _int8_heads(model, plan, report)
+        _fuse_norms(model, plan, report)
     model.bitfx_report = report
     if not plan.sites:
         logger.warning("bitfx.quantize found no RMSNorm -> Linear site; bitfx.explain(model, ...) says why")
     logger.info("%s", report)
     return model
+
+
+def _fuse_norms(model: nn.Module, plan: ExplainReport, report: QuantizeReport) -> None:
+    """Give each RMSNorm module that feeds a converted linear, and whose whole forward is that
+    norm, the eager one-kernel forward (:mod:`bitfx.fused_norm`)."""
+    converted = set(report.converted)
+    feeding = {s.norm_module for s in plan.sites if s.norm_module is not None and converted & set(s.linear_modules)}
+    for name, spec in plan.norm_modules.items():
+        if spec is not None and name in feeding:
+            fused_norm.install(model.get_submodule(name), spec)
+            report.fused_norms.append(name)
 
 
 def _int8_heads(model: nn.Module, plan: ExplainReport, report: QuantizeReport) -> None:

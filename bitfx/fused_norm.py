@@ -1,0 +1,176 @@
+"""A model's RMSNorm module run eagerly as one kernel, after :func:`bitfx.quantize`.
+
+A converted model that runs eagerly still computes its RMSNorms as the model wrote them: six or
+more separate torch ops per norm (``float``, ``pow``, ``mean``, ``add``, ``rsqrt``, the products,
+the casts back), each costing the host a dispatch and a launch, which at generation sizes is
+what a token's time is made of. ``bitfx.quantize`` traces the model anyway; where a norm feeding
+a converted linear is a module whose whole ``forward`` is that norm (its input goes in, the norm
+of it comes out, nothing else happens inside), the module gets a ``forward`` of its own
+(:class:`FusedNormForward`, an instance attribute: its class, its parameters and its
+``state_dict`` stay as they were) that launches :func:`bitfx.kernels.norm_quant.rms_norm`
+instead, for the calls that allow it:
+
+* one positional tensor argument, on CUDA, not under ``torch.compile`` or any tracing, dispatch
+  mode or functorch transform;
+* of the dtype the model was traced with, with the norm weight still the module's parameter of
+  the traced dtype and shape, on the input's device;
+* no gradient to carry (grad mode off, or neither the input nor the weight requires grad).
+
+Every other call runs the class's own ``forward``: ``torch.compile`` then traces the norm as
+the model wrote it (and the backend fuses it into its kernels as before), training trains it,
+and a CPU model computes it in torch. The kernel computes the norm as the model does, in the
+cast order the site finder read from the model (:class:`bitfx.passes.records.NormSpec`), up to
+its fp32 reduction order (the tolerance the spec states for the norm): its ``y`` is the one the
+backend's fused ``norm_quant`` quantizes, bit for bit. ``BITFX_EAGER_NORMS=0`` turns it off
+(read when a launch plan is made). :func:`bitfx.save` records the fused norms and
+:func:`bitfx.load` gives them back.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from bitfx.kernels._utils import current_cuda_device, env
+from bitfx.layout import FLOAT_DTYPES
+from bitfx.modules import _no_interception
+
+__all__ = ["FusedNormForward", "install", "fused_norms", "check_spec"]
+
+_DTYPES = {str(d).removeprefix("torch."): d for d in FLOAT_DTYPES}
+_KEYS = ("weight", "eps", "offset", "cast_before_weight", "K", "x_dtype", "weight_dtype", "out_dtype")
+_MAX_PLANS = 16
+
+
+def eager_norms_enabled() -> bool:
+    """``BITFX_EAGER_NORMS``: unset or 1, fused norms launch their kernel; 0, never."""
+    value = env("BITFX_EAGER_NORMS")
+    if value in (None, "", "1"):
+        return True
+    if value == "0":
+        return False
+    raise ValueError(f"BITFX_EAGER_NORMS must be 0 or 1 (or unset), got {value!r}")
+
+
+class FusedNormForward:
+    """The ``forward`` of a norm module (module docstring). ``spec``: the weight's name in the
+    module (None: a norm without weight), ``eps``, ``offset`` (``1 + weight``),
+    ``cast_before_weight``, ``K``, and the dtypes of the input, the weight and the output the
+    model was traced with (their names)."""
+
+    def __init__(self, module: nn.Module, spec: dict):
+        self.module = module
+        self.spec = dict(spec)
+        self._unpack()
+
+    def _unpack(self):
+        s = self.spec
+        self.weight_name = s["weight"]
+        self.K = s["K"]
+        self.x_dtype = _DTYPES[s["x_dtype"]]
+        self.weight_dtype = None if s["weight_dtype"] is None else _DTYPES[s["weight_dtype"]]
+        self.out_dtype = _DTYPES[s["out_dtype"]]
+        self.plans: dict = {}
+
+    def __getstate__(self):  # launch plans hold compiled launchers: not copied, made again
+        return {"module": self.module, "spec": self.spec}
+
+    def __setstate__(self, state):
+        self.module = state["module"]
+        self.spec = state["spec"]
+        self._unpack()
+
+    def __call__(self, *args, **kwargs):
+        module = self.module
+        if len(args) == 1 and not kwargs and not torch.compiler.is_compiling():
+            x = args[0]
+            if (type(x) is Tensor and x.is_cuda and x.dtype is self.x_dtype and x.dim() >= 1
+                    and x.shape[-1] == self.K and _no_interception()):
+                name = self.weight_name
+                w = None
+                if name is not None:
+                    w = module._parameters.get(name)
+                    if w is None:
+                        w = module._buffers.get(name)
+                if (name is None or (w is not None and type(w) in (Tensor, nn.Parameter) and w.dtype is self.weight_dtype
+                                     and w.dim() == 1 and w.shape[0] == self.K and w.device == x.device)):
+                    if not (torch.is_grad_enabled() and (x.requires_grad or (w is not None and w.requires_grad))):
+                        y = self._launch(x, w)
+                        if y is not None:
+                            return y
+        return type(module).forward(module, *args, **kwargs)
+
+    def _launch(self, x: Tensor, w: Tensor | None) -> Tensor | None:
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        if x2.shape[1] > 1 and x2.stride(1) != 1:
+            x2 = x2.contiguous()
+        device = x2.device
+        current = current_cuda_device() if x2.is_cuda else -1  # the device Triton launches on
+        key = (x2.stride(0), device.index, current, not x2.data_ptr() & 15)
+        plan = self.plans.get(key)
+        if plan is not None and plan[0] is w:
+            again = plan[1]
+            if again is None:
+                return None
+            return again(x2).view(x.shape)
+        if not eager_norms_enabled():
+            self.plans[key] = (w, None)
+            return None
+        from bitfx.ops.library import kernels
+
+        s = self.spec
+        if x2.shape[0] == 0:
+            return torch.empty(x.shape, dtype=self.out_dtype, device=device)
+        if current != -1 and current != device.index:
+            with torch.cuda.device(device):
+                y, again = kernels("norm_quant").rms_norm(x2, w, s["eps"], s["offset"], s["cast_before_weight"],
+                                                          self.out_dtype, bind=True)
+        else:
+            y, again = kernels("norm_quant").rms_norm(x2, w, s["eps"], s["offset"], s["cast_before_weight"],
+                                                      self.out_dtype, bind=True)
+        if len(self.plans) >= _MAX_PLANS:
+            self.plans.clear()
+        self.plans[key] = (w, again)
+        return y.view(x.shape)
+
+
+def check_spec(name: str, spec, module: nn.Module | None) -> list[str]:
+    """What is wrong with ``spec`` as the fused norm of ``module`` (named ``name``): empty when it fits."""
+    if not isinstance(spec, dict) or set(spec) != set(_KEYS):
+        return [f"{name}: a fused norm's entry must hold exactly {list(_KEYS)}"]
+    problems = []
+    K, eps = spec["K"], spec["eps"]
+    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+        problems.append(f"{name}: fused norm K={K!r} is not a positive int")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        problems.append(f"{name}: fused norm eps={eps!r} is not a number >= 0")
+    for flag in ("offset", "cast_before_weight"):
+        if not isinstance(spec[flag], bool):
+            problems.append(f"{name}: fused norm {flag}={spec[flag]!r} is not a bool")
+    for key in ("x_dtype", "out_dtype", "weight_dtype"):
+        if spec[key] not in _DTYPES and not (key == "weight_dtype" and spec[key] is None):
+            problems.append(f"{name}: fused norm {key}={spec[key]!r} is not one of {sorted(_DTYPES)}")
+    weight = spec["weight"]
+    if (weight is None) != (spec["weight_dtype"] is None) or (weight is not None and not isinstance(weight, str)):
+        problems.append(f"{name}: fused norm weight={weight!r} and weight_dtype={spec['weight_dtype']!r} disagree")
+    if problems or module is None:
+        return problems
+    if weight is not None:
+        w = module._parameters.get(weight, module._buffers.get(weight))
+        if w is None:
+            problems.append(f"{name}: a fused norm with weight {weight!r}, which the model's "
+                            f"{type(module).__name__} does not hold")
+        elif tuple(w.shape) != (K,):
+            problems.append(f"{name}.{weight}: shape {list(w.shape)} in the model, a fused norm of K={K}")
+    return problems
+
+
+def install(module: nn.Module, spec: dict) -> None:
+    """Give ``module`` the fused ``forward`` for ``spec`` (replacing one it had)."""
+    module.forward = FusedNormForward(module, spec)
+
+
+def fused_norms(model: nn.Module) -> dict:
+    """``{module name: spec}`` of the model's fused norms."""
+    return {name: dict(m.__dict__["forward"].spec) for name, m in model.named_modules()
+            if isinstance(m.__dict__.get("forward"), FusedNormForward)}

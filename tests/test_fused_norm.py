@@ -1,0 +1,301 @@
+"""Eager RMSNorm modules in one kernel after ``bitfx.quantize`` (:mod:`bitfx.fused_norm`): which
+norms get it (a module whose whole forward is the norm of a site), that every call it cannot take
+runs the module's own forward, that its kernel computes the module's norm (within the norm's
+tolerance; exactly the ``y`` the backend's ``norm_quant`` quantizes), and that it survives
+``bitfx.save``/``bitfx.load``, ``deepcopy`` and pickling. The launch itself runs here through
+``FusedNormForward._launch`` on the device at hand (the CPU: Triton's interpreter); the CUDA
+tests at the end run whole eager models on the GPU."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bitfx
+from bitfx import fused_norm
+from bitfx.checkpoint import CheckpointError
+from bitfx.demo.example import ExampleConfig, ExampleLlama
+from bitfx.kernels import norm_quant as nq
+from tests.helpers import KERNEL_DEVICE, ULP
+
+CUDA = KERNEL_DEVICE.type == "cuda"
+NORM_RTOL = 1e-5  # the norm's fp32 tolerance (tests/kernels/test_norm_quant.py says why)
+
+
+def _example(dtype=torch.float32, layers=2):
+    torch.manual_seed(0)
+    return ExampleLlama(ExampleConfig(vocab=16, dim=32, hidden=64, heads=2, layers=layers)).to(dtype).eval()
+
+
+def _quantized(model, ids):
+    with torch.no_grad():
+        return bitfx.quantize(model, ids)
+
+
+IDS = torch.randint(0, 16, (1, 5), generator=torch.Generator().manual_seed(1))
+
+
+def test_quantize_fuses_the_norm_modules_of_its_sites():
+    model = _example()
+    keys = list(model.state_dict())
+    _quantized(model, IDS)
+    fused = [f"layers.{i}.{n}" for i in range(2) for n in ("attn_norm", "mlp_norm")]
+    assert model.bitfx_report.fused_norms == fused
+    assert "as one kernel: 4" in str(model.bitfx_report)
+    specs = fused_norm.fused_norms(model)
+    assert list(specs) == fused  # the final norm feeds the dense output head: left as it is
+    assert specs["layers.0.attn_norm"] == {"weight": "weight", "eps": 1e-6, "offset": False, "cast_before_weight": True,
+                                           "K": 32, "x_dtype": "float32", "weight_dtype": "float32",
+                                           "out_dtype": "float32"}
+    norm = model.layers[0].attn_norm
+    assert type(norm).__name__ == "RMSNorm" and isinstance(norm.forward, fused_norm.FusedNormForward)
+    # Only the linears' names changed in the state_dict (packed codes and scales instead of weights).
+    assert [k for k in model.state_dict() if "norm" in k] == [k for k in keys if "norm" in k]
+
+
+class _ScaledNorm(nn.Module):
+    """A norm module that does more than the norm: it scales its input first."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(dim) + 0.5)
+
+    def forward(self, x):
+        x = 2.0 * x
+        xf = x.float()
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+
+
+class _GemmaNorm(nn.Module):
+    """Gemma's form: the weight applied as ``1 + w`` in fp32, then cast back."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(0.1 * torch.randn(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        r = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)
+        return (r * (1.0 + self.weight.float())).type_as(x)
+
+
+class _Sites(nn.Module):
+    """Three sites: a module doing more than its norm, a Gemma norm module, a functional norm."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.scaled, self.gemma = _ScaledNorm(dim), _GemmaNorm(dim)
+        self.g = nn.Parameter(torch.rand(dim) + 0.5)
+        self.a, self.b, self.c = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+
+    def forward(self, x):
+        x = x + self.a(self.scaled(x))
+        x = x + self.b(self.gemma(x))
+        return x + self.c(F.rms_norm(x, (x.shape[-1],), self.g, 1e-6))
+
+
+def test_only_modules_whose_whole_forward_is_the_norm_are_fused():
+    torch.manual_seed(0)
+    model = _Sites()
+    x = torch.randn(2, 3, 32)
+    report = bitfx.explain(model, x)
+    assert len(report.sites) == 3  # the scaled norm's site is found: its module is not only a norm
+    _quantized(model, x)
+    assert model.bitfx_report.fused_norms == ["gemma"]
+    spec = fused_norm.fused_norms(model)["gemma"]
+    assert spec["offset"] is True and spec["eps"] == 1e-5  # (an fp32 model: no cast order to read)
+    assert "forward" not in model.scaled.__dict__
+
+
+def _rel(dtype):
+    return NORM_RTOL + (0.0 if dtype == torch.float32 else 2 * ULP[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("form", ["llama", "gemma"])
+def test_the_kernel_computes_the_modules_norm(dtype, form):
+    model = (_example(dtype) if form == "llama" else _Sites().to(dtype)).to(KERNEL_DEVICE)
+    example = IDS if form == "llama" else torch.randn(2, 3, 32, dtype=dtype)
+    _quantized(model, example.to(KERNEL_DEVICE))
+    norm = model.layers[0].attn_norm if form == "llama" else model.gemma
+    fwd = norm.forward
+    x = torch.randn(7, 32, generator=torch.Generator().manual_seed(3)).to(dtype).to(KERNEL_DEVICE)
+    want = type(norm).forward(norm, x)
+    with torch.no_grad():
+        got = fwd._launch(x, norm.weight)
+        got3 = fwd._launch(x.view(1, 7, 32), norm.weight)
+    assert got.dtype == want.dtype and got.shape == want.shape and got3.shape == (1, 7, 32)
+    torch.testing.assert_close(got.float(), want.detach().float(), rtol=_rel(dtype), atol=0.0)
+    s = fwd.spec
+    # Exactly the kernel's norm, and so exactly the y the backend's norm_quant quantizes.
+    exact = nq.rms_norm(x, norm.weight.detach(), s["eps"], s["offset"], s["cast_before_weight"], want.dtype)
+    assert torch.equal(got, exact) and torch.equal(got3.view(7, 32), exact)
+
+
+def test_calls_it_cannot_take_run_the_modules_forward():
+    """On the CPU, with grad to carry, with a second argument, under torch.compile: the class's
+    forward, whose numbers are the model's own (the same ops, the same order)."""
+    model = _example()
+    _quantized(model, IDS)
+    norm = model.layers[0].attn_norm
+    x = torch.randn(2, 4, 32, requires_grad=True)
+    assert torch.equal(norm(x), type(norm).forward(norm, x))  # CPU
+    y = norm(x)
+    assert y.requires_grad and y.grad_fn is not None  # autograd through the model's own ops
+    y.sum().backward()
+    assert norm.weight.grad is not None
+    # Compiled, the trace sees the model's norm: the backend still finds the site and fuses it.
+    report = bitfx.explain(model, IDS, config=bitfx.BitfxConfig(training=False))
+    assert [s.norm_module for s in report.sites if s.norm_module] == model.bitfx_report.fused_norms
+    graphs = []
+
+    def capture(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        out = torch.compile(model, backend=capture, fullgraph=True)(IDS)
+        assert torch.equal(out, model(IDS))
+    assert len(graphs) == 1 and any("rsqrt" in str(n.target) for n in graphs[0].graph.nodes)
+
+
+def test_env_switch_and_bad_values(monkeypatch):
+    model = _example().to(KERNEL_DEVICE)
+    _quantized(model, IDS.to(KERNEL_DEVICE))
+    fwd = model.layers[0].attn_norm.forward
+    x = torch.randn(3, 32, device=KERNEL_DEVICE)
+    monkeypatch.setenv("BITFX_EAGER_NORMS", "0")
+    with torch.no_grad():
+        assert fwd._launch(x, model.layers[0].attn_norm.weight) is None  # the caller runs the module's forward
+    monkeypatch.setenv("BITFX_EAGER_NORMS", "yes")
+    fwd.plans.clear()
+    with pytest.raises(ValueError, match="BITFX_EAGER_NORMS must be 0 or 1"):
+        fwd._launch(x, model.layers[0].attn_norm.weight)
+
+
+def test_copies_and_pickles_keep_their_own_module():
+    model = _example()
+    _quantized(model, IDS)
+    for other in (copy.deepcopy(model), _pickled(model)):
+        norm = other.layers[1].mlp_norm
+        assert isinstance(norm.forward, fused_norm.FusedNormForward) and norm.forward.module is norm
+        assert norm.forward.spec == model.layers[1].mlp_norm.forward.spec and norm.forward.plans == {}
+        with torch.no_grad():
+            assert torch.equal(other(IDS), model(IDS))
+
+
+def _pickled(model):
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def test_checkpoint_keeps_the_fused_norms(tmp_path):
+    cfg = ExampleConfig(vocab=16, dim=32, hidden=64, heads=2, layers=2)
+    model = _example()
+    _quantized(model, IDS)
+    path = tmp_path / "m.safetensors"
+    bitfx.save(model, path)
+    with torch.device("meta"):
+        skeleton = ExampleLlama(cfg)
+    bitfx.load(skeleton, path)
+    assert fused_norm.fused_norms(skeleton) == fused_norm.fused_norms(model)
+    assert skeleton.layers[0].attn_norm.forward.module is skeleton.layers[0].attn_norm
+    with torch.no_grad():
+        assert torch.equal(skeleton(IDS), model(IDS))
+
+
+def _rewrite_norms(src, dst, norms):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta["norms"] = json.dumps(norms)
+    save_file(tensors, str(dst), metadata=meta)
+
+
+def test_checkpoint_with_bad_fused_norms_is_refused(tmp_path):
+    cfg = ExampleConfig(vocab=16, dim=32, hidden=64, heads=2, layers=2)
+    model = _example()
+    _quantized(model, IDS)
+    path = tmp_path / "m.safetensors"
+    bitfx.save(model, path)
+    good = fused_norm.fused_norms(model)["layers.0.attn_norm"]
+    cases = [
+        ({"layers.9.attn_norm": good}, "fused RMSNorm the model does not have"),
+        ({"layers.0.attn_norm": dict(good, K=48)}, "a fused norm of K=48"),
+        ({"layers.0.attn_norm": dict(good, weight="scale")}, "does not hold"),
+        ({"layers.0.attn_norm": dict(good, x_dtype="int8")}, "x_dtype='int8'"),
+        ({"layers.0.attn_norm": {"eps": 1e-6}}, "must hold exactly"),
+        ([1, 2], "norms: not a JSON object"),
+    ]
+    for norms, message in cases:
+        bad = tmp_path / "bad.safetensors"
+        _rewrite_norms(path, bad, norms)
+        with torch.device("meta"):
+            skeleton = ExampleLlama(cfg)
+        with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            bitfx.load(skeleton, bad)
+        assert "forward" not in skeleton.layers[0].attn_norm.__dict__  # nothing was loaded
+    # A file written before fused norms (no "norms" entry) loads, with none.
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "norms"}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata=meta)
+    with torch.device("meta"):
+        skeleton = ExampleLlama(cfg)
+    bitfx.load(skeleton, old)
+    assert fused_norm.fused_norms(skeleton) == {}
+    with torch.no_grad():
+        assert torch.equal(skeleton(IDS), model(IDS))
+
+
+def _kernels(fn, name):
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = fn()
+        torch.cuda.synchronize()
+    return out, sum(e.device_type == torch.autograd.DeviceType.CUDA and name in e.name for e in prof.events())
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_model_runs_each_fused_norm_as_one_kernel(dtype, monkeypatch):
+    monkeypatch.delenv("BITFX_EAGER_NORMS", raising=False)
+    ids = torch.randint(0, 16, (2, 9), device="cuda")
+    model = _quantized(_example(dtype, layers=3).cuda(), ids)
+    plain = copy.deepcopy(model)
+    for name in plain.bitfx_report.fused_norms:
+        del plain.get_submodule(name).__dict__["forward"]
+    with torch.no_grad():
+        got, n = _kernels(lambda: model(ids), "_rms_norm_kernel")
+        want, n_plain = _kernels(lambda: plain(ids), "_rms_norm_kernel")
+    assert n == 6 and n_plain == 0
+    # The logits of the model's own norms: the kernel's norm differs in its last bits (reduction
+    # order), so an int8 code may move by one at a rounding boundary; compared as the compiled
+    # models are against eager ones (tests/test_cuda_models.py), to 5% of the logits' scale.
+    scale = want.float().abs().max().item()
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0.05 * scale)
+    # With grad to carry (the input requires grad), the model's own norm runs.
+    norm = model.layers[0].attn_norm
+    x = torch.randn(4, 32, device="cuda", dtype=dtype, requires_grad=True)
+    _, n_grad = _kernels(lambda: norm(x), "_rms_norm_kernel")
+    assert n_grad == 0
+    with torch.no_grad():
+        y, n_one = _kernels(lambda: norm(x), "_rms_norm_kernel")
+    assert n_one == 1 and torch.equal(y, nq.rms_norm(x.detach(), norm.weight.detach(), 1e-6, False, True, y.dtype))
