@@ -171,10 +171,14 @@ def finetune(
                 zt = _logits(teacher(x))
         loss, ce, kd = distillation_loss(_logits(compiled(x)), zt, y, alpha=alpha, temperature=temperature)
         if step == 1 and not _through_compiled_graph(loss):
-            raise RuntimeError(
-                "bitfx.finetune: the model ran uncompiled (no compiled graph behind the loss), so it would train "
-                "in floating point, not as ternary; Dynamo skips a frame it cannot trace or whose recompile limit "
-                "is reached (TORCH_LOGS=recompiles,graph_breaks says which)")
+            if loss.grad_fn is None:
+                why = ("the loss has no autograd graph" + ("" if torch.is_grad_enabled() else
+                       " (grad mode is off here: call bitfx.finetune outside torch.no_grad())"))
+            else:
+                why = ("no compiled graph is behind the loss: Dynamo skips a frame it cannot trace or whose "
+                       "recompile limit is reached (TORCH_LOGS=recompiles,graph_breaks says which)")
+            raise RuntimeError(f"bitfx.finetune: the model ran uncompiled, so it would train in floating point, "
+                               f"not as ternary; {why}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -128,3 +128,10 @@ def test_finetune_refuses_a_model_that_runs_uncompiled():
     model.forward = torch.compiler.disable(model.forward)
     with pytest.raises(RuntimeError, match="ran uncompiled"):
         bitfx.finetune(model, _repeated_batch(), steps=2, lr=1e-2)
+
+
+def test_finetune_under_no_grad_says_grad_mode_is_off():
+    """With grad mode off the loss has no autograd graph at all: the error names that cause, not
+    Dynamo's."""
+    with torch.no_grad(), pytest.raises(RuntimeError, match="grad mode is off"):
+        bitfx.finetune(_tiny(), _repeated_batch(), steps=1, lr=1e-2)
