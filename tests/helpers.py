@@ -32,15 +32,23 @@ def seeded_randn(shape, dtype: torch.dtype, device, seed: int = 0) -> torch.Tens
     return torch.randn(shape, generator=g).to(dtype).to(device)
 
 
-def assert_close_up_to_code_flips(got, want, max_fraction=0.01, rtol=1e-5):
+def assert_close_up_to_code_flips(got, want, max_fraction=0.01, rtol=1e-5, flipped_rows=0):
     """Compiled vs eager: Inductor (and bitfx's fused norm) round the float code around the
     sites differently, so an int8 code may move by one where a value lies on a rounding
     boundary. All but ``max_fraction`` of the outputs agree to ``rtol`` (fp32 rounding by
     default; outputs rounded to bf16 at the end differ by one bf16 step, ``2**-7`` relative at
     most, when the fp32 values before that rounding differ at all); all to a few codes' worth
-    of the output scale."""
+    of the output scale. ``flipped_rows``: a whole model's logits, where one code that moved in
+    a token's path moves every logit of that token (of the last token: nothing attends to it),
+    so up to that many rows (the ones with the most outputs off) are left out of the fraction;
+    they are still held to the few codes' worth."""
     scale = want.abs().max().item()
     off = ~torch.isclose(got, want, rtol=rtol, atol=rtol * scale)
+    if flipped_rows:
+        per_row = off.reshape(-1, off.shape[-1])
+        keep = torch.ones(per_row.shape[0], dtype=torch.bool)
+        keep[per_row.sum(-1).argsort(descending=True)[:flipped_rows]] = False
+        off = per_row[keep]
     assert off.float().mean().item() <= max_fraction, f"{off.sum().item()} of {off.numel()} outputs differ"
     torch.testing.assert_close(got, want, rtol=0, atol=0.03 * scale)
 

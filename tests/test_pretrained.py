@@ -113,7 +113,11 @@ def test_a_transformers_dir_loads_with_its_logits_and_saves_back(tmp_path, linea
     assert _on_meta(model) == []
     assert torch.equal(model.model.rotary_emb.inv_freq, theirs.model.rotary_emb.inv_freq)
     got = _logits(model, ids)
-    assert_close_up_to_code_flips(got, want)
+    # transformers' activation scale is 127 / amax, bitfx's 127 * (1 / amax) correctly rounded:
+    # they differ in the last bit at times, and a code on a rounding boundary then moves by one,
+    # moving the logits of that token (one row; seen: the last token of a sequence, all its
+    # logits, by 0.2% of the logits' scale, with transformers 5.25 and torch 2.13 on the CPU).
+    assert_close_up_to_code_flips(got, want, flipped_rows=1)
 
     # and back: transformers reads bitfx's directory as its own BitNet model, with bitfx's logits
     back = linear_class if mode == "offline" else "bitlinear"
@@ -126,7 +130,7 @@ def test_a_transformers_dir_loads_with_its_logits_and_saves_back(tmp_path, linea
     layer = {"bitlinear": "BitLinear", "autobitlinear": "AutoBitLinear"}[back]
     assert {n for n, m in theirs.named_modules() if type(m).__name__ == layer} == set(names)
     assert all((theirs.get_submodule(n).rms_norm is not None) == use_rms_norm for n in names)
-    assert_close_up_to_code_flips(again, got)
+    assert_close_up_to_code_flips(again, got, flipped_rows=1)  # (the scales' formulas, as above)
     # and bitfx reads its own directory to the same numbers
     assert_close_up_to_code_flips(_logits(bitfx.from_pretrained(tmp_path / "bitfx"), ids), got)
 
