@@ -31,9 +31,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from bitfx.kernels._utils import current_cuda_device, env
+from bitfx.kernels._utils import current_cuda_device
 from bitfx.layout import FLOAT_DTYPES
-from bitfx.modules import _no_interception
+from bitfx.modules import _no_interception, env_switch
 
 __all__ = ["FusedNormForward", "install", "fused_norms", "check_spec"]
 
@@ -44,12 +44,7 @@ _MAX_PLANS = 16
 
 def eager_norms_enabled() -> bool:
     """``BITFX_EAGER_NORMS``: unset or 1, fused norms launch their kernel; 0, never."""
-    value = env("BITFX_EAGER_NORMS")
-    if value in (None, "", "1"):
-        return True
-    if value == "0":
-        return False
-    raise ValueError(f"BITFX_EAGER_NORMS must be 0 or 1 (or unset), got {value!r}")
+    return env_switch("BITFX_EAGER_NORMS")
 
 
 class FusedNormForward:

@@ -109,15 +109,20 @@ class _Group:
         self.sig = None  # _group_signature of the weights the plans hold
 
 
-def groups_enabled() -> bool:
-    """``BITFX_EAGER_GROUPS``: unset or 1, eager layers of one input launch together; 0, never.
-    Read when a group would form."""
-    value = env("BITFX_EAGER_GROUPS")
+def env_switch(name: str) -> bool:
+    """An on/off environment setting of the eager paths: unset or 1, on; 0, off; else a ValueError."""
+    value = env(name)
     if value in (None, "", "1"):
         return True
     if value == "0":
         return False
-    raise ValueError(f"BITFX_EAGER_GROUPS must be 0 or 1 (or unset), got {value!r}")
+    raise ValueError(f"{name} must be 0 or 1 (or unset), got {value!r}")
+
+
+def groups_enabled() -> bool:
+    """``BITFX_EAGER_GROUPS``: unset or 1, eager layers of one input launch together; 0, never.
+    Read when a group would form."""
+    return env_switch("BITFX_EAGER_GROUPS")
 
 
 def _dissolve(group: "_Group | None") -> None:

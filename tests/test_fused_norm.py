@@ -197,15 +197,26 @@ def _pickled(model):
     return torch.load(buf, weights_only=False)
 
 
-def test_checkpoint_keeps_the_fused_norms(tmp_path):
-    cfg = ExampleConfig(vocab=16, dim=32, hidden=64, heads=2, layers=2)
-    model = _example()
-    _quantized(model, IDS)
+CFG = ExampleConfig(vocab=16, dim=32, hidden=64, heads=2, layers=2)
+
+
+def _saved(tmp_path):
+    """A quantized example model and the checkpoint bitfx.save wrote of it."""
+    model = _quantized(_example(), IDS)
     path = tmp_path / "m.safetensors"
     bitfx.save(model, path)
+    return model, path
+
+
+def _loaded(path):
     with torch.device("meta"):
-        skeleton = ExampleLlama(cfg)
-    bitfx.load(skeleton, path)
+        skeleton = ExampleLlama(CFG)
+    return bitfx.load(skeleton, path)
+
+
+def test_checkpoint_keeps_the_fused_norms(tmp_path):
+    model, path = _saved(tmp_path)
+    skeleton = _loaded(path)
     assert fused_norm.fused_norms(skeleton) == fused_norm.fused_norms(model)
     assert skeleton.layers[0].attn_norm.forward.module is skeleton.layers[0].attn_norm
     with torch.no_grad():
@@ -213,22 +224,21 @@ def test_checkpoint_keeps_the_fused_norms(tmp_path):
 
 
 def _rewrite_norms(src, dst, norms):
+    """``src`` as ``dst`` with the metadata's "norms" entry set to ``norms`` (None: without one,
+    as a file written before fused norms)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     with safe_open(str(src), framework="pt") as f:
-        meta = dict(f.metadata())
+        meta = {k: v for k, v in f.metadata().items() if k != "norms"}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta["norms"] = json.dumps(norms)
+    if norms is not None:
+        meta["norms"] = json.dumps(norms)
     save_file(tensors, str(dst), metadata=meta)
 
 
 def test_checkpoint_with_bad_fused_norms_is_refused(tmp_path):
-    cfg = ExampleConfig(vocab=16, dim=32, hidden=64, heads=2, layers=2)
-    model = _example()
-    _quantized(model, IDS)
-    path = tmp_path / "m.safetensors"
-    bitfx.save(model, path)
+    model, path = _saved(tmp_path)
     good = fused_norm.fused_norms(model)["layers.0.attn_norm"]
     cases = [
         ({"layers.9.attn_norm": good}, "fused RMSNorm the model does not have"),
@@ -242,22 +252,14 @@ def test_checkpoint_with_bad_fused_norms_is_refused(tmp_path):
         bad = tmp_path / "bad.safetensors"
         _rewrite_norms(path, bad, norms)
         with torch.device("meta"):
-            skeleton = ExampleLlama(cfg)
+            skeleton = ExampleLlama(CFG)
         with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
             bitfx.load(skeleton, bad)
         assert "forward" not in skeleton.layers[0].attn_norm.__dict__  # nothing was loaded
     # A file written before fused norms (no "norms" entry) loads, with none.
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = {k: v for k, v in f.metadata().items() if k != "norms"}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
     old = tmp_path / "old.safetensors"
-    save_file(tensors, str(old), metadata=meta)
-    with torch.device("meta"):
-        skeleton = ExampleLlama(cfg)
-    bitfx.load(skeleton, old)
+    _rewrite_norms(path, old, None)
+    skeleton = _loaded(old)
     assert fused_norm.fused_norms(skeleton) == {}
     with torch.no_grad():
         assert torch.equal(skeleton(IDS), model(IDS))
