@@ -28,6 +28,8 @@ backend's fused ``norm_quant`` quantizes, bit for bit. ``BITFX_EAGER_NORMS=0`` t
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -137,8 +139,8 @@ def check_spec(name: str, spec, module: nn.Module | None) -> list[str]:
     K, eps = spec["K"], spec["eps"]
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:
         problems.append(f"{name}: fused norm K={K!r} is not a positive int")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        problems.append(f"{name}: fused norm eps={eps!r} is not a number >= 0")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        problems.append(f"{name}: fused norm eps={eps!r} is not a finite number >= 0")
     for flag in ("offset", "cast_before_weight"):
         if not isinstance(spec[flag], bool):
             problems.append(f"{name}: fused norm {flag}={spec[flag]!r} is not a bool")

@@ -121,6 +121,11 @@ def quantize(
     the handles that registered them still remove them). The report (:class:`QuantizeReport`: layers, skipped layers and why,
     bytes saved) is stored on ``model.bitfx_report`` and logged to the ``bitfx`` logger.
 
+    Each RMSNorm module feeding a converted linear whose whole ``forward`` is that norm then runs
+    eagerly on CUDA (inference calls of the traced dtype) as one kernel (:mod:`bitfx.fused_norm`;
+    ``report.fused_norms`` names them; ``BITFX_EAGER_NORMS=0`` turns it off); its class, parameters
+    and ``state_dict`` stay as they were, and every other call runs its own ``forward``.
+
     ``BitfxConfig(head="int8")`` also swaps the output head (the linear ``skip_output_head``
     keeps out of the ternary conversion) for an :class:`~bitfx.modules.Int8Linear`: int8 weights
     with one scale per output row. A head tied to the input embedding gets its own int8 copy; the

@@ -245,6 +245,7 @@ def test_checkpoint_with_bad_fused_norms_is_refused(tmp_path):
         ({"layers.0.attn_norm": dict(good, K=48)}, "a fused norm of K=48"),
         ({"layers.0.attn_norm": dict(good, weight="scale")}, "does not hold"),
         ({"layers.0.attn_norm": dict(good, x_dtype="int8")}, "x_dtype='int8'"),
+        ({"layers.0.attn_norm": dict(good, eps=float("inf"))}, "eps=inf is not a finite number"),
         ({"layers.0.attn_norm": {"eps": 1e-6}}, "must hold exactly"),
         ([1, 2], "norms: not a JSON object"),
     ]
