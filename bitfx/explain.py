@@ -293,6 +293,7 @@ def _whole_module_norm(g, s, naming: Naming, model: nn.Module) -> Optional[dict]
         return None
     chain = set(s.norm_nodes)
     out = s.norm_nodes[-1]
+
     def within(node) -> bool:
         fqn = module_fqn(node)
         return fqn is not None and (fqn == name or fqn.startswith(name + "."))
@@ -330,10 +331,9 @@ def _whole_module_norm(g, s, naming: Naming, model: nn.Module) -> Optional[dict]
         return None
     if (spec.norm_dtype or norm_dtype_for(xm.dtype, w_dtype, spec.cast_before_weight)) != om.dtype:
         return None
-    names = lambda d: None if d is None else str(d).removeprefix("torch.")  # noqa: E731
     return {"weight": weight, "eps": float(spec.eps), "offset": bool(spec.offset),
-            "cast_before_weight": bool(spec.cast_before_weight), "K": int(K), "x_dtype": names(xm.dtype),
-            "weight_dtype": names(w_dtype), "out_dtype": names(om.dtype)}
+            "cast_before_weight": bool(spec.cast_before_weight), "K": int(K), "x_dtype": _dtype_name(xm.dtype),
+            "weight_dtype": _dtype_name(w_dtype), "out_dtype": _dtype_name(om.dtype)}
 
 
 def _compile_options() -> dict:
