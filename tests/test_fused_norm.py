@@ -302,3 +302,31 @@ def test_cuda_model_runs_each_fused_norm_as_one_kernel(dtype, monkeypatch):
     with torch.no_grad():
         y, n_one = _kernels(lambda: norm(x), "_rms_norm_kernel")
     assert n_one == 1 and torch.equal(y, nq.rms_norm(x.detach(), norm.weight.detach(), 1e-6, False, True, y.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch, fused", [("llama", 4), ("gemma", 4), ("qwen3", 4), ("bitnet", 8), ("olmo2", 0)])
+def test_transformers_norms_fuse_and_compute_as_their_modules(arch, fused, dtype):
+    """transformers' own norm modules: each pre-norm (and BitNet's sub-norms before o_proj and
+    down_proj) gets the fused forward, in the cast order and weight form its code has (Gemma:
+    ``1 + w`` in fp32, then cast), and the kernel computes what the module computes, within the
+    norm's tolerance; OLMo2 normalizes after its linears (no norm feeds one): nothing to fuse."""
+    from tests import models
+
+    model, ids = getattr(models, f"tiny_{arch}")(dtype=dtype)
+    model = _quantized(model.to(KERNEL_DEVICE), ids.to(KERNEL_DEVICE))
+    specs = fused_norm.fused_norms(model)
+    assert len(specs) == fused and sorted(model.bitfx_report.fused_norms) == sorted(specs)
+    for name in specs:
+        norm = model.get_submodule(name)
+        x = torch.randn(5, specs[name]["K"], generator=torch.Generator().manual_seed(4)).to(dtype).to(KERNEL_DEVICE)
+        with torch.no_grad():
+            want = type(norm).forward(norm, x)
+            got = norm.forward._launch(x, getattr(norm, specs[name]["weight"]))
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=_rel(dtype), atol=0.0)
+        if dtype == torch.bfloat16:
+            # One bf16 step either way is within the tolerance, and so is a wrong cast order; but
+            # with the module's order, only values within an fp32 ulp or two of a bf16 rounding
+            # boundary can round differently: almost none (a wrong order moves a large share).
+            assert (got != want).float().mean().item() <= 0.01, (got != want).float().mean().item()
