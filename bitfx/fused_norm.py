@@ -28,6 +28,7 @@ backend's fused ``norm_quant`` quantizes, bit for bit. ``BITFX_EAGER_NORMS=0`` t
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 
 from bitfx.kernels._utils import current_cuda_device
 from bitfx.layout import FLOAT_DTYPES
-from bitfx.modules import _no_interception, env_switch
+from bitfx.modules import _as_rows, _no_interception, env_switch
 
 __all__ = ["FusedNormForward", "install", "fused_norms", "check_spec"]
 
@@ -98,9 +99,9 @@ class FusedNormForward:
         return type(module).forward(module, *args, **kwargs)
 
     def _launch(self, x: Tensor, w: Tensor | None) -> Tensor | None:
-        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        if x2.shape[1] > 1 and x2.stride(1) != 1:
-            x2 = x2.contiguous()
+        """The norm of ``x`` through this module's launch plan for its layout (None: the
+        setting turns the kernel off, and the caller runs the module's forward)."""
+        x2 = _as_rows(x)
         device = x2.device
         current = current_cuda_device() if x2.is_cuda else -1  # the device Triton launches on
         key = (x2.stride(0), device.index, current, not x2.data_ptr() & 15)
@@ -109,20 +110,20 @@ class FusedNormForward:
             again = plan[1]
             if again is None:
                 return None
-            return again(x2).view(x.shape)
-        if not eager_norms_enabled():
+        elif not eager_norms_enabled():
             self.plans[key] = (w, None)
             return None
+        else:
+            again = None
+        if x2.shape[0] == 0:  # no rows: nothing to launch
+            return torch.empty(x.shape, dtype=self.out_dtype, device=device)
+        if again is not None:
+            return again(x2).view(x.shape)
         from bitfx.ops.library import kernels
 
         s = self.spec
-        if x2.shape[0] == 0:
-            return torch.empty(x.shape, dtype=self.out_dtype, device=device)
-        if current != -1 and current != device.index:
-            with torch.cuda.device(device):
-                y, again = kernels("norm_quant").rms_norm(x2, w, s["eps"], s["offset"], s["cast_before_weight"],
-                                                          self.out_dtype, bind=True)
-        else:
+        on_device = torch.cuda.device(device) if current != -1 and current != device.index else contextlib.nullcontext()
+        with on_device:  # Triton launches on the current device: make it the input's
             y, again = kernels("norm_quant").rms_norm(x2, w, s["eps"], s["offset"], s["cast_before_weight"],
                                                       self.out_dtype, bind=True)
         if len(self.plans) >= _MAX_PLANS:

@@ -136,6 +136,9 @@ def test_the_kernel_computes_the_modules_norm(dtype, form):
     # Exactly the kernel's norm, and so exactly the y the backend's norm_quant quantizes.
     exact = nq.rms_norm(x, norm.weight.detach(), s["eps"], s["offset"], s["cast_before_weight"], want.dtype)
     assert torch.equal(got, exact) and torch.equal(got3.view(7, 32), exact)
+    with torch.no_grad():  # no rows, once the plan exists: an empty output, nothing launched
+        empty = fwd._launch(x[:0], norm.weight)
+    assert empty.shape == (0, 32) and empty.dtype == want.dtype
 
 
 def test_calls_it_cannot_take_run_the_modules_forward():
