@@ -7,7 +7,7 @@ what a token's time is made of. ``bitfx.quantize`` traces the model anyway; wher
 a converted linear is a module whose whole ``forward`` is that norm (its input goes in, the norm
 of it comes out, nothing else happens inside), the module gets a ``forward`` of its own
 (:class:`FusedNormForward`, an instance attribute: its class, its parameters and its
-``state_dict`` stay as they were) that launches :func:`bitfx.kernels.norm_quant.rms_norm`
+``state_dict`` stay as they were) that launches :func:`bitfx.kernels.front_gemv.front_norm`
 instead, for the calls that allow it:
 
 * one positional tensor argument, on CUDA, not under ``torch.compile`` or any tracing, dispatch
@@ -20,23 +20,41 @@ Every other call runs the class's own ``forward``: ``torch.compile`` then traces
 the model wrote it (and the backend fuses it into its kernels as before), training trains it,
 and a CPU model computes it in torch. The kernel computes the norm as the model does, in the
 cast order the site finder read from the model (:class:`bitfx.passes.records.NormSpec`), up to
-its fp32 reduction order (the tolerance the spec states for the norm): its ``y`` is the one the
-backend's fused ``norm_quant`` quantizes, bit for bit. ``BITFX_EAGER_NORMS=0`` turns it off
-(read when a launch plan is made). :func:`bitfx.save` records the fused norms and
+its fp32 reduction order (the tolerance the spec states for the norm). ``BITFX_EAGER_NORMS=0``
+turns it off (read when a launch plan is made). :func:`bitfx.save` records the fused norms and
 :func:`bitfx.load` gives them back.
+
+**The norm and its linears in one launch.** The first ``BitfxLinear`` that launches directly on
+the very output of the norm's launch, unchanged, becomes the norm's *lead*
+(:mod:`bitfx.modules`, "siblings"). From then on the norm's launch is
+:func:`~bitfx.kernels.front_gemv.front_norm_parts`: it stores the norm's output and computes the
+lead's output too (its whole group's, where it leads the linears of one input: q, k and v), and
+leaves each linear its output; the linear takes it when it is called on that output, unchanged,
+with its weights the ones used and the same stream current. So a pre-norm block's site is one
+launch where it was two. The output of the norm is the norm-alone launch's bit for bit (the same
+kernel computes its ``rstd`` in the same order), and each linear's output is what it computes
+alone on that output, bit for bit: an eager model gives the same numbers on its first call and
+on every later one. Anything else (a write into the norm's output, a linear not called, called
+on another tensor, rows beyond the one-kernel form's budget) and the linears compute their own
+outputs; a stash that does not hold cuts the lead (it may be learned again). With
+``BITFX_EAGER_GROUPS=0`` no lead is learned.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
+import operator
+import weakref
 
 import torch
 from torch import Tensor, nn
 
 from bitfx.kernels._utils import current_cuda_device
 from bitfx.layout import FLOAT_DTYPES
-from bitfx.modules import _as_rows, _no_interception, env_switch
+from bitfx.modules import (_LAST, _as_rows, _by_layer, _group_signature, _no_interception, _row_class, _weights,
+                           env_switch, leave_outputs)
+from bitfx.ops.library import kernels
+from bitfx.reference import act_qmax
 
 __all__ = ["FusedNormForward", "install", "fused_norms", "check_spec"]
 
@@ -69,6 +87,9 @@ class FusedNormForward:
         self.weight_dtype = None if s["weight_dtype"] is None else _DTYPES[s["weight_dtype"]]
         self.out_dtype = _DTYPES[s["out_dtype"]]
         self.plans: dict = {}
+        self.lead = None  # weak reference to the linear whose outputs (its group's) this launch computes
+        self.lead_sig = None  # modules._group_signature of the weights the lead plans hold
+        self.lead_plans: dict = {}
 
     def __getstate__(self):  # launch plans hold compiled launchers: not copied, made again
         return {"module": self.module, "spec": self.spec}
@@ -100,7 +121,8 @@ class FusedNormForward:
 
     def _launch(self, x: Tensor, w: Tensor | None) -> Tensor | None:
         """The norm of ``x`` through this module's launch plan for its layout (None: the
-        setting turns the kernel off, and the caller runs the module's forward)."""
+        setting turns the kernel off, and the caller runs the module's forward); with its
+        lead's linears in the same launch where it has a lead (:meth:`_lead_launch`)."""
         x2 = _as_rows(x)
         device = x2.device
         current = current_cuda_device() if x2.is_cuda else -1  # the device Triton launches on
@@ -117,19 +139,88 @@ class FusedNormForward:
             again = None
         if x2.shape[0] == 0:  # no rows: nothing to launch
             return torch.empty(x.shape, dtype=self.out_dtype, device=device)
+        if current != -1 and current != device.index:  # Triton launches on the current device: make it the input's
+            with torch.cuda.device(device):
+                return self._launch(x, w)
+        if self.lead is not None:
+            y = self._lead_launch(x, x2, w, key)
+            if y is not None:
+                return y
         if again is not None:
-            return again(x2).view(x.shape)
-        from bitfx.ops.library import kernels
+            y = again(x2).view(x.shape)
+        else:
+            s = self.spec
+            y, again = kernels("front_gemv").front_norm(x2, w, s["eps"], s["offset"], s["cast_before_weight"],
+                                                        self.out_dtype, bind=True)
+            if len(self.plans) >= _MAX_PLANS:
+                self.plans.clear()
+            self.plans[key] = (w, again)
+            y = y.view(x.shape)
+        if not y.is_inference():  # (no version counter: a write into it could not be seen)
+            _LAST.norm = (weakref.ref(y), y._version, weakref.ref(self))
+        return y
 
-        s = self.spec
-        on_device = torch.cuda.device(device) if current != -1 and current != device.index else contextlib.nullcontext()
-        with on_device:  # Triton launches on the current device: make it the input's
-            y, again = kernels("norm_quant").rms_norm(x2, w, s["eps"], s["offset"], s["cast_before_weight"],
-                                                      self.out_dtype, bind=True)
-        if len(self.plans) >= _MAX_PLANS:
-            self.plans.clear()
-        self.plans[key] = (w, again)
-        return y.view(x.shape)
+    def _lead_launch(self, x: Tensor, x2: Tensor, w: Tensor | None, key: tuple) -> Tensor | None:
+        """The norm and its lead's linears in one launch (``front_norm_parts``): the norm's
+        output, each linear's output left for it (``modules.leave_outputs``); None where they
+        cannot go together this time (the caller launches the norm alone)."""
+        if x.is_inference() or torch.is_inference_mode_enabled():  # y would have no version counter (see _LAST)
+            return None
+        leader = self.lead()
+        if leader is None:
+            self.lead = None
+            return None
+        group = leader.__dict__.get("_group")
+        members = [r() for r in group.refs] if group is not None and group.refs and group.refs[0]() is leader else [leader]
+        qmax = act_qmax(leader.act_bits)
+        for m in members:
+            if m is None or m.__dict__.get("_stash") is not None:  # gone, or it did not come for its last output
+                self._cut(members)
+                return None
+            front = m.__dict__.get("_front")
+            if (front is None or front[0] is not m._buffers["packed"] or not front[1] or m.terms != 1
+                    or m.in_features != self.K or act_qmax(m.act_bits) != qmax):
+                return None  # (its next launch of its own decides again whether it can)
+        flat = tuple(t for m in members for t in _weights(m))
+        sig = self.lead_sig
+        if sig is None or len(sig[0]) != len(flat) or not all(map(operator.is_, flat, sig[0])):
+            sig = _group_signature(flat)
+            if not all(t is None or t.device == x2.device for t in flat):
+                sig = (flat, None, sig[2])
+            self.lead_sig = sig
+            self.lead_plans.clear()
+        _, N, Kq = sig
+        if N is None:
+            return None
+        M, K = x2.shape
+        row_class = _row_class(M, N, Kq, K, x2.element_size(), True, x2.device)
+        if row_class[0] != "front":
+            return None
+        lead_key = key + (qmax, row_class)
+        plan = self.lead_plans.get(lead_key)
+        if plan is not None and plan[0] is w:
+            y, outs = plan[1](x2)
+        else:
+            s = self.spec
+            y, outs, again = kernels("front_gemv").front_norm_parts(
+                x2, w, s["eps"], s["offset"], s["cast_before_weight"], self.out_dtype, qmax, _by_layer(flat),
+                bind=True)
+            outs = [o.view(-1) for o in outs]
+            if len(self.lead_plans) >= _MAX_PLANS:
+                self.lead_plans.clear()
+            self.lead_plans[lead_key] = (w, again)
+        y = y.view(x.shape)
+        leave_outputs(members, outs, y, weakref.ref(self))
+        return y
+
+    def _cut(self, members: list) -> None:
+        """The lead's pattern broke: no lead, and the outputs left for its linears dropped."""
+        self.lead = None
+        self.lead_sig = None
+        self.lead_plans.clear()
+        for m in members:
+            if m is not None:
+                m.__dict__.pop("_stash", None)
 
 
 def check_spec(name: str, spec, module: nn.Module | None) -> list[str]:

@@ -94,7 +94,39 @@ def _row_class(M: int, N: int, Kq: int, K: int, x_bytes: int, front: bool, devic
 # computes its own output as before, and the group is dissolved (it forms again where the calls
 # repeat the pattern). The outputs are the layers' own bit for bit: the same codes and sums.
 
-_LAST = threading.local()  # .call: (weakref to x, x's version, layer) of this thread's last direct launch
+#
+# A fused norm module (bitfx.fused_norm) goes one step further: the first layer that launches
+# directly on the very output of its last launch, unchanged, becomes its lead; from then on the
+# norm's own launch computes that layer's outputs too (its group's, where it leads one): the norm
+# and the linears in one kernel (front_norm_parts), each layer's output left in its stash as a
+# group leader leaves its siblings'. A stash that does not hold cuts the norm's lead.
+
+_LAST = threading.local()  # .call: (weakref to x, x's version, layer) of this thread's last direct launch;
+# .norm: (weakref to y, y's version, weakref to the fused norm forward) of its last launch of the norm alone
+
+
+def _link_norm(layer: "BitfxLinear", x: Tensor) -> None:
+    """The first direct launch after a fused norm's: if it reads that norm's output, unchanged,
+    ``layer`` becomes the norm's lead."""
+    last = _LAST.norm
+    _LAST.norm = None
+    if last[0]() is x and last[1] == x._version and groups_enabled():
+        fwd = last[2]()
+        if fwd is not None:
+            fwd.lead = weakref.ref(layer)
+
+
+def leave_outputs(members: list, outs: list, x: Tensor, owner) -> None:
+    """Leave each layer of ``members`` its output in ``outs`` for its next call on ``x``
+    (:func:`_launch_direct` takes it if ``x`` is unchanged, the layer's weights are the ones
+    used, unchanged, and the stream is the same); ``owner``: a weak reference to the fused norm
+    forward that launched them (None: a group's leader)."""
+    version, xref, stream = x._version, weakref.ref(x), _stream_of(x)
+    for m, out in zip(members, outs):
+        b = m._buffers
+        packed, w_scale, bias = b["packed"], b["w_scale"], b["bias"]
+        m.__dict__["_stash"] = (xref, version, stream, out, packed, packed._version, w_scale, w_scale._version,
+                                bias, None if bias is None else bias._version, owner)
 
 
 class _Group:
@@ -236,7 +268,7 @@ def _launch_direct(layer: "BitfxLinear", x: Tensor, bias: Tensor | None, qmax: i
         # The output a sibling left for this call, if it holds: the same tensor, unchanged; this
         # layer's weights the ones used (the same tensors, unchanged); the same stream current.
         state["_stash"] = None
-        xref, version, stream, out, packed, pv, w_scale, sv, b, bv = stash
+        xref, version, stream, out, packed, pv, w_scale, sv, b, bv, owner = stash
         buffers = layer._buffers
         if (xref() is x and x._version == version and buffers["packed"] is packed and packed._version == pv
                 and buffers["w_scale"] is w_scale and w_scale._version == sv and buffers["bias"] is b
@@ -244,6 +276,11 @@ def _launch_direct(layer: "BitfxLinear", x: Tensor, bias: Tensor | None, qmax: i
             _LAST.call = (xref, version, weakref.ref(layer))  # a later sibling of the same input may join
             return out.view(*x.shape[:-1], -1)
         _dissolve(state.get("_group"))  # called on another input than its siblings' (or a write): no pattern
+        fwd = None if owner is None else owner()
+        if fwd is not None:  # left by a fused norm: it launches its linears no more (it may learn them again)
+            fwd.lead = None
+    if getattr(_LAST, "norm", None) is not None:
+        _link_norm(layer, x)
     group = state.get("_group")
     if group is not None and group.refs and group.refs[0]() is layer:
         out = _group_call(layer, group, x, qmax)
@@ -256,8 +293,7 @@ def _launch_direct(layer: "BitfxLinear", x: Tensor, bias: Tensor | None, qmax: i
 
 def _group_call(layer: "BitfxLinear", group: _Group, x: Tensor, qmax: int) -> Tensor | None:
     """The leader's call: the whole group launched, each sibling's output left for it (its
-    ``_stash``: the input's weak reference and version, the stream, the output, and the weights
-    used with their versions)."""
+    ``_stash``, :func:`leave_outputs`)."""
     if x.is_inference():  # (no version counter: see _learn)
         return None
     members = [ref() for ref in group.refs]
@@ -274,13 +310,8 @@ def _group_call(layer: "BitfxLinear", group: _Group, x: Tensor, qmax: int) -> Te
     outs = _launch_group(group, members, x2, qmax, device, current, x.dtype)
     if outs is None:
         return None
-    version, xref, stream = x._version, weakref.ref(x), _stream_of(x)
-    for m, out in zip(members[1:], outs[1:]):
-        b = m._buffers
-        packed, w_scale, bias = b["packed"], b["w_scale"], b["bias"]
-        m.__dict__["_stash"] = (xref, version, stream, out, packed, packed._version, w_scale, w_scale._version,
-                                bias, None if bias is None else bias._version)
-    _LAST.call = (xref, version, weakref.ref(layer))
+    leave_outputs(members[1:], outs[1:], x, None)
+    _LAST.call = (weakref.ref(x), x._version, weakref.ref(layer))
     return outs[0].view(*x.shape[:-1], -1)
 
 

@@ -23,6 +23,12 @@ over the whole row costs more than the launch it saves (BENCHMARKS.md). An eager
 takes it by default: there each launch costs the host more than the kernels run, so it takes it
 for more rows too, while their re-reads stay small (:func:`takes_rows`).
 
+The same kernel serves an eager norm module (:mod:`bitfx.fused_norm`): :func:`front_norm`
+launches the norm alone (one program per row, ``GEMV`` off) and :func:`front_norm_parts` the
+norm with the linears that read its output, the first program of each row storing the normed
+row (``WRITE_Y``). Both compute ``rstd`` with the same helper, chunks and warps, so their ``y``
+is the same bit for bit, and each linear's codes are made from the very values stored.
+
 Numbers: given the row's ``rstd`` and ``s_x``, the codes are those of ``norm_quant``
 (the same elementwise helpers, the products an add follows as ``mul.rn``) and the epilogue
 is the GEMV's, so the output equals ``norm_quant`` followed by the GEMV bit for bit whenever the
@@ -37,11 +43,13 @@ import triton
 import triton.language as tl
 
 from bitfx.kernels._launch import Launcher
-from bitfx.kernels._utils import cdiv, env, next_pow2, interpreting, num_sms, pdl_enabled
-from bitfx.kernels.norm_quant import _absmax_scale, _load_norm_chunk, _quantize, _round_code, _row_stats
+from bitfx.kernels._utils import (FLOAT_DTYPES, cdiv, check_device, check_dtype, env, interpreting, next_pow2, num_sms,
+                                  pdl_enabled, rows)
+from bitfx.kernels.norm_quant import (_ROUND_CODE, _absmax_scale, _check_weight, _load_norm_chunk, _quantize,
+                                      _round_code, _row_rstd, _row_stats)
 from bitfx.kernels.ternary_matmul import _dp4a, _dp4a_plane, _pdl_prologue
 
-__all__ = ["front_gemv", "front_gemv_parts", "MAX_PARTS", "FRONT_MAX_M", "EAGER_BYTES", "front_config", "takes_rows",
+__all__ = ["front_gemv", "front_gemv_parts", "front_norm", "front_norm_parts", "MAX_PARTS", "FRONT_MAX_M", "EAGER_BYTES", "front_config", "takes_rows",
            "launch_class", "enabled"]
 
 # Rows up to this many take the fused kernel (one program row per token; each row re-reads the
@@ -113,6 +121,7 @@ def _front_gemv_kernel(
     w_ptr,  # packed weight as int32 words [N, Kq4] (uint8 rows with BYTE_PTRS)
     sw_ptr, bias_ptr, out_ptr,  # s_w fp32 [N], bias [N], out [M, N]
     SX,  # [M] fp32 out: s_x (written by the first program of each row, if WRITE_SX)
+    Y,  # [M, K] out, contiguous: the normed rows (written by the first program of each row, if WRITE_Y)
     # Parts 1..3 (PARTS > 1): the packed words, s_w and bias of further linears of the same rows,
     # N1..N3 their output rows, T1..T3 the first program (along axis 0) of each, C1..C3 the
     # first column of each in the concatenated output.
@@ -127,82 +136,105 @@ def _front_gemv_kernel(
     PDL: tl.constexpr, PREFETCH: tl.constexpr, RN_MUL: tl.constexpr, BYTE_PTRS: tl.constexpr,
     WRITE_SX: tl.constexpr,
     PARTS: tl.constexpr,  # linears sharing the rows: 1 (w_ptr ...) to 4 (and w1 .. w3 ...)
+    WRITE_Y: tl.constexpr,  # store the normed rows y (NORM)
+    GEMV: tl.constexpr,  # the linears; False: the norm alone (WRITE_Y), one program per row
 ):
     """Program ``(pid_n, m)``: ``out[m, BLOCK_N rows]`` of the ternary linear of row ``m`` of X
     (module docstring). With ``PARTS`` > 1, several linears of the same rows in one launch: the
     programs from ``T_p`` on compute part ``p`` (its own weights, scales, bias and ``N_p`` rows),
     and part ``p`` of the output is its own contiguous ``[M, N_p]`` block at element ``M * C_p``
-    (``C_p`` the parts' rows before it), so that each linear's output is a plain tensor."""
-    if BYTE_PTRS:
-        w_ptr = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-    pid_n = tl.program_id(0)
+    (``C_p`` the parts' rows before it), so that each linear's output is a plain tensor.
+
+    ``WRITE_Y``: the first program of each row also stores the row's ``y`` (the values its codes
+    are made from); ``GEMV=False`` launches only that (a grid of one program per row): the
+    norm's ``rstd`` comes from the same helper, chunks and warps either way, so the ``y`` of
+    the norm alone is the ``y`` of the launch with its linears, bit for bit."""
+    lead = tl.program_id(0) == 0
     row = tl.program_id(1).to(tl.int64)
-    if PARTS > 1:  # the part of this program: the last whose first program it has reached
-        first = tl.zeros((), tl.int32)
-        col = tl.zeros((), tl.int64)
-        for p in tl.static_range(1, PARTS):
-            wp = w1 if p == 1 else (w2 if p == 2 else w3)
-            swp = sw1 if p == 1 else (sw2 if p == 2 else sw3)
-            bp = b1 if p == 1 else (b2 if p == 2 else b3)
-            np_ = N1 if p == 1 else (N2 if p == 2 else N3)
-            tp = T1 if p == 1 else (T2 if p == 2 else T3)
-            cp = C1 if p == 1 else (C2 if p == 2 else C3)
-            here = pid_n >= tp
-            w_ptr = tl.where(here, wp, w_ptr)
-            sw_ptr = tl.where(here, swp, sw_ptr)
-            if HAS_BIAS:
-                bias_ptr = tl.where(here, bp, bias_ptr)
-            N = tl.where(here, np_, N)
-            first = tl.where(here, tp, first)
-            col = tl.where(here, cp, col)
-        out_ptr += col * tl.num_programs(1).to(tl.int64)  # part p's block: [M, N_p] after M * C_p elements
-        stride_om = N
-        pid_n -= first
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    if PDL:  # weights into L2 while the kernel that wrote X finishes; X read after it has
-        _pdl_prologue(w_ptr, offs_n, N, stride_wn, 0, Kq4, 4, PREFETCH)
+    if GEMV:
+        if BYTE_PTRS:
+            w_ptr = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        pid_n = tl.program_id(0)
+        if PARTS > 1:  # the part of this program: the last whose first program it has reached
+            first = tl.zeros((), tl.int32)
+            col = tl.zeros((), tl.int64)
+            for p in tl.static_range(1, PARTS):
+                wp = w1 if p == 1 else (w2 if p == 2 else w3)
+                swp = sw1 if p == 1 else (sw2 if p == 2 else sw3)
+                bp = b1 if p == 1 else (b2 if p == 2 else b3)
+                np_ = N1 if p == 1 else (N2 if p == 2 else N3)
+                tp = T1 if p == 1 else (T2 if p == 2 else T3)
+                cp = C1 if p == 1 else (C2 if p == 2 else C3)
+                here = pid_n >= tp
+                w_ptr = tl.where(here, wp, w_ptr)
+                sw_ptr = tl.where(here, swp, sw_ptr)
+                if HAS_BIAS:
+                    bias_ptr = tl.where(here, bp, bias_ptr)
+                N = tl.where(here, np_, N)
+                first = tl.where(here, tp, first)
+                col = tl.where(here, cp, col)
+            out_ptr += col * tl.num_programs(1).to(tl.int64)  # part p's block: [M, N_p] after M * C_p elements
+            stride_om = N
+            pid_n -= first
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+        if PDL:  # weights into L2 while the kernel that wrote X finishes; X read after it has
+            _pdl_prologue(w_ptr, offs_n, N, stride_wn, 0, Kq4, 4, PREFETCH)
     X += row * stride_x
+    cols = tl.arange(0, BLOCK_K)
 
     # The row's statistics, as norm_quant's chunked passes compute them.
-    rstd, amax = _row_stats(X, W, K, eps, tl.arange(0, BLOCK_K), NORM, HAS_WEIGHT, OFFSET, CAST_BEFORE_WEIGHT,
-                            X_ROUND, Y_ROUND, RN_MUL)
-    scale, bad = _absmax_scale(amax, QMAX)
-    if WRITE_SX:
-        if pid_n == 0:
-            tl.store(SX + row, scale)
+    if GEMV:
+        rstd, amax = _row_stats(X, W, K, eps, cols, NORM, HAS_WEIGHT, OFFSET, CAST_BEFORE_WEIGHT, X_ROUND, Y_ROUND,
+                                RN_MUL)
+    else:
+        rstd = _row_rstd(X, K, eps, cols, RN_MUL)  # _row_stats' first pass, alone
+    if WRITE_Y:
+        if lead:
+            y_row = Y + row * K
+            for k0 in range(0, K, BLOCK_K):
+                c = k0 + cols
+                y = _load_norm_chunk(X, W, c, K, rstd, NORM, HAS_WEIGHT, OFFSET, CAST_BEFORE_WEIGHT, X_ROUND, Y_ROUND)
+                tl.store(y_row + c, y.to(y_row.dtype.element_ty), mask=c < K)
 
-    # The product: codes made per K step, four planes of BLOCK_W words each.
-    acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)
-    qsum = tl.zeros((1, BLOCK_W), dtype=tl.int32)
-    ones = tl.full((1, BLOCK_W), 0x01010101, tl.int32)
-    Kq = 4 * Kq4  # columns per plane
-    for w0 in range(0, Kq4, BLOCK_W):
-        widx = w0 + tl.arange(0, BLOCK_W)
-        live = widx < Kq4
-        if EVEN_W:
-            wmask = n_mask[:, None]
-        else:
-            wmask = n_mask[:, None] & live[None, :]
-        if STREAM_HINT:
-            wt = tl.load(w_rows + widx[None, :], mask=wmask, other=0, eviction_policy="evict_first")
-        else:
-            wt = tl.load(w_rows + widx[None, :], mask=wmask, other=0)
-        for j in tl.static_range(4):
-            qj = _code_words(X, W, j * Kq + 4 * widx, live, K, rstd, scale, bad, NORM, HAS_WEIGHT, OFFSET,
-                             CAST_BEFORE_WEIGHT, X_ROUND, Y_ROUND, QMAX, RN_MUL, EVEN_W)[None, :]
-            acc = _dp4a_plane(wt, qj, j, acc, BLOCK_N, 1, BLOCK_W, USE_ASM)
-            qsum = _dp4a(ones, qj, qsum, USE_ASM)
-    total = tl.sum(acc, axis=1)[:, None] - tl.sum(qsum, axis=1)[None, :]  # [BLOCK_N, 1]
+    if GEMV:
+        scale, bad = _absmax_scale(amax, QMAX)
+        if WRITE_SX:
+            if pid_n == 0:
+                tl.store(SX + row, scale)
 
-    # The GEMV's epilogue (_store_tile), with s_x from registers.
-    inv_x = tl.math.div_rn(1.0, tl.zeros([1], dtype=tl.float32) + scale)
-    inv_w = tl.math.div_rn(1.0, tl.load(sw_ptr + offs_n, mask=n_mask, other=1.0))
-    out = total.to(tl.float32) * inv_x[None, :] * inv_w[:, None]
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-    tl.store(out_ptr + row * stride_om + offs_n[:, None], out.to(out_ptr.dtype.element_ty), mask=n_mask[:, None])
+        # The product: codes made per K step, four planes of BLOCK_W words each.
+        acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)
+        qsum = tl.zeros((1, BLOCK_W), dtype=tl.int32)
+        ones = tl.full((1, BLOCK_W), 0x01010101, tl.int32)
+        Kq = 4 * Kq4  # columns per plane
+        for w0 in range(0, Kq4, BLOCK_W):
+            widx = w0 + tl.arange(0, BLOCK_W)
+            live = widx < Kq4
+            if EVEN_W:
+                wmask = n_mask[:, None]
+            else:
+                wmask = n_mask[:, None] & live[None, :]
+            if STREAM_HINT:
+                wt = tl.load(w_rows + widx[None, :], mask=wmask, other=0, eviction_policy="evict_first")
+            else:
+                wt = tl.load(w_rows + widx[None, :], mask=wmask, other=0)
+            for j in tl.static_range(4):
+                qj = _code_words(X, W, j * Kq + 4 * widx, live, K, rstd, scale, bad, NORM, HAS_WEIGHT, OFFSET,
+                                 CAST_BEFORE_WEIGHT, X_ROUND, Y_ROUND, QMAX, RN_MUL, EVEN_W)[None, :]
+                acc = _dp4a_plane(wt, qj, j, acc, BLOCK_N, 1, BLOCK_W, USE_ASM)
+                qsum = _dp4a(ones, qj, qsum, USE_ASM)
+        total = tl.sum(acc, axis=1)[:, None] - tl.sum(qsum, axis=1)[None, :]  # [BLOCK_N, 1]
+
+        # The GEMV's epilogue (_store_tile), with s_x from registers.
+        inv_x = tl.math.div_rn(1.0, tl.zeros([1], dtype=tl.float32) + scale)
+        inv_w = tl.math.div_rn(1.0, tl.load(sw_ptr + offs_n, mask=n_mask, other=1.0))
+        out = total.to(tl.float32) * inv_x[None, :] * inv_w[:, None]
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + row * stride_om + offs_n[:, None], out.to(out_ptr.dtype.element_ty),
+                 mask=n_mask[:, None])
 
 
 _FRONT = Launcher(_front_gemv_kernel)
@@ -277,63 +309,144 @@ def front_gemv_parts(x, qmax, parts, out_dtype, bind=False):
     (``[M * N_p]``, for the caller to view in the shape it returns). The operands are the caller's to
     check, as for :func:`front_gemv` (the packed rows of every part contiguous, with one row
     stride, starting 4-byte aligned)."""
+    if not 1 <= len(parts) <= MAX_PARTS:
+        raise ValueError(f"front_gemv_parts: 1 to {MAX_PARTS} linears, got {len(parts)}")
+    _, outs, again = _rows_launch("front_gemv_parts", x, None, qmax, parts, out_dtype, bind)
+    return outs, again
+
+
+def front_norm(x, weight, eps, offset, cast_before_weight, norm_dtype, bind=False):
+    """RMSNorm alone, as this kernel computes it: ``y [M, K]`` of ``norm_dtype`` for ``x [M, K]``
+    (rows of any stride, the last dimension contiguous), ``weight [K]`` or None, in the cast order
+    of :func:`bitfx.kernels.norm_quant.norm_quant` (one program per row). Its ``y`` is bit for bit
+    the ``y`` of :func:`front_norm_parts` for the same rows, whose linears quantize it, so an
+    eager norm module gives the same numbers whether its linears run in its launch or after it.
+    Against ``norm_quant``'s own ``y`` it may differ in ``rstd``'s last bit (another order of
+    the fp32 sum of squares, as the norm's tolerance allows). ``bind``: also return
+    ``again(x) -> y`` for another ``x`` of this one's row length, strides, dtype, device and
+    16-byte alignment, any number of rows (None where nothing launched: empty rows)."""
+    x, norm = _check_norm("front_norm", x, weight, eps, offset, cast_before_weight, norm_dtype)
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        y = torch.empty(x.shape, dtype=norm_dtype, device=x.device)
+        return (y, None) if bind else y
+    y, _, again = _rows_launch("front_norm", x, norm, 127, (), None, bind)
+    return (y, again) if bind else y
+
+
+def front_norm_parts(x, weight, eps, offset, cast_before_weight, norm_dtype, qmax, parts, bind=False):
+    """RMSNorm of ``x [M, K]`` and the ternary linears ``parts`` of the normed rows, in one launch:
+    ``(y, outs, again)``. ``y`` is :func:`front_norm`'s bit for bit (the first program of each
+    row stores it); ``outs[p]`` (``[M, N_p]``, of ``norm_dtype``) is bit for bit what
+    :func:`front_gemv_parts` gives for ``y`` (each program makes the codes from the values it
+    stores). ``again(x) -> (y, flat outputs)`` (``bind``) as :func:`front_gemv_parts`'s. The
+    weights are the caller's to check, as there; ``x`` and the norm are checked here."""
+    if not 1 <= len(parts) <= MAX_PARTS:
+        raise ValueError(f"front_norm_parts: 1 to {MAX_PARTS} linears, got {len(parts)}")
+    x, norm = _check_norm("front_norm_parts", x, weight, eps, offset, cast_before_weight, norm_dtype)
+    return _rows_launch("front_norm_parts", x, norm, qmax, parts, norm_dtype, bind)
+
+
+def _check_norm(name, x, weight, eps, offset, cast_before_weight, norm_dtype):
+    """``x`` as rows and the norm's arguments as one tuple, checked as ``norm_quant`` checks them."""
+    check_device(name, x, weight)
+    x = rows(name, "x", x)
+    check_dtype(name, "x", x, FLOAT_DTYPES)
+    weight = _check_weight(name, weight, x.shape[1])
+    if norm_dtype not in _ROUND_CODE:
+        raise TypeError(f"{name}: norm_dtype must be one of float32, float16, bfloat16, got {norm_dtype}")
+    return x, (weight, float(eps), bool(offset), bool(cast_before_weight), norm_dtype)
+
+
+def _rows_launch(name, x, norm, qmax, parts, out_dtype, bind):
+    """One launch over the rows ``x [M, K]``: the linears ``parts`` (none: the norm alone, one
+    program per row) of the rows, RMSNorm'd first where ``norm`` is given
+    (``(weight, eps, offset, cast_before_weight, norm_dtype)``; its ``y`` stored). Returns
+    ``(y or None, outs, again)``, ``again`` as the public functions above describe theirs."""
     P = len(parts)
-    if not 1 <= P <= MAX_PARTS:
-        raise ValueError(f"front_gemv_parts: 1 to {MAX_PARTS} linears, got {P}")
     M, K = x.shape
     device = x.device
-    Kq = parts[0][0].shape[1]
-    stride_w = parts[0][0].stride(0)
-    has_bias = parts[0][2] is not None
-    for packed, w_scale, bias in parts:
-        if packed.shape[1] != Kq or packed.stride(0) != stride_w or (bias is not None) != has_bias:
-            raise ValueError("front_gemv_parts: the linears differ in packed row length, row stride or having a bias")
-    ns = [p[0].shape[0] for p in parts]
-    N = sum(ns)
-    if M == 0 or K == 0 or min(ns) == 0:
-        raise ValueError(f"front_gemv_parts: empty operands (M={M}, K={K}, N={ns})")
-    cfg = front_config(N, Kq, device, M=M)
-    block_n = cfg["BLOCK_N"]
-    tiles = [cdiv(n, block_n) for n in ns]
-    firsts = [sum(tiles[:p]) for p in range(P)]
-    cols = [sum(ns[:p]) for p in range(P)]
-    ws = [p[0].view(torch.int32) for p in parts]
-    pad = MAX_PARTS - P
-    rest = lambda seq, fill: list(seq[1:]) + [fill] * pad  # noqa: E731 (parts 1..3)
-    part_args = (*rest(ws, ws[0]), *rest([p[1] for p in parts], parts[0][1]),
-                 *rest([p[2] if has_bias else p[1] for p in parts], parts[0][2] if has_bias else parts[0][1]),
-                 *rest(ns, 0), *rest(firsts, 0), *rest(cols, 0))
-    pdl = pdl_enabled(device)
-    flat = torch.empty(M * N, dtype=out_dtype, device=device)
-    args = (x, x, ws[0], parts[0][1], parts[0][2], flat, flat, *part_args,
-            ns[0], K, Kq // 4, x.stride(0), stride_w // 4, ns[0], 0.0)
-    constexprs = dict(NORM=False, HAS_WEIGHT=False, OFFSET=False, CAST_BEFORE_WEIGHT=False,
-                      X_ROUND=_round_code(x.dtype), Y_ROUND=_round_code(torch.float32), QMAX=int(qmax),
+    if P:
+        Kq = parts[0][0].shape[1]
+        stride_w = parts[0][0].stride(0)
+        has_bias = parts[0][2] is not None
+        for packed, w_scale, bias in parts:
+            if packed.shape[1] != Kq or packed.stride(0) != stride_w or (bias is not None) != has_bias:
+                raise ValueError(f"{name}: the linears differ in packed row length, row stride or having a bias")
+        ns = [p[0].shape[0] for p in parts]
+        N = sum(ns)
+        if M == 0 or K == 0 or min(ns) == 0:
+            raise ValueError(f"{name}: empty operands (M={M}, K={K}, N={ns})")
+        cfg = front_config(N, Kq, device, M=M)
+        block_n = cfg["BLOCK_N"]
+        tiles = [cdiv(n, block_n) for n in ns]
+        firsts = [sum(tiles[:p]) for p in range(P)]
+        cols = [sum(ns[:p]) for p in range(P)]
+        ws = [p[0].view(torch.int32) for p in parts]
+        pad = MAX_PARTS - P
+        rest = lambda seq, fill: list(seq[1:]) + [fill] * pad  # noqa: E731 (parts 1..3)
+        part_args = (*rest(ws, ws[0]), *rest([p[1] for p in parts], parts[0][1]),
+                     *rest([p[2] if has_bias else p[1] for p in parts], parts[0][2] if has_bias else parts[0][1]),
+                     *rest(ns, 0), *rest(firsts, 0), *rest(cols, 0))
+        head = (ws[0], parts[0][1], parts[0][2])
+        sizes = (ns[0], K, Kq // 4, x.stride(0), stride_w // 4, ns[0])
+        grid_n = sum(tiles)
+        blocks = dict(BLOCK_N=block_n, BLOCK_W=cfg["BLOCK_W"], EVEN_W=cfg["EVEN_W"])
+    else:  # the norm alone: no weights to read (the GEMV's arguments are read by nothing)
+        ns, N, part_args, head = [], 0, _NO_PARTS, (None, None, None)
+        sizes = (0, K, 0, x.stride(0), 0, 0)
+        grid_n = 1
+        blocks = dict(BLOCK_N=16, BLOCK_W=1, EVEN_W=True)
+    if norm is None:
+        weight, eps, offset, cbw, norm_dtype = None, 0.0, False, False, torch.float32
+    else:
+        weight, eps, offset, cbw, norm_dtype = norm
+    cuda = device.type == "cuda" and torch.version.hip is None and not interpreting()
+    pdl = pdl_enabled(device) and P > 0
+    flat = torch.empty(M * N, dtype=out_dtype, device=device) if P else None
+    y = torch.empty((M, K), dtype=norm_dtype, device=device) if norm is not None else None
+    w = x if weight is None else weight
+    args = (x, w, *head, flat, flat, y, *part_args, *sizes, eps)
+    # The same chunk, warps and registers with and without the linears: the norm's numbers
+    # are the same in both launches (the kernel's docstring).
+    constexprs = dict(NORM=norm is not None, HAS_WEIGHT=weight is not None, OFFSET=offset, CAST_BEFORE_WEIGHT=cbw,
+                      X_ROUND=_round_code(x.dtype), Y_ROUND=_round_code(norm_dtype), QMAX=int(qmax),
                       BLOCK_K=min(_ROW_CHUNK, next_pow2(max(K, 256))) if not interpreting() else 16,
-                      BLOCK_N=block_n, BLOCK_W=cfg["BLOCK_W"], EVEN_W=cfg["EVEN_W"],
-                      USE_ASM=device.type == "cuda" and torch.version.hip is None and not interpreting(),
-                      HAS_BIAS=has_bias, STREAM_HINT=True, PDL=pdl, PREFETCH=pdl,
-                      RN_MUL=device.type == "cuda" and torch.version.hip is None and not interpreting(),
-                      BYTE_PTRS=False, WRITE_SX=False, PARTS=P)
-    regs = {"maxnreg": _MAX_REGS} if constexprs["USE_ASM"] and _MAX_REGS else {}
-    grid_n = sum(tiles)
+                      **blocks, USE_ASM=cuda, HAS_BIAS=P > 0 and parts[0][2] is not None, STREAM_HINT=True,
+                      PDL=pdl, PREFETCH=pdl, RN_MUL=cuda, BYTE_PTRS=False, WRITE_SX=False, PARTS=max(P, 1),
+                      WRITE_Y=norm is not None, GEMV=P > 0)
+    regs = {"maxnreg": _MAX_REGS} if cuda and _MAX_REGS else {}
     launch = _FRONT.launch((grid_n, M), args, constexprs, bind=bind, num_warps=_NUM_WARPS, num_stages=1,
                            launch_pdl=pdl, **regs)
-
-    outs = [t.view(M, n) for t, n in zip(flat.split([M * n for n in ns]), ns)]
+    outs = [t.view(M, n) for t, n in zip(flat.split([M * n for n in ns]), ns)] if P else []
     if not bind:
-        return outs, None
-    empty, tail, w0, s0, b0 = torch.empty, args[7:], ws[0], parts[0][1], parts[0][2]
+        return y, outs, None
+    empty, tail = torch.empty, args[8:]
+    w0, s0, b0 = head
 
-    def again(x):
-        """The parts' outputs flat (``[M * N_p]`` each, the rows of part p one after another:
-        ``.view(M, N_p)`` or any shape of those elements); one split, no views per part."""
-        M = x.shape[0]
-        flat = empty(M * N, dtype=out_dtype, device=device)
-        launch(x, x, w0, s0, b0, flat, flat, *tail, rows=M)
-        return flat.split([M * n for n in ns])
+    if norm is None:
+        def again(x):
+            """The parts' outputs flat (``[M * N_p]`` each, the rows of part p one after another:
+            ``.view(M, N_p)`` or any shape of those elements); one split, no views per part."""
+            M = x.shape[0]
+            flat = empty(M * N, dtype=out_dtype, device=device)
+            launch(x, x, w0, s0, b0, flat, flat, None, *tail, rows=M)
+            return flat.split([M * n for n in ns])
+    elif P:
+        def again(x):
+            """``(y, the parts' outputs flat)``."""
+            M = x.shape[0]
+            flat = empty(M * N, dtype=out_dtype, device=device)
+            y = empty((M, K), dtype=norm_dtype, device=device)
+            launch(x, w, w0, s0, b0, flat, flat, y, *tail, rows=M)
+            return y, flat.split([M * n for n in ns])
+    else:
+        def again(x):
+            """``y``."""
+            y = empty((x.shape[0], K), dtype=norm_dtype, device=device)
+            launch(x, w, None, None, None, None, None, y, *tail, rows=x.shape[0])
+            return y
 
-    return outs, again
+    return y, outs, again
 
 
 def front_gemv(x, weight, eps, offset, cast_before_weight, norm_dtype, normalize, qmax, packed, w_scale, bias,
@@ -364,7 +477,9 @@ def front_gemv(x, weight, eps, offset, cast_before_weight, norm_dtype, normalize
     w = packed if traced else packed.view(torch.int32)
     stride_wn = int(packed.stride(0)) // 4
     args = (x, x if weight is None else weight, w, w_scale, bias, out, out if s_x is None else s_x,
-            *(_traced_parts(w, w_scale, bias) if traced else _NO_PARTS), N, K, Kq // 4, x.stride(0), stride_wn, out.stride(0), float(eps))
+            x if traced else None,  # Y: not written (WRITE_Y off)
+            *(_traced_parts(w, w_scale, bias) if traced else _NO_PARTS), N, K, Kq // 4, x.stride(0), stride_wn,
+            out.stride(0), float(eps))
     constexprs = dict(NORM=bool(normalize), HAS_WEIGHT=weight is not None and bool(normalize), OFFSET=bool(offset),
                       CAST_BEFORE_WEIGHT=bool(cast_before_weight), X_ROUND=_round_code(x.dtype),
                       Y_ROUND=_round_code(norm_dtype), QMAX=int(qmax),
@@ -373,13 +488,13 @@ def front_gemv(x, weight, eps, offset, cast_before_weight, norm_dtype, normalize
                       USE_ASM=device.type == "cuda" and torch.version.hip is None and not interpreting(),
                       HAS_BIAS=bias is not None, STREAM_HINT=True, PDL=pdl, PREFETCH=pdl,
                       RN_MUL=device.type == "cuda" and torch.version.hip is None and not interpreting(),
-                      BYTE_PTRS=traced, WRITE_SX=bool(scale), PARTS=1)
+                      BYTE_PTRS=traced, WRITE_SX=bool(scale), PARTS=1, WRITE_Y=False, GEMV=True)
     regs = {"maxnreg": _MAX_REGS} if constexprs["USE_ASM"] and _MAX_REGS else {}  # CUDA (not HIP, not the interpreter)
     launch = _FRONT.launch((cdiv(N, cfg["BLOCK_N"]), M), args, constexprs, traced=traced, bind=bind,
                            num_warps=_NUM_WARPS, num_stages=1, launch_pdl=pdl, **regs)
     if not bind:
         return out, s_x
-    empty, sizes, tiles_n = torch.empty, args[7:], cdiv(N, cfg["BLOCK_N"])
+    empty, sizes, tiles_n = torch.empty, args[8:], cdiv(N, cfg["BLOCK_N"])
 
     same_dtype = out_dtype == x.dtype
 
@@ -387,7 +502,7 @@ def front_gemv(x, weight, eps, offset, cast_before_weight, norm_dtype, normalize
         M = x.shape[0]
         out = x.new_empty((M, N)) if same_dtype else empty((M, N), dtype=out_dtype, device=device)
         sx = empty((M,), dtype=torch.float32, device=device) if scale else out
-        launch(x, x if weight is None else weight, w, w_scale, bias, out, sx, *sizes, rows=M)
+        launch(x, x if weight is None else weight, w, w_scale, bias, out, sx, None, *sizes, rows=M)
         return out
 
     return out, s_x, again

@@ -11,9 +11,7 @@ of every linear layer to int8 with one absmax scale per token. For ``x [M, K]``:
     q   = clamp(round_half_even(y * s_x), -128, 127)    int8 [M, K]
 
 with the cast order of :func:`bitfx.reference.norm_quant`. A row whose ``y`` holds NaN or Inf
-gets ``s_x = NaN`` and all-zero codes. ``act_quant`` is the same kernel without the norm;
-``rms_norm`` writes ``y`` itself (the norm alone, computed as here: its ``act_quant`` codes are
-``norm_quant``'s).
+gets ``s_x = NaN`` and all-zero codes. ``act_quant`` is the same kernel without the norm.
 
 Rows that fit in registers (``K <= _MAX_ROW_BLOCK``) are read once; longer rows are walked in
 chunks, reading ``x`` three times (sum of squares, absmax, codes).
@@ -38,7 +36,7 @@ from bitfx.kernels._launch import Launcher
 from bitfx.kernels._utils import (cdiv, next_pow2, FLOAT_DTYPES, check_device, check_dtype, interpreting,
                                   num_sms, pdl_enabled, rows)
 
-__all__ = ["norm_quant", "act_quant", "rms_norm"]
+__all__ = ["norm_quant", "act_quant"]
 
 # Rows of up to this many elements are held in registers; longer ones are walked in chunks.
 _MAX_ROW_BLOCK = 16384
@@ -189,6 +187,19 @@ def _quantize(y, scale, bad, QMAX: tl.constexpr, RN_MUL: tl.constexpr):
 
 
 @triton.jit
+def _row_rstd(X, K, eps, cols, RN_MUL: tl.constexpr):
+    """``rstd`` of the row at ``X``, its sum of squares walked in chunks of ``cols``' length (the
+    first pass of :func:`_row_stats`; a kernel that needs the norm alone calls it directly, and
+    gets the same number for the same chunks and warps)."""
+    acc = tl.zeros(cols.shape, dtype=tl.float32)
+    for k0 in range(0, K, cols.shape[0]):
+        c = k0 + cols
+        x = tl.load(X + c, mask=c < K, other=0.0).to(tl.float32)
+        acc += _mul(x, x, RN_MUL)
+    return _rstd(tl.sum(acc, axis=0), K, eps)
+
+
+@triton.jit
 def _row_stats(X, W, K, eps, cols, NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr, OFFSET: tl.constexpr,
                CAST_BEFORE_WEIGHT: tl.constexpr, X_ROUND: tl.constexpr, Y_ROUND: tl.constexpr,
                RN_MUL: tl.constexpr):
@@ -197,12 +208,7 @@ def _row_stats(X, W, K, eps, cols, NORM: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     the absmax of ``y``."""
     rstd = tl.full([], 0.0, tl.float32)
     if NORM:
-        acc = tl.zeros(cols.shape, dtype=tl.float32)
-        for k0 in range(0, K, cols.shape[0]):
-            c = k0 + cols
-            x = tl.load(X + c, mask=c < K, other=0.0).to(tl.float32)
-            acc += _mul(x, x, RN_MUL)
-        rstd = _rstd(tl.sum(acc, axis=0), K, eps)
+        rstd = _row_rstd(X, K, eps, cols, RN_MUL)
     amax_acc = tl.zeros(cols.shape, dtype=tl.float32)
     for k0 in range(0, K, cols.shape[0]):
         y = _load_norm_chunk(X, W, k0 + cols, K, rstd, NORM, HAS_WEIGHT, OFFSET, CAST_BEFORE_WEIGHT, X_ROUND, Y_ROUND)
@@ -340,89 +346,6 @@ def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm, 
         return q, scale, (r if norm else None)
 
     return q, scale, rstd, again
-
-
-@triton.jit
-def _rms_norm_kernel(
-    X,  # [M, K] fp32/fp16/bf16, row stride stride_x
-    W,  # [K] norm weight (unused unless HAS_WEIGHT)
-    Y,  # [M, K] out, contiguous, of the norm's output dtype
-    stride_x,
-    K,
-    eps,
-    HAS_WEIGHT: tl.constexpr,
-    OFFSET: tl.constexpr,
-    CAST_BEFORE_WEIGHT: tl.constexpr,
-    X_ROUND: tl.constexpr,
-    Y_ROUND: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    ONE_BLOCK: tl.constexpr,
-):
-    """One program per row: ``y`` of the module docstring (the same helpers as
-    ``_norm_quant_kernel``, so the same values), stored."""
-    row = tl.program_id(0).to(tl.int64)
-    X += row * stride_x
-    Y += row * K
-    cols = tl.arange(0, BLOCK_K)
-    if ONE_BLOCK:
-        mask = cols < K
-        x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = _rstd(tl.sum(x * x, axis=0), K, eps)
-        g = _g_eff(W, cols, mask, HAS_WEIGHT, OFFSET)
-        y = _norm_chunk(x, g, rstd, X_ROUND, True, HAS_WEIGHT, CAST_BEFORE_WEIGHT, Y_ROUND)
-        tl.store(Y + cols, y.to(Y.dtype.element_ty), mask=mask)
-    else:
-        acc = tl.zeros(cols.shape, dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            c = k0 + cols
-            x = tl.load(X + c, mask=c < K, other=0.0).to(tl.float32)
-            acc += x * x
-        rstd = _rstd(tl.sum(acc, axis=0), K, eps)
-        for k0 in range(0, K, BLOCK_K):
-            c = k0 + cols
-            y = _load_norm_chunk(X, W, c, K, rstd, True, HAS_WEIGHT, OFFSET, CAST_BEFORE_WEIGHT, X_ROUND, Y_ROUND)
-            tl.store(Y + c, y.to(Y.dtype.element_ty), mask=c < K)
-
-
-_RMS_NORM = Launcher(_rms_norm_kernel)
-
-
-def rms_norm(x, weight, eps, offset, cast_before_weight, norm_dtype, bind=False):
-    """The norm alone: ``y [M, K]`` of ``norm_dtype`` for ``x [M, K]`` (rows of any stride, the last
-    dimension contiguous), ``weight [K]`` or None; the module docstring's ``y``, whose
-    :func:`act_quant` codes are :func:`norm_quant`'s bit for bit. ``bind``: also return
-    ``again(x) -> y`` for another ``x`` of this one's row length, strides, dtype, device and
-    16-byte alignment, any number of rows (None where nothing launched: empty rows)."""
-    name = "rms_norm"
-    check_device(name, x, weight)
-    x = rows(name, "x", x)
-    check_dtype(name, "x", x, FLOAT_DTYPES)
-    weight = _check_weight(name, weight, x.shape[1])
-    if norm_dtype not in _ROUND_CODE:
-        raise TypeError(f"{name}: norm_dtype must be one of float32, float16, bfloat16, got {norm_dtype}")
-    M, K = x.shape
-    device = x.device
-    y = torch.empty((M, K), dtype=norm_dtype, device=device)
-    if M == 0 or K == 0:
-        return (y, None) if bind else y
-    block, one_block = _row_block(K, _MAX_ROW_BLOCK)
-    stride, eps = x.stride(0), float(eps)
-    w = x if weight is None else weight
-    constexprs = dict(HAS_WEIGHT=weight is not None, OFFSET=bool(offset), CAST_BEFORE_WEIGHT=bool(cast_before_weight),
-                      X_ROUND=_round_code(x.dtype), Y_ROUND=_round_code(norm_dtype), BLOCK_K=block,
-                      ONE_BLOCK=one_block)
-    launch = _RMS_NORM.launch((M,), (x, w, y, stride, K, eps), constexprs, bind=bind, num_warps=_num_warps(block),
-                              enable_fp_fusion=False)
-    if not bind:
-        return y
-    empty = torch.empty
-
-    def again(x):
-        y = empty((x.shape[0], K), dtype=norm_dtype, device=device)
-        launch(x, x if weight is None else weight, y, stride, K, eps, grid=(x.shape[0],))
-        return y
-
-    return y, again
 
 
 def launch_class(M: int, device: torch.device) -> bool:

@@ -1,7 +1,8 @@
 """Eager RMSNorm modules in one kernel after ``bitfx.quantize`` (:mod:`bitfx.fused_norm`): which
 norms get it (a module whose whole forward is the norm of a site), that every call it cannot take
 runs the module's own forward, that its kernel computes the module's norm (within the norm's
-tolerance; exactly the ``y`` the backend's ``norm_quant`` quantizes), and that it survives
+tolerance), that it learns the linears reading its output and then computes their outputs in
+its own launch (each bit for bit the linear's own), and that it survives
 ``bitfx.save``/``bitfx.load``, ``deepcopy`` and pickling. The launch itself runs here through
 ``FusedNormForward._launch`` on the device at hand (the CPU: Triton's interpreter); the CUDA
 tests at the end run whole eager models on the GPU."""
@@ -21,7 +22,8 @@ import bitfx
 from bitfx import fused_norm
 from bitfx.checkpoint import CheckpointError
 from bitfx.demo.example import ExampleConfig, ExampleLlama
-from bitfx.kernels import norm_quant as nq
+from bitfx import modules
+from bitfx.kernels import front_gemv as fg
 from tests.helpers import KERNEL_DEVICE, ULP
 
 CUDA = KERNEL_DEVICE.type == "cuda"
@@ -133,8 +135,8 @@ def test_the_kernel_computes_the_modules_norm(dtype, form):
     assert got.dtype == want.dtype and got.shape == want.shape and got3.shape == (1, 7, 32)
     torch.testing.assert_close(got.float(), want.detach().float(), rtol=_rel(dtype), atol=0.0)
     s = fwd.spec
-    # Exactly the kernel's norm, and so exactly the y the backend's norm_quant quantizes.
-    exact = nq.rms_norm(x, norm.weight.detach(), s["eps"], s["offset"], s["cast_before_weight"], want.dtype)
+    # Exactly the kernel's norm (the y its linears quantize when they run in its launch).
+    exact = fg.front_norm(x, norm.weight.detach(), s["eps"], s["offset"], s["cast_before_weight"], want.dtype)
     assert torch.equal(got, exact) and torch.equal(got3.view(7, 32), exact)
     with torch.no_grad():  # no rows, once the plan exists: an empty output, nothing launched
         empty = fwd._launch(x[:0], norm.weight)
@@ -281,30 +283,44 @@ def _kernels(fn, name):
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_model_runs_each_fused_norm_as_one_kernel(dtype, monkeypatch):
+def test_cuda_model_runs_each_site_as_one_kernel(dtype, monkeypatch):
+    """The example model on the GPU, eager: on the first call each fused norm launches alone and
+    the linears learn their siblings (nine launches a block); from the second on, each norm's
+    launch computes its linears too (q, k, v; gate, up): four launches a block, where the model's
+    own norms take six torch kernels each besides. The logits are the same bit for bit on every
+    call and with the leads and groups off (``BITFX_EAGER_GROUPS=0``)."""
     monkeypatch.delenv("BITFX_EAGER_NORMS", raising=False)
+    monkeypatch.delenv("BITFX_EAGER_GROUPS", raising=False)
     ids = torch.randint(0, 16, (2, 9), device="cuda")
     model = _quantized(_example(dtype, layers=3).cuda(), ids)
-    plain = copy.deepcopy(model)
+    plain, alone = copy.deepcopy(model), copy.deepcopy(model)
     for name in plain.bitfx_report.fused_norms:
         del plain.get_submodule(name).__dict__["forward"]
     with torch.no_grad():
-        got, n = _kernels(lambda: model(ids), "_rms_norm_kernel")
-        want, n_plain = _kernels(lambda: plain(ids), "_rms_norm_kernel")
-    assert n == 6 and n_plain == 0
+        got = []
+        for _ in range(3):
+            out, n = _kernels(lambda: model(ids), "_front_gemv_kernel")
+            got.append((out, n))
+        monkeypatch.setenv("BITFX_EAGER_GROUPS", "0")
+        each, n_alone = _kernels(lambda: alone(ids), "_front_gemv_kernel")
+        monkeypatch.delenv("BITFX_EAGER_GROUPS")
+        want, n_plain = _kernels(lambda: plain(ids), "_front_gemv_kernel")
+    assert [n for _, n in got] == [9 * 3, 4 * 3, 4 * 3] and n_alone == 9 * 3 and n_plain == 7 * 3
+    for out, _ in got:
+        assert torch.equal(out, each)
     # The logits of the model's own norms: the kernel's norm differs in its last bits (reduction
     # order), so an int8 code may move by one at a rounding boundary; compared as the compiled
     # models are against eager ones (tests/test_cuda_models.py), to 5% of the logits' scale.
     scale = want.float().abs().max().item()
-    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0.05 * scale)
+    torch.testing.assert_close(each.float(), want.float(), rtol=0, atol=0.05 * scale)
     # With grad to carry (the input requires grad), the model's own norm runs.
     norm = model.layers[0].attn_norm
     x = torch.randn(4, 32, device="cuda", dtype=dtype, requires_grad=True)
-    _, n_grad = _kernels(lambda: norm(x), "_rms_norm_kernel")
+    _, n_grad = _kernels(lambda: norm(x), "_front_gemv_kernel")
     assert n_grad == 0
     with torch.no_grad():
-        y, n_one = _kernels(lambda: norm(x), "_rms_norm_kernel")
-    assert n_one == 1 and torch.equal(y, nq.rms_norm(x.detach(), norm.weight.detach(), 1e-6, False, True, y.dtype))
+        y, n_one = _kernels(lambda: norm(x), "_front_gemv_kernel")
+    assert n_one == 1 and torch.equal(y, fg.front_norm(x.detach(), norm.weight.detach(), 1e-6, False, True, y.dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -333,3 +349,172 @@ def test_transformers_norms_fuse_and_compute_as_their_modules(arch, fused, dtype
             # with the module's order, only values within an fp32 ulp or two of a bf16 rounding
             # boundary can round differently: almost none (a wrong order moves a large share).
             assert (got != want).float().mean().item() <= 0.01, (got != want).float().mean().item()
+
+
+# ------------------------------------------------------------------ the norm and its linears in one launch
+#
+# Run here as the eager model runs them on a GPU: the norm's launch (FusedNormForward._launch)
+# and each linear's direct launch (modules._launch_direct), on the device at hand (the CPU: the
+# Triton interpreter), launches counted at the launcher.
+
+
+@pytest.fixture
+def front_launches(monkeypatch):
+    """``front_launches(fn) -> (fn(), n)``: n the launches of the front kernel (the norm alone,
+    the norm with its linears, a linear or a group of them) while ``fn`` runs."""
+    from bitfx.kernels import _launch
+
+    monkeypatch.delenv("BITFX_EAGER_GROUPS", raising=False)
+    monkeypatch.delenv("BITFX_EAGER_NORMS", raising=False)
+    monkeypatch.delenv("BITFX_FRONT_GEMV", raising=False)
+    count = {"n": 0}
+    real = _launch.Launcher.__call__
+
+    def counting(self, *args, **kwargs):
+        count["n"] += self is fg._FRONT
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(_launch.Launcher, "__call__", counting)
+
+    def run(fn):
+        before = count["n"]
+        out = fn()
+        return out, count["n"] - before
+
+    return run
+
+
+def _block():
+    model = _example().to(KERNEL_DEVICE)
+    _quantized(model, IDS.to(KERNEL_DEVICE))
+    b = model.layers[0]
+    return model, b.attn_norm, (b.q_proj, b.k_proj, b.v_proj)
+
+
+def _site(norm, linears, x):
+    """The norm, then each linear on its output: ``(y, [outputs])``."""
+    y = norm.forward._launch(x, norm.weight)
+    return y, [modules._launch_direct(m, y, m.bias, 127) for m in linears]
+
+
+def _own(layer, y):
+    """The linear's own launch on ``y`` (no stash, no group): the reference for every output."""
+    return modules._launch_one(layer, y, layer.bias, 127)
+
+
+def _norm_alone(norm, x):
+    s = norm.forward.spec
+    return fg.front_norm(x.reshape(-1, x.shape[-1]), norm.weight, s["eps"], s["offset"], s["cast_before_weight"],
+                         x.dtype).view(x.shape)
+
+
+def _check_site(norm, linears, x, y, outs):
+    assert torch.equal(y, _norm_alone(norm, x))
+    for m, out in zip(linears, outs):
+        assert torch.equal(out, _own(m, y)), m
+
+
+def test_a_norm_learns_its_linears_then_launches_them(front_launches):
+    """The first call: the norm alone and each linear alone (they form their group); then the
+    norm leads q: one launch for the norm and q, k, v, each output the linear's own on ``y``,
+    over 2-D and 3-D inputs and several row counts."""
+    _, norm, qkv = _block()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for step, shape in enumerate([(3, 32), (1, 4, 32), (2, 32), (1, 32)]):
+            x = torch.randn(*shape, generator=g).to(KERNEL_DEVICE)
+            (y, outs), n = front_launches(lambda: _site(norm, qkv, x))
+            assert n == (4 if step == 0 else 1), (step, n)
+            assert norm.forward.lead() is qkv[0]
+            _check_site(norm, qkv, x, y, outs)
+
+
+def _learned(norm, qkv, front_launches):
+    x = torch.randn(2, 32, generator=torch.Generator().manual_seed(6)).to(KERNEL_DEVICE)
+    _site(norm, qkv, x)
+    _, n = front_launches(lambda: _site(norm, qkv, x))
+    assert n == 1 and norm.forward.lead is not None
+    return x
+
+
+def test_what_breaks_the_lead_gives_each_linear_its_own_output(front_launches):
+    """After the lead is learned: a write into the norm's output, a linear called on another
+    tensor, a linear not called, its weights written: each linear's output is still its own on
+    the tensor it is given; the lead is cut where the pattern broke, and learned again."""
+    _, norm, (q, k, v) = _block()
+    with torch.no_grad():
+        x = _learned(norm, (q, k, v), front_launches)
+        y = norm.forward._launch(x, norm.weight)  # q, k, v computed in this launch
+        y.mul_(2.0)  # ... for the y before this write
+        outs = [modules._launch_direct(m, y, m.bias, 127) for m in (q, k, v)]
+        assert all(torch.equal(o, _own(m, y)) for o, m in zip(outs, (q, k, v)))
+        assert norm.forward.lead is None
+
+        x = _learned(norm, (q, k, v), front_launches)
+        y = norm.forward._launch(x, norm.weight)
+        other = y.clone()
+        assert torch.equal(modules._launch_direct(q, other, q.bias, 127), _own(q, other))
+        assert norm.forward.lead is None
+
+        x = _learned(norm, (q, k, v), front_launches)
+        y = norm.forward._launch(x, norm.weight)
+        for m in (q, k):  # v is not called
+            assert torch.equal(modules._launch_direct(m, y, m.bias, 127), _own(m, y))
+        (y, outs), n = front_launches(lambda: _site(norm, (q, k, v), x))
+        assert n == 1 + 1  # the lead cut: the norm alone, then q's group (v's output dropped, recomputed)
+        _check_site(norm, (q, k, v), x, y, outs)
+
+        x = _learned(norm, (q, k, v), front_launches)
+        y = norm.forward._launch(x, norm.weight)
+        k.w_scale.mul_(2.0)  # a write into a linear's weights after the launch used them
+        outs = [modules._launch_direct(m, y, m.bias, 127) for m in (q, k, v)]
+        _check_site(norm, (q, k, v), x, y, outs)
+
+
+def test_when_a_norm_does_not_lead(front_launches, monkeypatch):
+    """No lead with ``BITFX_EAGER_GROUPS=0``, for inference tensors (no version counter to see a
+    write by), or for rows beyond the one-kernel form's budget; a replaced norm weight is read."""
+    _, norm, qkv = _block()
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(7)).to(KERNEL_DEVICE)
+    with torch.no_grad():
+        monkeypatch.setenv("BITFX_EAGER_GROUPS", "0")
+        for _ in range(2):
+            (y, outs), n = front_launches(lambda: _site(norm, qkv, x))
+            assert n == 4 and norm.forward.lead is None
+            _check_site(norm, qkv, x, y, outs)
+        monkeypatch.delenv("BITFX_EAGER_GROUPS")
+    with torch.inference_mode():
+        for _ in range(2):
+            (y, outs), n = front_launches(lambda: _site(norm, qkv, x))
+            assert n == 4 and norm.forward.lead is None
+            _check_site(norm, qkv, x, y, outs)
+    with torch.no_grad():
+        x_learned = _learned(norm, qkv, front_launches)
+    with torch.inference_mode():  # a lead learned before: not taken here, kept for later
+        (y, outs), n = front_launches(lambda: _site(norm, qkv, x))
+        assert n == 4 and norm.forward.lead is not None
+        _check_site(norm, qkv, x, y, outs)
+    with torch.no_grad():
+        _, n = front_launches(lambda: _site(norm, qkv, x_learned))
+        assert n == 1
+        with monkeypatch.context() as patch:
+            patch.setattr(fg, "EAGER_BYTES", 0)  # more than one row: two kernels per linear
+            modules._ROW_CLASSES.clear()
+            (y, outs), n = front_launches(lambda: _site(norm, qkv, x))
+            assert n == 1  # the norm alone (the linears launch norm_quant and the matmul)
+            _check_site(norm, qkv, x, y, outs)
+        modules._ROW_CLASSES.clear()
+        _learned(norm, qkv, front_launches)
+        norm.weight = nn.Parameter(norm.weight.detach() * 0.5)
+        (y, outs), n = front_launches(lambda: _site(norm, qkv, x))
+        assert n == 1
+        _check_site(norm, qkv, x, y, outs)
+
+
+def test_copies_learn_their_own_leads(front_launches):
+    model, norm, qkv = _block()
+    with torch.no_grad():
+        _learned(norm, qkv, front_launches)
+        for other in (copy.deepcopy(model), _pickled(model)):
+            fwd = other.layers[0].attn_norm.forward
+            assert fwd.lead is None and fwd.lead_plans == {}
