@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "models": "whole transformers models: decode step, kernels, generate(); and the site table",
     "shapes": "random (M, K, N) site shapes against bf16 under Inductor",
     "host": "host time per op outside CUDA graphs",
+    "eager": "the main job's model eagerly: forward time, tokens/s and kernels, float and each ternary form",
     "launch": "a default-mode decode step per launch choice against bf16, interleaved in one process",
     "front": "the one-kernel decode linear with and without its register bound",
     "train": "a whole-model training step (350M, 1B shapes) against bf16 Inductor (--fsdp under torchrun)",

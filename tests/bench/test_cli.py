@@ -17,7 +17,7 @@ def test_without_a_subcommand_lists_them_and_fails():
     assert proc.returncode == 2
     assert "usage: python -m bitfx.bench <subcommand>" in proc.stderr
     listed = [line.split()[0] for line in proc.stderr.splitlines() if line.startswith("  ")]
-    assert listed == list(SUBCOMMANDS) == ["sites", "models", "shapes", "host", "launch", "front", "train", "fp8", "checkpoint", "saved", "tune", "sass"]
+    assert listed == list(SUBCOMMANDS) == ["sites", "models", "shapes", "host", "eager", "launch", "front", "train", "fp8", "checkpoint", "saved", "tune", "sass"]
 
 
 def test_help_and_unknown_subcommand(capsys):
