@@ -25,6 +25,7 @@ from bitfx.demo.example import ExampleConfig, ExampleLlama
 from bitfx import modules
 from bitfx.kernels import front_gemv as fg
 from tests.helpers import KERNEL_DEVICE, ULP
+from tests.kernels.test_eager_groups import launches  # noqa: F401  (a fixture)
 
 CUDA = KERNEL_DEVICE.type == "cuda"
 NORM_RTOL = 1e-5  # the norm's fp32 tolerance (tests/kernels/test_norm_quant.py says why)
@@ -355,33 +356,16 @@ def test_transformers_norms_fuse_and_compute_as_their_modules(arch, fused, dtype
 #
 # Run here as the eager model runs them on a GPU: the norm's launch (FusedNormForward._launch)
 # and each linear's direct launch (modules._launch_direct), on the device at hand (the CPU: the
-# Triton interpreter), launches counted at the launcher.
+# Triton interpreter; a GPU runs the same steps), launches counted as the sibling tests count them.
 
 
 @pytest.fixture
-def front_launches(monkeypatch):
+def front_launches(launches, monkeypatch):
     """``front_launches(fn) -> (fn(), n)``: n the launches of the front kernel (the norm alone,
-    the norm with its linears, a linear or a group of them) while ``fn`` runs."""
-    from bitfx.kernels import _launch
-
-    monkeypatch.delenv("BITFX_EAGER_GROUPS", raising=False)
+    the norm with its linears, a linear or a group of them) while ``fn`` runs (on a GPU the
+    kernels the profiler saw: a bound launch does not pass through the launcher's ``__call__``)."""
     monkeypatch.delenv("BITFX_EAGER_NORMS", raising=False)
-    monkeypatch.delenv("BITFX_FRONT_GEMV", raising=False)
-    count = {"n": 0}
-    real = _launch.Launcher.__call__
-
-    def counting(self, *args, **kwargs):
-        count["n"] += self is fg._FRONT
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(_launch.Launcher, "__call__", counting)
-
-    def run(fn):
-        before = count["n"]
-        out = fn()
-        return out, count["n"] - before
-
-    return run
+    return launches
 
 
 def _block():
