@@ -43,10 +43,9 @@ import triton
 import triton.language as tl
 
 from bitfx.kernels._launch import Launcher
-from bitfx.kernels._utils import (FLOAT_DTYPES, cdiv, check_device, check_dtype, env, interpreting, next_pow2, num_sms,
-                                  pdl_enabled, rows)
-from bitfx.kernels.norm_quant import (_ROUND_CODE, _absmax_scale, _check_weight, _load_norm_chunk, _quantize,
-                                      _round_code, _row_rstd, _row_stats)
+from bitfx.kernels._utils import cdiv, env, interpreting, next_pow2, num_sms, pdl_enabled
+from bitfx.kernels.norm_quant import (_absmax_scale, _load_norm_chunk, _quantize, _round_code, _row_rstd, _row_stats,
+                                      check_norm_args)
 from bitfx.kernels.ternary_matmul import _dp4a, _dp4a_plane, _pdl_prologue
 
 __all__ = ["front_gemv", "front_gemv_parts", "front_norm", "front_norm_parts", "MAX_PARTS", "FRONT_MAX_M", "EAGER_BYTES", "front_config", "takes_rows",
@@ -348,12 +347,7 @@ def front_norm_parts(x, weight, eps, offset, cast_before_weight, norm_dtype, qma
 
 def _check_norm(name, x, weight, eps, offset, cast_before_weight, norm_dtype):
     """``x`` as rows and the norm's arguments as one tuple, checked as ``norm_quant`` checks them."""
-    check_device(name, x, weight)
-    x = rows(name, "x", x)
-    check_dtype(name, "x", x, FLOAT_DTYPES)
-    weight = _check_weight(name, weight, x.shape[1])
-    if norm_dtype not in _ROUND_CODE:
-        raise TypeError(f"{name}: norm_dtype must be one of float32, float16, bfloat16, got {norm_dtype}")
+    x, weight = check_norm_args(name, x, weight, norm_dtype)
     return x, (weight, float(eps), bool(offset), bool(cast_before_weight), norm_dtype)
 
 

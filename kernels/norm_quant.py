@@ -33,7 +33,7 @@ import triton.language as tl
 
 from bitfx.layout import SCALE_FLOOR
 from bitfx.kernels._launch import Launcher
-from bitfx.kernels._utils import (cdiv, next_pow2, FLOAT_DTYPES, check_device, check_dtype, interpreting,
+from bitfx.kernels._utils import (next_pow2, FLOAT_DTYPES, check_device, check_dtype, interpreting,
                                   num_sms, pdl_enabled, rows)
 
 __all__ = ["norm_quant", "act_quant"]
@@ -373,14 +373,20 @@ def norm_quant(
     formula; ``q / s_x`` approximates :func:`bitfx.reference.rms_norm`, and ``rstd`` is saved
     for the backward.
     """
-    name = "norm_quant"
+    x, weight = check_norm_args("norm_quant", x, weight, norm_dtype)
+    return _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm=True, qmax=qmax)
+
+
+def check_norm_args(name: str, x: torch.Tensor, weight: torch.Tensor | None, norm_dtype: torch.dtype):
+    """``(x as [M, K] rows, weight)`` for a norm kernel's launch, checked: one device, a float
+    ``x``, a ``[K]`` float weight (or None), ``norm_dtype`` one the kernels round to."""
     check_device(name, x, weight)
     x = rows(name, "x", x)
     check_dtype(name, "x", x, FLOAT_DTYPES)
     weight = _check_weight(name, weight, x.shape[1])
     if norm_dtype not in _ROUND_CODE:
         raise TypeError(f"{name}: norm_dtype must be one of float32, float16, bfloat16, got {norm_dtype}")
-    return _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm=True, qmax=qmax)
+    return x, weight
 
 
 def act_quant(y: torch.Tensor, qmax: int = 127) -> tuple[torch.Tensor, torch.Tensor]:
