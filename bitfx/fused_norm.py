@@ -210,7 +210,7 @@ class FusedNormForward:
                 self.lead_plans.clear()
             self.lead_plans[lead_key] = (w, again)
         y = y.view(x.shape)
-        leave_outputs(members, outs, y, weakref.ref(self))
+        leave_outputs(members, outs, y, qmax, weakref.ref(self))
         return y
 
     def _cut(self, members: list) -> None:

@@ -116,17 +116,19 @@ def _link_norm(layer: "BitfxLinear", x: Tensor) -> None:
             fwd.lead = weakref.ref(layer)
 
 
-def leave_outputs(members: list, outs: list, x: Tensor, owner) -> None:
+def leave_outputs(members: list, outs: list, x: Tensor, qmax: int, owner) -> None:
     """Leave each layer of ``members`` its output in ``outs`` for its next call on ``x``
     (:func:`_launch_direct` takes it if ``x`` is unchanged, the layer's weights are the ones
-    used, unchanged, and the stream is the same); ``owner``: a weak reference to the fused norm
-    forward that launched them (None: a group's leader)."""
+    used, unchanged, its activation codes of width ``qmax`` still, and the stream the same);
+    ``owner``: a weak reference to the fused norm forward that launched them (None: a group's
+    leader). A write that bypasses the version counters (through ``.data``, or a kernel launched
+    outside torch's ops) is not seen: the outputs are those of the values before it."""
     version, xref, stream = x._version, weakref.ref(x), _stream_of(x)
     for m, out in zip(members, outs):
         b = m._buffers
         packed, w_scale, bias = b["packed"], b["w_scale"], b["bias"]
         m.__dict__["_stash"] = (xref, version, stream, out, packed, packed._version, w_scale, w_scale._version,
-                                bias, None if bias is None else bias._version, owner)
+                                bias, None if bias is None else bias._version, qmax, owner)
 
 
 class _Group:
@@ -268,11 +270,11 @@ def _launch_direct(layer: "BitfxLinear", x: Tensor, bias: Tensor | None, qmax: i
         # The output a sibling left for this call, if it holds: the same tensor, unchanged; this
         # layer's weights the ones used (the same tensors, unchanged); the same stream current.
         state["_stash"] = None
-        xref, version, stream, out, packed, pv, w_scale, sv, b, bv, owner = stash
+        xref, version, stream, out, packed, pv, w_scale, sv, b, bv, sq, owner = stash
         buffers = layer._buffers
         if (xref() is x and x._version == version and buffers["packed"] is packed and packed._version == pv
                 and buffers["w_scale"] is w_scale and w_scale._version == sv and buffers["bias"] is b
-                and (b is None or b._version == bv) and _stream_of(x) == stream):
+                and (b is None or b._version == bv) and sq == qmax and _stream_of(x) == stream):
             _LAST.call = (xref, version, weakref.ref(layer))  # a later sibling of the same input may join
             return out.view(*x.shape[:-1], -1)
         _dissolve(state.get("_group"))  # called on another input than its siblings' (or a write): no pattern
@@ -310,7 +312,7 @@ def _group_call(layer: "BitfxLinear", group: _Group, x: Tensor, qmax: int) -> Te
     outs = _launch_group(group, members, x2, qmax, device, current, x.dtype)
     if outs is None:
         return None
-    leave_outputs(members[1:], outs[1:], x, None)
+    leave_outputs(members[1:], outs[1:], x, qmax, None)
     _LAST.call = (weakref.ref(x), x._version, weakref.ref(layer))
     return outs[0].view(*x.shape[:-1], -1)
 

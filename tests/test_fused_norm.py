@@ -24,6 +24,7 @@ from bitfx.checkpoint import CheckpointError
 from bitfx.demo.example import ExampleConfig, ExampleLlama
 from bitfx import modules
 from bitfx.kernels import front_gemv as fg
+from bitfx.reference import act_qmax
 from tests.helpers import KERNEL_DEVICE, ULP
 from tests.kernels.test_eager_groups import launches  # noqa: F401  (a fixture)
 
@@ -453,6 +454,13 @@ def test_what_breaks_the_lead_gives_each_linear_its_own_output(front_launches):
         k.w_scale.mul_(2.0)  # a write into a linear's weights after the launch used them
         outs = [modules._launch_direct(m, y, m.bias, 127) for m in (q, k, v)]
         _check_site(norm, (q, k, v), x, y, outs)
+
+        x = _learned(norm, (q, k, v), front_launches)
+        y = norm.forward._launch(x, norm.weight)
+        k.act_bits = 4  # narrower activation codes after the launch made its 8-bit ones
+        got = modules._launch_direct(k, y, k.bias, act_qmax(4))
+        assert torch.equal(got, modules._launch_one(k, y, k.bias, act_qmax(4)))
+        assert not torch.equal(got, _own(k, y))
 
 
 def test_when_a_norm_does_not_lead(front_launches, monkeypatch):
