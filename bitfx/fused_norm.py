@@ -43,7 +43,6 @@ outputs; a stash that does not hold cuts the lead (it may be learned again). Wit
 from __future__ import annotations
 
 import math
-import operator
 import weakref
 
 import torch
@@ -51,8 +50,7 @@ from torch import Tensor, nn
 
 from bitfx.kernels._utils import current_cuda_device
 from bitfx.layout import FLOAT_DTYPES
-from bitfx.modules import (_LAST, _as_rows, _by_layer, _group_signature, _no_interception, _row_class, _weights,
-                           env_switch, leave_outputs)
+from bitfx.modules import _LAST, _PartsPlans, _as_rows, _launch_parts, _no_interception, env_switch, leave_outputs
 from bitfx.ops.library import kernels
 from bitfx.reference import act_qmax
 
@@ -88,8 +86,8 @@ class FusedNormForward:
         self.out_dtype = _DTYPES[s["out_dtype"]]
         self.plans: dict = {}
         self.lead = None  # weak reference to the linear whose outputs (its group's) this launch computes
-        self.lead_sig = None  # modules._group_signature of the weights the lead plans hold
-        self.lead_plans: dict = {}
+        self.lead_plans = _PartsPlans()  # for the norm weight lead_w
+        self.lead_w = None
 
     def __getstate__(self):  # launch plans hold compiled launchers: not copied, made again
         return {"module": self.module, "spec": self.spec}
@@ -143,7 +141,7 @@ class FusedNormForward:
             with torch.cuda.device(device):
                 return self._launch(x, w)
         if self.lead is not None:
-            y = self._lead_launch(x, x2, w, key)
+            y = self._lead_launch(x, x2, w, current)
             if y is not None:
                 return y
         if again is not None:
@@ -160,10 +158,11 @@ class FusedNormForward:
             _LAST.norm = (weakref.ref(y), y._version, weakref.ref(self))
         return y
 
-    def _lead_launch(self, x: Tensor, x2: Tensor, w: Tensor | None, key: tuple) -> Tensor | None:
-        """The norm and its lead's linears in one launch (``front_norm_parts``): the norm's
-        output, each linear's output left for it (``modules.leave_outputs``); None where they
-        cannot go together this time (the caller launches the norm alone)."""
+    def _lead_launch(self, x: Tensor, x2: Tensor, w: Tensor | None, current: int) -> Tensor | None:
+        """The norm and its lead's linears in one launch (``front_norm_parts``, through
+        ``modules._launch_parts``): the norm's output, each linear's output left for it
+        (``modules.leave_outputs``); None where they cannot go together this time (the caller
+        launches the norm alone)."""
         if x.is_inference() or torch.is_inference_mode_enabled():  # y would have no version counter (see _LAST)
             return None
         leader = self.lead()
@@ -171,7 +170,8 @@ class FusedNormForward:
             self.lead = None
             return None
         group = leader.__dict__.get("_group")
-        members = [r() for r in group.refs] if group is not None and group.refs and group.refs[0]() is leader else [leader]
+        leads_group = group is not None and group.refs and group.refs[0]() is leader
+        members = [r() for r in group.refs] if leads_group else [leader]
         qmax = act_qmax(leader.act_bits)
         for m in members:
             if m is None or m.__dict__.get("_stash") is not None:  # gone, or it did not come for its last output
@@ -181,43 +181,28 @@ class FusedNormForward:
             if (front is None or front[0] is not m._buffers["packed"] or not front[1] or m.terms != 1
                     or m.in_features != self.K or act_qmax(m.act_bits) != qmax):
                 return None  # (its next launch of its own decides again whether it can)
-        flat = tuple(t for m in members for t in _weights(m))
-        sig = self.lead_sig
-        if sig is None or len(sig[0]) != len(flat) or not all(map(operator.is_, flat, sig[0])):
-            sig = _group_signature(flat)
-            if not all(t is None or t.device == x2.device for t in flat):
-                sig = (flat, None, sig[2])
-            self.lead_sig = sig
+        if self.lead_w is not w:  # the plans hold the norm weight they were made with
             self.lead_plans.clear()
-        _, N, Kq = sig
-        if N is None:
-            return None
-        M, K = x2.shape
-        row_class = _row_class(M, N, Kq, K, x2.element_size(), True, x2.device)
-        if row_class[0] != "front":
-            return None
-        lead_key = key + (qmax, row_class)
-        plan = self.lead_plans.get(lead_key)
-        if plan is not None and plan[0] is w:
-            y, outs = plan[1](x2)
-        else:
-            s = self.spec
+            self.lead_w = w
+        s = self.spec
+
+        def launch(parts):
             y, outs, again = kernels("front_gemv").front_norm_parts(
-                x2, w, s["eps"], s["offset"], s["cast_before_weight"], self.out_dtype, qmax, _by_layer(flat),
-                bind=True)
-            outs = [o.view(-1) for o in outs]
-            if len(self.lead_plans) >= _MAX_PLANS:
-                self.lead_plans.clear()
-            self.lead_plans[lead_key] = (w, again)
-        y = y.view(x.shape)
-        leave_outputs(members, outs, y, qmax, weakref.ref(self))
+                x2, w, s["eps"], s["offset"], s["cast_before_weight"], self.out_dtype, qmax, parts, bind=True)
+            return (y, [o.view(-1) for o in outs]), again
+
+        got = _launch_parts(self.lead_plans, members, x2, qmax, current, launch)
+        if got is None:
+            return None
+        y = got[0].view(x.shape)
+        leave_outputs(members, got[1], y, qmax, weakref.ref(self))
         return y
 
     def _cut(self, members: list) -> None:
         """The lead's pattern broke: no lead, and the outputs left for its linears dropped."""
         self.lead = None
-        self.lead_sig = None
         self.lead_plans.clear()
+        self.lead_w = None
         for m in members:
             if m is not None:
                 m.__dict__.pop("_stash", None)

@@ -101,8 +101,14 @@ def _row_class(M: int, N: int, Kq: int, K: int, x_bytes: int, front: bool, devic
 # and the linears in one kernel (front_norm_parts), each layer's output left in its stash as a
 # group leader leaves its siblings'. A stash that does not hold cuts the norm's lead.
 
-_LAST = threading.local()  # .call: (weakref to x, x's version, layer) of this thread's last direct launch;
-# .norm: (weakref to y, y's version, weakref to the fused norm forward) of its last launch of the norm alone
+class _Last(threading.local):
+    """This thread's last launches (None: none to follow)."""
+
+    call = None  # (weakref to x, x's version, weakref to the layer) of its last direct launch
+    norm = None  # (weakref to y, y's version, weakref to the fused norm forward) of its last norm-alone launch
+
+
+_LAST = _Last()
 
 
 def _link_norm(layer: "BitfxLinear", x: Tensor) -> None:
@@ -131,16 +137,30 @@ def leave_outputs(members: list, outs: list, x: Tensor, qmax: int, owner) -> Non
                                 bias, None if bias is None else bias._version, qmax, owner)
 
 
-class _Group:
+class _PartsPlans:
+    """The launch plans of several linears launched as one (:func:`_launch_parts`): input layout
+    and row class -> the bound launch; ``sig``: :func:`_group_signature` of the weights they hold."""
+
+    __slots__ = ("plans", "sig")
+
+    def __init__(self):
+        self.plans: dict = {}
+        self.sig = None
+
+    def clear(self) -> None:
+        self.plans.clear()
+        self.sig = None
+
+
+class _Group(_PartsPlans):
     """Layers of one input, in call order (the first launches for all; held by weak references,
     so that a group keeps no layer alive); their launch plans."""
 
-    __slots__ = ("refs", "plans", "sig")
+    __slots__ = ("refs",)
 
     def __init__(self, first: "BitfxLinear"):
+        super().__init__()
         self.refs = [weakref.ref(first)]
-        self.plans: dict = {}  # input layout and row class -> the bound launch
-        self.sig = None  # _group_signature of the weights the plans hold
 
 
 def env_switch(name: str) -> bool:
@@ -168,8 +188,7 @@ def _dissolve(group: "_Group | None") -> None:
             m.__dict__.pop("_group", None)
             m.__dict__.pop("_stash", None)
     group.refs = []
-    group.plans.clear()
-    group.sig = None
+    group.clear()
 
 
 def _weights(layer: "BitfxLinear") -> tuple:
@@ -183,7 +202,7 @@ def _learn(layer: "BitfxLinear", x: Tensor, qmax: int, front_ok: bool) -> None:
     if x.is_inference():  # no version counter: a write into it between the calls could not be seen
         _LAST.call = None
         return
-    last = getattr(_LAST, "call", None)
+    last = _LAST.call
     version = x._version
     if (last is not None and last[0]() is x and last[1] == version and front_ok
             and layer.__dict__.get("_group") is None):
@@ -212,16 +231,17 @@ def _stream_of(x: Tensor) -> int:
     return kernels("_launch").stream_handle(x.get_device()) if x.is_cuda else 0
 
 
-def _group_signature(flat: tuple) -> tuple:
+def _group_signature(flat: tuple, device: torch.device) -> tuple:
     """``(flat, N, Kq)`` for a group's layers' weights ``flat`` (``packed, w_scale, bias`` of each
     layer in turn; ``N`` their rows together), with
-    ``N`` None where they cannot launch as one: on different devices, packed rows of different
+    ``N`` None where they cannot launch as one on the input's ``device``: packed weights on
+    another device, packed rows of different
     lengths or strides or not readable as words, scales or biases of different dtypes, some with a
     bias and some without, the one-kernel form turned off."""
     first, scale0, bias0 = flat[:3]
     ok = kernels("front_gemv").enabled(eager=True)
     for packed, w_scale, bias in _by_layer(flat):
-        ok = (ok and packed.device == first.device and packed.shape[1] == first.shape[1]
+        ok = (ok and packed.device == device and packed.shape[1] == first.shape[1]
               and packed.stride(0) == first.stride(0) and packed.stride(0) % 4 == 0 and not packed.data_ptr() & 3
               and w_scale.dtype == scale0.dtype and (bias is None) == (bias0 is None)
               and (bias is None or bias.dtype == bias0.dtype))
@@ -233,16 +253,18 @@ def _by_layer(flat: tuple) -> list:
     return [flat[i:i + 3] for i in range(0, len(flat), 3)]
 
 
-def _launch_group(group: _Group, members: list, x2: Tensor, qmax: int, device: torch.device, current: int,
-                  out_dtype):
-    """The group's outputs for the rows ``x2`` in one launch (flat: ``[M * N_p]`` per layer), or
-    None where the launch does not suit them (more rows than the one-kernel form takes for the
-    group's weights together, weights that cannot launch together)."""
+def _launch_parts(holder: _PartsPlans, members: list, x2: Tensor, qmax: int, current: int, launch):
+    """The linears ``members`` on the rows ``x2`` in one launch through ``holder``'s plan for
+    this input and row class, or None where the launch does not suit them (more rows than the
+    one-kernel form takes for their weights together, weights that cannot launch together).
+    ``launch(parts)``: the first launch, ``(result, again)``; the plan is ``again``, whose result
+    for later rows is returned alike (the group's outputs flat; the norm's output and theirs)."""
     flat = tuple(t for m in members for t in _weights(m))
-    sig = group.sig
+    device = x2.device
+    sig = holder.sig
     if sig is None or len(sig[0]) != len(flat) or not all(map(operator.is_, flat, sig[0])):
-        sig = group.sig = _group_signature(flat)
-        group.plans.clear()
+        holder.plans.clear()
+        sig = holder.sig = _group_signature(flat, device)
     _, N, Kq = sig
     if N is None:
         return None
@@ -251,14 +273,24 @@ def _launch_group(group: _Group, members: list, x2: Tensor, qmax: int, device: t
     if row_class[0] != "front":
         return None
     key = (K, x2.stride(), x2.dtype, not x2.data_ptr() & 15, device, current, qmax, row_class)
-    again = group.plans.get(key)
+    again = holder.plans.get(key)
     if again is not None:
         return again(x2)
-    outs, again = kernels("front_gemv").front_gemv_parts(x2, qmax, _by_layer(flat), out_dtype, bind=True)
-    if len(group.plans) >= _MAX_PLANS:
-        group.plans.clear()
-    group.plans[key] = again
-    return [o.view(-1) for o in outs]
+    result, again = launch(_by_layer(flat))
+    if len(holder.plans) >= _MAX_PLANS:
+        holder.plans.clear()
+    holder.plans[key] = again
+    return result
+
+
+def _launch_group(group: _Group, members: list, x2: Tensor, qmax: int, current: int, out_dtype):
+    """The group's outputs for the rows ``x2`` in one launch (flat: ``[M * N_p]`` per layer), or
+    None (:func:`_launch_parts`)."""
+    def launch(parts):
+        outs, again = kernels("front_gemv").front_gemv_parts(x2, qmax, parts, out_dtype, bind=True)
+        return [o.view(-1) for o in outs], again
+
+    return _launch_parts(group, members, x2, qmax, current, launch)
 
 
 def _launch_direct(layer: "BitfxLinear", x: Tensor, bias: Tensor | None, qmax: int) -> Tensor:
@@ -281,7 +313,7 @@ def _launch_direct(layer: "BitfxLinear", x: Tensor, bias: Tensor | None, qmax: i
         fwd = None if owner is None else owner()
         if fwd is not None:  # left by a fused norm: it launches its linears no more (it may learn them again)
             fwd.lead = None
-    if getattr(_LAST, "norm", None) is not None:
+    if _LAST.norm is not None:
         _link_norm(layer, x)
     group = state.get("_group")
     if group is not None and group.refs and group.refs[0]() is layer:
@@ -309,7 +341,7 @@ def _group_call(layer: "BitfxLinear", group: _Group, x: Tensor, qmax: int) -> Te
     if current != -1 and device.index != current:
         with torch.cuda.device(device):
             return _group_call(layer, group, x, qmax)
-    outs = _launch_group(group, members, x2, qmax, device, current, x.dtype)
+    outs = _launch_group(group, members, x2, qmax, current, x.dtype)
     if outs is None:
         return None
     leave_outputs(members[1:], outs[1:], x, qmax, None)

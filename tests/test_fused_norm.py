@@ -509,4 +509,4 @@ def test_copies_learn_their_own_leads(front_launches):
         _learned(norm, qkv, front_launches)
         for other in (copy.deepcopy(model), _pickled(model)):
             fwd = other.layers[0].attn_norm.forward
-            assert fwd.lead is None and fwd.lead_plans == {}
+            assert fwd.lead is None and fwd.lead_plans.plans == {} and fwd.lead_plans.sig is None
