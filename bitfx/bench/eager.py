@@ -58,30 +58,6 @@ def _env(settings: dict):
                 os.environ[k] = v
 
 
-def _generate(model, prompt, n: int, window: int, g: torch.Generator):
-    """The main job's generation loop (bitfx.demo.train._generate): no KV cache, the window's
-    last tokens in, the next one sampled on the host."""
-    ids = prompt.clone()
-    for _ in range(n):
-        logits = model(ids[None, -window:])[0, -1].float()
-        probs = torch.softmax(logits / 0.7, -1).cpu()
-        ids = torch.cat([ids, torch.multinomial(probs, 1, generator=g).to(ids.device)])
-    return ids
-
-
-def _kernels(fn, cuda: bool) -> int:
-    """CUDA kernels one call of ``fn`` launches (0 on the CPU)."""
-    if not cuda:
-        return 0
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
-
-
 def main(argv=None) -> int:
     p = report.parser("eager", __doc__)
     p.add_argument("--size", default="base", help="the main job's model size (default base: its GPU size)")
@@ -92,12 +68,13 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--out", default=None, help="a folder for results.json and table.md")
     args = p.parse_args(argv)
-    from bitfx.demo.train import SIZES
+    from bitfx.demo.train import SIZES, _generate  # the main job's model sizes and its generation loop
 
     if args.size not in SIZES:
         p.error(f"--size {args.size}: one of {', '.join(SIZES)}")
     cuda = report.need_cuda("eager", args.device, smoke=True)
     import bitfx
+    from bitfx.bench.profiling import kernel_summary, profile
     from bitfx.bench.timing import sync
     from bitfx.demo.example import ExampleConfig, ExampleLlama
 
@@ -142,10 +119,11 @@ def main(argv=None) -> int:
                     _generate(model, prompt, args.tokens, 64, g)
                     sync(cuda)
                     tok_s[name].append(args.tokens / (time.perf_counter() - t))
-        kernels = {}
-        for name, model in models.items():
+        kernels = {name: 0 for name in models}  # (no kernels on the CPU)
+        for name, model in models.items() if cuda else ():
             with _env(FORMS[name]):
-                kernels[name] = _kernels(lambda: model(ids), cuda)
+                counts = kernel_summary(profile(lambda: model(ids), cuda))
+                kernels[name] = counts["kernels"] + counts["memops"]  # every CUDA launch
 
     exact = torch.equal(logits["ternary"], logits["ternary, no leads or groups"])
     scale = logits["ternary, model's norms"].abs().max().item()
