@@ -48,8 +48,8 @@ from bitfx.kernels.norm_quant import (_absmax_scale, _load_norm_chunk, _quantize
                                       check_norm_args)
 from bitfx.kernels.ternary_matmul import _dp4a, _dp4a_plane, _pdl_prologue
 
-__all__ = ["front_gemv", "front_gemv_parts", "front_norm", "front_norm_parts", "MAX_PARTS", "FRONT_MAX_M", "EAGER_BYTES", "front_config", "takes_rows",
-           "launch_class", "enabled"]
+__all__ = ["front_gemv", "front_gemv_parts", "front_norm", "front_norm_parts", "MAX_PARTS", "FRONT_MAX_M", "EAGER_BYTES",
+           "front_config", "takes_rows", "launch_class", "enabled"]
 
 # Rows up to this many take the fused kernel (one program row per token; each row re-reads the
 # weights, from L2 after the first). More rows: norm_quant and the GEMV, which reads them once.

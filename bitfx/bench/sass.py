@@ -119,7 +119,8 @@ def site_kernels(K: int, N: int, sms: int, dtype=torch.bfloat16) -> list:
                      Kq4="i32", stride_x="i32", stride_wn="i32", stride_om="i32", eps="fp32"),
                 dict(norm, BLOCK_K=min(fg._ROW_CHUNK, fg.next_pow2(max(K, 256))), BLOCK_N=fcfg["BLOCK_N"],
                      BLOCK_W=fcfg["BLOCK_W"], EVEN_W=fcfg["EVEN_W"], USE_ASM=True, HAS_BIAS=False, STREAM_HINT=True,
-                     PDL=True, PREFETCH=True, RN_MUL=True, BYTE_PTRS=False, WRITE_SX=True, PARTS=1, WRITE_Y=False, GEMV=True, Y=None,
+                     PDL=True, PREFETCH=True, RN_MUL=True, BYTE_PTRS=False, WRITE_SX=True, PARTS=1, WRITE_Y=False,
+                     GEMV=True, Y=None,
                      **{f"{a}{p}": None for a in ("w", "sw", "b") for p in (1, 2, 3)}),  # one linear: no parts, no y
                 fg._NUM_WARPS, dict(maxnreg=fg._MAX_REGS)))
     return out

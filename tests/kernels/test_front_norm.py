@@ -68,7 +68,8 @@ def _lead_cases(draw):
     cbw = draw(st.booleans())
     return dict(
         M=draw(st.integers(1, 5)), K=draw(st.sampled_from([4, 16, 37, 64, 130] + ([300, 2560, 4100] if CUDA else []))),
-        ns=draw(st.lists(st.integers(1, 300 if CUDA else 20), min_size=1, max_size=fg.MAX_PARTS)), bias=draw(st.booleans()),
+        ns=draw(st.lists(st.integers(1, 300 if CUDA else 20), min_size=1, max_size=fg.MAX_PARTS)),
+        bias=draw(st.booleans()),
         dtype=dtype, has_weight=has_weight, w_dtype=w_dtype, offset=draw(st.booleans()), cbw=cbw,
         norm_dtype=draw(st.sampled_from([ref.norm_dtype_for(dtype, w_dtype, cbw), dtype])),
         eps=draw(st.sampled_from([1e-6, 0.0])), layout=draw(st.sampled_from(["contiguous", "row_stride"])),
