@@ -53,6 +53,11 @@ unless the options set it), which Inductor's own kernels have by default. With t
 each site's front and matmul become one ``ternary_linear`` call (:mod:`bitfx.passes.fronts`):
 one op call per site instead of two (with ``BITFX_FRONT_GEMV=1``, one kernel for a decode row).
 
+On CUDA (under CUDA graphs, or with Inductor launching the kernels) a residual add that a
+norm reads directly joins the norm's kernel (:mod:`bitfx.passes.residual`,
+``bitfx::add_norm_quant``): one kernel fewer per pre-norm site; ``BITFX_FUSE_RESIDUAL=0``
+keeps the adds.
+
 Logging: logger ``"bitfx"``. ``BITFX_LOG=1`` (or ``info``) prints what was rewritten,
 ``BITFX_LOG=debug`` also what was left out and why.
 """
@@ -74,6 +79,7 @@ from bitfx.passes.naming import Naming
 from bitfx.passes.plan import check_filter_fn
 from bitfx.passes.rewrite import bitfx_pass
 from bitfx.passes.fronts import fuse_fronts
+from bitfx.passes.residual import fuse_residual_adds
 from bitfx.passes.prepack import prepack
 
 __all__ = ["BitfxConfig", "bitfx_backend"]
@@ -160,6 +166,24 @@ def _inductor_launches(config: BitfxConfig, inputs: list, inductor_patches: dict
     return not inductor_patches.get("triton.cudagraphs", inductor_config.triton.cudagraphs)
 
 
+def _fuses_residuals(config: BitfxConfig, inputs: list, inductor_patches: dict[str, Any]) -> bool:
+    """Whether an inference graph's residual adds join their norms' kernels
+    (:mod:`bitfx.passes.residual`): on CUDA, where the kernels launch cheaply (under CUDA graphs,
+    or launched by Inductor's code), unless ``BITFX_FUSE_RESIDUAL=0``. A default-mode graph
+    of custom ops (``launch="op"``) keeps the add: there it is one of Inductor's kernels, and the
+    fused op would cost a custom op's host time where ``ternary_linear`` runs the front and the
+    matmul in one call."""
+    from torch._inductor import config as inductor_config
+
+    from bitfx.modules import env_switch
+
+    if config.training or not _on_cuda(inputs) or not env_switch("BITFX_FUSE_RESIDUAL"):
+        return False
+
+    graphs = inductor_patches.get("triton.cudagraphs", inductor_config.triton.cudagraphs)
+    return bool(graphs) or _inductor_launches(config, inputs, inductor_patches)
+
+
 # Inductor's setting that lets its static launcher (a C++ launch with no Python per argument)
 # launch user-defined Triton kernels too; off by default, where Inductor's own kernels get it.
 _STATIC_USER_LAUNCH = "static_launch_user_defined_triton_kernels"
@@ -203,6 +227,8 @@ def bitfx_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[st
     packs = None
     if not config.training:
         gm, packs = prepack(gm, inputs, naming)
+    if _fuses_residuals(config, inputs, inductor_patches):
+        log.info("bitfx: %d residual adds fused into their norms", fuse_residual_adds(gm))
     if not config.training and _on_cuda(inputs):
         # CUDA inference: each site's front and matmul as one op (one kernel for decode rows)
         log.info("bitfx: %d ternary linears as one op each", fuse_fronts(gm))

@@ -36,7 +36,7 @@ from bitfx.kernels._launch import Launcher
 from bitfx.kernels._utils import (next_pow2, FLOAT_DTYPES, check_device, check_dtype, interpreting,
                                   num_sms, pdl_enabled, rows)
 
-__all__ = ["norm_quant", "act_quant"]
+__all__ = ["norm_quant", "act_quant", "add_norm_quant", "residual_fits"]
 
 # Rows of up to this many elements are held in registers; longer ones are walked in chunks.
 _MAX_ROW_BLOCK = 16384
@@ -235,6 +235,9 @@ def _norm_quant_kernel(
     stride_x,
     K,
     eps,
+    R,  # [M, K] the residual added to X (unused unless RESIDUAL), row stride stride_r
+    H,  # [M, K] out, contiguous: X + R in X's dtype, the row the norm reads (unused unless RESIDUAL)
+    stride_r,
     NORM: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     OFFSET: tl.constexpr,
@@ -247,9 +250,12 @@ def _norm_quant_kernel(
     EARLY_G: tl.constexpr,  # load the norm weight before the first reduction (few rows)
     QMAX: tl.constexpr = 127,  # largest code: 2^(bits-1) - 1
     RN_MUL: tl.constexpr = False,  # products an add follows as mul.rn (launches with FP fusion on)
+    RESIDUAL: tl.constexpr = False,  # the row is X + R, stored to H first (ONE_BLOCK rows only)
 ):
     """One program per row: (optional) RMSNorm, then absmax quantization of that row to codes
-    in [-QMAX - 1, QMAX] (int8 storage)."""
+    in [-QMAX - 1, QMAX] (int8 storage). With ``RESIDUAL`` the row is first ``h = x + r``,
+    computed in fp32 and rounded to x's dtype as torch's add rounds it, and stored: the norm
+    reads the stored values."""
     if PDL_TRIGGER:  # it waits for this kernel to finish before it reads q or the scales
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
@@ -260,6 +266,9 @@ def _norm_quant_kernel(
     if ONE_BLOCK:
         mask = cols < K
         x = tl.load(X + cols, mask=mask, other=0.0).to(tl.float32)
+        if RESIDUAL:
+            x = _round_to(x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32), X_ROUND)
+            tl.store(H + row * K + cols, x.to(H.dtype.element_ty), mask=mask)
         # Few rows (decode): g is loaded with x, before the first reduction, so that the row
         # costs one memory round trip. Many rows: after it, so that fewer registers are live
         # across the reduction and more programs fit on an SM (BENCHMARKS.md, "Launch choices").
@@ -326,12 +335,9 @@ def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm, 
         r = torch.empty((1,), dtype=torch.float32, device=device)
     else:
         r = scale
-    args = (x, w, q, scale, r, stride, K, eps)
-    constexprs = dict(NORM=norm, HAS_WEIGHT=weight is not None, OFFSET=bool(offset),
-                      CAST_BEFORE_WEIGHT=bool(cast_before_weight), X_ROUND=_round_code(x.dtype),
-                      Y_ROUND=_round_code(norm_dtype), BLOCK_K=block, ONE_BLOCK=one_block,
-                      PDL_TRIGGER=pdl_enabled(device) and not traced, EARLY_G=bool(M < num_sms(device)),
-                      QMAX=int(qmax), RN_MUL=traced and device.type == "cuda" and torch.version.hip is None)
+    # No residual: None (specialized away) in a direct launch, x (read by nothing) in a traced one.
+    args = (x, w, q, scale, r, stride, K, eps) + ((x, x, 0) if traced else (None, None, 0))
+    constexprs = _constexprs(x, weight, offset, cast_before_weight, norm_dtype, norm, qmax, traced, M, block, one_block)
     launch = _NORM_QUANT.launch((M,), args, constexprs, traced=traced, bind=bind, num_warps=_num_warps(block),
                                 enable_fp_fusion=False)
     if not bind:
@@ -342,10 +348,53 @@ def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm, 
         M = x.shape[0]
         q, scale = empty((M, K), dtype=i8, device=device), empty((M,), dtype=f32, device=device)
         r = empty((M,), dtype=f32, device=device) if norm else scale
-        launch(x, x if weight is None else weight, q, scale, r, stride, K, eps, grid=(M,))  # (holds no earlier x)
+        launch(x, x if weight is None else weight, q, scale, r, stride, K, eps, None, None, 0,
+               grid=(M,))  # (holds no earlier x)
         return q, scale, (r if norm else None)
 
     return q, scale, rstd, again
+
+
+def _constexprs(x, weight, offset, cast_before_weight, norm_dtype, norm, qmax, traced, M, block, one_block) -> dict:
+    """The constexprs of a ``_norm_quant_kernel`` launch for rows like ``x``'s."""
+    device = x.device
+    return dict(NORM=norm, HAS_WEIGHT=weight is not None, OFFSET=bool(offset),
+                CAST_BEFORE_WEIGHT=bool(cast_before_weight), X_ROUND=_round_code(x.dtype),
+                Y_ROUND=_round_code(norm_dtype), BLOCK_K=block, ONE_BLOCK=one_block,
+                PDL_TRIGGER=pdl_enabled(device) and not traced, EARLY_G=bool(M < num_sms(device)),
+                QMAX=int(qmax), RN_MUL=traced and device.type == "cuda" and torch.version.hip is None)
+
+
+def residual_fits(K: int) -> bool:
+    """Whether rows of ``K`` elements take the residual add in the kernel (:func:`add_norm_quant`):
+    rows held in registers, read once."""
+    return _row_block(K, _MAX_ROW_BLOCK)[1]
+
+
+def add_norm_quant(a, b, weight, eps, offset, cast_before_weight, norm_dtype, qmax=127, traced=False):
+    """``(h, q, s_x, rstd)``: ``h = a + b`` (``[M, K]``, one float dtype, rows with a unit
+    last stride; stored contiguous), then :func:`norm_quant` of ``h``, in one kernel: the
+    residual add before a pre-norm site, which a graph would otherwise launch as a kernel of its
+    own. ``h`` is torch's ``a + b`` bit for bit (the fp32 sum rounded to the dtype), and the
+    codes are those of ``norm_quant(h)``. Rows longer than :func:`residual_fits` allows add in
+    torch first, then launch ``norm_quant``; so does an empty ``a``."""
+    M, K = a.shape
+    device = a.device
+    if M == 0 or K == 0 or not residual_fits(int(K)):
+        h = a + b
+        return (h, *_launch_quant(h, weight, eps, offset, cast_before_weight, norm_dtype, True, qmax, traced))
+    if traced:
+        K = int(K)
+    block, one_block = _row_block(K, _MAX_ROW_BLOCK)
+    h = torch.empty((M, K), dtype=a.dtype, device=device)
+    q = torch.empty((M, K), dtype=torch.int8, device=device)
+    scale = torch.empty((M,), dtype=torch.float32, device=device)
+    rstd = torch.empty((M,), dtype=torch.float32, device=device)
+    args = (a, a if weight is None else weight, q, scale, rstd, a.stride(0), K, float(eps), b, h, b.stride(0))
+    constexprs = _constexprs(a, weight, offset, cast_before_weight, norm_dtype, True, qmax, traced, M, block, one_block)
+    _NORM_QUANT.launch((M,), args, dict(constexprs, RESIDUAL=True), traced=traced, num_warps=_num_warps(block),
+                       enable_fp_fusion=False)
+    return h, q, scale, rstd
 
 
 def launch_class(M: int, device: torch.device) -> bool:

@@ -2,7 +2,8 @@
 
 * :mod:`bitfx.ops.library`: the catalogue of schemas (:data:`~bitfx.ops.library.SCHEMAS`),
   the one registration helper and the input checks;
-* :mod:`bitfx.ops.inference`: ``norm_quant``, ``act_quant``, ``weight_quant``,
+* :mod:`bitfx.ops.inference`: ``norm_quant``, ``add_norm_quant`` (a residual add, then
+  ``norm_quant`` of the sum), ``act_quant``, ``weight_quant``,
   ``ternary_matmul``, ``ternary_linear`` (the two in one), ``dequantize``, and the one CUDA
   front (norm or activation quantization);
 * :mod:`bitfx.ops.training`: ``weight_quant_stacked``, ``bitlinear_stacked`` (what the backend
@@ -24,6 +25,7 @@ from bitfx.ops.library import SCHEMAS
 from bitfx.ops.training import bitlinear
 
 norm_quant = torch.ops.bitfx.norm_quant
+add_norm_quant = torch.ops.bitfx.add_norm_quant
 act_quant = torch.ops.bitfx.act_quant
 weight_quant = torch.ops.bitfx.weight_quant
 ternary_matmul = torch.ops.bitfx.ternary_matmul

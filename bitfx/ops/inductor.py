@@ -27,11 +27,12 @@ import torch
 from torch import Tensor
 
 from bitfx import reference as ref
-from bitfx.ops.inference import _check_linear, check_matmul_args, fused_front
+from bitfx.ops.inference import _check_linear, check_matmul_args, check_residual_args, fused_front
 from bitfx.ops.library import check_norm_args, kernels, rows
 from bitfx.ops.training import _check_stacked, _front_outputs, _stacked_backward, _stacked_setup_context
 
-__all__ = ["norm_quant_triton", "act_quant_triton", "ternary_matmul_triton", "ternary_linear_triton",
+__all__ = ["norm_quant_triton", "add_norm_quant_triton", "act_quant_triton", "ternary_matmul_triton",
+           "ternary_linear_triton",
            "bitlinear_stacked_triton", "retarget", "TRITON_FORMS"]
 
 
@@ -51,6 +52,18 @@ def norm_quant_triton(x: Tensor, weight: Optional[Tensor], eps: float, offset: b
     q, scale, _ = kernels("norm_quant")._launch_quant(_rows(x), weight, eps, offset, cast_before_weight, norm_dtype,
                                                       norm=True, qmax=ref.act_qmax(bits), traced=True)
     return q.view(x.shape), scale.view(x.shape[:-1])
+
+
+@torch.library.triton_op("bitfx::add_norm_quant_triton", mutates_args=())
+def add_norm_quant_triton(a: Tensor, b: Tensor, weight: Optional[Tensor], eps: float, offset: bool,
+                          cast_before_weight: bool, norm_dtype: torch.dtype, bits: int = 8
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    """``bitfx::add_norm_quant`` launched by Inductor: ``(h, q int8 [..., K], x_scale f32 [...])``."""
+    check_residual_args("add_norm_quant", a, b)
+    check_norm_args("add_norm_quant", a, weight, norm_dtype)
+    h, q, scale, _ = kernels("norm_quant").add_norm_quant(_rows(a), _rows(b), weight, eps, offset, cast_before_weight,
+                                                          norm_dtype, ref.act_qmax(bits), traced=True)
+    return h.view(a.shape), q.view(a.shape), scale.view(a.shape[:-1])
 
 
 @torch.library.triton_op("bitfx::act_quant_triton", mutates_args=())
@@ -119,6 +132,7 @@ bitlinear_stacked_triton.register_autograd(_stacked_backward, setup_context=_sta
 # Each custom op and its form launched by Inductor: same arguments, same outputs.
 TRITON_FORMS = {
     torch.ops.bitfx.norm_quant.default: torch.ops.bitfx.norm_quant_triton.default,
+    torch.ops.bitfx.add_norm_quant.default: torch.ops.bitfx.add_norm_quant_triton.default,
     torch.ops.bitfx.act_quant.default: torch.ops.bitfx.act_quant_triton.default,
     torch.ops.bitfx.ternary_matmul.default: torch.ops.bitfx.ternary_matmul_triton.default,
     torch.ops.bitfx.ternary_linear.default: torch.ops.bitfx.ternary_linear_triton.default,

@@ -20,7 +20,7 @@ from bitfx.ops.library import (check_codes, check_float_dtype, check_in_features
                                check_norm_args, check_normalize, check_packed_weight, check_same_device, kernels,
                                register, rows)
 
-__all__ = ["cuda_front", "ref_front", "check_matmul_args", "matmul_guard", "fused_front"]
+__all__ = ["cuda_front", "ref_front", "check_matmul_args", "matmul_guard", "fused_front", "check_residual_args"]
 
 
 # ---------------------------------------------------------------- the activation front (norm or not)
@@ -79,6 +79,54 @@ def _(x, weight, eps, offset, cast_before_weight, norm_dtype, bits=8):
     check_norm_args("norm_quant", x, weight, norm_dtype)
     ref.act_qmax(bits)
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+
+# ---------------------------------------------------------------- add_norm_quant
+
+
+def check_residual_args(op: str, a: Tensor, b: Tensor) -> None:
+    """The two addends of ``add_norm_quant``: one shape, one float dtype, one device."""
+    check_same_device(op, a, b)
+    if a.shape != b.shape:
+        raise ValueError(f"bitfx.{op}: the addends must have one shape (no broadcasting), got {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}")
+    if a.dtype != b.dtype:
+        raise TypeError(f"bitfx.{op}: the addends must have one dtype, got {a.dtype} and {b.dtype}")
+
+
+@register("add_norm_quant", "reference")
+def _(a, b, weight, eps, offset, cast_before_weight, norm_dtype, bits=8):
+    check_residual_args("add_norm_quant", a, b)
+    check_norm_args("add_norm_quant", a, weight, norm_dtype)
+    h = a + b
+    q, x_scale = ref.norm_quant(h, weight, eps, offset=offset, cast_before_weight=cast_before_weight,
+                                norm_dtype=norm_dtype, bits=bits)
+    return h, q, x_scale
+
+
+def _unit_rows(t: Tensor) -> Tensor:
+    """``t [..., K]`` as ``[M, K]`` rows with a unit last stride (copied if it has none)."""
+    t2 = rows(t)
+    return t2.contiguous() if t2.shape[-1] > 1 and t2.stride(-1) != 1 else t2
+
+
+@register("add_norm_quant", "cuda")
+def _(a, b, weight, eps, offset, cast_before_weight, norm_dtype, bits=8):
+    if not (a.shape == b.shape and a.dtype == b.dtype and _guard_front(a, weight, norm_dtype)):
+        check_residual_args("add_norm_quant", a, b)
+        check_norm_args("add_norm_quant", a, weight, norm_dtype)
+    h, q, scale, _ = kernels("norm_quant").add_norm_quant(_unit_rows(a), _unit_rows(b), weight, eps, offset,
+                                                          cast_before_weight, norm_dtype, ref.act_qmax(bits))
+    return h.view(a.shape), q.view(a.shape), scale.view(a.shape[:-1])
+
+
+@register("add_norm_quant", "fake")
+def _(a, b, weight, eps, offset, cast_before_weight, norm_dtype, bits=8):
+    check_residual_args("add_norm_quant", a, b)
+    check_norm_args("add_norm_quant", a, weight, norm_dtype)
+    ref.act_qmax(bits)
+    return (a.new_empty(a.shape), a.new_empty(a.shape, dtype=torch.int8),
+            a.new_empty(a.shape[:-1], dtype=torch.float32))
 
 
 # ---------------------------------------------------------------- act_quant

@@ -36,6 +36,10 @@ SCHEMAS = {
     # RMSNorm + per-token quantization: x[..., K] -> (q int8[..., K], x_scale f32[...])
     "norm_quant": "(Tensor x, Tensor? weight, float eps, bool offset, bool cast_before_weight, "
                   "ScalarType norm_dtype, SymInt bits=8) -> (Tensor, Tensor)",
+    # the residual add before a pre-norm site, then norm_quant of the sum: a, b [..., K] (one
+    # float dtype) -> (h = a + b, q int8[..., K], x_scale f32[...])
+    "add_norm_quant": "(Tensor a, Tensor b, Tensor? weight, float eps, bool offset, bool cast_before_weight, "
+                      "ScalarType norm_dtype, SymInt bits=8) -> (Tensor, Tensor, Tensor)",
     # per-token quantization alone: y[..., K] -> (q, x_scale)
     "act_quant": "(Tensor y, SymInt bits=8) -> (Tensor, Tensor)",
     # absmean ternary + 2-bit packing: w[N, K] -> (packed u8[N, Kq], w_scale f32[N])

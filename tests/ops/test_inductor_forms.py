@@ -248,7 +248,7 @@ def _record_clones():
 
 
 # What each kernel writes: its outputs (and a split-K workspace), never an input.
-_OUTPUTS = {"_norm_quant_kernel": {"Q", "SCALE", "RSTD"},
+_OUTPUTS = {"_norm_quant_kernel": {"Q", "SCALE", "RSTD", "H"},
             "_ternary_dp4a_kernel": {"out_ptr", "ws_ptr", "lock_ptr"},
             "_ternary_matmul_kernel": {"out_ptr", "ws_ptr", "lock_ptr"},
             "_front_gemv_kernel": {"out_ptr", "SX"}}
@@ -290,6 +290,33 @@ def test_forms_compile_into_inductors_code(dynamic):
                 assert "bitfx." not in code  # no custom-op call: Inductor launches the kernels
                 assert "_norm_quant_kernel" in code and "_ternary_dp4a_kernel" in code
     assert seen, "no user Triton kernel reached Inductor's graph"
+    for name, cloned in seen:
+        assert set(cloned) <= _OUTPUTS[name], (name, cloned)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_add_norm_quant_form_compiles_into_inductors_code(dynamic):
+    """The residual add's form in Inductor's code: the same sum, codes and scales as the eager
+    kernel, bit for bit, and no input cloned (the kernel writes its outputs only)."""
+    from torch._inductor import config as inductor_config
+
+    torch._dynamo.reset()
+    K = 320
+    g = seeded_randn((K,), torch.bfloat16, "cuda", 5)
+
+    def f(a, b):
+        return ops.add_norm_quant_triton(a * 2, b, g, 1e-6, False, True, torch.bfloat16)
+
+    seen, record = _record_clones()
+    compiled = torch.compile(f, dynamic=dynamic)
+    with inductor_config.patch({"fx_graph_cache": False, "post_grad_custom_pre_pass": record}):
+        for M in (1, 7, 300) if dynamic else (3,):
+            a, b = seeded_randn((M, K), torch.bfloat16, "cuda", M), seeded_randn((M, K), torch.bfloat16, "cuda", M + 1)
+            h, q, s, _ = nq.add_norm_quant(a * 2, b, g, 1e-6, False, True, torch.bfloat16)
+            for got, want in zip(compiled(a, b), (h, q, s)):
+                assert torch.equal(got, want), M
+    assert seen and {name for name, _ in seen} == {"_norm_quant_kernel"}
     for name, cloned in seen:
         assert set(cloned) <= _OUTPUTS[name], (name, cloned)
 

@@ -83,6 +83,9 @@ def _op_cases(device, M=5, K=40, N=24, dtype=torch.bfloat16):
         "norm_quant": ("norm_quant", (x, g, 1e-6, False, True, dtype)),
         "norm_quant_gemma": ("norm_quant", (x, g, 1e-6, True, False, dtype)),
         "norm_quant_noweight": ("norm_quant", (x, None, 1e-5, False, True, torch.float32)),
+        "add_norm_quant": ("add_norm_quant", (x, _x((2, M, K), dtype, device, 5), g, 1e-6, False, True, dtype)),
+        "add_norm_quant_fp32_gemma_noweight": (
+            "add_norm_quant", (x.float(), x.float()[:, :1].expand(2, M, K), None, 1e-5, True, False, torch.float32, 6)),
         "act_quant": ("act_quant", (x,)),
         "weight_quant": ("weight_quant", (W, False)),
         "weight_quant_per_channel": ("weight_quant", (W, True)),
