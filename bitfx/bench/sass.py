@@ -99,8 +99,10 @@ def site_kernels(K: int, N: int, sms: int, dtype=torch.bfloat16) -> list:
     norm = dict(NORM=True, HAS_WEIGHT=True, OFFSET=False, CAST_BEFORE_WEIGHT=True, X_ROUND=code, Y_ROUND=code, QMAX=127)
     block, one_block = nq._row_block(K, nq._MAX_ROW_BLOCK)
     out = [("norm_quant", nq._norm_quant_kernel,
-            dict(X=x, W=x, Q="*i8", SCALE="*fp32", RSTD="*fp32", stride_x="i32", K="i32", eps="fp32"),
-            dict(norm, BLOCK_K=block, ONE_BLOCK=one_block, PDL_TRIGGER=True, EARLY_G=True, RN_MUL=False),
+            dict(X=x, W=x, Q="*i8", SCALE="*fp32", RSTD="*fp32", stride_x="i32", K="i32", eps="fp32",
+                 stride_r="i32"),
+            dict(norm, BLOCK_K=block, ONE_BLOCK=one_block, PDL_TRIGGER=True, EARLY_G=True, RN_MUL=False,
+                 R=None, H=None, RESIDUAL=False),  # no residual add
             nq._num_warps(block), dict(enable_fp_fusion=False))]
     device = torch.device("cpu")
     cfg = tm._dp4a_config(1, N, Kq, device, None, None, sms)
