@@ -121,6 +121,8 @@ class Launcher:
                 with torch.cuda.device(device):
                     return self(grid, args, constexprs, **options)
         if not self._direct or interpreting() or _hooks_set():
+            if interpreting():  # the test sessions without a GPU: the same contract as a direct launch
+                self._check_names(args, constexprs)
             self.fn[grid](*args, **constexprs, **options)
             return None
         device = torch.cuda.current_device()
@@ -128,10 +130,7 @@ class Launcher:
         entry = self._kernels.get(key)
         if entry is None:
             kernel = self.fn[grid](*args, **constexprs, **options)
-            tail = self.names[len(args):]
-            if set(tail) != set(constexprs):
-                raise TypeError(f"bitfx launcher: {self.fn.__name__} takes {self.names}, got {len(args)} "
-                                f"arguments and constexprs {sorted(constexprs)}")
+            tail = self._check_names(args, constexprs)
             run = getattr(kernel, "run", None)  # the compiled launcher, loaded by the launch above
             function = getattr(kernel, "function", None)
             if run is not None and function is not None and hasattr(kernel, "packed_metadata"):
@@ -141,6 +140,15 @@ class Launcher:
         run, function, metadata, tail_values = entry
         run(*_grid3(grid), _stream()(device), function, metadata, None, None, None, *args, *tail_values)
         return entry
+
+    def _check_names(self, args: tuple, constexprs: dict) -> tuple:
+        """The kernel's parameters after ``args``, which ``constexprs`` must name, every one (the
+        compiled launcher takes them all, defaults included, in order)."""
+        tail = self.names[len(args):]
+        if set(tail) != set(constexprs):
+            raise TypeError(f"bitfx launcher: {self.fn.__name__} takes {self.names}, got {len(args)} "
+                            f"arguments and constexprs {sorted(constexprs)}")
+        return tail
 
     def bind(self, grid: tuple, args: tuple, constexprs: dict, **options):
         """Launch as :meth:`__call__` does, and return ``again(*args, grid=None, rows=None)``: the

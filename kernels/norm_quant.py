@@ -362,7 +362,7 @@ def _constexprs(x, weight, offset, cast_before_weight, norm_dtype, norm, qmax, t
                 CAST_BEFORE_WEIGHT=bool(cast_before_weight), X_ROUND=_round_code(x.dtype),
                 Y_ROUND=_round_code(norm_dtype), BLOCK_K=block, ONE_BLOCK=one_block,
                 PDL_TRIGGER=pdl_enabled(device) and not traced, EARLY_G=bool(M < num_sms(device)),
-                QMAX=int(qmax), RN_MUL=traced and device.type == "cuda" and torch.version.hip is None)
+                QMAX=int(qmax), RN_MUL=traced and device.type == "cuda" and torch.version.hip is None, RESIDUAL=False)
 
 
 def residual_fits(K: int) -> bool:
