@@ -53,8 +53,8 @@ unless the options set it), which Inductor's own kernels have by default. With t
 each site's front and matmul become one ``ternary_linear`` call (:mod:`bitfx.passes.fronts`):
 one op call per site instead of two (with ``BITFX_FRONT_GEMV=1``, one kernel for a decode row).
 
-On CUDA (under CUDA graphs, or with Inductor launching the kernels) a residual add that a
-norm reads directly joins the norm's kernel (:mod:`bitfx.passes.residual`,
+On CUDA under CUDA graphs (with the custom ops) a residual add that a norm reads directly
+joins the norm's kernel (:mod:`bitfx.passes.residual`,
 ``bitfx::add_norm_quant``): one kernel fewer per pre-norm site; ``BITFX_FUSE_RESIDUAL=0``
 keeps the adds.
 
@@ -168,20 +168,21 @@ def _inductor_launches(config: BitfxConfig, inputs: list, inductor_patches: dict
 
 def _fuses_residuals(config: BitfxConfig, inputs: list, inductor_patches: dict[str, Any]) -> bool:
     """Whether an inference graph's residual adds join their norms' kernels
-    (:mod:`bitfx.passes.residual`): on CUDA, where the kernels launch cheaply (under CUDA graphs,
-    or launched by Inductor's code), unless ``BITFX_FUSE_RESIDUAL=0``. A default-mode graph
-    of custom ops (``launch="op"``) keeps the add: there it is one of Inductor's kernels, and the
-    fused op would cost a custom op's host time where ``ternary_linear`` runs the front and the
-    matmul in one call."""
+    (:mod:`bitfx.passes.residual`): on CUDA under CUDA graphs with the custom ops (what
+    ``launch="auto"`` keeps there), unless ``BITFX_FUSE_RESIDUAL=0``. Not yet where Inductor
+    launches the kernels: the op's form for that (``add_norm_quant_triton``) computes the same
+    numbers as the kernel, but whole models compiled so have not been checked on a GPU. Nor in
+    a default-mode graph of custom ops: there the add is one of Inductor's kernels, and the fused
+    op would cost a custom op's host time where ``ternary_linear`` runs the front and the matmul
+    in one call."""
     from torch._inductor import config as inductor_config
 
     from bitfx.modules import env_switch
 
     if config.training or not _on_cuda(inputs) or not env_switch("BITFX_FUSE_RESIDUAL"):
         return False
-
     graphs = inductor_patches.get("triton.cudagraphs", inductor_config.triton.cudagraphs)
-    return bool(graphs) or _inductor_launches(config, inputs, inductor_patches)
+    return bool(graphs) and not _inductor_launches(config, inputs, inductor_patches)
 
 
 # Inductor's setting that lets its static launcher (a C++ launch with no Python per argument)

@@ -154,9 +154,9 @@ def test_op_reference_is_the_add_then_norm_quant():
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_backend_fuses_the_adds_on_cuda(mode, monkeypatch):
-    """On CUDA the backend fuses the adds (under CUDA graphs with the custom ops, in default mode
-    with the kernels launched by Inductor); the logits match those of the same compile with
-    ``BITFX_FUSE_RESIDUAL=0`` up to code flips (bit for bit where no code moved)."""
+    """On CUDA the backend fuses the adds under CUDA graphs with the custom ops, not in default
+    mode; the logits match those of the same compile with ``BITFX_FUSE_RESIDUAL=0`` up to code
+    flips (the fused sum is torch's, rounded as the unfused add's kernel stores it)."""
     from tests.helpers import assert_close_up_to_code_flips
     from tests.test_backend import op_counts, recording_backend
 
@@ -174,5 +174,5 @@ def test_backend_fuses_the_adds_on_cuda(mode, monkeypatch):
                 out = compiled(ids).logits.clone()
         outs[fuse] = out.float()
         fused = op_counts(graphs[0])["add_norm_quant"]
-        assert (fused > 0) == (fuse == "1")
+        assert (fused > 0) == (fuse == "1" and mode == "reduce-overhead")
     assert_close_up_to_code_flips(outs["1"], outs["0"], flipped_rows=1)
