@@ -470,6 +470,20 @@ def capture_graph(model, *args, dynamic=None, grad: bool = False):
     return box["gm"], compiled
 
 
+def rewritten_logits_graph(builder: str):
+    """``(gm, compiled, logits)``: the tiny transformers model ``builder`` (a name of this
+    module), its logits' graph captured (:func:`capture_graph`) and rewritten by the bitfx
+    pass, and the rewritten graph's logits, for a later pass to keep."""
+    from bitfx.passes.rewrite import bitfx_pass
+
+    model, ids = globals()[builder]()
+    model.eval()
+    gm, compiled = capture_graph(lambda t: model(t).logits, ids)
+    bitfx_pass(gm, None)
+    with torch.no_grad():
+        return gm, lambda: compiled(ids), compiled(ids)
+
+
 class OpsPackedLinear(nn.Module):
     """The shape of a ``bitfx.quantize`` module, built from the ops alone (for pass tests):
     packed ternary buffers, ``act_quant`` then ``ternary_matmul``."""

@@ -6,7 +6,6 @@ there is one) gives torch's sum bit for bit and ``norm_quant``'s codes of it."""
 from __future__ import annotations
 
 import operator
-from collections import Counter
 
 import pytest
 import torch
@@ -17,19 +16,11 @@ from bitfx.passes.residual import fuse_residual_adds
 from bitfx.passes.rewrite import bitfx_pass
 from tests import models
 from tests.helpers import KERNEL_DEVICE
+from tests.test_backend import op_counts
 
 _ops = torch.ops.bitfx
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
-
-
-def _counts(gm) -> Counter:
-    c = Counter()
-    for n in gm.graph.nodes:
-        name = getattr(getattr(n.target, "overloadpacket", n.target), "_qualified_op_name", "")
-        if name.startswith("bitfx::"):
-            c[name.split("::")[1]] += 1
-    return c
 
 
 def test_the_adds_of_a_llama_join_their_norms():
@@ -42,12 +33,12 @@ def test_the_adds_of_a_llama_join_their_norms():
     bitfx_pass(gm, None)
     with torch.no_grad():
         before = compiled(ids)
-    norms = _counts(gm)["norm_quant"]
+    norms = op_counts(gm)["norm_quant"]
     on_adds = sum(1 for n in gm.graph.nodes if n.target is _ops.norm_quant.default
                   and n.args[0].op == "call_function" and n.args[0].target is operator.add)
     assert on_adds >= 4
     assert fuse_residual_adds(gm) == on_adds
-    assert _counts(gm)["add_norm_quant"] == on_adds and _counts(gm)["norm_quant"] == norms - on_adds
+    assert op_counts(gm)["add_norm_quant"] == on_adds and op_counts(gm)["norm_quant"] == norms - on_adds
     for n in gm.graph.nodes:
         if n.target is _ops.add_norm_quant.default:
             assert "val" in n.meta or "example_value" in n.meta
@@ -58,15 +49,10 @@ def test_the_adds_of_a_llama_join_their_norms():
 @pytest.mark.parametrize("builder", ["tiny_llama", "tiny_gemma", "tiny_qwen3", "tiny_bitnet"])
 def test_transformers_models_keep_their_outputs(builder):
     pytest.importorskip("transformers")
-    model, ids = getattr(models, builder)()
-    model.eval()
-    gm, compiled = models.capture_graph(lambda t: model(t).logits, ids)
-    bitfx_pass(gm, None)
-    with torch.no_grad():
-        before = compiled(ids)
+    gm, logits, before = models.rewritten_logits_graph(builder)
     assert fuse_residual_adds(gm) > 0
     with torch.no_grad():
-        assert torch.equal(compiled(ids), before)
+        assert torch.equal(logits(), before)
 
 
 def _graph(kind: str):
@@ -158,7 +144,7 @@ def test_backend_fuses_the_adds_on_cuda(mode, monkeypatch):
     mode; the logits match those of the same compile with ``BITFX_FUSE_RESIDUAL=0`` up to code
     flips (the fused sum is torch's, rounded as the unfused add's kernel stores it)."""
     from tests.helpers import assert_close_up_to_code_flips
-    from tests.test_backend import op_counts, recording_backend
+    from tests.test_backend import recording_backend
 
     model, ids = models.tiny_llama(dtype=torch.bfloat16)
     model, ids = model.cuda(), ids.cuda()
