@@ -137,6 +137,29 @@ def test_op_reference_is_the_add_then_norm_quant():
     assert torch.equal(h, a + b) and torch.equal(q, q2) and torch.equal(s, s2)
 
 
+def test_when_the_backend_fuses_the_adds(monkeypatch):
+    """CUDA inference graphs under CUDA graphs with the custom ops; not in default mode, not where
+    Inductor launches the kernels, not on the CPU, not in training, not with BITFX_FUSE_RESIDUAL=0."""
+    from bitfx import BitfxConfig
+    from bitfx.backend import _fuses_residuals
+    from tests.ops.test_inductor_forms import _fake_cuda
+
+    cuda, cpu, graphs = [_fake_cuda()], [torch.ones(2)], {"triton.cudagraphs": True}
+    inference = BitfxConfig(training=False)
+    assert _fuses_residuals(inference, cuda, graphs)
+    assert _fuses_residuals(BitfxConfig(training=False, launch="op"), cuda, graphs)
+    assert not _fuses_residuals(inference, cuda, {})
+    assert not _fuses_residuals(BitfxConfig(training=False, launch="op"), cuda, {})
+    assert not _fuses_residuals(BitfxConfig(training=False, launch="inductor"), cuda, graphs)
+    assert not _fuses_residuals(inference, cpu, graphs)
+    assert not _fuses_residuals(BitfxConfig(training=True), cuda, graphs)
+    monkeypatch.setenv("BITFX_FUSE_RESIDUAL", "0")
+    assert not _fuses_residuals(inference, cuda, graphs)
+    monkeypatch.setenv("BITFX_FUSE_RESIDUAL", "2")
+    with pytest.raises(ValueError, match="BITFX_FUSE_RESIDUAL"):
+        _fuses_residuals(inference, cuda, graphs)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_backend_fuses_the_adds_on_cuda(mode, monkeypatch):
