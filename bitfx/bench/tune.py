@@ -46,6 +46,8 @@ def _candidates(M: int):
                     continue
                 out.append(("dp4a", None, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_W=bw, num_warps=warps, num_stages=1,
                                                STREAM_HINT=hint)))
+            # K splits with the default blocks: more programs for skinny weights (few rows) and long rows
+            out += [("dp4a", split, None) for split in (2, 4, 8, 16)]
     else:
         tiles = [(128, 128, 8), (128, 256, 8), (256, 128, 8)] if M >= 512 else [(64, 64, 4), (64, 128, 4), (128, 64, 4), (128, 128, 8)]
         bkqs, splits = ((32, 64, 128), (1,)) if M >= 2048 else ((64, 128), (1, 2))
