@@ -28,7 +28,7 @@ from torch import Tensor
 
 from bitfx import reference as ref
 from bitfx.ops.inference import _check_linear, check_matmul_args, check_residual_args, fused_front
-from bitfx.ops.library import check_norm_args, kernels, rows
+from bitfx.ops.library import check_norm_args, kernels, unit_rows
 from bitfx.ops.training import _check_stacked, _front_outputs, _stacked_backward, _stacked_setup_context
 
 __all__ = ["norm_quant_triton", "add_norm_quant_triton", "act_quant_triton", "ternary_matmul_triton",
@@ -36,20 +36,12 @@ __all__ = ["norm_quant_triton", "add_norm_quant_triton", "act_quant_triton", "te
            "bitlinear_stacked_triton", "retarget", "TRITON_FORMS"]
 
 
-def _rows(x: Tensor) -> Tensor:
-    """``x [..., K]`` as ``[M, K]`` with a contiguous last dimension (copied if it has none)."""
-    x2 = rows(x)
-    if x2.shape[-1] > 1 and x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    return x2
-
-
 @torch.library.triton_op("bitfx::norm_quant_triton", mutates_args=())
 def norm_quant_triton(x: Tensor, weight: Optional[Tensor], eps: float, offset: bool, cast_before_weight: bool,
                       norm_dtype: torch.dtype, bits: int = 8) -> tuple[Tensor, Tensor]:
     """``bitfx::norm_quant`` launched by Inductor: ``(q int8 [..., K], x_scale f32 [...])``."""
     check_norm_args("norm_quant", x, weight, norm_dtype)
-    q, scale, _ = kernels("norm_quant")._launch_quant(_rows(x), weight, eps, offset, cast_before_weight, norm_dtype,
+    q, scale, _ = kernels("norm_quant")._launch_quant(unit_rows(x), weight, eps, offset, cast_before_weight, norm_dtype,
                                                       norm=True, qmax=ref.act_qmax(bits), traced=True)
     return q.view(x.shape), scale.view(x.shape[:-1])
 
@@ -61,8 +53,9 @@ def add_norm_quant_triton(a: Tensor, b: Tensor, weight: Optional[Tensor], eps: f
     """``bitfx::add_norm_quant`` launched by Inductor: ``(h, q int8 [..., K], x_scale f32 [...])``."""
     check_residual_args("add_norm_quant", a, b)
     check_norm_args("add_norm_quant", a, weight, norm_dtype)
-    h, q, scale, _ = kernels("norm_quant").add_norm_quant(_rows(a), _rows(b), weight, eps, offset, cast_before_weight,
-                                                          norm_dtype, ref.act_qmax(bits), traced=True)
+    nq = kernels("norm_quant")
+    h, q, scale, _ = nq.add_norm_quant(unit_rows(a), unit_rows(b), weight, eps, offset, cast_before_weight, norm_dtype,
+                                       ref.act_qmax(bits), traced=True)
     return h.view(a.shape), q.view(a.shape), scale.view(a.shape[:-1])
 
 
@@ -70,7 +63,7 @@ def add_norm_quant_triton(a: Tensor, b: Tensor, weight: Optional[Tensor], eps: f
 def act_quant_triton(y: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
     """``bitfx::act_quant`` launched by Inductor: ``(q int8 [..., K], x_scale f32 [...])``."""
     check_norm_args("act_quant", y, None, torch.float32)
-    q, scale, _ = kernels("norm_quant")._launch_quant(_rows(y), None, 0.0, False, False, torch.float32, norm=False,
+    q, scale, _ = kernels("norm_quant")._launch_quant(unit_rows(y), None, 0.0, False, False, torch.float32, norm=False,
                                                       qmax=ref.act_qmax(bits), traced=True)
     return q.view(y.shape), scale.view(y.shape[:-1])
 
@@ -80,7 +73,7 @@ def ternary_matmul_triton(q: Tensor, x_scale: Tensor, packed: Tensor, w_scale: T
                           out_dtype: torch.dtype, in_features: int) -> Tensor:
     """``bitfx::ternary_matmul`` launched by Inductor: ``out [..., N]`` in ``out_dtype``."""
     check_matmul_args("ternary_matmul", q, x_scale, packed, w_scale, bias, out_dtype, in_features)
-    out = kernels("ternary_matmul").run(_rows(q), x_scale.reshape(-1), _rows(packed), w_scale, bias, out_dtype,
+    out = kernels("ternary_matmul").run(unit_rows(q), x_scale.reshape(-1), unit_rows(packed), w_scale, bias, out_dtype,
                                         traced=True)
     return out.view(*q.shape[:-1], packed.shape[0])
 
@@ -93,7 +86,7 @@ def ternary_linear_triton(x: Tensor, norm_weight: Optional[Tensor], eps: float, 
     rows' count, a guard where it is symbolic), else the norm (or quantization) kernel and the
     matmul kernel."""
     _check_linear(x, norm_weight, norm_dtype, normalize, bits, packed, w_scale, bias, out_dtype, in_features)
-    x2, packed2, qmax = _rows(x), _rows(packed), ref.act_qmax(bits)
+    x2, packed2, qmax = unit_rows(x), unit_rows(packed), ref.act_qmax(bits)
     if fused_front(x2, packed2, traced=True):
         out, _ = kernels("front_gemv").front_gemv(x2, norm_weight, eps, offset, cast_before_weight, norm_dtype,
                                                   normalize, qmax, packed2, w_scale, bias, out_dtype, traced=True)
@@ -121,7 +114,7 @@ def bitlinear_stacked_triton(x: Tensor, norm_weight: Optional[Tensor], weights: 
     Inductor: ``(out [..., ΣN], q, x_scale, rstd)``; the same backward (the straight-through
     formulas of :mod:`bitfx.ops.training`)."""
     _check_stacked(x, norm_weight, weights, packed, w_scale, bias, norm_dtype, normalize)
-    out, q, scale, rstd = _traced_front_matmul(_rows(x), norm_weight, eps, offset, cast_before_weight, norm_dtype,
+    out, q, scale, rstd = _traced_front_matmul(unit_rows(x), norm_weight, eps, offset, cast_before_weight, norm_dtype,
                                                normalize, 127, packed, w_scale, bias, norm_dtype)
     return (out.view(*x.shape[:-1], packed.shape[0]), *_front_outputs(x, q, scale, rstd))
 

@@ -18,7 +18,7 @@ from bitfx import reference as ref
 from bitfx.layout import FLOAT_DTYPES, packed_k
 from bitfx.ops.library import (check_codes, check_float_dtype, check_in_features, check_linear_weight,
                                check_norm_args, check_normalize, check_packed_weight, check_same_device, kernels,
-                               register, rows)
+                               register, rows, unit_rows)
 
 __all__ = ["cuda_front", "ref_front", "check_matmul_args", "matmul_guard", "fused_front", "check_residual_args"]
 
@@ -104,18 +104,12 @@ def _(a, b, weight, eps, offset, cast_before_weight, norm_dtype, bits=8):
     return h, q, x_scale
 
 
-def _unit_rows(t: Tensor) -> Tensor:
-    """``t [..., K]`` as ``[M, K]`` rows with a unit last stride (copied if it has none)."""
-    t2 = rows(t)
-    return t2.contiguous() if t2.shape[-1] > 1 and t2.stride(-1) != 1 else t2
-
-
 @register("add_norm_quant", "cuda")
 def _(a, b, weight, eps, offset, cast_before_weight, norm_dtype, bits=8):
     if not (a.shape == b.shape and a.dtype == b.dtype and _guard_front(a, weight, norm_dtype)):
         check_residual_args("add_norm_quant", a, b)
         check_norm_args("add_norm_quant", a, weight, norm_dtype)
-    h, q, scale, _ = kernels("norm_quant").add_norm_quant(_unit_rows(a), _unit_rows(b), weight, eps, offset,
+    h, q, scale, _ = kernels("norm_quant").add_norm_quant(unit_rows(a), unit_rows(b), weight, eps, offset,
                                                           cast_before_weight, norm_dtype, ref.act_qmax(bits))
     return h.view(a.shape), q.view(a.shape), scale.view(a.shape[:-1])
 

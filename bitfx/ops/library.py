@@ -26,7 +26,7 @@ from torch import Tensor
 from bitfx.kernels._utils import on_input_device
 from bitfx.layout import FLOAT_DTYPES, packed_k
 
-__all__ = ["LIB", "SCHEMAS", "register", "kernels", "rows", "dtype_name"]
+__all__ = ["LIB", "SCHEMAS", "register", "kernels", "rows", "unit_rows", "dtype_name"]
 
 LIB = torch.library.Library("bitfx", "FRAGMENT")
 
@@ -118,6 +118,15 @@ def kernels(name: str):
 def rows(t: Tensor) -> Tensor:
     """``t [..., K]`` as ``[M, K]``."""
     return t.reshape(-1, t.shape[-1])
+
+
+def unit_rows(t: Tensor) -> Tensor:
+    """``t [..., K]`` as ``[M, K]`` rows with a contiguous last dimension (copied if it has none):
+    what a kernel reading rows by a row stride takes."""
+    t2 = rows(t)
+    if t2.shape[-1] > 1 and t2.stride(-1) != 1:
+        t2 = t2.contiguous()
+    return t2
 
 
 def dtype_name(d: torch.dtype) -> str:
