@@ -355,14 +355,16 @@ def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm, 
     return q, scale, rstd, again
 
 
-def _constexprs(x, weight, offset, cast_before_weight, norm_dtype, norm, qmax, traced, M, block, one_block) -> dict:
+def _constexprs(x, weight, offset, cast_before_weight, norm_dtype, norm, qmax, traced, M, block, one_block,
+                residual=False) -> dict:
     """The constexprs of a ``_norm_quant_kernel`` launch for rows like ``x``'s."""
     device = x.device
     return dict(NORM=norm, HAS_WEIGHT=weight is not None, OFFSET=bool(offset),
                 CAST_BEFORE_WEIGHT=bool(cast_before_weight), X_ROUND=_round_code(x.dtype),
                 Y_ROUND=_round_code(norm_dtype), BLOCK_K=block, ONE_BLOCK=one_block,
                 PDL_TRIGGER=pdl_enabled(device) and not traced, EARLY_G=bool(M < num_sms(device)),
-                QMAX=int(qmax), RN_MUL=traced and device.type == "cuda" and torch.version.hip is None, RESIDUAL=False)
+                QMAX=int(qmax), RN_MUL=traced and device.type == "cuda" and torch.version.hip is None,
+                RESIDUAL=residual)
 
 
 def residual_fits(K: int) -> bool:
@@ -391,9 +393,9 @@ def add_norm_quant(a, b, weight, eps, offset, cast_before_weight, norm_dtype, qm
     scale = torch.empty((M,), dtype=torch.float32, device=device)
     rstd = torch.empty((M,), dtype=torch.float32, device=device)
     args = (a, a if weight is None else weight, q, scale, rstd, a.stride(0), K, float(eps), b, h, b.stride(0))
-    constexprs = _constexprs(a, weight, offset, cast_before_weight, norm_dtype, True, qmax, traced, M, block, one_block)
-    _NORM_QUANT.launch((M,), args, dict(constexprs, RESIDUAL=True), traced=traced, num_warps=_num_warps(block),
-                       enable_fp_fusion=False)
+    constexprs = _constexprs(a, weight, offset, cast_before_weight, norm_dtype, True, qmax, traced, M, block, one_block,
+                             residual=True)
+    _NORM_QUANT.launch((M,), args, constexprs, traced=traced, num_warps=_num_warps(block), enable_fp_fusion=False)
     return h, q, scale, rstd
 
 

@@ -28,6 +28,7 @@ import torch
 from torch import fx
 
 import bitfx.ops  # noqa: F401  (registers torch.ops.bitfx.*)
+from bitfx.layout import FLOAT_DTYPES
 from bitfx.passes.rewrite import _Builder, _val
 
 __all__ = ["fuse_residual_adds"]
@@ -55,11 +56,6 @@ def _addends(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     return a, b
 
 
-def _static_rows(x: torch.Tensor) -> int | None:
-    k = x.shape[-1] if x.dim() else None
-    return k if isinstance(k, int) else None
-
-
 def fuse_residual_adds(gm: fx.GraphModule) -> int:
     """Make each ``norm_quant`` whose input is a residual add (module docstring) one
     ``add_norm_quant``; returns how many."""
@@ -74,9 +70,11 @@ def fuse_residual_adds(gm: fx.GraphModule) -> int:
         args = dict(zip(_NORM_ARGS, nq.args), **nq.kwargs)
         add = args["x"]
         pair = _addends(add) if isinstance(add, fx.Node) else None
-        x = _val(add)
-        K = _static_rows(x) if pair is not None and x is not None else None
-        if K is None or not residual_fits(K) or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        x = _val(add)  # (a tensor wherever pair is not None)
+        if pair is None or x.dim() == 0 or x.dtype not in FLOAT_DTYPES:
+            continue
+        K = x.shape[-1]
+        if not isinstance(K, int) or not residual_fits(K):  # rows of a static length the kernel holds
             continue
         if any(u.op != "call_function" or u.target is not operator.getitem for u in nq.users):
             continue
