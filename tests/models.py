@@ -470,18 +470,24 @@ def capture_graph(model, *args, dynamic=None, grad: bool = False):
     return box["gm"], compiled
 
 
-def rewritten_logits_graph(builder: str):
-    """``(gm, compiled, logits)``: the tiny transformers model ``builder`` (a name of this
-    module), its logits' graph captured (:func:`capture_graph`) and rewritten by the bitfx
-    pass, and the rewritten graph's logits, for a later pass to keep."""
+def rewritten_graph(fn, ids):
+    """``(gm, run, out)``: ``fn(ids)``'s graph captured (:func:`capture_graph`) and rewritten by
+    the bitfx pass, ``run()`` the rewritten graph (whatever ``gm`` holds when called) on ``ids``,
+    and its output now, for a later pass to keep."""
     from bitfx.passes.rewrite import bitfx_pass
 
-    model, ids = globals()[builder]()
-    model.eval()
-    gm, compiled = capture_graph(lambda t: model(t).logits, ids)
+    gm, compiled = capture_graph(fn, ids)
     bitfx_pass(gm, None)
     with torch.no_grad():
         return gm, lambda: compiled(ids), compiled(ids)
+
+
+def rewritten_logits_graph(builder: str):
+    """:func:`rewritten_graph` of the tiny transformers model ``builder`` (a name of this
+    module): its logits."""
+    model, ids = globals()[builder]()
+    model.eval()
+    return rewritten_graph(lambda t: model(t).logits, ids)
 
 
 class OpsPackedLinear(nn.Module):

@@ -13,7 +13,6 @@ import torch
 import bitfx.ops  # noqa: F401
 from bitfx import reference as ref
 from bitfx.passes.fronts import fuse_fronts
-from bitfx.passes.rewrite import bitfx_pass
 from tests import models
 
 _ops = torch.ops.bitfx
@@ -32,11 +31,7 @@ def _counts(gm) -> Counter:
 
 
 def test_every_matmul_of_a_llama_becomes_one_op():
-    model, ids = models.tiny_torch_llama()
-    gm, compiled = models.capture_graph(model, ids)
-    bitfx_pass(gm, None)
-    with torch.no_grad():
-        before = compiled(ids)
+    gm, run, before = models.rewritten_graph(*models.tiny_torch_llama())
     matmuls = _counts(gm)["ternary_matmul"]
     assert fuse_fronts(gm) == matmuls
     counts = _counts(gm)
@@ -46,7 +41,7 @@ def test_every_matmul_of_a_llama_becomes_one_op():
         if n.target is _ops.ternary_linear.default:
             assert isinstance(n.meta.get("val"), torch.Tensor) or "example_value" in n.meta
     with torch.no_grad():
-        assert torch.equal(compiled(ids), before)
+        assert torch.equal(run(), before)
 
 
 @pytest.mark.parametrize("builder", ["tiny_llama", "tiny_gemma", "tiny_qwen3", "tiny_olmo2", "tiny_bitnet",

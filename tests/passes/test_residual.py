@@ -13,7 +13,6 @@ import torch
 import bitfx.ops  # noqa: F401
 from bitfx.kernels import norm_quant as nq
 from bitfx.passes.residual import fuse_residual_adds
-from bitfx.passes.rewrite import bitfx_pass
 from tests import models
 from tests.helpers import KERNEL_DEVICE
 from tests.test_backend import op_counts
@@ -28,11 +27,7 @@ def test_the_adds_of_a_llama_join_their_norms():
     directly takes it in (the first reads the embedding; two read a reshape of the sum and keep
     their add); the graph's output is the same, exactly, and the new calls carry values for
     Inductor."""
-    model, ids = models.tiny_torch_llama()
-    gm, compiled = models.capture_graph(model, ids)
-    bitfx_pass(gm, None)
-    with torch.no_grad():
-        before = compiled(ids)
+    gm, run, before = models.rewritten_graph(*models.tiny_torch_llama())
     norms = op_counts(gm)["norm_quant"]
     on_adds = sum(1 for n in gm.graph.nodes if n.target is _ops.norm_quant.default
                   and n.args[0].op == "call_function" and n.args[0].target is operator.add)
@@ -43,7 +38,7 @@ def test_the_adds_of_a_llama_join_their_norms():
         if n.target is _ops.add_norm_quant.default:
             assert "val" in n.meta or "example_value" in n.meta
     with torch.no_grad():
-        assert torch.equal(compiled(ids), before)
+        assert torch.equal(run(), before)
 
 
 @pytest.mark.parametrize("builder", ["tiny_llama", "tiny_gemma", "tiny_qwen3", "tiny_bitnet"])
