@@ -53,10 +53,12 @@ unless the options set it), which Inductor's own kernels have by default. With t
 each site's front and matmul become one ``ternary_linear`` call (:mod:`bitfx.passes.fronts`):
 one op call per site instead of two (with ``BITFX_FRONT_GEMV=1``, one kernel for a decode row).
 
-On CUDA under CUDA graphs (with the custom ops) a residual add that a norm reads directly
-joins the norm's kernel (:mod:`bitfx.passes.residual`,
-``bitfx::add_norm_quant``): one kernel fewer per pre-norm site; ``BITFX_FUSE_RESIDUAL=0``
-keeps the adds.
+On CUDA under CUDA graphs (with the custom ops) two kernels of Inductor's join the fronts that
+read them: a residual add that a norm reads directly (:mod:`bitfx.passes.residual`,
+``bitfx::add_norm_quant``), one kernel fewer per pre-norm site, and a gated MLP's activation
+(SiLU or ReLU² times ``up``) that a down projection's front reads (:mod:`bitfx.passes.glu`,
+``bitfx::glu_quant``), one fewer per MLP. ``BITFX_FUSE_RESIDUAL=0`` keeps the adds,
+``BITFX_FUSE_GLU=0`` the activations.
 
 Logging: logger ``"bitfx"``. ``BITFX_LOG=1`` (or ``info``) prints what was rewritten,
 ``BITFX_LOG=debug`` also what was left out and why.
@@ -79,6 +81,7 @@ from bitfx.passes.naming import Naming
 from bitfx.passes.plan import check_filter_fn
 from bitfx.passes.rewrite import bitfx_pass
 from bitfx.passes.fronts import fuse_fronts
+from bitfx.passes.glu import fuse_glu_fronts
 from bitfx.passes.residual import fuse_residual_adds
 from bitfx.passes.prepack import prepack
 
@@ -166,20 +169,21 @@ def _inductor_launches(config: BitfxConfig, inputs: list, inductor_patches: dict
     return not inductor_patches.get("triton.cudagraphs", inductor_config.triton.cudagraphs)
 
 
-def _fuses_residuals(config: BitfxConfig, inputs: list, inductor_patches: dict[str, Any]) -> bool:
-    """Whether an inference graph's residual adds join their norms' kernels
-    (:mod:`bitfx.passes.residual`): on CUDA under CUDA graphs with the custom ops (what
-    ``launch="auto"`` keeps there), unless ``BITFX_FUSE_RESIDUAL=0``. Not yet where Inductor
-    launches the kernels: the op's form for that (``add_norm_quant_triton``) computes the same
-    numbers as the kernel, but whole models compiled so have not been checked on a GPU. Nor in
-    a default-mode graph of custom ops: there the add is one of Inductor's kernels, and the fused
-    op would cost a custom op's host time where ``ternary_linear`` runs the front and the matmul
-    in one call."""
+def _fuses_prologues(config: BitfxConfig, inputs: list, inductor_patches: dict[str, Any], switch: str) -> bool:
+    """Whether an inference graph's kernels before its fronts join them (the residual adds,
+    :mod:`bitfx.passes.residual`; the gated activations, :mod:`bitfx.passes.glu`): on CUDA under
+    CUDA graphs with the custom ops (what ``launch="auto"`` keeps there), unless the environment
+    setting ``switch`` is 0. Not yet where Inductor launches the kernels: the ops' forms for
+    that (``add_norm_quant_triton``, ``glu_quant_triton``) compute the same numbers as the
+    kernel, but whole models compiled so have not been checked on a GPU. Nor in a default-mode
+    graph of custom ops: there the add or the activation is one of Inductor's kernels, and the
+    fused op would cost a custom op's host time where ``ternary_linear`` runs the front and the
+    matmul in one call."""
     from torch._inductor import config as inductor_config
 
     from bitfx.modules import env_switch
 
-    if config.training or not _on_cuda(inputs) or not env_switch("BITFX_FUSE_RESIDUAL"):
+    if config.training or not _on_cuda(inputs) or not env_switch(switch):
         return False
     graphs = inductor_patches.get("triton.cudagraphs", inductor_config.triton.cudagraphs)
     return bool(graphs) and not _inductor_launches(config, inputs, inductor_patches)
@@ -228,8 +232,10 @@ def bitfx_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[st
     packs = None
     if not config.training:
         gm, packs = prepack(gm, inputs, naming)
-    if _fuses_residuals(config, inputs, inductor_patches):
+    if _fuses_prologues(config, inputs, inductor_patches, "BITFX_FUSE_RESIDUAL"):
         log.info("bitfx: %d residual adds fused into their norms", fuse_residual_adds(gm))
+    if _fuses_prologues(config, inputs, inductor_patches, "BITFX_FUSE_GLU"):
+        log.info("bitfx: %d gated activations fused into their fronts", fuse_glu_fronts(gm))
     if not config.training and _on_cuda(inputs):
         # CUDA inference: each site's front and matmul as one op (one kernel for decode rows)
         log.info("bitfx: %d ternary linears as one op each", fuse_fronts(gm))

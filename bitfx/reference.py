@@ -172,6 +172,20 @@ def norm_quant(
     return act_quant(y, bits)
 
 
+GLU_ACTS = ("silu", "relu2")  # the gated activations the fused front computes (bitfx::glu_quant)
+
+
+def glu(act: str, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """A gated MLP's activation, as eager torch computes it: ``F.silu(gate) * up`` (``"silu"``)
+    or ``F.relu(gate).square() * up`` (``"relu2"``, BitNet b1.58's), each op's result in the
+    tensors' dtype."""
+    if act == "silu":
+        return torch.nn.functional.silu(gate) * up
+    if act == "relu2":
+        return torch.square(torch.relu(gate)) * up
+    raise ValueError(f"gated activation must be one of {GLU_ACTS}, got {act!r}")
+
+
 def _check_weight(w: torch.Tensor) -> None:
     if w.dim() != 2:
         raise ValueError(f"linear weight must be 2-D [N, K], got shape {tuple(w.shape)}")

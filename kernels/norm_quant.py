@@ -13,6 +13,14 @@ of every linear layer to int8 with one absmax scale per token. For ``x [M, K]``:
 with the cast order of :func:`bitfx.reference.norm_quant`. A row whose ``y`` holds NaN or Inf
 gets ``s_x = NaN`` and all-zero codes. ``act_quant`` is the same kernel without the norm.
 
+Two optional prologues make the row from two inputs first, each as eager torch computes it in
+the rows' dtype, so that a graph's kernel before the norm is not needed:
+
+* ``add_norm_quant``: ``h = a + b`` (a residual add; ``h`` is stored for its other readers);
+* ``glu_quant``: ``y = act(gate) * up`` (a gated MLP's activation before its down projection),
+  ``act`` one of :data:`GATES`: ``silu`` (``x / (1 + exp(-x))`` with the device's accurate exp and
+  division) or ``relu2`` (``relu(x)`` squared); each op's result rounded to the dtype.
+
 Rows that fit in registers (``K <= _MAX_ROW_BLOCK``) are read once; longer rows are walked in
 chunks, reading ``x`` three times (sum of squares, absmax, codes).
 
@@ -30,13 +38,15 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from bitfx.layout import SCALE_FLOOR
+from bitfx.reference import glu
 from bitfx.kernels._launch import Launcher
 from bitfx.kernels._utils import (next_pow2, FLOAT_DTYPES, check_device, check_dtype, interpreting,
                                   num_sms, pdl_enabled, rows)
 
-__all__ = ["norm_quant", "act_quant", "add_norm_quant", "residual_fits"]
+__all__ = ["norm_quant", "act_quant", "add_norm_quant", "glu_quant", "residual_fits", "GATES"]
 
 # Rows of up to this many elements are held in registers; longer ones are walked in chunks.
 _MAX_ROW_BLOCK = 16384
@@ -50,6 +60,9 @@ def _round_code(dtype: torch.dtype) -> int:
     code = _ROUND_CODE.get(dtype, 0)
     return 3 if code == 2 and not interpreting() else code
 _ANY_FLOAT = FLOAT_DTYPES + (torch.float64,)
+# The gated activations glu_quant computes in its prologue (bitfx.reference.GLU_ACTS), by the
+# codes _gate reads.
+GATES = {"silu": 1, "relu2": 2}
 
 
 def _row_block(K: int, max_block: int) -> tuple[int, bool]:
@@ -102,6 +115,25 @@ def _round_to(v, CODE: tl.constexpr):
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536
         v = tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
     return v
+
+
+@triton.jit
+def _gate(x, u, GATE: tl.constexpr, ROUND: tl.constexpr, EXACT_EXP: tl.constexpr):
+    """``act(x) * u`` of fp32 ``x`` and ``u`` as eager torch computes it in the rows' dtype
+    (``ROUND``): the activation rounded, then the product rounded. ``GATE`` 1: silu,
+    ``x / (1 + exp(-x))`` with a correctly rounded division and, with ``EXACT_EXP``, the accurate
+    ``exp`` of CUDA's math library that torch's kernel uses (Triton's interpreter has only its
+    own); 2: relu2, ``relu(x)`` squared (NaN stays NaN)."""
+    if GATE == 1:
+        if EXACT_EXP:
+            e = libdevice.exp(-x)
+        else:
+            e = tl.exp(-x)
+        a = tl.math.div_rn(x, 1.0 + e)
+    else:
+        r = tl.where(x < 0.0, 0.0, x)
+        a = r * r
+    return _round_to(_round_to(a, ROUND) * u, ROUND)
 
 
 @triton.jit
@@ -235,7 +267,7 @@ def _norm_quant_kernel(
     stride_x,
     K,
     eps,
-    R,  # [M, K] the residual added to X (unused unless RESIDUAL), row stride stride_r
+    R,  # [M, K] the residual added to X, or the gate's up rows (unused unless RESIDUAL or GATE), row stride stride_r
     H,  # [M, K] out, contiguous: X + R in X's dtype, the row the norm reads (unused unless RESIDUAL)
     stride_r,
     NORM: tl.constexpr,
@@ -251,11 +283,13 @@ def _norm_quant_kernel(
     QMAX: tl.constexpr = 127,  # largest code: 2^(bits-1) - 1
     RN_MUL: tl.constexpr = False,  # products an add follows as mul.rn (launches with FP fusion on)
     RESIDUAL: tl.constexpr = False,  # the row is X + R, stored to H first (ONE_BLOCK rows only)
+    GATE: tl.constexpr = 0,  # the row is act(X) * R, act by its GATES code (ONE_BLOCK rows only)
+    EXACT_EXP: tl.constexpr = True,  # silu's exp from CUDA's math library (False in the interpreter)
 ):
     """One program per row: (optional) RMSNorm, then absmax quantization of that row to codes
     in [-QMAX - 1, QMAX] (int8 storage). With ``RESIDUAL`` the row is first ``h = x + r``,
     computed in fp32 and rounded to x's dtype as torch's add rounds it, and stored: the norm
-    reads the stored values."""
+    reads the stored values. With ``GATE`` the row is ``act(x) * r`` (:func:`_gate`)."""
     if PDL_TRIGGER:  # it waits for this kernel to finish before it reads q or the scales
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
@@ -269,6 +303,9 @@ def _norm_quant_kernel(
         if RESIDUAL:
             x = _round_to(x + tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32), X_ROUND)
             tl.store(H + row * K + cols, x.to(H.dtype.element_ty), mask=mask)
+        if GATE != 0:  # masked columns: act(0) * 0 = 0, as the plain row's 0
+            x = _gate(x, tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32), GATE, X_ROUND,
+                      EXACT_EXP)
         # Few rows (decode): g is loaded with x, before the first reduction, so that the row
         # costs one memory round trip. Many rows: after it, so that fewer registers are live
         # across the reduction and more programs fit on an SM (BENCHMARKS.md, "Launch choices").
@@ -356,7 +393,7 @@ def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm, 
 
 
 def _constexprs(x, weight, offset, cast_before_weight, norm_dtype, norm, qmax, traced, M, block, one_block,
-                residual=False) -> dict:
+                residual=False, gate=0) -> dict:
     """The constexprs of a ``_norm_quant_kernel`` launch for rows like ``x``'s."""
     device = x.device
     return dict(NORM=norm, HAS_WEIGHT=weight is not None, OFFSET=bool(offset),
@@ -364,7 +401,7 @@ def _constexprs(x, weight, offset, cast_before_weight, norm_dtype, norm, qmax, t
                 Y_ROUND=_round_code(norm_dtype), BLOCK_K=block, ONE_BLOCK=one_block,
                 PDL_TRIGGER=pdl_enabled(device) and not traced, EARLY_G=bool(M < num_sms(device)),
                 QMAX=int(qmax), RN_MUL=traced and device.type == "cuda" and torch.version.hip is None,
-                RESIDUAL=residual)
+                RESIDUAL=residual, GATE=gate, EXACT_EXP=not interpreting())
 
 
 def residual_fits(K: int) -> bool:
@@ -381,22 +418,58 @@ def add_norm_quant(a, b, weight, eps, offset, cast_before_weight, norm_dtype, qm
     codes are those of ``norm_quant(h)``. Rows longer than :func:`residual_fits` allows add in
     torch first, then launch ``norm_quant``; so does an empty ``a``."""
     M, K = a.shape
-    device = a.device
     if M == 0 or K == 0 or not residual_fits(int(K)):
         h = a + b
         return (h, *_launch_quant(h, weight, eps, offset, cast_before_weight, norm_dtype, True, qmax, traced))
+    h = torch.empty((M, int(K)), dtype=a.dtype, device=a.device)
+    return (h, *_launch_pair(a, b, h, weight, eps, offset, cast_before_weight, norm_dtype, True, qmax, traced,
+                             residual=True))
+
+
+def glu_quant(gate, up, act, weight, eps, offset, cast_before_weight, norm_dtype, normalize, qmax=127,
+              traced=False):
+    """``(q, s_x, rstd)`` of ``y = act(gate) * up`` (``[M, K]``, one float dtype, rows with a
+    unit last stride): :func:`norm_quant` of ``y`` (``normalize``; ``rstd`` None otherwise) or
+    :func:`act_quant` of it, in one kernel: the gated activation before a down projection,
+    which a graph would otherwise launch as a kernel of its own. ``y`` is what eager torch
+    computes (``F.silu(gate) * up``, ``F.relu(gate).square() * up``; :func:`_gate`) and is not
+    stored. ``act``: a name of :data:`GATES`. Rows longer than :func:`residual_fits` allows
+    compute ``y`` in torch first; so does an empty ``gate``."""
+    if act not in GATES:
+        raise ValueError(f"glu_quant: act must be one of {sorted(GATES)}, got {act!r}")
+    M, K = gate.shape
+    if M == 0 or K == 0 or not residual_fits(int(K)):
+        y = glu(act, gate, up)
+        return _launch_quant(y, weight, eps, offset, cast_before_weight, norm_dtype, normalize, qmax, traced)
+    return _launch_pair(gate, up, None, weight, eps, offset, cast_before_weight, norm_dtype, normalize, qmax, traced,
+                        gate=GATES[act])
+
+
+def _launch_pair(a, b, h, weight, eps, offset, cast_before_weight, norm_dtype, norm, qmax, traced, residual=False,
+                 gate=0):
+    """``(q, s_x, rstd)``: one program per row of the row made from ``a`` and ``b`` (the
+    residual add, stored to ``h``, or the gated activation), then the norm (``norm``) and the
+    quantization; rows that fit one block."""
+    M, K = a.shape
+    device = a.device
     if traced:
         K = int(K)
     block, one_block = _row_block(K, _MAX_ROW_BLOCK)
-    h = torch.empty((M, K), dtype=a.dtype, device=device)
     q = torch.empty((M, K), dtype=torch.int8, device=device)
     scale = torch.empty((M,), dtype=torch.float32, device=device)
-    rstd = torch.empty((M,), dtype=torch.float32, device=device)
-    args = (a, a if weight is None else weight, q, scale, rstd, a.stride(0), K, float(eps), b, h, b.stride(0))
-    constexprs = _constexprs(a, weight, offset, cast_before_weight, norm_dtype, True, qmax, traced, M, block, one_block,
-                             residual=True)
+    rstd = torch.empty((M,), dtype=torch.float32, device=device) if norm else None
+    if rstd is not None:
+        r = rstd
+    elif traced:  # not written (see _launch_quant)
+        r = torch.empty((1,), dtype=torch.float32, device=device)
+    else:
+        r = scale
+    args = (a, a if weight is None else weight, q, scale, r, a.stride(0), K, float(eps), b, a if h is None else h,
+            b.stride(0))
+    constexprs = _constexprs(a, weight, offset, cast_before_weight, norm_dtype, norm, qmax, traced, M, block, one_block,
+                             residual=residual, gate=gate)
     _NORM_QUANT.launch((M,), args, constexprs, traced=traced, num_warps=_num_warps(block), enable_fp_fusion=False)
-    return h, q, scale, rstd
+    return q, scale, rstd
 
 
 def launch_class(M: int, device: torch.device) -> bool:

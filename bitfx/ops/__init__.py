@@ -3,7 +3,8 @@
 * :mod:`bitfx.ops.library`: the catalogue of schemas (:data:`~bitfx.ops.library.SCHEMAS`),
   the one registration helper and the input checks;
 * :mod:`bitfx.ops.inference`: ``norm_quant``, ``add_norm_quant`` (a residual add, then
-  ``norm_quant`` of the sum), ``act_quant``, ``weight_quant``,
+  ``norm_quant`` of the sum), ``glu_quant`` (a gated MLP's activation, then ``norm_quant`` or
+  ``act_quant`` of it), ``act_quant``, ``weight_quant``,
   ``ternary_matmul``, ``ternary_linear`` (the two in one), ``dequantize``, and the one CUDA
   front (norm or activation quantization);
 * :mod:`bitfx.ops.training`: ``weight_quant_stacked``, ``bitlinear_stacked`` (what the backend
@@ -26,6 +27,7 @@ from bitfx.ops.training import bitlinear
 
 norm_quant = torch.ops.bitfx.norm_quant
 add_norm_quant = torch.ops.bitfx.add_norm_quant
+glu_quant = torch.ops.bitfx.glu_quant
 act_quant = torch.ops.bitfx.act_quant
 weight_quant = torch.ops.bitfx.weight_quant
 ternary_matmul = torch.ops.bitfx.ternary_matmul

@@ -1,6 +1,6 @@
 """The inference ops as Triton kernels that Inductor launches itself.
 
-``bitfx::norm_quant``, ``act_quant``, ``ternary_matmul``, ``ternary_linear`` and the training
+``bitfx::norm_quant``, ``add_norm_quant``, ``glu_quant``, ``act_quant``, ``ternary_matmul``, ``ternary_linear`` and the training
 op ``bitlinear_stacked`` are custom ops: in a graph compiled
 by Inductor each call goes through the dispatcher into Python (the op's guard, the launch
 rules, the launcher), some 40 µs of host time per op against about 15 µs for a kernel of
@@ -27,11 +27,11 @@ import torch
 from torch import Tensor
 
 from bitfx import reference as ref
-from bitfx.ops.inference import _check_linear, check_matmul_args, check_residual_args, fused_front
+from bitfx.ops.inference import _check_linear, check_glu_args, check_matmul_args, check_residual_args, fused_front
 from bitfx.ops.library import check_norm_args, kernels, unit_rows
 from bitfx.ops.training import _check_stacked, _front_outputs, _stacked_backward, _stacked_setup_context
 
-__all__ = ["norm_quant_triton", "add_norm_quant_triton", "act_quant_triton", "ternary_matmul_triton",
+__all__ = ["norm_quant_triton", "add_norm_quant_triton", "glu_quant_triton", "act_quant_triton", "ternary_matmul_triton",
            "ternary_linear_triton",
            "bitlinear_stacked_triton", "retarget", "TRITON_FORMS"]
 
@@ -57,6 +57,18 @@ def add_norm_quant_triton(a: Tensor, b: Tensor, weight: Optional[Tensor], eps: f
     h, q, scale, _ = nq.add_norm_quant(unit_rows(a), unit_rows(b), weight, eps, offset, cast_before_weight, norm_dtype,
                                        ref.act_qmax(bits), traced=True)
     return h.view(a.shape), q.view(a.shape), scale.view(a.shape[:-1])
+
+
+@torch.library.triton_op("bitfx::glu_quant_triton", mutates_args=())
+def glu_quant_triton(gate: Tensor, up: Tensor, act: str, weight: Optional[Tensor], eps: float, offset: bool,
+                     cast_before_weight: bool, norm_dtype: torch.dtype, normalize: bool, bits: int = 8
+                     ) -> tuple[Tensor, Tensor]:
+    """``bitfx::glu_quant`` launched by Inductor: ``(q int8 [..., K], x_scale f32 [...])``."""
+    check_glu_args("glu_quant", gate, up, act, weight, norm_dtype, normalize)
+    q, scale, _ = kernels("norm_quant").glu_quant(unit_rows(gate), unit_rows(up), act, weight, eps, offset,
+                                                  cast_before_weight, norm_dtype, normalize, ref.act_qmax(bits),
+                                                  traced=True)
+    return q.view(gate.shape), scale.view(gate.shape[:-1])
 
 
 @torch.library.triton_op("bitfx::act_quant_triton", mutates_args=())
@@ -126,6 +138,7 @@ bitlinear_stacked_triton.register_autograd(_stacked_backward, setup_context=_sta
 TRITON_FORMS = {
     torch.ops.bitfx.norm_quant.default: torch.ops.bitfx.norm_quant_triton.default,
     torch.ops.bitfx.add_norm_quant.default: torch.ops.bitfx.add_norm_quant_triton.default,
+    torch.ops.bitfx.glu_quant.default: torch.ops.bitfx.glu_quant_triton.default,
     torch.ops.bitfx.act_quant.default: torch.ops.bitfx.act_quant_triton.default,
     torch.ops.bitfx.ternary_matmul.default: torch.ops.bitfx.ternary_matmul_triton.default,
     torch.ops.bitfx.ternary_linear.default: torch.ops.bitfx.ternary_linear_triton.default,

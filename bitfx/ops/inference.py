@@ -1,4 +1,4 @@
-"""The inference ops: ``norm_quant``, ``act_quant``, ``weight_quant``, ``ternary_matmul``,
+"""The inference ops: ``norm_quant``, ``add_norm_quant``, ``glu_quant``, ``act_quant``, ``weight_quant``, ``ternary_matmul``,
 ``ternary_linear``, ``dequantize`` (schemas in :data:`bitfx.ops.library.SCHEMAS`), and the one CUDA front that
 every op quantizing activations uses (:func:`cuda_front`).
 
@@ -20,7 +20,8 @@ from bitfx.ops.library import (check_codes, check_float_dtype, check_in_features
                                check_norm_args, check_normalize, check_packed_weight, check_same_device, kernels,
                                register, rows, unit_rows)
 
-__all__ = ["cuda_front", "ref_front", "check_matmul_args", "matmul_guard", "fused_front", "check_residual_args"]
+__all__ = ["cuda_front", "ref_front", "check_matmul_args", "matmul_guard", "fused_front", "check_residual_args",
+           "check_glu_args"]
 
 
 # ---------------------------------------------------------------- the activation front (norm or not)
@@ -121,6 +122,45 @@ def _(a, b, weight, eps, offset, cast_before_weight, norm_dtype, bits=8):
     ref.act_qmax(bits)
     return (a.new_empty(a.shape), a.new_empty(a.shape, dtype=torch.int8),
             a.new_empty(a.shape[:-1], dtype=torch.float32))
+
+
+# ---------------------------------------------------------------- glu_quant
+
+
+def check_glu_args(op: str, gate: Tensor, up: Tensor, act: str, weight: Optional[Tensor], norm_dtype: torch.dtype,
+                   normalize: bool) -> None:
+    """The arguments of ``glu_quant``: two operands of one shape, float dtype and device, a
+    gated activation bitfx computes, the norm's arguments (no weight without the norm)."""
+    check_residual_args(op, gate, up)
+    if act not in ref.GLU_ACTS:
+        raise ValueError(f"bitfx.{op}: act must be one of {ref.GLU_ACTS}, got {act!r}")
+    check_norm_args(op, gate, weight, norm_dtype)
+    check_normalize(op, weight, normalize)
+
+
+@register("glu_quant", "reference")
+def _(gate, up, act, weight, eps, offset, cast_before_weight, norm_dtype, normalize, bits=8):
+    check_glu_args("glu_quant", gate, up, act, weight, norm_dtype, normalize)
+    q, x_scale, _ = ref_front(ref.glu(act, gate, up), weight, eps, offset, cast_before_weight, norm_dtype, normalize,
+                              bits)
+    return q, x_scale
+
+
+@register("glu_quant", "cuda")
+def _(gate, up, act, weight, eps, offset, cast_before_weight, norm_dtype, normalize, bits=8):
+    if not (gate.shape == up.shape and gate.dtype == up.dtype and act in ref.GLU_ACTS
+            and (normalize or weight is None) and _guard_front(gate, weight, norm_dtype)):
+        check_glu_args("glu_quant", gate, up, act, weight, norm_dtype, normalize)
+    q, scale, _ = kernels("norm_quant").glu_quant(unit_rows(gate), unit_rows(up), act, weight, eps, offset,
+                                                  cast_before_weight, norm_dtype, normalize, ref.act_qmax(bits))
+    return q.view(gate.shape), scale.view(gate.shape[:-1])
+
+
+@register("glu_quant", "fake")
+def _(gate, up, act, weight, eps, offset, cast_before_weight, norm_dtype, normalize, bits=8):
+    check_glu_args("glu_quant", gate, up, act, weight, norm_dtype, normalize)
+    ref.act_qmax(bits)
+    return gate.new_empty(gate.shape, dtype=torch.int8), gate.new_empty(gate.shape[:-1], dtype=torch.float32)
 
 
 # ---------------------------------------------------------------- act_quant

@@ -40,6 +40,10 @@ SCHEMAS = {
     # float dtype) -> (h = a + b, q int8[..., K], x_scale f32[...])
     "add_norm_quant": "(Tensor a, Tensor b, Tensor? weight, float eps, bool offset, bool cast_before_weight, "
                       "ScalarType norm_dtype, SymInt bits=8) -> (Tensor, Tensor, Tensor)",
+    # a gated MLP's activation (act: "silu" or "relu2", as eager torch computes it), then
+    # norm_quant (normalize) or act_quant of it: gate, up [..., K] (one float dtype) -> (q, x_scale)
+    "glu_quant": "(Tensor gate, Tensor up, str act, Tensor? weight, float eps, bool offset, bool cast_before_weight, "
+                 "ScalarType norm_dtype, bool normalize, SymInt bits=8) -> (Tensor, Tensor)",
     # per-token quantization alone: y[..., K] -> (q, x_scale)
     "act_quant": "(Tensor y, SymInt bits=8) -> (Tensor, Tensor)",
     # absmean ternary + 2-bit packing: w[N, K] -> (packed u8[N, Kq], w_scale f32[N])

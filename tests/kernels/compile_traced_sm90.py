@@ -37,6 +37,8 @@ for K, N, M in ((2560, 3840, 1), (2560, 3840, 7), (6912, 2560, 300), (40, 24, 1)
     q, s = ops.norm_quant(x, g, 1e-6, False, True, torch.bfloat16)
     for fn, a in ((ops.norm_quant_triton, (x, g, 1e-6, False, True, torch.bfloat16)),
                   (ops.add_norm_quant_triton, (x, x * 2, g, 1e-6, False, True, torch.bfloat16)),
+                  (ops.glu_quant_triton, (x, x * 2, "silu", g, 1e-6, False, True, torch.bfloat16, True)),
+                  (ops.glu_quant_triton, (x, x * 2, "relu2", None, 0.0, False, False, torch.float32, False)),
                   (ops.act_quant_triton, (x,)),
                   (ops.ternary_matmul_triton, (q, s, packed, s_w, bias, torch.bfloat16, K)),
                   (ops.ternary_linear_triton, (x, g, 1e-6, False, True, torch.bfloat16, True, 8, packed, s_w, bias,

@@ -322,6 +322,35 @@ def test_add_norm_quant_form_compiles_into_inductors_code(dynamic):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("act", ["silu", "relu2"])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_glu_quant_form_compiles_into_inductors_code(dynamic, act):
+    """The gated activation's form in Inductor's code: the codes and scales of the eager kernel,
+    bit for bit, and no input cloned."""
+    from torch._inductor import config as inductor_config
+
+    torch._dynamo.reset()
+    K = 704
+    g = seeded_randn((K,), torch.bfloat16, "cuda", 5)
+
+    def f(stacked):
+        gate, up = stacked.split(K, dim=-1)
+        return ops.glu_quant_triton(gate, up, act, g, 1e-6, False, True, torch.bfloat16, True)
+
+    seen, record = _record_clones()
+    compiled = torch.compile(f, dynamic=dynamic)
+    with inductor_config.patch({"fx_graph_cache": False, "post_grad_custom_pre_pass": record}):
+        for M in (1, 7, 300) if dynamic else (3,):
+            stacked = seeded_randn((M, 2 * K), torch.bfloat16, "cuda", M)
+            q, s, _ = nq.glu_quant(stacked[:, :K], stacked[:, K:], act, g, 1e-6, False, True, torch.bfloat16, True)
+            for got, want in zip(compiled(stacked), (q, s)):
+                assert torch.equal(got, want), M
+    assert seen and {name for name, _ in seen} == {"_norm_quant_kernel"}
+    for name, cloned in seen:
+        assert set(cloned) <= _OUTPUTS[name], (name, cloned)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_ternary_linear_form_compiles_into_inductors_code(dynamic, monkeypatch):
     """The whole linear's form in Inductor's code: one row, the fused kernel (no custom-op
@@ -426,11 +455,12 @@ def test_model_logits_the_same_whoever_launches(dtype):
         kinds[launch, mode] = {str(n.target) for n in graphs[0].graph.nodes if "bitfx." in str(n.target)}
     # (each front and its matmuls are one ternary_linear on CUDA: bitfx.passes.fronts; under CUDA
     # graphs a front whose norm reads a residual add is add_norm_quant, then its matmuls:
-    # bitfx.passes.residual)
+    # bitfx.passes.residual; the down projection's front reading SiLU(gate) * up is glu_quant:
+    # bitfx.passes.glu)
     assert kinds["auto", None] == {"bitfx.ternary_linear_triton.default"}
     assert kinds["op", None] == {"bitfx.ternary_linear.default"}
     assert kinds["auto", "reduce-overhead"] == {"bitfx.ternary_linear.default", "bitfx.add_norm_quant.default",
-                                                "bitfx.ternary_matmul.default"}
+                                                "bitfx.glu_quant.default", "bitfx.ternary_matmul.default"}
     rtol = 1e-5 if dtype == torch.float32 else 2**-7  # bf16 logits: one bf16 step where they differ
     assert_close_up_to_code_flips(logits["auto", None].float(), logits["op", None].float(), rtol=rtol)
     # reduce-overhead keeps the custom ops: the graph of launch="op", replayed

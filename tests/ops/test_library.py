@@ -86,6 +86,10 @@ def _op_cases(device, M=5, K=40, N=24, dtype=torch.bfloat16):
         "add_norm_quant": ("add_norm_quant", (x, _x((2, M, K), dtype, device, 5), g, 1e-6, False, True, dtype)),
         "add_norm_quant_fp32_gemma_noweight": (
             "add_norm_quant", (x.float(), x.float()[:, :1].expand(2, M, K), None, 1e-5, True, False, torch.float32, 6)),
+        "glu_quant_relu2": ("glu_quant", (x, _x((2, M, K), dtype, device, 6), "relu2", g, 1e-6, False, True, dtype,
+                                          True)),
+        "glu_quant_silu_nonorm_strided": (
+            "glu_quant", (x[..., :K // 2], x[..., K // 2:], "silu", None, 0.0, False, False, torch.float32, False, 4)),
         "act_quant": ("act_quant", (x,)),
         "weight_quant": ("weight_quant", (W, False)),
         "weight_quant_per_channel": ("weight_quant", (W, True)),

@@ -132,27 +132,34 @@ def test_op_reference_is_the_add_then_norm_quant():
     assert torch.equal(h, a + b) and torch.equal(q, q2) and torch.equal(s, s2)
 
 
-def test_when_the_backend_fuses_the_adds(monkeypatch):
-    """CUDA inference graphs under CUDA graphs with the custom ops; not in default mode, not where
-    Inductor launches the kernels, not on the CPU, not in training, not with BITFX_FUSE_RESIDUAL=0."""
+@pytest.mark.parametrize("switch", ["BITFX_FUSE_RESIDUAL", "BITFX_FUSE_GLU"])
+def test_when_the_backend_fuses_the_adds(switch, monkeypatch):
+    """Residual adds and gated activations: CUDA inference graphs under CUDA graphs with the
+    custom ops; not in default mode, not where Inductor launches the kernels, not on the CPU, not
+    in training, not with the switch at 0 (which leaves the other fusion on)."""
     from bitfx import BitfxConfig
-    from bitfx.backend import _fuses_residuals
+    from bitfx.backend import _fuses_prologues
     from tests.ops.test_inductor_forms import _fake_cuda
+
+    def fuses(config, inputs, patches, which=switch):
+        return _fuses_prologues(config, inputs, patches, which)
 
     cuda, cpu, graphs = [_fake_cuda()], [torch.ones(2)], {"triton.cudagraphs": True}
     inference = BitfxConfig(training=False)
-    assert _fuses_residuals(inference, cuda, graphs)
-    assert _fuses_residuals(BitfxConfig(training=False, launch="op"), cuda, graphs)
-    assert not _fuses_residuals(inference, cuda, {})
-    assert not _fuses_residuals(BitfxConfig(training=False, launch="op"), cuda, {})
-    assert not _fuses_residuals(BitfxConfig(training=False, launch="inductor"), cuda, graphs)
-    assert not _fuses_residuals(inference, cpu, graphs)
-    assert not _fuses_residuals(BitfxConfig(training=True), cuda, graphs)
-    monkeypatch.setenv("BITFX_FUSE_RESIDUAL", "0")
-    assert not _fuses_residuals(inference, cuda, graphs)
-    monkeypatch.setenv("BITFX_FUSE_RESIDUAL", "2")
-    with pytest.raises(ValueError, match="BITFX_FUSE_RESIDUAL"):
-        _fuses_residuals(inference, cuda, graphs)
+    assert fuses(inference, cuda, graphs)
+    assert fuses(BitfxConfig(training=False, launch="op"), cuda, graphs)
+    assert not fuses(inference, cuda, {})
+    assert not fuses(BitfxConfig(training=False, launch="op"), cuda, {})
+    assert not fuses(BitfxConfig(training=False, launch="inductor"), cuda, graphs)
+    assert not fuses(inference, cpu, graphs)
+    assert not fuses(BitfxConfig(training=True), cuda, graphs)
+    monkeypatch.setenv(switch, "0")
+    assert not fuses(inference, cuda, graphs)
+    other = ({"BITFX_FUSE_RESIDUAL", "BITFX_FUSE_GLU"} - {switch}).pop()
+    assert fuses(inference, cuda, graphs, other)
+    monkeypatch.setenv(switch, "2")
+    with pytest.raises(ValueError, match=switch):
+        fuses(inference, cuda, graphs)
 
 
 @pytest.mark.cuda
