@@ -366,12 +366,7 @@ def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm, 
     block, one_block = _row_block(K, _MAX_ROW_BLOCK)
     w = x if weight is None else weight
     stride, eps = x.stride(0), float(eps)
-    if rstd is not None:
-        r = rstd
-    elif traced:  # not written; a kernel argument aliasing an output would cost Inductor a copy of it
-        r = torch.empty((1,), dtype=torch.float32, device=device)
-    else:
-        r = scale
+    r = _rstd_slot(rstd, scale, traced)
     # No residual: None (specialized away) in a direct launch, x (read by nothing) in a traced one.
     args = (x, w, q, scale, r, stride, K, eps) + ((x, x, 0) if traced else (None, None, 0))
     constexprs = _constexprs(x, weight, offset, cast_before_weight, norm_dtype, norm, qmax, traced, M, block, one_block)
@@ -390,6 +385,15 @@ def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm, 
         return q, scale, (r if norm else None)
 
     return q, scale, rstd, again
+
+
+def _rstd_slot(rstd, scale, traced: bool):
+    """The kernel's ``RSTD`` argument: ``rstd``, or, without the norm (``rstd`` None), a tensor
+    the kernel does not write: ``scale`` in a direct launch; in a traced one a scratch tensor,
+    since an argument aliasing an output would cost Inductor a copy of it."""
+    if rstd is not None:
+        return rstd
+    return torch.empty((1,), dtype=torch.float32, device=scale.device) if traced else scale
 
 
 def _constexprs(x, weight, offset, cast_before_weight, norm_dtype, norm, qmax, traced, M, block, one_block,
@@ -458,12 +462,7 @@ def _launch_pair(a, b, h, weight, eps, offset, cast_before_weight, norm_dtype, n
     q = torch.empty((M, K), dtype=torch.int8, device=device)
     scale = torch.empty((M,), dtype=torch.float32, device=device)
     rstd = torch.empty((M,), dtype=torch.float32, device=device) if norm else None
-    if rstd is not None:
-        r = rstd
-    elif traced:  # not written (see _launch_quant)
-        r = torch.empty((1,), dtype=torch.float32, device=device)
-    else:
-        r = scale
+    r = _rstd_slot(rstd, scale, traced)
     args = (a, a if weight is None else weight, q, scale, r, a.stride(0), K, float(eps), b, a if h is None else h,
             b.stride(0))
     constexprs = _constexprs(a, weight, offset, cast_before_weight, norm_dtype, norm, qmax, traced, M, block, one_block,

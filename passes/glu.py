@@ -36,7 +36,8 @@ from torch import fx
 
 import bitfx.ops  # noqa: F401  (registers torch.ops.bitfx.*)
 from bitfx.layout import FLOAT_DTYPES
-from bitfx.passes.rewrite import _Builder, _val
+from bitfx.passes.fronts import _front_args
+from bitfx.passes.rewrite import _Builder, _erase_dead, _val
 
 __all__ = ["fuse_glu_fronts"]
 
@@ -48,7 +49,6 @@ _POWS = (operator.pow, torch.pow, torch.Tensor.pow, _aten.pow.Tensor_Scalar)
 _SQUARES = (torch.square, torch.Tensor.square, _aten.square.default)
 _RELUS = (torch.relu, _F.relu, torch.Tensor.relu, _aten.relu.default)
 _SILUS = (_F.silu, _aten.silu.default)
-_NORM_ARGS = ("x", "weight", "eps", "offset", "cast_before_weight", "norm_dtype", "bits")
 
 
 def _calls(node: fx.Node, functions: tuple, method: str) -> bool:
@@ -91,23 +91,24 @@ def _squared(node: fx.Node) -> Optional[fx.Node]:
     return None
 
 
-def _activation(node, like: torch.Tensor) -> Optional[tuple[fx.Node, str]]:
-    """``(gate, act)`` where ``node`` is ``act(gate)`` of a gated activation bitfx computes, every
-    value in it of ``like``'s shape and dtype."""
+def _activation(node, like: torch.Tensor) -> Optional[tuple[fx.Node, str, list[fx.Node]]]:
+    """``(gate, act, nodes)`` where ``node`` is ``act(gate)`` of a gated activation bitfx
+    computes, every value in it of ``like``'s shape and dtype; ``nodes``: the activation's."""
     if not isinstance(node, fx.Node) or not _like(node, like):
         return None
     if _calls(node, _SILUS, "silu") and _not_in_place(node, 1):
-        gate, act = node.args[0], "silu"
+        gate, act, nodes = node.args[0], "silu", [node]
     else:
         r = _squared(node)
         if not (isinstance(r, fx.Node) and _calls(r, _RELUS, "relu") and _not_in_place(r, 1) and _like(r, like)):
             return None
-        gate, act = r.args[0], "relu2"
-    return (gate, act) if isinstance(gate, fx.Node) and _like(gate, like) else None
+        gate, act, nodes = r.args[0], "relu2", [node, r]
+    return (gate, act, nodes) if isinstance(gate, fx.Node) and _like(gate, like) else None
 
 
-def _glu(product) -> Optional[tuple[fx.Node, fx.Node, str]]:
-    """``(gate, up, act)`` where ``product`` is ``act(gate) * up`` (either order)."""
+def _glu(product) -> Optional[tuple[fx.Node, fx.Node, str, list[fx.Node]]]:
+    """``(gate, up, act, nodes)`` where ``product`` is ``act(gate) * up`` (either order);
+    ``nodes``: the product's and the activation's, which the fused op makes unneeded."""
     if not isinstance(product, fx.Node):
         return None
     pair = _operands(product, _MULS, "mul")
@@ -117,7 +118,8 @@ def _glu(product) -> Optional[tuple[fx.Node, fx.Node, str]]:
     for first, second in (pair, pair[::-1]):
         found = _activation(first, y)
         if found is not None and isinstance(second, fx.Node) and _like(second, y):
-            return found[0], second, found[1]
+            gate, act, nodes = found
+            return gate, second, act, [product, *nodes]
     return None
 
 
@@ -130,44 +132,25 @@ def fuse_glu_fronts(gm: fx.GraphModule) -> int:
     b = _Builder(graph)
     count = 0
     for front in list(graph.nodes):
-        if front.op != "call_function":
+        parsed = _front_args(front)
+        if parsed is None:
             continue
-        if front.target is _ops.norm_quant.default:
-            args = dict(zip(_NORM_ARGS, front.args), **front.kwargs)
-            norm = (args["weight"], args["eps"], args["offset"], args["cast_before_weight"], args["norm_dtype"], True)
-        elif front.target is _ops.act_quant.default:
-            args = dict(zip(("x", "bits"), front.args), **front.kwargs)
-            norm = (None, 0.0, False, False, torch.float32, False)
-        else:
-            continue
-        product = args["x"]
+        product, bits = parsed[0], parsed[-1]
         found = _glu(product)
         if found is None or len(product.users) != 1:
             continue
         K = _val(product).shape[-1]
         if not isinstance(K, int) or not residual_fits(K):
             continue
-        gate, up, act = found
+        gate, up, act, nodes = found
         with graph.inserting_before(front):
-            fused = b.call(_ops.glu_quant.default, gate, up, act, *norm, args.get("bits", 8), like=front)
+            fused = b.call(_ops.glu_quant.default, gate, up, act, *parsed[1:-1], bits, like=front)
         front.replace_all_uses_with(fused)
         graph.erase_node(front)
-        _erase_unused(graph, product)
+        _erase_dead(graph, nodes)  # the activation's nodes that nothing else reads
         count += 1
     if count:
         graph.lint()
         gm.recompile()
     return count
 
-
-def _erase_unused(graph: fx.Graph, node: fx.Node) -> None:
-    """Erase ``node`` and then the nodes it read, as long as nothing else reads them (the
-    product, then its activation's nodes; never a placeholder)."""
-    todo = [node]
-    while todo:
-        n = todo.pop()
-        if n.users or n.op not in ("call_function", "call_method"):
-            continue
-        inputs = [a for a in n.all_input_nodes]
-        graph.erase_node(n)
-        todo.extend(inputs)

@@ -18,6 +18,7 @@ from bitfx.kernels import norm_quant as nq
 from bitfx.passes.glu import fuse_glu_fronts
 from tests import models
 from tests.helpers import HAS_CUDA, KERNEL_DEVICE
+from tests.passes.test_residual import _values
 from tests.test_backend import op_counts
 
 _ops = torch.ops.bitfx
@@ -92,13 +93,6 @@ def _graph(kind: str):
     return torch.fx.GraphModule(torch.nn.Module(), g)
 
 
-def _values(gm, inputs):
-    """Fake values on every node (what the pass reads), from the real inputs."""
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
-    FakeTensorProp(gm).propagate(*[torch.empty_like(t) for t in inputs])
-
-
 @pytest.mark.parametrize("kind", list(_KINDS))
 def test_which_products_are_fused(kind):
     """SiLU or ReLU² (in each way a model writes it) times a tensor of the same shape and dtype,
@@ -112,7 +106,7 @@ def test_which_products_are_fused(kind):
         up = up.half()
     inputs = [gate, up, torch.randn(K, generator=gen)]
     gm = _graph(kind)
-    _values(gm, inputs)
+    _values(gm, [(t.shape, t.dtype) for t in inputs])
     want = gm(*[t.clone() for t in inputs])
     assert fuse_glu_fronts(gm) == _KINDS[kind]
     got = gm(*[t.clone() for t in inputs])
