@@ -285,11 +285,19 @@ def _norm_quant_kernel(
     RESIDUAL: tl.constexpr = False,  # the row is X + R, stored to H first (ONE_BLOCK rows only)
     GATE: tl.constexpr = 0,  # the row is act(X) * R, act by its GATES code (ONE_BLOCK rows only)
     EXACT_EXP: tl.constexpr = True,  # silu's exp from CUDA's math library (False in the interpreter)
+    PDL_WAIT: tl.constexpr = False,  # launched with PDL: wait for the kernel before it first
 ):
     """One program per row: (optional) RMSNorm, then absmax quantization of that row to codes
     in [-QMAX - 1, QMAX] (int8 storage). With ``RESIDUAL`` the row is first ``h = x + r``,
     computed in fp32 and rounded to x's dtype as torch's add rounds it, and stored: the norm
-    reads the stored values. With ``GATE`` the row is ``act(x) * r`` (:func:`_gate`)."""
+    reads the stored values. With ``GATE`` the row is ``act(x) * r`` (:func:`_gate`).
+
+    With ``PDL_WAIT`` the kernel is launched with programmatic dependent launch: it may start
+    while the kernel before it (a GEMV that wrote ``x``, say) still runs, so before it reads or
+    writes any memory it waits (``gdc_wait``) until that kernel has finished and its writes are
+    visible; what it saves is its own launch latency."""
+    if PDL_WAIT:
+        tl.extra.cuda.gdc_wait()
     if PDL_TRIGGER:  # it waits for this kernel to finish before it reads q or the scales
         tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
@@ -371,7 +379,7 @@ def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm, 
     args = (x, w, q, scale, r, stride, K, eps) + ((x, x, 0) if traced else (None, None, 0))
     constexprs = _constexprs(x, weight, offset, cast_before_weight, norm_dtype, norm, qmax, traced, M, block, one_block)
     launch = _NORM_QUANT.launch((M,), args, constexprs, traced=traced, bind=bind, num_warps=_num_warps(block),
-                                enable_fp_fusion=False)
+                                enable_fp_fusion=False, **_pdl_option(constexprs))
     if not bind:
         return q, scale, rstd
     empty, i8, f32 = torch.empty, torch.int8, torch.float32
@@ -396,6 +404,18 @@ def _rstd_slot(rstd, scale, traced: bool):
     return torch.empty((1,), dtype=torch.float32, device=scale.device) if traced else scale
 
 
+PDL_WAIT = True
+"""Launch the norm kernel with programmatic dependent launch where :func:`pdl_enabled` allows
+(``BITFX_PDL=0`` turns it off with the GEMV's): its launch overlaps the kernel before it, which in
+a decode step is mostly the GEMV of the site before (BENCHMARKS.md)."""
+
+
+def _pdl_option(constexprs: dict) -> dict:
+    """The launch option that goes with the ``PDL_WAIT`` constexpr (none where it is off, so
+    that launches without it keep their compiled kernel's key)."""
+    return {"launch_pdl": True} if constexprs["PDL_WAIT"] else {}
+
+
 def _constexprs(x, weight, offset, cast_before_weight, norm_dtype, norm, qmax, traced, M, block, one_block,
                 residual=False, gate=0) -> dict:
     """The constexprs of a ``_norm_quant_kernel`` launch for rows like ``x``'s."""
@@ -405,7 +425,8 @@ def _constexprs(x, weight, offset, cast_before_weight, norm_dtype, norm, qmax, t
                 Y_ROUND=_round_code(norm_dtype), BLOCK_K=block, ONE_BLOCK=one_block,
                 PDL_TRIGGER=pdl_enabled(device) and not traced, EARLY_G=bool(M < num_sms(device)),
                 QMAX=int(qmax), RN_MUL=traced and device.type == "cuda" and torch.version.hip is None,
-                RESIDUAL=residual, GATE=gate, EXACT_EXP=not interpreting())
+                RESIDUAL=residual, GATE=gate, EXACT_EXP=not interpreting(),
+                PDL_WAIT=pdl_enabled(device) and not traced and PDL_WAIT)
 
 
 def residual_fits(K: int) -> bool:
@@ -467,7 +488,8 @@ def _launch_pair(a, b, h, weight, eps, offset, cast_before_weight, norm_dtype, n
             b.stride(0))
     constexprs = _constexprs(a, weight, offset, cast_before_weight, norm_dtype, norm, qmax, traced, M, block, one_block,
                              residual=residual, gate=gate)
-    _NORM_QUANT.launch((M,), args, constexprs, traced=traced, num_warps=_num_warps(block), enable_fp_fusion=False)
+    _NORM_QUANT.launch((M,), args, constexprs, traced=traced, num_warps=_num_warps(block), enable_fp_fusion=False,
+                       **_pdl_option(constexprs))
     return q, scale, rstd
 
 

@@ -102,7 +102,7 @@ def site_kernels(K: int, N: int, sms: int, dtype=torch.bfloat16) -> list:
             dict(X=x, W=x, Q="*i8", SCALE="*fp32", RSTD="*fp32", stride_x="i32", K="i32", eps="fp32",
                  stride_r="i32"),
             dict(norm, BLOCK_K=block, ONE_BLOCK=one_block, PDL_TRIGGER=True, EARLY_G=True, RN_MUL=False,
-                 R=None, H=None, RESIDUAL=False, GATE=0, EXACT_EXP=True),  # no residual add, no gate
+                 R=None, H=None, RESIDUAL=False, GATE=0, EXACT_EXP=True, PDL_WAIT=True),  # no residual add, no gate
             nq._num_warps(block), dict(enable_fp_fusion=False))]
     device = torch.device("cpu")
     cfg = tm._dp4a_config(1, N, Kq, device, None, None, sms)

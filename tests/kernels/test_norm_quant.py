@@ -446,3 +446,67 @@ def test_bf16_rounding_codes_agree():
     # and both are torch's own rounding to bf16
     want = x.cpu().to(torch.bfloat16).to(torch.float32)
     assert torch.equal(a[ok].view(torch.int32), want[ok].view(torch.int32))
+
+
+@pytest.mark.cuda
+def test_pdl_norms_after_gemv_in_cuda_graph_read_fresh_rows():
+    """The norm kernel is launched with programmatic dependent launch: it may start while the
+    GEMV before it still runs (the dp4a GEMV lets its dependents launch at once), and must wait
+    for that GEMV's output before reading it. Inside a CUDA graph, each GEMV here follows a copy
+    of new activation codes, and the three norm kernels (``norm_quant``, the residual add's and
+    the gated activation's) read its output at once: every result must be that of the new
+    values, bit for bit what the same kernels give outside a graph with PDL turned off."""
+    from bitfx.kernels import _utils
+    from bitfx.kernels.ternary_matmul import ternary_matmul
+
+    if not _utils.pdl_enabled(torch.device("cuda")):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    K, N = 8192, 4096  # 8 MB of packed weight: the GEMV runs for microseconds
+    g = torch.Generator().manual_seed(0)
+    packed = ref.pack_ternary(torch.randint(-1, 2, (2 * N, K), generator=g, dtype=torch.int8)).cuda()
+    w_scale = (torch.rand(2 * N, generator=g) + 0.5).cuda()
+    weight = (torch.rand(N, generator=g) + 0.5).to(torch.bfloat16).cuda()
+    resid = torch.randn(1, N, generator=g).to(torch.bfloat16).cuda()
+    sources = [(torch.randint(-128, 128, (1, K), generator=g, dtype=torch.int8).cuda(),
+                (torch.rand(1, generator=g) + 0.5).cuda()) for _ in range(3)]
+    q_buf, s_buf = torch.empty_like(sources[0][0]), torch.empty_like(sources[0][1])
+
+    def chain():
+        y = ternary_matmul(q_buf, s_buf, packed, w_scale, None, torch.bfloat16)  # [1, 2N]
+        a = nq.norm_quant(y[:, :N], weight, 1e-6, False, True, torch.bfloat16)
+        y = ternary_matmul(q_buf, s_buf, packed, w_scale, None, torch.bfloat16)
+        b = nq.add_norm_quant(y[:, :N], resid, weight, 1e-6, False, True, torch.bfloat16)
+        y = ternary_matmul(q_buf, s_buf, packed, w_scale, None, torch.bfloat16)
+        c = nq.glu_quant(y[:, :N], y[:, N:], "silu", weight, 1e-6, False, True, torch.bfloat16, True)
+        return [t for t in (*a, *b, *c) if t is not None]
+
+    want = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BITFX_PDL", "0")
+        for q, s in sources:
+            q_buf.copy_(q)
+            s_buf.copy_(s)
+            want.append([t.clone() for t in chain()])
+    outs = [[torch.empty_like(t) for t in w] for w in want]
+    assert nq._constexprs(resid, weight, False, True, torch.bfloat16, True, 127, False, 1, 1024, True)["PDL_WAIT"]
+
+    def step():
+        for (q, s), out in zip(sources, outs):
+            q_buf.copy_(q)
+            s_buf.copy_(s)
+            for o, t in zip(out, chain()):
+                o.copy_(t)
+
+    step()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for out in outs:
+        for o in out:
+            o.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    for out, w in zip(outs, want):
+        for o, t in zip(out, w):
+            assert torch.equal(o, t)

@@ -163,15 +163,16 @@ def test_when_the_backend_fuses_the_adds(switch, monkeypatch):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_backend_fuses_the_adds_on_cuda(mode, monkeypatch):
+def test_backend_fuses_the_adds_on_cuda(mode, dtype, monkeypatch):
     """On CUDA the backend fuses the adds under CUDA graphs with the custom ops, not in default
     mode; the logits match those of the same compile with ``BITFX_FUSE_RESIDUAL=0`` up to code
     flips (the fused sum is torch's, rounded as the unfused add's kernel stores it)."""
     from tests.helpers import assert_close_up_to_code_flips
     from tests.test_backend import recording_backend
 
-    model, ids = models.tiny_llama(dtype=torch.bfloat16)
+    model, ids = models.tiny_llama(dtype=dtype)
     model, ids = model.cuda(), ids.cuda()
     outs = {}
     for fuse in ("1", "0"):
