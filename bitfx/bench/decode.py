@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from bitfx.bench.profiling import compile_count, counter, kernel_summary, profile, top_kernels
+from bitfx.bench.profiling import compile_count, counter, kernel_summary, profile, timeline, top_kernels
 from bitfx.bench.timing import back_to_back_ms, sync, timed
 
 PROMPT_LEN = 16
@@ -130,15 +130,18 @@ def time_decode(dec: Decode, fn: Callable, *, cuda: bool, graphs: bool, reps: in
     }
 
 
-def profile_decode(dec: Decode, fn: Callable, cuda: bool = True, top: int = 0) -> dict:
-    """One (already warm) default-mode decode step under ``torch.profiler``: CUDA kernels
-    (memcpy/memset apart) and the sum of their durations; with ``top``, also the ``top`` kernels
-    by total GPU time (``"top"``). On CPU (a check of this code path) there are no kernels; the
-    number of CPU op events is returned for information."""
-    dec.prepare(False)
+def profile_decode(dec: Decode, fn: Callable, cuda: bool = True, top: int = 0, graphs: bool = False) -> dict:
+    """One (already warm) decode step under ``torch.profiler``: CUDA kernels (memcpy/memset
+    apart), the sum of their durations and their timeline (:func:`bitfx.bench.profiling.timeline`:
+    span, busy and idle µs); with ``top``, also the ``top`` kernels by total GPU time
+    (``"top"``). ``graphs``: ``fn`` was compiled for CUDA graphs, and the step profiled is a
+    replay (the profiler records the kernels of a replayed graph one by one). On CPU (a check
+    of this code path) there are no kernels; the number of CPU op events is returned for
+    information."""
+    dec.prepare(graphs)
     sync(cuda)
     prof = profile(lambda: dec.run(fn), cuda)
-    out = kernel_summary(prof)
+    out = {**kernel_summary(prof), **timeline(prof)}
     if top:
         out["top"] = top_kernels(prof, cuda, top)["top"]
     return out

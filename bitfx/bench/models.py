@@ -30,7 +30,10 @@ What is measured, per model and method:
 2. Kernels and GPU time per step: one default-mode step under ``torch.profiler`` (CPU + CUDA):
    the number of CUDA kernels (memcpy/memset counted apart) and the sum of their durations.
    Host time per step is the wall clock of the default-mode call up to a synchronize (median);
-   host us per op is that time divided by the number of kernels.
+   host us per op is that time divided by the number of kernels. One replay of the CUDA graph
+   is profiled too (printed and kept in ``results.json``): its kernels, the span from the first
+   kernel's start to the last one's end, and the part of it no kernel ran (launch latencies and
+   gaps between dependent kernels; :func:`bitfx.bench.profiling.timeline`).
 3. Bytes read per token: every parameter once (a tied weight once), dense bytes for dense
    tensors; a converted linear reads its packed codes (``N * Kq`` bytes, ``Kq = ceil(K/4)``
    rounded up to 16) and 4 bytes of scale per output row; the input embedding reads one row
@@ -38,7 +41,7 @@ What is measured, per model and method:
    cache and activations are not counted. Floor time = bytes / the GPU's device-to-device copy
    bandwidth, measured at the start of the run (1 GiB copies); share of floor = floor time /
    decode time (CUDA graphs; default mode where CUDA graphs were not run). With ``--profile
-   TOP``, the TOP kernels of the profiled default-mode step by GPU time are kept too.
+   TOP``, the TOP kernels of each profiled step by GPU time are kept too.
 4. ``generate()`` tokens/s: greedy ``model.generate(..., cache_implementation="static",
    compile_config=CompileConfig(backend=..., mode="reduce-overhead"))`` with
    ``min_new_tokens = max_new_tokens`` so that every call makes the same number of tokens;
@@ -249,6 +252,20 @@ def measure_method(model: torch.nn.Module, method: str, args, cuda: bool, dtype:
             _say(row, f"decode (CUDA graphs) {r['ms']:.3f} ms back to back, {r['synced_ms']:.3f} ms synced  [first call {r['first_call_s']:.1f} s, "
                       f"{r['graphs_compiled']} graph(s)]")
             _check_timing(row, "decode_graphs", r)
+        if fn is not None and cuda:
+            try:  # one replay under the profiler: its kernels and how much of its span they fill
+                p = profile_decode(dec, fn, cuda, top=getattr(args, "profile", 0), graphs=True)
+                row.update(graph_kernels_per_step=p["kernels"], graph_gpu_us_per_step=p["gpu_us"],
+                           graph_span_us=p["span_us"], graph_busy_us=p["busy_us"])
+                share = p["idle_us"] / p["span_us"] if p["span_us"] else float("nan")
+                _say(row, f"CUDA graph replay: {p['kernels']} kernels, span {p['span_us']:.0f} us, busy "
+                          f"{p['busy_us']:.0f} us, idle {p['idle_us']:.0f} us ({share:.0%} of the span)")
+                if p.get("top"):
+                    row["graph_top_kernels"] = p["top"]
+                    for k in p["top"]:
+                        _say(row, f"  {k['us']:8.1f} us {k['calls']:4d}x  {k['name']}")
+            except Exception as e:  # noqa: BLE001
+                _error(row, "profile_graphs", e)
         fn = None
         _free(cuda)
 
@@ -269,7 +286,8 @@ def measure_method(model: torch.nn.Module, method: str, args, cuda: bool, dtype:
                 if not cuda:
                     _say(row, f"profiled one step on CPU: {p['events']} profiler events (no kernel counts on CPU)")
                 else:
-                    row.update(kernels_per_step=p["kernels"], memops_per_step=p["memops"], gpu_us_per_step=p["gpu_us"])
+                    row.update(kernels_per_step=p["kernels"], memops_per_step=p["memops"], gpu_us_per_step=p["gpu_us"],
+                               span_us_default=p["span_us"], busy_us_default=p["busy_us"])
                     if p["kernels"]:
                         row["host_us_per_op"] = row["host_us_per_step"] / p["kernels"]
                     _say(row, f"{p['kernels']} kernels/step (+{p['memops']} memcpy/memset), GPU {p['gpu_us']:.0f} "
@@ -497,7 +515,7 @@ def parse_args(argv):
                    help="one more option of the bitfx methods' torch.compile (the backend's, or an Inductor "
                         "setting such as static_launch_user_defined_triton_kernels=true); repeatable")
     p.add_argument("--profile", type=int, default=0, metavar="TOP",
-                   help="keep the TOP kernels (by GPU time) of the profiled default-mode step")
+                   help="keep the TOP kernels (by GPU time) of each profiled step (the CUDA graph's replay, the default-mode step)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.t_start = time.time()

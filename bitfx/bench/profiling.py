@@ -52,13 +52,42 @@ def kernel_summary(prof) -> dict:
     for e in events:
         if not is_kernel_event(e):
             continue
-        name = e.name.lower()
-        if "memcpy" in name or "memset" in name:
+        if _is_memop(e.name):
             memops += 1
             continue
         kernels += 1
         gpu_us += e.time_range.end - e.time_range.start  # microseconds
     return {"kernels": kernels, "memops": memops, "gpu_us": gpu_us, "events": len(events)}
+
+
+def _is_memop(name: str) -> bool:
+    name = name.lower()
+    return "memcpy" in name or "memset" in name
+
+
+def timeline(prof) -> dict:
+    """The GPU timeline of a profile's kernels (memcpy/memset apart): ``span_us`` from the first
+    kernel's start to the last one's end; ``busy_us`` the time some kernel ran (the union of their
+    intervals: kernels that overlap, as those launched with PDL do, count once); ``idle_us`` the
+    rest of the span, the time no kernel ran between the first and the last: launch latencies
+    and the gaps between dependent kernels. A step whose idle share is large is bound by its
+    chain of launches, not by the work of its kernels."""
+    intervals = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if is_kernel_event(e) and not _is_memop(e.name))
+    if not intervals:
+        return {"span_us": 0.0, "busy_us": 0.0, "idle_us": 0.0}
+    busy, (start, end) = 0.0, intervals[0]
+    last = end
+    for s, e in intervals[1:]:
+        if s > end:  # a gap: close the run of overlapping kernels
+            busy += end - start
+            start, end = s, e
+        else:
+            end = max(end, e)
+        last = max(last, e)
+    busy += end - start
+    span = last - intervals[0][0]
+    return {"span_us": float(span), "busy_us": float(busy), "idle_us": float(span - busy)}
 
 
 def top_kernels(prof, cuda: bool, top: int) -> dict:

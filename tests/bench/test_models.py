@@ -209,3 +209,21 @@ def test_head_and_extra_options_reach_the_backend(monkeypatch):
     assert calls == [dict(backend="bitfx", options={"head": "int8", "k": 3}),
                      dict(backend="bitfx", options={"k": 3, "triton.cudagraphs": True}),
                      dict(mode=None)]
+
+
+def test_timeline_counts_overlaps_once_and_the_gaps_as_idle():
+    """Kernels at [0, 10], [5, 12] (overlapping, as PDL kernels do), [20, 25], a memset at
+    [12, 20] and an annotation spanning everything: span 25 µs, busy 17 (12 + 5), idle 8."""
+    from types import SimpleNamespace
+
+    from bitfx.bench.profiling import timeline
+
+    def event(name, start, end, device="DeviceType.CUDA", annotation=False):
+        return SimpleNamespace(name=name, device_type=device, is_user_annotation=annotation, activity_type="kernel",
+                               time_range=SimpleNamespace(start=start, end=end))
+
+    prof = SimpleNamespace(events=lambda: [
+        event("gemv", 0, 10), event("norm", 5, 12), event("Memset (Device)", 12, 20), event("add", 20, 25),
+        event("step", 0, 30, annotation=True), event("aten::mm", 0, 40, device="DeviceType.CPU")])
+    assert timeline(prof) == {"span_us": 25.0, "busy_us": 17.0, "idle_us": 8.0}
+    assert timeline(SimpleNamespace(events=lambda: [])) == {"span_us": 0.0, "busy_us": 0.0, "idle_us": 0.0}
