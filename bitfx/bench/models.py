@@ -202,6 +202,14 @@ def _in_time(args, row: dict, stage: str) -> bool:
     return False
 
 
+def _keep_top(row: dict, key: str, p: dict) -> None:
+    """A profiled step's top kernels (``--profile``), kept in ``row[key]`` and printed."""
+    if p.get("top"):
+        row[key] = p["top"]
+        for k in p["top"]:
+            _say(row, f"  {k['us']:8.1f} us {k['calls']:4d}x  {k['name']}")
+
+
 def _decode_stage(row: dict, stage: str, model: torch.nn.Module, method: str, dec: Decode, *, cuda: bool,
                   graphs: bool, reps: int, launch: str = "auto", head: str = "dense", extra: Optional[dict] = None) -> tuple[Optional[dict], Optional[Callable]]:
     """Compile ``model`` for ``method`` (``mode="reduce-overhead"`` with ``graphs``, else the
@@ -260,10 +268,7 @@ def measure_method(model: torch.nn.Module, method: str, args, cuda: bool, dtype:
                 share = p["idle_us"] / p["span_us"] if p["span_us"] else float("nan")
                 _say(row, f"CUDA graph replay: {p['kernels']} kernels, span {p['span_us']:.0f} us, busy "
                           f"{p['busy_us']:.0f} us, idle {p['idle_us']:.0f} us ({share:.0%} of the span)")
-                if p.get("top"):
-                    row["graph_top_kernels"] = p["top"]
-                    for k in p["top"]:
-                        _say(row, f"  {k['us']:8.1f} us {k['calls']:4d}x  {k['name']}")
+                _keep_top(row, "graph_top_kernels", p)
             except Exception as e:  # noqa: BLE001
                 _error(row, "profile_graphs", e)
         fn = None
@@ -292,10 +297,7 @@ def measure_method(model: torch.nn.Module, method: str, args, cuda: bool, dtype:
                         row["host_us_per_op"] = row["host_us_per_step"] / p["kernels"]
                     _say(row, f"{p['kernels']} kernels/step (+{p['memops']} memcpy/memset), GPU {p['gpu_us']:.0f} "
                               f"us/step, host {row.get('host_us_per_op', float('nan')):.2f} us/op")
-                    if p.get("top"):
-                        row["top_kernels"] = p["top"]
-                        for k in p["top"]:
-                            _say(row, f"  {k['us']:8.1f} us {k['calls']:4d}x  {k['name']}")
+                    _keep_top(row, "top_kernels", p)
             except Exception as e:  # noqa: BLE001
                 _error(row, "profile", e)
         fn = None
