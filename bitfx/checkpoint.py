@@ -88,12 +88,23 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def _file_path(op: str, path) -> str:
+    """``path`` as a str, or a TypeError naming what was given: a bitfx checkpoint is a
+    safetensors file, written and memory-mapped by its name (not a file object or buffer, which
+    ``torch.save`` would take)."""
+    if isinstance(path, (str, os.PathLike)):
+        return os.fspath(path)
+    raise TypeError(f"bitfx.{op}: path must be a file path (str or os.PathLike), got {type(path).__name__}: a bitfx "
+                    f"checkpoint is a safetensors file, written and memory-mapped by its name")
+
+
 def save(model: nn.Module, path: PathLike) -> None:
     """Write ``model``'s state (converted layers packed, the rest as it is) to ``path``, one
     safetensors file with the format in its metadata. Tensors may be on any device. A
     model wrapped by ``torch.compile`` is saved as the model it wraps (no ``_orig_mod.`` names)."""
     from safetensors.torch import save_file
 
+    path = _file_path("save", path)
     model = _unwrap(model)
     sd = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -366,6 +377,7 @@ def load(model: nn.Module, path: PathLike, *, device: Optional[Union[str, torch.
     them (on ``device``); any other is named in a warning. A
     ``model`` wrapped by ``torch.compile`` is loaded through to the model it wraps.
     """
+    path = _file_path("load", path)
     given, model = model, _unwrap(model)
     target = _device(device)
     f, ternary, int8, aliases, checksums, norms = _read_header(path)

@@ -131,6 +131,21 @@ def test_another_layout_is_refused(saved, tmp_path):
     _refused(_rewrite(saved, tmp_path / "l.safetensors", metadata={"layout": "other-2bit"}), "packs its weights as 'other-2bit'")
 
 
+def test_a_file_object_is_refused_with_a_clear_error(saved):
+    """``torch.save`` takes a file object; a bitfx checkpoint is a safetensors file written and
+    memory-mapped by its name, so ``bitfx.save`` and ``bitfx.load`` say so instead of failing
+    inside safetensors."""
+    import io
+
+    model = _Net()
+    with torch.no_grad():
+        bitfx.quantize(model, torch.randn(2, 5, 64))
+    with pytest.raises(TypeError, match=r"bitfx.save: path must be a file path \(str or os.PathLike\), got BytesIO"):
+        bitfx.save(model, io.BytesIO())
+    with open(saved, "rb") as f, pytest.raises(TypeError, match=r"bitfx.load: path must be a file path .* got "):
+        bitfx.load(_Net(), f)
+
+
 def test_a_file_that_is_not_a_bitfx_checkpoint_is_refused(tmp_path):
     path = tmp_path / "plain.safetensors"
     save_file(_Net().state_dict(), str(path))
