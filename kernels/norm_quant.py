@@ -420,13 +420,14 @@ def _constexprs(x, weight, offset, cast_before_weight, norm_dtype, norm, qmax, t
                 residual=False, gate=0) -> dict:
     """The constexprs of a ``_norm_quant_kernel`` launch for rows like ``x``'s."""
     device = x.device
+    pdl = pdl_enabled(device) and not traced  # (traced: Inductor's launch takes no PDL option)
     return dict(NORM=norm, HAS_WEIGHT=weight is not None, OFFSET=bool(offset),
                 CAST_BEFORE_WEIGHT=bool(cast_before_weight), X_ROUND=_round_code(x.dtype),
                 Y_ROUND=_round_code(norm_dtype), BLOCK_K=block, ONE_BLOCK=one_block,
-                PDL_TRIGGER=pdl_enabled(device) and not traced, EARLY_G=bool(M < num_sms(device)),
+                PDL_TRIGGER=pdl, EARLY_G=bool(M < num_sms(device)),
                 QMAX=int(qmax), RN_MUL=traced and device.type == "cuda" and torch.version.hip is None,
                 RESIDUAL=residual, GATE=gate, EXACT_EXP=not interpreting(),
-                PDL_WAIT=pdl_enabled(device) and not traced and PDL_WAIT)
+                PDL_WAIT=pdl and PDL_WAIT)
 
 
 def residual_fits(K: int) -> bool:
