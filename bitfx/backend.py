@@ -57,8 +57,11 @@ On CUDA under CUDA graphs (with the custom ops) two kernels of Inductor's join t
 read them: a residual add that a norm reads directly (:mod:`bitfx.passes.residual`,
 ``bitfx::add_norm_quant``), one kernel fewer per pre-norm site, and a gated MLP's activation
 (SiLU or ReLU² times ``up``) that a down projection's front reads (:mod:`bitfx.passes.glu`,
-``bitfx::glu_quant``), one fewer per MLP. ``BITFX_FUSE_RESIDUAL=0`` keeps the adds,
-``BITFX_FUSE_GLU=0`` the activations.
+``bitfx::glu_quant``), one fewer per MLP. There too, a one-token attention on a key/value cache
+becomes ``bitfx::decode_attention`` (:mod:`bitfx.passes.attention`): one kernel that reads
+grouped key/value heads where they lie, where Inductor copied the repeated cache per layer
+before a library attention kernel. ``BITFX_FUSE_RESIDUAL=0`` keeps the adds,
+``BITFX_FUSE_GLU=0`` the activations, ``BITFX_FUSE_ATTENTION=0`` the attention.
 
 Logging: logger ``"bitfx"``. ``BITFX_LOG=1`` (or ``info``) prints what was rewritten,
 ``BITFX_LOG=debug`` also what was left out and why.
@@ -77,6 +80,7 @@ from torch import nn
 import bitfx.ops  # noqa: F401  (registers torch.ops.bitfx.*)
 from bitfx.cache_key import keyed
 from bitfx.config import BitfxConfig, checked_filter_fn, decide_training
+from bitfx.passes.attention import fuse_decode_attention
 from bitfx.passes.naming import Naming
 from bitfx.passes.plan import check_filter_fn
 from bitfx.passes.rewrite import bitfx_pass
@@ -236,6 +240,8 @@ def bitfx_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[st
         log.info("bitfx: %d residual adds fused into their norms", fuse_residual_adds(gm))
     if _fuses_prologues(config, inputs, inductor_patches, "BITFX_FUSE_GLU"):
         log.info("bitfx: %d gated activations fused into their fronts", fuse_glu_fronts(gm))
+    if _fuses_prologues(config, inputs, inductor_patches, "BITFX_FUSE_ATTENTION"):
+        log.info("bitfx: %d one-token attentions as decode_attention", fuse_decode_attention(gm))
     if not config.training and _on_cuda(inputs):
         # CUDA inference: each site's front and matmul as one op (one kernel for decode rows)
         log.info("bitfx: %d ternary linears as one op each", fuse_fronts(gm))

@@ -529,3 +529,24 @@ def int8_linear(
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    """Attention of one query per head, ``softmax(scale * q k^T + mask) v``, in fp32, rounded once
+    to ``q``'s dtype: ``q [B, Hq, 1, D]``, ``k, v [B, Hk, L, D]`` with ``Hk`` dividing ``Hq``
+    (query head ``h`` reads key/value head ``h // (Hq // Hk)``), ``mask`` None, bool (True: the
+    key is attended) or float (added to the scores), broadcastable to ``[B, Hq, 1, L]``. A query
+    with every key masked out gets zeros (as torch's math attention). The oracle of
+    ``bitfx.kernels.attention``."""
+    group = q.shape[1] // k.shape[1]
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    s = (q.float() @ kf.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
+    top = s.amax(dim=-1, keepdim=True)
+    p = torch.exp(s - torch.where(top == float("-inf"), 0.0, top))
+    total = p.sum(dim=-1, keepdim=True)
+    out = (p @ vf) / torch.where(total > 0, total, 1.0)
+    return out.to(q.dtype)

@@ -12,6 +12,8 @@
   :func:`bitlinear`, the differentiable BitLinear layer as a function;
 * :mod:`bitfx.ops.head`: ``int8_rows`` and ``int8_linear``, the int8 output head
   (``BitfxConfig(head="int8")``);
+* :mod:`bitfx.ops.attention`: ``decode_attention``, one query per head against a grouped
+  key/value cache (the backend's decode graphs under CUDA graphs);
 * :mod:`bitfx.ops.fp8`: the FP8 matmuls of the training ops' optional FP8 backward.
 
 Every op has a plain-torch implementation (the reference, :mod:`bitfx.reference`: the CPU and
@@ -21,7 +23,7 @@ any device without a kernel), a Triton one on CUDA (:mod:`bitfx.kernels`), and a
 
 import torch
 
-from bitfx.ops import head, inference, training  # noqa: F401  (registers the ops)
+from bitfx.ops import attention, head, inference, training  # noqa: F401  (registers the ops)
 from bitfx.ops.library import SCHEMAS
 from bitfx.ops.training import bitlinear
 
@@ -38,5 +40,6 @@ weight_quant_stacked = torch.ops.bitfx.weight_quant_stacked
 bitlinear_stacked = torch.ops.bitfx.bitlinear_stacked
 int8_rows = torch.ops.bitfx.int8_rows
 int8_linear = torch.ops.bitfx.int8_linear
+decode_attention = torch.ops.bitfx.decode_attention
 
 __all__ = ["SCHEMAS", "bitlinear", *SCHEMAS]

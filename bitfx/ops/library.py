@@ -76,6 +76,10 @@ SCHEMAS = {
     "int8_rows": "(Tensor w) -> (Tensor, Tensor)",
     # x (float, not quantized) @ (qweight * scale)^T + bias, fp32 accumulation: -> out[..., N]
     "int8_linear": "(Tensor x, Tensor qweight, Tensor scale, Tensor? bias) -> Tensor",
+    # one query per head against a key/value cache, grouped heads read where they lie:
+    # q[B, Hq, 1, D], k, v[B, Hk, L, D], mask (bool: keep, or float: added) broadcast to
+    # [B, Hq, 1, L] -> softmax(scale q k^T + mask) v [B, Hq, 1, D]
+    "decode_attention": "(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor",
 }
 
 for _name, _schema in SCHEMAS.items():
@@ -182,6 +186,44 @@ def check_linear_weight(op: str, w: Tensor) -> None:
     check_float(op, "linear weight", w)
     if w.dim() != 2:
         raise ValueError(f"bitfx.{op}: linear weight must be 2-D [N, K], got shape {tuple(w.shape)}")
+
+
+# The widest attention head ``decode_attention`` takes (its kernel holds a query row and a block
+# of keys in registers).
+MAX_HEAD_DIM = 256
+
+
+def check_decode_attention(op: str, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> int:
+    """The arguments of ``decode_attention`` (:data:`SCHEMAS`); returns the group, query heads
+    per key/value head."""
+    for what, t in (("query", q), ("key", k), ("value", v)):
+        check_float(op, what, t)
+        if t.dim() != 4:
+            raise ValueError(f"bitfx.{op}: {what} must be 4-D [batch, heads, length, head_dim], got shape "
+                             f"{tuple(t.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"bitfx.{op}: query, key and value must share a dtype, got {dtype_name(q.dtype)}, "
+                        f"{dtype_name(k.dtype)} and {dtype_name(v.dtype)}")
+    B, Hq, S, D = q.shape
+    torch._check_with(ValueError, S == 1, lambda: f"bitfx.{op}: one query per head (length 1), got length {S}")
+    if tuple(k.shape) != tuple(v.shape) or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"bitfx.{op}: key {tuple(k.shape)} and value {tuple(v.shape)} must both be "
+                         f"[{B}, heads, length, {D}] for the query {tuple(q.shape)}")
+    Hk = k.shape[1]
+    if Hk == 0 or Hq % Hk != 0:
+        raise ValueError(f"bitfx.{op}: {Hq} query heads are not a multiple of {Hk} key/value heads")
+    if not 0 < D <= MAX_HEAD_DIM:
+        raise ValueError(f"bitfx.{op}: head_dim {D} outside 1..{MAX_HEAD_DIM}")
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            check_float(op, "attention mask", mask)
+        try:
+            torch.broadcast_shapes(tuple(mask.shape), (B, Hq, 1, k.shape[2]))
+        except RuntimeError:
+            raise ValueError(f"bitfx.{op}: attention mask of shape {tuple(mask.shape)} does not broadcast to "
+                             f"[{B}, {Hq}, 1, {k.shape[2]}]") from None
+    check_same_device(op, q, k, v, mask)
+    return Hq // Hk
 
 
 def check_packed_weight(op: str, packed: Tensor, w_scale: Tensor, bias: Optional[Tensor], in_features) -> None:

@@ -128,6 +128,14 @@ def _op_cases(device, M=5, K=40, N=24, dtype=torch.bfloat16):
              False, torch.float32, False, False),
         ),
         "int8_rows": ("int8_rows", (W,)),
+        "decode_attention_gqa_bool_mask": (
+            "decode_attention", (_x((2, 4, 1, 16), dtype, device, 7), _x((2, 2, 9, 16), dtype, device, 8),
+                                 _x((2, 2, 9, 16), dtype, device, 9),
+                                 (torch.arange(9, device=device) < 6).view(1, 1, 1, 9), 0.25)),
+        "decode_attention_fp32_float_mask": (
+            "decode_attention", (_x((1, 3, 1, 8), torch.float32, device, 7), _x((1, 3, 5, 8), torch.float32, device, 8),
+                                 _x((1, 3, 5, 8), torch.float32, device, 9), _x((1, 3, 1, 5), torch.float32, device, 1),
+                                 0.5)),
         "int8_linear": ("int8_linear", (leaf(x), *ops.int8_rows(W), leaf(b))),
         "int8_linear_fp32_nobias": ("int8_linear", (x.float(), *ops.int8_rows(W.float()), None)),
         "bitlinear_stacked_noweight_gemma_fp8": (

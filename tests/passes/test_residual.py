@@ -132,9 +132,9 @@ def test_op_reference_is_the_add_then_norm_quant():
     assert torch.equal(h, a + b) and torch.equal(q, q2) and torch.equal(s, s2)
 
 
-@pytest.mark.parametrize("switch", ["BITFX_FUSE_RESIDUAL", "BITFX_FUSE_GLU"])
+@pytest.mark.parametrize("switch", ["BITFX_FUSE_RESIDUAL", "BITFX_FUSE_GLU", "BITFX_FUSE_ATTENTION"])
 def test_when_the_backend_fuses_the_adds(switch, monkeypatch):
-    """Residual adds and gated activations: CUDA inference graphs under CUDA graphs with the
+    """Residual adds, gated activations and decode attention: CUDA inference graphs under CUDA graphs with the
     custom ops; not in default mode, not where Inductor launches the kernels, not on the CPU, not
     in training, not with the switch at 0 (which leaves the other fusion on)."""
     from bitfx import BitfxConfig
@@ -155,8 +155,8 @@ def test_when_the_backend_fuses_the_adds(switch, monkeypatch):
     assert not fuses(BitfxConfig(training=True), cuda, graphs)
     monkeypatch.setenv(switch, "0")
     assert not fuses(inference, cuda, graphs)
-    other = ({"BITFX_FUSE_RESIDUAL", "BITFX_FUSE_GLU"} - {switch}).pop()
-    assert fuses(inference, cuda, graphs, other)
+    for other in {"BITFX_FUSE_RESIDUAL", "BITFX_FUSE_GLU", "BITFX_FUSE_ATTENTION"} - {switch}:
+        assert fuses(inference, cuda, graphs, other)
     monkeypatch.setenv(switch, "2")
     with pytest.raises(ValueError, match=switch):
         fuses(inference, cuda, graphs)
