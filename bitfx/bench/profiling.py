@@ -3,6 +3,7 @@ its GPU kernels told apart from annotations, counted and ranked; Dynamo's graph 
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 from bitfx.bench.timing import sync
@@ -106,3 +107,64 @@ def top_kernels(prof, cuda: bool, top: int) -> dict:
     return {"kernels": sum(c for c, _ in totals.values()), "us": sum(u for _, u in totals.values()),
             "top": [{"name": k[:120], "calls": c, "us": u} for k, (c, u) in ranked[:top]],
             "host_top": [{"name": e.key[:120], "calls": e.count, "us": e.self_cpu_time_total} for e in host[:top]]}
+
+
+# Dynamo's and Inductor's timed phases a first step's compile is read from (torch's
+# ``compilation_time_metrics``; a phase this torch does not time is left out): the whole
+# forward compile (Dynamo's trace, AOTAutograd, Inductor), the backward's compile (lazy, at the
+# first backward), and inside them AOTAutograd's tracing, Inductor's code generation, its
+# compiles of kernel sources and the wait for the parallel ones.
+COMPILE_PHASES = {
+    "forward": "_compile.compile_inner",
+    "backward": "compile_fx.<locals>.bw_compiler",
+    "aot_trace": "create_aot_dispatcher_function",
+    "codegen": "GraphLowering.codegen",
+    "compile_file": "compile_file",
+    "async_wait": "async_compile.wait",
+}
+
+
+class compile_phases:
+    """``with compile_phases() as phases: first_step()``: seconds per phase of
+    :data:`COMPILE_PHASES` spent inside the block (``phases.seconds``), ``compile`` their
+    forward + backward, and ``tuned_tile`` the seconds bitfx's ternary matmul spent measuring
+    its tile for new shapes (:func:`bitfx.kernels.matmul_config._tuned_tile`; 0 where nothing
+    was measured). The rest of a first step (its kernels' JIT compiles, the step itself) is its
+    time less ``compile`` and ``tuned_tile``."""
+
+    def __enter__(self):
+        from torch._dynamo import utils
+
+        self._metrics = getattr(utils, "compilation_time_metrics", {})
+        self._before = {k: sum(v) for k, v in self._metrics.items()}
+        self._tuned = [0.0]
+        self._restore = None
+        try:
+            import bitfx.kernels.ternary_matmul as tm
+        except ImportError:  # no Triton: nothing of bitfx's to tune
+            tm = None
+        if tm is not None:
+            original = tm._tuned_tile
+
+            def timed_tile(*a, **kw):
+                t0 = time.perf_counter()
+                try:
+                    return original(*a, **kw)
+                finally:
+                    self._tuned[0] += time.perf_counter() - t0
+
+            tm._tuned_tile = timed_tile
+            self._restore = (tm, original)
+        self.seconds: dict[str, float] = {}
+        return self
+
+    def __exit__(self, *exc):
+        if self._restore is not None:
+            module, original = self._restore
+            module._tuned_tile = original
+        for name, key in COMPILE_PHASES.items():
+            if key in self._metrics:
+                self.seconds[name] = sum(self._metrics[key]) - self._before.get(key, 0.0)
+        self.seconds["compile"] = self.seconds.get("forward", 0.0) + self.seconds.get("backward", 0.0)
+        self.seconds["tuned_tile"] = self._tuned[0]
+        return False

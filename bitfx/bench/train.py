@@ -40,7 +40,7 @@ import torch
 
 from bitfx.bench import report
 from bitfx.bench.model_shapes import make_config
-from bitfx.bench.profiling import profile, top_kernels
+from bitfx.bench.profiling import compile_phases, profile, top_kernels
 from bitfx.bench.timing import sync, timed
 from bitfx.config import LAUNCH_MODES, BitfxConfig
 
@@ -90,8 +90,9 @@ def measure(name: str, method: str, args, device: str, dtype: torch.dtype, rank:
         return loss.detach()
 
     t0 = time.perf_counter()
-    first = step()
-    sync(cuda)
+    with compile_phases() as phases:
+        first = step()
+        sync(cuda)
     compile_s = time.perf_counter() - t0
     for _ in range(2):
         step()
@@ -109,6 +110,7 @@ def measure(name: str, method: str, args, device: str, dtype: torch.dtype, rank:
         "tokens_per_step": batch * seq * world, "step_ms": ms, "tokens_per_s": batch * seq * world / ms * 1e3,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "first_loss": float(first), "last_loss": float(last), "compile_s": compile_s,
+        "compile_phases": {k: round(v, 3) for k, v in phases.seconds.items()},
     }
     if top is not None:
         row["profile"] = top
@@ -161,7 +163,29 @@ def render(results: dict) -> str:
                      f"{speed} | {r['tokens_per_s']:.0f} | {peak} | {mem} | "
                      f"{r['first_loss']:.3f} → {r['last_loss']:.3f} |")
     lines += ["", "step ms: median over the timed steps (speed-up = bf16 ms / ms); peak GiB: "
-              "torch.cuda.max_memory_allocated during them (ratio = bitfx / bf16, lower is less memory)."]
+              "torch.cuda.max_memory_allocated during them (ratio = bitfx / bf16, lower is less memory).",
+              "", render_compile(rows)]
+    return "\n".join(lines)
+
+
+def render_compile(rows: list) -> str:
+    """The first step's seconds per row: in all, against the same model's bf16 row, and where
+    they went (:class:`bitfx.bench.profiling.compile_phases`; "rest": the step less the
+    compiles and the tile measurements: the kernels' JIT compiles and the step itself)."""
+    names = ("forward", "backward", "aot_trace", "codegen", "compile_file", "async_wait", "tuned_tile")
+    lines = ["| model | method | GPUs | first step s | vs bf16 | " + " | ".join(names) + " | rest |",
+             "|---|---|---|---|---|" + "---|" * (len(names) + 1)]
+    base = {(r["model"], r["world"]): r for r in rows if r["method"] == "bf16-inductor"}
+    for r in rows:
+        if r.get("compile_s") is None:
+            continue
+        b = base.get((r["model"], r["world"]))
+        ph = r.get("compile_phases", {})
+        ratio = f"{r['compile_s'] / b['compile_s']:.2f}x" if b and b.get("compile_s") else "—"
+        rest = r["compile_s"] - ph.get("compile", 0.0) - ph.get("tuned_tile", 0.0)
+        cells = " | ".join("—" if n not in ph else f"{ph[n]:.1f}" for n in names)
+        lines.append(f"| {r['model']} | {r['method']} | {r['world']} | {r['compile_s']:.1f} | {ratio} | {cells} | "
+                     f"{rest:.1f} |")
     return "\n".join(lines)
 
 

@@ -48,3 +48,40 @@ def test_launch_option_reaches_the_backend(monkeypatch):
     bt._compile(None, "bitfx-fp8", "all", "inductor")
     bt._compile(None, "bf16-inductor", "all", "inductor")
     assert calls == [dict(backend="bitfx", options={"linears": "all", "backward": "fp8", "launch": "inductor"}), {}]
+
+
+def test_render_compile_breakdown():
+    rows = [
+        dict(model="m", method="bf16-inductor", world=1, compile_s=30.0,
+             compile_phases={"forward": 20.0, "backward": 8.0, "compile": 28.0, "tuned_tile": 0.0}),
+        dict(model="m", method="bitfx", world=1, compile_s=45.0,
+             compile_phases={"forward": 25.0, "backward": 9.0, "codegen": 4.0, "compile": 34.0, "tuned_tile": 6.0}),
+    ]
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in bt.render_compile(rows).splitlines()
+             if ln.startswith("| m ")]
+    assert cells[1][3:6] == ["45.0", "1.50x", "25.0"]
+    assert cells[1][6] == "9.0" and cells[1][7] == "—" and cells[1][8] == "4.0"  # backward, aot_trace, codegen
+    assert cells[1][-2] == "6.0" and cells[1][-1] == "5.0"  # 45 - 34 compiled - 6 tuned
+    assert cells[0][-1] == "2.0" and cells[0][8] == "—"  # a phase not timed
+
+
+def test_compile_phases_times_a_compile_and_the_tile_measurement(fresh_dynamo, monkeypatch):
+    import torch
+
+    import bitfx.kernels.matmul_config as mc
+    import bitfx.kernels.ternary_matmul as tm
+    from bitfx.bench.profiling import compile_phases
+
+    original = tm._tuned_tile
+    f = torch.compile(lambda x: (x * 2).sin())
+    with compile_phases() as nothing_tuned:
+        f(torch.randn(8))
+    assert nothing_tuned.seconds["forward"] > 0
+    assert nothing_tuned.seconds["compile"] >= nothing_tuned.seconds["forward"]
+    assert nothing_tuned.seconds["tuned_tile"] == 0.0
+    monkeypatch.setitem(mc._TUNED, (128, 1, 1, torch.device("cpu")), (64, 64))  # a measured tile, cached
+    with compile_phases() as tuned:
+        assert tm._tuned_tile is not original  # the matmul's calls go through the timer
+        assert tm._tuned_tile(1, 1, 1, torch.device("cpu")) == (64, 64)
+    assert tm._tuned_tile is original
+    assert tuned.seconds["tuned_tile"] > 0 and tuned.seconds["forward"] == 0.0
