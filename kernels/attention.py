@@ -12,7 +12,8 @@ attention itself is a library kernel sized for long sequences. Here::
         online softmax over the split's keys, blocks of BLOCK_L:  m, l_sum, acc[D] in fp32
         out[b, h] = acc / l_sum   (0 for a query whose every key is masked out)
 
-Long caches are split over programs (:func:`config`) and the partial results combined by a
+The kernel lets the next one launch as it starts (:data:`PDL_TRIGGER`). Long caches are split
+over programs (:func:`config`) and the partial results combined by a
 second kernel with the usual max-rescaling. Scores, softmax and sums in fp32 whatever the
 inputs' dtype; the output rounded once to the query's dtype. The order of the sums differs from
 the library kernels' (SPEC: attention is float, compared with a tolerance); a query with every
@@ -26,7 +27,7 @@ import triton
 import triton.language as tl
 
 from bitfx.kernels._launch import Launcher
-from bitfx.kernels._utils import cdiv, interpreting, next_pow2, num_sms
+from bitfx.kernels._utils import cdiv, interpreting, next_pow2, num_sms, pdl_enabled
 
 __all__ = ["decode_attention", "config"]
 
@@ -36,6 +37,12 @@ SPLIT_KEYS = 512
 
 _NONE, _BOOL, _FLOAT = 0, 1, 2
 
+# The one-pass form lets the kernel after it start at once (programmatic dependent launch, where
+# :func:`bitfx.kernels._utils.pdl_enabled`): the norm that reads the attention's output (a
+# kernel launched with PDL, which waits for this one to finish before it reads anything) is
+# then resident when the attention ends, instead of launched after it.
+PDL_TRIGGER = True
+
 
 @triton.jit
 def _attend_kernel(
@@ -44,8 +51,11 @@ def _attend_kernel(
     sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sm_b, sm_h, sm_l, so_b, so_h,
     MASK: tl.constexpr,  # 0: none; 1: bool (False: masked out); 2: float, added to the scores
     SPLIT: tl.constexpr,  # write the split's unnormalized sums to part/stat instead of out
+    PDL_TRIGGER: tl.constexpr,  # let the next kernel (launched with PDL: a norm) start now; it waits for this one
     BLOCK_L: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    if PDL_TRIGGER:
+        tl.extra.cuda.gdc_launch_dependents()
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // Hq
@@ -177,7 +187,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         q, k, v, m, out, part, stat, Hq, L, D, group, chunk, float(scale),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         *sm, out.stride(0), out.stride(1),
-    ), dict(MASK=kind, SPLIT=splits > 1, BLOCK_L=block_l, BLOCK_D=block_d), num_warps=warps, num_stages=2)
+    ), dict(MASK=kind, SPLIT=splits > 1, PDL_TRIGGER=pdl_enabled(device) and splits == 1 and PDL_TRIGGER,
+            BLOCK_L=block_l, BLOCK_D=block_d), num_warps=warps, num_stages=2)
     if splits > 1:
         _COMBINE((B * Hq,), (part, stat, out, Hq, D, splits, out.stride(0), out.stride(1)),
                  dict(BLOCK_S=next_pow2(splits), BLOCK_D=block_d), num_warps=4, num_stages=1)
