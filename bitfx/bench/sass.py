@@ -9,7 +9,11 @@ kernels the launch rules pick for one token (M = 1), with the constexprs they pa
 specialization a real launch gets (pointers and sizes divisible by 16), and prints a table:
 
 * ``norm_quant`` and the dp4a GEMV: the two-kernel path;
-* ``front_gemv``: the norm, the codes and the GEMV in one kernel (``BITFX_FRONT_GEMV=1``).
+* ``front_gemv``: the norm, the codes and the GEMV in one kernel (``BITFX_FRONT_GEMV=1``);
+
+and, per model, the decode attention (``bitfx::decode_attention``, a bool mask) on the
+benchmark's 128-slot cache and on a 4096-slot one, whose keys are split over programs and
+combined by a second kernel.
 
 Static counts (the whole kernel's code per thread), not run time: what they show is where a
 kernel spills or grows, without a GPU. ``--sms`` sets the SM count the launch rules size the
@@ -128,7 +132,42 @@ def site_kernels(K: int, N: int, sms: int, dtype=torch.bfloat16) -> list:
     return out
 
 
+# Cache lengths the attention rows compile for: the decode benchmark's, and a long one (split).
+ATTENTION_KEYS = (128, 4096)
+
+
+def attention_kernels(model: str, L: int, sms: int, dtype=torch.bfloat16) -> list:
+    """``[(name, fn, types, constexprs, num_warps, options)]``: what ``decode_attention`` launches
+    for ``model``'s heads (batch 1, a bool mask) against ``L`` cached keys."""
+    from bitfx.bench.model_shapes import MODELS
+    from bitfx.kernels import attention as ka
+
+    fields = MODELS[model][1]
+    heads = fields["num_attention_heads"]
+    D = fields.get("head_dim", fields["hidden_size"] // heads)
+    splits, _, block_l, warps = ka.config(heads, L, D, sms)
+    x = _POINTER[dtype]
+    part = "*fp32" if splits > 1 else x
+    types = dict(q_ptr=x, k_ptr=x, v_ptr=x, mask_ptr="*u8", o_ptr=x, part_ptr=part, stat_ptr=part, Hq="i32", L="i32",
+                 D="i32", group="i32", chunk="i32", scale="fp32",
+                 **{n: "i32" for n in ("sq_b", "sq_h", "sk_b", "sk_h", "sk_l", "sv_b", "sv_h", "sv_l", "sm_b", "sm_h",
+                                       "sm_l", "so_b", "so_h")})
+    out = [("attention", ka._attend_kernel, types,
+            dict(MASK=1, SPLIT=splits > 1, PDL_TRIGGER=splits == 1, BLOCK_L=block_l, BLOCK_D=ka.next_pow2(D)), warps,
+            {})]
+    if splits > 1:
+        out.append(("attention combine", ka._combine_kernel,
+                    dict(part_ptr="*fp32", stat_ptr="*fp32", o_ptr=x, Hq="i32", D="i32", splits="i32", so_b="i32",
+                         so_h="i32"),
+                    dict(BLOCK_S=ka.next_pow2(splits), BLOCK_D=ka.next_pow2(D)), 4, {}))
+    return out
+
+
 def _shape(c: dict) -> str:
+    if "BLOCK_L" in c:
+        return f"{c['BLOCK_L']} keys x {c['BLOCK_D']}" + (", split" if c["SPLIT"] else "")
+    if "BLOCK_S" in c:
+        return f"{c['BLOCK_S']} splits x {c['BLOCK_D']}"
     if "BLOCK_W" in c:
         return f"{c['BLOCK_N']} rows x {c['BLOCK_W']} words" + (f", split {c['SPLIT_K']}" if c.get("SPLIT_K", 1) > 1 else "")
     return f"{c['BLOCK_K']}-element row block" if c.get("ONE_BLOCK") else f"{c['BLOCK_K']}-element chunks"
@@ -159,6 +198,11 @@ def main(argv=None) -> int:
             for name, fn, types, constexprs, warps, options in site_kernels(K, N, args.sms):
                 u = usage(compile_kernel(fn, types, constexprs, warps, args.arch, **options))
                 print(f"| {model} | {K} x {N} | {name} | {warps} | {_shape(constexprs)} | {u['registers']} | "
+                      f"{u['stack']} | {u['sass']} |", flush=True)
+        for L in ATTENTION_KEYS:
+            for name, fn, types, constexprs, warps, options in attention_kernels(model, L, args.sms):
+                u = usage(compile_kernel(fn, types, constexprs, warps, args.arch, **options))
+                print(f"| {model} | {L} keys | {name} | {warps} | {_shape(constexprs)} | {u['registers']} | "
                       f"{u['stack']} | {u['sass']} |", flush=True)
     return 0
 
