@@ -42,6 +42,8 @@ _NONE, _BOOL, _FLOAT = 0, 1, 2
 # kernel launched with PDL, which waits for this one to finish before it reads anything) is
 # then resident when the attention ends, instead of launched after it.
 PDL_TRIGGER = True
+# The largest tile of keys x head_dim a program holds (fp32, 2048 elements a warp).
+_TILE = 16384
 
 
 @triton.jit
@@ -138,13 +140,16 @@ def config(heads: int, L: int, D: int, sms: int) -> tuple[int, int, int, int]:
     the cache is short; otherwise the keys split into chunks of at least :data:`SPLIT_KEYS` (a
     multiple of ``BLOCK_L``) until about two programs per SM (``sms`` of them)."""
     block_d = next_pow2(D)
-    block_l = max(16, min(64, 8192 // block_d)) if not interpreting() else 16
+    # A block of keys is one round trip to memory: a short cache in one block (a tile of up to
+    # 16384 elements, 2048 a warp, no spills on sm_90: python -m bitfx.bench sass), else in blocks
+    # of that size.
+    block_l = max(16, min(next_pow2(L), _TILE // block_d)) if not interpreting() else 16
     splits = 1
     if L > SPLIT_KEYS:
         splits = max(1, min(cdiv(2 * sms, heads), cdiv(L, SPLIT_KEYS)))
     chunk = cdiv(cdiv(L, splits), block_l) * block_l
     splits = cdiv(L, chunk)
-    return splits, chunk, block_l, 4 if block_d * block_l >= 4096 else 2
+    return splits, chunk, block_l, max(2, min(8, block_d * block_l // 2048))
 
 
 def _rows_last_unit(t: torch.Tensor) -> torch.Tensor:
