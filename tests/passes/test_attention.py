@@ -287,3 +287,31 @@ def test_backend_decode_step_on_cuda(builder, dtype, monkeypatch, fresh_dynamo):
         taken = op_counts(graphs[0])["decode_attention"]
         assert taken == (model.config.num_hidden_layers if fuse == "1" else 0)
     assert_close_up_to_code_flips(outs["1"], outs["0"], flipped_rows=1)
+
+
+def test_pass_then_inductor_reads_the_updated_cache(fresh_dynamo):
+    """Compiled through AOTAutograd and Inductor (the CPU here), the op reads the cache as the
+    step's in-place write left it: the logits equal the uncompiled step's, token after token."""
+    pytest.importorskip("transformers")
+    from torch._inductor.compile_fx import compile_fx
+
+    from bitfx.bench.decode import Decode
+
+    model, _ = models.tiny_llama()
+    taken = []
+
+    def backend(gm, inputs):
+        taken.append(fuse_decode_attention(gm))
+        return compile_fx(gm, inputs)
+
+    dec = Decode(model, "cpu", torch.float32)
+    eager_dec = Decode(model, "cpu", torch.float32)
+    step = torch.compile(lambda t: model(input_ids=t, **dec.kwargs).logits, backend=backend, fullgraph=True)
+    token = dec.token
+    with torch.no_grad():
+        for _ in range(3):  # no rewind: each step writes the next slot and attends to it
+            got = step(token)
+            want = model(input_ids=token, **eager_dec.kwargs).logits
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+            token = want[:, -1:].argmax(-1)
+    assert taken == [model.config.num_hidden_layers]
