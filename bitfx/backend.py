@@ -175,9 +175,10 @@ def _inductor_launches(config: BitfxConfig, inputs: list, inductor_patches: dict
 
 def _fuses_prologues(config: BitfxConfig, inputs: list, inductor_patches: dict[str, Any], switch: str) -> bool:
     """Whether an inference graph's kernels before its fronts join them (the residual adds,
-    :mod:`bitfx.passes.residual`; the gated activations, :mod:`bitfx.passes.glu`): on CUDA under
-    CUDA graphs with the custom ops (what ``launch="auto"`` keeps there), unless the environment
-    setting ``switch`` is 0. Not yet where Inductor launches the kernels: the ops' forms for
+    :mod:`bitfx.passes.residual`; the gated activations, :mod:`bitfx.passes.glu`), and its
+    one-token attentions become ``decode_attention`` (:mod:`bitfx.passes.attention`): on CUDA
+    under CUDA graphs with the custom ops (what ``launch="auto"`` keeps there), unless the
+    environment setting ``switch`` is 0. Not yet where Inductor launches the kernels: the ops' forms for
     that (``add_norm_quant_triton``, ``glu_quant_triton``) compute the same numbers as the
     kernel, but whole models compiled so have not been checked on a GPU. Nor in a default-mode
     graph of custom ops: there the add or the activation is one of Inductor's kernels, and the
