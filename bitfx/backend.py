@@ -57,11 +57,12 @@ On CUDA under CUDA graphs (with the custom ops) two kernels of Inductor's join t
 read them: a residual add that a norm reads directly (:mod:`bitfx.passes.residual`,
 ``bitfx::add_norm_quant``), one kernel fewer per pre-norm site, and a gated MLP's activation
 (SiLU or ReLU² times ``up``) that a down projection's front reads (:mod:`bitfx.passes.glu`,
-``bitfx::glu_quant``), one fewer per MLP. There too, a one-token attention on a key/value cache
-becomes ``bitfx::decode_attention`` (:mod:`bitfx.passes.attention`): one kernel that reads
-grouped key/value heads where they lie, where Inductor copied the repeated cache per layer
-before a library attention kernel. ``BITFX_FUSE_RESIDUAL=0`` keeps the adds,
-``BITFX_FUSE_GLU=0`` the activations, ``BITFX_FUSE_ATTENTION=0`` the attention.
+``bitfx::glu_quant``), one fewer per MLP. With ``BITFX_FUSE_ATTENTION=1`` (opt-in: not yet timed or
+tested on a GPU), a one-token attention on a key/value cache there becomes
+``bitfx::decode_attention`` (:mod:`bitfx.passes.attention`): one kernel that reads grouped
+key/value heads where they lie, where Inductor copies the repeated cache per layer before a
+library attention kernel. ``BITFX_FUSE_RESIDUAL=0`` keeps the adds, ``BITFX_FUSE_GLU=0`` the
+activations.
 
 Logging: logger ``"bitfx"``. ``BITFX_LOG=1`` (or ``info``) prints what was rewritten,
 ``BITFX_LOG=debug`` also what was left out and why.
@@ -173,12 +174,17 @@ def _inductor_launches(config: BitfxConfig, inputs: list, inductor_patches: dict
     return not inductor_patches.get("triton.cudagraphs", inductor_config.triton.cudagraphs)
 
 
+# The environment switches of the fusions under CUDA graphs, and whether each is on when unset:
+# the decode attention is opt-in until its kernel has been timed and tested on a GPU.
+_SWITCH_DEFAULTS = {"BITFX_FUSE_RESIDUAL": True, "BITFX_FUSE_GLU": True, "BITFX_FUSE_ATTENTION": False}
+
+
 def _fuses_prologues(config: BitfxConfig, inputs: list, inductor_patches: dict[str, Any], switch: str) -> bool:
     """Whether an inference graph's kernels before its fronts join them (the residual adds,
     :mod:`bitfx.passes.residual`; the gated activations, :mod:`bitfx.passes.glu`), and its
     one-token attentions become ``decode_attention`` (:mod:`bitfx.passes.attention`): on CUDA
     under CUDA graphs with the custom ops (what ``launch="auto"`` keeps there), unless the
-    environment setting ``switch`` is 0. Not yet where Inductor launches the kernels: the ops' forms for
+    environment setting ``switch`` is 0 (the attention: if it is 1; :data:`_SWITCH_DEFAULTS`). Not yet where Inductor launches the kernels: the ops' forms for
     that (``add_norm_quant_triton``, ``glu_quant_triton``) compute the same numbers as the
     kernel, but whole models compiled so have not been checked on a GPU. Nor in a default-mode
     graph of custom ops: there the add or the activation is one of Inductor's kernels, and the
@@ -188,7 +194,7 @@ def _fuses_prologues(config: BitfxConfig, inputs: list, inductor_patches: dict[s
 
     from bitfx.modules import env_switch
 
-    if config.training or not _on_cuda(inputs) or not env_switch(switch):
+    if config.training or not _on_cuda(inputs) or not env_switch(switch, _SWITCH_DEFAULTS[switch]):
         return False
     graphs = inductor_patches.get("triton.cudagraphs", inductor_config.triton.cudagraphs)
     return bool(graphs) and not _inductor_launches(config, inputs, inductor_patches)

@@ -163,10 +163,12 @@ class _Group(_PartsPlans):
         self.refs = [weakref.ref(first)]
 
 
-def env_switch(name: str) -> bool:
-    """An on/off environment setting of the eager paths: unset or 1, on; 0, off; else a ValueError."""
+def env_switch(name: str, default: bool = True) -> bool:
+    """An on/off environment setting: 1, on; 0, off; unset (or empty), ``default``; else a ValueError."""
     value = env(name)
-    if value in (None, "", "1"):
+    if value in (None, ""):
+        return default
+    if value == "1":
         return True
     if value == "0":
         return False

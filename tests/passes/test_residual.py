@@ -134,9 +134,10 @@ def test_op_reference_is_the_add_then_norm_quant():
 
 @pytest.mark.parametrize("switch", ["BITFX_FUSE_RESIDUAL", "BITFX_FUSE_GLU", "BITFX_FUSE_ATTENTION"])
 def test_when_the_backend_fuses_the_adds(switch, monkeypatch):
-    """Residual adds, gated activations and decode attention: CUDA inference graphs under CUDA graphs with the
-    custom ops; not in default mode, not where Inductor launches the kernels, not on the CPU, not
-    in training, not with the switch at 0 (which leaves the other fusion on)."""
+    """Residual adds, gated activations and decode attention: CUDA inference graphs under CUDA
+    graphs with the custom ops; not in default mode, not where Inductor launches the kernels, not
+    on the CPU, not in training, not with the switch at 0 (which leaves the other fusions as they
+    are); the attention only with its switch at 1 (opt-in), the others also with theirs unset."""
     from bitfx import BitfxConfig
     from bitfx.backend import _fuses_prologues
     from tests.ops.test_inductor_forms import _fake_cuda
@@ -146,6 +147,10 @@ def test_when_the_backend_fuses_the_adds(switch, monkeypatch):
 
     cuda, cpu, graphs = [_fake_cuda()], [torch.ones(2)], {"triton.cudagraphs": True}
     inference = BitfxConfig(training=False)
+    for name in ("BITFX_FUSE_RESIDUAL", "BITFX_FUSE_GLU", "BITFX_FUSE_ATTENTION"):
+        monkeypatch.delenv(name, raising=False)
+    assert fuses(inference, cuda, graphs) == (switch != "BITFX_FUSE_ATTENTION")
+    monkeypatch.setenv(switch, "1")
     assert fuses(inference, cuda, graphs)
     assert fuses(BitfxConfig(training=False, launch="op"), cuda, graphs)
     assert not fuses(inference, cuda, {})
@@ -155,8 +160,9 @@ def test_when_the_backend_fuses_the_adds(switch, monkeypatch):
     assert not fuses(BitfxConfig(training=True), cuda, graphs)
     monkeypatch.setenv(switch, "0")
     assert not fuses(inference, cuda, graphs)
-    for other in {"BITFX_FUSE_RESIDUAL", "BITFX_FUSE_GLU", "BITFX_FUSE_ATTENTION"} - {switch}:
-        assert fuses(inference, cuda, graphs, other)
+    for other in ("BITFX_FUSE_RESIDUAL", "BITFX_FUSE_GLU"):
+        if other != switch:
+            assert fuses(inference, cuda, graphs, other)
     monkeypatch.setenv(switch, "2")
     with pytest.raises(ValueError, match=switch):
         fuses(inference, cuda, graphs)
