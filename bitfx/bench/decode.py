@@ -62,6 +62,8 @@ def rewind(cache, position: int) -> None:
             n.fill_(position)
         elif isinstance(n, int):
             layer.cumulative_length = position
+        if isinstance(getattr(layer, "cumulative_length_int", None), int):  # a sliding-window layer's copy of it
+            layer.cumulative_length_int = position
 
 
 class Decode:
