@@ -539,6 +539,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     key is attended) or float (added to the scores), broadcastable to ``[B, Hq, 1, L]``. A query
     with every key masked out gets zeros (as torch's math attention). The oracle of
     ``bitfx.kernels.attention``."""
+    if k.shape[2] == 0:  # no key at all: every key masked, so zeros (as torch's attention gives)
+        return torch.zeros_like(q)
     group = q.shape[1] // k.shape[1]
     kf = k.float().repeat_interleave(group, dim=1)
     vf = v.float().repeat_interleave(group, dim=1)

@@ -169,8 +169,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     device = q.device
     L = k.shape[2]
     out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=device)
-    if out.numel() == 0:
-        return out
+    if out.numel() == 0 or L == 0:  # (no key: zeros, as for a query whose every key is masked)
+        return out.zero_()
     q, k, v = (_rows_last_unit(t) for t in (q, k, v))
     if mask is None:
         kind, m, sm = _NONE, q, (0, 0, 0)

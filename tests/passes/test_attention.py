@@ -110,6 +110,17 @@ def test_split_rule():
             assert splits > 1 and chunk >= ka.SPLIT_KEYS and heads * (splits - 1) < 2 * sms
 
 
+def test_empty_cache_and_empty_batch():
+    """No key at all gives zeros (torch's attention too); no query gives an empty output."""
+    q, k, v, _ = _inputs(1, 4, 2, 0, 16, torch.float32, None)
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1))
+    assert torch.equal(want, torch.zeros_like(q))
+    assert torch.equal(ref.decode_attention(q, k, v, None, 0.25), want)
+    assert torch.equal(_kernel(q.to(KERNEL_DEVICE), k.to(KERNEL_DEVICE), v.to(KERNEL_DEVICE), None, 0.25).cpu(), want)
+    q, k, v, _ = _inputs(0, 4, 2, 5, 16, torch.float32, None)
+    assert _kernel(q.to(KERNEL_DEVICE), k.to(KERNEL_DEVICE), v.to(KERNEL_DEVICE), None, 0.25).shape == (0, 4, 1, 16)
+
+
 def test_kernel_reads_strided_inputs():
     """A query that is a transposed view, a cache slice with a row stride, a mask broadcast in two dims."""
     g = torch.Generator().manual_seed(3)
