@@ -1,7 +1,8 @@
 """``decode_attention``: the attention of one query per head against a key/value cache, with
-grouped heads read where they lie (schema in :data:`bitfx.ops.library.SCHEMAS`). The backend's
-decode graphs call it in place of ``scaled_dot_product_attention`` and the repeat of the cache's
-heads before it (:mod:`bitfx.passes.attention`). Inference only: no autograd formula (the pass
+grouped heads read where they lie (schema in :data:`bitfx.ops.library.SCHEMAS`). With
+``BITFX_FUSE_ATTENTION=1`` the backend's decode graphs under CUDA graphs call it in place of
+``scaled_dot_product_attention`` and the repeat of the cache's heads before it
+(:mod:`bitfx.passes.attention`). Inference only: no autograd formula (the pass
 leaves graphs that need a gradient alone)."""
 
 from __future__ import annotations
