@@ -21,7 +21,9 @@ s)`` instead, which reads each key/value head for its query heads where it lies,
   expand-and-reshape above, or ``repeat_interleave``), or taken as they are (``Hk`` heads with
   ``enable_gqa``, else all ``Hq``).
 
-Anything else keeps the library call. The repeats' nodes go when nothing else reads them.
+Anything else keeps the library call, and so does a graph traced with ``dynamic=True`` (its
+heads and head_dim symbolic: the group and the head_dim limit need their values); a cache length
+that Dynamo made symbolic after it changed is taken. The repeats' nodes go when nothing else reads them.
 """
 
 from __future__ import annotations

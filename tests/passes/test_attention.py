@@ -345,3 +345,27 @@ def test_pass_then_inductor_reads_the_updated_cache(fresh_dynamo):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
             token = want[:, -1:].argmax(-1)
     assert taken == [model.config.num_hidden_layers]
+
+
+def test_pass_takes_a_cache_of_symbolic_length(fresh_dynamo):
+    """A cache that grows between calls (Dynamo recompiles with its length symbolic) is still
+    taken, and right at every length; ``dynamic=True``, which makes the heads and head_dim
+    symbolic too, keeps the library call (the group and the head_dim limit need their values)."""
+    taken = []
+
+    def backend(gm, inputs):
+        taken.append(fuse_decode_attention(gm))
+        return gm
+
+    def attend(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, _FORMS["expand"](k, 2), _FORMS["expand"](v, 2), attn_mask=mask)
+
+    grown = torch.compile(attend, backend=backend, fullgraph=True)
+    for L in (7, 9, 13):
+        q, k, v, mask = _inputs(1, 4, 2, L, 16, torch.float32, "bool", seed=L)
+        torch.testing.assert_close(grown(q, k, v, mask), _torch_attention(q, k, v, mask, 0.25), rtol=1e-5, atol=1e-6)
+    assert taken == [1, 1]  # the first length, then one graph for every length
+    torch._dynamo.reset()
+    taken.clear()
+    torch.compile(attend, backend=backend, fullgraph=True, dynamic=True)(q, k, v, mask)
+    assert taken == [0]
