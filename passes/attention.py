@@ -29,7 +29,6 @@ that Dynamo made symbolic after it changed is taken. The repeats' nodes go when 
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +37,7 @@ from torch import fx
 import bitfx.ops  # noqa: F401  (registers torch.ops.bitfx.*)
 from bitfx.layout import FLOAT_DTYPES
 from bitfx.ops.library import MAX_HEAD_DIM
-from bitfx.passes.fx_utils import arg_of, const_of, shape_of, static_int
+from bitfx.passes.fx_utils import arg_of, const_of, kind_of, shape_of, static_int
 from bitfx.passes.rewrite import _Builder, _val
 
 __all__ = ["fuse_decode_attention"]
@@ -48,21 +47,13 @@ _aten = torch.ops.aten
 _SDPA = (F.scaled_dot_product_attention, _aten.scaled_dot_product_attention.default)
 
 
-def _is(node, method: str, functions: tuple = ()) -> bool:
-    if not isinstance(node, fx.Node):
-        return False
-    if node.op == "call_method":
-        return node.target == method
-    return node.op == "call_function" and node.target in functions
-
-
 def _repeat_source(node) -> tuple[fx.Node, int] | None:
     """``(src, n)`` where ``node`` repeats each head of ``src [B, Hk, L, D]`` ``n`` times along
     dim 1 (head ``h`` of ``node`` is head ``h // n`` of ``src``), else None."""
     out = shape_of(node)
     if out is None or len(out) != 4:
         return None
-    if _is(node, "repeat_interleave", (torch.repeat_interleave,)):
+    if kind_of(node) == "repeat_interleave":
         src = node.args[0]
         n = arg_of(node, 1, "repeats")
         dim = arg_of(node, 2, "dim")
@@ -70,23 +61,23 @@ def _repeat_source(node) -> tuple[fx.Node, int] | None:
         if isinstance(n, int) and dim in (1, -3) and s is not None and len(s) == 4 and len(node.kwargs) <= 2:
             return src, n
         return None
-    if not _is(node, "reshape", (torch.reshape,)) and not _is(node, "view"):
+    if kind_of(node) not in ("reshape", "view"):
         return None
     ex = node.args[0]
-    if not _is(ex, "expand") or len(ex.users) != 1:
+    if kind_of(ex) != "expand" or len(ex.users) != 1:
         return None
     five = shape_of(ex)
     up = ex.args[0]
     up_shape = shape_of(up)
     if five is None or up_shape is None or len(five) != 5 or len(up_shape) != 5 or up_shape[2] != 1:
         return None
-    if isinstance(up, fx.Node) and up.op == "call_function" and up.target is operator.getitem:
+    if kind_of(up) == "getitem":
         src, idx = up.args
         full = slice(None, None, None)
         if not (isinstance(idx, tuple) and len(idx) >= 3 and idx[0] == full and idx[1] == full and idx[2] is None
                 and all(e == full or e is Ellipsis for e in idx[3:])):
             return None
-    elif _is(up, "unsqueeze", (torch.unsqueeze,)) and arg_of(up, 1, "dim") in (2, -3):
+    elif kind_of(up) == "unsqueeze" and arg_of(up, 1, "dim") in (2, -3):
         src = up.args[0]
     else:
         return None
@@ -153,12 +144,12 @@ def _decode_call(node: fx.Node):
     return q, ks, vs, mask, (1.0 / math.sqrt(D) if scale is None else const_of(scale))
 
 
+_REPEAT_KINDS = ("reshape", "view", "expand", "unsqueeze", "repeat_interleave", "getitem")
+
+
 def _drop_dead_repeats(node) -> None:
     """Erase ``node`` and the repeat before it (:func:`_repeat_source`'s nodes) once unused."""
-    while isinstance(node, fx.Node) and not node.users and node.op in ("call_method", "call_function") and (
-            _is(node, "reshape", (torch.reshape,)) or _is(node, "view") or _is(node, "expand")
-            or _is(node, "unsqueeze", (torch.unsqueeze,)) or _is(node, "repeat_interleave", (torch.repeat_interleave,))
-            or (node.op == "call_function" and node.target is operator.getitem)):
+    while kind_of(node) in _REPEAT_KINDS and not node.users:
         src = node.args[0]
         node.graph.erase_node(node)
         node = src

@@ -42,7 +42,7 @@ _FN_KINDS: dict[Any, str] = {
     torch.rms_norm: "rms_norm", F.rms_norm: "rms_norm",
     torch.reshape: "reshape", torch.flatten: "flatten", torch.unsqueeze: "unsqueeze",
     torch.squeeze: "squeeze", torch.transpose: "transpose", torch.permute: "permute",
-    torch.clone: "clone",
+    torch.clone: "clone", torch.repeat_interleave: "repeat_interleave",
 }
 
 _ATEN_KINDS: dict[Any, str] = {
@@ -53,6 +53,7 @@ _ATEN_KINDS: dict[Any, str] = {
     aten.rms_norm: "rms_norm", aten.view: "view", aten.reshape: "reshape", aten._unsafe_view: "view",
     aten.clone: "clone", aten.unsqueeze: "unsqueeze", aten.squeeze: "squeeze",
     aten.transpose: "transpose", aten.permute: "permute", aten.flatten: "flatten",
+    aten.expand: "expand", aten.repeat_interleave: "repeat_interleave",
     aten._to_copy: "cast", aten.to: "cast", aten.type_as: "cast", torch.ops.prims.convert_element_type: "cast",
 }
 
@@ -71,6 +72,7 @@ _METHOD_KINDS: dict[str, str] = {
     "view": "view", "view_as": "view", "reshape": "reshape", "reshape_as": "reshape",
     "contiguous": "contiguous", "flatten": "flatten", "unsqueeze": "unsqueeze",
     "squeeze": "squeeze", "transpose": "transpose", "permute": "permute", "clone": "clone",
+    "expand": "expand", "repeat_interleave": "repeat_interleave",
 }
 
 # Ops that keep every length-K row of their input intact (checked further in is_row_op).
