@@ -59,3 +59,17 @@ def ops_forward(layer, x: torch.Tensor) -> torch.Tensor:
     bits = () if layer.act_bits == 8 else (layer.act_bits,)
     q, s = torch.ops.bitfx.act_quant(x, *bits)
     return torch.ops.bitfx.ternary_matmul(q, s, layer.packed, layer.w_scale, layer.bias, x.dtype, layer.in_features)
+
+
+def replay_in_cuda_graph(step, outputs) -> None:
+    """Run ``step`` once (its kernels compile outside the capture), capture it in a CUDA graph,
+    zero ``outputs`` and replay the graph once: ``outputs`` then hold what the replay wrote."""
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for out in outputs:
+        out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from bitfx import reference as ref
 from bitfx.kernels import norm_quant as nq
-from tests.helpers import FLOAT_DTYPES, KERNEL_DEVICE, ULP
+from tests.helpers import FLOAT_DTYPES, KERNEL_DEVICE, ULP, replay_in_cuda_graph
 
 # Non-finite rows make the interpreter's numpy warn ("invalid value encountered"); that is the
 # defined behaviour under test, not a problem.
@@ -497,16 +497,7 @@ def test_pdl_norms_after_gemv_in_cuda_graph_read_fresh_rows():
             for o, t in zip(out, chain()):
                 o.copy_(t)
 
-    step()  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    for out in outs:
-        for o in out:
-            o.zero_()
-    graph.replay()
-    torch.cuda.synchronize()
+    replay_in_cuda_graph(step, [o for out in outs for o in out])
     for out, w in zip(outs, want):
         for o, t in zip(out, w):
             assert torch.equal(o, t)

@@ -28,7 +28,7 @@ from bitfx import reference as ref
 from bitfx import layout
 from bitfx.kernels import ternary_matmul as tm
 from bitfx.kernels.ternary_matmul import ternary_matmul, ternary_matmul_int32
-from tests.helpers import FLOAT_DTYPES, KERNEL_DEVICE, ULP, assert_close_ulps
+from tests.helpers import FLOAT_DTYPES, KERNEL_DEVICE, ULP, assert_close_ulps, replay_in_cuda_graph
 
 DEV = KERNEL_DEVICE
 U = 2.0**-24
@@ -380,15 +380,7 @@ def test_pdl_in_cuda_graph_reads_fresh_inputs(M, path):
             w_buf.copy_(packed)
             out.copy_(ternary_matmul_int32(q_buf, w_buf, path=path, config=dict(PDL=True)))
 
-    step()  # compile outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    for out in outs:
-        out.zero_()
-    graph.replay()
-    torch.cuda.synchronize()
+    replay_in_cuda_graph(step, outs)
     for (q, packed), out in zip(sources, outs):
         assert torch.equal(out, ref.ternary_matmul_int32(q, packed))
 
