@@ -17,6 +17,7 @@ when a weight is packed or loaded (``BitfxLinear``), never per call.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Callable, Optional
 
@@ -100,11 +101,33 @@ def register(name: str, key: str) -> Callable:
             torch.library.register_fake(f"bitfx::{name}", fn, lib=LIB)
         elif key == "cuda":  # Triton launches on the current device: make it the inputs'
             LIB.impl(name, on_input_device(fn), _KEYS[key])
+        elif key == "reference":
+            LIB.impl(name, _contiguous_outputs(fn), _KEYS[key])
         else:
             LIB.impl(name, fn, _KEYS[key])
         return fn
 
     return add
+
+
+def _contiguous_outputs(fn: Callable) -> Callable:
+    """``fn`` with every tensor it returns made contiguous. The fake implementations and the
+    kernels give fresh contiguous outputs; torch's elementwise ops in a reference would instead
+    carry a permuted input's layout into its codes and scales, and a compiled graph planned with
+    the fake's strides stops on the mismatch (Inductor checks each custom op's output strides)."""
+
+    def contiguous(out):
+        if isinstance(out, Tensor):
+            return out.contiguous()
+        if isinstance(out, (tuple, list)):
+            return type(out)(contiguous(o) for o in out)
+        return out
+
+    @functools.wraps(fn)
+    def impl(*args, **kwargs):
+        return contiguous(fn(*args, **kwargs))
+
+    return impl
 
 
 def register_autograd(name: str, backward: Callable, setup_context: Callable) -> None:

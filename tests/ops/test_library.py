@@ -165,6 +165,36 @@ def test_opcheck(name, case, device):
     opcheck(getattr(ops, op_name).default, args)
 
 
+def _permutable(a) -> bool:
+    return (isinstance(a, torch.Tensor) and a.dim() >= 2 and (a.is_floating_point() or a.dtype == torch.int8)
+            and a.shape[-1] > 1 and a.shape[-2] > 1)
+
+
+def _permuted(a):
+    """``a`` with the same values, its last two dimensions stored transposed (a float or int8
+    tensor of two or more dimensions, each of them longer than 1; lists element by element;
+    anything else as it is)."""
+    if isinstance(a, list):
+        return [_permuted(t) for t in a]
+    return a.detach().mT.contiguous().mT.requires_grad_(a.requires_grad) if _permutable(a) else a
+
+
+def _flat(args) -> list:
+    return [t for a in args for t in (a if isinstance(a, list) else [a])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [c for c, (_, args) in _op_cases("cpu").items() if any(map(_permutable, _flat(args)))])
+def test_opcheck_permuted_inputs(case, device):
+    """Inputs stored transposed (a model's activations after a transpose, as a Mamba block's
+    are): the op gives the outputs its fake implementation promises, contiguous, whatever the
+    inputs' strides; opcheck compares every output's strides with the fake's."""
+    op_name, args = _op_cases(device)[case]
+    args = tuple(_permuted(a) for a in args)
+    assert any(isinstance(t, torch.Tensor) and not t.is_contiguous() for t in _flat(args))
+    opcheck(getattr(ops, op_name).default, args)
+
+
 def test_opcheck_cases_name_catalogue_ops():
     assert {op for op, _ in _op_cases("cpu").values()} <= set(SCHEMAS)
 
