@@ -54,3 +54,28 @@ def test_passes_on_more_architectures(arch):
     assert after["add_norm_quant"] == adds and after["glu_quant"] == acts
     with torch.no_grad():
         assert torch.equal(run(), before)
+
+
+def test_mamba_block_with_transposed_activations_compiles():
+    """FalconMamba's ``x_proj`` reads the convolution's output transposed (the token dimension
+    stride 1), so its activation quantization gets a permuted input. The backend's compiled
+    model runs (Inductor checks every custom op's output strides against the fake's) and
+    computes what ``bitfx.quantize`` + eager computes. Inductor reorders the float arithmetic
+    between the linears (the convolution, the selective scan) by a few ulps: hence a bound of
+    1e-5 of the logits' scale rather than equality; a moved activation code would move a
+    logit by about 1e-2 of it."""
+    import copy
+
+    import bitfx
+
+    transformers = pytest.importorskip("transformers")
+    config_cls = getattr(transformers, "FalconMambaConfig", None)
+    model_cls = getattr(transformers, "FalconMambaForCausalLM", None)
+    if config_cls is None or model_cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no FalconMamba")
+    model, ids = models._hf(config_cls, model_cls, 0, torch.float32, pad_token_id=None, bos_token_id=None,
+                            eos_token_id=None)
+    with torch.no_grad():
+        expected = bitfx.quantize(copy.deepcopy(model))(ids).logits
+        got = torch.compile(model, backend="bitfx")(ids).logits
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
