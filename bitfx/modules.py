@@ -444,7 +444,27 @@ def _apply_keeping_fp32(module: nn.Module, scale: str, apply, fn, recurse):
 
 class _CheckedState(nn.Module):
     """A layer whose ``load_state_dict`` refuses a state its ``_check_state(sd, prefix, strict)``
-    finds wrong (a list of problems in words), naming each, before anything is copied."""
+    finds wrong (a list of problems in words), naming each, before anything is copied.
+
+    Its ``weight`` is the dense weight it multiplies by (``dequantize()``, ``[N, K]`` in
+    ``weight_dtype``), built afresh at each read, for code written against ``nn.Linear`` that
+    reads a layer's ``weight`` (its dtype, device or shape, as some transformers models do in
+    their forward; a compiled graph that reads only those drops the dequantization). It is a
+    copy: writing into it changes nothing, and assigning one is refused."""
+
+    @property
+    def weight(self) -> Tensor:
+        return self.dequantize()
+
+    def __setattr__(self, name, value):
+        if name == "weight":
+            kind = type(self).__name__
+            raise AttributeError(
+                f"{kind}.weight is read-only: the layer holds quantized codes and scales, and its weight is their "
+                f"dequantized copy; to change the weight, convert a float nn.Linear holding it with "
+                f"{kind}.from_linear(...)"
+            )
+        super().__setattr__(name, value)
 
     def _check_state(self, sd, prefix, strict) -> list[str]:
         raise NotImplementedError

@@ -136,10 +136,18 @@ class Naming:
                     head = get()
                 except (AttributeError, NotImplementedError, TypeError):
                     head = None
-                w = getattr(head, "weight", None)
+                # the registered tensor (a converted head's ``weight`` is a dequantized copy)
+                w = _registered(head, "weight")
                 if isinstance(w, torch.Tensor):
                     out.add(id(w))
         return out
+
+
+def _registered(module, name: str):
+    """``module``'s parameter or buffer ``name``, or None (nothing computed by a property)."""
+    if not isinstance(module, nn.Module):
+        return None
+    return module._parameters.get(name, module._buffers.get(name))
 
 
 def _join(prefix: str, name: str) -> str:

@@ -405,3 +405,47 @@ def test_eager_launch_plan_follows_the_layer(M):
         assert "_plans" not in layer.__dict__  # moving drops the plans (and what they hold)
         layer.cuda()
         assert torch.equal(layer(x), want)
+
+
+class _ReadsWeightDtype(nn.Module):
+    """As some transformers models write it: the input cast to a linear's weight dtype first."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(40, 24)
+
+    def forward(self, x):
+        return self.proj(x.to(self.proj.weight.dtype))
+
+
+@pytest.mark.parametrize("layer", ["ternary", "int8"])
+def test_weight_reads_as_the_dense_weight_and_cannot_be_assigned(layer):
+    from bitfx.modules import Int8Linear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(40, 24).to(torch.bfloat16)
+    m = BitfxLinear.from_linear(lin) if layer == "ternary" else Int8Linear.from_linear(lin)
+    w = m.weight
+    assert w.shape == (24, 40) and w.dtype == torch.bfloat16 and w.device == lin.weight.device
+    assert torch.equal(w, m.dequantize())
+    assert "weight" not in m.state_dict() and not list(m.parameters())
+    for value in (torch.zeros(24, 40), nn.Parameter(torch.zeros(24, 40))):
+        with pytest.raises(AttributeError, match=r"weight is read-only.*from_linear"):
+            m.weight = value
+    assert torch.equal(m.weight, w)
+
+
+def test_model_that_reads_a_linear_weight_runs_after_quantize(fresh_dynamo):
+    import bitfx
+
+    torch.manual_seed(0)
+    model = _ReadsWeightDtype().eval()
+    x = torch.randn(3, 40, dtype=torch.float64)
+    converted = bitfx.quantize(model, x.float())
+    assert isinstance(converted.proj, BitfxLinear)
+    with torch.no_grad():
+        eager = converted(x)
+        compiled = torch.compile(converted, backend="bitfx")(x)
+    assert eager.dtype == torch.float32
+    expected = converted.proj(x.float())
+    assert torch.equal(eager, expected) and torch.equal(compiled, expected)

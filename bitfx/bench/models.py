@@ -129,7 +129,7 @@ def bytes_per_token(model: torch.nn.Module, packed: tuple = (), int8: tuple = ()
             continue
         total += p.numel() * p.element_size()
     total += emb.shape[1] * emb.element_size()  # the embedding: one row per token
-    head_weight = getattr(head, "weight", None)
+    head_weight = head._parameters.get("weight") if isinstance(head, torch.nn.Module) else None
     if head_weight is emb and id(emb) not in counted:  # tied and read dense: the head reads the whole matrix
         total += emb.numel() * emb.element_size()
     return total
