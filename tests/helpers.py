@@ -49,7 +49,8 @@ def assert_close_up_to_code_flips(got, want, max_fraction=0.01, rtol=1e-5, flipp
         keep = torch.ones(per_row.shape[0], dtype=torch.bool)
         keep[per_row.sum(-1).argsort(descending=True)[:flipped_rows]] = False
         off = per_row[keep]
-    assert off.float().mean().item() <= max_fraction, f"{off.sum().item()} of {off.numel()} outputs differ"
+    # (every row left out, as a one-token step's logits: the bound below is the whole check)
+    assert off.numel() == 0 or off.float().mean().item() <= max_fraction, f"{off.sum().item()} of {off.numel()} outputs differ"
     torch.testing.assert_close(got, want, rtol=0, atol=0.03 * scale)
 
 

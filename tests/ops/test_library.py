@@ -166,14 +166,15 @@ def test_opcheck(name, case, device):
 
 
 def _permutable(a) -> bool:
-    return (isinstance(a, torch.Tensor) and a.dim() >= 2 and (a.is_floating_point() or a.dtype == torch.int8)
-            and a.shape[-1] > 1 and a.shape[-2] > 1)
+    # float tensors (activations, weights to quantize); int8 codes keep their layout: int8_linear's
+    # CUDA kernel refuses a strided int8 weight by name, asking for it contiguous once when loaded
+    return isinstance(a, torch.Tensor) and a.dim() >= 2 and a.is_floating_point() and a.shape[-1] > 1 and a.shape[-2] > 1
 
 
 def _permuted(a):
-    """``a`` with the same values, its last two dimensions stored transposed (a float or int8
-    tensor of two or more dimensions, each of them longer than 1; lists element by element;
-    anything else as it is)."""
+    """``a`` with the same values, its last two dimensions stored transposed (a float tensor of
+    two or more dimensions, each of them longer than 1; lists element by element; anything else
+    as it is)."""
     if isinstance(a, list):
         return [_permuted(t) for t in a]
     return a.detach().mT.contiguous().mT.requires_grad_(a.requires_grad) if _permutable(a) else a
