@@ -450,11 +450,17 @@ class _CheckedState(nn.Module):
     ``weight_dtype``), built afresh at each read, for code written against ``nn.Linear`` that
     reads a layer's ``weight`` (its dtype, device or shape, as some transformers models do in
     their forward; a compiled graph that reads only those drops the dequantization). It is a
-    copy: writing into it changes nothing, and assigning one is refused."""
+    copy, so writing into it must not pass for a change of the layer: eagerly it is made as an
+    inference tensor, which torch refuses to update in place outside ``torch.inference_mode``
+    (a model that rescales its weights in place, as RWKV does, stops there instead of running on
+    unchanged codes; a write through ``.data`` is not seen), and assigning one is refused."""
 
     @property
     def weight(self) -> Tensor:
-        return self.dequantize()
+        if torch.compiler.is_compiling():
+            return self.dequantize()
+        with torch.inference_mode():
+            return self.dequantize()
 
     def __setattr__(self, name, value):
         if name == "weight":

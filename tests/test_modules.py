@@ -449,3 +449,15 @@ def test_model_that_reads_a_linear_weight_runs_after_quantize(fresh_dynamo):
     assert eager.dtype == torch.float32
     expected = converted.proj(x.float())
     assert torch.equal(eager, expected) and torch.equal(compiled, expected)
+
+
+def test_writing_into_a_converted_weight_is_refused():
+    """A model that rescales a linear's weight in place (RWKV's ``weight.div_`` when it switches
+    to eval) must not run on unchanged codes: the copy ``weight`` gives refuses the write."""
+    m = BitfxLinear.from_linear(nn.Linear(40, 24))
+    for write in (lambda w: w.div_(2), lambda w: w.mul_(2), lambda w: w.copy_(torch.zeros(24, 40))):
+        with torch.no_grad(), pytest.raises(RuntimeError, match="[Ii]nplace update to inference tensor"):
+            write(m.weight)
+    x = torch.randn(3, 40, requires_grad=True)
+    with pytest.raises(RuntimeError, match="[Ii]nference tensor"):  # nor is it a differentiable stand-in
+        nn.functional.linear(x, m.weight).sum().backward()
