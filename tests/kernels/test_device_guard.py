@@ -77,7 +77,8 @@ def test_a_call_runs_on_its_inputs_device(devices):
 
 def test_the_ops_cuda_implementations_are_guarded():
     """Every ``"cuda"`` registration goes through the guard (the registered callable is the
-    wrapper, whose ``__wrapped__`` is the implementation)."""
+    wrapper, whose ``__wrapped__`` is the implementation); a ``"reference"`` one through the
+    wrapper that makes its outputs contiguous, not the guard."""
     from bitfx.ops import library
 
     registered = []
@@ -89,8 +90,9 @@ def test_the_ops_cuda_implementations_are_guarded():
         library.register("act_quant", "reference")(impl)
     finally:
         library.LIB.impl = real_impl
-    (_, cuda_fn, cuda_key), (_, ref_fn, _) = registered
-    assert cuda_key == "CUDA" and cuda_fn.__wrapped__ is impl and ref_fn is impl
+    (_, cuda_fn, cuda_key), (_, ref_fn, ref_key) = registered
+    assert cuda_key == "CUDA" and cuda_fn.__wrapped__ is impl and ref_key == "CompositeExplicitAutograd"
+    assert ref_fn is not cuda_fn and ref_fn.__wrapped__ is impl
 
 
 def test_the_cached_launcher_launches_on_the_tensors_device(devices, monkeypatch):
