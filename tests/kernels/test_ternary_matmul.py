@@ -349,6 +349,28 @@ def test_large_cuda(M, N, K, path):
 
 
 @pytest.mark.cuda
+def test_tuned_tile_compiles_candidates_side_by_side(monkeypatch):
+    """The tensor-core tile of a new shape is measured among every candidate, each compiled by a
+    thread of its own (``_first_launches``): the pick is a candidate, cached per shape, and each
+    candidate's kernel, compiled in a thread, then computes the exact int32 product here."""
+    from bitfx.kernels import matmul_config as mc
+
+    monkeypatch.setattr(mc, "_TUNED", {})
+    device = torch.device("cuda", torch.cuda.current_device())
+    M, N, K = 300, 448, 640
+    q, packed = _make_operands(M, N, K, 11, device="cuda")
+    Kq = packed.shape[1]
+    with torch.cuda.stream(torch.cuda.Stream()):  # a caller on a side stream: the threads use the default one
+        tile = mc._tuned_tile(M, N, Kq, device)
+    candidates = [t[:4] for t in mc._TC_TILES]
+    assert tile in candidates and mc._TUNED == {(384, N, Kq, device): tile}
+    want = ref.ternary_matmul_int32(q, packed)
+    for block_m, block_n, block_kq, warps in candidates:
+        over = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KQ=block_kq, num_warps=warps)
+        assert torch.equal(ternary_matmul_int32(q, packed, path="tc", config=over), want), over
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("split_k", [2, 7, 64])
 def test_split_k_cuda(split_k):
     q, packed = _make_operands(4, 256, 8192, 5, device="cuda")
