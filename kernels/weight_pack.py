@@ -18,9 +18,10 @@ import triton
 import triton.language as tl
 
 from bitfx import layout
+from bitfx.kernels._launch import Launcher
 from bitfx.kernels._utils import cdiv, next_pow2, FLOAT_DTYPES, check_device, check_dtype, interpreting, on_input_device
 
-__all__ = ["weight_scale", "quantize_pack", "weight_quant", "unpack_ternary", "dequantize"]
+__all__ = ["weight_scale", "quantize_pack", "weight_quant", "weight_quant_stacked", "unpack_ternary", "dequantize"]
 
 
 
@@ -52,8 +53,8 @@ def _tile_rows_cols(K: int) -> tuple[int, int]:
 
 @triton.jit
 def _abs_row_sum_kernel(
-    w_ptr, out_ptr,  # w [N, K] (any strides), out fp32 [N]
-    N, K, stride_wn, stride_wk,
+    w_ptr, out_ptr,  # w [N, K] (any strides), out fp32 [row0 + N]
+    row0, N, K, stride_wn, stride_wk,  # row0: the first row of out written (a block of a stack)
     FINISH: tl.constexpr,  # True: out = 1 / max(sum / K, 1e-5) (per-channel scale); False: out = sum
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -74,7 +75,7 @@ def _abs_row_sum_kernel(
     if FINISH:
         mean = tl.math.div_rn(total, K * 1.0)  # K <= 2**24 converts exactly
         total = tl.math.div_rn(1.0, tl.maximum(mean, 1e-5))  # correctly rounded, as torch.reciprocal
-    tl.store(out_ptr + rows, tl.where(nonfinite, float("nan"), total), mask=row_mask)
+    tl.store(out_ptr + row0 + rows, tl.where(nonfinite, float("nan"), total), mask=row_mask)
 
 
 @on_input_device
@@ -94,7 +95,7 @@ def weight_scale(w: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
         return out
     block_n, block_k = _tile_rows_cols(K)
     _abs_row_sum_kernel[(cdiv(N, block_n),)](
-        w, out, N, K, w.stride(0), w.stride(1),
+        w, out, 0, N, K, w.stride(0), w.stride(1),
         FINISH=per_channel, BLOCK_N=block_n, BLOCK_K=block_k,
     )
     if per_channel:
@@ -183,6 +184,88 @@ def weight_quant(w: torch.Tensor, per_channel: bool = False) -> tuple[torch.Tens
     launcher on ``w``'s device)."""
     s_w = weight_scale(w, per_channel)
     return quantize_pack(w, s_w), s_w
+
+
+@triton.jit
+def _stack_pack_kernel(
+    w_ptr, sums_ptr, scale_ptr, out_ptr,  # w [N, K] (any strides); sums, scale fp32 and out uint8 [ΣN, Kq] of the stack
+    row0, N, K, Kq, stride_wn, stride_wk,  # row0: the block's first row in the stack
+    PER_CHANNEL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KQ: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """One weight's block of a stack: its scale from the row sums of ``|w|`` (``sums``, NaN for a
+    row holding NaN or Inf), then its codes packed as ``_quantize_pack_kernel`` packs them.
+
+    ``s = 1 / max(mean, 1e-5)`` with the mean and the reciprocal in fp64, each rounded once to
+    fp32 (the op's reference computes them so): per row (``PER_CHANNEL``) the row's sum over K;
+    per tensor the sum of the block's row sums (every program adds them in the same order, so
+    all agree) over N K. A group with a NaN sum gets NaN (and zero codes). The programs of the
+    first column of K write the scales of their rows."""
+    pid_n = tl.program_id(0)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    if PER_CHANNEL:
+        total = tl.load(sums_ptr + row0 + rows, mask=row_mask, other=0.0)
+        mean = (total.to(tl.float64) / K).to(tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_S,), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_S):
+            idx = n0 + tl.arange(0, BLOCK_S)
+            acc += tl.load(sums_ptr + row0 + idx, mask=idx < N, other=0.0)
+        total = tl.sum(acc, axis=0)
+        mean = (total.to(tl.float64) / (N.to(tl.int64) * K).to(tl.float64)).to(tl.float32)
+        mean = tl.zeros((BLOCK_N,), dtype=tl.float32) + mean
+    scale = (1.0 / tl.maximum(mean, 1e-5).to(tl.float64)).to(tl.float32)
+    s = tl.where(mean != mean, mean, scale)  # NaN stays NaN (tl.maximum would drop it)
+    if tl.program_id(1) == 0:
+        tl.store(scale_ptr + row0 + rows, s, mask=row_mask)
+    idx = tl.program_id(1) * BLOCK_KQ + tl.arange(0, BLOCK_KQ)
+    row_ptr = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
+    packed = tl.zeros((BLOCK_N, BLOCK_KQ), dtype=tl.int32)
+    for j in tl.static_range(4):
+        k = j * Kq + idx
+        mask = row_mask[:, None] & ((idx < Kq) & (k < K))[None, :]
+        v = tl.load(row_ptr + k[None, :] * stride_wk, mask=mask, other=0.0).to(tl.float32) * s[:, None]
+        t = (v > 0.5).to(tl.int32) - (v < -0.5).to(tl.int32)
+        packed |= (t + 1) << (2 * j)
+    out_mask = row_mask[:, None] & (idx < Kq)[None, :]
+    tl.store(out_ptr + (row0 + rows).to(tl.int64)[:, None] * Kq + idx[None, :], packed.to(tl.uint8), mask=out_mask)
+
+
+_ROW_SUM = Launcher(_abs_row_sum_kernel)
+_STACK_PACK = Launcher(_stack_pack_kernel)
+
+
+def weight_quant_stacked(weights: list, per_channel: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`weight_quant` of each weight (float ``[N_i, K]``, one K, one device, any strides),
+    written into one stack along N: ``(packed uint8 [sum N_i, Kq], s_w fp32 [sum N_i])``, each
+    block with its own scale (per tensor or per row as ``per_channel[i]`` says). What a training
+    step runs per site (``bitfx::weight_quant_stacked`` on CUDA): two launches per weight through
+    cached launchers (the row sums of ``|w|``, then the scale and the packing), each writing
+    its block of the stack in place (no concatenated copy of the weights, no views). The
+    arguments are those the op checked."""
+    K = weights[0].shape[1]
+    device = weights[0].device
+    Kq = layout.packed_k(K)
+    total = sum(w.shape[0] for w in weights)
+    sums = torch.empty(total, dtype=torch.float32, device=device)
+    scale = torch.empty(total, dtype=torch.float32, device=device)
+    packed = torch.empty((total, Kq), dtype=torch.uint8, device=device)
+    block_n, block_k = _tile_rows_cols(K)
+    block_kq = min(next_pow2(Kq), 64 if interpreting() else 256)
+    block_nq = max(1, min(64, 4096 // block_kq))
+    at = 0
+    for w, pc in zip(weights, per_channel):
+        N = w.shape[0]
+        if N == 0:
+            continue
+        _ROW_SUM((cdiv(N, block_n),), (w, sums, at, N, K, w.stride(0), w.stride(1)),
+                 dict(FINISH=False, BLOCK_N=block_n, BLOCK_K=block_k), num_warps=4, num_stages=3)
+        _STACK_PACK((cdiv(N, block_nq), cdiv(Kq, block_kq)), (w, sums, scale, packed, at, N, K, Kq, w.stride(0),
+                                                              w.stride(1)),
+                    dict(PER_CHANNEL=bool(pc), BLOCK_N=block_nq, BLOCK_KQ=block_kq,
+                         BLOCK_S=min(next_pow2(N), 64 if interpreting() else 1024)), num_warps=4, num_stages=3)
+        at += N
+    return packed, scale
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,14 +10,14 @@ Training, per site (the op's autograd is the straight-through estimator; the nor
 activation quantization run once for all the site's linears, and their weights are stacked
 along N into one matmul)::
 
-    packed, s_w = bitfx.weight_quant_stacked([W_1, W_2, ...], [per_channel_1, ...])  # plain torch
+    packed, s_w = bitfx.weight_quant_stacked([W_1, W_2, ...], [per_channel_1, ...])  # no gradient
     out, ...    = bitfx.bitlinear_stacked(x, g, [W_1, W_2, ...], packed, s_w, cat(b_1, b_2, ...),
                                           eps, offset, cast_before_weight, norm_dtype, normalize,
                                           fp8_backward)
     out_1, out_2, ... = split(out, [N_1, N_2, ...], -1)
 
-``weight_quant_stacked`` decomposes into aten ops under AOTAutograd (Inductor fuses the
-quantization and packing of the weights with no Python launch); the weights also go to
+``weight_quant_stacked`` is one opaque node per site (its own kernels on CUDA; traced into aten
+ops it cost more compile time than its fusion saved); the weights also go to
 ``bitlinear_stacked`` itself, whose backward gives them their straight-through gradients.
 
 The row-preserving ops that stood between the norm and a linear (views, reshapes, indexing of

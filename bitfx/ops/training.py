@@ -95,15 +95,19 @@ def _check_stack_weights(op: str, weights: list[Tensor], per_channel: list[bool]
     check_same_device(op, *weights)
 
 
-@register("weight_quant_stacked", "composite")
+@register("weight_quant_stacked", "reference")
 def _(weights: list[Tensor], per_channel: list[bool]) -> tuple[Tensor, Tensor]:
     """``weight_quant`` of each weight, stacked along N: ``(packed u8[sum N_i, Kq], w_scale
-    f32[sum N_i])``, each block with its own scale (per tensor or per channel). Plain torch:
-    traced into the graph, where Inductor fuses it; no gradient (the straight-through gradient
-    reaches the weights through ``bitlinear_stacked``).
+    f32[sum N_i])``, each block with its own scale (per tensor or per channel); no gradient (the
+    straight-through gradient reaches the weights through ``bitlinear_stacked``).
 
-    Written for few graph nodes (compile time grows with them): one row reduction and one
-    packing over the whole stack, a handful of nodes per weight for its scale. The group means
+    An opaque op in a compiled graph, not a composite that AOTAutograd traces for Inductor to
+    fuse: traced, its few dozen nodes per site cost more compile time than a fused kernel saves
+    a step (a transformers Llama of 8 layers, first training step on the CPU: forward compile
+    36.6 s traced, 20.3 s opaque; BENCHMARKS.md). On CUDA it is two or three cached Triton
+    launches per weight (:func:`bitfx.kernels.weight_pack.weight_quant_stacked`).
+
+    Here, plain torch: one row reduction and one packing over the whole stack. The group means
     and reciprocals are computed in fp64 and rounded once to fp32: correctly rounded, as the
     reference's fp32 division and the Triton kernels' ``div_rn`` are, whatever the compiler
     does with an fp32 division (double rounding is innocuous for 53 >= 2 * 24 + 2 bits). The
@@ -149,6 +153,34 @@ def _(weights: list[Tensor], per_channel: list[bool]) -> tuple[Tensor, Tensor]:
     shifts = torch.arange(0, 2 * PLANES, 2, dtype=torch.int32, device=wf.device).view(1, PLANES, 1)
     packed = (planes << shifts).sum(dim=1)
     return packed.to(torch.uint8), scale
+
+
+@register("weight_quant_stacked", "cuda")
+def _(weights: list[Tensor], per_channel: list[bool]) -> tuple[Tensor, Tensor]:
+    _check_stack_weights("weight_quant_stacked", weights, per_channel)  # shapes, dtypes, devices: no device read
+    return kernels("weight_pack").weight_quant_stacked(weights, per_channel)
+
+
+@register("weight_quant_stacked", "fake")
+def _(weights: list[Tensor], per_channel: list[bool]) -> tuple[Tensor, Tensor]:
+    _check_stack_weights("weight_quant_stacked", weights, per_channel)
+    n = sum(w.shape[0] for w in weights)
+    K = weights[0].shape[1]
+    w = weights[0]
+    return w.new_empty((n, packed_k(K)), dtype=torch.uint8), w.new_empty((n,), dtype=torch.float32)
+
+
+def _weight_quant_stacked_setup(ctx, inputs, output) -> None:
+    ctx.weights = len(inputs[0])
+    ctx.mark_non_differentiable(*output)
+
+
+def _weight_quant_stacked_backward(ctx, d_packed, d_scale):
+    # Codes and scales carry no gradient (marked non-differentiable): nothing reaches the weights here.
+    return [None] * ctx.weights, None
+
+
+register_autograd("weight_quant_stacked", _weight_quant_stacked_backward, _weight_quant_stacked_setup)
 
 
 # ---------------------------------------------------------------- bitlinear_stacked

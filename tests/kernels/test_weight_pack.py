@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 
 from bitfx import reference as ref
 from bitfx import layout
-from bitfx.kernels.weight_pack import dequantize, quantize_pack, unpack_ternary, weight_quant, weight_scale
+from bitfx.kernels.weight_pack import (dequantize, quantize_pack, unpack_ternary, weight_quant, weight_quant_stacked,
+                                       weight_scale)
 from tests.helpers import FLOAT_DTYPES, HAS_CUDA, KERNEL_DEVICE, ULP
 
 DEV = KERNEL_DEVICE
@@ -128,6 +129,45 @@ def test_quantize_pack_exact(w, per_channel):
     packed2, s = weight_quant(w, per_channel)
     _assert_scales_close(s, s_ref)
     assert torch.equal(packed2, ref.pack_ternary(ref.ternarize(w, s)))
+
+
+@st.composite
+def stacks(draw, max_n=24, max_k=200):
+    """Weights of one K (what a site stacks), each with its own rows, dtype, magnitudes, special
+    values and strides, and a per-channel flag each."""
+    K = draw(st.one_of(st.sampled_from(INTERESTING_K), st.integers(1, max_k)))
+    count = draw(st.integers(1, 4))
+    ws = []
+    for _ in range(count):
+        dtype = draw(st.sampled_from(FLOAT_DTYPES))
+        exponent = draw(st.integers(-4, 3) if dtype == torch.float16 else st.integers(-30, 30))
+        ws.append(_make_weight(draw(st.integers(1, max_n)), K, dtype, draw(st.integers(0, 2**31 - 1)), exponent,
+                               draw(st.sampled_from(["none", "row_magnitudes", "zero_rows", "nan", "inf", "ties"])),
+                               draw(st.sampled_from(["contiguous", "transposed", "strided"]))))
+    return ws, draw(st.lists(st.booleans(), min_size=count, max_size=count))
+
+
+@given(stack=stacks())
+@example(stack=([_make_weight(3, 5, torch.bfloat16, 0, 0, "none", "contiguous"),
+                 _make_weight(1, 5, torch.float32, 1, 0, "inf", "transposed")], [False, True]))
+def test_weight_quant_stacked(stack):
+    """The training step's weight packing on CUDA: each block of the stack is ``weight_quant`` of
+    its weight (the scale up to the order of the fp32 sum, NaN for a group holding NaN or Inf;
+    the codes exactly those of the scale), written in place in the stack; on weights whose sums
+    are exact in any order (multiples of 1/4), bit for bit the op's plain-torch reference."""
+    ws, pcs = stack
+    packed, scale = weight_quant_stacked(ws, pcs)
+    Ns = [w.shape[0] for w in ws]
+    Kq = layout.packed_k(ws[0].shape[1])
+    assert packed.shape == (sum(Ns), Kq) and packed.dtype == torch.uint8 and packed.is_contiguous()
+    assert scale.shape == (sum(Ns),) and scale.dtype == torch.float32
+    for w, pc, p, s in zip(ws, pcs, packed.split(Ns), scale.split(Ns)):
+        _assert_scales_close(s, ref.weight_scale(w, pc))
+        assert torch.equal(p, ref.pack_ternary(ref.ternarize(w, s)))
+    exact = [(w.nan_to_num(0.0, 0.0, 0.0) * 4).round().clamp(-8, 8).div(4) for w in ws]
+    want = torch.ops.bitfx.weight_quant_stacked.default([w.cpu() for w in exact], pcs)  # the reference (CPU)
+    got = weight_quant_stacked(exact, pcs)
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
 
 
 @given(
