@@ -212,7 +212,8 @@ def _stack_pack_kernel(
             idx = n0 + tl.arange(0, BLOCK_S)
             acc += tl.load(sums_ptr + row0 + idx, mask=idx < N, other=0.0)
         total = tl.sum(acc, axis=0)
-        mean = (total.to(tl.float64) / (N.to(tl.int64) * K).to(tl.float64)).to(tl.float32)
+        count = (tl.full((), 0, tl.int64) + N) * K  # (N or K may be the constant 1: Triton specializes it)
+        mean = (total.to(tl.float64) / count.to(tl.float64)).to(tl.float32)
         mean = tl.zeros((BLOCK_N,), dtype=tl.float32) + mean
     scale = (1.0 / tl.maximum(mean, 1e-5).to(tl.float64)).to(tl.float32)
     s = tl.where(mean != mean, mean, scale)  # NaN stays NaN (tl.maximum would drop it)
