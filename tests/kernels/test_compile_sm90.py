@@ -21,3 +21,15 @@ def test_traced_launches_compile_for_hopper():
     out = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-3000:])
     assert out.stdout.count("compiled ") >= 4
+
+
+@pytest.mark.skipif(not _has_ptxas(), reason="this Triton wheel carries no NVIDIA toolchain")
+def test_direct_launches_compile_for_hopper():
+    """The launcher's direct launches with sizes of 1 (which Triton makes constants) compile for
+    sm_90: a kernel of the training step's weight packing once failed there on a one-row weight,
+    which the interpreter ran."""
+    script = os.path.join(os.path.dirname(__file__), "compile_direct_sm90.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-3000:])
+    assert "compiled _stack_pack_kernel ['N'" in out.stdout  # a one-row weight: N the constant 1
