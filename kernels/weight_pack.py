@@ -139,9 +139,17 @@ def _quantize_pack_kernel(
     so get code 1 (zero weight).
     """
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    idx = tl.program_id(1) * BLOCK_KQ + tl.arange(0, BLOCK_KQ)
     row_mask = rows < N
     s = tl.load(s_ptr + rows, mask=row_mask, other=0.0)
+    _pack_rows(w_ptr, s, out_ptr, rows, rows, row_mask, K, Kq, stride_wn, stride_wk, BLOCK_N, BLOCK_KQ)
+
+
+@triton.jit
+def _pack_rows(w_ptr, s, out_ptr, rows, out_rows, row_mask, K, Kq, stride_wn, stride_wk,
+               BLOCK_N: tl.constexpr, BLOCK_KQ: tl.constexpr):
+    """The packed bytes of program column ``program_id(1)`` for weight rows ``rows`` (scales
+    ``s``), stored at rows ``out_rows`` of ``out [., Kq]`` (contiguous)."""
+    idx = tl.program_id(1) * BLOCK_KQ + tl.arange(0, BLOCK_KQ)
     row_ptr = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
     packed = tl.zeros((BLOCK_N, BLOCK_KQ), dtype=tl.int32)
     for j in tl.static_range(4):
@@ -151,7 +159,7 @@ def _quantize_pack_kernel(
         t = (v > 0.5).to(tl.int32) - (v < -0.5).to(tl.int32)
         packed |= (t + 1) << (2 * j)
     out_mask = row_mask[:, None] & (idx < Kq)[None, :]
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * Kq + idx[None, :], packed.to(tl.uint8), mask=out_mask)
+    tl.store(out_ptr + out_rows.to(tl.int64)[:, None] * Kq + idx[None, :], packed.to(tl.uint8), mask=out_mask)
 
 
 @on_input_device
@@ -219,17 +227,7 @@ def _stack_pack_kernel(
     s = tl.where(mean != mean, mean, scale)  # NaN stays NaN (tl.maximum would drop it)
     if tl.program_id(1) == 0:
         tl.store(scale_ptr + row0 + rows, s, mask=row_mask)
-    idx = tl.program_id(1) * BLOCK_KQ + tl.arange(0, BLOCK_KQ)
-    row_ptr = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
-    packed = tl.zeros((BLOCK_N, BLOCK_KQ), dtype=tl.int32)
-    for j in tl.static_range(4):
-        k = j * Kq + idx
-        mask = row_mask[:, None] & ((idx < Kq) & (k < K))[None, :]
-        v = tl.load(row_ptr + k[None, :] * stride_wk, mask=mask, other=0.0).to(tl.float32) * s[:, None]
-        t = (v > 0.5).to(tl.int32) - (v < -0.5).to(tl.int32)
-        packed |= (t + 1) << (2 * j)
-    out_mask = row_mask[:, None] & (idx < Kq)[None, :]
-    tl.store(out_ptr + (row0 + rows).to(tl.int64)[:, None] * Kq + idx[None, :], packed.to(tl.uint8), mask=out_mask)
+    _pack_rows(w_ptr, s, out_ptr, rows, row0 + rows, row_mask, K, Kq, stride_wn, stride_wk, BLOCK_N, BLOCK_KQ)
 
 
 _ROW_SUM = Launcher(_abs_row_sum_kernel)

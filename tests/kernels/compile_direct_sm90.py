@@ -3,8 +3,9 @@ for shapes with a dimension of 1, with the types Triton itself gives the argumen
 launch: an int equal to 1 becomes the constant 1 (as None does), so kernel code that treats a
 size as a tensor (``N.to(...)``) fails to compile there, and only there; Triton's interpreter
 runs it. Run by ``test_direct_launches_compile_for_hopper`` in a subprocess without the
-interpreter. The launches are recorded (not run) from the launchers' callers on CPU tensors;
-prints one line per kernel compiled."""
+interpreter. The launches are recorded (not run) from the launchers' callers on CPU tensors, and the inference weight
+packing's launches are written out as its functions make them; prints one line per kernel
+compiled."""
 
 import sys
 
@@ -35,6 +36,24 @@ for stack, flags in (([w(1, 1)], [False]), ([w(1, 1)], [True]), ([w(3, 5), w(1, 
                      ([w(1, 2560)], [False])):
     weight_pack.weight_quant_stacked(stack, flags)
 
+
+class _Direct:  # a launch of weight_scale / quantize_pack (``kernel[grid](...)``), recorded the same way
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, args, **constexprs):
+        recorded.append((self.fn, args, constexprs, dict(num_warps=4, num_stages=3)))  # Triton's defaults
+
+
+for N, K, wt in ((1, 5, w(1, 5)), (3, 1, w(3, 1)), (64, 2560, w(64, 2560, torch.float32).t().contiguous().t())):
+    s, p = torch.ones(N), torch.empty(N, -(-K // 4), dtype=torch.uint8)
+    for finish in (False, True):
+        _Direct(weight_pack._abs_row_sum_kernel)((wt, s, 0, N, K, wt.stride(0), wt.stride(1)), FINISH=finish,
+                                                 BLOCK_N=4, BLOCK_K=1024)
+    _Direct(weight_pack._tensor_scale_kernel)((s, N, float(N * K)), BLOCK=1024)
+    _Direct(weight_pack._quantize_pack_kernel)((wt, s, p, N, K, p.shape[1], wt.stride(0), wt.stride(1)), BLOCK_N=16,
+                                               BLOCK_KQ=256)
+
 import triton  # noqa: E402
 from triton._C.libtriton import native_specialize_impl  # noqa: E402
 from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
@@ -57,4 +76,5 @@ for fn, args, constexprs, options in recorded:
     src = ASTSource(fn=fn, signature=signature, constexprs=consts)
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     print("compiled", fn.__name__, sorted(k for k, v in signature.items() if v == "constexpr" and k not in constexprs))
-sys.exit(0 if {"_abs_row_sum_kernel", "_stack_pack_kernel"} <= {k[0] for k in seen} else 1)
+sys.exit(0 if {"_abs_row_sum_kernel", "_stack_pack_kernel", "_tensor_scale_kernel", "_quantize_pack_kernel"}
+         <= {k[0] for k in seen} else 1)
