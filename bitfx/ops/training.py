@@ -102,10 +102,10 @@ def _(weights: list[Tensor], per_channel: list[bool]) -> tuple[Tensor, Tensor]:
     straight-through gradient reaches the weights through ``bitlinear_stacked``).
 
     An opaque op in a compiled graph, not a composite that AOTAutograd traces for Inductor to
-    fuse: traced, its few dozen nodes per site cost more compile time than a fused kernel saves
-    a step (a transformers Llama of 8 layers, first training step on the CPU: forward compile
-    36.6 s traced, 20.3 s opaque; BENCHMARKS.md). On CUDA it is two or three cached Triton
-    launches per weight (:func:`bitfx.kernels.weight_pack.weight_quant_stacked`).
+    fuse: traced, its few dozen nodes per site made the forward's compile 13 s longer at the
+    350M shape on an H100 (36.6 s against 20.3 s for an 8-layer model on the CPU); opaque, that
+    model's step is 3-5 ms slower, the host time of its launches (BENCHMARKS.md). On CUDA it is
+    two cached Triton launches per weight (:func:`bitfx.kernels.weight_pack.weight_quant_stacked`).
 
     Here, plain torch: one row reduction and one packing over the whole stack. The group means
     and reciprocals are computed in fp64 and rounded once to fp32: correctly rounded, as the
