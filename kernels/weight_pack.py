@@ -46,6 +46,12 @@ def _tile_rows_cols(K: int) -> tuple[int, int]:
     return block_n, block_k
 
 
+def _tile_rows_packed(Kq: int) -> tuple[int, int]:
+    """Block sizes for a pass over packed rows of Kq bytes (4 Kq weights): [BLOCK_N, BLOCK_KQ]."""
+    block_kq = min(next_pow2(Kq), 64 if interpreting() else 256)
+    return max(1, min(64, 4096 // block_kq)), block_kq
+
+
 # --------------------------------------------------------------------------------------------
 # weight_scale
 # --------------------------------------------------------------------------------------------
@@ -178,8 +184,7 @@ def quantize_pack(w: torch.Tensor, s_w: torch.Tensor) -> torch.Tensor:
     out = torch.empty((N, Kq), dtype=torch.uint8, device=device)
     if N == 0:
         return out
-    block_kq = min(next_pow2(Kq), 64 if interpreting() else 256)
-    block_n = max(1, min(64, 4096 // block_kq))
+    block_n, block_kq = _tile_rows_packed(Kq)
     grid = (cdiv(N, block_n), cdiv(Kq, block_kq))
     _quantize_pack_kernel[grid](
         w, s_w, out, N, K, Kq, w.stride(0), w.stride(1), BLOCK_N=block_n, BLOCK_KQ=block_kq
@@ -250,8 +255,7 @@ def weight_quant_stacked(weights: list, per_channel: list) -> tuple[torch.Tensor
     scale = torch.empty(total, dtype=torch.float32, device=device)
     packed = torch.empty((total, Kq), dtype=torch.uint8, device=device)
     block_n, block_k = _tile_rows_cols(K)
-    block_kq = min(next_pow2(Kq), 64 if interpreting() else 256)
-    block_nq = max(1, min(64, 4096 // block_kq))
+    block_nq, block_kq = _tile_rows_packed(Kq)
     at = 0
     for w, pc in zip(weights, per_channel):
         N = w.shape[0]
@@ -319,8 +323,7 @@ def _unpack_launch(name: str, packed: torch.Tensor, s_w: torch.Tensor | None, K:
     out = torch.empty((N, K), dtype=dtype, device=device)
     if N == 0:
         return out
-    block_kq = min(next_pow2(Kq), 64 if interpreting() else 256)
-    block_n = max(1, min(64, 4096 // block_kq))
+    block_n, block_kq = _tile_rows_packed(Kq)
     grid = (cdiv(N, block_n), cdiv(Kq, block_kq))
     _unpack_kernel[grid](
         packed, s_w, out, N, K, Kq, packed.stride(0),
