@@ -64,3 +64,17 @@ def check_packed_shape(packed_shape, K: int, N: int | None = None) -> None:
         )
     if N is not None and packed_shape[0] != N:
         raise ValueError(f"packed ternary weight has {packed_shape[0]} rows, expected N={N}")
+
+
+def stack_offsets(stacks) -> tuple[list[tuple[int, int]], int, int]:
+    """Where each stack of packed weights lies in the flat outputs of ``weight_quant_stacks``:
+    for stacks given as ``(rows, K)``, each stack's ``(byte offset, first row)`` (its packed
+    ``[rows, packed_k(K)]`` at that byte of the uint8 buffer, its scales from that row of the
+    fp32 one), then the total bytes and rows. Stacks follow each other without padding: every
+    packed row is a multiple of ``ROW_ALIGN`` bytes, so every stack starts aligned."""
+    out, at, row = [], 0, 0
+    for rows, K in stacks:
+        out.append((at, row))
+        at += rows * packed_k(K)
+        row += rows
+    return out, at, row

@@ -13,6 +13,9 @@ those of :mod:`bitfx.reference` (exactly for the codes, up to reduction order fo
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+
 import torch
 import triton
 import triton.language as tl
@@ -21,7 +24,8 @@ from bitfx import layout
 from bitfx.kernels._launch import Launcher
 from bitfx.kernels._utils import cdiv, next_pow2, FLOAT_DTYPES, check_device, check_dtype, interpreting, on_input_device
 
-__all__ = ["weight_scale", "quantize_pack", "weight_quant", "weight_quant_stacked", "unpack_ternary", "dequantize"]
+__all__ = ["weight_scale", "quantize_pack", "weight_quant", "weight_quant_stacked", "weight_quant_stacks",
+           "unpack_ternary", "dequantize"]
 
 
 
@@ -67,6 +71,17 @@ def _abs_row_sum_kernel(
     """``out[n] = sum_k |w[n, k]|`` in fp32 (or the per-row scale), NaN if the row is not all finite."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
+    total = _abs_sums(w_ptr, rows, row_mask, K, stride_wn, stride_wk, BLOCK_N, BLOCK_K)
+    if FINISH:
+        mean = tl.math.div_rn(total, K * 1.0)  # K <= 2**24 converts exactly
+        # correctly rounded, as torch.reciprocal; a NaN row stays NaN (tl.maximum would drop it)
+        total = tl.where(mean != mean, mean, tl.math.div_rn(1.0, tl.maximum(mean, 1e-5)))
+    tl.store(out_ptr + row0 + rows, total, mask=row_mask)
+
+
+@triton.jit
+def _abs_sums(w_ptr, rows, row_mask, K, stride_wn, stride_wk, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``sum_k |w[rows, k]|`` in fp32, NaN for a row holding NaN or Inf."""
     row_ptr = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     bad = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
@@ -76,12 +91,7 @@ def _abs_row_sum_kernel(
         a = tl.abs(tl.load(row_ptr + cols[None, :] * stride_wk, mask=mask, other=0.0).to(tl.float32))
         acc += a
         bad |= (~(a < float("inf"))).to(tl.int32)  # NaN and +-Inf (a finite row's sum may still overflow)
-    total = tl.sum(acc, axis=1)
-    nonfinite = tl.max(bad, axis=1) > 0
-    if FINISH:
-        mean = tl.math.div_rn(total, K * 1.0)  # K <= 2**24 converts exactly
-        total = tl.math.div_rn(1.0, tl.maximum(mean, 1e-5))  # correctly rounded, as torch.reciprocal
-    tl.store(out_ptr + row0 + rows, tl.where(nonfinite, float("nan"), total), mask=row_mask)
+    return tl.where(tl.max(bad, axis=1) > 0, float("nan"), tl.sum(acc, axis=1))
 
 
 @on_input_device
@@ -147,15 +157,16 @@ def _quantize_pack_kernel(
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     s = tl.load(s_ptr + rows, mask=row_mask, other=0.0)
-    _pack_rows(w_ptr, s, out_ptr, rows, rows, row_mask, K, Kq, stride_wn, stride_wk, BLOCK_N, BLOCK_KQ)
+    _pack_rows(w_ptr, s, out_ptr, rows, rows, row_mask, tl.program_id(1) * BLOCK_KQ, K, Kq, stride_wn, stride_wk,
+               BLOCK_N, BLOCK_KQ)
 
 
 @triton.jit
-def _pack_rows(w_ptr, s, out_ptr, rows, out_rows, row_mask, K, Kq, stride_wn, stride_wk,
+def _pack_rows(w_ptr, s, out_ptr, rows, out_rows, row_mask, col0, K, Kq, stride_wn, stride_wk,
                BLOCK_N: tl.constexpr, BLOCK_KQ: tl.constexpr):
-    """The packed bytes of program column ``program_id(1)`` for weight rows ``rows`` (scales
-    ``s``), stored at rows ``out_rows`` of ``out [., Kq]`` (contiguous)."""
-    idx = tl.program_id(1) * BLOCK_KQ + tl.arange(0, BLOCK_KQ)
+    """The packed bytes ``[col0, col0 + BLOCK_KQ)`` of weight rows ``rows`` (scales ``s``),
+    stored at rows ``out_rows`` of ``out [., Kq]`` (contiguous)."""
+    idx = col0 + tl.arange(0, BLOCK_KQ)
     row_ptr = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
     packed = tl.zeros((BLOCK_N, BLOCK_KQ), dtype=tl.int32)
     for j in tl.static_range(4):
@@ -228,11 +239,19 @@ def _stack_pack_kernel(
         count = (tl.full((), 0, tl.int64) + N) * K  # (N or K may be the constant 1: Triton specializes it)
         mean = (total.to(tl.float64) / count.to(tl.float64)).to(tl.float32)
         mean = tl.zeros((BLOCK_N,), dtype=tl.float32) + mean
-    scale = (1.0 / tl.maximum(mean, 1e-5).to(tl.float64)).to(tl.float32)
-    s = tl.where(mean != mean, mean, scale)  # NaN stays NaN (tl.maximum would drop it)
+    s = _group_scale(mean)
     if tl.program_id(1) == 0:
         tl.store(scale_ptr + row0 + rows, s, mask=row_mask)
-    _pack_rows(w_ptr, s, out_ptr, rows, row0 + rows, row_mask, K, Kq, stride_wn, stride_wk, BLOCK_N, BLOCK_KQ)
+    _pack_rows(w_ptr, s, out_ptr, rows, row0 + rows, row_mask, tl.program_id(1) * BLOCK_KQ, K, Kq, stride_wn,
+               stride_wk, BLOCK_N, BLOCK_KQ)
+
+
+@triton.jit
+def _group_scale(mean):
+    """``1 / max(mean, 1e-5)``, the reciprocal in fp64 rounded once to fp32 (correctly rounded);
+    a NaN mean (a group holding NaN or Inf) stays NaN, which ``tl.maximum`` would drop."""
+    scale = (1.0 / tl.maximum(mean, 1e-5).to(tl.float64)).to(tl.float32)
+    return tl.where(mean != mean, mean, scale)
 
 
 _ROW_SUM = Launcher(_abs_row_sum_kernel)
@@ -254,20 +273,226 @@ def weight_quant_stacked(weights: list, per_channel: list) -> tuple[torch.Tensor
     sums = torch.empty(total, dtype=torch.float32, device=device)
     scale = torch.empty(total, dtype=torch.float32, device=device)
     packed = torch.empty((total, Kq), dtype=torch.uint8, device=device)
-    block_n, block_k = _tile_rows_cols(K)
-    block_nq, block_kq = _tile_rows_packed(Kq)
     at = 0
     for w, pc in zip(weights, per_channel):
-        N = w.shape[0]
+        if w.shape[0]:
+            _pack_weight(w, pc, sums, scale, packed, at)
+        at += w.shape[0]
+    return packed, scale
+
+
+def _pack_weight(w, pc, sums, scale, packed, at):
+    """Weight ``w``'s block of a stack, from row ``at`` of ``sums``, ``scale`` and ``packed``:
+    the row sums, then the scale and the packing (two launches)."""
+    N, K = w.shape
+    Kq = packed.shape[1]
+    block_n, block_k = _tile_rows_cols(K)
+    block_nq, block_kq = _tile_rows_packed(Kq)
+    _ROW_SUM((cdiv(N, block_n),), (w, sums, at, N, K, w.stride(0), w.stride(1)),
+             dict(FINISH=False, BLOCK_N=block_n, BLOCK_K=block_k), num_warps=4, num_stages=3)
+    _STACK_PACK((cdiv(N, block_nq), cdiv(Kq, block_kq)), (w, sums, scale, packed, at, N, K, Kq, w.stride(0),
+                                                          w.stride(1)),
+                dict(PER_CHANNEL=bool(pc), BLOCK_N=block_nq, BLOCK_KQ=block_kq,
+                     BLOCK_S=_sum_chunk()), num_warps=4, num_stages=3)
+
+
+def _sum_chunk() -> int:
+    """The chunk a per-tensor scale's sum of row sums is taken in (every packing kernel: one order)."""
+    return 64 if interpreting() else 1024
+
+
+# --------------------------------------------------------------------------------------------
+# weight_quant_stacks: every stack of a training graph in three launches
+# --------------------------------------------------------------------------------------------
+
+# A weight's entry in the launch table (int64): its address, rows, columns, strides, first row
+# in the flat scales, byte offset of its first packed row, packed row length, per-row scales.
+_COLS = 9
+
+
+@triton.jit
+def _entry(wtab, i, w_like):
+    """``(w, N, K, stride_n, stride_k, row0, out_at, Kq, per_channel)`` of weight ``i``."""
+    e = wtab + i * 9
+    w = tl.load(e).to(w_like.dtype)  # the address, typed as the launch's weights are
+    return (w, tl.load(e + 1), tl.load(e + 2), tl.load(e + 3), tl.load(e + 4), tl.load(e + 5), tl.load(e + 6),
+            tl.load(e + 7), tl.load(e + 8))
+
+
+@triton.jit
+def _table_row_sum_kernel(w_like, wtab, btab, sums_ptr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program ``p``: rows ``[r, r + BLOCK_N)`` of weight ``i``, ``(i, r) = btab[p]``:
+    ``sums[row0 + n] = sum_k |w[n, k]|`` (NaN for a row holding NaN or Inf)."""
+    pid = tl.program_id(0)
+    i = tl.load(btab + 2 * pid)
+    r = tl.load(btab + 2 * pid + 1)
+    w, N, K, stride_n, stride_k, row0, _, _, _ = _entry(wtab, i, w_like)
+    rows = r + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    total = _abs_sums(w, rows, row_mask, K, stride_n, stride_k, BLOCK_N, BLOCK_K)
+    tl.store(sums_ptr + row0 + rows, total, mask=row_mask)
+
+
+@triton.jit
+def _table_scale_kernel(w_like, wtab, sums_ptr, scale_ptr, BLOCK_S: tl.constexpr):
+    """Program ``i``: the scales of weight ``i`` from its row sums, per row or per tensor, as
+    :func:`_stack_pack_kernel` makes them (the per-tensor sum in chunks of ``BLOCK_S``)."""
+    _, N, K, _, _, row0, _, _, per_channel = _entry(wtab, tl.program_id(0), w_like)
+    if per_channel != 0:
+        for n0 in range(0, N, BLOCK_S):
+            idx = n0 + tl.arange(0, BLOCK_S)
+            total = tl.load(sums_ptr + row0 + idx, mask=idx < N, other=0.0)
+            mean = (total.to(tl.float64) / K.to(tl.float64)).to(tl.float32)
+            tl.store(scale_ptr + row0 + idx, _group_scale(mean), mask=idx < N)
+    else:
+        acc = tl.zeros((BLOCK_S,), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_S):
+            idx = n0 + tl.arange(0, BLOCK_S)
+            acc += tl.load(sums_ptr + row0 + idx, mask=idx < N, other=0.0)
+        mean = (tl.sum(acc, axis=0).to(tl.float64) / (N * K).to(tl.float64)).to(tl.float32)
+        s = tl.zeros((BLOCK_S,), dtype=tl.float32) + _group_scale(mean)
+        for n0 in range(0, N, BLOCK_S):
+            idx = n0 + tl.arange(0, BLOCK_S)
+            tl.store(scale_ptr + row0 + idx, s, mask=idx < N)
+
+
+@triton.jit
+def _table_pack_kernel(w_like, wtab, btab, scale_ptr, out_ptr, BLOCK_N: tl.constexpr, BLOCK_KQ: tl.constexpr):
+    """Program ``p``: the packed rows ``[r, r + BLOCK_N)`` of weight ``i`` (``btab[p]``), whole
+    rows, written at its byte offset in ``out``."""
+    pid = tl.program_id(0)
+    i = tl.load(btab + 2 * pid)
+    r = tl.load(btab + 2 * pid + 1)
+    w, N, K, stride_n, stride_k, row0, out_at, Kq, _ = _entry(wtab, i, w_like)
+    rows = r + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    s = tl.load(scale_ptr + row0 + rows, mask=row_mask, other=0.0)
+    for col0 in range(0, Kq, BLOCK_KQ):
+        _pack_rows(w, s, out_ptr + out_at, rows, rows, row_mask, col0, K, Kq, stride_n, stride_k, BLOCK_N, BLOCK_KQ)
+
+
+_TABLE_ROW_SUM = Launcher(_table_row_sum_kernel)
+_TABLE_SCALE = Launcher(_table_scale_kernel)
+_TABLE_PACK = Launcher(_table_pack_kernel)
+
+# Launch tables by their weights' addresses, shapes, strides and flags: a training step packs
+# the same parameters every step, so each table is built and copied to the device once.
+_TABLES: "collections.OrderedDict" = collections.OrderedDict()
+_TABLES_KEPT = 16  # the least recently used beyond this are dropped (not one a CUDA graph captured)
+
+
+def _blocks(sizes: list[int], block: int) -> torch.Tensor:
+    """``[(i, r)]`` int32 pairs: weight ``i``'s row blocks ``r = 0, block, ...``, in order."""
+    counts = torch.tensor([cdiv(n, block) for n in sizes], dtype=torch.int64)
+    which = torch.repeat_interleave(torch.arange(len(sizes)), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    r = (torch.arange(int(counts.sum())) - torch.repeat_interleave(starts, counts)) * block
+    return torch.stack([which, r], 1).to(torch.int32)
+
+
+def _upload(tables: list, device: torch.device) -> list:
+    """The launch tables on ``device``, in memory of the allocator's own: copied by a thread of
+    its own, on its default stream, and waited for there. Kept across calls, they must not come
+    from a CUDA graph's memory pool, which the calling thread may be allocating from (the
+    warm-up runs of ``mode="reduce-overhead"``; the graph trees refuse a live tensor of their
+    pool that no output holds). Once per set of weights."""
+    if device.type != "cuda":
+        return [t.to(device) for t in tables]
+
+    def copy():
+        with torch.cuda.device(device):
+            out = [t.to(device) for t in tables]
+            torch.cuda.current_stream(device).synchronize()
+        return out
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(copy).result()
+
+
+def _launch_plan(weights, per_channel, places, device):
+    """Per weight dtype: ``(w_like, weight table, row-sum blocks, pack blocks, weights, tiles)``."""
+    plans = []
+    for dtype in dict.fromkeys(w.dtype for w in weights):
+        idx = [j for j, w in enumerate(weights) if w.dtype == dtype and w.shape[0] > 0]
+        if not idx:
+            continue
+        rows = []
+        for j in idx:
+            w = weights[j]
+            N, K = w.shape
+            row0, out_at = places[j]
+            rows.append([w.data_ptr(), N, K, w.stride(0), w.stride(1), row0, out_at, layout.packed_k(K),
+                         int(bool(per_channel[j]))])
+        sizes = [r[1] for r in rows]
+        bn, bk = _tile_rows_cols(max(r[2] for r in rows))
+        bnq, bkq = _tile_rows_packed(max(r[7] for r in rows))
+        wtab, sum_blocks, pack_blocks = _upload([torch.tensor(rows, dtype=torch.int64), _blocks(sizes, bn),
+                                                 _blocks(sizes, bnq)], device)
+        plans.append((weights[idx[0]], wtab, sum_blocks, pack_blocks, len(idx), (bn, bk, bnq, bkq)))
+    return plans
+
+
+def weight_quant_stacks(weights: list, per_channel: list, stacks: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`weight_quant_stacked` of several stacks at once (``stacks``: how many of
+    ``weights``, in order, each stack takes; the weights of a stack share K, stacks need not):
+    ``(packed uint8 [total bytes], s_w fp32 [total rows])``, stack ``s``'s packed
+    ``[rows, Kq]`` and scales at :func:`bitfx.layout.stack_offsets`'s places. What a training
+    step runs once for every weight it reads as a parameter (``bitfx::weight_quant_stacks``):
+    three launches per weight dtype (the row sums, the scales, the packing), reading the
+    weights where they lie through a table of their addresses, built once per set of weights
+    and kept. The scales and codes are those of :func:`weight_quant_stacked` (the per-tensor
+    sum taken in the same chunks). While a CUDA graph is captured, a table not built
+    yet is not copied (the copy would be captured): the stacks are packed as
+    :func:`weight_quant_stacked` packs them, into the same places. The arguments are those
+    the op checked."""
+    device = weights[0].device
+    ks, at = [], 0
+    for n in stacks:
+        ks.append((sum(w.shape[0] for w in weights[at:at + n]), weights[at].shape[1]))
+        at += n
+    offsets, nbytes, nrows = layout.stack_offsets(ks)
+    packed = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    scale = torch.empty(nrows, dtype=torch.float32, device=device)
+    sums = torch.empty(nrows, dtype=torch.float32, device=device)
+    places, at = [], 0
+    for n, (byte0, row0) in zip(stacks, offsets):
+        for w in weights[at:at + n]:
+            places.append((row0, byte0))
+            row0 += w.shape[0]
+            byte0 += w.shape[0] * layout.packed_k(w.shape[1])
+        at += n
+    key = (device, tuple((w.data_ptr(), w.dtype, *w.shape, *w.stride()) for w in weights), tuple(map(bool, per_channel)),
+           tuple(stacks), interpreting())
+    entry = _TABLES.get(key)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if entry is None and capturing:
+        return _stacks_per_weight(weights, per_channel, places, sums, scale, packed)
+    if entry is None:
+        entry = _TABLES[key] = [_launch_plan(weights, per_channel, places, device), False]
+        while len(_TABLES) > _TABLES_KEPT:
+            old = next((k for k, e in _TABLES.items() if not e[1]), None)
+            if old is None:
+                break
+            del _TABLES[old]
+    _TABLES.move_to_end(key)
+    entry[1] = entry[1] or capturing  # a captured graph reads the table at every replay: keep it
+    opts = dict(num_warps=4, num_stages=3)
+    for w_like, wtab, sum_blocks, pack_blocks, count, (bn, bk, bnq, bkq) in entry[0]:
+        _TABLE_ROW_SUM((sum_blocks.shape[0],), (w_like, wtab, sum_blocks, sums), dict(BLOCK_N=bn, BLOCK_K=bk), **opts)
+        _TABLE_SCALE((count,), (w_like, wtab, sums, scale), dict(BLOCK_S=_sum_chunk()), **opts)
+        _TABLE_PACK((pack_blocks.shape[0],), (w_like, wtab, pack_blocks, scale, packed),
+                    dict(BLOCK_N=bnq, BLOCK_KQ=bkq), **opts)
+    return packed, scale
+
+
+def _stacks_per_weight(weights, per_channel, places, sums, scale, packed):
+    """The stacks packed by :func:`weight_quant_stacked`'s per-weight launches, into ``places``."""
+    for w, pc, (row0, byte0) in zip(weights, per_channel, places):
+        N, K = w.shape
         if N == 0:
             continue
-        _ROW_SUM((cdiv(N, block_n),), (w, sums, at, N, K, w.stride(0), w.stride(1)),
-                 dict(FINISH=False, BLOCK_N=block_n, BLOCK_K=block_k), num_warps=4, num_stages=3)
-        _STACK_PACK((cdiv(N, block_nq), cdiv(Kq, block_kq)), (w, sums, scale, packed, at, N, K, Kq, w.stride(0),
-                                                              w.stride(1)),
-                    dict(PER_CHANNEL=bool(pc), BLOCK_N=block_nq, BLOCK_KQ=block_kq,
-                         BLOCK_S=min(next_pow2(N), 64 if interpreting() else 1024)), num_warps=4, num_stages=3)
-        at += N
+        Kq = layout.packed_k(K)
+        _pack_weight(w, pc, sums[row0:row0 + N], scale[row0:row0 + N], packed[byte0:byte0 + N * Kq].view(N, Kq), 0)
     return packed, scale
 
 

@@ -52,13 +52,14 @@ from torch import fx
 import bitfx.ops  # noqa: F401  (registers torch.ops.bitfx.*, whatever imported this module)
 from bitfx import reference as ref
 from bitfx.config import BitfxConfig, decide_training
+from bitfx.layout import packed_k, stack_offsets
 from bitfx.passes.head import int8_heads
 from bitfx.passes.naming import Naming
 from bitfx.passes.plan import FilterFn, graphs_of, plan_sites
 from bitfx.passes.records import LinearUse, Site
 from bitfx.passes.sites import analyze_linear, packed_operands
 
-__all__ = ["rewrite_sites", "bitfx_pass"]
+__all__ = ["rewrite_sites", "bitfx_pass", "pack_once"]
 
 log = logging.getLogger("bitfx.passes")
 
@@ -387,6 +388,46 @@ def rewrite_sites(gm: fx.GraphModule, sites: list[Site], *, training: bool, per_
     return count
 
 
+def pack_once(graph: fx.Graph) -> int:
+    """The training graph's ``weight_quant_stacked`` calls whose weights are the graph's inputs
+    (parameters, as Dynamo lifts them, or attributes) made one ``weight_quant_stacks`` in front
+    of the first, each site then reading its stack as a view of the flat outputs (at
+    :func:`bitfx.layout.stack_offsets`'s places). A step then runs one op call and, on CUDA,
+    three launches per weight dtype for all its weights, where it ran one call and two launches
+    per weight site by site. Weights the graph computes (an all-gather's output, a cast) keep
+    their site's op, where they are made. Returns how many calls were merged (0 for fewer than
+    two)."""
+    calls = [n for n in graph.nodes if n.op == "call_function" and n.target is _ops.weight_quant_stacked.default
+             and all(isinstance(w, fx.Node) and w.op in ("placeholder", "get_attr") for w in n.args[0])
+             and all(u.op == "call_function" and u.target is operator.getitem and u.args[1] in (0, 1)
+                     for u in n.users)]
+    if len(calls) < 2:
+        return 0
+    b = _Builder(graph)
+    weights = [w for n in calls for w in n.args[0]]
+    flags = [bool(f) for n in calls for f in n.args[1]]
+    stacks = [len(n.args[0]) for n in calls]
+    rows = [(sum(int(_val(w).shape[0]) for w in n.args[0]), int(_val(n.args[0][0]).shape[1])) for n in calls]
+    offsets, _, _ = stack_offsets(rows)
+    first = calls[0]
+    _hoist(weights, first)
+    with graph.inserting_before(first):
+        merged = b.call(_ops.weight_quant_stacks.default, weights, flags, stacks, like=first)
+        packed, scale = b.getitem(merged, 0), b.getitem(merged, 1)
+        views = []
+        for (byte0, row0), (n_rows, K) in zip(offsets, rows):
+            Kq = packed_k(K)
+            p = b.call(torch.ops.aten.slice.Tensor, packed, 0, byte0, byte0 + n_rows * Kq)
+            views.append((b.call(torch.ops.aten.view.default, p, [n_rows, Kq]),
+                          b.call(torch.ops.aten.slice.Tensor, scale, 0, row0, row0 + n_rows)))
+    for n, pair in zip(calls, views):
+        for u in list(n.users):
+            u.replace_all_uses_with(pair[u.args[1]])
+            graph.erase_node(u)
+        graph.erase_node(n)
+    return len(calls)
+
+
 def _erase_dead(graph: fx.Graph, nodes: list[fx.Node]) -> None:
     """Erase those of ``nodes`` nothing uses any more (users first)."""
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -404,6 +445,8 @@ def bitfx_pass(gm: fx.GraphModule, config: Optional[BitfxConfig] = None, filter_
     from the values the graph computes (traced under ``no_grad``, none requires grad, whatever
     the parameters say; a graph without values: from its parameters). Returns the number of
     sites rewritten."""
+    from bitfx.modules import env_switch
+
     naming = naming or Naming()
     computed = [_val(n) for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr", "output")]
     traced = [v for v in computed if isinstance(v, torch.Tensor)]
@@ -426,6 +469,12 @@ def bitfx_pass(gm: fx.GraphModule, config: Optional[BitfxConfig] = None, filter_
             log.debug("left %s (%s): %s", r.module or r.node.name, r.node.name, r.reason)
         n = rewrite_sites(g, plan.sites, training=training, per_channel=per_channel, fp8_backward=fp8_backward)
         total += n
+        if training and env_switch("BITFX_PACK_ONCE", True):
+            merged = pack_once(g.graph)
+            if merged:
+                g.graph.lint()
+                g.recompile()
+                log.info("packed the weights of %d training sites in one weight_quant_stacks", merged)
         if not training and config.head == "int8":
             int8_heads(g, plan)
         if plan.sites or plan.rejected:

@@ -88,7 +88,7 @@ def _loss(compiled, ids: torch.Tensor) -> torch.Tensor:
 def _recording_backend(graphs: list):
     """bitfx's backend, recording per graph ``(n_ops, weights)``: how many ``bitlinear_stacked``
     ops the rewritten graph holds, and a copy of the tensor each weight their quantization
-    (``weight_quant_stacked``, where the scales are taken) read was at compile time (None where the weight is not a graph input). Copied then: under FSDP2 the
+    (``weight_quant_stacked`` or ``weight_quant_stacks``, where the scales are taken) read was at compile time (None where the weight is not a graph input). Copied then: under FSDP2 the
     unsharded parameters' storage is freed after each forward."""
     from bitfx.backend import bitfx_backend
 
@@ -99,7 +99,8 @@ def _recording_backend(graphs: list):
         for node in gm.graph.nodes:
             op = getattr(node.target, "overloadpacket", None)
             n_ops += op is torch.ops.bitfx.bitlinear_stacked
-            if op is torch.ops.bitfx.weight_quant_stacked:  # where the weights' scales are taken
+            # where the weights' scales are taken: per site, or for the graph's parameters at once
+            if op in (torch.ops.bitfx.weight_quant_stacked, torch.ops.bitfx.weight_quant_stacks):
                 for w in node.args[0]:
                     weights.append(example_inputs[placeholders[w]].detach().clone() if w in placeholders else None)
         graphs.append((n_ops, weights))

@@ -7,7 +7,8 @@
   ``act_quant`` of it), ``act_quant``, ``weight_quant``,
   ``ternary_matmul``, ``ternary_linear`` (the two in one), ``dequantize``, and the one CUDA
   front (norm or activation quantization);
-* :mod:`bitfx.ops.training`: ``weight_quant_stacked``, ``bitlinear_stacked`` (what the backend
+* :mod:`bitfx.ops.training`: ``weight_quant_stacked`` and ``weight_quant_stacks`` (a training
+  graph's weights packed per site, or all at once), ``bitlinear_stacked`` (what the backend
   emits in training), ``ternary_linear_group`` (frozen packed weights in grad mode), and
   :func:`bitlinear`, the differentiable BitLinear layer as a function;
 * :mod:`bitfx.ops.head`: ``int8_rows`` and ``int8_linear``, the int8 output head
@@ -37,6 +38,7 @@ ternary_linear = torch.ops.bitfx.ternary_linear
 dequantize = torch.ops.bitfx.dequantize
 ternary_linear_group = torch.ops.bitfx.ternary_linear_group
 weight_quant_stacked = torch.ops.bitfx.weight_quant_stacked
+weight_quant_stacks = torch.ops.bitfx.weight_quant_stacks
 bitlinear_stacked = torch.ops.bitfx.bitlinear_stacked
 int8_rows = torch.ops.bitfx.int8_rows
 int8_linear = torch.ops.bitfx.int8_linear

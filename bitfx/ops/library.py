@@ -67,6 +67,10 @@ SCHEMAS = {
                             "-> (Tensor[], Tensor, Tensor, Tensor)",
     # weight_quant of each weight (same K), stacked along N: -> (packed u8[ΣN, Kq], w_scale f32[ΣN])
     "weight_quant_stacked": "(Tensor[] weights, bool[] per_channel) -> (Tensor, Tensor)",
+    # several such stacks at once (stacks: how many weights each takes; K may differ between
+    # stacks): -> (packed u8[total bytes], w_scale f32[total rows]), each stack at
+    # bitfx.layout.stack_offsets's places
+    "weight_quant_stacks": "(Tensor[] weights, bool[] per_channel, int[] stacks) -> (Tensor, Tensor)",
     # training: norm (+) quantization, one matmul against the stack, STE backward to the weights
     # -> (out[..., ΣN], q, x_scale, rstd)
     "bitlinear_stacked": "(Tensor x, Tensor? norm_weight, Tensor[] weights, Tensor packed, Tensor w_scale, "

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from bitfx import reference as ref
-from bitfx.layout import CODE_OFFSET, PLANES, SCALE_FLOOR, packed_k
+from bitfx.layout import CODE_OFFSET, PLANES, SCALE_FLOOR, packed_k, stack_offsets
 import bitfx.ops.fp8 as fp8
 from bitfx.ops.inference import cuda_front, ref_front
 from bitfx.ops.library import (bias_list, check_float_dtype, check_in_features, check_linear_weight, check_norm_args,
@@ -114,6 +114,11 @@ def _(weights: list[Tensor], per_channel: list[bool]) -> tuple[Tensor, Tensor]:
     sum of ``|w|`` is taken per row, then per weight: its fp32 order may differ from the
     reference's (a few ulps of the scale); the codes are exactly those of the scale."""
     _check_stack_weights("weight_quant_stacked", weights, per_channel)
+    return _stack_reference(weights, per_channel)
+
+
+def _stack_reference(weights: list[Tensor], per_channel: list[bool]) -> tuple[Tensor, Tensor]:
+    """``weight_quant_stacked``'s plain-torch body (its docstring), for checked arguments."""
     parts = [w.detach().float() for w in weights]
     wf = torch.cat(parts) if len(parts) > 1 else parts[0]
     N, K = wf.shape
@@ -171,16 +176,84 @@ def _(weights: list[Tensor], per_channel: list[bool]) -> tuple[Tensor, Tensor]:
 
 
 def _weight_quant_stacked_setup(ctx, inputs, output) -> None:
-    ctx.weights = len(inputs[0])
+    ctx.weights, ctx.inputs = len(inputs[0]), len(inputs)
     ctx.mark_non_differentiable(*output)
 
 
 def _weight_quant_stacked_backward(ctx, d_packed, d_scale):
     # Codes and scales carry no gradient (marked non-differentiable): nothing reaches the weights here.
-    return [None] * ctx.weights, None
+    return ([None] * ctx.weights,) + (None,) * (ctx.inputs - 1)
 
 
 register_autograd("weight_quant_stacked", _weight_quant_stacked_backward, _weight_quant_stacked_setup)
+
+
+# ---------------------------------------------------------------- weight_quant_stacks
+
+
+def _check_stacks(op: str, weights: list[Tensor], per_channel: list[bool], stacks: list[int]) -> None:
+    if len(per_channel) != len(weights):
+        raise ValueError(f"bitfx.{op}: {len(weights)} weights but {len(per_channel)} per_channel flags")
+    if not stacks or any(n < 1 for n in stacks) or sum(stacks) != len(weights):
+        raise ValueError(
+            f"bitfx.{op}: stacks {list(stacks)} must be positive counts of weights adding up to the "
+            f"{len(weights)} weights given"
+        )
+    at = 0
+    for n in stacks:
+        _check_stack_weights(op, weights[at:at + n], per_channel[at:at + n])
+        at += n
+    check_same_device(op, *weights)
+
+
+def _stack_rows(weights: list[Tensor], stacks: list[int]) -> list[tuple[int, int]]:
+    """``(rows, K)`` of each stack."""
+    out, at = [], 0
+    for n in stacks:
+        out.append((sum(w.shape[0] for w in weights[at:at + n]), weights[at].shape[1]))
+        at += n
+    return out
+
+
+@register("weight_quant_stacks", "reference")
+def _(weights: list[Tensor], per_channel: list[bool], stacks: list[int]) -> tuple[Tensor, Tensor]:
+    """``weight_quant_stacked`` of each stack (``stacks``: how many of the weights, in order,
+    each takes; K may differ between stacks), in one pair of flat outputs: ``(packed u8[total
+    bytes], w_scale f32[total rows])``, stack ``s``'s packed ``[rows_s, Kq_s]`` from byte
+    ``offsets[s][0]`` and its scales from row ``offsets[s][1]`` (:func:`bitfx.layout.
+    stack_offsets`). What the backend emits once per training graph for the weights it reads
+    as parameters, where it would emit one ``weight_quant_stacked`` per site: one op call and
+    on CUDA three launches (:func:`bitfx.kernels.weight_pack.weight_quant_stacks`) instead of
+    one call and two launches per weight. No gradient, as ``weight_quant_stacked``."""
+    _check_stacks("weight_quant_stacks", weights, per_channel, stacks)
+    offsets, nbytes, nrows = stack_offsets(_stack_rows(weights, stacks))
+    device = weights[0].device
+    packed = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    scale = torch.empty(nrows, dtype=torch.float32, device=device)
+    at = 0
+    for n, (byte0, row0) in zip(stacks, offsets):
+        p, s = _stack_reference(weights[at:at + n], per_channel[at:at + n])
+        packed[byte0:byte0 + p.numel()] = p.reshape(-1)
+        scale[row0:row0 + s.numel()] = s
+        at += n
+    return packed, scale
+
+
+@register("weight_quant_stacks", "cuda")
+def _(weights: list[Tensor], per_channel: list[bool], stacks: list[int]) -> tuple[Tensor, Tensor]:
+    _check_stacks("weight_quant_stacks", weights, per_channel, stacks)  # shapes, dtypes, devices: no device read
+    return kernels("weight_pack").weight_quant_stacks(weights, per_channel, stacks)
+
+
+@register("weight_quant_stacks", "fake")
+def _(weights: list[Tensor], per_channel: list[bool], stacks: list[int]) -> tuple[Tensor, Tensor]:
+    _check_stacks("weight_quant_stacks", weights, per_channel, stacks)
+    _, nbytes, nrows = stack_offsets(_stack_rows(weights, stacks))
+    w = weights[0]
+    return w.new_empty((nbytes,), dtype=torch.uint8), w.new_empty((nrows,), dtype=torch.float32)
+
+
+register_autograd("weight_quant_stacks", _weight_quant_stacked_backward, _weight_quant_stacked_setup)
 
 
 # ---------------------------------------------------------------- bitlinear_stacked

@@ -35,6 +35,9 @@ for stack, flags in (([w(1, 1)], [False]), ([w(1, 1)], [True]), ([w(3, 5), w(1, 
                      ([w(1, 7), w(2, 7)], [False, False]), ([w(64, 2560), w(16, 2560), w(16, 2560)], [False, False, True]),
                      ([w(1, 2560)], [False])):
     weight_pack.weight_quant_stacked(stack, flags)
+# Every stack at once (the launch tables): two dtypes, K of 1 and 2560, one-row weights.
+weight_pack.weight_quant_stacks([w(1, 1), w(3, 5), w(1, 5, torch.float32), w(64, 2560), w(1, 2560)],
+                                [False, True, False, True, False], [1, 2, 2])
 
 
 class _Direct:  # a launch of weight_scale / quantize_pack (``kernel[grid](...)``), recorded the same way
@@ -76,5 +79,6 @@ for fn, args, constexprs, options in recorded:
     src = ASTSource(fn=fn, signature=signature, constexprs=consts)
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     print("compiled", fn.__name__, sorted(k for k, v in signature.items() if v == "constexpr" and k not in constexprs))
-sys.exit(0 if {"_abs_row_sum_kernel", "_stack_pack_kernel", "_tensor_scale_kernel", "_quantize_pack_kernel"}
+sys.exit(0 if {"_abs_row_sum_kernel", "_stack_pack_kernel", "_tensor_scale_kernel", "_quantize_pack_kernel",
+               "_table_row_sum_kernel", "_table_scale_kernel", "_table_pack_kernel"}
          <= {k[0] for k in seen} else 1)

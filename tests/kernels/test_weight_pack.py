@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 
 from bitfx import reference as ref
 from bitfx import layout
+from bitfx.kernels import weight_pack
 from bitfx.kernels.weight_pack import (dequantize, quantize_pack, unpack_ternary, weight_quant, weight_quant_stacked,
-                                       weight_scale)
+                                       weight_quant_stacks, weight_scale)
 from tests.helpers import FLOAT_DTYPES, HAS_CUDA, KERNEL_DEVICE, ULP
 
 DEV = KERNEL_DEVICE
@@ -168,6 +169,95 @@ def test_weight_quant_stacked(stack):
     want = torch.ops.bitfx.weight_quant_stacked.default([w.cpu() for w in exact], pcs)  # the reference (CPU)
     got = weight_quant_stacked(exact, pcs)
     assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+
+
+@given(parts=st.lists(stacks(max_n=12, max_k=130), min_size=1, max_size=3))
+@example(parts=[([_make_weight(1, 1, torch.bfloat16, 0, 0, "none", "contiguous")], [False]),
+                ([_make_weight(5, 130, torch.float32, 1, 0, "nan", "transposed"),
+                  _make_weight(2, 130, torch.bfloat16, 2, 0, "ties", "strided")], [True, False])])
+def test_weight_quant_stacks(parts):
+    """Every stack of a training graph at once (weights of several dtypes, K differing between
+    stacks, any strides, NaN and Inf): each stack's rows of the flat outputs, at the places
+    ``layout.stack_offsets`` gives, are ``weight_quant_stacked`` of that stack: the scales up
+    to the order of the fp32 sum of |w| (NaN for a group holding NaN or Inf; bit for bit on
+    weights whose sums are exact in any order, multiples of 1/4), the codes exactly those of the
+    scales. A second call reads the launch table kept from the first; the per-weight launches a
+    CUDA graph's capture falls back on give the same bytes."""
+    weights = [w for ws, _ in parts for w in ws]
+    flags = [f for _, fs in parts for f in fs]
+    stacks_ = [len(ws) for ws, _ in parts]
+    rows = [(sum(w.shape[0] for w in ws), ws[0].shape[1]) for ws, _ in parts]
+    offsets, nbytes, nrows = layout.stack_offsets(rows)
+    for attempt in range(2):
+        packed, scale = weight_quant_stacks(weights, flags, stacks_)
+        assert packed.shape == (nbytes,) and packed.dtype == torch.uint8
+        assert scale.shape == (nrows,) and scale.dtype == torch.float32
+        for (ws, fs), (byte0, row0), (n, K) in zip(parts, offsets, rows):
+            Kq = layout.packed_k(K)
+            p, sc = packed[byte0:byte0 + n * Kq].view(n, Kq), scale[row0:row0 + n]
+            want_p, want_s = weight_quant_stacked(ws, fs)
+            torch.testing.assert_close(sc, want_s, rtol=SCALE_RTOL, atol=0, equal_nan=True)
+            at = 0
+            for w in ws:
+                assert torch.equal(p[at:at + w.shape[0]], ref.pack_ternary(ref.ternarize(w, sc[at:at + w.shape[0]])))
+                at += w.shape[0]
+    places, at = [], 0
+    for (ws, _), (byte0, row0) in zip(parts, offsets):
+        for w in ws:
+            places.append((row0, byte0))
+            row0 += w.shape[0]
+            byte0 += w.shape[0] * layout.packed_k(w.shape[1])
+    fallback = weight_pack._stacks_per_weight(weights, flags, places, torch.empty_like(scale), torch.empty_like(scale),
+                                              torch.empty_like(packed))
+    torch.testing.assert_close(fallback[1], scale, rtol=SCALE_RTOL, atol=0, equal_nan=True)
+    exact = [(w.nan_to_num(0.0, 0.0, 0.0) * 4).round().clamp(-8, 8).div(4) for w in weights]
+    got = weight_quant_stacks(exact, flags, stacks_)
+    want = torch.ops.bitfx.weight_quant_stacks.default([w.cpu() for w in exact], flags, stacks_)  # the reference
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+    fallback = weight_pack._stacks_per_weight(exact, flags, places, torch.empty_like(got[1]), torch.empty_like(got[1]),
+                                              torch.zeros_like(got[0]))
+    assert torch.equal(fallback[0], got[0]) and torch.equal(fallback[1], got[1])
+
+
+def test_weight_quant_stacks_table_follows_the_weights():
+    """The launch table is kept per set of weights (their addresses, shapes and strides): new
+    weights of the same shapes, or the same weights written in place, are packed from what
+    they hold now, never from a table or values of an earlier call."""
+    g = torch.Generator().manual_seed(3)
+    make = lambda: [torch.randn(6, 40, generator=g).to(DEV), torch.randn(3, 40, generator=g).to(DEV),  # noqa: E731
+                    torch.randn(4, 72, generator=g).to(DEV).bfloat16()]
+    first, second = make(), make()
+    for ws in (first, second, first):
+        got = weight_quant_stacks(ws, [False, True, False], [2, 1])
+        want = torch.cat([weight_quant_stacked(ws[:2], [False, True])[0].reshape(-1),
+                          weight_quant_stacked(ws[2:], [False])[0].reshape(-1)])
+        assert torch.equal(got[0], want)
+    first[0].mul_(-1)  # in place: same address, new values
+    got = weight_quant_stacks(first, [False, True, False], [2, 1])
+    assert torch.equal(got[0][: 9 * 16].view(9, 16), weight_quant_stacked(first[:2], [False, True])[0])
+
+
+@pytest.mark.cuda
+def test_weight_quant_stacks_under_cuda_graph_trees():
+    """Compiled with ``mode="reduce-overhead"``, the first call builds the launch table during the
+    graph tree's warm-up, while the thread allocates from the graph's pool: the table must come
+    from elsewhere (a live tensor of the pool that no output holds is refused), and the
+    recorded and replayed calls give the eager bytes."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(5)
+    ws = [torch.nn.Parameter(torch.randn(n, 96, generator=g).cuda().bfloat16()) for n in (32, 16, 48)]
+
+    def f():
+        packed, scale = torch.ops.bitfx.weight_quant_stacks(ws, [False, True, False], [2, 1])
+        return packed + 0, scale * 1
+
+    want = weight_quant_stacks([w.detach() for w in ws], [False, True, False], [2, 1])
+    weight_pack._TABLES.clear()  # built afresh by the warm-up
+    compiled = torch.compile(f, backend="inductor", mode="reduce-overhead", fullgraph=True)
+    for _ in range(4):  # warm-up, record, replays
+        packed, scale = compiled()
+        assert torch.equal(packed, want[0]) and torch.equal(scale, want[1])
+    torch._dynamo.reset()
 
 
 @given(

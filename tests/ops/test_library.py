@@ -117,6 +117,8 @@ def _op_cases(device, M=5, K=40, N=24, dtype=torch.bfloat16):
              False, False, dtype, False, torch.float32),
         ),
         "weight_quant_stacked": ("weight_quant_stacked", ([W, W[:7]], [False, True])),
+        "weight_quant_stacks": ("weight_quant_stacks", ([W, W[:7], W[:3, :9].contiguous()], [False, True, False],
+                                                        [2, 1])),
         "bitlinear_stacked": (
             "bitlinear_stacked",
             (leaf(x), leaf(g), [leaf(W), leaf(W[:7])], *ops.weight_quant_stacked([W, W[:7]], [False, True]),

@@ -62,6 +62,39 @@ def test_weight_quant_stacked_is_weight_quant_per_weight(K, Ns, dtype, per_chann
     assert torch.equal(scale, torch.cat([s for _, s in want]))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_weight_quant_stacks_is_weight_quant_stacked_per_stack(device):
+    """``weight_quant_stacks``: each stack's bytes and scales, at ``layout.stack_offsets``'s
+    places in the flat outputs, are ``weight_quant_stacked`` of that stack (bit for bit on the
+    CPU, where both are the plain-torch reference; on CUDA the scales up to the order of the
+    fp32 sum); under Inductor too; and arguments that do not describe stacks are refused by name."""
+    from bitfx.layout import packed_k, stack_offsets
+
+    Ws = [_x((12, 40), torch.bfloat16, device, 1), _x((4, 40), torch.float32, device, 2),
+          _x((7, 65), torch.bfloat16, device, 3), _x((3, 9), torch.float16, device, 4).t().contiguous().t()]
+    flags, stacks = [False, True, False, True], [2, 1, 1]
+    offsets, nbytes, nrows = stack_offsets([(16, 40), (7, 65), (3, 9)])
+    for fn in (ops.weight_quant_stacks, torch.compile(ops.weight_quant_stacks, backend="inductor", fullgraph=True)):
+        packed, scale = fn(Ws, flags, stacks)
+        assert packed.shape == (nbytes,) and scale.shape == (nrows,)
+        at = 0
+        for n, (byte0, row0), (rows, K) in zip(stacks, offsets, [(16, 40), (7, 65), (3, 9)]):
+            want_p, want_s = ops.weight_quant_stacked(Ws[at:at + n], flags[at:at + n])
+            got_p = packed[byte0:byte0 + rows * packed_k(K)].view(rows, packed_k(K))
+            if device == "cpu":
+                assert torch.equal(got_p, want_p) and torch.equal(scale[row0:row0 + rows], want_s)
+            else:
+                torch.testing.assert_close(scale[row0:row0 + rows], want_s, rtol=1e-6, atol=0)
+                sc = scale[row0:row0 + rows].split([w.shape[0] for w in Ws[at:at + n]])
+                assert torch.equal(got_p, torch.cat([ref.pack_ternary(ref.ternarize(w, c))
+                                                     for w, c in zip(Ws[at:at + n], sc)]))
+            at += n
+    with pytest.raises(ValueError, match="stacks"):
+        ops.weight_quant_stacks(Ws, flags, [2, 1])
+    with pytest.raises(ValueError, match="share K"):
+        ops.weight_quant_stacks(Ws, flags, [3, 1])
+
+
 def test_weight_quant_stacked_compiled():
     """Under Inductor (how the backend's training graphs run it): the codes are exactly those of
     the compiled scale (``ternarize`` + ``pack_ternary`` of it), and the scale is the

@@ -335,7 +335,8 @@ def test_deleting_a_compiled_model_frees_its_weights():
 
 
 # The weight-quantization kernels (bitfx.kernels.weight_pack): none may run in a step.
-_WEIGHT_KERNELS = ("_abs_row_sum_kernel", "_tensor_scale_kernel", "_quantize_pack_kernel", "_stack_pack_kernel")
+_WEIGHT_KERNELS = ("_abs_row_sum_kernel", "_tensor_scale_kernel", "_quantize_pack_kernel", "_stack_pack_kernel",
+                   "_table_row_sum_kernel", "_table_scale_kernel", "_table_pack_kernel")
 
 
 @pytest.mark.cuda

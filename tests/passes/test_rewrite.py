@@ -209,7 +209,8 @@ def test_eager_bitlinear_training():
     model.train()
     gm, compiled = models.capture_graph(model, x, grad=True)
     assert bitfx_pass(gm, None) == 4  # training decided from grad mode + parameters
-    assert op_counts(gm) == Counter(bitlinear_stacked=4, weight_quant_stacked=4)  # one per norm: each feeds one linear
+    # one per norm (each feeds one linear); the four weights, parameters, packed by one op
+    assert op_counts(gm) == Counter(bitlinear_stacked=4, weight_quant_stacks=1)
     eager = models.bitlinear_model(bias=True)[0].train()
     got, want = compiled(x), eager(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -241,6 +242,39 @@ def test_training_rewrite_gradients():
     for (name, p), q in zip(model.named_parameters(), oracle.parameters()):
         assert p.grad is not None, name
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_training_graph_packs_its_parameters_once():
+    """``pack_once``: the sites' ``weight_quant_stacked`` calls on parameters become one
+    ``weight_quant_stacks``, each site reading its stack as a view; forward and every gradient
+    are those of the per-site graph (the same packed bytes and scales). A weight the graph
+    computes (here a product with a parameter) keeps its site's op, where it is made."""
+    from bitfx.passes.rewrite import pack_once
+
+    model, ids = models.tiny_torch_llama(styles=("llama", "gemma", "functional", "no_weight"))
+    gm, compiled = models.capture_graph(model, ids, grad=True)
+    found = find_sites(gm)
+    rewrite_sites(gm, found.sites, training=True)
+    per_site = compiled(ids)
+    target = torch.randint(0, models.VOCAB, ids.shape)
+    F.cross_entropy(per_site.flatten(0, 1), target.flatten()).backward()
+    want_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    wq = [n for n in gm.graph.nodes if n.target is torch.ops.bitfx.weight_quant_stacked.default]
+    w = wq[-1].args[0][0]  # one site's weight made by the graph: w * 1
+    with gm.graph.inserting_before(wq[-1]):
+        made = gm.graph.call_function(torch.mul, (w, 1.0))
+    made.meta.update(w.meta)
+    wq[-1].args = ([made, *wq[-1].args[0][1:]], *wq[-1].args[1:])
+    assert pack_once(gm.graph) == 5
+    gm.recompile()
+    c = op_counts(gm)
+    assert c["weight_quant_stacks"] == 1 and c["weight_quant_stacked"] == 1 and c["bitlinear_stacked"] == 6
+    got = compiled(ids)
+    assert torch.equal(got, per_site)
+    F.cross_entropy(got.flatten(0, 1), target.flatten()).backward()
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, want_grads[n]), n
 
 
 def test_bitfx_quantized_modules_fuse_with_their_norm():
