@@ -262,7 +262,8 @@ def weight_quant_stacked(weights: list, per_channel: list) -> tuple[torch.Tensor
     """:func:`weight_quant` of each weight (float ``[N_i, K]``, one K, one device, any strides),
     written into one stack along N: ``(packed uint8 [sum N_i, Kq], s_w fp32 [sum N_i])``, each
     block with its own scale (per tensor or per row as ``per_channel[i]`` says). What a training
-    step runs per site (``bitfx::weight_quant_stacked`` on CUDA): two launches per weight through
+    step runs at a site whose weights the graph computes (``bitfx::weight_quant_stacked`` on
+    CUDA; parameters are packed all at once, :func:`weight_quant_stacks`): two launches per weight through
     cached launchers (the row sums of ``|w|``, then the scale and the packing), each writing
     its block of the stack in place (no concatenated copy of the weights, no views). The
     arguments are those the op checked."""
@@ -320,15 +321,20 @@ def _entry(wtab, i, w_like):
 
 
 @triton.jit
+def _program_rows(wtab, btab, w_like, BLOCK_N: tl.constexpr):
+    """This program's block ``(i, r) = btab[program_id]``: weight ``i``'s ``(w, K, stride_n,
+    stride_k, row0, out_at, Kq)`` and its rows ``r + [0, BLOCK_N)`` with their mask."""
+    pid = tl.program_id(0)
+    w, N, K, stride_n, stride_k, row0, out_at, Kq, _ = _entry(wtab, tl.load(btab + 2 * pid), w_like)
+    rows = tl.load(btab + 2 * pid + 1) + tl.arange(0, BLOCK_N)
+    return w, K, stride_n, stride_k, row0, out_at, Kq, rows, rows < N
+
+
+@triton.jit
 def _table_row_sum_kernel(w_like, wtab, btab, sums_ptr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program ``p``: rows ``[r, r + BLOCK_N)`` of weight ``i``, ``(i, r) = btab[p]``:
     ``sums[row0 + n] = sum_k |w[n, k]|`` (NaN for a row holding NaN or Inf)."""
-    pid = tl.program_id(0)
-    i = tl.load(btab + 2 * pid)
-    r = tl.load(btab + 2 * pid + 1)
-    w, N, K, stride_n, stride_k, row0, _, _, _ = _entry(wtab, i, w_like)
-    rows = r + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
+    w, K, stride_n, stride_k, row0, _, _, rows, row_mask = _program_rows(wtab, btab, w_like, BLOCK_N)
     total = _abs_sums(w, rows, row_mask, K, stride_n, stride_k, BLOCK_N, BLOCK_K)
     tl.store(sums_ptr + row0 + rows, total, mask=row_mask)
 
@@ -360,12 +366,7 @@ def _table_scale_kernel(w_like, wtab, sums_ptr, scale_ptr, BLOCK_S: tl.constexpr
 def _table_pack_kernel(w_like, wtab, btab, scale_ptr, out_ptr, BLOCK_N: tl.constexpr, BLOCK_KQ: tl.constexpr):
     """Program ``p``: the packed rows ``[r, r + BLOCK_N)`` of weight ``i`` (``btab[p]``), whole
     rows, written at its byte offset in ``out``."""
-    pid = tl.program_id(0)
-    i = tl.load(btab + 2 * pid)
-    r = tl.load(btab + 2 * pid + 1)
-    w, N, K, stride_n, stride_k, row0, out_at, Kq, _ = _entry(wtab, i, w_like)
-    rows = r + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
+    w, K, stride_n, stride_k, row0, out_at, Kq, rows, row_mask = _program_rows(wtab, btab, w_like, BLOCK_N)
     s = tl.load(scale_ptr + row0 + rows, mask=row_mask, other=0.0)
     for col0 in range(0, Kq, BLOCK_KQ):
         _pack_rows(w, s, out_ptr + out_at, rows, rows, row_mask, col0, K, Kq, stride_n, stride_k, BLOCK_N, BLOCK_KQ)

@@ -19,6 +19,8 @@ along N into one matmul)::
 ``weight_quant_stacked`` is one opaque node per site (its own kernels on CUDA; traced into aten
 ops it made a 350M model's forward compile 13 s longer); the weights also go to
 ``bitlinear_stacked`` itself, whose backward gives them their straight-through gradients.
+Then :func:`pack_once` merges the sites whose weights are the graph's parameters into one
+``weight_quant_stacks`` for the whole graph (one op call a step instead of one per site).
 
 The row-preserving ops that stood between the norm and a linear (views, reshapes, indexing of
 leading dims; see :func:`bitfx.passes.fx_utils.is_row_op`) are applied to ``x`` instead: the

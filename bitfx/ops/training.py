@@ -103,9 +103,12 @@ def _(weights: list[Tensor], per_channel: list[bool]) -> tuple[Tensor, Tensor]:
 
     An opaque op in a compiled graph, not a composite that AOTAutograd traces for Inductor to
     fuse: traced, its few dozen nodes per site made the forward's compile 13 s longer at the
-    350M shape on an H100 (36.6 s against 20.3 s for an 8-layer model on the CPU); opaque, the
-    350M step is 3-5 ms slower (by its profile, host time: BENCHMARKS.md). On CUDA it is
-    two cached Triton launches per weight (:func:`bitfx.kernels.weight_pack.weight_quant_stacked`).
+    350M shape on an H100 (36.6 s against 20.3 s for an 8-layer model on the CPU). One call per
+    site cost that step 5 ms of host time (0.86x bf16 against 0.91x, BENCHMARKS.md): the sites
+    whose weights are the graph's parameters are merged into one ``weight_quant_stacks``
+    (:func:`bitfx.passes.rewrite.pack_once`); this op stays for weights the graph computes. On
+    CUDA it is two cached Triton launches per weight
+    (:func:`bitfx.kernels.weight_pack.weight_quant_stacked`).
 
     Here, plain torch: one row reduction and one packing over the whole stack. The group means
     and reciprocals are computed in fp64 and rounded once to fp32: correctly rounded, as the
