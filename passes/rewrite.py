@@ -392,19 +392,32 @@ def rewrite_sites(gm: fx.GraphModule, sites: list[Site], *, training: bool, per_
 
 def pack_once(graph: fx.Graph) -> int:
     """The training graph's ``weight_quant_stacked`` calls whose weights are the graph's inputs
-    (parameters, as Dynamo lifts them, or attributes) made one ``weight_quant_stacks`` in front
-    of the first, each site then reading its stack as a view of the flat outputs (at
-    :func:`bitfx.layout.stack_offsets`'s places). A step then runs one op call and, on CUDA,
-    three launches per weight dtype for all its weights, where it ran one call and two launches
-    per weight site by site. Weights the graph computes (an all-gather's output, a cast) keep
-    their site's op, where they are made. Returns how many calls were merged (0 for fewer than
-    two)."""
-    calls = [n for n in graph.nodes if n.op == "call_function" and n.target is _ops.weight_quant_stacked.default
-             and all(isinstance(w, fx.Node) and w.op in ("placeholder", "get_attr") for w in n.args[0])
-             and all(u.op == "call_function" and u.target is operator.getitem and u.args[1] in (0, 1)
-                     for u in n.users)]
-    if len(calls) < 2:
-        return 0
+    (parameters, as Dynamo lifts them, or attributes) made one ``weight_quant_stacks`` per
+    device in front of the first, each site then reading its stack as a view of the flat
+    outputs (at :func:`bitfx.layout.stack_offsets`'s places). A step then runs one op call and,
+    on CUDA, three launches per weight dtype for all its weights, where it ran one call and two
+    launches per weight site by site. Weights the graph computes (an all-gather's output, a
+    cast) keep their site's op, where they are made; so do the calls of a device that has only
+    one. Returns how many calls were merged."""
+    by_device: dict[Any, list[fx.Node]] = {}
+    for n in graph.nodes:
+        if (n.op == "call_function" and n.target is _ops.weight_quant_stacked.default
+                and all(isinstance(w, fx.Node) and w.op in ("placeholder", "get_attr")
+                        and isinstance(_val(w), torch.Tensor) for w in n.args[0])
+                and all(u.op == "call_function" and u.target is operator.getitem and u.args[1] in (0, 1)
+                        for u in n.users)):
+            by_device.setdefault(_val(n.args[0][0]).device, []).append(n)
+    merged = 0
+    for calls in by_device.values():
+        if len(calls) > 1:
+            _merge_packing(graph, calls)
+            merged += len(calls)
+    return merged
+
+
+def _merge_packing(graph: fx.Graph, calls: list[fx.Node]) -> None:
+    """``calls`` (``weight_quant_stacked`` on one device's graph inputs, in graph order) as one
+    ``weight_quant_stacks`` and views of its outputs."""
     b = _Builder(graph)
     weights = [w for n in calls for w in n.args[0]]
     flags = [bool(f) for n in calls for f in n.args[1]]
@@ -427,7 +440,6 @@ def pack_once(graph: fx.Graph) -> int:
             u.replace_all_uses_with(pair[u.args[1]])
             graph.erase_node(u)
         graph.erase_node(n)
-    return len(calls)
 
 
 def _erase_dead(graph: fx.Graph, nodes: list[fx.Node]) -> None:

@@ -277,6 +277,38 @@ def test_training_graph_packs_its_parameters_once():
         assert torch.equal(p.grad, want_grads[n]), n
 
 
+def test_pack_once_merges_per_device():
+    """Sites on two devices (a model split over them): one ``weight_quant_stacks`` per device with
+    two sites or more, each reading only its device's weights; a device with one site keeps its
+    op. The merged graph returns the per-site bytes and scales."""
+    import operator
+
+    from bitfx.passes.rewrite import pack_once
+
+    g = torch.fx.Graph()
+    vals = [torch.randn(8, 16), torch.randn(4, 16), torch.randn(6, 40), torch.empty(8, 16, device="meta"),
+            torch.empty(3, 16, device="meta")]
+    ws = []
+    for i, v in enumerate(vals):
+        ws.append(g.placeholder(f"w{i}"))
+        ws[-1].meta["val"] = v
+    outs = []
+    for group, flags in (([0, 1], [False, True]), ([2], [False]), ([3, 4], [True, False])):
+        n = g.call_function(torch.ops.bitfx.weight_quant_stacked.default, ([ws[i] for i in group], flags))
+        outs += [g.call_function(operator.getitem, (n, 0)), g.call_function(operator.getitem, (n, 1))]
+    g.output(tuple(outs))
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    want = gm(*vals)
+    assert pack_once(gm.graph) == 2
+    gm.recompile()
+    c = op_counts(gm)
+    assert c["weight_quant_stacks"] == 1 and c["weight_quant_stacked"] == 1
+    got = gm(*vals)
+    for a, b in zip(got[:4], want[:4]):
+        assert torch.equal(a, b)
+    assert got[4].device.type == "meta" and got[4].shape == want[4].shape
+
+
 def test_bitfx_quantized_modules_fuse_with_their_norm():
     torch.manual_seed(0)
     norm = models.LlamaNorm(32)
