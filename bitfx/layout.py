@@ -66,6 +66,16 @@ def check_packed_shape(packed_shape, K: int, N: int | None = None) -> None:
         raise ValueError(f"packed ternary weight has {packed_shape[0]} rows, expected N={N}")
 
 
+def stack_rows(weights, stacks) -> list[tuple[int, int]]:
+    """``(rows, K)`` of each stack: ``stacks`` counts how many of ``weights`` (anything with a
+    ``[N, K]`` shape), in order, each stack takes."""
+    out, at = [], 0
+    for n in stacks:
+        out.append((sum(int(w.shape[0]) for w in weights[at:at + n]), int(weights[at].shape[1])))
+        at += n
+    return out
+
+
 def stack_offsets(stacks) -> tuple[list[tuple[int, int]], int, int]:
     """Where each stack of packed weights lies in the flat outputs of ``weight_quant_stacks``:
     for stacks given as ``(rows, K)``, each stack's ``(byte offset, first row)`` (its packed

@@ -380,6 +380,7 @@ _TABLE_PACK = Launcher(_table_pack_kernel)
 # the same parameters every step, so each table is built and copied to the device once.
 _TABLES: "collections.OrderedDict" = collections.OrderedDict()
 _TABLES_KEPT = 16  # the least recently used beyond this are dropped (not one a CUDA graph captured)
+# An entry: [the launch plan per dtype, whether a captured graph reads it, (total bytes, total rows)].
 
 
 def _blocks(sizes: list[int], block: int) -> torch.Tensor:
@@ -447,29 +448,21 @@ def weight_quant_stacks(weights: list, per_channel: list, stacks: list) -> tuple
     :func:`weight_quant_stacked` packs them, into the same places. The arguments are those
     the op checked."""
     device = weights[0].device
-    ks, at = [], 0
-    for n in stacks:
-        ks.append((sum(w.shape[0] for w in weights[at:at + n]), weights[at].shape[1]))
-        at += n
-    offsets, nbytes, nrows = layout.stack_offsets(ks)
-    packed = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    scale = torch.empty(nrows, dtype=torch.float32, device=device)
-    sums = torch.empty(nrows, dtype=torch.float32, device=device)
-    places, at = [], 0
-    for n, (byte0, row0) in zip(stacks, offsets):
-        for w in weights[at:at + n]:
-            places.append((row0, byte0))
-            row0 += w.shape[0]
-            byte0 += w.shape[0] * layout.packed_k(w.shape[1])
-        at += n
     key = (device, tuple((w.data_ptr(), w.dtype, *w.shape, *w.stride()) for w in weights), tuple(map(bool, per_channel)),
            tuple(stacks), interpreting())
     entry = _TABLES.get(key)
+    if entry is None:
+        places, nbytes, nrows = _places(weights, stacks)
+    else:
+        nbytes, nrows = entry[2]
+    packed = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    scale = torch.empty(nrows, dtype=torch.float32, device=device)
+    sums = torch.empty(nrows, dtype=torch.float32, device=device)
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if entry is None and capturing:
         return _stacks_per_weight(weights, per_channel, places, sums, scale, packed)
     if entry is None:
-        entry = _TABLES[key] = [_launch_plan(weights, per_channel, places, device), False]
+        entry = _TABLES[key] = [_launch_plan(weights, per_channel, places, device), False, (nbytes, nrows)]
         while len(_TABLES) > _TABLES_KEPT:
             old = next((k for k, e in _TABLES.items() if not e[1]), None)
             if old is None:
@@ -484,6 +477,20 @@ def weight_quant_stacks(weights: list, per_channel: list, stacks: list) -> tuple
         _TABLE_PACK((pack_blocks.shape[0],), (w_like, wtab, pack_blocks, scale, packed),
                     dict(BLOCK_N=bnq, BLOCK_KQ=bkq), **opts)
     return packed, scale
+
+
+def _places(weights: list, stacks: list) -> tuple[list[tuple[int, int]], int, int]:
+    """Each weight's ``(first row, first byte)`` in the flat outputs of
+    :func:`weight_quant_stacks`, then their total bytes and rows."""
+    offsets, nbytes, nrows = layout.stack_offsets(layout.stack_rows(weights, stacks))
+    places, at = [], 0
+    for n, (byte0, row0) in zip(stacks, offsets):
+        for w in weights[at:at + n]:
+            places.append((row0, byte0))
+            row0 += w.shape[0]
+            byte0 += w.shape[0] * layout.packed_k(w.shape[1])
+        at += n
+    return places, nbytes, nrows
 
 
 def _stacks_per_weight(weights, per_channel, places, sums, scale, packed):

@@ -54,7 +54,7 @@ from torch import fx
 import bitfx.ops  # noqa: F401  (registers torch.ops.bitfx.*, whatever imported this module)
 from bitfx import reference as ref
 from bitfx.config import BitfxConfig, decide_training
-from bitfx.layout import packed_k, stack_offsets
+from bitfx.layout import packed_k, stack_offsets, stack_rows
 from bitfx.passes.head import int8_heads
 from bitfx.passes.naming import Naming
 from bitfx.passes.plan import FilterFn, graphs_of, plan_sites
@@ -422,7 +422,7 @@ def _merge_packing(graph: fx.Graph, calls: list[fx.Node]) -> None:
     weights = [w for n in calls for w in n.args[0]]
     flags = [bool(f) for n in calls for f in n.args[1]]
     stacks = [len(n.args[0]) for n in calls]
-    rows = [(sum(int(_val(w).shape[0]) for w in n.args[0]), int(_val(n.args[0][0]).shape[1])) for n in calls]
+    rows = stack_rows([_val(w) for w in weights], stacks)
     offsets, _, _ = stack_offsets(rows)
     first = calls[0]
     _hoist(weights, first)

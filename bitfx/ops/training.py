@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from bitfx import reference as ref
-from bitfx.layout import CODE_OFFSET, PLANES, SCALE_FLOOR, packed_k, stack_offsets
+from bitfx.layout import CODE_OFFSET, PLANES, SCALE_FLOOR, packed_k, stack_offsets, stack_rows
 import bitfx.ops.fp8 as fp8
 from bitfx.ops.inference import cuda_front, ref_front
 from bitfx.ops.library import (bias_list, check_float_dtype, check_in_features, check_linear_weight, check_norm_args,
@@ -209,15 +209,6 @@ def _check_stacks(op: str, weights: list[Tensor], per_channel: list[bool], stack
     check_same_device(op, *weights)
 
 
-def _stack_rows(weights: list[Tensor], stacks: list[int]) -> list[tuple[int, int]]:
-    """``(rows, K)`` of each stack."""
-    out, at = [], 0
-    for n in stacks:
-        out.append((sum(w.shape[0] for w in weights[at:at + n]), weights[at].shape[1]))
-        at += n
-    return out
-
-
 @register("weight_quant_stacks", "reference")
 def _(weights: list[Tensor], per_channel: list[bool], stacks: list[int]) -> tuple[Tensor, Tensor]:
     """``weight_quant_stacked`` of each stack (``stacks``: how many of the weights, in order,
@@ -229,7 +220,7 @@ def _(weights: list[Tensor], per_channel: list[bool], stacks: list[int]) -> tupl
     on CUDA three launches (:func:`bitfx.kernels.weight_pack.weight_quant_stacks`) instead of
     one call and two launches per weight. No gradient, as ``weight_quant_stacked``."""
     _check_stacks("weight_quant_stacks", weights, per_channel, stacks)
-    offsets, nbytes, nrows = stack_offsets(_stack_rows(weights, stacks))
+    offsets, nbytes, nrows = stack_offsets(stack_rows(weights, stacks))
     device = weights[0].device
     packed = torch.empty(nbytes, dtype=torch.uint8, device=device)
     scale = torch.empty(nrows, dtype=torch.float32, device=device)
@@ -251,7 +242,7 @@ def _(weights: list[Tensor], per_channel: list[bool], stacks: list[int]) -> tupl
 @register("weight_quant_stacks", "fake")
 def _(weights: list[Tensor], per_channel: list[bool], stacks: list[int]) -> tuple[Tensor, Tensor]:
     _check_stacks("weight_quant_stacks", weights, per_channel, stacks)
-    _, nbytes, nrows = stack_offsets(_stack_rows(weights, stacks))
+    _, nbytes, nrows = stack_offsets(stack_rows(weights, stacks))
     w = weights[0]
     return w.new_empty((nbytes,), dtype=torch.uint8), w.new_empty((nrows,), dtype=torch.float32)
 

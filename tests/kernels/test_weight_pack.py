@@ -201,12 +201,7 @@ def test_weight_quant_stacks(parts):
             for w in ws:
                 assert torch.equal(p[at:at + w.shape[0]], ref.pack_ternary(ref.ternarize(w, sc[at:at + w.shape[0]])))
                 at += w.shape[0]
-    places, at = [], 0
-    for (ws, _), (byte0, row0) in zip(parts, offsets):
-        for w in ws:
-            places.append((row0, byte0))
-            row0 += w.shape[0]
-            byte0 += w.shape[0] * layout.packed_k(w.shape[1])
+    places = weight_pack._places(weights, stacks_)[0]
     fallback = weight_pack._stacks_per_weight(weights, flags, places, torch.empty_like(scale), torch.empty_like(scale),
                                               torch.empty_like(packed))
     torch.testing.assert_close(fallback[1], scale, rtol=SCALE_RTOL, atol=0, equal_nan=True)
