@@ -6,10 +6,12 @@ backward formulas are Python (:mod:`bitfx.ops.training`, :mod:`bitfx.ops.fp8`), 
 when it is compiled: a cache filled under one version of bitfx would hand the old backward to
 another (seen: after the backward changed, a warm cache still ran the previous one).
 
-The backend therefore compiles with a post-grad pass that leaves the graph alone and whose
-``uuid()``, which both caches hash into their keys, is a hash of bitfx's source files. A pass
-already in that slot (the user's, through ``options`` or Inductor's config) still runs, and its
-own uuid is folded in; one without a uuid makes the caches step aside, as torch does for it.
+The backend therefore compiles with a post-grad pass whose ``uuid()``, which both caches hash
+into their keys, is a hash of bitfx's source files. The pass runs bitfx's own post-grad
+rewrites (:mod:`bitfx.passes.post_grad`; ``BITFX_CONCAT_GRADS=0`` turns off the one there is).
+A pass already in that slot (the user's, through ``options`` or Inductor's config) runs after
+them, and its own uuid is folded in; one without a uuid makes the caches step aside, as torch
+does for it.
 """
 
 from __future__ import annotations
@@ -65,13 +67,19 @@ _Base = _base()
 if _Base is not None:
 
     class KeyedPass(_Base):
-        """A post-grad pass that runs ``inner`` (None, a pass, or a list of passes) and keys the
-        caches on bitfx's sources and ``inner``'s uuids."""
+        """A post-grad pass that runs bitfx's post-grad rewrites, then ``inner`` (None, a pass,
+        or a list of passes), and keys the caches on bitfx's sources and ``inner``'s uuids
+        (the environment setting joins the key through the uuid)."""
 
         def __init__(self, inner: Any = None):
             self.inner = inner
 
         def __call__(self, graph) -> None:
+            from bitfx.modules import env_switch
+            from bitfx.passes.post_grad import concat_gradients
+
+            if env_switch("BITFX_CONCAT_GRADS", True):
+                concat_gradients(graph)
             for p in _passes(self.inner):
                 p(graph)
 
@@ -82,7 +90,10 @@ if _Base is not None:
                 if u is None:  # a pass the caches cannot key: no caching, as torch does for it
                     return None
                 ids.append(u)
-            return hashlib.sha256(repr(("bitfx", source_hash(), ids)).encode()).hexdigest()
+            from bitfx.modules import env_switch
+
+            settings = (env_switch("BITFX_CONCAT_GRADS", True),)
+            return hashlib.sha256(repr(("bitfx", source_hash(), settings, ids)).encode()).hexdigest()
 
 else:  # pragma: no cover
     KeyedPass = None  # type: ignore[assignment,misc]

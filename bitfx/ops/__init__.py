@@ -10,7 +10,9 @@
 * :mod:`bitfx.ops.training`: ``weight_quant_stacked`` and ``weight_quant_stacks`` (a training
   graph's weights packed per site, or all at once), ``bitlinear_stacked`` (what the backend
   emits in training), ``ternary_linear_group`` (frozen packed weights in grad mode), and
-  :func:`bitlinear`, the differentiable BitLinear layer as a function;
+  :func:`bitlinear`, the differentiable BitLinear layer as a function; ``concat_buffer``
+  (a cat that Inductor lowers as one buffer its parts are written into: a stacked output's
+  gradient, :mod:`bitfx.ops.lowering`);
 * :mod:`bitfx.ops.head`: ``int8_rows`` and ``int8_linear``, the int8 output head
   (``BitfxConfig(head="int8")``);
 * :mod:`bitfx.ops.attention`: ``decode_attention``, one query per head against a grouped
@@ -40,6 +42,7 @@ ternary_linear_group = torch.ops.bitfx.ternary_linear_group
 weight_quant_stacked = torch.ops.bitfx.weight_quant_stacked
 weight_quant_stacks = torch.ops.bitfx.weight_quant_stacks
 bitlinear_stacked = torch.ops.bitfx.bitlinear_stacked
+concat_buffer = torch.ops.bitfx.concat_buffer
 int8_rows = torch.ops.bitfx.int8_rows
 int8_linear = torch.ops.bitfx.int8_linear
 decode_attention = torch.ops.bitfx.decode_attention

@@ -76,6 +76,10 @@ SCHEMAS = {
     "bitlinear_stacked": "(Tensor x, Tensor? norm_weight, Tensor[] weights, Tensor packed, Tensor w_scale, "
                          "Tensor? bias, float eps, bool offset, bool cast_before_weight, ScalarType norm_dtype, "
                          "bool normalize=True, bool fp8_backward=False) -> (Tensor, Tensor, Tensor, Tensor)",
+    # torch.cat(parts, dim) that Inductor lowers as one buffer the parts' producers write into
+    # (never a fused pointwise cat): the gradient of a stacked output's split, built by
+    # bitfx.passes.post_grad in a compiled backward -> out (parts' dtype)
+    "concat_buffer": "(Tensor[] parts, int dim) -> Tensor",
     # the int8 output head (BitfxConfig(head="int8")): per-row symmetric int8 codes of a float
     # weight: w[N, K] -> (qweight i8[N, K], scale f32[N]), W ~= qweight * scale
     "int8_rows": "(Tensor w) -> (Tensor, Tensor)",

@@ -348,6 +348,56 @@ def _stacked_backward(ctx, dout, *_unused):
 register_autograd("bitlinear_stacked", _stacked_backward, _stacked_setup_context)
 
 
+# ---------------------------------------------------------------- concat_buffer (a stacked output's gradient)
+
+
+def _check_concat(parts: list[Tensor], dim: int) -> None:
+    op = "concat_buffer"
+    if len(parts) == 0:
+        raise ValueError(f"bitfx.{op}: needs at least one tensor to concatenate")
+    dtypes = {p.dtype for p in parts}
+    if len(dtypes) != 1:
+        raise TypeError(f"bitfx.{op}: the parts must share one dtype (no promotion), got {sorted(map(str, dtypes))}")
+    check_same_device(op, *parts)
+    rank = parts[0].dim()
+    if not -rank <= dim < rank:
+        raise IndexError(f"bitfx.{op}: dim {dim} is out of range for parts of {rank} dimensions")
+    d = dim % rank
+    lead = [tuple(p.shape[:d]) + tuple(p.shape[d + 1:]) for p in parts]
+    if any(p.dim() != rank for p in parts) or any(other != lead[0] for other in lead[1:]):
+        raise ValueError(
+            f"bitfx.{op}: the parts must agree on every dimension but {dim}, got {[tuple(p.shape) for p in parts]}"
+        )
+
+
+@register("concat_buffer", "reference")
+def _(parts: list[Tensor], dim: int) -> Tensor:
+    """``torch.cat(parts, dim)``. What the op adds is its Inductor lowering
+    (:func:`bitfx.ops.lowering.register_concat_buffer`): one buffer that each part's producer
+    writes its slice of, where Inductor's ``aten.cat`` of computed parts is one pointwise kernel
+    evaluating every part's computation under masks over the whole output."""
+    _check_concat(parts, dim)
+    return torch.cat(parts, dim)
+
+
+@register("concat_buffer", "fake")
+def _(parts: list[Tensor], dim: int) -> Tensor:
+    _check_concat(parts, dim)
+    return torch.cat(parts, dim)
+
+
+def _concat_setup_context(ctx, inputs, output) -> None:
+    parts, dim = inputs
+    ctx.dim, ctx.sizes = dim, [p.shape[dim] for p in parts]
+
+
+def _concat_backward(ctx, grad):
+    return list(torch.split(grad, ctx.sizes, ctx.dim)), None
+
+
+register_autograd("concat_buffer", _concat_backward, _concat_setup_context)
+
+
 # ---------------------------------------------------------------- ternary_linear_group (frozen packed weights)
 
 

@@ -129,6 +129,8 @@ def _op_cases(device, M=5, K=40, N=24, dtype=torch.bfloat16):
             (leaf(x.float()), None, [leaf(W.float())], *ops.weight_quant_stacked([W], [True]), None, 0.0, False,
              False, torch.float32, False, False),
         ),
+        "concat_buffer": ("concat_buffer", ([leaf(x), leaf(x[..., :6]), leaf(x[..., 1:4])], -1)),
+        "concat_buffer_leading_dim_one_part": ("concat_buffer", ([leaf(W.float())], 0)),
         "int8_rows": ("int8_rows", (W,)),
         "decode_attention_gqa_bool_mask": (
             "decode_attention", (_x((2, 4, 1, 16), dtype, device, 7), _x((2, 2, 9, 16), dtype, device, 8),
@@ -268,6 +270,19 @@ def test_bitlinear_stacked_bad_input():
         ops.bitlinear_stacked(x, None, [W, W], packed, scale, torch.randn(4), 1e-6, False, True, f32, True)
     with pytest.raises(ValueError, match="linear weights have K=8 input features but the input has K=5"):
         ops.bitlinear_stacked(torch.randn(3, 5), None, [W, W], packed, scale, None, 1e-6, False, True, f32)
+
+
+def test_concat_buffer_bad_input():
+    a = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="needs at least one tensor"):
+        ops.concat_buffer([], 0)
+    with pytest.raises(TypeError, match="share one dtype"):
+        ops.concat_buffer([a, a.double()], 1)
+    with pytest.raises(ValueError, match=r"agree on every dimension but 1, got \[\(3, 4\), \(2, 4\)\]"):
+        ops.concat_buffer([a, a[:2]], 1)
+    with pytest.raises(IndexError, match="dim 2 is out of range"):
+        ops.concat_buffer([a, a], 2)
+    assert torch.equal(ops.concat_buffer([a, a[:, :1]], -1), torch.cat([a, a[:, :1]], -1))
 
 
 def _frozen(Ns, K, seed):
