@@ -29,8 +29,13 @@ def test_uuid_follows_the_sources_and_the_inner_pass(monkeypatch):
     assert base == cache_key.KeyedPass().uuid()  # deterministic
     assert cache_key.KeyedPass(_UserPass("a")).uuid() != cache_key.KeyedPass(_UserPass("b")).uuid()
     assert cache_key.KeyedPass(lambda g: None).uuid() is None  # an unkeyable pass: no caching
+    monkeypatch.setenv("BITFX_CONCAT_GRADS", "0")  # the post-grad rewrite off: another graph
+    off = cache_key.KeyedPass().uuid()
+    assert off != base
+    monkeypatch.setenv("BITFX_CONCAT_GRADS", "1")
+    assert cache_key.KeyedPass().uuid() == base  # on is the default
     monkeypatch.setattr(cache_key, "source_hash", lambda: "another bitfx")
-    assert cache_key.KeyedPass().uuid() != base
+    assert cache_key.KeyedPass().uuid() not in (base, off)
 
 
 def test_source_hash_covers_the_backward_formulas():
