@@ -25,7 +25,7 @@ from bitfx.kernels._launch import Launcher
 from bitfx.kernels._utils import cdiv, next_pow2, FLOAT_DTYPES, check_device, check_dtype, interpreting, on_input_device
 
 __all__ = ["weight_scale", "quantize_pack", "weight_quant", "weight_quant_stacked", "weight_quant_stacks",
-           "unpack_ternary", "dequantize"]
+           "unpack_ternary", "dequantize", "unpack_run"]
 
 
 
@@ -543,25 +543,34 @@ def _unpack_kernel(
         tl.store(out_row + k[None, :], val, mask=row_mask[:, None] & ((idx < Kq) & (k < K))[None, :])
 
 
+_UNPACK = Launcher(_unpack_kernel)
+
+
 def _unpack_launch(name: str, packed: torch.Tensor, s_w: torch.Tensor | None, K: int, dtype: torch.dtype):
     if packed.dtype != torch.uint8:
         raise TypeError(f"{name}: packed ternary weight must be uint8, got {str(packed.dtype).replace('torch.', '')}")
     layout.check_packed_shape(packed.shape, K)
+    check_device(name, packed, s_w)
+    if s_w is not None:
+        s_w = _check_scale(name, s_w, packed.shape[0])
+    return unpack_run(packed, s_w, K, dtype)
+
+
+def unpack_run(packed: torch.Tensor, s_w: torch.Tensor | None, K: int, dtype: torch.dtype) -> torch.Tensor:
+    """The launch of :func:`dequantize` (``s_w`` given) or :func:`unpack_ternary` (``s_w`` None,
+    ``dtype`` int8) without the argument checks, for callers that made them (the
+    ``bitfx::dequantize`` op's guard, in the training backward): ``packed`` uint8
+    ``[N, packed_k(K)]``, ``s_w`` fp32 ``[N]`` contiguous, one device. Launched through the
+    cached launcher (no per-call argument binding)."""
     if packed.shape[1] > 1 and packed.stride(1) != 1:
         packed = packed.contiguous()
     N, Kq = packed.shape
-    device = check_device(name, packed, s_w)
-    if s_w is not None:
-        s_w = _check_scale(name, s_w, N)
-    out = torch.empty((N, K), dtype=dtype, device=device)
+    out = torch.empty((N, K), dtype=dtype, device=packed.device)
     if N == 0:
         return out
     block_n, block_kq = _tile_rows_packed(Kq)
-    grid = (cdiv(N, block_n), cdiv(Kq, block_kq))
-    _unpack_kernel[grid](
-        packed, s_w, out, N, K, Kq, packed.stride(0),
-        DEQUANT=s_w is not None, BLOCK_N=block_n, BLOCK_KQ=block_kq,
-    )
+    _UNPACK((cdiv(N, block_n), cdiv(Kq, block_kq)), (packed, s_w, out, N, K, Kq, packed.stride(0)),
+            dict(DEQUANT=s_w is not None, BLOCK_N=block_n, BLOCK_KQ=block_kq))
     return out
 
 

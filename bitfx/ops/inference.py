@@ -356,8 +356,11 @@ def _(packed, w_scale, K, dtype, validate_codes=True):
 
 @register("dequantize", "cuda")
 def _(packed, w_scale, K, dtype, validate_codes=True):
-    _check_dequantize(packed, w_scale, K, dtype)
-    return kernels("weight_pack").dequantize(packed, w_scale, K, dtype)
+    if not (packed.dtype == torch.uint8 and packed.dim() == 2 and packed.shape[1] == packed_k(K)
+            and w_scale.dtype == torch.float32 and w_scale.shape == packed.shape[:1] and dtype in FLOAT_DTYPES
+            and w_scale.device == packed.device):
+        _check_dequantize(packed, w_scale, K, dtype)
+    return kernels("weight_pack").unpack_run(packed, w_scale.contiguous(), K, dtype)
 
 
 @register("dequantize", "fake")

@@ -39,6 +39,12 @@ for stack, flags in (([w(1, 1)], [False]), ([w(1, 1)], [True]), ([w(3, 5), w(1, 
 weight_pack.weight_quant_stacks([w(1, 1), w(3, 5), w(1, 5, torch.float32), w(64, 2560), w(1, 2560)],
                                 [False, True, False, True, False], [1, 2, 2])
 
+# The training backward's weight dequantization and the codes' unpacking: one-row weights, K = 1.
+for N, K in ((1, 1), (3, 5), (1, 2560), (64, 2560)):
+    codes = torch.zeros(N, -(-K // 4), dtype=torch.uint8)
+    weight_pack.unpack_run(codes, torch.ones(N), K, torch.bfloat16)
+    weight_pack.unpack_run(codes, None, K, torch.int8)
+
 
 class _Direct:  # a launch of weight_scale / quantize_pack (``kernel[grid](...)``), recorded the same way
     def __init__(self, fn):
