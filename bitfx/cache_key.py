@@ -64,6 +64,13 @@ def _passes(inner: Any) -> list:
 
 _Base = _base()
 
+
+def _concat_grads() -> bool:
+    """``BITFX_CONCAT_GRADS``: whether the post-grad pass rewrites stacked gradients (default on)."""
+    from bitfx.modules import env_switch
+
+    return env_switch("BITFX_CONCAT_GRADS", True)
+
 if _Base is not None:
 
     class KeyedPass(_Base):
@@ -75,10 +82,9 @@ if _Base is not None:
             self.inner = inner
 
         def __call__(self, graph) -> None:
-            from bitfx.modules import env_switch
             from bitfx.passes.post_grad import concat_gradients
 
-            if env_switch("BITFX_CONCAT_GRADS", True):
+            if _concat_grads():
                 concat_gradients(graph)
             for p in _passes(self.inner):
                 p(graph)
@@ -90,9 +96,7 @@ if _Base is not None:
                 if u is None:  # a pass the caches cannot key: no caching, as torch does for it
                     return None
                 ids.append(u)
-            from bitfx.modules import env_switch
-
-            settings = (env_switch("BITFX_CONCAT_GRADS", True),)
+            settings = (_concat_grads(),)
             return hashlib.sha256(repr(("bitfx", source_hash(), settings, ids)).encode()).hexdigest()
 
 else:  # pragma: no cover

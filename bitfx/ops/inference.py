@@ -227,12 +227,18 @@ def matmul_guard(q: Tensor, x_scale: Tensor, packed: Tensor, w_scale: Tensor, bi
     shape, a packed uint8 ``[N, packed_k(K)]`` weight with contiguous rows, its fp32 ``[N]``
     scale, a float ``[N]`` bias or None, a float output dtype, one device. When it holds, the
     kernel is launched without the launcher's own checks."""
-    device = q.device
     return (q.dtype == torch.int8 and q.dim() >= 1 and q.shape[-1] == in_features and x_scale.dtype == torch.float32
-            and x_scale.shape == q.shape[:-1] and packed.dtype == torch.uint8 and packed.dim() == 2
-            and packed.shape[1] == packed_k(in_features) and (packed.stride(1) == 1 or packed.shape[1] <= 1)
-            and w_scale.dtype == torch.float32 and w_scale.shape == packed.shape[:1] and out_dtype in FLOAT_DTYPES
-            and x_scale.device == device and packed.device == device and w_scale.device == device
+            and x_scale.shape == q.shape[:-1] and x_scale.device == q.device and out_dtype in FLOAT_DTYPES
+            and _packed_guard(packed, w_scale, bias, in_features, q.device))
+
+
+def _packed_guard(packed: Tensor, w_scale: Tensor, bias: Optional[Tensor], in_features, device) -> bool:
+    """The cheap guard of a packed weight operand (no read of device memory): uint8
+    ``[N, packed_k(in_features)]`` with contiguous rows, its fp32 ``[N]`` scale, a float ``[N]``
+    bias or None, all on ``device``."""
+    return (packed.dtype == torch.uint8 and packed.dim() == 2 and packed.shape[1] == packed_k(in_features)
+            and (packed.stride(1) == 1 or packed.shape[1] <= 1) and w_scale.dtype == torch.float32
+            and w_scale.shape == packed.shape[:1] and packed.device == device and w_scale.device == device
             and (bias is None or (bias.dtype in FLOAT_DTYPES and bias.shape == packed.shape[:1]
                                   and bias.device == device)))
 
@@ -281,12 +287,7 @@ def _linear_guard(x, norm_weight, norm_dtype, normalize, packed, w_scale, bias, 
     device = x.device
     return (_guard_front(x, norm_weight, norm_dtype) and x.shape[-1] == in_features
             and (normalize or norm_weight is None) and (norm_weight is None or norm_weight.device == device)
-            and packed.dtype == torch.uint8 and packed.dim() == 2 and packed.shape[1] == packed_k(in_features)
-            and (packed.stride(1) == 1 or packed.shape[1] <= 1) and w_scale.dtype == torch.float32
-            and w_scale.shape == packed.shape[:1] and out_dtype in FLOAT_DTYPES
-            and packed.device == device and w_scale.device == device
-            and (bias is None or (bias.dtype in FLOAT_DTYPES and bias.shape == packed.shape[:1]
-                                  and bias.device == device)))
+            and out_dtype in FLOAT_DTYPES and _packed_guard(packed, w_scale, bias, in_features, device))
 
 
 def fused_front(x2: Tensor, packed: Tensor, traced: bool = False, eager: bool = False) -> bool:
@@ -356,9 +357,7 @@ def _(packed, w_scale, K, dtype, validate_codes=True):
 
 @register("dequantize", "cuda")
 def _(packed, w_scale, K, dtype, validate_codes=True):
-    if not (packed.dtype == torch.uint8 and packed.dim() == 2 and packed.shape[1] == packed_k(K)
-            and w_scale.dtype == torch.float32 and w_scale.shape == packed.shape[:1] and dtype in FLOAT_DTYPES
-            and w_scale.device == packed.device):
+    if not (dtype in FLOAT_DTYPES and _packed_guard(packed, w_scale, None, K, packed.device)):
         _check_dequantize(packed, w_scale, K, dtype)
     return kernels("weight_pack").unpack_run(packed, w_scale.contiguous(), K, dtype)
 
