@@ -15,7 +15,9 @@ tokens a step) and ``llama-350m`` (hidden 1024, 12 layers, tied embeddings, 8 x 
 ``--steps`` steps after 3 warm-up steps (the first compiles), with CUDA events around each step
 (:func:`bitfx.bench.timing.timed`; the wall clock on the CPU); tokens/s; the peak memory
 allocated during the timed steps; the loss of the first and last step (information: the two
-methods train different models).
+methods train different models); the host's milliseconds in the forward call, the backward and
+the optimizer, each step begun on an idle GPU (:func:`host_ms`: where they add up to near the
+step time, the host sets the pace).
 
 Sharded: launched with ``torchrun --nproc-per-node N -m bitfx.bench train --fsdp``, each
 decoder layer and then the root are wrapped with torch's FSDP2 ``fully_shard`` before compiling;
@@ -82,11 +84,17 @@ def measure(name: str, method: str, args, device: str, dtype: torch.dtype, rank:
     g = torch.Generator().manual_seed(1 + rank)
     ids = torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device)
 
+    marks = [0.0, 0.0, 0.0, 0.0]
+
     def step() -> float:
+        marks[0] = time.perf_counter()
         loss = compiled(input_ids=ids, labels=ids).loss
+        marks[1] = time.perf_counter()
         loss.backward()
+        marks[2] = time.perf_counter()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        marks[3] = time.perf_counter()
         return loss.detach()
 
     t0 = time.perf_counter()
@@ -104,12 +112,13 @@ def measure(name: str, method: str, args, device: str, dtype: torch.dtype, rank:
         last, ms, _ = timed(step, cuda=cuda)
         times.append(ms)
     ms = statistics.median(times)
+    host = host_ms(step, marks, cuda, args.steps)
     top = profile_step(step, cuda, args.profile) if args.profile else None
     row: dict[str, Any] = {
         "model": name + ("-tiny" if args.quick else ""), "method": method, "world": world,
         "tokens_per_step": batch * seq * world, "step_ms": ms, "tokens_per_s": batch * seq * world / ms * 1e3,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-        "first_loss": float(first), "last_loss": float(last), "compile_s": compile_s,
+        "first_loss": float(first), "last_loss": float(last), "compile_s": compile_s, "host_ms": host,
         "compile_phases": {k: round(v, 3) for k, v in phases.seconds.items()},
     }
     if top is not None:
@@ -119,6 +128,24 @@ def measure(name: str, method: str, args, device: str, dtype: torch.dtype, rank:
     if cuda:
         torch.cuda.empty_cache()
     return row
+
+
+def host_ms(step, marks: list, cuda: bool, steps: int) -> dict:
+    """The host's milliseconds in each phase of a step (``forward``: the compiled call up to the
+    loss; ``backward``; ``optimizer``: AdamW's step and ``zero_grad``; ``all``), medians over
+    ``steps`` steps, each started on an idle GPU (a synchronize before it, none inside it): the
+    time until each call returns, which is what the GPU waits on where the host is the slower.
+    Where the GPU is the slower the launch queue fills and a call waits on it, so at large shapes
+    these are upper bounds of the host's own work."""
+    phases: dict = {"forward": [], "backward": [], "optimizer": [], "all": []}
+    for _ in range(max(steps, 1)):
+        sync(cuda)
+        step()
+        m = marks
+        for name, dt in zip(phases, (m[1] - m[0], m[2] - m[1], m[3] - m[2], m[3] - m[0])):
+            phases[name].append(dt * 1e3)
+    sync(cuda)
+    return {name: statistics.median(v) for name, v in phases.items()}
 
 
 def profile_step(step, cuda: bool, top: int) -> dict:
@@ -164,7 +191,22 @@ def render(results: dict) -> str:
                      f"{r['first_loss']:.3f} → {r['last_loss']:.3f} |")
     lines += ["", "step ms: median over the timed steps (speed-up = bf16 ms / ms); peak GiB: "
               "torch.cuda.max_memory_allocated during them (ratio = bitfx / bf16, lower is less memory).",
-              "", render_compile(rows)]
+              "", render_compile(rows), "", render_host(rows)]
+    return "\n".join(lines)
+
+
+def render_host(rows: list) -> str:
+    """The host's milliseconds per phase of a step (:func:`host_ms`) against the step's: where
+    ``all`` comes near the step time, the step waits on the host, not the GPU."""
+    lines = ["| model | method | GPUs | step ms | host ms: forward | backward | optimizer | all | host / step |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        h = r.get("host_ms")
+        if not h:
+            continue
+        lines.append(f"| {r['model']} | {r['method']} | {r['world']} | {r['step_ms']:.1f} | {h['forward']:.1f} | "
+                     f"{h['backward']:.1f} | {h['optimizer']:.1f} | {h['all']:.1f} | "
+                     f"{h['all'] / r['step_ms']:.2f} |")
     return "\n".join(lines)
 
 

@@ -85,3 +85,20 @@ def test_compile_phases_times_a_compile_and_the_tile_measurement(fresh_dynamo, m
         assert tm._tuned_tile(1, 1, 1, torch.device("cpu")) == (64, 64)
     assert tm._tuned_tile is original
     assert tuned.seconds["tuned_tile"] > 0 and tuned.seconds["forward"] == 0.0
+
+
+def test_host_ms_times_each_phase():
+    """``host_ms`` reads the marks the step leaves: per phase, the median over the steps."""
+    marks = [0.0, 0.0, 0.0, 0.0]
+    spans = iter([(1.0, 3.0, 4.0), (2.0, 5.0, 6.0), (3.0, 4.0, 8.0)])  # seconds after the step's start
+
+    def step():
+        f, b, o = next(spans)
+        marks[:] = [10.0, 10.0 + f, 10.0 + b, 10.0 + o]
+
+    host = bt.host_ms(step, marks, cuda=False, steps=3)
+    assert host == {"forward": 2000.0, "backward": 2000.0, "optimizer": 1000.0, "all": 6000.0}
+    row = dict(model="m", method="bitfx", world=1, step_ms=8000.0, host_ms=host)
+    line = [ln for ln in bt.render_host([row, dict(model="m", method="x", world=1, step_ms=1.0)]).splitlines()
+            if ln.startswith("| m ")]
+    assert len(line) == 1 and line[0].split("|")[-2].strip() == "0.75"  # 6000 host ms of an 8000 ms step
