@@ -355,7 +355,10 @@ def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm, 
     ``bind``: also return ``again(x) -> (q, s_x, rstd)``, the same launch for another ``x`` of
     this one's row length, strides, dtype, device and 16-byte alignment, with any number of
     rows of the same :func:`launch_class` (:meth:`Launcher.bind`; None for empty rows, which
-    launch nothing): an eager layer's launch plan."""
+    launch nothing): an eager layer's launch plan. ``again(x, weight)`` launches with another
+    norm weight than this call's, which must match it as ``x`` must (None where this one is,
+    else the same dtype and 16-byte alignment, contiguous): a training op's plan, whose
+    weights are new tensors each step."""
     M, K = x.shape
     device = x.device
     q = torch.empty((M, K), dtype=torch.int8, device=device)
@@ -384,7 +387,7 @@ def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm, 
         return q, scale, rstd
     empty, i8, f32 = torch.empty, torch.int8, torch.float32
 
-    def again(x):
+    def again(x, weight=weight):
         M = x.shape[0]
         q, scale = empty((M, K), dtype=i8, device=device), empty((M,), dtype=f32, device=device)
         r = empty((M,), dtype=f32, device=device) if norm else scale

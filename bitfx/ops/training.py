@@ -16,18 +16,19 @@ the second derivative of a straight-through estimator is not defined by it.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from bitfx import reference as ref
-from bitfx.layout import CODE_OFFSET, PLANES, SCALE_FLOOR, packed_k, stack_offsets, stack_rows
+from bitfx.layout import CODE_OFFSET, FLOAT_DTYPES, PLANES, SCALE_FLOOR, packed_k, stack_offsets, stack_rows
 import bitfx.ops.fp8 as fp8
-from bitfx.ops.inference import cuda_front, ref_front
+from bitfx.ops.inference import _guard_front, _packed_guard, cuda_front, ref_front
 from bitfx.ops.library import (bias_list, check_float_dtype, check_in_features, check_linear_weight, check_norm_args,
                                check_normalize, check_packed_weight, check_same_device, kernels, register,
-                               register_autograd)
+                               register_autograd, unit_rows)
 
 __all__ = ["bitlinear"]
 
@@ -289,14 +290,76 @@ def _(x, norm_weight, weights, packed, w_scale, bias, eps, offset, cast_before_w
     return ref.ternary_matmul(q, x_scale, packed, w_scale, bias, norm_dtype), q, x_scale, rstd
 
 
+def _stacked_guard(x, norm_weight, weights, packed, w_scale, bias, norm_dtype, normalize) -> bool:
+    """The cheap per-call guard of ``bitlinear_stacked`` on CUDA: every condition of
+    :func:`_check_stacked` on shapes, dtypes and devices (no read of device memory). When it
+    holds, the kernels launch without their launchers' own checks."""
+    if not (_guard_front(x, norm_weight, norm_dtype) and (normalize or norm_weight is None) and weights):
+        return False
+    K, device = x.shape[-1], x.device
+    return ((norm_weight is None or (norm_weight.dtype in FLOAT_DTYPES and norm_weight.device == device))
+            and _packed_guard(packed, w_scale, bias, K, device)
+            and all(w.dim() == 2 and w.shape[1] == K and w.dtype in FLOAT_DTYPES and w.device == device
+                    for w in weights)
+            and sum(w.shape[0] for w in weights) == packed.shape[0])
+
+
+# The forward's launch plans (:func:`stacked_forward`), by call signature, the most recent last.
+_PLANS: OrderedDict = OrderedDict()
+_PLANS_KEPT = 64
+
+
+def stacked_forward(x2: Tensor, norm_weight: Optional[Tensor], packed: Tensor, w_scale: Tensor,
+                    bias: Optional[Tensor], eps: float, offset: bool, cast_before_weight: bool,
+                    norm_dtype: torch.dtype, normalize: bool) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """``bitlinear_stacked``'s forward on the Triton kernels: ``(out [M, ΣN], q [M, K], x_scale
+    [M], rstd [M] or None)`` for rows ``x2 [M, K]`` with a contiguous last dimension and
+    arguments the op's guard or check passed.
+
+    A training step calls the op once per site with arguments of the same signature every
+    step, and the host time of the launches decides a step that small kernels make host-bound.
+    So the first call of a signature resolves the launch rules and binds both kernels'
+    compiled launchers (``bind``: :meth:`bitfx.kernels._launch.Launcher.bind`), and the next
+    calls only allocate the outputs and launch. The signature is everything the launches
+    depend on: the rows' shape, strides, dtype and 16-byte alignment, the norm weight's and the
+    packed weight's, its scale's and the bias's layouts, the scalars, the device. A plan holds
+    no tensor: the weights are new tensors each step (views into one packed buffer), passed to
+    each launch. The plans of the last :data:`_PLANS_KEPT` signatures are kept."""
+    nq, tm = kernels("norm_quant"), kernels("ternary_matmul")
+    if norm_weight is not None and norm_weight.stride(0) != 1:
+        norm_weight = norm_weight.contiguous()
+
+    def aligned(t):
+        return None if t is None else (t.dtype, t.stride(), not t.data_ptr() & 15)
+
+    key = (x2.shape, x2.stride(), x2.dtype, not x2.data_ptr() & 15, x2.device, aligned(norm_weight), packed.shape,
+           packed.stride(), packed.data_ptr() & 15, aligned(w_scale), aligned(bias), eps, offset, cast_before_weight,
+           norm_dtype, normalize)
+    plan = _PLANS.get(key)
+    if plan is not None:
+        front, matmul = plan
+        q, x_scale, rstd = front(x2, norm_weight)
+        return matmul(q, x_scale, packed, w_scale, bias), q, x_scale, rstd
+    if normalize:
+        q, x_scale, rstd, front = nq._launch_quant(x2, norm_weight, eps, offset, cast_before_weight, norm_dtype,
+                                                   norm=True, bind=True)
+    else:  # act_quant's launch: no norm, the codes of x itself
+        q, x_scale, rstd, front = nq._launch_quant(x2, None, 0.0, False, False, torch.float32, norm=False, bind=True)
+    out, matmul = tm.run(q, x_scale, packed, w_scale, bias, norm_dtype, bind=True)
+    if front is not None and matmul is not None:
+        _PLANS[key] = (front, matmul)
+        while len(_PLANS) > _PLANS_KEPT:
+            _PLANS.popitem(last=False)
+    return out, q, x_scale, rstd
+
+
 @register("bitlinear_stacked", "cuda")
 def _(x, norm_weight, weights, packed, w_scale, bias, eps, offset, cast_before_weight, norm_dtype,
       normalize=True, fp8_backward=False):
-    if not (x.dim() >= 1 and packed.dim() == 2 and packed.shape[1] == packed_k(x.shape[-1])
-            and w_scale.shape == packed.shape[:1] and all(w.dim() == 2 and w.shape[1] == x.shape[-1] for w in weights)):
+    if not _stacked_guard(x, norm_weight, weights, packed, w_scale, bias, norm_dtype, normalize):
         _check_stacked(x, norm_weight, weights, packed, w_scale, bias, norm_dtype, normalize)
-    q, x_scale, rstd = cuda_front(x, norm_weight, eps, offset, cast_before_weight, norm_dtype, normalize)
-    out = kernels("ternary_matmul").ternary_matmul(q, x_scale, packed, w_scale, bias, norm_dtype)
+    out, q, x_scale, rstd = stacked_forward(unit_rows(x), norm_weight, packed, w_scale, bias, float(eps), bool(offset),
+                                            bool(cast_before_weight), norm_dtype, bool(normalize))
     return (out.view(*x.shape[:-1], packed.shape[0]), *_front_outputs(x, q, x_scale, rstd))
 
 

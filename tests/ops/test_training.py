@@ -212,6 +212,46 @@ def test_bitlinear_stacked_matches_the_reference(device, M, K, Ns, dtype, normal
     _assert_grads_close(names, grads, grads_ref, dtype)
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_stacked_forward_plan_launches_with_each_calls_tensors(monkeypatch, normalize, has_bias):
+    """``bitlinear_stacked``'s CUDA forward (:func:`bitfx.ops.training.stacked_forward`) binds
+    its launches on the first call of a signature and reuses them after: every call gives the
+    unplanned kernels' codes, scales, rstd and output bit for bit, for that call's own rows and
+    weights (new tensors each call, as a training step's are), and a new signature (other rows)
+    gets a plan of its own (each path of the matmul). Run by the Triton kernels (the interpreter without a GPU)."""
+    from collections import OrderedDict
+
+    from bitfx.kernels import norm_quant as nqk
+    from bitfx.kernels import ternary_matmul as tmk
+    from bitfx.ops import training
+    from tests.helpers import KERNEL_DEVICE as dev
+
+    monkeypatch.setattr(training, "_PLANS", OrderedDict())
+    built, planned = [], []
+    launch_quant = nqk._launch_quant
+    monkeypatch.setattr(nqk, "_launch_quant", lambda *a, **k: built.append(1) or launch_quant(*a, **k))
+    K, Ns, dtype = 40, [12, 20], torch.bfloat16
+    for call, M in enumerate([5, 5, 5, 1, 1, 70, 70, 3]):  # the GEMV, dp4a and tensor-core paths
+        x = _x((M, K), dtype, dev, 10 * call)
+        g = _x((K,), dtype, dev, 10 * call + 1) if normalize else None
+        Ws = [_x((N, K), dtype, dev, 10 * call + 2 + i) for i, N in enumerate(Ns)]
+        packed, w_scale = ops.weight_quant_stacked(Ws, [False, True])
+        bias = _x((sum(Ns),), dtype, dev, 10 * call + 7) if has_bias else None
+        before = len(built)
+        out, q, s_x, rstd = training.stacked_forward(x, g, packed, w_scale, bias, 1e-6, False, True, dtype, normalize)
+        planned.append(len(built) == before)
+        if normalize:
+            q_want, s_want, rstd_want = nqk.norm_quant(x, g, 1e-6, False, True, dtype)
+            assert torch.equal(rstd, rstd_want)
+        else:
+            (q_want, s_want), rstd_want = nqk.act_quant(x), None
+            assert rstd is None
+        assert torch.equal(q, q_want) and torch.equal(s_x, s_want)
+        assert torch.equal(out, tmk.ternary_matmul(q_want, s_want, packed, w_scale, bias, dtype))
+    assert planned == [False, True, True, False, True, False, True, False] and len(training._PLANS) == 4
+
+
 @given(
     M=st.integers(0, 20),
     K=st.integers(1, 70),
