@@ -355,10 +355,11 @@ def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm, 
     ``bind``: also return ``again(x) -> (q, s_x, rstd)``, the same launch for another ``x`` of
     this one's row length, strides, dtype, device and 16-byte alignment, with any number of
     rows of the same :func:`launch_class` (:meth:`Launcher.bind`; None for empty rows, which
-    launch nothing): an eager layer's launch plan. ``again(x, weight)`` launches with another
-    norm weight than this call's, which must match it as ``x`` must (None where this one is,
-    else the same dtype and 16-byte alignment, contiguous): a training op's plan, whose
-    weights are new tensors each step."""
+    launch nothing): an eager layer's launch plan, which holds this call's norm weight.
+    ``bind="operands"``: ``again(x, weight)`` instead, the norm weight given per call and none
+    held, matching this call's as ``x`` must (None where this one is, else the same dtype and
+    16-byte alignment, contiguous): a training op's plan, whose weights are new tensors each
+    step."""
     M, K = x.shape
     device = x.device
     q = torch.empty((M, K), dtype=torch.int8, device=device)
@@ -387,15 +388,16 @@ def _launch_quant(x, weight, eps, offset, cast_before_weight, norm_dtype, norm, 
         return q, scale, rstd
     empty, i8, f32 = torch.empty, torch.int8, torch.float32
 
-    def again(x, weight=weight):
+    def operands(x, weight):  # (holds no tensor)
         M = x.shape[0]
         q, scale = empty((M, K), dtype=i8, device=device), empty((M,), dtype=f32, device=device)
         r = empty((M,), dtype=f32, device=device) if norm else scale
-        launch(x, x if weight is None else weight, q, scale, r, stride, K, eps, None, None, 0,
-               grid=(M,))  # (holds no earlier x)
+        launch(x, x if weight is None else weight, q, scale, r, stride, K, eps, None, None, 0, grid=(M,))
         return q, scale, (r if norm else None)
 
-    return q, scale, rstd, again
+    if bind == "operands":
+        return q, scale, rstd, operands
+    return q, scale, rstd, lambda x: operands(x, weight)
 
 
 def _rstd_slot(rstd, scale, traced: bool):

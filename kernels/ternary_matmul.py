@@ -466,16 +466,17 @@ def _launch_dp4a(q, x_scale, packed, w_scale, bias, out, float_out, split_k, con
     split, tiles_n, block_m, sizes = cfg["SPLIT_K"], cfg["tiles_n"], cfg["BLOCK_M"], args[9:]  # the ints after M
     empty, dtype, device, i32 = torch.empty, out.dtype, out.device, torch.int32
 
-    def again(q, x_scale, packed=None, w_scale=w_scale, bias=bias):
+    def with_words(q, x_scale, words, w_scale, bias):  # (holds no tensor)
         M = q.shape[0]
         tiles_m = cdiv(M, block_m)
         out = empty((M, N), dtype=dtype, device=device)
         ws, lock = _split_k_workspace(out, split, tiles_n * tiles_m, float_out)
-        launch(_as_words(q), x_scale, w32 if packed is None else packed.view(i32), w_scale, bias, out, ws, lock, M,
-               *sizes, grid=(tiles_n, split, tiles_m))
+        launch(_as_words(q), x_scale, words, w_scale, bias, out, ws, lock, M, *sizes, grid=(tiles_n, split, tiles_m))
         return out
 
-    return out, again
+    if bind == "operands":
+        return out, lambda q, x_scale, packed, w_scale, bias: with_words(q, x_scale, packed.view(i32), w_scale, bias)
+    return out, lambda q, x_scale: with_words(q, x_scale, w32, w_scale, bias)
 
 
 def _launch(name, q, x_scale, packed, w_scale, bias, out_dtype, float_out, path, split_k, config=None):
@@ -519,10 +520,11 @@ def run(q, x_scale, packed, w_scale, bias, out_dtype, float_out=True, path=None,
     codes and scales of this call's shapes (fresh allocations, as the norm kernel's outputs
     are), with the weight, its scale and the bias of this call (:meth:`Launcher.bind`); None
     where a plan would hold copies of them (blind to later writes into the originals) or the
-    output is empty: an eager layer's launch plan. ``again(q, x_scale, packed, w_scale, bias)``
-    launches against other weight tensors, which must match this call's as the codes must
-    (shapes, strides, dtypes, 16-byte alignment, a bias where this call has one): a training
-    op's plan, whose packed weights are new tensors each step."""
+    output is empty: an eager layer's launch plan. ``bind="operands"``: ``again(q, x_scale,
+    packed, w_scale, bias)`` instead, the weight operands given per call and none held,
+    matching this call's as the codes must (shapes, strides, dtypes, 16-byte alignment, a bias
+    where this call has one): a training op's plan, whose packed weights are new tensors each
+    step."""
     M, K = q.shape
     N, Kq = packed.shape
     device = q.device
@@ -544,7 +546,8 @@ def run(q, x_scale, packed, w_scale, bias, out_dtype, float_out=True, path=None,
     if M == 0 or N == 0:
         return (out, None) if bind else out
     if path == "dp4a":
-        got = _launch_dp4a(q, x_scale, packed, w_scale, bias, out, float_out, split_k, config, traced, bindable)
+        got = _launch_dp4a(q, x_scale, packed, w_scale, bias, out, float_out, split_k, config, traced,
+                           bind if bindable else False)
         return (got if bindable else (got, None)) if bind else got
     Mh = _hint(M)
     tile = None
@@ -575,7 +578,7 @@ def run(q, x_scale, packed, w_scale, bias, out_dtype, float_out=True, path=None,
     split, sizes, empty = cfg["SPLIT_K"], args[9:], torch.empty  # sizes: the launch's ints after M
     block_m, tiles_n = cfg["BLOCK_M"], cdiv(N, cfg["BLOCK_N"])
 
-    def again(q, x_scale, packed=packed, w_scale=w_scale, bias=bias):
+    def operands(q, x_scale, packed, w_scale, bias):  # (holds no tensor)
         M = q.shape[0]
         tiles = cdiv(M, block_m) * tiles_n
         out = empty((M, N), dtype=out_dtype, device=device)
@@ -583,7 +586,9 @@ def run(q, x_scale, packed, w_scale, bias, out_dtype, float_out=True, path=None,
         launch(q, x_scale, packed, w_scale, bias, out, ws, lock, M, *sizes, grid=(tiles, split))
         return out
 
-    return out, again
+    if bind == "operands":
+        return out, operands
+    return out, lambda q, x_scale: operands(q, x_scale, packed, w_scale, bias)
 
 
 def launch_class(M: int, N: int, Kq: int, device: torch.device) -> tuple:

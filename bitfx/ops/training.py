@@ -314,7 +314,7 @@ def stacked_forward(x2: Tensor, norm_weight: Optional[Tensor], packed: Tensor, w
                     norm_dtype: torch.dtype, normalize: bool) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """``bitlinear_stacked``'s forward on the Triton kernels: ``(out [M, ΣN], q [M, K], x_scale
     [M], rstd [M] or None)`` for rows ``x2 [M, K]`` with a contiguous last dimension and
-    arguments the op's guard or check passed.
+    arguments the op's guard or check passed (the other operands in any strides).
 
     A training step calls the op once per site with arguments of the same signature every
     step, and the host time of the launches decides a step that small kernels make host-bound.
@@ -323,11 +323,14 @@ def stacked_forward(x2: Tensor, norm_weight: Optional[Tensor], packed: Tensor, w
     calls only allocate the outputs and launch. The signature is everything the launches
     depend on: the rows' shape, strides, dtype and 16-byte alignment, the norm weight's and the
     packed weight's, its scale's and the bias's layouts, the scalars, the device. A plan holds
-    no tensor: the weights are new tensors each step (views into one packed buffer), passed to
-    each launch. The plans of the last :data:`_PLANS_KEPT` signatures are kept."""
+    no tensor (``bind="operands"``): the weights are new tensors each step (views into one
+    packed buffer), passed to each launch; a plan that held them would keep a step's packed
+    weights alive. The plans of the last :data:`_PLANS_KEPT` signatures are kept."""
     nq, tm = kernels("norm_quant"), kernels("ternary_matmul")
     if norm_weight is not None and norm_weight.stride(0) != 1:
         norm_weight = norm_weight.contiguous()
+    if packed.shape[1] > 1 and packed.stride(1) != 1:  # the kernels read rows of bytes
+        packed = packed.contiguous()
 
     def aligned(t):
         return None if t is None else (t.dtype, t.stride(), not t.data_ptr() & 15)
@@ -342,10 +345,11 @@ def stacked_forward(x2: Tensor, norm_weight: Optional[Tensor], packed: Tensor, w
         return matmul(q, x_scale, packed, w_scale, bias), q, x_scale, rstd
     if normalize:
         q, x_scale, rstd, front = nq._launch_quant(x2, norm_weight, eps, offset, cast_before_weight, norm_dtype,
-                                                   norm=True, bind=True)
+                                                   norm=True, bind="operands")
     else:  # act_quant's launch: no norm, the codes of x itself
-        q, x_scale, rstd, front = nq._launch_quant(x2, None, 0.0, False, False, torch.float32, norm=False, bind=True)
-    out, matmul = tm.run(q, x_scale, packed, w_scale, bias, norm_dtype, bind=True)
+        q, x_scale, rstd, front = nq._launch_quant(x2, None, 0.0, False, False, torch.float32, norm=False,
+                                                   bind="operands")
+    out, matmul = tm.run(q, x_scale, packed, w_scale, bias, norm_dtype, bind="operands")
     if front is not None and matmul is not None:
         _PLANS[key] = (front, matmul)
         while len(_PLANS) > _PLANS_KEPT:

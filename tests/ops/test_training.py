@@ -218,8 +218,11 @@ def test_stacked_forward_plan_launches_with_each_calls_tensors(monkeypatch, norm
     """``bitlinear_stacked``'s CUDA forward (:func:`bitfx.ops.training.stacked_forward`) binds
     its launches on the first call of a signature and reuses them after: every call gives the
     unplanned kernels' codes, scales, rstd and output bit for bit, for that call's own rows and
-    weights (new tensors each call, as a training step's are), and a new signature (other rows)
-    gets a plan of its own (each path of the matmul). Run by the Triton kernels (the interpreter without a GPU)."""
+    weights (new tensors each call, as a training step's are; the plan holds none of them), and
+    a new signature (other rows) gets a plan of its own (each path of the matmul). Run by the
+    Triton kernels (the interpreter without a GPU)."""
+    import gc
+    import weakref
     from collections import OrderedDict
 
     from bitfx.kernels import norm_quant as nqk
@@ -232,15 +235,20 @@ def test_stacked_forward_plan_launches_with_each_calls_tensors(monkeypatch, norm
     launch_quant = nqk._launch_quant
     monkeypatch.setattr(nqk, "_launch_quant", lambda *a, **k: built.append(1) or launch_quant(*a, **k))
     K, Ns, dtype = 40, [12, 20], torch.bfloat16
-    for call, M in enumerate([5, 5, 5, 1, 1, 70, 70, 3]):  # the GEMV, dp4a and tensor-core paths
+    for call, M in enumerate([5, 5, 5, 1, 1, 70, 70, 3, 3]):  # the GEMV, dp4a and tensor-core paths
         x = _x((M, K), dtype, dev, 10 * call)
         g = _x((K,), dtype, dev, 10 * call + 1) if normalize else None
         Ws = [_x((N, K), dtype, dev, 10 * call + 2 + i) for i, N in enumerate(Ns)]
         packed, w_scale = ops.weight_quant_stacked(Ws, [False, True])
+        if call == 8:  # operands in other strides: a signature of their own
+            packed, w_scale = packed.t().contiguous().t(), w_scale.repeat_interleave(2)[::2]
+            g = None if g is None else g.repeat_interleave(2)[::2]
         bias = _x((sum(Ns),), dtype, dev, 10 * call + 7) if has_bias else None
         before = len(built)
         out, q, s_x, rstd = training.stacked_forward(x, g, packed, w_scale, bias, 1e-6, False, True, dtype, normalize)
         planned.append(len(built) == before)
+        if call == 0:  # a plan holds none of the tensors of the call that built it
+            first = [weakref.ref(t) for t in (packed, w_scale, g, bias) if t is not None]
         if normalize:
             q_want, s_want, rstd_want = nqk.norm_quant(x, g, 1e-6, False, True, dtype)
             assert torch.equal(rstd, rstd_want)
@@ -249,7 +257,9 @@ def test_stacked_forward_plan_launches_with_each_calls_tensors(monkeypatch, norm
             assert rstd is None
         assert torch.equal(q, q_want) and torch.equal(s_x, s_want)
         assert torch.equal(out, tmk.ternary_matmul(q_want, s_want, packed, w_scale, bias, dtype))
-    assert planned == [False, True, True, False, True, False, True, False] and len(training._PLANS) == 4
+    assert planned == [False, True, True, False, True, False, True, False, False]
+    gc.collect()
+    assert all(ref_() is None for ref_ in first)
 
 
 @given(
