@@ -32,6 +32,7 @@ __all__ = [
     "SiteInfo",
     "RejectedInfo",
     "SkippedLinear",
+    "DenseWeight",
     "LinearInfo",
     "capture_graphs",
     "example_inputs_for",
@@ -93,6 +94,24 @@ class SkippedLinear:
 
 
 @dataclass(frozen=True)
+class DenseWeight:
+    """A float parameter of more than two dimensions that the traced graph reads: a weight that
+    no linear layer holds (the experts of a fused mixture of experts, a convolution, a batched
+    matmul), which neither the backend nor :func:`bitfx.quantize` converts."""
+
+    name: str
+    shape: tuple
+    reason: str
+
+
+# Why a weight of more than two dimensions stays as it is.
+DENSE_WEIGHT_REASON = (
+    "a weight of more than two dimensions (fused mixture-of-experts weights, a convolution, a batched matmul): "
+    "bitfx converts linear layers, whose weights are 2-D, so this one stays dense"
+)
+
+
+@dataclass(frozen=True)
 class LinearInfo:
     """The decision for one linear layer (:func:`bitfx.passes.plan.plan_sites`)."""
 
@@ -117,6 +136,7 @@ class ExplainReport:
     # RMSNorm modules whose whole forward is the norm of a site, by name: the spec an eager run
     # of them in one kernel needs (bitfx.fused_norm; None where two traces of one disagree)
     norm_modules: dict = field(default_factory=dict)
+    dense_weights: list[DenseWeight] = field(default_factory=list)  # weights no linear holds, left dense
 
     @property
     def converted(self) -> list[str]:
@@ -147,6 +167,7 @@ class ExplainReport:
             "graphs": self.graphs,
             "training": self.training,
             "norm_modules": {k: v for k, v in self.norm_modules.items() if v is not None},
+            "dense_weights": [dataclasses.asdict(w) for w in self.dense_weights],
         }
 
     def __str__(self) -> str:
@@ -172,6 +193,9 @@ class ExplainReport:
             lines.append("rejected:")
         for r in self.rejected:
             lines.append(f"  {r.module or '<' + r.node + '>'}: {r.reason}")
+        if self.dense_weights:
+            lines.append("left dense (weights of more than two dimensions, which no linear layer holds):")
+        lines += [f"  {w.name} {list(w.shape)}" for w in self.dense_weights]
         return "\n".join(lines)
 
 
@@ -428,4 +452,13 @@ def explain(model: nn.Module, *example_inputs, config: Optional[BitfxConfig] = N
                 if key not in seen_rejected:
                     seen_rejected.add(key)
                     report.rejected.append(info)
+    report.dense_weights = _dense_weights(model, graphs)
     return report
+
+
+def _dense_weights(model: nn.Module, graphs: list) -> list[DenseWeight]:
+    """The model's float parameters of more than two dimensions that a traced graph reads (an
+    input of it), by name, in the model's order."""
+    read = {id(t) for _, inputs in graphs for t in inputs if isinstance(t, torch.Tensor)}
+    return [DenseWeight(name, tuple(p.shape), DENSE_WEIGHT_REASON) for name, p in model.named_parameters()
+            if p.dim() > 2 and p.is_floating_point() and id(p) in read]

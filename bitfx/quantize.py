@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -57,6 +58,7 @@ class QuantizeReport:
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "explain_report"}
         d["skipped"] = [dataclasses.asdict(s) for s in self.skipped]
+        d["dense_weights"] = [] if self.explain_report is None else [w.name for w in self.explain_report.dense_weights]
         d.update(quantized_bytes=self.quantized_bytes, saved_bytes=self.saved_bytes)
         return d
 
@@ -75,6 +77,12 @@ class QuantizeReport:
         if self.fused_norms:
             lines.append(f"  RMSNorm modules run eagerly (CUDA, inference) as one kernel: {len(self.fused_norms)}")
         lines += [f"  not converted: {s.module or '<the model itself>'}: {s.reason}" for s in self.skipped]
+        dense = [] if self.explain_report is None else self.explain_report.dense_weights
+        if dense:
+            count = sum(math.prod(w.shape) for w in dense)
+            lines.append(f"  left dense: {len(dense)} weights of more than two dimensions ({count:,} elements; "
+                         f"fused mixture-of-experts weights, convolutions), which no linear layer holds: "
+                         f"{', '.join(w.name for w in dense[:3])}{', ...' if len(dense) > 3 else ''}")
         return "\n".join(lines)
 
 

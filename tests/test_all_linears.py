@@ -221,6 +221,15 @@ def test_moe_router_and_head_stay_dense_in_all_mode():
     converted = report.converted
     assert any(n.endswith("o_proj") for n in converted)
     assert any(n.endswith("down_proj") for n in converted)
+    # The experts' weights, where the model holds them as one 3-D tensor each (no linear layer),
+    # are named as left dense, with their shapes; every 2-D weight is a linear's decision instead.
+    fused = {n: tuple(p.shape) for n, p in model.named_parameters() if p.dim() > 2}
+    assert {(w.name, w.shape) for w in report.dense_weights} == set(fused.items())
+    if fused:
+        assert "left dense" in str(report) and all(name in str(report) for name in fused)
+        q = bitfx.quantize(copy.deepcopy(model), ids)
+        assert "left dense: " in str(q.bitfx_report)
+        assert q.bitfx_report.to_dict()["dense_weights"] == list(fused)
 
 
 # ---------------------------------------------------------------- the kernels' paths the rewrite now takes
