@@ -71,6 +71,7 @@ def _concat_grads() -> bool:
 
     return env_switch("BITFX_CONCAT_GRADS", True)
 
+
 if _Base is not None:
 
     class KeyedPass(_Base):

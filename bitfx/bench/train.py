@@ -141,8 +141,8 @@ def host_ms(step, marks: list, cuda: bool, steps: int) -> dict:
     for _ in range(max(steps, 1)):
         sync(cuda)
         step()
-        m = marks
-        for name, dt in zip(phases, (m[1] - m[0], m[2] - m[1], m[3] - m[2], m[3] - m[0])):
+        f, b, o, e = marks
+        for name, dt in zip(phases, (b - f, o - b, e - o, e - f)):
             phases[name].append(dt * 1e3)
     sync(cuda)
     return {name: statistics.median(v) for name, v in phases.items()}

@@ -25,7 +25,7 @@ from torch import Tensor
 from bitfx import reference as ref
 from bitfx.layout import CODE_OFFSET, FLOAT_DTYPES, PLANES, SCALE_FLOOR, packed_k, stack_offsets, stack_rows
 import bitfx.ops.fp8 as fp8
-from bitfx.ops.inference import _guard_front, _packed_guard, cuda_front, ref_front
+from bitfx.ops.inference import _linear_guard, cuda_front, ref_front
 from bitfx.ops.library import (bias_list, check_float_dtype, check_in_features, check_linear_weight, check_norm_args,
                                check_normalize, check_packed_weight, check_same_device, kernels, register,
                                register_autograd, unit_rows)
@@ -294,11 +294,11 @@ def _stacked_guard(x, norm_weight, weights, packed, w_scale, bias, norm_dtype, n
     """The cheap per-call guard of ``bitlinear_stacked`` on CUDA: every condition of
     :func:`_check_stacked` on shapes, dtypes and devices (no read of device memory). When it
     holds, the kernels launch without their launchers' own checks."""
-    if not (_guard_front(x, norm_weight, norm_dtype) and (normalize or norm_weight is None) and weights):
+    if not (weights and x.dim() >= 1
+            and _linear_guard(x, norm_weight, norm_dtype, normalize, packed, w_scale, bias, norm_dtype, x.shape[-1])):
         return False
     K, device = x.shape[-1], x.device
-    return ((norm_weight is None or (norm_weight.dtype in FLOAT_DTYPES and norm_weight.device == device))
-            and _packed_guard(packed, w_scale, bias, K, device)
+    return ((norm_weight is None or norm_weight.dtype in FLOAT_DTYPES)
             and all(w.dim() == 2 and w.shape[1] == K and w.dtype in FLOAT_DTYPES and w.device == device
                     for w in weights)
             and sum(w.shape[0] for w in weights) == packed.shape[0])
@@ -307,6 +307,11 @@ def _stacked_guard(x, norm_weight, weights, packed, w_scale, bias, norm_dtype, n
 # The forward's launch plans (:func:`stacked_forward`), by call signature, the most recent last.
 _PLANS: OrderedDict = OrderedDict()
 _PLANS_KEPT = 64
+
+
+def _layout(t: Optional[Tensor]):
+    """What a launch plan depends on in an operand besides its shape: dtype, strides, 16-byte alignment."""
+    return None if t is None else (t.dtype, t.stride(), not t.data_ptr() & 15)
 
 
 def stacked_forward(x2: Tensor, norm_weight: Optional[Tensor], packed: Tensor, w_scale: Tensor,
@@ -331,12 +336,8 @@ def stacked_forward(x2: Tensor, norm_weight: Optional[Tensor], packed: Tensor, w
         norm_weight = norm_weight.contiguous()
     if packed.shape[1] > 1 and packed.stride(1) != 1:  # the kernels read rows of bytes
         packed = packed.contiguous()
-
-    def aligned(t):
-        return None if t is None else (t.dtype, t.stride(), not t.data_ptr() & 15)
-
-    key = (x2.shape, x2.stride(), x2.dtype, not x2.data_ptr() & 15, x2.device, aligned(norm_weight), packed.shape,
-           packed.stride(), packed.data_ptr() & 15, aligned(w_scale), aligned(bias), eps, offset, cast_before_weight,
+    key = (x2.shape, x2.stride(), x2.dtype, not x2.data_ptr() & 15, x2.device, _layout(norm_weight), packed.shape,
+           packed.stride(), packed.data_ptr() & 15, _layout(w_scale), _layout(bias), eps, offset, cast_before_weight,
            norm_dtype, normalize)
     plan = _PLANS.get(key)
     if plan is not None:
