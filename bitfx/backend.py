@@ -70,6 +70,7 @@ Logging: logger ``"bitfx"``. ``BITFX_LOG=1`` (or ``info``) prints what was rewri
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -252,13 +253,16 @@ def bitfx_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[st
     if not config.training and _on_cuda(inputs):
         # CUDA inference: each site's front and matmul as one op (one kernel for decode rows)
         log.info("bitfx: %d ternary linears as one op each", fuse_fronts(gm))
+    memo = contextlib.nullcontext()
     if _inductor_launches(config, inputs, inductor_patches):
-        from bitfx.ops.inductor import retarget
+        from bitfx.ops.inductor import kernel_analysis_memo, retarget
 
         log.info("bitfx: %d op calls launched by Inductor's code", retarget(gm))
         inductor_patches = _static_launch(inductor_patches)
+        memo = kernel_analysis_memo()
     # bitfx's sources join the compile caches' keys (the backward formulas are Python: bitfx/cache_key.py)
-    compiled = compile_fx(gm, inputs, config_patches=keyed(inductor_patches))
+    with memo:
+        compiled = compile_fx(gm, inputs, config_patches=keyed(inductor_patches))
     if packs is None:
         return compiled
     run = packs.guard(compiled)

@@ -9,6 +9,10 @@ A transformers Llama with random initialization and bf16 parameters takes traini
   trained with the straight-through estimator (``BitfxConfig(linears=...)`` via ``--linears``);
 * ``bitfx-fp8``: the same with the FP8 backward (``BitfxConfig(backward="fp8")``).
 
+A bitfx method may name who launches its kernels, ``bitfx@inductor`` or ``bitfx-fp8@op``
+(``BitfxConfig.launch``; ``--launch`` for the methods that do not), so that both launches are
+measured against the same run's bf16.
+
 Shapes (:mod:`bitfx.bench.model_shapes`): ``llama-1b`` (hidden 2048, 16 layers, 4 x 2048
 tokens a step) and ``llama-350m`` (hidden 1024, 12 layers, tied embeddings, 8 x 2048 tokens);
 ``--quick`` uses their tiny twins. Measured per (model, method): the median step time over
@@ -56,9 +60,27 @@ def batch_of(name: str, quick: bool, batch: Optional[int]) -> tuple[int, int]:
     return batch or b, s
 
 
+def method_parts(method: str, launch: str = "auto") -> tuple[str, Optional[str]]:
+    """``(method, launch)`` of a ``--methods`` entry (``bitfx@inductor``: the bitfx method with
+    that ``BitfxConfig.launch``; a bitfx method without one: ``launch``; bf16: ``None``).
+    ValueError for a method or launch mode not known."""
+    base, at, own = method.partition("@")
+    if base not in METHODS:
+        raise ValueError(f"unknown method {method!r}: one of {', '.join(METHODS)}, a bitfx one optionally "
+                         f"with @launch ({', '.join(LAUNCH_MODES)})")
+    if base == "bf16-inductor":
+        if at:
+            raise ValueError(f"method {method!r}: only the bitfx methods take a launch mode")
+        return base, None
+    if at and own not in LAUNCH_MODES:
+        raise ValueError(f"method {method!r}: launch mode {own!r} is not one of {', '.join(LAUNCH_MODES)}")
+    return base, own if at else launch
+
+
 def _compile(model: torch.nn.Module, method: str, linears: str, launch: str = "auto"):
-    if method in ("bitfx", "bitfx-fp8"):
-        backward = "fp8" if method == "bitfx-fp8" else "exact"
+    base, launch = method_parts(method, launch)
+    if base in ("bitfx", "bitfx-fp8"):
+        backward = "fp8" if base == "bitfx-fp8" else "exact"
         return torch.compile(model, backend="bitfx", options={"linears": linears, "backward": backward,
                                                                "launch": launch})
     return torch.compile(model)
@@ -248,6 +270,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join("bench_out", "train"))
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    try:
+        for method in methods:
+            method_parts(method)
+    except ValueError as e:
+        p.error(str(e))
     rank, world = 0, 1
     if args.device == "cpu":
         args.quick, args.steps = True, min(args.steps, 2)
@@ -270,7 +298,7 @@ def main(argv=None) -> int:
     if rank == 0:
         print(header, flush=True)
     for name in [m for m in args.models.split(",") if m]:
-        for method in [m for m in args.methods.split(",") if m]:
+        for method in methods:
             row = measure(name, method, args, device, dtype, rank, world)
             results["rows"].append(row)
             if rank == 0:

@@ -21,7 +21,9 @@ call. The kernels (and Triton) are imported when a form first runs or is traced;
 imports this module only for a graph it swaps.
 """
 
-from typing import Optional
+import contextlib
+import copy
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -33,7 +35,7 @@ from bitfx.ops.training import _check_stacked, _front_outputs, _stacked_backward
 
 __all__ = ["norm_quant_triton", "add_norm_quant_triton", "glu_quant_triton", "act_quant_triton", "ternary_matmul_triton",
            "ternary_linear_triton",
-           "bitlinear_stacked_triton", "retarget", "TRITON_FORMS"]
+           "bitlinear_stacked_triton", "retarget", "TRITON_FORMS", "kernel_analysis_memo"]
 
 
 @torch.library.triton_op("bitfx::norm_quant_triton", mutates_args=())
@@ -175,3 +177,84 @@ def retarget(gm: torch.fx.GraphModule) -> int:
         if changed:
             module.recompile()
     return swapped
+
+
+# Torch's analysis of which arguments a user-defined Triton kernel reads and writes builds the
+# kernel's Triton IR, for every call in the graph, several times per call (functionalization, the
+# Inductor graph, the kernel's IR node); a training forward makes 48 calls of two kernels. Keyed on
+# exactly what the IR is built from, one analysis per distinct launch (:func:`kernel_analysis_memo`).
+_ANALYSES = ("identify_accessed_tensors", "identify_mutated_tensors")  # torch 2.13's name; earlier torch's
+_MEMO: dict[tuple, Any] = {}
+
+
+def _is_bitfx_kernel(kernel: Any) -> bool:
+    """Whether ``kernel`` (a ``JITFunction``, or an autotuner of one) is one of bitfx's kernels."""
+    fn = kernel
+    for _ in range(3):  # autotuner -> JITFunction -> Python function
+        fn = getattr(fn, "fn", fn)
+    return getattr(fn, "__module__", "").startswith("bitfx.kernels.")
+
+
+def _analysis_key(kernel: Any, kwargs: dict[str, Any], tma_metadata: Any) -> Optional[tuple]:
+    """What torch builds a kernel's IR from for the analysis, or ``None`` where that is not
+    certain (not a bitfx kernel, tensor descriptors, an argument of a kind not listed): a tensor
+    (fake, or Inductor's ``TensorBox``) is replaced there by a fresh one of its dtype, a symbolic
+    size by a constant, and every other value (constexprs, Python scalars: Triton specializes on
+    an int's value) is used as it is."""
+    from torch._inductor.ir import TensorBox
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if tma_metadata or not _is_bitfx_kernel(kernel):
+        return None
+    key = []
+    for name, value in kwargs.items():
+        if isinstance(value, FakeTensor):
+            key.append((name, "fake tensor", value.dtype))
+        elif isinstance(value, TensorBox):  # apart from a tensor: earlier torch lists only tensors' writes
+            key.append((name, "tensor box", value.get_dtype()))
+        elif isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            key.append((name, "symbolic"))
+        elif value is None or type(value) in (bool, int, float, str, torch.dtype):
+            key.append((name, type(value).__name__, value))
+        else:
+            return None
+    return (kernel, tuple(key))
+
+
+def _memoized(analysis: Callable) -> Callable:
+    """``analysis`` (torch's, ``(kernel, kwargs, tma_descriptor_metadata)``) answered once per
+    :func:`_analysis_key`; a copy of the answer each time, so no caller shares another's sets."""
+
+    def memoized(kernel, kwargs, tma_descriptor_metadata=None, *args, **kw):
+        key = _analysis_key(kernel, kwargs, tma_descriptor_metadata)
+        if key is None or args or kw:
+            return analysis(kernel, kwargs, tma_descriptor_metadata, *args, **kw)
+        if key not in _MEMO:
+            _MEMO[key] = analysis(kernel, kwargs, tma_descriptor_metadata)
+        return copy.deepcopy(_MEMO[key])
+
+    memoized.__wrapped__ = analysis
+    return memoized
+
+
+@contextlib.contextmanager
+def kernel_analysis_memo() -> Iterator[None]:
+    """While a graph with the forms compiles: torch's kernel access analysis answered once per
+    distinct launch of a bitfx kernel instead of once per call and per stage (the first compile
+    of a training step with the forms spent most of its extra time there). Other kernels are
+    analysed as before; torch's functions are restored on exit."""
+    from torch._higher_order_ops import triton_kernel_wrap
+    from torch._inductor import ir
+
+    patched = []
+    for module in (triton_kernel_wrap, ir):
+        for name in _ANALYSES:
+            original = module.__dict__.get(name)
+            if callable(original) and not hasattr(original, "__wrapped__"):
+                patched.append((module, name, original))
+                setattr(module, name, _memoized(original))
+    try:
+        yield
+    finally:
+        for module, name, original in patched:
+            setattr(module, name, original)

@@ -50,6 +50,23 @@ def test_launch_option_reaches_the_backend(monkeypatch):
     assert calls == [dict(backend="bitfx", options={"linears": "all", "backward": "fp8", "launch": "inductor"}), {}]
 
 
+def test_a_method_names_its_own_launch(monkeypatch):
+    """``bitfx@inductor`` against ``bitfx@op`` in one run; an unknown method or launch mode is an
+    error before anything is measured, not a silent bf16 row."""
+    calls = []
+    monkeypatch.setattr(bt.torch, "compile", lambda model, **kw: calls.append(kw.get("options", {}).get("launch")))
+    bt._compile(None, "bitfx@inductor", "all", "op")
+    bt._compile(None, "bitfx-fp8@op", "all", "inductor")
+    bt._compile(None, "bitfx", "all", "inductor")
+    assert calls == ["inductor", "op", "inductor"]
+    for bad, why in (("bitfx-int4", "unknown method"), ("bitfx@triton", "launch mode 'triton'"),
+                     ("bf16-inductor@op", "only the bitfx methods")):
+        with pytest.raises(ValueError, match=why):
+            bt.method_parts(bad)
+    with pytest.raises(SystemExit):
+        bt.main(["--methods", "bf16-inductor,bitfx@nope", "--device", "cpu"])
+
+
 def test_render_compile_breakdown():
     rows = [
         dict(model="m", method="bf16-inductor", world=1, compile_s=30.0,

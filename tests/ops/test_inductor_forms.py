@@ -211,6 +211,73 @@ def test_launch_option_is_checked():
         BitfxConfig(launch=True)
 
 
+def _fakes(*dtypes):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        return [torch.empty(4, dtype=d) for d in dtypes]
+
+
+def test_kernel_analysis_answered_once_per_distinct_launch():
+    """The memo of torch's kernel access analysis (:func:`inductor._memoized`): asked again for a
+    bitfx kernel with other tensors of the same dtypes and the same scalars, it answers from the
+    first analysis (a copy); another dtype, int value (Triton specializes on it) or constexpr,
+    another kernel's, tensor descriptors, or any kernel not bitfx's is analysed afresh."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _foreign(x_ptr, n, BLOCK: tl.constexpr):
+        pass
+
+    calls = []
+
+    def analysis(kernel, kwargs, tma):
+        calls.append(kernel)
+        return {"writes": {"out"}}
+
+    memo, kernel = inductor._memoized(analysis), tm._ternary_matmul_kernel
+    a, b, c = _fakes(torch.int8, torch.float32, torch.bfloat16)
+    a2, b2, c2 = _fakes(torch.int8, torch.float32, torch.bfloat16)
+    saved = dict(inductor._MEMO)
+    inductor._MEMO.clear()
+    try:
+        first = memo(kernel, {"q": a, "s": b, "n": 64, "BLOCK": 32}, {})
+        again = memo(kernel, {"q": a2, "s": b2, "n": 64, "BLOCK": 32}, {})
+        assert first == again == {"writes": {"out"}} and again is not first and len(calls) == 1
+        first["writes"].add("q")  # a caller's change reaches neither the memo nor the next caller
+        assert memo(kernel, {"q": a2, "s": b2, "n": 64, "BLOCK": 32}, {}) == {"writes": {"out"}}
+        assert len(calls) == 1
+        for kwargs in ({"q": a, "s": c, "n": 64, "BLOCK": 32}, {"q": a, "s": b, "n": 1, "BLOCK": 32},
+                       {"q": a, "s": b, "n": 64, "BLOCK": 64}):
+            memo(kernel, kwargs, {})
+        assert len(calls) == 4
+        memo(nq._norm_quant_kernel, {"q": a, "s": b, "n": 64, "BLOCK": 32}, {})
+        assert len(calls) == 5
+        for _ in range(2):
+            memo(kernel, {"q": a, "s": b, "n": 64, "BLOCK": 32}, {"q": ("stable", [16])})
+            memo(_foreign, {"x_ptr": a, "n": 64, "BLOCK": 32}, {})
+            memo(kernel, {"q": a, "s": b, "n": object(), "BLOCK": 32}, {})
+        assert len(calls) == 11
+    finally:
+        inductor._MEMO.clear()
+        inductor._MEMO.update(saved)
+
+
+def test_kernel_analysis_memo_restores_torchs_functions():
+    from torch._higher_order_ops import triton_kernel_wrap
+
+    names = [n for n in inductor._ANALYSES if n in vars(triton_kernel_wrap)]
+    assert names, "torch's kernel access analysis not found: the memo would change nothing"
+    before = {n: getattr(triton_kernel_wrap, n) for n in names}
+    with inductor.kernel_analysis_memo():
+        for n in names:
+            assert getattr(triton_kernel_wrap, n).__wrapped__ is before[n]
+        with inductor.kernel_analysis_memo():  # nested: wrapped once
+            assert getattr(triton_kernel_wrap, names[0]).__wrapped__ is before[names[0]]
+    assert {n: getattr(triton_kernel_wrap, n) for n in names} == before
+
+
 # ------------------------------------------------------------------ CUDA: traced into Inductor's code
 
 
@@ -393,14 +460,28 @@ def test_ternary_linear_form_compiles_into_inductors_code(dynamic, monkeypatch):
 
 
 @pytest.mark.cuda
-def test_training_step_the_same_whoever_launches():
+def test_training_step_the_same_whoever_launches(monkeypatch):
     """A Llama's training step compiled with ``launch="inductor"`` (the training op's forward
-    kernels in Inductor's code) and with the custom ops: the same loss and gradients."""
+    kernels in Inductor's code) and with the custom ops: the same loss and gradients. Torch's
+    analysis of the kernels' accesses ran once per distinct launch of a bitfx kernel
+    (:func:`inductor.kernel_analysis_memo`), not once per call and stage."""
     import copy
+
+    from torch._higher_order_ops import triton_kernel_wrap
 
     from tests import models
     from tests.test_backend import op_counts, recording_backend
 
+    name = next(n for n in inductor._ANALYSES if n in vars(triton_kernel_wrap))
+    analysed, original = [], getattr(triton_kernel_wrap, name)
+
+    def recording(kernel, kwargs, tma, *args, **kw):
+        if inductor._is_bitfx_kernel(kernel):
+            analysed.append(inductor._analysis_key(kernel, kwargs, tma))
+        return original(kernel, kwargs, tma, *args, **kw)
+
+    monkeypatch.setattr(triton_kernel_wrap, name, recording)
+    monkeypatch.setattr(inductor, "_MEMO", {})
     base, ids = models.tiny_llama()
     base, ids = base.cuda().train(), ids.cuda()
     results = {}
@@ -414,6 +495,7 @@ def test_training_step_the_same_whoever_launches():
         assert ("bitfx.bitlinear_stacked_triton.default" in targets) == (launch == "inductor")
         assert op_counts(graphs[0])["bitlinear_stacked"] > 0
         results[launch] = (loss.detach(), [p.grad for p in model.parameters()])
+    assert analysed and None not in analysed and len(set(analysed)) == len(analysed), analysed
     (loss_a, grads_a), (loss_b, grads_b) = results["inductor"], results["op"]
     assert torch.equal(loss_a, loss_b)  # the forward: the same kernels, the same numbers
     for a, b in zip(grads_a, grads_b):
