@@ -206,7 +206,7 @@ def _analysis_key(kernel: Any, kwargs: dict[str, Any], tma_metadata: Any) -> Opt
 
     if tma_metadata or not _is_bitfx_kernel(kernel):
         return None
-    key = []
+    key = [_ir_source(kernel)]
     for name, value in kwargs.items():
         if isinstance(value, FakeTensor):
             key.append((name, "fake tensor", value.dtype))
@@ -218,7 +218,24 @@ def _analysis_key(kernel: Any, kwargs: dict[str, Any], tma_metadata: Any) -> Opt
             key.append((name, type(value).__name__, value))
         else:
             return None
-    return (kernel, tuple(key))
+    try:
+        hash(key[0])
+    except TypeError:
+        return None
+    return tuple(key)
+
+
+def _ir_source(kernel: Any) -> tuple:
+    """The kernel that torch builds the IR of, and the values the analysis adds to the call's:
+    a launch with warps or stages (as the forms' are) reaches it as a new one-config autotuner
+    per call around the same ``JITFunction``; the IR is that function's, with the config's
+    arguments (not its warps and stages)."""
+    from triton.runtime.autotuner import Autotuner
+
+    if isinstance(kernel, Autotuner):
+        extra = tuple(sorted(kernel.configs[0].kwargs.items())) if kernel.configs else ()
+        return (kernel.fn, extra)
+    return (kernel, ())
 
 
 def _memoized(analysis: Callable) -> Callable:

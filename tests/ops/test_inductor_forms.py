@@ -259,6 +259,15 @@ def test_kernel_analysis_answered_once_per_distinct_launch():
             memo(_foreign, {"x_ptr": a, "n": 64, "BLOCK": 32}, {})
             memo(kernel, {"q": a, "s": b, "n": object(), "BLOCK": 32}, {})
         assert len(calls) == 11
+        # Launches with warps or stages reach the analysis as a new one-config autotuner per call.
+        wrapped = [triton.autotune(configs=[triton.Config({}, num_warps=w)], key=[])(kernel) for w in (4, 4, 8)]
+        for t in wrapped:
+            memo(t, {"q": a, "s": b, "n": 32, "BLOCK": 32}, {})
+        assert len(calls) == 12  # the kernel's IR, whatever the warps
+        memo(kernel, {"q": a, "s": b, "n": 32, "BLOCK": 32}, {})
+        assert len(calls) == 12  # the same IR as the plain launch's
+        memo(triton.autotune(configs=[triton.Config({"BLOCK": 16})], key=[])(kernel), {"q": a, "s": b, "n": 32}, {})
+        assert len(calls) == 13  # another config's arguments: another IR
     finally:
         inductor._MEMO.clear()
         inductor._MEMO.update(saved)
