@@ -6,6 +6,9 @@ unless ``dtype`` says otherwise; call ``model(ids).logits``):
 * :func:`tiny_llama`: 2 decoder layers; sites per layer: input_layernorm -> q,k,v and
   post_attention_layernorm -> gate,up (5 linears).
 * :func:`tiny_gemma`: as Llama, with Gemma's ``1 + weight`` norm; tied lm_head.
+* :func:`tiny_gemma3`: Gemma 3: ``1 + weight`` norms in a sandwich (a norm before and after
+  attention and the MLP: only the ones before feed linears), per-head q/k norms, a sliding
+  window on alternate layers.
 * :func:`tiny_qwen3`: as Llama, plus per-head q/k norms over head_dim (not sites).
 * :func:`tiny_olmo2`: post-norm: no norm feeds a linear (0 sites).
 * :func:`tiny_bitnet`: BitNet with plain ``nn.Linear``: 4 sites per layer (input_layernorm ->
@@ -86,6 +89,13 @@ def tiny_gemma(seed: int = 0, dtype: torch.dtype = torch.float32):
     return _hf(GemmaConfig, GemmaForCausalLM, seed, dtype, centre=0.0, hidden_activation="gelu_pytorch_tanh")
 
 
+def tiny_gemma3(seed: int = 0, dtype: torch.dtype = torch.float32):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    return _hf(Gemma3TextConfig, Gemma3ForCausalLM, seed, dtype, centre=0.0, sliding_window=4,
+               layer_types=["sliding_attention", "full_attention"])
+
+
 def tiny_qwen3(seed: int = 0, dtype: torch.dtype = torch.float32):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -149,7 +159,7 @@ def tiny_mamba2(seed: int = 0, dtype: torch.dtype = torch.float32):
 
 # Every transformers architecture of the suite, by name.
 TRANSFORMERS = {
-    "llama": tiny_llama, "gemma": tiny_gemma, "qwen3": tiny_qwen3, "olmo2": tiny_olmo2,
+    "llama": tiny_llama, "gemma": tiny_gemma, "gemma3": tiny_gemma3, "qwen3": tiny_qwen3, "olmo2": tiny_olmo2,
     "bitnet": tiny_bitnet, "bitnet_autobitlinear": tiny_bitnet_autobitlinear, "deepseek_v3": tiny_deepseek_v3,
     "mamba2": tiny_mamba2,
 }

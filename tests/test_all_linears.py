@@ -293,15 +293,16 @@ def test_bitlinear_stacked_without_norm_on_cuda(M, K, N, seed):
     torch.testing.assert_close(dx.float().cpu(), (dout.float() @ w_q.to(torch.bfloat16).float()), rtol=2e-2, atol=1e-2)
 
 
-def test_whole_model_training_step_matches_the_ste_reference():
-    """A transformers Llama trained through the backend with every linear ternary: the loss and
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_whole_model_training_step_matches_the_ste_reference(arch):
+    """A transformers Llama (and a Gemma 3: sandwich norms, ``1 + weight``) trained through the backend with every linear ternary: the loss and
     the gradient of every parameter match a plain-torch straight-through reference of the same
     model (each linear quantizes its input per token and its weight absmean-ternary on what the
     model hands it; gradients pass straight through). Tolerances: the forward to 1e-5 (the fused
     norm's x * rsqrt(v) against the model's own spelling, 1 fp32 ulp, fed through quantizers);
     gradients to 1e-4 relative (the STE backward sums the q/k/v and gate/up input gradients in
     fp32 before the norm's backward, the reference in autograd's order)."""
-    model, ids = models.tiny_llama(dtype=torch.float32)
+    model, ids = models.TRANSFORMERS[arch](dtype=torch.float32)
     model.train()
     names = _layer_names("model", models.LAYERS)
     want_model = models.reference_ste(model, names)

@@ -74,6 +74,8 @@ TRANSFORMERS = {
     # norm_quant. No weight_quant: the backend packs the weights once, at compile time.
     "llama": (models.tiny_llama, Counter(norm_quant=2 * L, act_quant=2 * L, ternary_matmul=4 * L, linear=1)),
     "gemma": (models.tiny_gemma, Counter(norm_quant=2 * L, act_quant=2 * L, ternary_matmul=4 * L, linear=1)),
+    # Gemma 3: the norms after attention and the MLP feed the residual adds, not linears.
+    "gemma3": (models.tiny_gemma3, Counter(norm_quant=2 * L, act_quant=2 * L, ternary_matmul=4 * L, linear=1)),
     # Qwen3 with seed 1: with seed 0, layer 1's o_proj input holds an exact rounding tie
     # (x * s_x = -32.5 in eager) that Inductor's attention, 1 ulp off, rounds the other way: one
     # code flip that moves a whole token's logits (6% of the outputs).

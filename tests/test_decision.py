@@ -50,7 +50,7 @@ def test_backend_quantize_and_explain_agree(arch):
     assert sorted(swapped) == sorted(report.linears) == sorted(q.bitfx_report.converted)
     assert set(report.linears) <= set(report.converted)
     assert report.converted and "lm_head" in explained_dense
-    if arch in ("llama", "gemma", "qwen3", "olmo2", "bitnet"):  # linears="all": 7 of 7 per layer
+    if arch in ("llama", "gemma", "gemma3", "qwen3", "olmo2", "bitnet"):  # linears="all": 7 of 7 per layer
         every = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
         assert len(every) == 7 * models.LAYERS and sorted(report.converted) == sorted(every)
     if arch == "olmo2":  # post-norm: no RMSNorm feeds a linear, every site quantizes its input alone
