@@ -185,6 +185,7 @@ def retarget(gm: torch.fx.GraphModule) -> int:
 # exactly what the IR is built from, one analysis per distinct launch (:func:`kernel_analysis_memo`).
 _ANALYSES = ("identify_accessed_tensors", "identify_mutated_tensors")  # torch 2.13's name; earlier torch's
 _MEMO: dict[tuple, Any] = {}
+_MEMO_KEPT = 4096  # answers kept, the oldest dropped first: a process compiling ever new shapes stays bounded
 
 
 def _is_bitfx_kernel(kernel: Any) -> bool:
@@ -248,6 +249,8 @@ def _memoized(analysis: Callable) -> Callable:
             return analysis(kernel, kwargs, tma_descriptor_metadata, *args, **kw)
         if key not in _MEMO:
             _MEMO[key] = analysis(kernel, kwargs, tma_descriptor_metadata)
+            while len(_MEMO) > _MEMO_KEPT:
+                del _MEMO[next(iter(_MEMO))]
         return copy.deepcopy(_MEMO[key])
 
     memoized.__wrapped__ = analysis

@@ -218,7 +218,7 @@ def _fakes(*dtypes):
         return [torch.empty(4, dtype=d) for d in dtypes]
 
 
-def test_kernel_analysis_answered_once_per_distinct_launch():
+def test_kernel_analysis_answered_once_per_distinct_launch(monkeypatch):
     """The memo of torch's kernel access analysis (:func:`inductor._memoized`): asked again for a
     bitfx kernel with other tensors of the same dtypes and the same scalars, it answers from the
     first analysis (a copy); another dtype, int value (Triton specializes on it) or constexpr,
@@ -268,6 +268,13 @@ def test_kernel_analysis_answered_once_per_distinct_launch():
         assert len(calls) == 12  # the same IR as the plain launch's
         memo(triton.autotune(configs=[triton.Config({"BLOCK": 16})], key=[])(kernel), {"q": a, "s": b, "n": 32}, {})
         assert len(calls) == 13  # another config's arguments: another IR
+        monkeypatch.setattr(inductor, "_MEMO_KEPT", 2)
+        for n in (100, 101, 102):
+            memo(kernel, {"q": a, "s": b, "n": n, "BLOCK": 32}, {})
+        assert len(inductor._MEMO) == 2 and len(calls) == 16
+        memo(kernel, {"q": a, "s": b, "n": 102, "BLOCK": 32}, {})  # kept: the newest
+        memo(kernel, {"q": a, "s": b, "n": 100, "BLOCK": 32}, {})  # dropped: the oldest
+        assert len(calls) == 17
     finally:
         inductor._MEMO.clear()
         inductor._MEMO.update(saved)
