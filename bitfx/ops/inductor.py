@@ -243,12 +243,15 @@ def _memoized(analysis: Callable) -> Callable:
     """``analysis`` (torch's, ``(kernel, kwargs, tma_descriptor_metadata)``) answered once per
     :func:`_analysis_key`; a copy of the answer each time, so no caller shares another's sets."""
 
-    def memoized(kernel, kwargs, tma_descriptor_metadata=None, *args, **kw):
-        key = _analysis_key(kernel, kwargs, tma_descriptor_metadata)
-        if key is None or args or kw:
-            return analysis(kernel, kwargs, tma_descriptor_metadata, *args, **kw)
+    def memoized(*args, **kw):  # passed on as given: torch's signature varies between releases
+        if len(args) < 2 or len(args) > 3 or set(kw) - {"tma_descriptor_metadata"}:
+            return analysis(*args, **kw)
+        tma = args[2] if len(args) == 3 else kw.get("tma_descriptor_metadata")
+        key = _analysis_key(args[0], args[1], tma)
+        if key is None:
+            return analysis(*args, **kw)
         if key not in _MEMO:
-            _MEMO[key] = analysis(kernel, kwargs, tma_descriptor_metadata)
+            _MEMO[key] = analysis(*args, **kw)
             while len(_MEMO) > _MEMO_KEPT:
                 del _MEMO[next(iter(_MEMO))]
         return copy.deepcopy(_MEMO[key])

@@ -275,6 +275,10 @@ def test_kernel_analysis_answered_once_per_distinct_launch(monkeypatch):
         memo(kernel, {"q": a, "s": b, "n": 102, "BLOCK": 32}, {})  # kept: the newest
         memo(kernel, {"q": a, "s": b, "n": 100, "BLOCK": 32}, {})  # dropped: the oldest
         assert len(calls) == 17
+        # An analysis of two arguments (earlier torch's signature) is called as it was.
+        two = inductor._memoized(lambda kernel, kwargs: calls.append(kernel) or ["out"])
+        assert two(kernel, {"q": a, "s": b, "n": 7, "BLOCK": 32}) == ["out"]
+        assert two(kernel, {"q": a2, "s": b2, "n": 7, "BLOCK": 32}) == ["out"] and len(calls) == 18
     finally:
         inductor._MEMO.clear()
         inductor._MEMO.update(saved)
