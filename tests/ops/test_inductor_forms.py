@@ -284,6 +284,25 @@ def test_kernel_analysis_answered_once_per_distinct_launch(monkeypatch):
         inductor._MEMO.update(saved)
 
 
+def test_memo_traces_the_same_graph_with_fewer_analyses():
+    """Six training sites through the training op's form, traced by AOTAutograd with torch's
+    real kernel analysis (the Triton IR built for sm_90, no GPU needed), with and without the
+    memo: the same forward graph, the memo analysing each distinct launch once (the two
+    kernels) where torch analysed every call (``trace_forms_memo.py``, in a subprocess: the
+    interpreter's kernels have no IR)."""
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "trace_forms_memo.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=600)
+    if out.returncode == 3:
+        pytest.skip(out.stdout.strip())
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-3000:])
+    assert "graph True analyses" in out.stdout and out.stdout.split()[-1] == "2", out.stdout
+
+
 def test_kernel_analysis_memo_restores_torchs_functions():
     from torch._higher_order_ops import triton_kernel_wrap
 
