@@ -21,7 +21,8 @@ tokens a step) and ``llama-350m`` (hidden 1024, 12 layers, tied embeddings, 8 x 
 allocated during the timed steps; the loss of the first and last step (information: the two
 methods train different models); the host's milliseconds in the forward call, the backward and
 the optimizer, each step begun on an idle GPU (:func:`host_ms`: where they add up to near the
-step time, the host sets the pace).
+step time, the host sets the pace); with ``--host-profile TOP``, the Python functions that
+host time goes to (:func:`host_profile`).
 
 Sharded: launched with ``torchrun --nproc-per-node N -m bitfx.bench train --fsdp``, each
 decoder layer and then the root are wrapped with torch's FSDP2 ``fully_shard`` before compiling;
@@ -136,6 +137,7 @@ def measure(name: str, method: str, args, device: str, dtype: torch.dtype, rank:
     ms = statistics.median(times)
     host = host_ms(step, marks, cuda, args.steps)
     top = profile_step(step, cuda, args.profile) if args.profile else None
+    host_top = host_profile(step, cuda, args.steps, args.host_profile) if getattr(args, "host_profile", 0) else None
     row: dict[str, Any] = {
         "model": name + ("-tiny" if args.quick else ""), "method": method, "world": world,
         "tokens_per_step": batch * seq * world, "step_ms": ms, "tokens_per_s": batch * seq * world / ms * 1e3,
@@ -145,6 +147,8 @@ def measure(name: str, method: str, args, device: str, dtype: torch.dtype, rank:
     }
     if top is not None:
         row["profile"] = top
+    if host_top is not None:
+        row["host_profile"] = host_top
     compiled = model = opt = None  # free them before the next method
     torch._dynamo.reset()
     if cuda:
@@ -168,6 +172,48 @@ def host_ms(step, marks: list, cuda: bool, steps: int) -> dict:
             phases[name].append(dt * 1e3)
     sync(cuda)
     return {name: statistics.median(v) for name, v in phases.items()}
+
+
+def host_profile(step, cuda: bool, steps: int, top: int) -> list:
+    """``steps`` more (warm) steps under Python's ``cProfile``, each begun on an idle GPU: the
+    ``top`` functions by their own host time, per step (calls, own ms, cumulative ms). Where
+    the host sets the pace, which Python (the dispatcher's callbacks, an op's implementation,
+    a launcher) the step's host time is spent in; the profiler's own cost inflates every entry."""
+    import cProfile
+    import pstats
+
+    prof, n = cProfile.Profile(), max(steps, 1)
+    for _ in range(n):
+        sync(cuda)
+        prof.enable()
+        step()
+        prof.disable()
+    sync(cuda)
+    entries = sorted(pstats.Stats(prof).stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    return [{"function": _where(*where), "calls": nc / n, "own_ms": tt * 1e3 / n, "cumulative_ms": ct * 1e3 / n}
+            for where, (_, nc, tt, ct, _) in entries]
+
+
+def _where(path: str, line: int, name: str) -> str:
+    """``folder/file.py:line(name)`` of a profiled function (built-ins: their name)."""
+    if path == "~" or not line:
+        return name
+    return f"{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)}:{line}({name})"
+
+
+def render_host_profile(results: dict) -> str:
+    """Each (model, method, GPUs) that has a host profile: its functions by own time per step."""
+    out = []
+    for r in results.get("rows", []):
+        entries = r.get("host_profile")
+        if not entries:
+            continue
+        out += [f"{r['model']} / {r['method']} / {r['world']} GPU(s):", "",
+                "| function | calls / step | own ms / step | cumulative ms / step |", "|---|---|---|---|"]
+        out += [f"| `{e['function']}` | {e['calls']:.0f} | {e['own_ms']:.2f} | {e['cumulative_ms']:.2f} |"
+                for e in entries]
+        out.append("")
+    return "\n".join(out).rstrip()
 
 
 def profile_step(step, cuda: bool, top: int) -> dict:
@@ -266,6 +312,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny shapes")
     p.add_argument("--profile", type=int, default=0, metavar="TOP",
                    help="profile one more step per (model, method) and keep its TOP kernels")
+    p.add_argument("--host-profile", type=int, default=0, metavar="TOP",
+                   help="profile --steps more steps with cProfile and keep the TOP functions by own host time")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard per layer (launch with torchrun)")
     p.add_argument("--out", default=os.path.join("bench_out", "train"))
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help=argparse.SUPPRESS)
@@ -308,6 +356,9 @@ def main(argv=None) -> int:
         prof = render_profile(results)
         if prof:
             table += "\n\nProfile of one step (GPU kernels by total time):\n\n" + prof
+        host_prof = render_host_profile(results)
+        if host_prof:
+            table += "\n\nHost profile (cProfile, functions by own time per step):\n\n" + host_prof
         report.write_results(args.out, results, table)
         print("\n" + table, flush=True)
     if args.fsdp:

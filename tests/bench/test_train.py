@@ -119,3 +119,27 @@ def test_host_ms_times_each_phase():
     line = [ln for ln in bt.render_host([row, dict(model="m", method="x", world=1, step_ms=1.0)]).splitlines()
             if ln.startswith("| m ")]
     assert len(line) == 1 and line[0].split("|")[-2].strip() == "0.75"  # 6000 host ms of an 8000 ms step
+
+
+def _busy(n):
+    return sum(i * i for i in range(n))
+
+
+def test_host_profile_names_where_a_step_spends_its_time():
+    """``host_profile`` keeps the functions with the most own time, per step (calls and ms
+    divided by the steps), and the table names them."""
+    def step():
+        for _ in range(3):
+            _busy(200_000)
+
+    entries = bt.host_profile(step, cuda=False, steps=2, top=4)
+    assert len(entries) == 4
+    busy = [e for e in entries if e["function"].endswith("(_busy)")]
+    assert busy and busy[0]["calls"] == 3  # three calls in each of the two steps
+    assert busy[0]["function"].startswith("bench/test_train.py:")
+    assert busy[0]["cumulative_ms"] >= busy[0]["own_ms"] > 0
+    assert [e["own_ms"] for e in entries] == sorted((e["own_ms"] for e in entries), reverse=True)
+    row = dict(model="m", method="bitfx", world=1, host_profile=entries)
+    table = bt.render_host_profile({"rows": [row, dict(model="m", method="bf16-inductor", world=1)]})
+    assert table.startswith("m / bitfx / 1 GPU(s):") and "(_busy)` | 3 |" in table
+    assert "bf16-inductor" not in table
