@@ -1,8 +1,10 @@
 """Profiler and compile-counter helpers of the benchmarks: one call under ``torch.profiler``,
-its GPU kernels told apart from annotations, counted and ranked; Dynamo's graph counters."""
+its GPU kernels told apart from annotations, counted and ranked; calls under ``cProfile``, their
+host time by Python function; Dynamo's graph counters."""
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Callable
 
@@ -32,6 +34,33 @@ def is_kernel_event(e) -> bool:
     if getattr(e, "is_user_annotation", False) or "annotation" in str(getattr(e, "activity_type", "")).lower():
         return False
     return True
+
+
+def host_profile(fn: Callable[[], Any], cuda: bool, runs: int, top: int) -> list:
+    """``runs`` calls of ``fn`` under Python's ``cProfile``, each begun on an idle GPU: the ``top``
+    functions by their own host time, per call (calls, own ms, cumulative ms). Where the host
+    sets the pace, which Python (the dispatcher's callbacks, an op's implementation, a
+    launcher) the time is spent in; the profiler's own cost inflates every entry."""
+    import cProfile
+    import pstats
+
+    prof, n = cProfile.Profile(), max(runs, 1)
+    for _ in range(n):
+        sync(cuda)
+        prof.enable()
+        fn()
+        prof.disable()
+    sync(cuda)
+    entries = sorted(pstats.Stats(prof).stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
+    return [{"function": _where(*where), "calls": nc / n, "own_ms": tt * 1e3 / n, "cumulative_ms": ct * 1e3 / n}
+            for where, (_, nc, tt, ct, _) in entries]
+
+
+def _where(path: str, line: int, name: str) -> str:
+    """``folder/file.py:line(name)`` of a profiled function (built-ins: their name)."""
+    if path == "~" or not line:
+        return name
+    return f"{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)}:{line}({name})"
 
 
 def profile(fn: Callable[[], Any], cuda: bool):

@@ -47,7 +47,7 @@ import torch
 
 from bitfx.bench import report
 from bitfx.bench.model_shapes import make_config
-from bitfx.bench.profiling import compile_phases, profile, top_kernels
+from bitfx.bench.profiling import compile_phases, host_profile, profile, top_kernels
 from bitfx.bench.timing import sync, timed
 from bitfx.config import LAUNCH_MODES, BitfxConfig
 
@@ -172,33 +172,6 @@ def host_ms(step, marks: list, cuda: bool, steps: int) -> dict:
             phases[name].append(dt * 1e3)
     sync(cuda)
     return {name: statistics.median(v) for name, v in phases.items()}
-
-
-def host_profile(step, cuda: bool, steps: int, top: int) -> list:
-    """``steps`` more (warm) steps under Python's ``cProfile``, each begun on an idle GPU: the
-    ``top`` functions by their own host time, per step (calls, own ms, cumulative ms). Where
-    the host sets the pace, which Python (the dispatcher's callbacks, an op's implementation,
-    a launcher) the step's host time is spent in; the profiler's own cost inflates every entry."""
-    import cProfile
-    import pstats
-
-    prof, n = cProfile.Profile(), max(steps, 1)
-    for _ in range(n):
-        sync(cuda)
-        prof.enable()
-        step()
-        prof.disable()
-    sync(cuda)
-    entries = sorted(pstats.Stats(prof).stats.items(), key=lambda kv: kv[1][2], reverse=True)[:top]
-    return [{"function": _where(*where), "calls": nc / n, "own_ms": tt * 1e3 / n, "cumulative_ms": ct * 1e3 / n}
-            for where, (_, nc, tt, ct, _) in entries]
-
-
-def _where(path: str, line: int, name: str) -> str:
-    """``folder/file.py:line(name)`` of a profiled function (built-ins: their name)."""
-    if path == "~" or not line:
-        return name
-    return f"{os.path.basename(os.path.dirname(path))}/{os.path.basename(path)}:{line}({name})"
 
 
 def render_host_profile(results: dict) -> str:

@@ -132,7 +132,7 @@ def test_host_profile_names_where_a_step_spends_its_time():
         for _ in range(3):
             _busy(200_000)
 
-    entries = bt.host_profile(step, cuda=False, steps=2, top=4)
+    entries = bt.host_profile(step, cuda=False, runs=2, top=4)
     assert len(entries) == 4
     busy = [e for e in entries if e["function"].endswith("(_busy)")]
     assert busy and busy[0]["calls"] == 3  # three calls in each of the two steps
