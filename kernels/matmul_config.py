@@ -19,7 +19,7 @@ SIMT_MAX_M = 0
 GEMV_MAX_M = 64
 """Largest M that takes the weight-streaming ``"gemv"`` path by default; larger M take ``"tc"``."""
 
-_PATHS = ("dp4a", "simt", "gemv", "tc", "i8")
+_PATHS = ("dp4a", "simt", "gemv", "tc")
 
 
 # (BLOCK_M, BLOCK_N, BLOCK_KQ, num_warps, fill) of the tensor-core path, largest first: a tile is
@@ -28,14 +28,6 @@ _PATHS = ("dp4a", "simt", "gemv", "tc", "i8")
 _TC_TILES = ((128, 256, 64, 8, 0.9), (128, 128, 64, 8, 1.0), (128, 64, 64, 4, 1.0), (64, 64, 128, 4, 1.0))
 
 _TUNABLE = ("BLOCK_M", "BLOCK_N", "BLOCK_KQ", "GROUP_M", "OFFSET_TRICK", "num_warps", "num_stages", "PDL", "PREFETCH")
-
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the "i8" path: the weight unpacked to
-# int8 codes by one kernel, then a plain int8 x int8 tensor-core matmul (both operands through
-# shared memory). It pays where the unpacking is small against the product (many rows): it is
-# never a fixed rule, only a candidate of the tile measurement (_tuned_tile).
-_I8_TILES = ((128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (256, 128, 128, 8, 3))
-
-_I8_TUNABLE = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 
 
 
@@ -131,66 +123,16 @@ def _config(M: int, N: int, Kq: int, device: torch.device, path: str, split_k: i
     return cfg
 
 
-@_memo
-def _i8_config(M: int, N: int, Kq: int, device: torch.device, override: dict | None = None,
-               tile: tuple | None = None) -> dict:
-    """Block sizes of the ``"i8"`` path (see ``_I8_TILES``): the largest tile that gives every SM
-    a tile, or the measured ``tile`` (``("i8", BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)``);
-    ``override`` replaces any of ``_I8_TUNABLE``."""
-    for block_m, block_n, block_k, warps, stages in _I8_TILES:
-        if cdiv(M, block_m) * cdiv(N, block_n) >= num_sms(device):
-            break
-    if tile is not None:
-        block_m, block_n, block_k, warps, stages = tile[1:]
-    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8, num_warps=warps, num_stages=stages)
-    if interpreting():  # small blocks: small test shapes still cover several tiles, steps and groups
-        cfg.update(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_M=2)
-    if override:
-        unknown = set(override) - set(_I8_TUNABLE)
-        if unknown:
-            raise ValueError(f"ternary_matmul: unknown i8 config keys {sorted(unknown)}; tunable: {_I8_TUNABLE}")
-        cfg.update(override)
-    # Short rows: no longer step than the row (int8 MMAs take K = 32 at a time).
-    cfg["BLOCK_K"] = min(cfg["BLOCK_K"], max(next_pow2(layout.PLANES * Kq), 32))
-    return cfg
-
-
-def _shared_memory(device: torch.device) -> int | None:
-    """Bytes of shared memory a program may use on ``device`` (Triton's ``max_shared_mem``), or
-    None where the driver does not say."""
-    try:
-        from triton.runtime import driver
-
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        return int(driver.active.utils.get_device_properties(index)["max_shared_mem"])
-    except Exception:  # noqa: BLE001 - an unknown driver: no "i8" candidates
-        return None
-
-
-def _i8_tiles_that_fit(device: torch.device) -> list:
-    """The ``_I8_TILES`` whose pipelined operand tiles (``stages x (BLOCK_M + BLOCK_N) x
-    BLOCK_K`` bytes) fit ``device``'s shared memory with room for the compiler's own: a
-    GPU with less than a Hopper's measures the others (or the ``"tc"`` tiles alone)."""
-    limit = _shared_memory(device)
-    if limit is None:
-        return []
-    return [t for t in _I8_TILES if t[4] * (t[0] + t[1]) * t[2] + 8192 <= limit]
-
-
 _TUNED: dict = {}
 
 
-def _tuned_tile(M: int, N: int, Kq: int, device: torch.device, i8: bool = True) -> tuple | None:
-    """The fastest of ``_TC_TILES`` and (``i8``) of the ``"i8"`` path's ``_I8_TILES``, the
-    weight's unpacking included in its time, for ``M`` (rounded up to a multiple of 128), N and
-    Kq on ``device``, timed once on random operands with CUDA events (median of 5 after a
-    warm-up) and cached for the process: a ``"tc"`` tile ``(BLOCK_M, BLOCK_N, BLOCK_KQ, warps)``
-    or an ``"i8"`` one ``("i8", BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)``. None while a CUDA
-    graph is being captured (no timing is possible then; the rule's tile is used, and nothing
-    is cached)."""
+def _tuned_tile(M: int, N: int, Kq: int, device: torch.device) -> tuple | None:
+    """The fastest of ``_TC_TILES`` for ``M`` (rounded up to a multiple of 128), N and Kq on
+    ``device``, timed once on random operands with CUDA events (median of 5 after a warm-up)
+    and cached for the process. None while a CUDA graph is being captured (no timing is
+    possible then; the rule's tile is used, and nothing is cached)."""
     Mb = cdiv(M, 128) * 128
-    i8 = i8 and env("BITFX_I8") != "0"  # BITFX_I8=0: the "tc" tiles only (to compare)
-    key = (Mb, N, Kq, device, i8)
+    key = (Mb, N, Kq, device)
     if key in _TUNED:
         return _TUNED[key]
     if torch.cuda.is_current_stream_capturing():
@@ -205,20 +147,13 @@ def _tuned_tile(M: int, N: int, Kq: int, device: torch.device, i8: bool = True) 
     x_scale = torch.ones(Mb, device=device)
     w_scale = torch.ones(N, device=device)
 
-    def candidate(path, over):
-        return lambda: _launch("ternary_matmul", q, x_scale, packed, w_scale, None, torch.bfloat16, True, path, None,
+    def candidate(over):
+        return lambda: _launch("ternary_matmul", q, x_scale, packed, w_scale, None, torch.bfloat16, True, "tc", None,
                                over)
 
     tiles = [(block_m, block_n, block_kq, warps) for block_m, block_n, block_kq, warps, _ in _TC_TILES]
-    runs = [candidate("tc", dict(BLOCK_M=m, BLOCK_N=n, BLOCK_KQ=kq, num_warps=w)) for m, n, kq, w in tiles]
-    if i8:
-        for block_m, block_n, block_k, warps, stages in _i8_tiles_that_fit(device):
-            tiles.append(("i8", block_m, block_n, block_k, warps, stages))
-            runs.append(candidate("i8", dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
-                                             num_stages=stages)))
-    failed = _first_launches(runs, device, optional=range(len(_TC_TILES), len(runs)))
-    tiles = [tile for i, tile in enumerate(tiles) if i not in failed]
-    runs = [run for i, run in enumerate(runs) if i not in failed]
+    runs = [candidate(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_KQ=kq, num_warps=w)) for m, n, kq, w in tiles]
+    _first_launches(runs, device)
     best, best_t = None, float("inf")
     for tile, run in zip(tiles, runs):
         run()
@@ -237,18 +172,14 @@ def _tuned_tile(M: int, N: int, Kq: int, device: torch.device, i8: bool = True) 
     return best
 
 
-def _first_launches(runs: list, device: torch.device, optional=()) -> set:
+def _first_launches(runs: list, device: torch.device) -> None:
     """The first launch of each of ``runs``, each from a thread of its own, so that Triton
     compiles the kernels side by side (its compiler passes and ptxas run outside the GIL: four
     tiles compiled for sm_90 on a 2-core CPU took 4.97 s one after another, 3.18 s side by
     side) instead of one after another; the tile measurement of a new shape was 5.4 s of a
     350M training step's first call on an H100 (BENCHMARKS.md). A thread launches on its own
     current stream (the device's default one), so the device is synchronized before (the
-    operands were made on the caller's stream) and after. An error in a launch is raised here,
-    but for the runs at the indices ``optional`` (the ``"i8"`` candidates, which a compiler
-    or GPU unlike those measured may refuse): their indices are returned, with a warning, and
-    the caller measures the others."""
-    import warnings
+    operands were made on the caller's stream) and after. An error in any launch is raised here."""
     from concurrent.futures import ThreadPoolExecutor
 
     torch.cuda.synchronize(device)
@@ -257,19 +188,10 @@ def _first_launches(runs: list, device: torch.device, optional=()) -> set:
         with torch.cuda.device(device):
             run()
 
-    failed = set()
     with ThreadPoolExecutor(max_workers=len(runs)) as pool:
-        for i, done in enumerate([pool.submit(first, run) for run in runs]):
-            try:
-                done.result()
-            except Exception as error:  # noqa: BLE001 - optional candidates only; the others re-raise
-                if i not in optional:
-                    raise
-                failed.add(i)
-                warnings.warn(f"bitfx: a candidate tile of the ternary matmul's \"i8\" path failed to launch "
-                              f"({type(error).__name__}: {str(error)[:200]}); measuring the others", RuntimeWarning)
+        for done in [pool.submit(first, run) for run in runs]:
+            done.result()
     torch.cuda.synchronize(device)
-    return failed
 
 
 def _default_path(M: int) -> str:

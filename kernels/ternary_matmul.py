@@ -22,12 +22,6 @@ global -> shared (cp.async) -> registers -> unpack -> tensor core) and the small
   order for L2 reuse.
 * ``"simt"`` (M <= ``SIMT_MAX_M``, off by default): products on the CUDA cores instead of
   ``tl.dot``, ``acc += sum_i c * q``; an alternative for M = 1 to measure against ``"gemv"``.
-* ``"i8"`` (a candidate of the ``"tc"`` tile measurement, never a fixed rule): the weight
-  unpacked to int8 codes ``t [N, K]`` by one kernel, then a plain int8 x int8 tensor-core matmul
-  whose operands both go global -> shared -> tensor core (``_int8_matmul_kernel``). With many
-  rows each weight tile is reused by every row block, and unpacking it once costs less than
-  unpacking it in every program; with few rows the extra pass over the weight does not pay.
-  Not available to a traced launch (two kernels).
 
 Each K step loads one ``[BLOCK_N, BLOCK_KQ]`` byte tile and, per plane ``j``, the activation
 slice ``q[:, j*Kq + i]``, and accumulates ``tl.dot(codes_j, q_j^T)`` (int8 x int8 -> int32).
@@ -47,11 +41,10 @@ import triton.language as tl
 from bitfx import layout
 from bitfx.kernels._launch import Launcher, _arg_key
 from bitfx.kernels._utils import cdiv, FLOAT_DTYPES, check_device, check_dtype, interpreting, rows
-from bitfx.kernels.weight_pack import unpack_run
 # The launch rules (path per M, blocks, splits, measured tiles), re-exported for the benchmarks and tests.
 from bitfx.kernels.matmul_config import (  # noqa: F401
-    _I8_TILES, _PATHS, _TC_TILES, _TUNABLE, _TUNED, DP4A_MAX_M, GEMV_MAX_M, SIMT_MAX_M, _config, _default_path,
-    _dp4a_config, _i8_config, _tuned_tile,
+    _PATHS, _TC_TILES, _TUNABLE, _TUNED, DP4A_MAX_M, GEMV_MAX_M, SIMT_MAX_M, _config, _default_path, _dp4a_config,
+    _tuned_tile,
 )
 
 __all__ = ["ternary_matmul", "ternary_matmul_int32", "run", "launch_class", "DP4A_MAX_M", "GEMV_MAX_M", "SIMT_MAX_M"]
@@ -272,53 +265,6 @@ def _ternary_matmul_kernel(
 
 
 @triton.jit
-def _int8_matmul_kernel(
-    q_ptr, sx_ptr, t_ptr, sw_ptr, bias_ptr, out_ptr,  # q int8 [M, K], s_x [M], t int8 [N, K] contiguous, s_w [N], b [N], out [M, N]
-    M, N, K, stride_qm, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    FLOAT_OUT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    EVEN_K: tl.constexpr,  # BLOCK_K divides K: no masks along K
-):
-    """``acc[m, n] = sum_k q[m, k] t[n, k]`` (int32) from the unpacked codes ``t`` (the ``"i8"``
-    path: both operands are plain int8 tiles that go global -> shared -> tensor core, with no
-    unpacking between them), then the epilogue of :func:`_store_tile` on the untransposed tile:
-    the same fp32 operations in the same order, so the output equals the ``"tc"`` path's bit
-    for bit. Program ``pid`` owns the output tile ``[BLOCK_M, BLOCK_N]`` in grouped order."""
-    pid = tl.program_id(0)
-    pid_m, pid_n = grouped_tile(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    q_tile = q_ptr + offs_m.to(tl.int64)[:, None] * stride_qm + offs_k[None, :]
-    t_tile = t_ptr + offs_n.to(tl.int64)[:, None] * K + offs_k[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(q_tile, mask=m_mask[:, None], other=0)
-            b = tl.load(t_tile, mask=n_mask[:, None], other=0)
-        else:
-            in_row = (k0 + offs_k) < K
-            a = tl.load(q_tile, mask=m_mask[:, None] & in_row[None, :], other=0)
-            b = tl.load(t_tile, mask=n_mask[:, None] & in_row[None, :], other=0)
-        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
-        q_tile += BLOCK_K
-        t_tile += BLOCK_K
-    out_offs = offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
-    if FLOAT_OUT:
-        inv_x = tl.math.div_rn(1.0, tl.load(sx_ptr + offs_m, mask=m_mask, other=1.0))
-        inv_w = tl.math.div_rn(1.0, tl.load(sw_ptr + offs_n, mask=n_mask, other=1.0))
-        out = acc.to(tl.float32) * inv_x[:, None] * inv_w[None, :]
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(out_ptr + out_offs, acc, mask=mask)
-
-
-@triton.jit
 def _dp4a(c, q, acc, USE_ASM: tl.constexpr):
     """``acc + sum_b c.byte[b] * q.byte[b]`` per int32 lane: bytes of ``c`` unsigned, of ``q`` signed."""
     if USE_ASM:
@@ -437,7 +383,6 @@ def _ternary_dp4a_kernel(
 
 
 _MATMUL = Launcher(_ternary_matmul_kernel)
-_INT8 = Launcher(_int8_matmul_kernel)
 _DP4A = Launcher(_ternary_dp4a_kernel)
 
 
@@ -534,38 +479,6 @@ def _launch_dp4a(q, x_scale, packed, w_scale, bias, out, float_out, split_k, con
     return out, lambda q, x_scale: with_words(q, x_scale, w32, w_scale, bias)
 
 
-def _launch_i8(q, x_scale, packed, w_scale, bias, out, float_out, cfg, bind=False):
-    """The ``"i8"`` path: the weight unpacked to int8 codes ``[N, K]`` (one kernel; a fresh
-    buffer each call, so that a bound launch reads the weight it is given), then
-    :func:`_int8_matmul_kernel`. With ``bind``, ``(out, again)`` as :func:`run`'s."""
-    M, K = q.shape
-    N = packed.shape[0]
-    codes = unpack_run(packed, None, K, torch.int8)
-    block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    tiles_n = cdiv(N, block_n)
-    args = (q, x_scale, codes, w_scale, bias, out, M, N, K, q.stride(0), out.stride(0))
-    constexprs = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=cfg["BLOCK_K"], GROUP_M=cfg["GROUP_M"],
-                      FLOAT_OUT=float_out, HAS_BIAS=bias is not None, EVEN_K=K % cfg["BLOCK_K"] == 0)
-    launch = _INT8.launch((cdiv(M, block_m) * tiles_n,), args, constexprs, bind=bool(bind),
-                          num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if not bind:
-        return out
-    if launch is None:
-        return out, None
-    sizes, empty, dtype, device, i8 = args[7:], torch.empty, out.dtype, out.device, torch.int8
-
-    def operands(q, x_scale, packed, w_scale, bias):  # (holds no tensor)
-        M = q.shape[0]
-        out = empty((M, N), dtype=dtype, device=device)
-        launch(q, x_scale, unpack_run(packed, None, K, i8), w_scale, bias, out, M, *sizes,
-               grid=(cdiv(M, block_m) * tiles_n,))
-        return out
-
-    if bind == "operands":
-        return out, operands
-    return out, lambda q, x_scale: operands(q, x_scale, packed, w_scale, bias)
-
-
 def _launch(name, q, x_scale, packed, w_scale, bias, out_dtype, float_out, path, split_k, config=None):
     check_dtype(name, "activation codes q", q, (torch.int8,))
     check_dtype(name, "packed ternary weight", packed, (torch.uint8,))
@@ -639,21 +552,11 @@ def run(q, x_scale, packed, w_scale, bias, out_dtype, float_out=True, path=None,
     Mh = _hint(M)
     tile = None
     if path == "tc" and config is None and device.type == "cuda" and not interpreting():
-        if not traced:  # (an "i8" launch is never split)
-            tile = _tuned_tile(M, N, Kq, device, i8=split_k is None)
-        elif isinstance(M, int):  # (a traced launch is one kernel: no "i8" there)
+        if not traced:
+            tile = _tuned_tile(M, N, Kq, device)
+        elif isinstance(M, int):
             with _untraced_modes():
-                tile = _tuned_tile(M, N, Kq, device, i8=False)
-        if tile is not None and tile[0] == "i8":
-            path = "i8"
-    if path == "i8":
-        if traced:
-            raise ValueError("ternary_matmul: the \"i8\" path has no traced form")
-        if split_k not in (None, 1):
-            raise ValueError(f"ternary_matmul: the \"i8\" path does not split K, got split_k={split_k}")
-        got = _launch_i8(q, x_scale, packed, w_scale, bias, out, float_out, _i8_config(Mh, N, Kq, device, config, tile),
-                         bind if bindable else False)
-        return (got if bindable else (got, None)) if bind else got
+                tile = _tuned_tile(M, N, Kq, device)
     cfg = _config(Mh, N, Kq, device, path, split_k, config, tile)
     tiles = cdiv(M, cfg["BLOCK_M"]) * cdiv(N, cfg["BLOCK_N"])
     ws, lock = _split_k_workspace(out, cfg["SPLIT_K"], tiles, float_out, traced)
@@ -701,10 +604,7 @@ def launch_class(M: int, N: int, Kq: int, device: torch.device) -> tuple:
         tile = None
         if path == "tc" and device.type == "cuda" and not interpreting():
             tile = _tuned_tile(M, N, Kq, device)
-        if tile is not None and tile[0] == "i8":
-            path, cfg, derived = "i8", _i8_config(M, N, Kq, device, None, tile), None
-        else:
-            cfg, derived = _config(M, N, Kq, device, path, None, None, tile), "tiles"
+        cfg, derived = _config(M, N, Kq, device, path, None, None, tile), "tiles"
     return path, tuple(item for item in cfg.items() if item[0] != derived), _arg_key(M)
 
 
@@ -726,7 +626,7 @@ def ternary_matmul(
     ``w_scale`` fp32 ``[N]``, ``bias`` ``[N]`` (any float dtype) or None. The product is exact in
     int32; the epilogue is ``acc * (1/s_x) * (1/s_w) + b`` in fp32 (correctly rounded reciprocals),
     within a few fp32 ulps of the reference's two divisions. NaN scales give NaN rows / columns.
-    ``path`` ("dp4a", "simt", "gemv", "tc", "i8"), ``split_k`` and ``config`` (block sizes, warps, stages)
+    ``path`` ("simt", "gemv", "tc"), ``split_k`` and ``config`` (block sizes, warps, stages)
     override the heuristic (for tests and tuning).
 
     The codes are not validated per call (that would cost a pass over the weight): the padding

@@ -96,8 +96,7 @@ def test_compile_phases_times_a_compile_and_the_tile_measurement(fresh_dynamo, m
     assert nothing_tuned.seconds["forward"] > 0
     assert nothing_tuned.seconds["compile"] >= nothing_tuned.seconds["forward"]
     assert nothing_tuned.seconds["tuned_tile"] == 0.0
-    monkeypatch.delenv("BITFX_I8", raising=False)
-    monkeypatch.setitem(mc._TUNED, (128, 1, 1, torch.device("cpu"), True), (64, 64))  # a measured tile, cached
+    monkeypatch.setitem(mc._TUNED, (128, 1, 1, torch.device("cpu")), (64, 64))  # a measured tile, cached
     with compile_phases() as tuned:
         assert tm._tuned_tile is not original  # the matmul's calls go through the timer
         assert tm._tuned_tile(1, 1, 1, torch.device("cpu")) == (64, 64)

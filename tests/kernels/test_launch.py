@@ -145,35 +145,6 @@ def test_bound_matmul_launch_repeats_the_launch(M, K, split_k, has_bias):
         assert not same
 
 
-@pytest.mark.parametrize("K", [64, 100])
-@pytest.mark.parametrize("has_bias", [False, True])
-def test_bound_i8_launch_repeats_the_launch(K, has_bias):
-    """The ``"i8"`` path (the weight unpacked each call, then an int8 x int8 matmul) bound for
-    repeating: ``again(q, x_scale)`` with the weight of the binding call, and a training plan's
-    ``again(q, x_scale, packed, w_scale, bias)`` with new weights each call, equal a fresh
-    launch's output bit for bit, and that of the ``"tc"`` path (the same fp32 epilogue)."""
-    from bitfx.kernels import ternary_matmul as tm
-
-    N, M = 24, 40
-    packed, w_scale = torch.ops.bitfx.weight_quant(torch.randn(N, K, device=DEVICE), True)
-    packed2, w_scale2 = torch.ops.bitfx.weight_quant(torch.randn(N, K, device=DEVICE), False)
-    bias = torch.randn(N, device=DEVICE) if has_bias else None
-    q0, q1 = (torch.randint(-128, 128, (M, K), dtype=torch.int8, device=DEVICE) for _ in range(2))
-    s0, s1 = torch.rand(M, device=DEVICE) + 0.5, torch.rand(M, device=DEVICE) + 0.5
-
-    def fresh(q, s, packed, w_scale, path="i8"):
-        return tm.run(q, s, packed, w_scale, bias, torch.float32, path=path)
-
-    out, again = tm.run(q0, s0, packed, w_scale, bias, torch.float32, path="i8", bind=True)
-    assert torch.equal(out, fresh(q0, s0, packed, w_scale)) and torch.equal(out, fresh(q0, s0, packed, w_scale, "tc"))
-    assert torch.equal(again(q1, s1), fresh(q1, s1, packed, w_scale))
-    out, again = tm.run(q0, s0, packed, w_scale, bias, torch.float32, path="i8", bind="operands")
-    got = again(q1, s1, packed2, w_scale2, bias)
-    assert torch.equal(got, fresh(q1, s1, packed2, w_scale2)) and torch.equal(got, fresh(q1, s1, packed2, w_scale2, "tc"))
-    q2 = q1[:7]  # fewer rows: the grid is the new rows'
-    assert torch.equal(again(q2, s1[:7], packed, w_scale, bias), fresh(q2, s1[:7], packed, w_scale))
-
-
 def test_no_plan_over_copies():
     """A plan would keep a copy of a non-contiguous scale, blind to writes into the original."""
     from bitfx.kernels import ternary_matmul as tm

@@ -1,6 +1,6 @@
 """The ternary x int8 matmul kernels against the eager reference (bitfx.reference).
 
-The int32 accumulator is compared exactly, on every path ("dp4a", "simt", "gemv", "tc", "i8") and K split.
+The int32 accumulator is compared exactly, on every path ("simt", "gemv", "tc") and K split.
 
 The float output is compared element by element with the bound
 
@@ -33,7 +33,7 @@ from tests.helpers import FLOAT_DTYPES, KERNEL_DEVICE, ULP, assert_close_ulps, r
 DEV = KERNEL_DEVICE
 U = 2.0**-24
 SUBNORMAL_STEP = {torch.float32: 2.0**-149, torch.float16: 2.0**-24, torch.bfloat16: 2.0**-133}
-PATHS = [None, "dp4a", "simt", "gemv", "tc", "i8"]
+PATHS = [None, "dp4a", "simt", "gemv", "tc"]
 INTERESTING_K = [1, 2, 3, 5, 7, 13, 31, 61, 63, 64, 65, 127, 128, 129, 251, 257]
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # inf/NaN on purpose
@@ -87,7 +87,7 @@ def problems(draw, max_m=64, max_n=48, max_k=300):
     K = draw(st.one_of(st.sampled_from(INTERESTING_K), st.integers(1, max_k)))
     return dict(
         M=M, N=N, K=K, path=path,
-        split_k=draw(st.sampled_from([None, 1] if path == "i8" else [None, None, 1, 2, 3, 5])),  # "i8" never splits
+        split_k=draw(st.sampled_from([None, None, 1, 2, 3, 5])),
         q_layout=draw(st.sampled_from(["contiguous", "transposed", "row_stride"])),
         w_layout=draw(st.sampled_from(["contiguous", "row_stride"])),
         zero_rows=draw(st.booleans()),
@@ -153,7 +153,7 @@ def test_int32_extremes(path):
     t[1] = -1
     t[2, ::2] = 0
     packed = ref.pack_ternary(t).to(DEV)
-    for split_k in (None, 1) if path == "i8" else (None, 1, 4):
+    for split_k in (None, 1, 4):
         acc = ternary_matmul_int32(q, packed, path=path, split_k=split_k)
         assert torch.equal(acc, ref.ternary_matmul_int32(q, packed))
         assert acc[0, 0].item() == -128 * K and acc[0, 1].item() == 128 * K
@@ -232,8 +232,6 @@ def test_float_output(p, out_dtype, bias_dtype, special):
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_nan_scales_propagate(path, split_k):
     """A NaN activation scale makes its row NaN, a NaN weight scale its column, even where acc = 0."""
-    if path == "i8" and split_k > 1:
-        pytest.skip("the \"i8\" path does not split K")
     M, N, K = 5, 7, 130
     q, packed = _make_operands(M, N, K, 3)
     q[1] = 0  # acc = 0 in row 1: 0 / NaN is still NaN
@@ -281,41 +279,6 @@ def test_dispatch_rule():
             assert cfg["SPLIT_K"] * cfg["steps_per_split"] * cfg["BLOCK_KQ"] >= layout.packed_k(4096)
 
 
-def test_i8_candidates_fit_shared_memory(monkeypatch):
-    """The ``"i8"`` tiles measured on a GPU are those whose pipelined operand tiles fit its
-    shared memory (a Hopper's 227 KB: all; 140 KB: the 128 x 128 one; 100 KB: none; a driver
-    that does not say: none)."""
-    from bitfx.kernels import matmul_config as mc
-
-    dev = torch.device("cuda", 0)
-    for limit, want in ((232448, list(mc._I8_TILES)), (140 * 1024, [t for t in mc._I8_TILES if t[:2] == (128, 128)]),
-                        (100 * 1024, []), (None, [])):
-        monkeypatch.setattr(mc, "_shared_memory", lambda device, limit=limit: limit)
-        assert mc._i8_tiles_that_fit(dev) == want, limit
-
-
-def test_failed_i8_candidates_are_dropped(monkeypatch):
-    """A candidate of the tile measurement that fails to launch (a compiler or GPU that refuses
-    an ``"i8"`` tile) is dropped with a warning when it is optional; any other failure raises."""
-    import contextlib
-
-    from bitfx.kernels import matmul_config as mc
-
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
-    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-
-    def refused():
-        raise RuntimeError("out of resources: shared memory")
-
-    ran = []
-    runs = [lambda: ran.append(0), refused, lambda: ran.append(2)]
-    with pytest.warns(RuntimeWarning, match="\"i8\" path failed to launch .*out of resources"):
-        assert mc._first_launches(runs, torch.device("cpu"), optional=range(1, 3)) == {1}
-    assert sorted(ran) == [0, 2]
-    with pytest.raises(RuntimeError, match="out of resources"):
-        mc._first_launches(runs, torch.device("cpu"), optional=range(2, 3))
-
-
 @pytest.mark.parametrize("M,N", [(0, 5), (3, 0), (0, 0)])
 def test_empty(M, N):
     q = torch.zeros(M, 10, dtype=torch.int8, device=DEV)
@@ -352,10 +315,6 @@ def test_bad_inputs():
         ternary_matmul(q[None], sx, packed, sw)
     with pytest.raises(ValueError, match="path must be one of"):
         ternary_matmul(q, sx, packed, sw, path="fast")
-    with pytest.raises(ValueError, match="does not split K, got split_k=2"):
-        ternary_matmul(q, sx, packed, sw, path="i8", split_k=2)
-    with pytest.raises(ValueError, match="unknown i8 config keys"):
-        ternary_matmul(q, sx, packed, sw, path="i8", config=dict(BLOCK_KQ=64))
     with pytest.raises(ValueError, match="one device"):
         ternary_matmul(q, sx, packed, torch.ones(4, device="meta"))
 
@@ -391,33 +350,24 @@ def test_large_cuda(M, N, K, path):
 
 @pytest.mark.cuda
 def test_tuned_tile_compiles_candidates_side_by_side(monkeypatch):
-    """The tensor-core tile of a new shape is measured among every candidate (the ``"tc"``
-    tiles and the ``"i8"`` path's), each compiled by a thread of its own (``_first_launches``):
-    the pick is a candidate, cached per shape, and each candidate's kernel, compiled in a
-    thread, then computes the exact int32 product here."""
+    """The tensor-core tile of a new shape is measured among every candidate, each compiled by a
+    thread of its own (``_first_launches``): the pick is a candidate, cached per shape, and each
+    candidate's kernel, compiled in a thread, then computes the exact int32 product here."""
     from bitfx.kernels import matmul_config as mc
 
     monkeypatch.setattr(mc, "_TUNED", {})
-    monkeypatch.delenv("BITFX_I8", raising=False)
     device = torch.device("cuda", torch.cuda.current_device())
     M, N, K = 300, 448, 640
     q, packed = _make_operands(M, N, K, 11, device="cuda")
     Kq = packed.shape[1]
     with torch.cuda.stream(torch.cuda.Stream()):  # a caller on a side stream: the threads use the default one
         tile = mc._tuned_tile(M, N, Kq, device)
-    candidates = [t[:4] for t in mc._TC_TILES] + [("i8", *t) for t in mc._I8_TILES]
-    assert tile in candidates and mc._TUNED == {(384, N, Kq, device, True): tile}
+    candidates = [t[:4] for t in mc._TC_TILES]
+    assert tile in candidates and mc._TUNED == {(384, N, Kq, device): tile}
     want = ref.ternary_matmul_int32(q, packed)
-    for block_m, block_n, block_kq, warps in candidates[:len(mc._TC_TILES)]:
+    for block_m, block_n, block_kq, warps in candidates:
         over = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KQ=block_kq, num_warps=warps)
         assert torch.equal(ternary_matmul_int32(q, packed, path="tc", config=over), want), over
-    for _, block_m, block_n, block_k, warps, stages in candidates[len(mc._TC_TILES):]:
-        over = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
-        assert torch.equal(ternary_matmul_int32(q, packed, path="i8", config=over), want), over
-    # A traced launch (one kernel) and BITFX_I8=0 measure the "tc" tiles only.
-    assert mc._tuned_tile(M, N, Kq, device, i8=False) in candidates[:len(mc._TC_TILES)]
-    monkeypatch.setenv("BITFX_I8", "0")
-    assert mc._tuned_tile(M, N, Kq, device) in candidates[:len(mc._TC_TILES)]
 
 
 @pytest.mark.cuda
