@@ -321,20 +321,45 @@ def _entry(wtab, i, w_like):
 
 
 @triton.jit
-def _program_rows(wtab, btab, w_like, BLOCK_N: tl.constexpr):
+def _program_rows(wtab, btab, w_like, BLOCK_N: tl.constexpr, DENSE: tl.constexpr):
     """This program's block ``(i, r) = btab[program_id]``: weight ``i``'s ``(w, K, stride_n,
-    stride_k, row0, out_at, Kq)`` and its rows ``r + [0, BLOCK_N)`` with their mask."""
+    stride_k, row0, out_at, Kq)`` and its rows ``r + [0, BLOCK_N)`` with their mask.
+
+    The table's values are runtime loads, about which the compiler knows nothing: without
+    ``DENSE`` every weight element is a load of its own (2 bytes for bf16). ``DENSE`` is the
+    launcher's promise (:func:`_dense`) that every weight of the launch has unit column stride,
+    a 16-byte aligned address, and rows (``K``) and row strides of whole 16 bytes; said to the
+    compiler, the loads become 16 bytes wide."""
     pid = tl.program_id(0)
     w, N, K, stride_n, stride_k, row0, out_at, Kq, _ = _entry(wtab, tl.load(btab + 2 * pid), w_like)
+    if DENSE:
+        per16: tl.constexpr = 128 // w_like.dtype.element_ty.primitive_bitwidth  # elements in 16 bytes
+        w = tl.multiple_of(w, 16)
+        K = tl.multiple_of(K, per16)
+        stride_n = tl.multiple_of(stride_n, per16)
+        stride_k = 1
+    Kq = tl.multiple_of(Kq, 16)  # (layout.ROW_ALIGN: packed rows are whole 16 bytes)
     rows = tl.load(btab + 2 * pid + 1) + tl.arange(0, BLOCK_N)
     return w, K, stride_n, stride_k, row0, out_at, Kq, rows, rows < N
 
 
+def _dense(weights: list) -> bool:
+    """Whether the weights of one table launch may be read 16 bytes at a time (the promise of
+    :func:`_program_rows`'s ``DENSE``): unit column stride, a 16-byte aligned address, and rows
+    and row strides of whole 16 bytes, for every one."""
+    for w in weights:
+        size = w.element_size()
+        if w.stride(1) != 1 or w.data_ptr() % 16 or (w.shape[1] * size) % 16 or (w.stride(0) * size) % 16:
+            return False
+    return True
+
+
 @triton.jit
-def _table_row_sum_kernel(w_like, wtab, btab, sums_ptr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _table_row_sum_kernel(w_like, wtab, btab, sums_ptr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          DENSE: tl.constexpr):
     """Program ``p``: rows ``[r, r + BLOCK_N)`` of weight ``i``, ``(i, r) = btab[p]``:
     ``sums[row0 + n] = sum_k |w[n, k]|`` (NaN for a row holding NaN or Inf)."""
-    w, K, stride_n, stride_k, row0, _, _, rows, row_mask = _program_rows(wtab, btab, w_like, BLOCK_N)
+    w, K, stride_n, stride_k, row0, _, _, rows, row_mask = _program_rows(wtab, btab, w_like, BLOCK_N, DENSE)
     total = _abs_sums(w, rows, row_mask, K, stride_n, stride_k, BLOCK_N, BLOCK_K)
     tl.store(sums_ptr + row0 + rows, total, mask=row_mask)
 
@@ -363,10 +388,11 @@ def _table_scale_kernel(w_like, wtab, sums_ptr, scale_ptr, BLOCK_S: tl.constexpr
 
 
 @triton.jit
-def _table_pack_kernel(w_like, wtab, btab, scale_ptr, out_ptr, BLOCK_N: tl.constexpr, BLOCK_KQ: tl.constexpr):
+def _table_pack_kernel(w_like, wtab, btab, scale_ptr, out_ptr, BLOCK_N: tl.constexpr, BLOCK_KQ: tl.constexpr,
+                       DENSE: tl.constexpr):
     """Program ``p``: the packed rows ``[r, r + BLOCK_N)`` of weight ``i`` (``btab[p]``), whole
     rows, written at its byte offset in ``out``."""
-    w, K, stride_n, stride_k, row0, out_at, Kq, rows, row_mask = _program_rows(wtab, btab, w_like, BLOCK_N)
+    w, K, stride_n, stride_k, row0, out_at, Kq, rows, row_mask = _program_rows(wtab, btab, w_like, BLOCK_N, DENSE)
     s = tl.load(scale_ptr + row0 + rows, mask=row_mask, other=0.0)
     for col0 in range(0, Kq, BLOCK_KQ):
         _pack_rows(w, s, out_ptr + out_at, rows, rows, row_mask, col0, K, Kq, stride_n, stride_k, BLOCK_N, BLOCK_KQ)
@@ -430,7 +456,8 @@ def _launch_plan(weights, per_channel, places, device):
         bnq, bkq = _tile_rows_packed(max(r[7] for r in rows))
         wtab, sum_blocks, pack_blocks = _upload([torch.tensor(rows, dtype=torch.int64), _blocks(sizes, bn),
                                                  _blocks(sizes, bnq)], device)
-        plans.append((weights[idx[0]], wtab, sum_blocks, pack_blocks, len(idx), (bn, bk, bnq, bkq)))
+        plans.append((weights[idx[0]], wtab, sum_blocks, pack_blocks, len(idx), (bn, bk, bnq, bkq),
+                      _dense([weights[j] for j in idx])))
     return plans
 
 
@@ -471,11 +498,12 @@ def weight_quant_stacks(weights: list, per_channel: list, stacks: list) -> tuple
     _TABLES.move_to_end(key)
     entry[1] = entry[1] or capturing  # a captured graph reads the table at every replay: keep it
     opts = dict(num_warps=4, num_stages=3)
-    for w_like, wtab, sum_blocks, pack_blocks, count, (bn, bk, bnq, bkq) in entry[0]:
-        _TABLE_ROW_SUM((sum_blocks.shape[0],), (w_like, wtab, sum_blocks, sums), dict(BLOCK_N=bn, BLOCK_K=bk), **opts)
+    for w_like, wtab, sum_blocks, pack_blocks, count, (bn, bk, bnq, bkq), dense in entry[0]:
+        _TABLE_ROW_SUM((sum_blocks.shape[0],), (w_like, wtab, sum_blocks, sums),
+                       dict(BLOCK_N=bn, BLOCK_K=bk, DENSE=dense), **opts)
         _TABLE_SCALE((count,), (w_like, wtab, sums, scale), dict(BLOCK_S=_sum_chunk()), **opts)
         _TABLE_PACK((pack_blocks.shape[0],), (w_like, wtab, pack_blocks, scale, packed),
-                    dict(BLOCK_N=bnq, BLOCK_KQ=bkq), **opts)
+                    dict(BLOCK_N=bnq, BLOCK_KQ=bkq, DENSE=dense), **opts)
     return packed, scale
 
 

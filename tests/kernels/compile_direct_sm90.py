@@ -38,6 +38,8 @@ for stack, flags in (([w(1, 1)], [False]), ([w(1, 1)], [True]), ([w(3, 5), w(1, 
 # Every stack at once (the launch tables): two dtypes, K of 1 and 2560, one-row weights.
 weight_pack.weight_quant_stacks([w(1, 1), w(3, 5), w(1, 5, torch.float32), w(64, 2560), w(1, 2560)],
                                 [False, True, False, True, False], [1, 2, 2])
+# Weights read 16 bytes at a time (DENSE): rows of whole 16 bytes, aligned, in both dtypes.
+weight_pack.weight_quant_stacks([w(64, 2560), w(1, 2560), w(8, 64, torch.float32)], [False, True, False], [2, 1])
 
 # The training backward's weight dequantization and the codes' unpacking: one-row weights, K = 1.
 for N, K in ((1, 1), (3, 5), (1, 2560), (64, 2560)):

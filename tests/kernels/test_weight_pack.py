@@ -437,6 +437,33 @@ def test_cpu_without_interpreter_is_refused(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 
 
+def test_table_launch_reads_16_bytes_at_a_time_only_where_it_may():
+    """The table kernels read a launch's weights 16 bytes at a time (``DENSE``, a promise to
+    the compiler) only when every one has unit column stride, a 16-byte aligned address and
+    rows and row strides of whole 16 bytes; any other weight in the launch (a view at an odd
+    address, a short row, a column-major or strided one) makes it read element by element, and
+    every such set packs as the reference does."""
+    g = torch.Generator().manual_seed(5)
+    quarters = lambda *shape: (torch.randint(-8, 9, shape, generator=g) / 4.0).to(DEV)  # noqa: E731
+    flat = quarters(8 * 64 + 1).bfloat16()
+    dense = quarters(8, 64).bfloat16()
+    cases = {
+        "contiguous": ([dense], True),
+        "fp32 rows of 16 bytes": ([quarters(8, 4)], True),
+        "rows of a wider buffer": ([quarters(8, 72).bfloat16()[:, :64]], True),
+        "short rows": ([quarters(8, 60).bfloat16()], False),
+        "odd address": ([dense, flat[1:].view(8, 64)], False),
+        "column-major": ([dense, quarters(64, 8).bfloat16().t()], False),
+        "strided columns": ([quarters(8, 128).bfloat16()[:, ::2]], False),
+    }
+    for name, (ws, want) in cases.items():
+        assert weight_pack._dense(ws) is want, name
+        flags, stacks_ = [i % 2 == 1 for i in range(len(ws))], [1] * len(ws)
+        got = weight_quant_stacks(ws, flags, stacks_)
+        ref_out = torch.ops.bitfx.weight_quant_stacks.default([w.cpu() for w in ws], flags, stacks_)
+        assert torch.equal(got[0].cpu(), ref_out[0]) and torch.equal(got[1].cpu(), ref_out[1]), name
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("N,K", [(4096, 4096), (1000, 4099), (14336, 4096), (3, 8191)])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
