@@ -137,7 +137,7 @@ def measure(name: str, method: str, args, device: str, dtype: torch.dtype, rank:
     ms = statistics.median(times)
     host = host_ms(step, marks, cuda, args.steps)
     top = profile_step(step, cuda, args.profile) if args.profile else None
-    host_top = host_profile(step, cuda, args.steps, args.host_profile) if getattr(args, "host_profile", 0) else None
+    host_top = host_profile(step, cuda, args.steps, args.host_profile) if args.host_profile else None
     row: dict[str, Any] = {
         "model": name + ("-tiny" if args.quick else ""), "method": method, "world": world,
         "tokens_per_step": batch * seq * world, "step_ms": ms, "tokens_per_s": batch * seq * world / ms * 1e3,

@@ -336,9 +336,8 @@ def stacked_forward(x2: Tensor, norm_weight: Optional[Tensor], packed: Tensor, w
         norm_weight = norm_weight.contiguous()
     if packed.shape[1] > 1 and packed.stride(1) != 1:  # the kernels read rows of bytes
         packed = packed.contiguous()
-    key = (x2.shape, _layout(x2), x2.device, _layout(norm_weight), packed.shape,
-           packed.stride(), packed.data_ptr() & 15, _layout(w_scale), _layout(bias), eps, offset, cast_before_weight,
-           norm_dtype, normalize)
+    key = (x2.shape, _layout(x2), x2.device, _layout(norm_weight), packed.shape, _layout(packed), _layout(w_scale),
+           _layout(bias), eps, offset, cast_before_weight, norm_dtype, normalize)
     plan = _PLANS.get(key)
     if plan is not None:
         front, matmul = plan
